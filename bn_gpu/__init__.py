@@ -1,0 +1,16 @@
+"""bn_gpu: BatchNorm for PyTorch on NVIDIA GPUs, from Triton kernels (and a CuPy backend).
+
+    bn_gpu.batch_norm(...)                     torch.nn.functional.batch_norm plus backend=
+    bn_gpu.BatchNorm1d / 2d / 3d               drop-in torch.nn.BatchNorm* modules
+    bn_gpu.convert_model(model)                swap every torch.nn.BatchNorm* in a model
+    bn_gpu.set_backend("triton" | "cupy")      process-wide default for CUDA tensors
+    torch.ops.bn_gpu.{forward_train, forward_eval, backward}   the registered ops
+"""
+from . import ops  # noqa: F401  (registers torch.ops.bn_gpu)
+from .backends import BACKENDS, get_backend, set_backend
+from .functional import batch_norm
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
+
+__all__ = ["BACKENDS", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert_model",
+           "get_backend", "set_backend"]
+__version__ = "0.1.0"

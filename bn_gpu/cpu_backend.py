@@ -1,0 +1,85 @@
+"""The CPU backend: the same ops written with torch operations, so a model built with bn_gpu
+modules runs on CPU tensors too. Statistics in fp32 (fp64 for fp64 inputs), like the GPU kernels.
+"""
+from __future__ import annotations
+
+import torch
+
+from .dtypes import stat_dtype
+from .layout import empty_output
+
+
+def check_available(device: torch.device) -> None:
+    if device.type != "cpu":
+        raise RuntimeError(f"backend='cpu' needs CPU tensors; got tensors on {device}. "
+                           "Use backend='auto' (or 'triton') for CUDA tensors.")
+
+
+def _reduce_dims(x: torch.Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def _per_channel(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
+def _like_gpu_output(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """value in x's dtype, strided as the GPU backends write their outputs."""
+    return empty_output(x).copy_(value)
+
+
+def _affine(x, mean, invstd, weight, bias):
+    """(x - mean) * invstd * weight + bias in the statistics dtype, returned in x's dtype."""
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    y = (x.to(mean.dtype) - _per_channel(mean, x)) * _per_channel(scale, x)
+    if bias is not None:
+        y = y + _per_channel(bias.to(mean.dtype), x)
+    return _like_gpu_output(x, y)
+
+
+def forward_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps):
+    var, mean = torch.var_mean(x.to(stat_dtype(x.dtype)), dim=_reduce_dims(x), correction=0)
+    invstd = torch.rsqrt(var + eps)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if running_mean is not None:
+        factor = 1.0 / float(num_batches_tracked) if momentum is None else momentum
+        count = x.numel() // x.shape[1]
+        unbiased_var = var * (count / (count - 1))
+        running_mean.copy_(running_mean.to(mean.dtype) * (1 - factor) + mean * factor)
+        running_var.copy_(running_var.to(var.dtype) * (1 - factor) + unbiased_var * factor)
+    return _affine(x, mean, invstd, weight, bias), mean, invstd
+
+
+def forward_eval(x, weight, bias, running_mean, running_var, eps):
+    stat = stat_dtype(x.dtype)
+    mean = running_mean.to(stat)
+    invstd = torch.rsqrt(running_var.to(stat) + eps)
+    return _affine(x, mean, invstd, weight, bias), mean, invstd
+
+
+def backward(grad_y, x, weight, mean, invstd, training, need_input_grad, need_weight_grad):
+    dims = _reduce_dims(x)
+    dy = grad_y.to(mean.dtype)
+    xmu = x.to(mean.dtype) - _per_channel(mean, x)
+    empty = x.new_empty(0)
+    grad_x, grad_weight, grad_bias = empty, empty, empty
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    if training or need_weight_grad:
+        sum_dy = dy.sum(dim=dims)
+        sum_dy_xmu = (dy * xmu).sum(dim=dims)
+    if need_weight_grad:
+        param_dtype = weight.dtype if weight is not None else mean.dtype
+        grad_weight = (sum_dy_xmu * invstd).to(param_dtype)
+        grad_bias = sum_dy.to(param_dtype)
+    if need_input_grad:
+        if training:
+            inv_count = 1.0 / (x.numel() // x.shape[1])
+            projection = sum_dy_xmu * invstd * invstd * inv_count
+            dx = _per_channel(scale, x) * (dy - _per_channel(sum_dy * inv_count, x)
+                                           - xmu * _per_channel(projection, x))
+        else:
+            dx = _per_channel(scale, x) * dy
+        grad_x = _like_gpu_output(x, dx)
+    return grad_x, grad_weight, grad_bias
+

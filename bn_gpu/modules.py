@@ -1,0 +1,85 @@
+"""Drop-in replacements for torch.nn.BatchNorm1d/2d/3d, and convert_model."""
+from __future__ import annotations
+
+import torch
+
+from .functional import batch_norm
+
+
+class _BatchNormMixin:
+    """forward() of torch's _BatchNorm, with the work done by bn_gpu and the batch counted on the device."""
+
+    backend: str
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        # Same buffer/mode logic as torch.nn.modules.batchnorm._BatchNorm.forward.
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        use_running = not self.training or self.track_running_stats
+        count_batch = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        return batch_norm(
+            input,
+            self.running_mean if use_running else None,
+            self.running_var if use_running else None,
+            self.weight, self.bias, use_batch_stats, self.momentum, self.eps,
+            backend=self.backend,
+            num_batches_tracked=self.num_batches_tracked if count_batch else None)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend!r}"
+
+
+def _init(module, backend: str) -> None:
+    module.backend = backend
+
+
+class BatchNorm1d(_BatchNormMixin, torch.nn.BatchNorm1d):
+    """torch.nn.BatchNorm1d on bn_gpu kernels; same constructor plus backend="auto"."""
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        _init(self, backend)
+
+
+class BatchNorm2d(_BatchNormMixin, torch.nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d on bn_gpu kernels; same constructor plus backend="auto"."""
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        _init(self, backend)
+
+
+class BatchNorm3d(_BatchNormMixin, torch.nn.BatchNorm3d):
+    """torch.nn.BatchNorm3d on bn_gpu kernels; same constructor plus backend="auto"."""
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        _init(self, backend)
+
+
+_REPLACEMENTS = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d,
+                 torch.nn.BatchNorm3d: BatchNorm3d}
+
+
+def _converted(module: torch.nn.modules.batchnorm._BatchNorm, backend: str) -> torch.nn.Module:
+    new = _REPLACEMENTS[type(module)].__new__(_REPLACEMENTS[type(module)])
+    new.__dict__.update(module.__dict__)  # parameters, buffers, hooks, mode: the same objects
+    new.backend = backend
+    return new
+
+
+def convert_model(model: torch.nn.Module, backend: str = "auto") -> torch.nn.Module:
+    """Replace every torch.nn.BatchNorm1d/2d/3d in `model` (in place) by its bn_gpu twin.
+
+    The replacements share the originals' parameters and buffers (same tensors, device and dtype)
+    and keep train/eval mode and hooks. Returns `model`, or the replacement when `model` itself is
+    a BatchNorm module. Subclasses of torch's BatchNorm (e.g. SyncBatchNorm) are left alone.
+    """
+    if type(model) in _REPLACEMENTS:
+        return _converted(model, backend)
+    for name, child in model.named_children():
+        if type(child) in _REPLACEMENTS:
+            setattr(model, name, _converted(child, backend))
+        else:
+            convert_model(child, backend)
+    return model

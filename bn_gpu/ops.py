@@ -1,0 +1,150 @@
+"""The torch ops of namespace ``bn_gpu``: schemas, CPU/CUDA kernels, fake kernels and autograd.
+
+Registered through a ``torch.library.Library`` define/impl pair rather than the ``custom_op`` /
+``triton_op`` decorators: on an H200 host the decorators cost ~26-32 us more per call
+(shared/ANCHORS.md, "Host overhead"), which small layers cannot afford.
+
+    bn_gpu::forward_train  batch statistics, normalize; updates running stats and counts the batch
+    bn_gpu::forward_eval   normalize with the running statistics
+    bn_gpu::backward       gradients of both (training: through the batch statistics)
+
+Every op takes the concrete backend name ("triton", "cupy", "cpu") as its last argument.
+"""
+from __future__ import annotations
+
+import torch
+from torch._library.autograd import make_autograd_impl
+
+from . import backends
+from .dtypes import stat_dtype
+from .layout import empty_output
+from .validation import check_batch_norm_args, check_input
+
+_lib = torch.library.Library("bn_gpu", "DEF")
+_lib.define(
+    "forward_train(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+    "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float? momentum, float eps, str backend) "
+    "-> (Tensor output, Tensor mean, Tensor invstd)")
+_lib.define(
+    "forward_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, "
+    "float eps, str backend) -> (Tensor output, Tensor mean, Tensor invstd)")
+_lib.define(
+    "backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, bool training, "
+    "bool need_input_grad, bool need_weight_grad, str backend) "
+    "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)")
+
+
+def _forward_outputs(input, new):
+    """(output, mean, invstd) for input; mean and invstd allocated with `new`."""
+    C = input.shape[1]
+    return empty_output(input), new(C, dtype=stat_dtype(input.dtype)), new(C, dtype=stat_dtype(input.dtype))
+
+
+def _backward_outputs(input, weight, mean, need_input_grad, need_weight_grad, new):
+    """(grad_input, grad_weight, grad_bias) allocated with `new`; unneeded ones have 0 elements."""
+    param_dtype = weight.dtype if weight is not None else mean.dtype
+    C = input.shape[1]
+    grad_input = empty_output(input) if need_input_grad else new(0)
+    if need_weight_grad:
+        return grad_input, new(C, dtype=param_dtype), new(C, dtype=param_dtype)
+    return grad_input, new(0), new(0)
+
+
+# ---- CPU and CUDA kernels -------------------------------------------------------------------
+
+def _forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, backend):
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, True, momentum, eps, num_batches_tracked)
+    impl = backends.implementation(backend, input.device)
+    if input.numel() == 0:
+        # As PyTorch: an empty batch counts as a batch but leaves the running statistics alone.
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return _forward_outputs(input, input.new_zeros)
+    return impl.forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)
+
+
+def _forward_eval(input, weight, bias, running_mean, running_var, eps, backend):
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, False, None, eps)
+    impl = backends.implementation(backend, input.device)
+    if input.numel() == 0:
+        return _forward_outputs(input, input.new_zeros)
+    return impl.forward_eval(input, weight, bias, running_mean, running_var, eps)
+
+
+def _backward(grad_output, input, weight, mean, invstd, training, need_input_grad, need_weight_grad, backend):
+    check_input(input)
+    if grad_output.shape != input.shape:
+        raise RuntimeError(f"bn_gpu.backward: grad_output has shape {tuple(grad_output.shape)}, "
+                           f"expected the input's {tuple(input.shape)}")
+    impl = backends.implementation(backend, input.device)
+    if input.numel() == 0:
+        return _backward_outputs(input, weight, mean, need_input_grad, need_weight_grad, input.new_zeros)
+    return impl.backward(grad_output, input, weight, mean, invstd, training, need_input_grad, need_weight_grad)
+
+
+for _key in ("CPU", "CUDA"):
+    _lib.impl("forward_train", _forward_train, _key)
+    _lib.impl("forward_eval", _forward_eval, _key)
+    _lib.impl("backward", _backward, _key)
+
+
+# ---- fake kernels (torch.compile, meta tensors) ----------------------------------------------
+
+@torch.library.register_fake("bn_gpu::forward_train")
+def _fake_forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, backend):
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, True, momentum, eps, num_batches_tracked)
+    return _forward_outputs(input, input.new_empty)
+
+
+@torch.library.register_fake("bn_gpu::forward_eval")
+def _fake_forward_eval(input, weight, bias, running_mean, running_var, eps, backend):
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, False, None, eps)
+    return _forward_outputs(input, input.new_empty)
+
+
+@torch.library.register_fake("bn_gpu::backward")
+def _fake_backward(grad_output, input, weight, mean, invstd, training, need_input_grad, need_weight_grad, backend):
+    return _backward_outputs(input, weight, mean, need_input_grad, need_weight_grad, input.new_empty)
+
+
+# ---- autograd ---------------------------------------------------------------------------------
+
+def _setup_context(ctx, inputs, output, training: bool):
+    x, weight, bias = inputs[:3]
+    _, mean, invstd = output
+    ctx.mark_non_differentiable(mean, invstd)
+    ctx.save_for_backward(x, weight, mean, invstd)
+    ctx.training = training
+    ctx.backend = inputs[-1]
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _gradients(ctx, grad_output, _grad_mean, _grad_invstd):
+    x, weight, mean, invstd = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if grad_output is None or not any(needs[:3]):
+        return (None,) * len(needs)
+    grad_input, grad_weight, grad_bias = torch.ops.bn_gpu.backward(
+        grad_output, x, weight, mean, invstd, ctx.training, needs[0], needs[1] or needs[2], ctx.backend)
+    if needs[2] and grad_bias.dtype != ctx.bias_dtype:
+        grad_bias = grad_bias.to(ctx.bias_dtype)
+    return (grad_input if needs[0] else None, grad_weight if needs[1] else None,
+            grad_bias if needs[2] else None) + (None,) * (len(needs) - 3)
+
+
+torch.library.register_autograd(
+    "bn_gpu::forward_eval", _gradients,
+    setup_context=lambda ctx, inputs, output: _setup_context(ctx, inputs, output, training=False))
+
+
+class _AutogradInfo:
+    _backward_fn = staticmethod(_gradients)
+    _setup_context_fn = staticmethod(
+        lambda ctx, inputs, output: _setup_context(ctx, inputs, output, training=True))
+
+
+# register_autograd refuses ops that mutate inputs; forward_train mutates only the running
+# statistics and the batch counter, which carry no gradient, so the same generated autograd
+# kernel is registered directly.
+_lib.impl("forward_train", make_autograd_impl(torch.ops.bn_gpu.forward_train.default, _AutogradInfo),
+          "Autograd", with_keyset=True)

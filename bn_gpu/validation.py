@@ -1,0 +1,75 @@
+"""Argument checks shared by every public entry (functional API, modules, ops, fake kernels).
+
+They look at metadata only (no device synchronization) and run before anything is written, so a
+refused call leaves the running statistics and num_batches_tracked as they were. Exception types
+and wording follow PyTorch where PyTorch has them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .dtypes import SUPPORTED_DTYPES
+
+_C10_NAMES = {
+    torch.bool: "Bool", torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short",
+    torch.int32: "Int", torch.int64: "Long", torch.complex32: "ComplexHalf",
+    torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+}
+
+
+def check_input(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"batch_norm: input must be a Tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"batch_norm: expected input of at least 2 dims (N, C, ...), got {x.dim()}D input")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise NotImplementedError(f"\"batch_norm\" not implemented for '{_C10_NAMES.get(x.dtype, x.dtype)}'")
+
+
+def _check_per_channel(name: str, t: torch.Tensor | None, x: torch.Tensor) -> None:
+    if t is None:
+        return
+    C = x.shape[1]
+    if t.numel() != C:
+        raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")
+    if t.dim() != 1:
+        raise RuntimeError(f"{name} should be a 1-D tensor of {C} elements, got shape {tuple(t.shape)}")
+    if t.device != x.device:
+        raise RuntimeError("Expected all tensors to be on the same device, but found at least two devices, "
+                           f"{x.device} and {t.device}! (batch_norm: input and {name})")
+    if t.dtype != x.dtype and not (t.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+        raise RuntimeError(f"batch_norm: {name} has dtype {t.dtype}; expected the input's dtype {x.dtype}"
+                           + (" or torch.float32" if x.dtype in (torch.float16, torch.bfloat16) else ""))
+
+
+def check_batch_norm_args(x, running_mean, running_var, weight, bias, training: bool, momentum, eps: float,
+                          num_batches_tracked=None) -> None:
+    """Every check of a batch_norm call; raises before any state changes."""
+    check_input(x)
+    if (running_mean is None) != (running_var is None):
+        raise RuntimeError("batch_norm: running_mean and running_var must be given together")
+    if not training and running_mean is None:
+        raise RuntimeError("running_mean must be defined in evaluation mode")
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        _check_per_channel(name, t, x)
+    if running_mean is not None and running_mean.dtype != running_var.dtype:
+        raise RuntimeError(f"batch_norm: running_mean ({running_mean.dtype}) and running_var "
+                           f"({running_var.dtype}) must have the same dtype")
+    if not training:
+        return
+    if x.numel() != 0 and x.numel() // x.shape[1] == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+    if not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if running_mean is None:
+        return
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError("batch_norm: momentum=None (cumulative average) needs num_batches_tracked")
+        if num_batches_tracked.device != x.device:
+            raise RuntimeError("Expected all tensors to be on the same device, but found at least two devices, "
+                               f"{x.device} and {num_batches_tracked.device}! (batch_norm: input and num_batches_tracked)")
+    elif not (isinstance(momentum, (int, float)) and not math.isnan(momentum) and 0.0 <= momentum <= 1.0):
+        raise ValueError(f"batch_norm: momentum must be a number in [0, 1] or None, got {momentum}")

@@ -1,0 +1,207 @@
+"""Triton kernels for contiguous N,C,(D,)(H,)W inputs, viewed as (N, C, S) with unit stride along S.
+
+Each channel is N runs of S contiguous values. A program owns one channel (grid axis 0) and a
+contiguous range of tiles of that channel's (N, S) plane (grid axis 1: the split). A tile is ROWS
+batch rows by BLOCK_S spatial positions, so a channel with a 7x7 plane still fills a tile
+(ROWS > 1) while a 112x112 plane is split across many programs: the grid fills the GPU for C = 3
+and C = 2048 alike. Every kernel of this file walks the same tiles, so one launch plan serves all.
+
+Kernels, in the order a training step runs them:
+    channels_first_stats_kernel            partial (count, mean, M2) per (split, channel)
+    channels_first_normalize_kernel        y = (x - mean) * invstd * weight + bias (train and eval)
+    channels_first_backward_reduce_kernel  partial sums of dy and dy * (x - mean)
+    channels_first_backward_dx_kernel      dx from dy, x and the per-channel totals
+"""
+import triton
+import triton.language as tl
+
+from .batch_counter import count_batch
+from .moments import merge_moments
+
+
+@triton.jit
+def _tile(tile, s_blocks, N, S, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr):
+    """Batch rows n, spatial columns s, validity mask and number of valid values of one tile."""
+    n_block = tile // s_blocks
+    s_block = tile - n_block * s_blocks
+    n = n_block * ROWS + tl.arange(0, ROWS)
+    s = s_block * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask = (n < N)[:, None] & (s < S)[None, :]
+    count = tl.minimum(N - n_block * ROWS, ROWS) * tl.minimum(S - s_block * BLOCK_S, BLOCK_S)
+    if OFFSET_64:
+        n = n.to(tl.int64)
+    return n, s, mask, count
+
+
+@triton.jit
+def _offsets(n, s, stride_n):
+    return n[:, None] * stride_n + s[None, :]
+
+
+@triton.jit
+def _program_tiles(split, tiles_per_program, total_tiles):
+    first_tile = split * tiles_per_program
+    return first_tile, tl.minimum(first_tile + tiles_per_program, total_tiles)
+
+
+@triton.jit
+def _channel(OFFSET_64: tl.constexpr):
+    c = tl.program_id(0)
+    if OFFSET_64:
+        c = c.to(tl.int64)
+    return c
+
+
+@triton.jit
+def channels_first_stats_kernel(
+    x_ptr,              # input (N, C, S)
+    partial_count_ptr,  # (splits, C) number of values each program reduced
+    partial_mean_ptr,   # (splits, C) their mean
+    partial_m2_ptr,     # (splits, C) their sum of squared deviations from that mean
+    N, C, S, stride_n, stride_c,
+    s_blocks, total_tiles, tiles_per_program,
+    ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
+):
+    c = _channel(OFFSET_64)
+    split = tl.program_id(1)
+    x_ptr += c * stride_c
+    # Tile moments are taken of x - shift, one value of the channel: the subtraction is exact for
+    # values near the shift, so the sums stay small and accurate when |mean| >> std.
+    shift = tl.load(x_ptr).to(ACC)
+    count = tl.zeros([], ACC)
+    mean = tl.zeros([], ACC)
+    m2 = tl.zeros([], ACC)
+    first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
+    for tile in range(first_tile, last_tile):
+        n, s, mask, tile_count = _tile(tile, s_blocks, N, S, ROWS, BLOCK_S, OFFSET_64)
+        tile_count = tile_count.to(ACC)
+        x = tl.load(x_ptr + _offsets(n, s, stride_n), mask=mask, other=0.0).to(ACC)
+        shifted = tl.where(mask, x - shift, 0.0)
+        tile_mean = tl.sum(tl.sum(shifted, axis=1), axis=0) / tile_count
+        deviation = tl.where(mask, shifted - tile_mean, 0.0)
+        tile_m2 = tl.sum(tl.sum(deviation * deviation, axis=1), axis=0)
+        count, mean, m2 = merge_moments(count, mean, m2, tile_count, tile_mean, tile_m2)
+    out = split * C + c
+    tl.store(partial_count_ptr + out, count)
+    tl.store(partial_mean_ptr + out, mean + shift)
+    tl.store(partial_m2_ptr + out, m2)
+
+
+@triton.jit
+def channels_first_normalize_kernel(
+    x_ptr,           # input (N, C, S)
+    y_ptr,           # output (N, C, S), in the input's dtype; strides may differ from x
+    mean_ptr,        # (C,) batch mean (training) or running mean (eval)
+    var_ptr,         # (C,) eval only: running variance
+    invstd_ptr,      # (C,) training: read; eval: written by split 0 for the backward
+    saved_mean_ptr,  # (C,) eval only: the running mean in the accumulation dtype, for the backward
+    weight_ptr,      # (C,) scale, when HAS_WEIGHT
+    bias_ptr,        # (C,) shift, when HAS_BIAS
+    num_batches_tracked_ptr,  # () int64, incremented by program (0, 0) when COUNT_BATCH
+    N, C, S, x_stride_n, x_stride_c, y_stride_n, y_stride_c, eps,
+    s_blocks, total_tiles, tiles_per_program,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FROM_RUNNING_STATS: tl.constexpr,
+    COUNT_BATCH: tl.constexpr,
+    ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
+):
+    c = _channel(OFFSET_64)
+    split = tl.program_id(1)
+    if COUNT_BATCH:
+        # Here, not in the finalize kernel: every finalize program reads the count before this
+        # kernel starts (stream order), so the increment cannot race with those reads.
+        count_batch(num_batches_tracked_ptr, (c + split) == 0)
+    mean = tl.load(mean_ptr + c).to(ACC)
+    if FROM_RUNNING_STATS:
+        invstd = 1.0 / tl.sqrt(tl.load(var_ptr + c).to(ACC) + eps)
+        tl.store(saved_mean_ptr + c, mean, mask=split == 0)
+        tl.store(invstd_ptr + c, invstd, mask=split == 0)
+    else:
+        invstd = tl.load(invstd_ptr + c).to(ACC)
+    scale = invstd
+    if HAS_WEIGHT:
+        scale = scale * tl.load(weight_ptr + c).to(ACC)
+    bias = tl.zeros([], ACC)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + c).to(ACC)
+    x_ptr += c * x_stride_c
+    y_ptr += c * y_stride_c
+    # (x - mean) * scale + bias rather than x * scale + shift: the latter cancels when |mean| >> std.
+    first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
+    for tile in range(first_tile, last_tile):
+        n, s, mask, _ = _tile(tile, s_blocks, N, S, ROWS, BLOCK_S, OFFSET_64)
+        x = tl.load(x_ptr + _offsets(n, s, x_stride_n), mask=mask, other=0.0).to(ACC)
+        y = (x - mean) * scale + bias
+        tl.store(y_ptr + _offsets(n, s, y_stride_n), y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def channels_first_backward_reduce_kernel(
+    dy_ptr,                  # gradient of the output (N, C, S)
+    x_ptr,                   # input (N, C, S)
+    mean_ptr,                # (C,) mean the forward normalized with
+    partial_sum_dy_ptr,      # (splits, C) sum of dy over the program's values
+    partial_sum_dy_xmu_ptr,  # (splits, C) sum of dy * (x - mean)
+    N, C, S, dy_stride_n, dy_stride_c, x_stride_n, x_stride_c,
+    s_blocks, total_tiles, tiles_per_program,
+    ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
+):
+    c = _channel(OFFSET_64)
+    split = tl.program_id(1)
+    mean = tl.load(mean_ptr + c).to(ACC)
+    dy_ptr += c * dy_stride_c
+    x_ptr += c * x_stride_c
+    # Lane-wise sums across tiles, one tree reduction at the end.
+    sum_dy = tl.zeros([ROWS, BLOCK_S], ACC)
+    sum_dy_xmu = tl.zeros([ROWS, BLOCK_S], ACC)
+    first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
+    for tile in range(first_tile, last_tile):
+        n, s, mask, _ = _tile(tile, s_blocks, N, S, ROWS, BLOCK_S, OFFSET_64)
+        dy = tl.load(dy_ptr + _offsets(n, s, dy_stride_n), mask=mask, other=0.0).to(ACC)
+        x = tl.load(x_ptr + _offsets(n, s, x_stride_n), mask=mask, other=0.0).to(ACC)
+        sum_dy += dy
+        sum_dy_xmu += dy * (x - mean)
+    out = split * C + c
+    tl.store(partial_sum_dy_ptr + out, tl.sum(tl.sum(sum_dy, axis=1), axis=0))
+    tl.store(partial_sum_dy_xmu_ptr + out, tl.sum(tl.sum(sum_dy_xmu, axis=1), axis=0))
+
+
+@triton.jit
+def channels_first_backward_dx_kernel(
+    dy_ptr,          # gradient of the output (N, C, S)
+    x_ptr,           # input (N, C, S); read in training only
+    dx_ptr,          # gradient of the input (N, C, S), in the input's dtype
+    mean_ptr,        # (C,) mean the forward normalized with
+    invstd_ptr,      # (C,) invstd the forward normalized with
+    weight_ptr,      # (C,) scale, when HAS_WEIGHT
+    sum_dy_ptr,      # (C,) training: total of dy per channel
+    sum_dy_xmu_ptr,  # (C,) training: total of dy * (x - mean) per channel
+    N, C, S, dy_stride_n, dy_stride_c, x_stride_n, x_stride_c, dx_stride_n, dx_stride_c,
+    inv_count,       # 1 / (N * S) as a float
+    s_blocks, total_tiles, tiles_per_program,
+    HAS_WEIGHT: tl.constexpr, TRAINING: tl.constexpr,
+    ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
+):
+    c = _channel(OFFSET_64)
+    split = tl.program_id(1)
+    invstd = tl.load(invstd_ptr + c).to(ACC)
+    scale = invstd
+    if HAS_WEIGHT:
+        scale = scale * tl.load(weight_ptr + c).to(ACC)
+    if TRAINING:
+        # dx = weight * invstd * (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean)))
+        mean = tl.load(mean_ptr + c).to(ACC)
+        mean_dy = tl.load(sum_dy_ptr + c).to(ACC) * inv_count
+        projection = tl.load(sum_dy_xmu_ptr + c).to(ACC) * invstd * invstd * inv_count
+    dy_ptr += c * dy_stride_c
+    x_ptr += c * x_stride_c
+    dx_ptr += c * dx_stride_c
+    first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
+    for tile in range(first_tile, last_tile):
+        n, s, mask, _ = _tile(tile, s_blocks, N, S, ROWS, BLOCK_S, OFFSET_64)
+        dy = tl.load(dy_ptr + _offsets(n, s, dy_stride_n), mask=mask, other=0.0).to(ACC)
+        if TRAINING:
+            x = tl.load(x_ptr + _offsets(n, s, x_stride_n), mask=mask, other=0.0).to(ACC)
+            dx = scale * (dy - mean_dy - (x - mean) * projection)
+        else:
+            dx = scale * dy
+        tl.store(dx_ptr + _offsets(n, s, dx_stride_n), dx.to(dx_ptr.dtype.element_ty), mask=mask)
