@@ -53,7 +53,7 @@ def forward_train(x, weight, bias, running_mean, running_var, num_batches_tracke
 
 def forward_eval(x, weight, bias, running_mean, running_var, eps):
     stat = stat_dtype(x.dtype)
-    mean = running_mean.to(stat)
+    mean = running_mean.to(stat, copy=True)  # an output must not alias an input
     invstd = torch.rsqrt(running_var.to(stat) + eps)
     return _affine(x, mean, invstd, weight, bias), mean, invstd
 
@@ -62,8 +62,7 @@ def backward(grad_y, x, weight, mean, invstd, training, need_input_grad, need_we
     dims = _reduce_dims(x)
     dy = grad_y.to(mean.dtype)
     xmu = x.to(mean.dtype) - _per_channel(mean, x)
-    empty = x.new_empty(0)
-    grad_x, grad_weight, grad_bias = empty, empty, empty
+    grad_x, grad_weight, grad_bias = x.new_empty(0), x.new_empty(0), x.new_empty(0)
     scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
     if training or need_weight_grad:
         sum_dy = dy.sum(dim=dims)

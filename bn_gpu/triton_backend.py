@@ -85,8 +85,13 @@ class _Work:
         return kernel[self.plan.grid(self.C)]
 
 
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every statistics, workspace and parameter-gradient buffer comes from here (tests poison it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _empty_stats(work: _Work, *shape: int) -> torch.Tensor:
-    return torch.empty(*shape, dtype=work.stat_dtype, device=work.device)
+    return _empty(shape, work.stat_dtype, work.device)
 
 
 def _launch_stats(work: _Work, x: torch.Tensor, partials: torch.Tensor) -> None:
@@ -175,13 +180,13 @@ def backward(grad_y, x, weight, mean, invstd, training, need_input_grad, need_we
     grad_y = layout.in_family(grad_y, family)
     work = _Work(x, family)
     param_dtype = weight.dtype if weight is not None else mean.dtype
-    grad_weight = grad_bias = grad_x = x.new_empty(0)
+    grad_x = x.new_empty(0)
     reduce = training or need_weight_grad
     if reduce:
         partials = _empty_stats(work, 2, work.plan.splits, work.C)
         totals = _empty_stats(work, 2, work.C)
-        grad_weight = torch.empty(work.C, dtype=param_dtype, device=x.device)
-        grad_bias = torch.empty(work.C, dtype=param_dtype, device=x.device)
+        grad_weight = _empty(work.C, param_dtype, x.device)
+        grad_bias = _empty(work.C, param_dtype, x.device)
         _launch_backward_reduce(work, grad_y, x, mean, partials)
         _launch_backward_finalize(work, partials, invstd, totals, grad_weight, grad_bias)
     else:
@@ -190,5 +195,5 @@ def backward(grad_y, x, weight, mean, invstd, training, need_input_grad, need_we
         grad_x = layout.empty_in_family(x, family)
         _launch_backward_dx(work, grad_y, x, grad_x, mean, invstd, weight, totals, training)
     if not need_weight_grad:
-        grad_weight = grad_bias = x.new_empty(0)
+        grad_weight, grad_bias = x.new_empty(0), x.new_empty(0)
     return grad_x, grad_weight, grad_bias

@@ -1,0 +1,53 @@
+"""Test set-up: CPU machines run the Triton kernels in the interpreter; GPU machines run them compiled.
+
+TRITON_INTERPRET must be set before triton.jit decorates the kernels, hence here, before any test
+module imports bn_gpu. GPU tests (marker `gpu`) skip without CUDA, unless --require-gpu or
+BN_GPU_REQUIRE_GPU=1 asks for a GPU, in which case they fail instead.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--require-gpu", action="store_true",
+                     help="fail, rather than skip, the GPU tests when no CUDA device is present")
+
+
+def pytest_collection_modifyitems(config, items):
+    require_gpu = config.getoption("--require-gpu") or os.environ.get("BN_GPU_REQUIRE_GPU") == "1"
+    if HAS_CUDA:
+        return
+    for item in items:
+        if "gpu" in item.keywords:
+            if require_gpu:
+                item.add_marker(pytest.mark.usefixtures("_fail_without_gpu"))
+            else:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none is present"))
+
+
+@pytest.fixture
+def _fail_without_gpu():
+    pytest.fail("a CUDA GPU is required (--require-gpu / BN_GPU_REQUIRE_GPU=1) but none is present")
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Fill every buffer the backends allocate with NaN before the kernels write it."""
+    import bn_gpu.layout
+    import bn_gpu.triton_backend
+
+    real_empty_in_family = bn_gpu.layout.empty_in_family
+    real_empty = bn_gpu.triton_backend._empty
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(bn_gpu.layout, "empty_in_family", lambda *a: poison(real_empty_in_family(*a)))
+    monkeypatch.setattr(bn_gpu.triton_backend, "_empty", lambda *a: poison(real_empty(*a)))

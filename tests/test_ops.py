@@ -1,0 +1,105 @@
+"""torch.library checks of the bn_gpu ops, and torch.compile of a small CNN built with the modules."""
+import pytest
+import torch
+
+import bn_gpu
+from support import backends_for_cpu_tensors, make_input, make_params
+
+
+def _forward_train_args(layout, backend, requires_grad):
+    x = make_input((4, 3, 5, 6), layout=layout).requires_grad_(requires_grad)
+    weight, bias, running_mean, running_var = make_params(3)
+    return (x, weight.requires_grad_(requires_grad), bias.requires_grad_(requires_grad),
+            running_mean, running_var, torch.tensor(2), 0.1, 1e-5, backend)
+
+
+@pytest.mark.parametrize("backend", backends_for_cpu_tensors())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_opcheck_forward_train(backend, layout, requires_grad):
+    torch.library.opcheck(torch.ops.bn_gpu.forward_train.default,
+                          _forward_train_args(layout, backend, requires_grad))
+
+
+@pytest.mark.parametrize("backend", backends_for_cpu_tensors())
+def test_opcheck_forward_train_cumulative_without_affine(backend):
+    x = make_input((6, 4))
+    torch.library.opcheck(torch.ops.bn_gpu.forward_train.default,
+                          (x, None, None, torch.zeros(4), torch.ones(4), torch.tensor(0), None, 1e-5, backend))
+
+
+@pytest.mark.parametrize("backend", backends_for_cpu_tensors())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck_forward_eval(backend, layout):
+    x = make_input((4, 3, 5, 6), layout=layout).requires_grad_()
+    weight, bias, running_mean, running_var = make_params(3)
+    torch.library.opcheck(torch.ops.bn_gpu.forward_eval.default,
+                          (x, weight.requires_grad_(), bias.requires_grad_(), running_mean, running_var, 1e-5, backend))
+
+
+@pytest.mark.parametrize("backend", backends_for_cpu_tensors())
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("need_input_grad,need_weight_grad", [(True, True), (True, False), (False, True)])
+def test_opcheck_backward(backend, training, need_input_grad, need_weight_grad):
+    x = make_input((4, 3, 5))
+    weight, _, _, _ = make_params(3)
+    _, mean, invstd = torch.ops.bn_gpu.forward_train(x, weight, None, None, None, None, 0.1, 1e-5, "cpu")
+    grad_y = make_input((4, 3, 5), mean=0, std=1, seed=5)
+    torch.library.opcheck(torch.ops.bn_gpu.backward.default,
+                          (grad_y, x, weight, mean, invstd, training, need_input_grad, need_weight_grad, backend))
+
+
+def test_gradcheck_through_the_ops_in_float64():
+    x = make_input((5, 3, 4), torch.float64).requires_grad_()
+    weight, bias, _, _ = make_params(3, torch.float64)
+    weight.requires_grad_()
+    bias.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w, b: bn_gpu.batch_norm(x, None, None, w, b, training=True, backend="cpu"),
+                                    (x, weight, bias))
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x, w, b: bn_gpu.batch_norm(x, rm, rv, w, b, training=False, backend="cpu"),
+                                    (x, weight, bias))
+
+
+def _small_cnn(backend):
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), bn_gpu.BatchNorm2d(8, backend=backend), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1), bn_gpu.BatchNorm2d(8, momentum=None, backend=backend), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 10), bn_gpu.BatchNorm1d(10, backend=backend))
+
+
+@pytest.mark.parametrize("backend", backends_for_cpu_tensors())
+def test_compile_fullgraph_train_and_eval(backend):
+    torch.manual_seed(0)
+    eager = _small_cnn(backend)
+    compiled_model = _small_cnn(backend)
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    for step in range(2):
+        x = make_input((4, 3, 6, 6), seed=step)
+        y_eager, y_compiled = eager(x), compiled(x)
+        torch.testing.assert_close(y_compiled, y_eager, atol=1e-5, rtol=1e-5)
+        y_eager.square().sum().backward()
+        y_compiled.square().sum().backward()
+    for (name, p), p_compiled in zip(eager.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(p_compiled.grad, p.grad, atol=1e-4, rtol=1e-4, msg=name)
+    for (name, b), b_compiled in zip(eager.named_buffers(), compiled_model.buffers()):
+        torch.testing.assert_close(b_compiled, b, msg=name)
+    eager.eval()
+    compiled_model.eval()
+    x = make_input((4, 3, 6, 6), seed=9)
+    torch.testing.assert_close(compiled(x), eager(x), atol=1e-5, rtol=1e-5)
+
+
+def test_compile_with_inductor_train_and_eval():
+    torch.manual_seed(0)
+    model = _small_cnn("cpu")
+    reference = _small_cnn("cpu")
+    reference.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, fullgraph=True)
+    x = make_input((4, 3, 6, 6))
+    torch.testing.assert_close(compiled(x), reference(x), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
+    model.eval()
+    reference.eval()
+    torch.testing.assert_close(compiled(x), reference(x), atol=1e-4, rtol=1e-4)
