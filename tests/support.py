@@ -23,6 +23,30 @@ STAT_TOLERANCE = {torch.float64: (1e-7, 1e-7)}
 DEFAULT_STAT_TOLERANCE = (1e-5, 1e-5)
 
 
+LAYOUT_CASES = [
+    ((6, 3), "contiguous"),
+    ((6, 3), "transposed"),       # column-major (N, C): read natively, channel by channel
+    ((6, 5), "channel_slice"),
+    ((4, 3, 7), "contiguous"),
+    ((4, 3, 7), "channels_last"),
+    ((4, 3, 7), "channel_slice"),
+    ((3, 5, 6, 7), "contiguous"),
+    ((3, 5, 6, 7), "channels_last"),
+    ((3, 5, 6, 7), "channel_slice"),
+    ((3, 5, 6, 7), "transposed"),  # needs one contiguous copy
+    ((2, 3, 3, 4, 5), "contiguous"),
+    ((2, 3, 3, 4, 5), "channels_last"),
+    ((9, 70, 2, 3), "channels_last"),  # C over one channel block, N * S over several splits
+    ((2, 2, 33, 35), "contiguous"),   # spatial extent not a multiple of any block
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def case_id(case):
+    shape, layout = case
+    return "x".join(map(str, shape)) + "-" + layout
+
+
 def stat_tolerance(dtype):
     return STAT_TOLERANCE.get(dtype, DEFAULT_STAT_TOLERANCE)
 
@@ -32,21 +56,38 @@ def backends_for_cpu_tensors():
     return ["cpu", "triton"] if INTERPRETING else ["cpu"]
 
 
-def gpu_backends():
-    names = ["triton"]
+def _has_cupy() -> bool:
     try:
         import cupy  # noqa: F401
-        names.append("cupy")
     except ImportError:
-        pass
-    return names
+        return False
+    return True
+
+
+requires_cupy = pytest.mark.skipif(not _has_cupy(), reason="CuPy is not installed (pip install -e .[cupy])")
+
+
+def backend_devices():
+    """(backend, device) pairs for parametrize: the CPU ones that run here, and the GPU backends
+    marked `gpu` (skipped without CUDA, or failed under --require-gpu)."""
+    pairs = [pytest.param("cpu", "cpu", id="cpu")]
+    if INTERPRETING:
+        pairs.append(pytest.param("triton", "cpu", id="triton-interpreter"))
+    pairs.append(pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu))
+    pairs.append(pytest.param("cupy", "cuda", id="cupy-cuda", marks=[pytest.mark.gpu, requires_cupy]))
+    return pairs
+
+
+def gpu_backends():
+    """GPU backend names for parametrize, CuPy skipped where it is not installed."""
+    return [pytest.param("triton"), pytest.param("cupy", marks=requires_cupy)]
 
 
 def make_input(shape, dtype=torch.float32, layout="contiguous", device="cpu", mean=3.0, std=2.0, seed=0):
     """Random normal(mean, std) values (never zeros), in the given dtype and memory layout."""
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(shape, generator=g, dtype=torch.float64) * std + mean).to(dtype)
-    return arrange(x, layout).to(device)
+    return arrange(x.to(device), layout)
 
 
 def arrange(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -66,6 +107,7 @@ def arrange(x: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def make_params(C, dtype=torch.float32, device="cpu", seed=1):
+    """weight in [0.5, 1.5), bias ~ N(0, 1), running_mean ~ N(0, 1), running_var in [0.5, 1.5)."""
     g = torch.Generator().manual_seed(seed)
     weight = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(dtype).to(device)
     bias = torch.randn(C, generator=g, dtype=torch.float64).to(dtype).to(device)
@@ -76,12 +118,14 @@ def make_params(C, dtype=torch.float32, device="cpu", seed=1):
 
 def assert_close(actual, expected, dtype, what=""):
     atol, rtol = TOLERANCES[dtype]
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol, rtol=rtol,
+                               msg=lambda m: f"{what}: {m}")
 
 
 def assert_stats_close(actual, expected, dtype, what=""):
     atol, rtol = stat_tolerance(dtype)
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol, rtol=rtol,
+                               msg=lambda m: f"{what}: {m}")
 
 
 needs_interpreter = pytest.mark.skipif(

@@ -1,56 +1,36 @@
-"""Every kernel of the backends that run on CPU tensors -- the Triton kernels in the Triton
-interpreter, and the CPU backend -- against the float64 reference, over layouts, dtypes and
-options. Outputs are poisoned with NaN before the kernels write them."""
+"""Every kernel of every backend against the float64 reference, over layouts, dtypes and options.
+
+On CPU tensors: the CPU backend, and the Triton kernels in the Triton interpreter. On a GPU
+(marker `gpu`): the compiled Triton kernels and the CuPy kernels, with the same cases. Outputs
+are poisoned with NaN before the kernels write them."""
 import pytest
 import torch
 
-from bn_gpu import reference as ref
-from support import (assert_close, assert_stats_close, backends_for_cpu_tensors, make_input, make_params)
-
 import bn_gpu  # noqa: F401  (registers the ops)
-
-LAYOUT_CASES = [
-    ((6, 3), "contiguous"),
-    ((6, 3), "transposed"),       # column-major (N, C): read natively, channel by channel
-    ((6, 5), "channel_slice"),
-    ((4, 3, 7), "contiguous"),
-    ((4, 3, 7), "channels_last"),
-    ((4, 3, 7), "channel_slice"),
-    ((3, 5, 6, 7), "contiguous"),
-    ((3, 5, 6, 7), "channels_last"),
-    ((3, 5, 6, 7), "channel_slice"),
-    ((3, 5, 6, 7), "transposed"),  # needs one contiguous copy
-    ((2, 3, 3, 4, 5), "contiguous"),
-    ((2, 3, 3, 4, 5), "channels_last"),
-    ((9, 70, 2, 3), "channels_last"),  # C over one channel block, N * S over several splits
-    ((2, 2, 33, 35), "contiguous"),   # spatial extent not a multiple of any block
-]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+from bn_gpu import reference as ref
+from support import (DTYPES, LAYOUT_CASES, assert_close, assert_stats_close, backend_devices, case_id,
+                     make_input, make_params)
 
 
-def _case_id(case):
-    shape, layout = case
-    return "x".join(map(str, shape)) + "-" + layout
+def _scaled(grad, grad_y, C):
+    """Parameter gradients are sums over N * S values: compare them relative to that scale."""
+    return grad / (grad_y.double().abs().sum().cpu() / C)
 
 
-def _x_shape_dtype(shape, dtype, layout):
-    return make_input(shape, dtype, layout)
-
-
-@pytest.mark.parametrize("backend", backends_for_cpu_tensors())
-@pytest.mark.parametrize("case", LAYOUT_CASES, ids=_case_id)
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_training_forward_and_backward(backend, case, dtype, poisoned):
+def test_training_forward_and_backward(backend, device, case, dtype, poisoned):
     shape, layout = case
     C = shape[1]
-    x = make_input(shape, dtype, layout)
-    weight, bias, running_mean, running_var = make_params(C, dtype)
+    x = make_input(shape, dtype, layout, device)
+    weight, bias, running_mean, running_var = make_params(C, dtype, device)
     rm0, rv0 = running_mean.clone(), running_var.clone()
-    tracked = torch.tensor(5)
+    tracked = torch.tensor(5, device=device)
     y, mean, invstd = torch.ops.bn_gpu.forward_train(x, weight, bias, running_mean, running_var, tracked,
                                                      0.1, 1e-5, backend)
     y_ref, mean_ref, var_ref, invstd_ref = ref.forward_train(x, weight, bias, 1e-5)
-    assert y.dtype == dtype and y.shape == x.shape
+    assert y.dtype == dtype and y.shape == x.shape and y.device == x.device
     if layout in ("contiguous", "channels_last"):
         assert y.stride() == x.stride()
     assert_close(y, y_ref, dtype, "output")
@@ -61,66 +41,63 @@ def test_training_forward_and_backward(backend, case, dtype, poisoned):
     assert_close(running_var, rv_ref, dtype, "running_var")
     assert tracked.item() == 6
 
-    grad_y = make_input(shape, dtype, layout, mean=0.0, std=1.0, seed=7)
+    grad_y = make_input(shape, dtype, layout, device, mean=0.0, std=1.0, seed=7)
     grad_x, grad_w, grad_b = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, True, True, True, backend)
     grad_x_ref, grad_w_ref, grad_b_ref = ref.backward_train(grad_y, x, weight, 1e-5)
     assert grad_x.dtype == dtype and grad_w.dtype == weight.dtype
     assert_close(grad_x, grad_x_ref, dtype, "grad_input")
-    # Gradients of the parameters are sums over N * S values: compare relative to their scale.
-    scale = grad_y.double().abs().sum() / C
-    assert_close(grad_w / scale, grad_w_ref / scale, dtype, "grad_weight")
-    assert_close(grad_b / scale, grad_b_ref / scale, dtype, "grad_bias")
+    assert_close(_scaled(grad_w, grad_y, C), _scaled(grad_w_ref, grad_y, C), dtype, "grad_weight")
+    assert_close(_scaled(grad_b, grad_y, C), _scaled(grad_b_ref, grad_y, C), dtype, "grad_bias")
 
 
-@pytest.mark.parametrize("backend", backends_for_cpu_tensors())
-@pytest.mark.parametrize("case", LAYOUT_CASES, ids=_case_id)
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=case_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_eval_forward_and_backward(backend, case, dtype, poisoned):
+def test_eval_forward_and_backward(backend, device, case, dtype, poisoned):
     shape, layout = case
     C = shape[1]
-    x = make_input(shape, dtype, layout)
-    weight, bias, running_mean, running_var = make_params(C, torch.float32)
+    x = make_input(shape, dtype, layout, device)
+    weight, bias, running_mean, running_var = make_params(C, torch.float32, device)
     y, mean, invstd = torch.ops.bn_gpu.forward_eval(x, weight, bias, running_mean, running_var, 1e-5, backend)
     assert_close(y, ref.forward_eval(x, running_mean, running_var, weight, bias, 1e-5), dtype, "output")
     assert_stats_close(mean, running_mean.double(), dtype, "saved mean")
     assert_stats_close(invstd, 1 / torch.sqrt(running_var.double() + 1e-5), dtype, "saved invstd")
 
-    grad_y = make_input(shape, dtype, layout, mean=0.0, std=1.0, seed=7)
+    grad_y = make_input(shape, dtype, layout, device, mean=0.0, std=1.0, seed=7)
     grad_x_ref, grad_w_ref, grad_b_ref = ref.backward_eval(grad_y, x, running_mean, running_var, weight, 1e-5)
     grad_x, grad_w, grad_b = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, False, True, True, backend)
     assert_close(grad_x, grad_x_ref, dtype, "grad_input")
-    scale = grad_y.double().abs().sum() / C
-    assert_close(grad_w / scale, grad_w_ref / scale, dtype, "grad_weight")
-    assert_close(grad_b / scale, grad_b_ref / scale, dtype, "grad_bias")
+    assert_close(_scaled(grad_w, grad_y, C), _scaled(grad_w_ref, grad_y, C), dtype, "grad_weight")
+    assert_close(_scaled(grad_b, grad_y, C), _scaled(grad_b_ref, grad_y, C), dtype, "grad_bias")
     # Only dx asked: one elementwise pass, and empty placeholders for the rest.
     grad_x_only, no_w, no_b = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, False, True, False, backend)
     assert_close(grad_x_only, grad_x_ref, dtype, "grad_input (dx only)")
     assert no_w.numel() == 0 and no_b.numel() == 0
 
 
-@pytest.mark.parametrize("backend", backends_for_cpu_tensors())
+@pytest.mark.parametrize("backend,device", backend_devices())
 @pytest.mark.parametrize("with_weight,with_bias", [(False, False), (True, False), (False, True)])
-def test_affine_options(backend, with_weight, with_bias, poisoned):
-    x = make_input((5, 4, 6), torch.float32)
-    weight, bias, _, _ = make_params(4)
+def test_affine_options(backend, device, with_weight, with_bias, poisoned):
+    x = make_input((5, 4, 6), device=device)
+    weight, bias, _, _ = make_params(4, device=device)
     weight = weight if with_weight else None
     bias = bias if with_bias else None
     y, mean, invstd = torch.ops.bn_gpu.forward_train(x, weight, bias, None, None, None, 0.1, 1e-5, backend)
     assert_close(y, ref.forward_train(x, weight, bias)[0], torch.float32, "output")
-    grad_y = make_input((5, 4, 6), seed=3)
+    grad_y = make_input((5, 4, 6), device=device, seed=3)
     grad_x, grad_w, _ = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, True, True, True, backend)
     assert_close(grad_x, ref.backward_train(grad_y, x, weight)[0], torch.float32, "grad_input")
     assert grad_w.dtype == torch.float32
 
 
-@pytest.mark.parametrize("backend", backends_for_cpu_tensors())
-def test_cumulative_average_counts_batches_on_device(backend):
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_cumulative_average_counts_batches_on_device(backend, device):
     C = 3
-    running_mean, running_var = torch.zeros(C), torch.ones(C)
-    tracked = torch.tensor(0)
+    running_mean, running_var = torch.zeros(C, device=device), torch.ones(C, device=device)
+    tracked = torch.tensor(0, device=device)
     rm_ref, rv_ref = running_mean.double(), running_var.double()
     for step in range(1, 4):
-        x = make_input((6, C, 4), seed=step)
+        x = make_input((6, C, 4), device=device, seed=step)
         torch.ops.bn_gpu.forward_train(x, None, None, running_mean, running_var, tracked, None, 1e-5, backend)
         _, mean, var, _ = ref.forward_train(x)
         rm_ref, rv_ref = ref.update_running_stats(rm_ref, rv_ref, mean, var, 24, ref.momentum_factor(None, step))
@@ -129,17 +106,17 @@ def test_cumulative_average_counts_batches_on_device(backend):
     assert_close(running_var, rv_ref, torch.float32, "running_var")
 
 
-@pytest.mark.parametrize("backend", backends_for_cpu_tensors())
-def test_mixed_precision_parameters(backend):
-    """bf16 / fp16 input with fp32 weight, bias and running statistics (as under autocast)."""
-    for dtype in (torch.float16, torch.bfloat16):
-        x = make_input((4, 3, 5, 5), dtype, "channels_last")
-        weight, bias, running_mean, running_var = make_params(3, torch.float32)
-        rm0, rv0 = running_mean.clone(), running_var.clone()
-        y, _, _ = torch.ops.bn_gpu.forward_train(x, weight, bias, running_mean, running_var, None, 0.1, 1e-5, backend)
-        y_ref, mean_ref, var_ref, _ = ref.forward_train(x, weight, bias)
-        assert y.dtype == dtype and running_mean.dtype == torch.float32
-        assert_close(y, y_ref, dtype, "output")
-        rm_ref, rv_ref = ref.update_running_stats(rm0, rv0, mean_ref, var_ref, 100, 0.1)
-        assert_close(running_mean, rm_ref, torch.float32, "running_mean")
-        assert_close(running_var, rv_ref, torch.float32, "running_var")
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_mixed_precision_parameters(backend, device, dtype):
+    """fp16 / bf16 input with fp32 weight, bias and running statistics (as under autocast)."""
+    x = make_input((4, 3, 5, 5), dtype, "channels_last", device)
+    weight, bias, running_mean, running_var = make_params(3, torch.float32, device)
+    rm0, rv0 = running_mean.clone(), running_var.clone()
+    y, _, _ = torch.ops.bn_gpu.forward_train(x, weight, bias, running_mean, running_var, None, 0.1, 1e-5, backend)
+    y_ref, mean_ref, var_ref, _ = ref.forward_train(x, weight, bias)
+    assert y.dtype == dtype and running_mean.dtype == torch.float32
+    assert_close(y, y_ref, dtype, "output")
+    rm_ref, rv_ref = ref.update_running_stats(rm0, rv0, mean_ref, var_ref, 100, 0.1)
+    assert_close(running_mean, rm_ref, torch.float32, "running_mean")
+    assert_close(running_var, rv_ref, torch.float32, "running_var")

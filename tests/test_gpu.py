@@ -1,0 +1,123 @@
+"""GPU-only checks (marker `gpu`): large shapes against float64 on the GPU, the modules against
+torch.nn (cuDNN) on CUDA, CUDA-graph capture, and a tensor above 2**31 elements.
+
+Parity of every kernel in every layout and dtype on the GPU is in test_kernels.py (its
+triton-cuda / cupy-cuda cases)."""
+import copy
+
+import pytest
+import torch
+
+import bn_gpu
+from bn_gpu import reference as ref
+from support import assert_close, assert_stats_close, gpu_backends, make_input, make_params
+
+pytestmark = pytest.mark.gpu
+
+LARGE_CASES = [
+    ((64, 64, 112, 112), "contiguous"),
+    ((64, 64, 112, 112), "channels_last"),
+    ((64, 2048, 7, 7), "contiguous"),
+    ((64, 2048, 7, 7), "channels_last"),
+    ((16384, 2048), "contiguous"),
+    ((8, 64, 16, 56, 56), "channels_last"),
+]
+
+
+@pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("case", LARGE_CASES, ids=lambda c: "x".join(map(str, c[0])) + "-" + c[1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_shapes_against_float64_on_gpu(backend, case, dtype):
+    shape, layout = case
+    C = shape[1]
+    x = make_input(shape, dtype, layout, "cuda")
+    weight, bias, running_mean, running_var = make_params(C, torch.float32, "cuda")
+    rm0, rv0 = running_mean.clone(), running_var.clone()
+    y, mean, invstd = torch.ops.bn_gpu.forward_train(x, weight, bias, running_mean, running_var, None, 0.1, 1e-5, backend)
+    y_ref, mean_ref, var_ref, invstd_ref = ref.forward_train(x, weight, bias)
+    assert_close(y, y_ref, dtype, "output")
+    assert_stats_close(mean, mean_ref, dtype, "mean")
+    assert_stats_close(invstd, invstd_ref, dtype, "invstd")
+    rm_ref, rv_ref = ref.update_running_stats(rm0, rv0, mean_ref, var_ref, x.numel() // C, 0.1)
+    assert_close(running_var, rv_ref, torch.float32, "running_var")
+    del y_ref
+    grad_y = make_input(shape, dtype, layout, "cuda", mean=0, std=1, seed=3)
+    grad_x, grad_w, grad_b = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, True, True, True, backend)
+    grad_x_ref, grad_w_ref, grad_b_ref = ref.backward_train(grad_y, x, weight)
+    assert_close(grad_x, grad_x_ref, dtype, "grad_input")
+    scale = grad_y.double().abs().sum() / C
+    assert_close(grad_w / scale, grad_w_ref / scale, dtype, "grad_weight")
+
+
+@pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_modules_match_torch_cudnn_on_gpu(backend, layout):
+    torch.manual_seed(0)
+    theirs = torch.nn.BatchNorm2d(16).cuda()
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+        theirs.bias.normal_()
+    ours = bn_gpu.convert_model(copy.deepcopy(theirs), backend=backend)
+    for step in range(3):
+        x = make_input((8, 16, 14, 14), layout=layout, device="cuda", seed=step).requires_grad_()
+        x_ours = x.detach().clone().requires_grad_()
+        y, y_ours = theirs(x), ours(x_ours)
+        torch.testing.assert_close(y_ours, y, atol=1e-5, rtol=1e-5)
+        assert y_ours.stride() == y.stride()
+        grad = torch.randn_like(y)
+        y.backward(grad)
+        y_ours.backward(grad)
+        torch.testing.assert_close(x_ours.grad, x.grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 3
+
+
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_training_step_captures_into_a_cuda_graph(backend):
+    """No host synchronization on the training path: the forward + backward capture and replay."""
+    bn = bn_gpu.BatchNorm2d(8, momentum=None, backend=backend).cuda()
+    static_x = make_input((4, 8, 6, 6), device="cuda").requires_grad_()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        bn(static_x).sum().backward()  # warm-up: compile kernels outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    reference = copy.deepcopy(bn)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = bn(static_x)
+        static_y.sum().backward()
+    for step in range(3):
+        x = make_input((4, 8, 6, 6), device="cuda", seed=10 + step)
+        static_x.data.copy_(x)
+        graph.replay()
+        torch.testing.assert_close(static_y, reference(x), atol=1e-5, rtol=1e-5)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(bn.running_mean, reference.running_mean)
+    assert bn.num_batches_tracked.item() == reference.num_batches_tracked.item()
+
+
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_above_two_to_the_31_elements(backend):
+    """64-bit offsets: 2**31 + 2**20 fp16 values in 2 channels (channels-first and channels-last)."""
+    free, _ = torch.cuda.mem_get_info()
+    numel = 2**31 + 2**20
+    if free < numel * 12:  # x, y and float64 copies of one channel
+        pytest.skip(f"needs about {numel * 12 / 2**30:.0f} GiB of free GPU memory, {free / 2**30:.0f} GiB free")
+    for shape in [(2, 2, numel // 4), (numel // 2, 2)]:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(shape, generator=g, device="cuda", dtype=torch.float16)
+        y, mean, invstd = torch.ops.bn_gpu.forward_train(x, None, None, None, None, None, 0.1, 1e-5, backend)
+        mean_ref = torch.stack([x.select(1, c).double().mean() for c in range(2)])
+        var_ref = torch.stack([(x.select(1, c).double() - mean_ref[c]).square().mean() for c in range(2)])
+        torch.testing.assert_close(mean.double(), mean_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(invstd.double(), 1 / torch.sqrt(var_ref + 1e-5), atol=1e-5, rtol=1e-5)
+        # The last elements sit past 2**31: normalized there too.
+        tail = x.flatten()[-4096:].double()
+        channel = (torch.arange(numel - 4096, numel, device="cuda") // (numel // 4)) % 2 if x.dim() == 3 else \
+            torch.arange(numel - 4096, numel, device="cuda") % 2
+        expected = (tail - mean_ref[channel]) / torch.sqrt(var_ref[channel] + 1e-5)
+        torch.testing.assert_close(y.flatten()[-4096:].double(), expected, atol=1e-2, rtol=1e-2)
+        del x, y
+        torch.cuda.empty_cache()
