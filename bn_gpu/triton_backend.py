@@ -68,6 +68,10 @@ class _Work:
             return [self.N, self.C, self.S, *strides]
         return [self.N * self.S, self.C, *(layout.channels_last_view(t).stride_m for t in tensors)]
 
+    def channel_stride(self, t: torch.Tensor) -> int:
+        """Distance between the first values of consecutive channels."""
+        return layout.channels_first_view(t).stride_c if self.family == CHANNELS_FIRST else 1
+
     def tiling(self) -> list:
         p = self.plan
         if self.family == CHANNELS_FIRST:
@@ -100,16 +104,16 @@ def _launch_stats(work: _Work, x: torch.Tensor, partials: torch.Tensor) -> None:
         x, count, mean, m2, *work.geometry(x), *work.tiling(), **work.meta(x))
 
 
-def _launch_forward_finalize(work, partials, mean, invstd, running_mean, running_var,
+def _launch_forward_finalize(work, x, partials, mean, invstd, running_mean, running_var,
                              num_batches_tracked, momentum, eps) -> None:
     count, part_mean, m2 = partials
     tracked = running_mean is not None
     cumulative = tracked and momentum is None and num_batches_tracked is not None
     fin.forward_finalize_kernel[work.finalize.grid(work.C)](
-        count, part_mean, m2, mean, invstd,
+        count, part_mean, m2, x, mean, invstd,
         running_mean if tracked else mean, running_var if tracked else mean,
         num_batches_tracked if cumulative else mean,
-        work.plan.splits, work.C, 0.0 if momentum is None else float(momentum), float(eps),
+        work.plan.splits, work.C, work.channel_stride(x), 0.0 if momentum is None else float(momentum), float(eps),
         HAS_RUNNING_STATS=tracked, CUMULATIVE=cumulative, ACC=work.acc,
         BLOCK_SPLITS=work.finalize.block_splits, BLOCK_C=work.finalize.block_c)
 
@@ -135,7 +139,7 @@ def forward_train(x, weight, bias, running_mean, running_var, num_batches_tracke
     mean, invstd = _empty_stats(work, work.C), _empty_stats(work, work.C)
     partials = _empty_stats(work, 3, work.plan.splits, work.C)
     _launch_stats(work, x, partials)
-    _launch_forward_finalize(work, partials, mean, invstd, running_mean, running_var,
+    _launch_forward_finalize(work, x, partials, mean, invstd, running_mean, running_var,
                              num_batches_tracked, momentum, eps)
     y = layout.empty_in_family(x, family)
     _launch_normalize(work, x, y, mean, None, invstd, None, weight, bias, eps, from_running_stats=False,

@@ -56,7 +56,7 @@ def _channel(OFFSET_64: tl.constexpr):
 def channels_first_stats_kernel(
     x_ptr,              # input (N, C, S)
     partial_count_ptr,  # (splits, C) number of values each program reduced
-    partial_mean_ptr,   # (splits, C) their mean
+    partial_mean_ptr,   # (splits, C) their mean, less the channel's first value x[0, c, 0]
     partial_m2_ptr,     # (splits, C) their sum of squared deviations from that mean
     N, C, S, stride_n, stride_c,
     s_blocks, total_tiles, tiles_per_program,
@@ -65,8 +65,8 @@ def channels_first_stats_kernel(
     c = _channel(OFFSET_64)
     split = tl.program_id(1)
     x_ptr += c * stride_c
-    # Tile moments are taken of x - shift, one value of the channel: the subtraction is exact for
-    # values near the shift, so the sums stay small and accurate when |mean| >> std.
+    # Moments are taken of x - shift, the channel's first value: the subtraction is exact for values
+    # near the shift, so sums and partial means keep their low bits when |mean| >> std.
     shift = tl.load(x_ptr).to(ACC)
     count = tl.zeros([], ACC)
     mean = tl.zeros([], ACC)
@@ -83,7 +83,7 @@ def channels_first_stats_kernel(
         count, mean, m2 = merge_moments(count, mean, m2, tile_count, tile_mean, tile_m2)
     out = split * C + c
     tl.store(partial_count_ptr + out, count)
-    tl.store(partial_mean_ptr + out, mean + shift)
+    tl.store(partial_mean_ptr + out, mean)
     tl.store(partial_m2_ptr + out, m2)
 
 

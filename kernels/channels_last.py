@@ -52,15 +52,15 @@ def _offsets(rows, cols, stride_m):
 def channels_last_stats_kernel(
     x_ptr,              # input (M, C)
     partial_count_ptr,  # (splits, C) number of values each program reduced
-    partial_mean_ptr,   # (splits, C) their mean
+    partial_mean_ptr,   # (splits, C) their mean, less the channel's first value x[0, c]
     partial_m2_ptr,     # (splits, C) their sum of squared deviations from that mean
     M, C, stride_m, rows_per_program,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
 ):
     cols, col_mask = _columns(C, BLOCK_C)
     row_begin, row_end = _program_rows(M, rows_per_program, OFFSET_64)
-    # Tile moments are taken of x - shift, the first row: the subtraction is exact for values
-    # near the shift, so the sums stay small and accurate when |mean| >> std.
+    # Moments are taken of x - shift, the first row: the subtraction is exact for values near the
+    # shift, so sums and partial means keep their low bits when |mean| >> std.
     shift = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     count = tl.zeros([], ACC)
     mean = tl.zeros([BLOCK_C], ACC)
@@ -76,7 +76,7 @@ def channels_last_stats_kernel(
         count, mean, m2 = merge_moments(count, mean, m2, tile_count, tile_mean, tile_m2)
     out = tl.program_id(0) * C + cols
     tl.store(partial_count_ptr + out, tl.zeros([BLOCK_C], ACC) + count, mask=col_mask)
-    tl.store(partial_mean_ptr + out, mean + shift, mask=col_mask)
+    tl.store(partial_mean_ptr + out, mean, mask=col_mask)
     tl.store(partial_m2_ptr + out, m2, mask=col_mask)
 
 

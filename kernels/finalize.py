@@ -26,23 +26,23 @@ def _split_tile(start, splits, cols, col_mask, C, BLOCK_SPLITS: tl.constexpr):
 @triton.jit
 def forward_finalize_kernel(
     partial_count_ptr,        # (splits, C) number of values behind each partial
-    partial_mean_ptr,         # (splits, C) their mean
+    partial_mean_ptr,         # (splits, C) their mean, less the channel's shift
     partial_m2_ptr,           # (splits, C) their sum of squared deviations from that mean
+    shift_ptr,                # the input: channel c's shift (its first value) is at c * shift_stride
     mean_ptr,                 # (C,) batch mean, saved for the backward
     invstd_ptr,               # (C,) 1 / sqrt(biased variance + eps), saved for the backward
     running_mean_ptr,         # (C,) updated in place, when HAS_RUNNING_STATS
     running_var_ptr,          # (C,) updated in place with the unbiased variance
     num_batches_tracked_ptr,  # () int64 batches seen before this one (the normalize kernel
                               # increments it afterwards): CUMULATIVE averages with 1/(count + 1)
-    splits, C, momentum, eps,
+    splits, C, shift_stride, momentum, eps,
     HAS_RUNNING_STATS: tl.constexpr, CUMULATIVE: tl.constexpr,
     ACC: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     cols, col_mask = _channel_block(C, BLOCK_C)
-    # Partial means are combined relative to split 0's mean: the differences are exact and small,
-    # so the low bits of the mean survive when |mean| >> std. M2 = sum(m2_i + n_i * delta_i^2)
+    # The partial means are relative to one shift per channel, so they stay small and exact when
+    # |mean| >> std; the shift comes back only in the final mean. M2 = sum(m2_i + n_i * delta_i^2)
     # is Chan's formula for many partials at once.
-    shift = tl.load(partial_mean_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     count = tl.zeros([BLOCK_C], ACC)
     weighted = tl.zeros([BLOCK_C], ACC)
     for start in range(0, splits, BLOCK_SPLITS):
@@ -50,7 +50,7 @@ def forward_finalize_kernel(
         part_count = tl.load(partial_count_ptr + offsets, mask=mask, other=0.0).to(ACC)
         part_mean = tl.load(partial_mean_ptr + offsets, mask=mask, other=0.0).to(ACC)
         count += tl.sum(part_count, axis=0)
-        weighted += tl.sum(tl.where(mask, part_count * (part_mean - shift[None, :]), 0.0), axis=0)
+        weighted += tl.sum(part_count * part_mean, axis=0)
     count = tl.where(col_mask, count, 2.0)  # lanes past C: keep m2 / count and m2 / (count - 1) finite
     mean_shifted = weighted / count
     m2 = tl.zeros([BLOCK_C], ACC)
@@ -59,9 +59,9 @@ def forward_finalize_kernel(
         part_count = tl.load(partial_count_ptr + offsets, mask=mask, other=0.0).to(ACC)
         part_mean = tl.load(partial_mean_ptr + offsets, mask=mask, other=0.0).to(ACC)
         part_m2 = tl.load(partial_m2_ptr + offsets, mask=mask, other=0.0).to(ACC)
-        delta = part_mean - shift[None, :] - mean_shifted[None, :]
+        delta = part_mean - mean_shifted[None, :]
         m2 += tl.sum(tl.where(mask, part_m2 + part_count * delta * delta, 0.0), axis=0)
-    mean = shift + mean_shifted
+    mean = tl.load(shift_ptr + cols * shift_stride, mask=col_mask, other=0.0).to(ACC) + mean_shifted
     var = m2 / count
     tl.store(mean_ptr + cols, mean, mask=col_mask)
     tl.store(invstd_ptr + cols, 1.0 / tl.sqrt(var + eps), mask=col_mask)

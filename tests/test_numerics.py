@@ -1,0 +1,161 @@
+"""Hard inputs: large offsets with small spread, NaN/Inf in one channel, constant channels, edge
+sizes, and bitwise determinism -- on the CPU path, in the Triton interpreter and (marker `gpu`)
+on the GPU backends.
+
+Documented bound for |mean| >> std: batch mean and variance stay within ~1e-6 relative of the
+float64 reference (moments are accumulated relative to one value of each channel, and partials
+are merged with Chan's formula). Outputs differ by at most about |weight| * ulp_fp32(|mean|) / std
+on top of the dtype's rounding, because the saved mean is an fp32 number (as in PyTorch): ~5e-3
+for mean 1e4 with std 0.1."""
+import math
+
+import pytest
+import torch
+
+import bn_gpu
+from bn_gpu import reference as ref
+from support import TOLERANCES, assert_close, backend_devices, make_input, make_params
+
+
+def _ulp_fp32(value: float) -> float:
+    return math.ulp(float(torch.tensor(abs(value), dtype=torch.float32)))  # spacing of doubles, scaled below
+
+
+def _fp32_spacing(value: float) -> float:
+    return 2.0 ** (math.frexp(abs(value))[1] - 24)
+
+
+OFFSET_CASES = [
+    (torch.float32, 1e3, 1.0), (torch.float32, 1e3, 0.1), (torch.float32, 1e4, 1.0), (torch.float32, 1e4, 0.1),
+    (torch.bfloat16, 100.0, 0.5), (torch.float16, 100.0, 0.5),
+]
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype,offset,std", OFFSET_CASES, ids=lambda v: str(v))
+def test_large_offset_small_spread(backend, device, layout, dtype, offset, std):
+    x = make_input((8, 3, 9, 11), dtype, layout, device, mean=offset, std=std, seed=4)
+    weight, bias, running_mean, running_var = make_params(3, torch.float32, device)
+    rm0, rv0 = running_mean.clone(), running_var.clone()
+    y, mean, invstd = torch.ops.bn_gpu.forward_train(x, weight, bias, running_mean, running_var, None, 0.1, 1e-5, backend)
+    y_ref, mean_ref, var_ref, _ = ref.forward_train(x, weight, bias)
+    var = invstd.double() ** -2 - 1e-5
+    assert torch.isfinite(y).all() and (var > 0).all()
+    torch.testing.assert_close(mean.double().cpu(), mean_ref.cpu(), atol=0, rtol=1e-6)
+    torch.testing.assert_close(var.cpu(), var_ref.cpu(), atol=0, rtol=1e-5)
+    atol, rtol = TOLERANCES[dtype]
+    bound = float(weight.max()) * _fp32_spacing(offset) / std + atol
+    torch.testing.assert_close(y.double().cpu(), y_ref.cpu(), atol=bound, rtol=rtol)
+    _, rv_ref = ref.update_running_stats(rm0, rv0, mean_ref, var_ref, x.numel() // 3, 0.1)
+    assert_close(running_var, rv_ref, torch.float32, "running_var")
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_nan_or_inf_stays_in_its_channel(backend, device, bad, layout):
+    x = make_input((4, 3, 5, 5), layout=layout, device=device)
+    x[2, 1, 3, 4] = bad
+    weight, bias, running_mean, running_var = make_params(3, device=device)
+    rm0, rv0 = running_mean.clone(), running_var.clone()
+    y, _, _ = torch.ops.bn_gpu.forward_train(x, weight, bias, running_mean, running_var, None, 0.1, 1e-5, backend)
+    good = [0, 2]
+    y_ref, mean_ref, var_ref, _ = ref.forward_train(x[:, good], weight[good], bias[good])
+    assert_close(y[:, good], y_ref, torch.float32, "clean channels")
+    rm_ref, rv_ref = ref.update_running_stats(rm0[good], rv0[good], mean_ref, var_ref, 100, 0.1)
+    assert_close(running_mean[good], rm_ref, torch.float32, "clean running_mean")
+    assert_close(running_var[good], rv_ref, torch.float32, "clean running_var")
+    # The poisoned channel is not finite, as in PyTorch.
+    torch_y = torch.nn.functional.batch_norm(x.cpu(), rm0.clone().cpu(), rv0.clone().cpu(), weight.cpu(), bias.cpu(),
+                                             training=True)
+    assert not torch.isfinite(torch_y[:, 1]).all()
+    assert not torch.isfinite(y[:, 1]).all()
+    assert not torch.isfinite(running_var[1])
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_constant_channel_gives_bias(backend, device, layout):
+    x = make_input((4, 3, 5, 5), layout=layout, device=device)
+    x[:, 1] = 7.25
+    weight, bias, _, _ = make_params(3, device=device)
+    y, mean, invstd = torch.ops.bn_gpu.forward_train(x, weight, bias, None, None, None, 0.1, 1e-5, backend)
+    assert torch.isfinite(y).all() and torch.isfinite(invstd).all()
+    torch.testing.assert_close(y[:, 1].cpu(), bias[1].cpu().expand(4, 5, 5), atol=1e-4, rtol=0)
+    torch.testing.assert_close(mean[1].item(), 7.25)
+
+
+SIZE_CASES = [
+    (2, 3),              # m = 2
+    (7, 1),              # C = 1
+    (3, 10000),          # C = 10 000
+    (5, 4, 1, 1),        # 1 x 1 spatial
+    (1, 3, 4, 5),        # N = 1, spatial > 1
+    (3, 3, 17, 19),      # not a multiple of any block size
+    (2, 3, 3, 5, 7),     # 5-D
+    (129, 5),            # rows not a multiple of any block size
+]
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("shape", SIZE_CASES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_edge_sizes(backend, device, shape, layout, monkeypatch):
+    C = shape[1]
+    if C > 1000 and device == "cpu":
+        # The interpreter runs programs one by one: wider channel blocks keep 10 000 channels quick.
+        import dataclasses
+        import bn_gpu.plan
+        monkeypatch.setattr(bn_gpu.plan, "INTERPRETER_TUNING",
+                            dataclasses.replace(bn_gpu.plan.INTERPRETER_TUNING, max_block_c=512, tile_elements=2048))
+    x = make_input(shape, layout=layout, device=device)
+    weight, bias, running_mean, running_var = make_params(C, device=device)
+    y, mean, invstd = torch.ops.bn_gpu.forward_train(x, weight, bias, running_mean, running_var, None, 0.1, 1e-5, backend)
+    y_ref, _, _, _ = ref.forward_train(x, weight, bias)
+    assert_close(y, y_ref, torch.float32, "output")
+    grad_y = make_input(shape, layout=layout, device=device, mean=0, std=1, seed=2)
+    grad_x, _, _ = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, True, True, True, backend)
+    # dx = weight * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat)): the bracket cancels among
+    # O(1) terms, and weight * invstd is large where a channel of few values has a tiny variance,
+    # so compare the bracket.
+    gain = (weight.double() / torch.sqrt(ref.batch_stats(x)[1] + 1e-5)).reshape(1, C, *[1] * (x.dim() - 2))
+    assert_close(grad_x.double() / gain, ref.backward_train(grad_y, x, weight)[0] / gain, torch.float32, "grad_input")
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4, 4), (4, 3, 0)], ids=str)
+def test_empty_batch(backend, device, shape):
+    x = torch.randn(shape, device=device).requires_grad_()
+    _, _, running_mean, running_var = make_params(3, device=device)
+    before = running_mean.clone(), running_var.clone()
+    tracked = torch.tensor(3, device=device)
+    y = bn_gpu.batch_norm(x, running_mean, running_var, training=True, backend=backend, num_batches_tracked=tracked)
+    assert y.shape == x.shape and tracked.item() == 4
+    assert torch.equal(running_mean, before[0]) and torch.equal(running_var, before[1])
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def _one_step(backend, device, seed=0):
+    bn = bn_gpu.BatchNorm2d(6, backend=backend).to(device)
+    x = make_input((8, 6, 13, 11), layout="channels_last", device=device, seed=seed).requires_grad_()
+    y = bn(x)
+    y.backward(make_input((8, 6, 13, 11), device=device, mean=0, std=1, seed=seed + 1))
+    return [y.detach(), x.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var]
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_bitwise_deterministic(backend, device):
+    """No reduction order depends on scheduling: every run gives the same bits, with or without
+    torch.use_deterministic_algorithms (bn_gpu has no atomics to switch off)."""
+    first = _one_step(backend, device)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(2):
+            again = _one_step(backend, device)
+            for a, b in zip(first, again):
+                assert torch.equal(a, b)
+    finally:
+        torch.use_deterministic_algorithms(previous)
