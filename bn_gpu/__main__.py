@@ -6,15 +6,30 @@ import sys
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bn_gpu", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bn_gpu")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="the seed's worked example through the real kernels, next to the reference")
-    args, rest = parser.parse_known_args(argv)
+    bench = commands.add_parser("bench", help="bn_gpu against cuDNN, PyTorch's native kernels and torch.compile")
+    from .bench import add_arguments
+    add_arguments(bench)
+    plot = commands.add_parser("plot", help="Markdown table and PNG plot from a results .json file")
+    plot.add_argument("file")
+    args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run
-        worst = run()
-        return 0 if worst < 1e-4 else 1
-    return 2
+        return 0 if run() < 1e-4 else 1
+    if args.command == "bench":
+        from .bench import run
+        run(args)
+        return 0
+    from .report import load, plot as plot_png, save
+    rows, meta = load(args.file)
+    stem = args.file[:-5] if args.file.endswith(".json") else args.file
+    paths = save(stem, rows, meta)
+    paths["png"] = plot_png(rows, meta, stem + ".png")
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -123,6 +123,6 @@ def channels_last_plan(M: int, C: int, tuning: Tuning, sms: int) -> ChannelsLast
 
 @functools.lru_cache(maxsize=1024)
 def finalize_plan(splits: int, C: int, tuning: Tuning) -> FinalizePlan:
-    block_c = min(triton.next_power_of_2(C), 64 if tuning is GPU_TUNING else tuning.max_block_c)
+    block_c = min(triton.next_power_of_2(C), 64 if tuning.max_block_c >= 64 else tuning.max_block_c)
     block_splits = min(triton.next_power_of_2(splits), max(1, tuning.finalize_tile // block_c))
     return FinalizePlan(block_splits, block_c)

@@ -1,11 +1,20 @@
-"""Launch functions of the Triton backend: training forward (3 launches), eval forward (1 launch),
-backward (3 launches in training; 1 in eval when only dx is needed).
+"""Launch functions of the Triton backend.
+
+Training forward: one launch when each program owns whole channels (plan.splits == 1: many
+channels, or a small input), else three (statistics, finalize, normalize). Eval forward: one.
+Backward: one or three in training the same way; in eval, one when only dx is needed.
+
+Everything about an input that does not change from call to call -- layout family, launch plan,
+strides of the output, argument lists -- is worked out once per (shape, strides, dtype, device)
+and cached, so that a call does little more than allocate and launch.
 
 Tensors reach here validated (bn_gpu.validation). CUDA tensors run compiled kernels; CPU tensors
-run them in the Triton interpreter, which must be switched on with TRITON_INTERPRET=1 before
-bn_gpu is imported.
+run them in the Triton interpreter, which must be switched on with TRITON_INTERPRET=1 before the
+kernels are first used.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton.language as tl
@@ -16,9 +25,17 @@ from .kernels import channels_first as cf
 from .kernels import channels_last as cl
 from .kernels import finalize as fin
 from .layout import CHANNELS_FIRST
-from .plan import channels_first_plan, channels_last_plan, finalize_plan, interpreting, tuning_and_sms
+from .plan import Tuning, channels_first_plan, channels_last_plan, finalize_plan, interpreting, tuning_and_sms
 
 _INT32_LIMIT = 2**31 - 1
+
+# (channels-first kernel, channels-last kernel) of each job
+_STATS = (cf.channels_first_stats_kernel, cl.channels_last_stats_kernel)
+_NORMALIZE = (cf.channels_first_normalize_kernel, cl.channels_last_normalize_kernel)
+_FUSED_FORWARD = (cf.channels_first_fused_forward_kernel, cl.channels_last_fused_forward_kernel)
+_BACKWARD_REDUCE = (cf.channels_first_backward_reduce_kernel, cl.channels_last_backward_reduce_kernel)
+_BACKWARD_DX = (cf.channels_first_backward_dx_kernel, cl.channels_last_backward_dx_kernel)
+_FUSED_BACKWARD = (cf.channels_first_fused_backward_kernel, cl.channels_last_fused_backward_kernel)
 
 
 def check_available(device: torch.device) -> None:
@@ -32,172 +49,187 @@ def check_available(device: torch.device) -> None:
         "TRITON_INTERPRET=1 before importing bn_gpu (slow: for testing).")
 
 
-def _needs_64bit_offsets(*tensors: torch.Tensor) -> bool:
-    return any(sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) > _INT32_LIMIT
-               for t in tensors)
+def _empty(shape, dtype: torch.dtype, device: torch.device, strides=None) -> torch.Tensor:
+    """Every buffer of this backend comes from here (tests poison it)."""
+    if strides is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.empty_strided(shape, strides, dtype=dtype, device=device)
 
 
-class _Work:
-    """The launch geometry of one input: layout family, plan and per-tensor strides."""
+def _max_offset(t: torch.Tensor) -> int:
+    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
 
-    def __init__(self, x: torch.Tensor, family: str):
+
+class _Recipe:
+    """The launch geometry of one input (and gradient) layout, worked out once and cached."""
+
+    def __init__(self, x: torch.Tensor, family: str, tuning: Tuning, sms: int, others=()):
         self.family = family
-        self.device = x.device
+        self.first = family == CHANNELS_FIRST
         self.N, self.C = x.shape[0], x.shape[1]
         self.S = layout.spatial_size(x.shape)
+        self.count = self.N * self.S
         self.stat_dtype = stat_dtype(x.dtype)
-        self.acc = tl.float64 if self.stat_dtype == torch.float64 else tl.float32
-        tuning, sms = tuning_and_sms(x.device)
-        if family == CHANNELS_FIRST:
+        acc = tl.float64 if self.stat_dtype == torch.float64 else tl.float32
+        out = layout.empty_in_family(x, family)
+        self.out_strides = out.stride()
+        tensors = (x, *others, out)
+        if self.first:
             self.plan = channels_first_plan(self.N, self.C, self.S, tuning, sms)
+            blocks = dict(ROWS=self.plan.rows, BLOCK_S=self.plan.block_s)
+            self.sizes = [self.N, self.C, self.S]
+            self.strides = [list(_first_strides(t)) for t in tensors]
+            self.tiling = [self.plan.s_blocks, self.plan.total_tiles, self.plan.tiles_per_program]
+            self.shift_stride = self.strides[0][1]
         else:
-            self.plan = channels_last_plan(self.N * self.S, self.C, tuning, sms)
+            self.plan = channels_last_plan(self.count, self.C, tuning, sms)
+            blocks = dict(BLOCK_M=self.plan.block_m, BLOCK_C=self.plan.block_c)
+            self.sizes = [self.count, self.C]
+            self.strides = [[layout.channels_last_view(t).stride_m] for t in tensors]
+            self.tiling = [self.plan.rows_per_program]
+            self.shift_stride = 1
+        self.fused = self.plan.splits == 1
+        self.grid = self.plan.grid(self.C)
         self.finalize = finalize_plan(self.plan.splits, self.C, tuning)
+        self.finalize_grid = self.finalize.grid(self.C)
+        offset_64 = any(_max_offset(t) > _INT32_LIMIT for t in tensors)
+        self.meta = dict(ACC=acc, OFFSET_64=offset_64, num_warps=self.plan.num_warps, **blocks)
+
+    def kernel(self, pair, grid=None):
+        return pair[0 if self.first else 1][grid or self.grid]
+
+    def geometry(self, *which: int) -> list:
+        """Sizes, then the strides of the tensors numbered `which` (0: x, then the others, -1: output)."""
+        return self.sizes + [s for i in which for s in self.strides[i]]
 
     @property
-    def count(self) -> int:
-        return self.N * self.S
-
-    def geometry(self, *tensors: torch.Tensor) -> list:
-        """Sizes, then each tensor's strides, as the kernels of the family take them."""
-        if self.family == CHANNELS_FIRST:
-            strides = []
-            for t in tensors:
-                view = layout.channels_first_view(t)
-                strides += [view.stride_n, view.stride_c]
-            return [self.N, self.C, self.S, *strides]
-        return [self.N * self.S, self.C, *(layout.channels_last_view(t).stride_m for t in tensors)]
-
-    def channel_stride(self, t: torch.Tensor) -> int:
-        """Distance between the first values of consecutive channels."""
-        return layout.channels_first_view(t).stride_c if self.family == CHANNELS_FIRST else 1
-
-    def tiling(self) -> list:
-        p = self.plan
-        if self.family == CHANNELS_FIRST:
-            return [p.s_blocks, p.total_tiles, p.tiles_per_program]
-        return [p.rows_per_program]
-
-    def meta(self, *tensors: torch.Tensor) -> dict:
-        p = self.plan
-        blocks = dict(ROWS=p.rows, BLOCK_S=p.block_s) if self.family == CHANNELS_FIRST else dict(
-            BLOCK_M=p.block_m, BLOCK_C=p.block_c)
-        return dict(ACC=self.acc, OFFSET_64=_needs_64bit_offsets(*tensors), num_warps=p.num_warps, **blocks)
-
-    def kernel(self, channels_first_kernel, channels_last_kernel):
-        kernel = channels_first_kernel if self.family == CHANNELS_FIRST else channels_last_kernel
-        return kernel[self.plan.grid(self.C)]
+    def fused_tiling(self) -> list:
+        return self.tiling[:2] if self.first else []
 
 
-def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every statistics, workspace and parameter-gradient buffer comes from here (tests poison it)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+def _first_strides(t: torch.Tensor) -> tuple[int, int]:
+    view = layout.channels_first_view(t)
+    return view.stride_n, view.stride_c
 
 
-def _empty_stats(work: _Work, *shape: int) -> torch.Tensor:
-    return _empty(shape, work.stat_dtype, work.device)
+@functools.lru_cache(maxsize=1024)
+def _cached_recipe(key) -> _Recipe:
+    shape, x_strides, dtype, device, other_strides, tuning, sms = key
+    x = torch.empty_strided(shape, x_strides, dtype=dtype, device="meta")
+    others = [torch.empty_strided(shape, s, dtype=dtype, device="meta") for s in other_strides]
+    family, x_read = layout.choose_layout(x)
+    others = [layout.in_family(t, family) for t in others]
+    recipe = _Recipe(x_read, family, tuning, sms, others)
+    recipe.copy_input = x_read is not x
+    recipe.copy_others = [o.stride() != s for o, s in zip(others, other_strides)]
+    return recipe
 
 
-def _launch_stats(work: _Work, x: torch.Tensor, partials: torch.Tensor) -> None:
-    count, mean, m2 = partials
-    work.kernel(cf.channels_first_stats_kernel, cl.channels_last_stats_kernel)(
-        x, count, mean, m2, *work.geometry(x), *work.tiling(), **work.meta(x))
+def _recipe(x: torch.Tensor, *others: torch.Tensor) -> _Recipe:
+    tuning, sms = tuning_and_sms(x.device)
+    return _cached_recipe((tuple(x.shape), x.stride(), x.dtype, x.device,
+                           tuple(o.stride() for o in others), tuning, sms))
 
 
-def _launch_forward_finalize(work, x, partials, mean, invstd, running_mean, running_var,
-                             num_batches_tracked, momentum, eps) -> None:
-    count, part_mean, m2 = partials
-    tracked = running_mean is not None
-    cumulative = tracked and momentum is None and num_batches_tracked is not None
-    fin.forward_finalize_kernel[work.finalize.grid(work.C)](
-        count, part_mean, m2, x, mean, invstd,
-        running_mean if tracked else mean, running_var if tracked else mean,
-        num_batches_tracked if cumulative else mean,
-        work.plan.splits, work.C, work.channel_stride(x), 0.0 if momentum is None else float(momentum), float(eps),
-        HAS_RUNNING_STATS=tracked, CUMULATIVE=cumulative, ACC=work.acc,
-        BLOCK_SPLITS=work.finalize.block_splits, BLOCK_C=work.finalize.block_c)
+def _read_as(recipe: _Recipe, x: torch.Tensor) -> torch.Tensor:
+    return layout.choose_layout(x)[1] if recipe.copy_input else x
 
 
-def _launch_normalize(work, x, y, mean, var_or_invstd, invstd_out, saved_mean, weight, bias, eps,
-                      from_running_stats: bool, num_batches_tracked=None) -> None:
-    dummy = invstd_out
-    work.kernel(cf.channels_first_normalize_kernel, cl.channels_last_normalize_kernel)(
-        x, y, mean, var_or_invstd if from_running_stats else dummy, invstd_out,
-        saved_mean if from_running_stats else dummy,
-        weight if weight is not None else dummy, bias if bias is not None else dummy,
-        num_batches_tracked if num_batches_tracked is not None else dummy,
-        *work.geometry(x, y), float(eps), *work.tiling(),
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, FROM_RUNNING_STATS=from_running_stats,
-        COUNT_BATCH=num_batches_tracked is not None, **work.meta(x, y))
-
+# ---- forward ---------------------------------------------------------------------------------
 
 def forward_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps):
     """(y, mean, invstd); updates running_mean/var in place and counts the batch in
     num_batches_tracked, when given."""
-    family, x = layout.choose_layout(x)
-    work = _Work(x, family)
-    mean, invstd = _empty_stats(work, work.C), _empty_stats(work, work.C)
-    partials = _empty_stats(work, 3, work.plan.splits, work.C)
-    _launch_stats(work, x, partials)
-    _launch_forward_finalize(work, x, partials, mean, invstd, running_mean, running_var,
-                             num_batches_tracked, momentum, eps)
-    y = layout.empty_in_family(x, family)
-    _launch_normalize(work, x, y, mean, None, invstd, None, weight, bias, eps, from_running_stats=False,
-                      num_batches_tracked=num_batches_tracked)
+    r = _recipe(x)
+    x = _read_as(r, x)
+    y = _empty(x.shape, x.dtype, x.device, r.out_strides)
+    mean = _empty(r.C, r.stat_dtype, x.device)
+    invstd = _empty(r.C, r.stat_dtype, x.device)
+    tracked = running_mean is not None
+    cumulative = tracked and momentum is None
+    momentum = 0.0 if momentum is None else float(momentum)
+    dummy = mean
+    if r.fused:
+        r.kernel(_FUSED_FORWARD)(
+            x, y, mean, invstd, running_mean if tracked else dummy, running_var if tracked else dummy,
+            num_batches_tracked if num_batches_tracked is not None else dummy,
+            weight if weight is not None else dummy, bias if bias is not None else dummy,
+            *r.geometry(0, -1), momentum, float(eps), *r.fused_tiling,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING_STATS=tracked,
+            CUMULATIVE=cumulative, COUNT_BATCH=num_batches_tracked is not None and not cumulative, **r.meta)
+        if cumulative and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)  # after the kernel read it (see the kernel's COUNT_BATCH)
+        return y, mean, invstd
+    partials = _empty((3, r.plan.splits, r.C), r.stat_dtype, x.device)
+    count, part_mean, m2 = partials
+    r.kernel(_STATS)(x, count, part_mean, m2, *r.geometry(0), *r.tiling, **r.meta)
+    fin.forward_finalize_kernel[r.finalize_grid](
+        count, part_mean, m2, x, mean, invstd,
+        running_mean if tracked else dummy, running_var if tracked else dummy,
+        num_batches_tracked if cumulative else dummy,
+        r.plan.splits, r.C, r.shift_stride, momentum, float(eps),
+        HAS_RUNNING_STATS=tracked, CUMULATIVE=cumulative, ACC=r.meta["ACC"],
+        BLOCK_SPLITS=r.finalize.block_splits, BLOCK_C=r.finalize.block_c)
+    r.kernel(_NORMALIZE)(
+        x, y, mean, dummy, invstd, dummy, weight if weight is not None else dummy,
+        bias if bias is not None else dummy, num_batches_tracked if num_batches_tracked is not None else dummy,
+        *r.geometry(0, -1), float(eps), *r.tiling,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, FROM_RUNNING_STATS=False,
+        COUNT_BATCH=num_batches_tracked is not None, **r.meta)
     return y, mean, invstd
 
 
 def forward_eval(x, weight, bias, running_mean, running_var, eps):
     """(y, mean, invstd) with mean/invstd taken from the running statistics, for the backward."""
-    family, x = layout.choose_layout(x)
-    work = _Work(x, family)
-    mean, invstd = _empty_stats(work, work.C), _empty_stats(work, work.C)
-    y = layout.empty_in_family(x, family)
-    _launch_normalize(work, x, y, running_mean, running_var, invstd, mean, weight, bias, eps,
-                      from_running_stats=True)
+    r = _recipe(x)
+    x = _read_as(r, x)
+    y = _empty(x.shape, x.dtype, x.device, r.out_strides)
+    mean = _empty(r.C, r.stat_dtype, x.device)
+    invstd = _empty(r.C, r.stat_dtype, x.device)
+    r.kernel(_NORMALIZE)(
+        x, y, running_mean, running_var, invstd, mean, weight if weight is not None else mean,
+        bias if bias is not None else mean, mean, *r.geometry(0, -1), float(eps), *r.tiling,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, FROM_RUNNING_STATS=True,
+        COUNT_BATCH=False, **r.meta)
     return y, mean, invstd
 
 
-def _launch_backward_reduce(work, dy, x, mean, partials) -> None:
-    sum_dy, sum_dy_xmu = partials
-    work.kernel(cf.channels_first_backward_reduce_kernel, cl.channels_last_backward_reduce_kernel)(
-        dy, x, mean, sum_dy, sum_dy_xmu, *work.geometry(dy, x), *work.tiling(), **work.meta(dy, x))
-
-
-def _launch_backward_finalize(work, partials, invstd, totals, grad_weight, grad_bias) -> None:
-    fin.backward_finalize_kernel[work.finalize.grid(work.C)](
-        partials[0], partials[1], invstd, totals[0], totals[1], grad_weight, grad_bias,
-        work.plan.splits, work.C, ACC=work.acc,
-        BLOCK_SPLITS=work.finalize.block_splits, BLOCK_C=work.finalize.block_c)
-
-
-def _launch_backward_dx(work, dy, x, dx, mean, invstd, weight, totals, training) -> None:
-    work.kernel(cf.channels_first_backward_dx_kernel, cl.channels_last_backward_dx_kernel)(
-        dy, x, dx, mean, invstd, weight if weight is not None else invstd, totals[0], totals[1],
-        *work.geometry(dy, x, dx), 1.0 / work.count, *work.tiling(),
-        HAS_WEIGHT=weight is not None, TRAINING=training, **work.meta(dy, x, dx))
-
+# ---- backward --------------------------------------------------------------------------------
 
 def backward(grad_y, x, weight, mean, invstd, training, need_input_grad, need_weight_grad):
     """(grad_x, grad_weight, grad_bias); a gradient that is not needed comes back as an empty tensor."""
-    family, x = layout.choose_layout(x)
-    grad_y = layout.in_family(grad_y, family)
-    work = _Work(x, family)
+    r = _recipe(x, grad_y)
+    x = _read_as(r, x)
+    if r.copy_others[0]:
+        grad_y = layout.in_family(grad_y, r.family)
+    device = x.device
     param_dtype = weight.dtype if weight is not None else mean.dtype
-    grad_x = x.new_empty(0)
+    grad_x = _empty(x.shape, x.dtype, device, r.out_strides) if need_input_grad else x.new_empty(0)
+    w = weight if weight is not None else invstd
     reduce = training or need_weight_grad
     if reduce:
-        partials = _empty_stats(work, 2, work.plan.splits, work.C)
-        totals = _empty_stats(work, 2, work.C)
-        grad_weight = _empty(work.C, param_dtype, x.device)
-        grad_bias = _empty(work.C, param_dtype, x.device)
-        _launch_backward_reduce(work, grad_y, x, mean, partials)
-        _launch_backward_finalize(work, partials, invstd, totals, grad_weight, grad_bias)
+        grad_weight = _empty(r.C, param_dtype, device)
+        grad_bias = _empty(r.C, param_dtype, device)
+    if reduce and r.fused:
+        r.kernel(_FUSED_BACKWARD)(
+            grad_y, x, grad_x if need_input_grad else invstd, mean, invstd, w, grad_weight, grad_bias,
+            *r.geometry(1, 0, -1), 1.0 / r.count, *r.fused_tiling,
+            HAS_WEIGHT=weight is not None, TRAINING=training, NEED_INPUT_GRAD=need_input_grad, **r.meta)
     else:
         totals = (invstd, invstd)  # not read in eval
-    if need_input_grad:
-        grad_x = layout.empty_in_family(x, family)
-        _launch_backward_dx(work, grad_y, x, grad_x, mean, invstd, weight, totals, training)
+        if reduce:
+            partials = _empty((2, r.plan.splits, r.C), r.stat_dtype, device)
+            totals = _empty((2, r.C), r.stat_dtype, device)
+            r.kernel(_BACKWARD_REDUCE)(grad_y, x, mean, partials[0], partials[1], *r.geometry(1, 0), *r.tiling,
+                                       **r.meta)
+            fin.backward_finalize_kernel[r.finalize_grid](
+                partials[0], partials[1], invstd, totals[0], totals[1], grad_weight, grad_bias,
+                r.plan.splits, r.C, ACC=r.meta["ACC"],
+                BLOCK_SPLITS=r.finalize.block_splits, BLOCK_C=r.finalize.block_c)
+        if need_input_grad:
+            r.kernel(_BACKWARD_DX)(
+                grad_y, x, grad_x, mean, invstd, w, totals[0], totals[1], *r.geometry(1, 0, -1),
+                1.0 / r.count, *r.tiling, HAS_WEIGHT=weight is not None, TRAINING=training, **r.meta)
     if not need_weight_grad:
-        grad_weight, grad_bias = x.new_empty(0), x.new_empty(0)
+        return grad_x, x.new_empty(0), x.new_empty(0)
     return grad_x, grad_weight, grad_bias

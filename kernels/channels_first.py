@@ -6,16 +6,21 @@ batch rows by BLOCK_S spatial positions, so a channel with a 7x7 plane still fil
 (ROWS > 1) while a 112x112 plane is split across many programs: the grid fills the GPU for C = 3
 and C = 2048 alike. Every kernel of this file walks the same tiles, so one launch plan serves all.
 
-Kernels, in the order a training step runs them:
+Split path (several programs per channel), in the order a training step runs them:
     channels_first_stats_kernel            partial (count, mean, M2) per (split, channel)
     channels_first_normalize_kernel        y = (x - mean) * invstd * weight + bias (train and eval)
     channels_first_backward_reduce_kernel  partial sums of dy and dy * (x - mean)
     channels_first_backward_dx_kernel      dx from dy, x and the per-channel totals
+Single-pass path (one program per channel, when that fills the GPU or the input is small):
+    channels_first_fused_forward_kernel    statistics, running stats and normalize in one launch
+    channels_first_fused_backward_kernel   dweight, dbias and dx in one launch
+Between the two paths of a training step the finalize kernels of finalize.py merge the partials.
 """
 import triton
 import triton.language as tl
 
 from .batch_counter import count_batch
+from .finalize import store_gradients, store_statistics
 from .moments import merge_moments
 
 
@@ -53,6 +58,85 @@ def _channel(OFFSET_64: tl.constexpr):
 
 
 @triton.jit
+def _moments(x_ptr, stride_n, shift, first_tile, last_tile, s_blocks, N, S,
+             ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr):
+    """(count, mean - shift, M2) of one channel over tiles [first_tile, last_tile).
+
+    Moments are taken of x - shift, a value of the channel: the subtraction is exact for values
+    near the shift, so sums and means keep their low bits when |mean| >> std. Each tile is reduced
+    in two passes over registers and merged with Chan's formula.
+    """
+    count = tl.zeros([], ACC)
+    mean = tl.zeros([], ACC)
+    m2 = tl.zeros([], ACC)
+    for tile in range(first_tile, last_tile):
+        n, s, mask, tile_count = _tile(tile, s_blocks, N, S, ROWS, BLOCK_S, OFFSET_64)
+        tile_count = tile_count.to(ACC)
+        x = tl.load(x_ptr + _offsets(n, s, stride_n), mask=mask, other=0.0).to(ACC)
+        shifted = tl.where(mask, x - shift, 0.0)
+        tile_mean = tl.sum(tl.sum(shifted, axis=1), axis=0) / tile_count
+        deviation = tl.where(mask, shifted - tile_mean, 0.0)
+        tile_m2 = tl.sum(tl.sum(deviation * deviation, axis=1), axis=0)
+        count, mean, m2 = merge_moments(count, mean, m2, tile_count, tile_mean, tile_m2)
+    return count, mean, m2
+
+
+@triton.jit
+def _affine(c, invstd, weight_ptr, bias_ptr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
+    """Per-channel (scale, bias) of y = (x - mean) * scale + bias."""
+    scale = invstd
+    if HAS_WEIGHT:
+        scale = scale * tl.load(weight_ptr + c).to(ACC)
+    bias = tl.zeros([], ACC)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + c).to(ACC)
+    return scale, bias
+
+
+@triton.jit
+def _normalize(x_ptr, y_ptr, x_stride_n, y_stride_n, mean, scale, bias, first_tile, last_tile, s_blocks, N, S,
+               ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr):
+    # (x - mean) * scale + bias rather than x * scale + shift: the latter cancels when |mean| >> std.
+    for tile in range(first_tile, last_tile):
+        n, s, mask, _ = _tile(tile, s_blocks, N, S, ROWS, BLOCK_S, OFFSET_64)
+        x = tl.load(x_ptr + _offsets(n, s, x_stride_n), mask=mask, other=0.0).to(ACC)
+        y = (x - mean) * scale + bias
+        tl.store(y_ptr + _offsets(n, s, y_stride_n), y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, first_tile, last_tile, s_blocks, N, S,
+                   ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr):
+    """(sum of dy, sum of dy * (x - mean)) over tiles [first_tile, last_tile)."""
+    # Lane-wise sums across tiles, one tree reduction at the end.
+    sum_dy = tl.zeros([ROWS, BLOCK_S], ACC)
+    sum_dy_xmu = tl.zeros([ROWS, BLOCK_S], ACC)
+    for tile in range(first_tile, last_tile):
+        n, s, mask, _ = _tile(tile, s_blocks, N, S, ROWS, BLOCK_S, OFFSET_64)
+        dy = tl.load(dy_ptr + _offsets(n, s, dy_stride_n), mask=mask, other=0.0).to(ACC)
+        x = tl.load(x_ptr + _offsets(n, s, x_stride_n), mask=mask, other=0.0).to(ACC)
+        sum_dy += dy
+        sum_dy_xmu += dy * (x - mean)
+    return tl.sum(tl.sum(sum_dy, axis=1), axis=0), tl.sum(tl.sum(sum_dy_xmu, axis=1), axis=0)
+
+
+@triton.jit
+def _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_n, x_stride_n, dx_stride_n, scale, mean, mean_dy, projection,
+                    first_tile, last_tile, s_blocks, N, S, TRAINING: tl.constexpr,
+                    ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr):
+    """dx = scale * (dy - mean(dy) - (x - mean) * projection) in training, scale * dy in eval."""
+    for tile in range(first_tile, last_tile):
+        n, s, mask, _ = _tile(tile, s_blocks, N, S, ROWS, BLOCK_S, OFFSET_64)
+        dy = tl.load(dy_ptr + _offsets(n, s, dy_stride_n), mask=mask, other=0.0).to(ACC)
+        if TRAINING:
+            x = tl.load(x_ptr + _offsets(n, s, x_stride_n), mask=mask, other=0.0).to(ACC)
+            dx = scale * (dy - mean_dy - (x - mean) * projection)
+        else:
+            dx = scale * dy
+        tl.store(dx_ptr + _offsets(n, s, dx_stride_n), dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def channels_first_stats_kernel(
     x_ptr,              # input (N, C, S)
     partial_count_ptr,  # (splits, C) number of values each program reduced
@@ -65,22 +149,9 @@ def channels_first_stats_kernel(
     c = _channel(OFFSET_64)
     split = tl.program_id(1)
     x_ptr += c * stride_c
-    # Moments are taken of x - shift, the channel's first value: the subtraction is exact for values
-    # near the shift, so sums and partial means keep their low bits when |mean| >> std.
-    shift = tl.load(x_ptr).to(ACC)
-    count = tl.zeros([], ACC)
-    mean = tl.zeros([], ACC)
-    m2 = tl.zeros([], ACC)
     first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
-    for tile in range(first_tile, last_tile):
-        n, s, mask, tile_count = _tile(tile, s_blocks, N, S, ROWS, BLOCK_S, OFFSET_64)
-        tile_count = tile_count.to(ACC)
-        x = tl.load(x_ptr + _offsets(n, s, stride_n), mask=mask, other=0.0).to(ACC)
-        shifted = tl.where(mask, x - shift, 0.0)
-        tile_mean = tl.sum(tl.sum(shifted, axis=1), axis=0) / tile_count
-        deviation = tl.where(mask, shifted - tile_mean, 0.0)
-        tile_m2 = tl.sum(tl.sum(deviation * deviation, axis=1), axis=0)
-        count, mean, m2 = merge_moments(count, mean, m2, tile_count, tile_mean, tile_m2)
+    count, mean, m2 = _moments(x_ptr, stride_n, tl.load(x_ptr).to(ACC), first_tile, last_tile, s_blocks, N, S,
+                               ACC, ROWS, BLOCK_S, OFFSET_64)
     out = split * C + c
     tl.store(partial_count_ptr + out, count)
     tl.store(partial_mean_ptr + out, mean)
@@ -117,21 +188,39 @@ def channels_first_normalize_kernel(
         tl.store(invstd_ptr + c, invstd, mask=split == 0)
     else:
         invstd = tl.load(invstd_ptr + c).to(ACC)
-    scale = invstd
-    if HAS_WEIGHT:
-        scale = scale * tl.load(weight_ptr + c).to(ACC)
-    bias = tl.zeros([], ACC)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + c).to(ACC)
-    x_ptr += c * x_stride_c
-    y_ptr += c * y_stride_c
-    # (x - mean) * scale + bias rather than x * scale + shift: the latter cancels when |mean| >> std.
+    scale, bias = _affine(c, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC)
     first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
-    for tile in range(first_tile, last_tile):
-        n, s, mask, _ = _tile(tile, s_blocks, N, S, ROWS, BLOCK_S, OFFSET_64)
-        x = tl.load(x_ptr + _offsets(n, s, x_stride_n), mask=mask, other=0.0).to(ACC)
-        y = (x - mean) * scale + bias
-        tl.store(y_ptr + _offsets(n, s, y_stride_n), y.to(y_ptr.dtype.element_ty), mask=mask)
+    _normalize(x_ptr + c * x_stride_c, y_ptr + c * y_stride_c, x_stride_n, y_stride_n, mean, scale, bias,
+               first_tile, last_tile, s_blocks, N, S, ACC, ROWS, BLOCK_S, OFFSET_64)
+
+
+@triton.jit
+def channels_first_fused_forward_kernel(
+    x_ptr,           # input (N, C, S)
+    y_ptr,           # output (N, C, S), in the input's dtype; strides may differ from x
+    mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,  # see store_statistics
+    weight_ptr,      # (C,) scale, when HAS_WEIGHT
+    bias_ptr,        # (C,) shift, when HAS_BIAS
+    N, C, S, x_stride_n, x_stride_c, y_stride_n, y_stride_c, momentum, eps,
+    s_blocks, total_tiles,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr,
+    CUMULATIVE: tl.constexpr, COUNT_BATCH: tl.constexpr,
+    ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
+):
+    # One program per channel reads the channel twice: the second pass finds it in cache.
+    c = _channel(OFFSET_64)
+    x_ptr += c * x_stride_c
+    shift = tl.load(x_ptr).to(ACC)
+    count, mean_shifted, m2 = _moments(x_ptr, x_stride_n, shift, 0, total_tiles, s_blocks, N, S,
+                                       ACC, ROWS, BLOCK_S, OFFSET_64)
+    mean = shift + mean_shifted
+    invstd = store_statistics(c, c < C, count, mean, m2, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr,
+                              num_batches_tracked_ptr, momentum, eps, HAS_RUNNING_STATS, CUMULATIVE, ACC)
+    if COUNT_BATCH:  # never with CUMULATIVE: other programs read the count in store_statistics
+        count_batch(num_batches_tracked_ptr, c == 0)
+    scale, bias = _affine(c, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC)
+    _normalize(x_ptr, y_ptr + c * y_stride_c, x_stride_n, y_stride_n, mean, scale, bias,
+               0, total_tiles, s_blocks, N, S, ACC, ROWS, BLOCK_S, OFFSET_64)
 
 
 @triton.jit
@@ -147,22 +236,13 @@ def channels_first_backward_reduce_kernel(
 ):
     c = _channel(OFFSET_64)
     split = tl.program_id(1)
-    mean = tl.load(mean_ptr + c).to(ACC)
-    dy_ptr += c * dy_stride_c
-    x_ptr += c * x_stride_c
-    # Lane-wise sums across tiles, one tree reduction at the end.
-    sum_dy = tl.zeros([ROWS, BLOCK_S], ACC)
-    sum_dy_xmu = tl.zeros([ROWS, BLOCK_S], ACC)
     first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
-    for tile in range(first_tile, last_tile):
-        n, s, mask, _ = _tile(tile, s_blocks, N, S, ROWS, BLOCK_S, OFFSET_64)
-        dy = tl.load(dy_ptr + _offsets(n, s, dy_stride_n), mask=mask, other=0.0).to(ACC)
-        x = tl.load(x_ptr + _offsets(n, s, x_stride_n), mask=mask, other=0.0).to(ACC)
-        sum_dy += dy
-        sum_dy_xmu += dy * (x - mean)
+    sum_dy, sum_dy_xmu = _gradient_sums(dy_ptr + c * dy_stride_c, x_ptr + c * x_stride_c, dy_stride_n, x_stride_n,
+                                        tl.load(mean_ptr + c).to(ACC), first_tile, last_tile, s_blocks, N, S,
+                                        ACC, ROWS, BLOCK_S, OFFSET_64)
     out = split * C + c
-    tl.store(partial_sum_dy_ptr + out, tl.sum(tl.sum(sum_dy, axis=1), axis=0))
-    tl.store(partial_sum_dy_xmu_ptr + out, tl.sum(tl.sum(sum_dy_xmu, axis=1), axis=0))
+    tl.store(partial_sum_dy_ptr + out, sum_dy)
+    tl.store(partial_sum_dy_xmu_ptr + out, sum_dy_xmu)
 
 
 @triton.jit
@@ -184,24 +264,49 @@ def channels_first_backward_dx_kernel(
     c = _channel(OFFSET_64)
     split = tl.program_id(1)
     invstd = tl.load(invstd_ptr + c).to(ACC)
-    scale = invstd
-    if HAS_WEIGHT:
-        scale = scale * tl.load(weight_ptr + c).to(ACC)
+    scale, _ = _affine(c, invstd, weight_ptr, weight_ptr, HAS_WEIGHT, False, ACC)
+    mean = tl.zeros([], ACC)
+    mean_dy = tl.zeros([], ACC)
+    projection = tl.zeros([], ACC)
     if TRAINING:
         # dx = weight * invstd * (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean)))
         mean = tl.load(mean_ptr + c).to(ACC)
         mean_dy = tl.load(sum_dy_ptr + c).to(ACC) * inv_count
         projection = tl.load(sum_dy_xmu_ptr + c).to(ACC) * invstd * invstd * inv_count
+    first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
+    _input_gradient(dy_ptr + c * dy_stride_c, x_ptr + c * x_stride_c, dx_ptr + c * dx_stride_c,
+                    dy_stride_n, x_stride_n, dx_stride_n, scale, mean, mean_dy, projection,
+                    first_tile, last_tile, s_blocks, N, S, TRAINING, ACC, ROWS, BLOCK_S, OFFSET_64)
+
+
+@triton.jit
+def channels_first_fused_backward_kernel(
+    dy_ptr,          # gradient of the output (N, C, S)
+    x_ptr,           # input (N, C, S)
+    dx_ptr,          # gradient of the input (N, C, S), in the input's dtype, when NEED_INPUT_GRAD
+    mean_ptr,        # (C,) mean the forward normalized with
+    invstd_ptr,      # (C,) invstd the forward normalized with
+    weight_ptr,      # (C,) scale, when HAS_WEIGHT
+    grad_weight_ptr, grad_bias_ptr,  # see store_gradients
+    N, C, S, dy_stride_n, dy_stride_c, x_stride_n, x_stride_c, dx_stride_n, dx_stride_c,
+    inv_count,       # 1 / (N * S) as a float
+    s_blocks, total_tiles,
+    HAS_WEIGHT: tl.constexpr, TRAINING: tl.constexpr, NEED_INPUT_GRAD: tl.constexpr,
+    ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
+):
+    # One program per channel: the sums, then dx from a second pass that finds dy and x in cache.
+    c = _channel(OFFSET_64)
     dy_ptr += c * dy_stride_c
     x_ptr += c * x_stride_c
-    dx_ptr += c * dx_stride_c
-    first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
-    for tile in range(first_tile, last_tile):
-        n, s, mask, _ = _tile(tile, s_blocks, N, S, ROWS, BLOCK_S, OFFSET_64)
-        dy = tl.load(dy_ptr + _offsets(n, s, dy_stride_n), mask=mask, other=0.0).to(ACC)
-        if TRAINING:
-            x = tl.load(x_ptr + _offsets(n, s, x_stride_n), mask=mask, other=0.0).to(ACC)
-            dx = scale * (dy - mean_dy - (x - mean) * projection)
-        else:
-            dx = scale * dy
-        tl.store(dx_ptr + _offsets(n, s, dx_stride_n), dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    mean = tl.load(mean_ptr + c).to(ACC)
+    invstd = tl.load(invstd_ptr + c).to(ACC)
+    sum_dy, sum_dy_xmu = _gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, 0, total_tiles, s_blocks,
+                                        N, S, ACC, ROWS, BLOCK_S, OFFSET_64)
+    store_gradients(c, c < C, sum_dy, sum_dy_xmu, invstd, grad_weight_ptr, grad_bias_ptr)
+    if NEED_INPUT_GRAD:
+        scale, _ = _affine(c, invstd, weight_ptr, weight_ptr, HAS_WEIGHT, False, ACC)
+        mean_dy = sum_dy * inv_count
+        projection = sum_dy_xmu * invstd * invstd * inv_count
+        _input_gradient(dy_ptr, x_ptr, dx_ptr + c * dx_stride_c, dy_stride_n, x_stride_n, dx_stride_n,
+                        scale, mean, mean_dy, projection, 0, total_tiles, s_blocks, N, S, TRAINING,
+                        ACC, ROWS, BLOCK_S, OFFSET_64)

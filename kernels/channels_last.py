@@ -5,16 +5,21 @@ Loads coalesce along C. A program owns BLOCK_C channels (grid axis 1) and a cont
 rows (grid axis 0: the split), walked in tiles of BLOCK_M rows; per-channel results are vectors of
 BLOCK_C lanes. Every kernel of this file walks the same tiles, so one launch plan serves all.
 
-Kernels, in the order a training step runs them:
+Split path (several programs per channel block), in the order a training step runs them:
     channels_last_stats_kernel            partial (count, mean, M2) per (split, channel)
     channels_last_normalize_kernel        y = (x - mean) * invstd * weight + bias (train and eval)
     channels_last_backward_reduce_kernel  partial sums of dy and dy * (x - mean)
     channels_last_backward_dx_kernel      dx from dy, x and the per-channel totals
+Single-pass path (one program per channel block, when that fills the GPU or the input is small):
+    channels_last_fused_forward_kernel    statistics, running stats and normalize in one launch
+    channels_last_fused_backward_kernel   dweight, dbias and dx in one launch
+Between the two paths of a training step the finalize kernels of finalize.py merge the partials.
 """
 import triton
 import triton.language as tl
 
 from .batch_counter import count_batch
+from .finalize import store_gradients, store_statistics
 from .moments import merge_moments
 
 
@@ -49,19 +54,14 @@ def _offsets(rows, cols, stride_m):
 
 
 @triton.jit
-def channels_last_stats_kernel(
-    x_ptr,              # input (M, C)
-    partial_count_ptr,  # (splits, C) number of values each program reduced
-    partial_mean_ptr,   # (splits, C) their mean, less the channel's first value x[0, c]
-    partial_m2_ptr,     # (splits, C) their sum of squared deviations from that mean
-    M, C, stride_m, rows_per_program,
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
-):
-    cols, col_mask = _columns(C, BLOCK_C)
-    row_begin, row_end = _program_rows(M, rows_per_program, OFFSET_64)
-    # Moments are taken of x - shift, the first row: the subtraction is exact for values near the
-    # shift, so sums and partial means keep their low bits when |mean| >> std.
-    shift = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+def _moments(x_ptr, stride_m, cols, col_mask, shift, row_begin, row_end,
+             ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr):
+    """(count, mean - shift, M2) per channel over rows [row_begin, row_end).
+
+    Moments are taken of x - shift, a row of x: the subtraction is exact for values near the
+    shift, so sums and means keep their low bits when |mean| >> std. Each tile is reduced in two
+    passes over registers and merged with Chan's formula.
+    """
     count = tl.zeros([], ACC)
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
@@ -74,6 +74,79 @@ def channels_last_stats_kernel(
         deviation = tl.where(mask, shifted - tile_mean[None, :], 0.0)
         tile_m2 = tl.sum(deviation * deviation, axis=0)
         count, mean, m2 = merge_moments(count, mean, m2, tile_count, tile_mean, tile_m2)
+    return count, mean, m2
+
+
+@triton.jit
+def _affine(cols, col_mask, invstd, weight_ptr, bias_ptr,
+            HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-channel (scale, bias) of y = (x - mean) * scale + bias."""
+    scale = invstd
+    if HAS_WEIGHT:
+        scale = scale * tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+    bias = tl.zeros([BLOCK_C], ACC)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+    return scale, bias
+
+
+@triton.jit
+def _normalize(x_ptr, y_ptr, x_stride_m, y_stride_m, cols, col_mask, mean, scale, bias, row_begin, row_end,
+               ACC: tl.constexpr, BLOCK_M: tl.constexpr, OFFSET_64: tl.constexpr):
+    # (x - mean) * scale + bias rather than x * scale + shift: the latter cancels when |mean| >> std.
+    for start in range(row_begin, row_end, BLOCK_M):
+        rows, mask = _tile(start, row_end, col_mask, BLOCK_M, OFFSET_64)
+        x = tl.load(x_ptr + _offsets(rows, cols, x_stride_m), mask=mask, other=0.0).to(ACC)
+        y = (x - mean[None, :]) * scale[None, :] + bias[None, :]
+        tl.store(y_ptr + _offsets(rows, cols, y_stride_m), y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gradient_sums(dy_ptr, x_ptr, dy_stride_m, x_stride_m, cols, col_mask, mean, row_begin, row_end,
+                   ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr):
+    """(sum of dy, sum of dy * (x - mean)) per channel over rows [row_begin, row_end)."""
+    # Lane-wise sums across tiles, one tree reduction at the end.
+    sum_dy = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+    sum_dy_xmu = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+    for start in range(row_begin, row_end, BLOCK_M):
+        rows, mask = _tile(start, row_end, col_mask, BLOCK_M, OFFSET_64)
+        dy = tl.load(dy_ptr + _offsets(rows, cols, dy_stride_m), mask=mask, other=0.0).to(ACC)
+        x = tl.load(x_ptr + _offsets(rows, cols, x_stride_m), mask=mask, other=0.0).to(ACC)
+        sum_dy += dy
+        sum_dy_xmu += dy * (x - mean[None, :])
+    return tl.sum(sum_dy, axis=0), tl.sum(sum_dy_xmu, axis=0)
+
+
+@triton.jit
+def _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_m, x_stride_m, dx_stride_m, cols, col_mask,
+                    scale, mean, mean_dy, projection, row_begin, row_end, TRAINING: tl.constexpr,
+                    ACC: tl.constexpr, BLOCK_M: tl.constexpr, OFFSET_64: tl.constexpr):
+    """dx = scale * (dy - mean(dy) - (x - mean) * projection) in training, scale * dy in eval."""
+    for start in range(row_begin, row_end, BLOCK_M):
+        rows, mask = _tile(start, row_end, col_mask, BLOCK_M, OFFSET_64)
+        dy = tl.load(dy_ptr + _offsets(rows, cols, dy_stride_m), mask=mask, other=0.0).to(ACC)
+        if TRAINING:
+            x = tl.load(x_ptr + _offsets(rows, cols, x_stride_m), mask=mask, other=0.0).to(ACC)
+            dx = scale[None, :] * (dy - mean_dy[None, :] - (x - mean[None, :]) * projection[None, :])
+        else:
+            dx = scale[None, :] * dy
+        tl.store(dx_ptr + _offsets(rows, cols, dx_stride_m), dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def channels_last_stats_kernel(
+    x_ptr,              # input (M, C)
+    partial_count_ptr,  # (splits, C) number of values each program reduced
+    partial_mean_ptr,   # (splits, C) their mean, less the channel's first value x[0, c]
+    partial_m2_ptr,     # (splits, C) their sum of squared deviations from that mean
+    M, C, stride_m, rows_per_program,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
+):
+    cols, col_mask = _columns(C, BLOCK_C)
+    row_begin, row_end = _program_rows(M, rows_per_program, OFFSET_64)
+    shift = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+    count, mean, m2 = _moments(x_ptr, stride_m, cols, col_mask, shift, row_begin, row_end,
+                               ACC, BLOCK_M, BLOCK_C, OFFSET_64)
     out = tl.program_id(0) * C + cols
     tl.store(partial_count_ptr + out, tl.zeros([BLOCK_C], ACC) + count, mask=col_mask)
     tl.store(partial_mean_ptr + out, mean, mask=col_mask)
@@ -111,18 +184,37 @@ def channels_last_normalize_kernel(
         tl.store(invstd_ptr + cols, invstd, mask=first_split)
     else:
         invstd = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0).to(ACC)
-    scale = invstd
-    if HAS_WEIGHT:
-        scale = scale * tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(ACC)
-    bias = tl.zeros([BLOCK_C], ACC)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(ACC)
-    # (x - mean) * scale + bias rather than x * scale + shift: the latter cancels when |mean| >> std.
-    for start in range(row_begin, row_end, BLOCK_M):
-        rows, mask = _tile(start, row_end, col_mask, BLOCK_M, OFFSET_64)
-        x = tl.load(x_ptr + _offsets(rows, cols, x_stride_m), mask=mask, other=0.0).to(ACC)
-        y = (x - mean[None, :]) * scale[None, :] + bias[None, :]
-        tl.store(y_ptr + _offsets(rows, cols, y_stride_m), y.to(y_ptr.dtype.element_ty), mask=mask)
+    scale, bias = _affine(cols, col_mask, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC, BLOCK_C)
+    _normalize(x_ptr, y_ptr, x_stride_m, y_stride_m, cols, col_mask, mean, scale, bias, row_begin, row_end,
+               ACC, BLOCK_M, OFFSET_64)
+
+
+@triton.jit
+def channels_last_fused_forward_kernel(
+    x_ptr,           # input (M, C)
+    y_ptr,           # output (M, C), in the input's dtype; row stride may differ from x
+    mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,  # see store_statistics
+    weight_ptr,      # (C,) scale, when HAS_WEIGHT
+    bias_ptr,        # (C,) shift, when HAS_BIAS
+    M, C, x_stride_m, y_stride_m, momentum, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr,
+    CUMULATIVE: tl.constexpr, COUNT_BATCH: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
+):
+    # One program per channel block reads its columns twice: the second pass finds them in cache.
+    cols, col_mask = _columns(C, BLOCK_C)
+    shift = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+    count, mean_shifted, m2 = _moments(x_ptr, x_stride_m, cols, col_mask, shift, 0, M,
+                                       ACC, BLOCK_M, BLOCK_C, OFFSET_64)
+    mean = shift + mean_shifted
+    invstd = store_statistics(cols, col_mask, count, mean, m2, mean_ptr, invstd_ptr, running_mean_ptr,
+                              running_var_ptr, num_batches_tracked_ptr, momentum, eps,
+                              HAS_RUNNING_STATS, CUMULATIVE, ACC)
+    if COUNT_BATCH:  # never with CUMULATIVE: other programs read the count in store_statistics
+        count_batch(num_batches_tracked_ptr, tl.program_id(1) == 0)
+    scale, bias = _affine(cols, col_mask, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC, BLOCK_C)
+    _normalize(x_ptr, y_ptr, x_stride_m, y_stride_m, cols, col_mask, mean, scale, bias, 0, M,
+               ACC, BLOCK_M, OFFSET_64)
 
 
 @triton.jit
@@ -138,18 +230,11 @@ def channels_last_backward_reduce_kernel(
     cols, col_mask = _columns(C, BLOCK_C)
     row_begin, row_end = _program_rows(M, rows_per_program, OFFSET_64)
     mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(ACC)
-    # Lane-wise sums across tiles, one tree reduction at the end.
-    sum_dy = tl.zeros([BLOCK_M, BLOCK_C], ACC)
-    sum_dy_xmu = tl.zeros([BLOCK_M, BLOCK_C], ACC)
-    for start in range(row_begin, row_end, BLOCK_M):
-        rows, mask = _tile(start, row_end, col_mask, BLOCK_M, OFFSET_64)
-        dy = tl.load(dy_ptr + _offsets(rows, cols, dy_stride_m), mask=mask, other=0.0).to(ACC)
-        x = tl.load(x_ptr + _offsets(rows, cols, x_stride_m), mask=mask, other=0.0).to(ACC)
-        sum_dy += dy
-        sum_dy_xmu += dy * (x - mean[None, :])
+    sum_dy, sum_dy_xmu = _gradient_sums(dy_ptr, x_ptr, dy_stride_m, x_stride_m, cols, col_mask, mean,
+                                        row_begin, row_end, ACC, BLOCK_M, BLOCK_C, OFFSET_64)
     out = tl.program_id(0) * C + cols
-    tl.store(partial_sum_dy_ptr + out, tl.sum(sum_dy, axis=0), mask=col_mask)
-    tl.store(partial_sum_dy_xmu_ptr + out, tl.sum(sum_dy_xmu, axis=0), mask=col_mask)
+    tl.store(partial_sum_dy_ptr + out, sum_dy, mask=col_mask)
+    tl.store(partial_sum_dy_xmu_ptr + out, sum_dy_xmu, mask=col_mask)
 
 
 @triton.jit
@@ -171,21 +256,44 @@ def channels_last_backward_dx_kernel(
     cols, col_mask = _columns(C, BLOCK_C)
     row_begin, row_end = _program_rows(M, rows_per_program, OFFSET_64)
     invstd = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0).to(ACC)
-    scale = invstd
-    if HAS_WEIGHT:
-        scale = scale * tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+    scale, _ = _affine(cols, col_mask, invstd, weight_ptr, weight_ptr, HAS_WEIGHT, False, ACC, BLOCK_C)
+    mean = tl.zeros([BLOCK_C], ACC)
+    mean_dy = tl.zeros([BLOCK_C], ACC)
+    projection = tl.zeros([BLOCK_C], ACC)
     if TRAINING:
         # dx = weight * invstd * (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean)))
         mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(ACC)
         mean_dy = tl.load(sum_dy_ptr + cols, mask=col_mask, other=0.0).to(ACC) * inv_count
         sum_dy_xmu = tl.load(sum_dy_xmu_ptr + cols, mask=col_mask, other=0.0).to(ACC)
         projection = sum_dy_xmu * invstd * invstd * inv_count
-    for start in range(row_begin, row_end, BLOCK_M):
-        rows, mask = _tile(start, row_end, col_mask, BLOCK_M, OFFSET_64)
-        dy = tl.load(dy_ptr + _offsets(rows, cols, dy_stride_m), mask=mask, other=0.0).to(ACC)
-        if TRAINING:
-            x = tl.load(x_ptr + _offsets(rows, cols, x_stride_m), mask=mask, other=0.0).to(ACC)
-            dx = scale[None, :] * (dy - mean_dy[None, :] - (x - mean[None, :]) * projection[None, :])
-        else:
-            dx = scale[None, :] * dy
-        tl.store(dx_ptr + _offsets(rows, cols, dx_stride_m), dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_m, x_stride_m, dx_stride_m, cols, col_mask,
+                    scale, mean, mean_dy, projection, row_begin, row_end, TRAINING, ACC, BLOCK_M, OFFSET_64)
+
+
+@triton.jit
+def channels_last_fused_backward_kernel(
+    dy_ptr,          # gradient of the output (M, C)
+    x_ptr,           # input (M, C)
+    dx_ptr,          # gradient of the input (M, C), in the input's dtype, when NEED_INPUT_GRAD
+    mean_ptr,        # (C,) mean the forward normalized with
+    invstd_ptr,      # (C,) invstd the forward normalized with
+    weight_ptr,      # (C,) scale, when HAS_WEIGHT
+    grad_weight_ptr, grad_bias_ptr,  # see store_gradients
+    M, C, dy_stride_m, x_stride_m, dx_stride_m,
+    inv_count,       # 1 / M as a float
+    HAS_WEIGHT: tl.constexpr, TRAINING: tl.constexpr, NEED_INPUT_GRAD: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
+):
+    # One program per channel block: the sums, then dx from a second pass that finds dy and x in cache.
+    cols, col_mask = _columns(C, BLOCK_C)
+    mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+    invstd = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+    sum_dy, sum_dy_xmu = _gradient_sums(dy_ptr, x_ptr, dy_stride_m, x_stride_m, cols, col_mask, mean, 0, M,
+                                        ACC, BLOCK_M, BLOCK_C, OFFSET_64)
+    store_gradients(cols, col_mask, sum_dy, sum_dy_xmu, invstd, grad_weight_ptr, grad_bias_ptr)
+    if NEED_INPUT_GRAD:
+        scale, _ = _affine(cols, col_mask, invstd, weight_ptr, weight_ptr, HAS_WEIGHT, False, ACC, BLOCK_C)
+        mean_dy = sum_dy * inv_count
+        projection = sum_dy_xmu * invstd * invstd * inv_count
+        _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_m, x_stride_m, dx_stride_m, cols, col_mask,
+                        scale, mean, mean_dy, projection, 0, M, TRAINING, ACC, BLOCK_M, OFFSET_64)

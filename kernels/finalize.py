@@ -1,12 +1,60 @@
-"""Per-channel merges of the (splits, C) partials, on the device: no host synchronization, so the
-ops capture into CUDA graphs. Both layouts share these kernels; the grid is one program per
-BLOCK_C channels, and each program folds the splits in a fixed order (deterministic results).
+"""Per-channel finalization, on the device: no host synchronization, so the ops capture into CUDA
+graphs. Each program folds the splits in a fixed order (deterministic results).
 
-    forward_finalize_kernel   mean, invstd and the in-place running-statistics update
-    backward_finalize_kernel  totals of dy and dy * (x - mean), dweight and dbias
+    store_statistics          mean, invstd and the running-statistics update of some channels
+    store_gradients           dweight, dbias (and the totals the dx pass needs) of some channels
+    forward_finalize_kernel   merges (splits, C) partials, then store_statistics
+    backward_finalize_kernel  sums (splits, C) partials, then store_gradients
+
+The two helpers also serve the single-pass kernels of channels_first.py / channels_last.py, whose
+programs own whole channels and need no partials.
 """
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def store_statistics(
+    index, mask,              # channels to write: a scalar channel or a vector of them
+    count, mean, m2,          # their moments (m2 = sum of squared deviations from mean)
+    mean_ptr,                 # (C,) batch mean, saved for the backward
+    invstd_ptr,               # (C,) 1 / sqrt(biased variance + eps), saved for the backward
+    running_mean_ptr,         # (C,) updated in place, when HAS_RUNNING_STATS
+    running_var_ptr,          # (C,) updated in place with the unbiased variance
+    num_batches_tracked_ptr,  # () int64 batches seen before this one (the batch is counted by the
+                              # last kernel of the step): CUMULATIVE averages with 1/(count + 1)
+    momentum, eps,
+    HAS_RUNNING_STATS: tl.constexpr, CUMULATIVE: tl.constexpr, ACC: tl.constexpr,
+):
+    """Write mean and invstd, update the running statistics; returns invstd."""
+    var = m2 / count
+    invstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(mean_ptr + index, mean, mask=mask)
+    tl.store(invstd_ptr + index, invstd, mask=mask)
+    if HAS_RUNNING_STATS:
+        if CUMULATIVE:
+            factor = 1.0 / (tl.load(num_batches_tracked_ptr).to(ACC) + 1.0)
+        else:
+            factor = momentum
+        running_mean = tl.load(running_mean_ptr + index, mask=mask, other=0.0).to(ACC)
+        running_var = tl.load(running_var_ptr + index, mask=mask, other=0.0).to(ACC)
+        unbiased_var = m2 / (count - 1.0)
+        running_mean = (1.0 - factor) * running_mean + factor * mean
+        running_var = (1.0 - factor) * running_var + factor * unbiased_var
+        tl.store(running_mean_ptr + index, running_mean.to(running_mean_ptr.dtype.element_ty), mask=mask)
+        tl.store(running_var_ptr + index, running_var.to(running_var_ptr.dtype.element_ty), mask=mask)
+    return invstd
+
+
+@triton.jit
+def store_gradients(
+    index, mask,       # channels to write: a scalar channel or a vector of them
+    sum_dy, sum_dy_xmu, invstd,
+    grad_weight_ptr,   # (C,) sum(dy * x_hat), in the weight's dtype
+    grad_bias_ptr,     # (C,) sum(dy), in the bias's dtype
+):
+    tl.store(grad_weight_ptr + index, (sum_dy_xmu * invstd).to(grad_weight_ptr.dtype.element_ty), mask=mask)
+    tl.store(grad_bias_ptr + index, sum_dy.to(grad_bias_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -29,12 +77,7 @@ def forward_finalize_kernel(
     partial_mean_ptr,         # (splits, C) their mean, less the channel's shift
     partial_m2_ptr,           # (splits, C) their sum of squared deviations from that mean
     shift_ptr,                # the input: channel c's shift (its first value) is at c * shift_stride
-    mean_ptr,                 # (C,) batch mean, saved for the backward
-    invstd_ptr,               # (C,) 1 / sqrt(biased variance + eps), saved for the backward
-    running_mean_ptr,         # (C,) updated in place, when HAS_RUNNING_STATS
-    running_var_ptr,          # (C,) updated in place with the unbiased variance
-    num_batches_tracked_ptr,  # () int64 batches seen before this one (the normalize kernel
-                              # increments it afterwards): CUMULATIVE averages with 1/(count + 1)
+    mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,  # see store_statistics
     splits, C, shift_stride, momentum, eps,
     HAS_RUNNING_STATS: tl.constexpr, CUMULATIVE: tl.constexpr,
     ACC: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -62,21 +105,8 @@ def forward_finalize_kernel(
         delta = part_mean - mean_shifted[None, :]
         m2 += tl.sum(tl.where(mask, part_m2 + part_count * delta * delta, 0.0), axis=0)
     mean = tl.load(shift_ptr + cols * shift_stride, mask=col_mask, other=0.0).to(ACC) + mean_shifted
-    var = m2 / count
-    tl.store(mean_ptr + cols, mean, mask=col_mask)
-    tl.store(invstd_ptr + cols, 1.0 / tl.sqrt(var + eps), mask=col_mask)
-    if HAS_RUNNING_STATS:
-        if CUMULATIVE:
-            factor = 1.0 / (tl.load(num_batches_tracked_ptr).to(ACC) + 1.0)
-        else:
-            factor = momentum
-        running_mean = tl.load(running_mean_ptr + cols, mask=col_mask, other=0.0).to(ACC)
-        running_var = tl.load(running_var_ptr + cols, mask=col_mask, other=0.0).to(ACC)
-        unbiased_var = m2 / (count - 1.0)
-        running_mean = (1.0 - factor) * running_mean + factor * mean
-        running_var = (1.0 - factor) * running_var + factor * unbiased_var
-        tl.store(running_mean_ptr + cols, running_mean.to(running_mean_ptr.dtype.element_ty), mask=col_mask)
-        tl.store(running_var_ptr + cols, running_var.to(running_var_ptr.dtype.element_ty), mask=col_mask)
+    store_statistics(cols, col_mask, count, mean, m2, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr,
+                     num_batches_tracked_ptr, momentum, eps, HAS_RUNNING_STATS, CUMULATIVE, ACC)
 
 
 @triton.jit
@@ -86,8 +116,7 @@ def backward_finalize_kernel(
     invstd_ptr,              # (C,) invstd the forward normalized with
     sum_dy_ptr,              # (C,) total of dy, in ACC, for the dx kernel
     sum_dy_xmu_ptr,          # (C,) total of dy * (x - mean), in ACC, for the dx kernel
-    grad_weight_ptr,         # (C,) sum(dy * x_hat), in the weight's dtype
-    grad_bias_ptr,           # (C,) sum(dy), in the bias's dtype
+    grad_weight_ptr, grad_bias_ptr,  # see store_gradients
     splits, C,
     ACC: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -101,5 +130,4 @@ def backward_finalize_kernel(
     invstd = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     tl.store(sum_dy_ptr + cols, sum_dy, mask=col_mask)
     tl.store(sum_dy_xmu_ptr + cols, sum_dy_xmu, mask=col_mask)
-    tl.store(grad_weight_ptr + cols, (sum_dy_xmu * invstd).to(grad_weight_ptr.dtype.element_ty), mask=col_mask)
-    tl.store(grad_bias_ptr + cols, sum_dy.to(grad_bias_ptr.dtype.element_ty), mask=col_mask)
+    store_gradients(cols, col_mask, sum_dy, sum_dy_xmu, invstd, grad_weight_ptr, grad_bias_ptr)

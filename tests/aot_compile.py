@@ -17,14 +17,10 @@ VARIANTS = [("fp32", tl.float32), ("fp16", tl.float32), ("bf16", tl.float32), ("
 
 
 def kernels():
-    from bn_gpu.kernels import channels_first as cf
-    from bn_gpu.kernels import channels_last as cl
-    from bn_gpu.kernels import finalize as fin
-    return [cf.channels_first_stats_kernel, cf.channels_first_normalize_kernel,
-            cf.channels_first_backward_reduce_kernel, cf.channels_first_backward_dx_kernel,
-            cl.channels_last_stats_kernel, cl.channels_last_normalize_kernel,
-            cl.channels_last_backward_reduce_kernel, cl.channels_last_backward_dx_kernel,
-            fin.forward_finalize_kernel, fin.backward_finalize_kernel]
+    """Every launchable kernel (the names ending in _kernel) of bn_gpu.kernels."""
+    from bn_gpu.kernels import channels_first, channels_last, finalize
+    return [getattr(module, name) for module in (channels_first, channels_last, finalize)
+            for name in sorted(vars(module)) if name.endswith("_kernel")]
 
 
 def signature(kernel, x_type: str, acc, flags: bool):
@@ -66,5 +62,6 @@ def compile_all(capability: int) -> int:
 
 
 if __name__ == "__main__":
-    print(f"compiled {compile_all(int(sys.argv[1]))} kernel variants for sm_{sys.argv[1]} "
-          f"with triton {triton.__version__}")
+    count = compile_all(int(sys.argv[1]))
+    assert count == 8 * len(kernels()) and len(kernels()) == 14, count
+    print(f"compiled {count} kernel variants for sm_{sys.argv[1]} with triton {triton.__version__}")

@@ -51,3 +51,18 @@ def poisoned(monkeypatch):
 
     monkeypatch.setattr(bn_gpu.layout, "empty_in_family", lambda *a: poison(real_empty_in_family(*a)))
     monkeypatch.setattr(bn_gpu.triton_backend, "_empty", lambda *a: poison(real_empty(*a)))
+
+
+@pytest.fixture(params=["split", "single-pass"])
+def kernel_path(request, monkeypatch):
+    """Run a test on both kernel paths: several programs per channel (statistics, finalize,
+    normalize) and one program per channel (the single-pass kernels)."""
+    import dataclasses
+
+    import bn_gpu.plan
+
+    programs_per_sm = 64 if request.param == "split" else 0
+    for name in ("INTERPRETER_TUNING", "GPU_TUNING"):
+        tuning = getattr(bn_gpu.plan, name)
+        monkeypatch.setattr(bn_gpu.plan, name, dataclasses.replace(tuning, programs_per_sm=programs_per_sm))
+    return request.param

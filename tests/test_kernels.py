@@ -20,7 +20,7 @@ def _scaled(grad, grad_y, C):
 @pytest.mark.parametrize("backend,device", backend_devices())
 @pytest.mark.parametrize("case", LAYOUT_CASES, ids=case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_training_forward_and_backward(backend, device, case, dtype, poisoned):
+def test_training_forward_and_backward(backend, device, case, dtype, kernel_path, poisoned):
     shape, layout = case
     C = shape[1]
     x = make_input(shape, dtype, layout, device)
@@ -77,7 +77,7 @@ def test_eval_forward_and_backward(backend, device, case, dtype, poisoned):
 
 @pytest.mark.parametrize("backend,device", backend_devices())
 @pytest.mark.parametrize("with_weight,with_bias", [(False, False), (True, False), (False, True)])
-def test_affine_options(backend, device, with_weight, with_bias, poisoned):
+def test_affine_options(backend, device, with_weight, with_bias, kernel_path, poisoned):
     x = make_input((5, 4, 6), device=device)
     weight, bias, _, _ = make_params(4, device=device)
     weight = weight if with_weight else None
@@ -91,7 +91,7 @@ def test_affine_options(backend, device, with_weight, with_bias, poisoned):
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())
-def test_cumulative_average_counts_batches_on_device(backend, device):
+def test_cumulative_average_counts_batches_on_device(backend, device, kernel_path):
     C = 3
     running_mean, running_var = torch.zeros(C, device=device), torch.ones(C, device=device)
     tracked = torch.tensor(0, device=device)
@@ -108,7 +108,7 @@ def test_cumulative_average_counts_batches_on_device(backend, device):
 
 @pytest.mark.parametrize("backend,device", backend_devices())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_mixed_precision_parameters(backend, device, dtype):
+def test_mixed_precision_parameters(backend, device, dtype, kernel_path):
     """fp16 / bf16 input with fp32 weight, bias and running statistics (as under autocast)."""
     x = make_input((4, 3, 5, 5), dtype, "channels_last", device)
     weight, bias, running_mean, running_var = make_params(3, torch.float32, device)

@@ -1,0 +1,273 @@
+"""python -m bn_gpu bench: bn_gpu against cuDNN, PyTorch's native kernels and torch.compile.
+
+Every implementation of a case runs in the same process, on the same inputs: median of
+triton.testing.do_bench (which flushes the L2 between calls); for small shapes also the time per
+call replayed from a CUDA graph and the host wall time per eager call; a device-to-device copy
+measured in the same run gives the bandwidth behind "% of floor". Each implementation's result is
+checked against float64 first: a wrong result is marked wrong, never counted as a win.
+
+--smoke runs the whole path on a CPU machine (tiny shapes, Triton interpreter), so CI keeps the
+suite working; its timings are flagged as not meaningful.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+from .report import MODES, Row, fill_metrics, plot, save
+
+DEFAULT_SHAPES = ["64x64x112x112", "64x256x56x56", "64x2048x7x7", "16384x2048", "8x64x16x56x56", "5x3"]
+SMOKE_SHAPES = ["4x3x6x6", "5x3"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+IMPLS = ["bn_gpu-triton", "bn_gpu-cupy", "torch-cudnn", "torch-native", "torch-inductor"]
+SMALL_NUMEL = 1 << 16  # CUDA-graph and host-time measurements below this size
+# Output tolerance of the correctness check (sums over up to 800k values in the backward).
+CHECK_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 6e-2, torch.float16: 2e-2}
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.lower().split("x"))
+
+
+def layouts_for(shape) -> list[str]:
+    return ["contiguous", "channels_last"] if len(shape) >= 4 else ["contiguous"]
+
+
+# ---- implementations ------------------------------------------------------------------------
+
+def _torch_batch_norm(cudnn: bool):
+    def call(x, w, b, rm, rv, training):
+        with torch.backends.cudnn.flags(enabled=cudnn):
+            return torch.nn.functional.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5)
+    return call
+
+
+def _inductor():
+    compiled = {}
+
+    def call(x, w, b, rm, rv, training):
+        if training not in compiled:
+            compiled[training] = torch.compile(
+                lambda x, w, b, rm, rv: torch.nn.functional.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5))
+        return compiled[training](x, w, b, rm, rv)
+    return call
+
+
+def _bn_gpu(backend: str):
+    from .functional import batch_norm
+
+    def call(x, w, b, rm, rv, training):
+        return batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, backend=backend)
+    return call
+
+
+def available_impls(device: torch.device, wanted: list[str]) -> dict:
+    impls = {}
+    for name in wanted:
+        if name == "bn_gpu-triton":
+            impls[name] = _bn_gpu("triton")
+        elif name == "bn_gpu-cupy":
+            try:
+                import cupy  # noqa: F401
+            except ImportError:
+                continue
+            if device.type == "cuda":
+                impls[name] = _bn_gpu("cupy")
+        elif name == "torch-cudnn" and device.type == "cuda":
+            impls[name] = _torch_batch_norm(cudnn=True)
+        elif name == "torch-native":  # on CPU: PyTorch's CPU kernels
+            impls[name] = _torch_batch_norm(cudnn=False)
+        elif name == "torch-inductor" and device.type == "cuda":
+            impls[name] = _inductor()
+    return impls
+
+
+# ---- measurement ----------------------------------------------------------------------------
+
+def _runner(call, x, w, b, rm, rv, mode, dy):
+    """A no-argument function doing one step of `mode`, and one that returns its checked result."""
+    if mode == "train_fwd":
+        return (lambda: call(x, w, b, rm, rv, True)), (lambda: call(x, w, b, rm, rv, True))
+    if mode == "eval_fwd":
+        return (lambda: call(x, w, b, rm, rv, False)), (lambda: call(x, w, b, rm, rv, False))
+    xg, wg, bg = (t.detach().requires_grad_() for t in (x, w, b))
+
+    def step():
+        y = call(xg, wg, bg, rm, rv, True)
+        return torch.autograd.grad(y, (xg, wg, bg), dy)[0]
+    return step, step
+
+
+def time_us(fn, device: torch.device, smoke: bool) -> float:
+    if device.type == "cuda":
+        import triton.testing
+        return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    reps = 3 if smoke else 20
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e6 * sorted(times)[len(times) // 2]
+
+
+def graph_us(fn) -> float:
+    import triton.testing
+    try:
+        return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
+    except Exception:  # an implementation that cannot be captured
+        return math.nan
+
+
+def host_us(fn, device: torch.device, calls: int = 200) -> float:
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 1e6 * (time.perf_counter() - start) / calls
+
+
+def copy_gbps(device: torch.device, smoke: bool) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second), in GB/s."""
+    n = (1 << 20) if smoke else (1 << 28)
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    us = time_us(lambda: dst.copy_(src), device, smoke)
+    return 2 * n * 4 / (us * 1e-6) / 1e9
+
+
+def _reference(x, w, b, rm, rv, mode, dy):
+    from . import reference as ref
+    if mode == "train_fwd":
+        return ref.forward_train(x, w, b)[0]
+    if mode == "eval_fwd":
+        return ref.forward_eval(x, rm, rv, w, b)
+    return ref.backward_train(dy, x, w)[0]
+
+
+def _arranged(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+    return t.contiguous()
+
+
+def _inputs(shape, dtype, layout, device):
+    """x ~ normal(3, 2) and weight in [0.5, 1.5), as shared/ANCHORS.md; dy in x's layout."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = _arranged((torch.randn(shape, generator=g) * 2 + 3).to(device=device, dtype=dtype), layout)
+    dy = _arranged(torch.randn(shape, generator=g).to(device=device, dtype=dtype), layout)
+    C = shape[1]
+    w = (torch.rand(C, generator=g) + 0.5).to(device)
+    b = torch.randn(C, generator=g).to(device)
+    rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
+    return x, w, b, rm, rv, dy
+
+
+def measure_case(name, call, shape, dtype, layout, mode, device, smoke) -> Row:
+    x, w, b, rm, rv, dy = _inputs(shape, dtype, layout, device)
+    run, result = _runner(call, x, w, b, rm, rv, mode, dy)
+    row = Row(impl=name, shape="x".join(map(str, shape)), dtype=str(dtype).replace("torch.", ""), layout=layout,
+              mode=mode, numel=x.numel(), itemsize=x.element_size(), us=math.nan, correct=False)
+    try:
+        out = result()
+        expected = _reference(x, w, b, torch.zeros_like(rm), torch.ones_like(rv), mode, dy) if mode != "eval_fwd" \
+            else _reference(x, w, b, rm, rv, mode, dy)
+        row.max_error = (out.double() - expected).abs().max().item()
+        row.correct = bool(row.max_error <= CHECK_TOLERANCE[dtype] * max(1.0, expected.abs().max().item()))
+        row.us = time_us(run, device, smoke)
+        if device.type == "cuda" and x.numel() <= SMALL_NUMEL:
+            row.graph_us = graph_us(run)
+        if x.numel() <= SMALL_NUMEL or smoke:
+            row.host_us = host_us(run, device, calls=5 if smoke else 200)
+    except Exception as error:  # report, don't abort the whole run
+        row.note = f"{type(error).__name__}: {error}"[:200]
+    return row
+
+
+# ---- driver ---------------------------------------------------------------------------------
+
+def metadata(device: torch.device, smoke: bool, copy: float) -> dict:
+    import triton
+    meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), smoke=smoke,
+                torch=torch.__version__, triton=triton.__version__, copy_gbps=round(copy, 1))
+    try:
+        import cupy
+        meta["cupy"] = cupy.__version__
+    except ImportError:
+        meta["cupy"] = None
+    if device.type == "cuda":
+        meta["device"] = torch.cuda.get_device_name(device)
+        meta["cudnn"] = torch.backends.cudnn.version()
+        try:
+            meta["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            meta["driver"] = None
+    else:
+        meta["device"] = "CPU (Triton interpreter)"
+        meta["driver"] = None
+        meta["cudnn"] = None
+    return meta
+
+
+def _progress(done: int, total: int, label: str) -> None:
+    width = 30
+    filled = int(width * done / max(total, 1))
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label[:60]:<60}")
+    sys.stderr.flush()
+    if done == total:
+        sys.stderr.write("\n")
+
+
+def run(args) -> dict:
+    smoke = args.smoke
+    if smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+    shapes = [parse_shape(s) for s in (args.shapes or (SMOKE_SHAPES if smoke else DEFAULT_SHAPES))]
+    dtypes = [DTYPES[d] for d in (args.dtypes or (["float32", "bfloat16"] if smoke else list(DTYPES)))]
+    modes = args.modes or list(MODES)
+    impls = available_impls(device, args.impls or IMPLS)
+    jobs = [(name, call, shape, dtype, layout, mode)
+            for shape in shapes for dtype in dtypes for layout in layouts_for(shape)
+            for mode in modes for name, call in impls.items()]
+    copy = copy_gbps(device, smoke)
+    rows = []
+    for i, (name, call, shape, dtype, layout, mode) in enumerate(jobs):
+        _progress(i, len(jobs), f"{name} {'x'.join(map(str, shape))} {dtype} {layout} {mode}")
+        rows.append(measure_case(name, call, shape, dtype, layout, mode, device, smoke))
+    _progress(len(jobs), len(jobs), "done")
+    fill_metrics(rows, copy)
+    meta = metadata(device, smoke, copy)
+    os.makedirs(args.out, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    tag = "smoke" if smoke else meta["device"].replace(" ", "-")
+    paths = save(os.path.join(args.out, f"{'smoke' if smoke else 'bench'}-{stamp}-{tag}"), rows, meta)
+    try:
+        paths["png"] = plot(rows, meta, paths["json"][:-5] + ".png")
+    except ImportError:
+        print("matplotlib is not installed (pip install -e .[bench]): no plot", file=sys.stderr)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return paths
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes in the Triton interpreter on CPU (CI)")
+    parser.add_argument("--shapes", nargs="+", help=f"e.g. 64x64x112x112 16384x2048 (default: {' '.join(DEFAULT_SHAPES)})")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES))
+    parser.add_argument("--modes", nargs="+", choices=list(MODES))
+    parser.add_argument("--impls", nargs="+", choices=IMPLS)
+    parser.add_argument("--out", default=os.path.join("profiling", "results"), help="folder for the results files")

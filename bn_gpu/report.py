@@ -1,0 +1,199 @@
+"""Row logic of the benchmark (floor, bandwidth, speed-up, correctness) and its reports:
+Markdown tables, the gap to the performance targets, and a PNG plot of % of floor.
+
+Floor = the fewest bytes an operation must move, at the copy bandwidth measured in the same run:
+2 |x| for training forward and eval (read x, write y), 5 |x| for training forward + backward
+(forward: read x, write y; backward: read x and dy, write dx). See shared/ANCHORS.md.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+MODES = ("train_fwd", "eval_fwd", "train_fwdbwd")
+FLOOR_PASSES = {"train_fwd": 2, "eval_fwd": 2, "train_fwdbwd": 5}
+TORCH_IMPLS = ("torch-cudnn", "torch-native", "torch-inductor")
+BN_GPU_IMPLS = ("bn_gpu-triton", "bn_gpu-cupy")
+# Targets (issue "Profiling suite"): % of floor by mode on the large shapes, speed-up on every row,
+# and the seed's (5, 3) per call against eager torch.
+FLOOR_TARGETS = {"train_fwd": 60.0, "train_fwdbwd": 45.0, "eval_fwd": 85.0}
+LARGE_SHAPES = ("64x64x112x112", "64x256x56x56", "64x2048x7x7", "16384x2048")
+SEED_SHAPE = "5x3"
+SEED_PER_CALL_FACTOR = 1.5
+
+
+def floor_bytes(numel: int, itemsize: int, mode: str) -> int:
+    return FLOOR_PASSES[mode] * numel * itemsize
+
+
+@dataclass
+class Row:
+    impl: str
+    shape: str
+    dtype: str
+    layout: str
+    mode: str
+    numel: int
+    itemsize: int
+    us: float                       # median time per call (L2 flushed), microseconds
+    correct: bool                   # output within tolerance of the float64 reference
+    max_error: float = math.nan
+    graph_us: float = math.nan      # per call replayed from a CUDA graph (small shapes)
+    host_us: float = math.nan       # wall time per call in a loop of eager calls (small shapes)
+    gbps: float = math.nan
+    pct_floor: float = math.nan
+    speedup: float = math.nan       # best correct torch time / this time
+    note: str = ""
+
+    @property
+    def case(self) -> tuple:
+        return (self.shape, self.dtype, self.layout, self.mode)
+
+
+def fill_metrics(rows: list[Row], copy_gbps: float) -> list[Row]:
+    """GB/s, % of floor and speed-up against the best correct torch implementation of each case."""
+    best_torch = {}
+    for row in rows:
+        if row.impl in TORCH_IMPLS and row.correct and not math.isnan(row.us):
+            best_torch[row.case] = min(best_torch.get(row.case, math.inf), row.us)
+    for row in rows:
+        if math.isnan(row.us) or row.us <= 0:
+            continue
+        moved = floor_bytes(row.numel, row.itemsize, row.mode)
+        row.gbps = moved / (row.us * 1e-6) / 1e9
+        row.pct_floor = 100.0 * row.gbps / copy_gbps if copy_gbps > 0 else math.nan
+        torch_us = best_torch.get(row.case)
+        row.speedup = torch_us / row.us if torch_us else math.nan
+    return rows
+
+
+def is_win(row: Row) -> bool:
+    """A speed-up counts only for a correct result."""
+    return row.correct and row.speedup >= 1.0
+
+
+def _fmt(value: float, spec: str) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = ["| shape | dtype | layout | mode | impl | µs | GB/s | % floor | vs best torch | graph µs | host µs/call | correct |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        correct = "yes" if r.correct else f"**WRONG** ({_fmt(r.max_error, '.1e')})"
+        lines.append(f"| {r.shape} | {r.dtype} | {r.layout} | {r.mode} | {r.impl} | {_fmt(r.us, '.1f')} | "
+                     f"{_fmt(r.gbps, '.0f')} | {_fmt(r.pct_floor, '.0f')} | {_fmt(r.speedup, '.2f')}× | "
+                     f"{_fmt(r.graph_us, '.1f')} | {_fmt(r.host_us, '.1f')} | {correct} |")
+    return "\n".join(lines)
+
+
+def target_gaps(rows: list[Row]) -> list[dict]:
+    """Per case, the best correct bn_gpu backend against the targets."""
+    cases = {}
+    for r in rows:
+        cases.setdefault(r.case, []).append(r)
+    gaps = []
+    for case, case_rows in cases.items():
+        ours = [r for r in case_rows if r.impl in BN_GPU_IMPLS and r.correct and not math.isnan(r.us)]
+        torch_rows = [r for r in case_rows if r.impl in TORCH_IMPLS and r.correct and not math.isnan(r.us)]
+        if not ours:
+            gaps.append(dict(case=case, impl=None, checks=[("correct bn_gpu result", False, "none")]))
+            continue
+        best = min(ours, key=lambda r: r.us)
+        checks = []
+        shape, _, _, mode = case
+        if shape in LARGE_SHAPES:
+            target = FLOOR_TARGETS[mode]
+            checks.append((f"≥ {target:.0f}% of floor", best.pct_floor >= target, f"{best.pct_floor:.0f}%"))
+        if torch_rows:
+            checks.append(("≥ 1.0× best torch", best.speedup >= 1.0, f"{best.speedup:.2f}×"))
+        if shape == SEED_SHAPE:
+            eager = [r for r in torch_rows if r.impl in ("torch-cudnn", "torch-native") and not math.isnan(r.host_us)]
+            if eager and not math.isnan(best.host_us):
+                limit = SEED_PER_CALL_FACTOR * min(r.host_us for r in eager)
+                checks.append((f"per call ≤ {SEED_PER_CALL_FACTOR}× eager torch", best.host_us <= limit,
+                               f"{best.host_us:.1f} µs vs {limit:.1f} µs"))
+        gaps.append(dict(case=case, impl=best.impl, checks=checks))
+    return gaps
+
+
+def gaps_markdown(rows: list[Row]) -> str:
+    lines = ["| shape | dtype | layout | mode | best bn_gpu | target | measured | met |", "|---|---|---|---|---|---|---|---|"]
+    for gap in target_gaps(rows):
+        shape, dtype, layout, mode = gap["case"]
+        for name, met, measured in gap["checks"]:
+            lines.append(f"| {shape} | {dtype} | {layout} | {mode} | {gap['impl'] or '—'} | {name} | {measured} | "
+                         f"{'yes' if met else '**no**'} |")
+    return "\n".join(lines)
+
+
+def save(path_stem: str, rows: list[Row], meta: dict) -> dict:
+    """Write <stem>.json, <stem>.csv and <stem>.md; returns the paths."""
+    import csv
+    paths = dict(json=f"{path_stem}.json", csv=f"{path_stem}.csv", md=f"{path_stem}.md")
+    with open(paths["json"], "w") as f:
+        json.dump(dict(meta=meta, rows=[asdict(r) for r in rows]), f, indent=1)
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0]).keys()) if rows else ["impl"])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow(asdict(r))
+    with open(paths["md"], "w") as f:
+        f.write(header_markdown(meta) + "\n\n" + markdown_table(rows) + "\n\n## Gap to the targets\n\n"
+                + gaps_markdown(rows) + "\n")
+    return paths
+
+
+def load(path: str) -> tuple[list[Row], dict]:
+    with open(path) as f:
+        data = json.load(f)
+    return [Row(**r) for r in data["rows"]], data["meta"]
+
+
+def header_markdown(meta: dict) -> str:
+    lines = [f"# bn_gpu benchmark: {meta.get('device', '?')}", ""]
+    if meta.get("smoke"):
+        lines.append("**Smoke run: tiny shapes, Triton interpreter on CPU -- timings are not meaningful.**\n")
+    for key in ("date", "device", "driver", "torch", "triton", "cupy", "cudnn", "copy_gbps"):
+        lines.append(f"- {key}: {meta.get(key)}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], meta: dict, path: str) -> str:
+    """Bar chart of % of floor per case and implementation."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r.case for r in rows))
+    impls = list(dict.fromkeys(r.impl for r in rows))
+    by_key = {(r.case, r.impl): r for r in rows}
+    width = 0.8 / max(1, len(impls))
+    fig, ax = plt.subplots(figsize=(max(8, 0.5 * len(cases) * len(impls)), 5))
+    for i, impl in enumerate(impls):
+        xs, heights, colors = [], [], []
+        for j, case in enumerate(cases):
+            r = by_key.get((case, impl))
+            if r is None or math.isnan(r.pct_floor):
+                continue
+            xs.append(j + i * width)
+            heights.append(r.pct_floor)
+            colors.append(None if r.correct else "red")
+        bars = ax.bar(xs, heights, width, label=impl)
+        for bar, color in zip(bars, colors):
+            if color:
+                bar.set_color(color)
+                bar.set_hatch("//")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
+    ax.set_xticklabels(["\n".join(c) for c in cases], fontsize=6)
+    ax.set_ylabel("% of floor (copy bandwidth)")
+    title = f"bn_gpu vs torch on {meta.get('device', '?')} ({meta.get('date', '')})"
+    if meta.get("smoke"):
+        title += " -- smoke run, not meaningful"
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
