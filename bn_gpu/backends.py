@@ -43,8 +43,15 @@ def resolve(name: str, device: torch.device) -> str:
     return _checked(name, BACKENDS)
 
 
+_checked_modules: dict = {}
+
+
 def implementation(name: str, device: torch.device):
     """The launch module of a concrete backend, after checking that it can run on `device`."""
-    module = importlib.import_module(_MODULES[_checked(name, BACKENDS)])
-    module.check_available(device)
+    key = (name, device.type)
+    module = _checked_modules.get(key)
+    if module is None:
+        module = importlib.import_module(_MODULES[_checked(name, BACKENDS)])
+        module.check_available(device)  # raises: nothing cached
+        _checked_modules[key] = module
     return module

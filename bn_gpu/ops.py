@@ -13,7 +13,6 @@ Every op takes the concrete backend name ("triton", "cupy", "cpu") as its last a
 from __future__ import annotations
 
 import torch
-from torch._library.autograd import make_autograd_impl
 
 from . import backends
 from .dtypes import stat_dtype
@@ -109,42 +108,62 @@ def _fake_backward(grad_output, input, weight, mean, invstd, training, need_inpu
 
 # ---- autograd ---------------------------------------------------------------------------------
 
-def _setup_context(ctx, inputs, output, training: bool):
-    x, weight, bias = inputs[:3]
+def _setup_context(ctx, args, output, training: bool) -> None:
+    x, weight, bias = args[:3]
     _, mean, invstd = output
     ctx.mark_non_differentiable(mean, invstd)
     ctx.save_for_backward(x, weight, mean, invstd)
     ctx.training = training
-    ctx.backend = inputs[-1]
+    ctx.backend = args[-1]
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
-def _gradients(ctx, grad_output, _grad_mean, _grad_invstd):
-    x, weight, mean, invstd = ctx.saved_tensors
-    needs = ctx.needs_input_grad
+def _gradients(ctx, needs, grad_output) -> tuple:
+    """Gradients of (input, weight, bias, the other arguments...) given which ones are needed."""
+    none = (None,) * (len(needs) - 3)
     if grad_output is None or not any(needs[:3]):
-        return (None,) * len(needs)
+        return (None, None, None) + none
+    x, weight, mean, invstd = ctx.saved_tensors
     grad_input, grad_weight, grad_bias = torch.ops.bn_gpu.backward(
         grad_output, x, weight, mean, invstd, ctx.training, needs[0], needs[1] or needs[2], ctx.backend)
     if needs[2] and grad_bias.dtype != ctx.bias_dtype:
         grad_bias = grad_bias.to(ctx.bias_dtype)
     return (grad_input if needs[0] else None, grad_weight if needs[1] else None,
-            grad_bias if needs[2] else None) + (None,) * (len(needs) - 3)
+            grad_bias if needs[2] else None) + none
 
 
-torch.library.register_autograd(
-    "bn_gpu::forward_eval", _gradients,
-    setup_context=lambda ctx, inputs, output: _setup_context(ctx, inputs, output, training=False))
+def _below_autograd(op, keyset, args):
+    with torch._C._AutoDispatchBelowAutograd():
+        return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
 
-class _AutogradInfo:
-    _backward_fn = staticmethod(_gradients)
-    _setup_context_fn = staticmethod(
-        lambda ctx, inputs, output: _setup_context(ctx, inputs, output, training=True))
+def _autograd_kernel(op, training: bool):
+    """The Autograd-key kernel of a forward op: an autograd.Function around the op's own kernels.
+
+    Registered directly rather than with torch.library.register_autograd, which refuses ops that
+    mutate inputs (forward_train updates the running statistics and the batch counter, which carry
+    no gradient) and re-fills default arguments on every call (~20 us of host time).
+    """
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, keyset, *args):
+            output = _below_autograd(op, keyset, args)
+            _setup_context(ctx, args, output, training)
+            return output
+
+        @staticmethod
+        def backward(ctx, grad_output, _grad_mean, _grad_invstd):
+            return (None,) + _gradients(ctx, ctx.needs_input_grad[1:], grad_output)
+
+    def kernel(keyset, *args):
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return Function.apply(keyset, *args)
+        return _below_autograd(op, keyset, args)
+
+    return kernel
 
 
-# register_autograd refuses ops that mutate inputs; forward_train mutates only the running
-# statistics and the batch counter, which carry no gradient, so the same generated autograd
-# kernel is registered directly.
-_lib.impl("forward_train", make_autograd_impl(torch.ops.bn_gpu.forward_train.default, _AutogradInfo),
+_lib.impl("forward_train", _autograd_kernel(torch.ops.bn_gpu.forward_train.default, training=True),
+          "Autograd", with_keyset=True)
+_lib.impl("forward_eval", _autograd_kernel(torch.ops.bn_gpu.forward_eval.default, training=False),
           "Autograd", with_keyset=True)
