@@ -1,0 +1,440 @@
+// BatchNorm kernels in CUDA C for the CuPy backend (bn_gpu/cupy_backend.py), compiled at run time by
+// NVRTC through cupy.RawModule -- so no standard-library headers here, only the CUDA fp16/bf16 ones.
+//
+// The same algorithm set as the Triton backend (kernels/channels_first.py, channels_last.py,
+// finalize.py), on the same split plan (bn_gpu/plan.py):
+//   stats_channels_first / stats_channels_last      partial (count, mean - shift, M2) per (split, channel)
+//   finalize_forward                                 merge partials (Chan), mean, invstd, running stats
+//   normalize_channels_first / normalize_channels_last   y = (x - mean) * invstd * weight + bias (train, eval)
+//   backward_reduce_channels_first / _last           partial sums of dy and dy * (x - mean)
+//   finalize_backward                                totals, dweight, dbias
+//   dx_channels_first / dx_channels_last             dx from dy, x and the totals
+//
+// Templates: T the input dtype (float, __half, __nv_bfloat16, double), A the accumulation dtype
+// (float; double for double input), W the weight/bias dtype and R the running-statistics dtype
+// (T, or float for 16-bit inputs). Offsets are 64-bit throughout. Channels-first elementwise passes
+// load VEC values at once (16 bytes) where the host found the rows aligned, else VEC = 1.
+// No atomics: every reduction has a fixed order, so results are bitwise reproducible.
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+typedef long long i64;
+
+// ---- conversions ------------------------------------------------------------------------------
+
+template <typename To, typename From> __device__ __forceinline__ To cvt(From v) { return static_cast<To>(v); }
+template <> __device__ __forceinline__ float cvt<float, __half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float cvt<float, __nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <> __device__ __forceinline__ __half cvt<__half, float>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 cvt<__nv_bfloat16, float>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename A> __device__ __forceinline__ A inv_sqrt(A v) { return A(1) / sqrt(v); }
+
+// VEC consecutive values of type T, loaded or stored with one 16-byte access when VEC > 1.
+template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Pack { T v[VEC]; };
+
+// ---- block-level merges (1-D blocks of a multiple of 32 threads, at most 1024) -------------------
+
+template <typename A> struct Moments {
+    A count, mean, m2;
+};
+
+// Chan's merge of partial moments; b may be empty.
+template <typename A> __device__ __forceinline__ void merge(Moments<A>& a, A count, A mean, A m2) {
+    if (count == A(0)) return;
+    A total = a.count + count;
+    A delta = mean - a.mean;
+    A weight = count / total;
+    a.mean += delta * weight;
+    a.m2 += m2 + delta * delta * a.count * weight;
+    a.count = total;
+}
+
+// Welford update with one value (already shifted).
+template <typename A> __device__ __forceinline__ void push(Moments<A>& a, A value) {
+    a.count += A(1);
+    A delta = value - a.mean;
+    a.mean += delta / a.count;
+    a.m2 += delta * (value - a.mean);
+}
+
+template <typename A> __device__ Moments<A> warp_merge(Moments<A> m) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        A count = __shfl_down_sync(0xffffffffu, m.count, offset);
+        A mean = __shfl_down_sync(0xffffffffu, m.mean, offset);
+        A m2 = __shfl_down_sync(0xffffffffu, m.m2, offset);
+        merge(m, count, mean, m2);
+    }
+    return m;
+}
+
+// The merged moments of the whole block, valid in thread 0.
+template <typename A> __device__ Moments<A> block_merge(Moments<A> m) {
+    __shared__ A counts[32], means[32], m2s[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    m = warp_merge(m);
+    if (lane == 0) { counts[warp] = m.count; means[warp] = m.mean; m2s[warp] = m.m2; }
+    __syncthreads();
+    if (warp == 0) {
+        Moments<A> w = {A(0), A(0), A(0)};
+        if (lane < warps) { w.count = counts[lane]; w.mean = means[lane]; w.m2 = m2s[lane]; }
+        m = warp_merge(w);
+    }
+    return m;
+}
+
+template <typename A> __device__ A warp_sum(A v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+// The sum over the block, valid in thread 0. `slot` keeps two calls in a row from sharing memory.
+template <typename A, int slot> __device__ A block_sum(A v) {
+    __shared__ A partial[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    if (warp == 0) v = warp_sum(lane < warps ? partial[lane] : A(0));
+    return v;
+}
+
+// ---- tiles of the channels-first (N, C, S) view -----------------------------------------------
+
+// A program (block) of channel c walks tiles [first, last) of the channel's (N, S) plane; a tile is
+// `rows` batch rows by `block_s` spatial positions, as in bn_gpu/plan.py.
+struct Tiles {
+    i64 N, S, s_blocks, first, last;
+    int rows, block_s;
+};
+
+__device__ __forceinline__ Tiles program_tiles(i64 N, i64 S, i64 s_blocks, i64 total_tiles, i64 tiles_per_program,
+                                               int rows, int block_s) {
+    Tiles t;
+    t.N = N; t.S = S; t.s_blocks = s_blocks; t.rows = rows; t.block_s = block_s;
+    t.first = (i64)blockIdx.y * tiles_per_program;
+    t.last = min(t.first + tiles_per_program, total_tiles);
+    return t;
+}
+
+// Calls f(n, s) for the VEC-wide groups of this thread in tile `tile`; s is the first of VEC positions.
+template <int VEC, typename F> __device__ __forceinline__ void for_each_in_tile(const Tiles& t, i64 tile, F f) {
+    i64 n_block = tile / t.s_blocks;
+    i64 s_block = tile - n_block * t.s_blocks;
+    int groups_per_row = t.block_s / VEC;
+    for (int i = threadIdx.x; i < t.rows * groups_per_row; i += blockDim.x) {
+        i64 n = n_block * t.rows + i / groups_per_row;
+        i64 s = s_block * t.block_s + (i % groups_per_row) * VEC;
+        if (n < t.N && s < t.S) f(n, s);
+    }
+}
+
+// ---- forward ----------------------------------------------------------------------------------
+
+template <typename T, typename A>
+__global__ void stats_channels_first(
+    const T* __restrict__ x,   // input (N, C, S)
+    A* part_count, A* part_mean, A* part_m2,   // (splits, C); part_mean is relative to x[0, c, 0]
+    i64 N, i64 C, i64 S, i64 stride_n, i64 stride_c,
+    i64 s_blocks, i64 total_tiles, i64 tiles_per_program, int rows, int block_s) {
+    i64 c = blockIdx.x;
+    const T* xc = x + c * stride_c;
+    // Moments of x - shift: exact subtraction near the shift keeps the low bits when |mean| >> std.
+    A shift = cvt<A>(xc[0]);
+    Tiles t = program_tiles(N, S, s_blocks, total_tiles, tiles_per_program, rows, block_s);
+    Moments<A> m = {A(0), A(0), A(0)};
+    for (i64 tile = t.first; tile < t.last; ++tile)
+        for_each_in_tile<1>(t, tile, [&](i64 n, i64 s) { push(m, cvt<A>(xc[n * stride_n + s]) - shift); });
+    m = block_merge(m);
+    if (threadIdx.x == 0) {
+        i64 out = (i64)blockIdx.y * C + c;
+        part_count[out] = m.count; part_mean[out] = m.mean; part_m2[out] = m.m2;
+    }
+}
+
+// Channels-last blocks are (32, ROW_THREADS): threadIdx.x walks 32 consecutive channels (coalesced),
+// threadIdx.y interleaved rows of the block's row range.
+#define ROW_THREADS 8
+
+template <typename T, typename A>
+__global__ void stats_channels_last(
+    const T* __restrict__ x,   // input (M, C)
+    A* part_count, A* part_mean, A* part_m2,   // (splits, C); part_mean is relative to x[0, c]
+    i64 M, i64 C, i64 stride_m, i64 rows_per_program) {
+    __shared__ A counts[ROW_THREADS][32], means[ROW_THREADS][32], m2s[ROW_THREADS][32];
+    i64 c = (i64)blockIdx.y * 32 + threadIdx.x;
+    i64 row_begin = (i64)blockIdx.x * rows_per_program;
+    i64 row_end = min(row_begin + rows_per_program, M);
+    Moments<A> m = {A(0), A(0), A(0)};
+    if (c < C) {
+        A shift = cvt<A>(x[c]);
+        for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS) push(m, cvt<A>(x[r * stride_m + c]) - shift);
+    }
+    counts[threadIdx.y][threadIdx.x] = m.count; means[threadIdx.y][threadIdx.x] = m.mean; m2s[threadIdx.y][threadIdx.x] = m.m2;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C) {
+        for (int j = 1; j < ROW_THREADS; ++j) merge(m, counts[j][threadIdx.x], means[j][threadIdx.x], m2s[j][threadIdx.x]);
+        i64 out = (i64)blockIdx.x * C + c;
+        part_count[out] = m.count; part_mean[out] = m.mean; part_m2[out] = m.m2;
+    }
+}
+
+// One block per channel. shift_stride: distance between the first values of consecutive channels.
+template <typename T, typename A, typename R>
+__global__ void finalize_forward(
+    const A* part_count, const A* part_mean, const A* part_m2,   // (splits, C)
+    const T* __restrict__ x, i64 shift_stride,   // the input: channel c's shift is x[c * shift_stride]
+    A* mean_out, A* invstd_out,   // (C,) saved for the backward
+    R* running_mean, R* running_var,   // (C,) updated in place when has_running_stats
+    const i64* num_batches_tracked,   // batches before this one, when cumulative
+    i64 splits, i64 C, float momentum, float eps, int has_running_stats, int cumulative) {
+    i64 c = blockIdx.x;
+    A count = A(0), weighted = A(0);
+    for (i64 i = threadIdx.x; i < splits; i += blockDim.x) {
+        A n = part_count[i * C + c];
+        count += n;
+        weighted += n * part_mean[i * C + c];
+    }
+    __shared__ A broadcast[2];
+    count = block_sum<A, 0>(count);
+    weighted = block_sum<A, 1>(weighted);
+    if (threadIdx.x == 0) { broadcast[0] = count; broadcast[1] = weighted / count; }
+    __syncthreads();
+    count = broadcast[0];
+    A mean_shifted = broadcast[1];
+    // Chan's formula for many partials: M2 = sum(m2_i + n_i * (mean_i - mean)^2).
+    A m2 = A(0);
+    for (i64 i = threadIdx.x; i < splits; i += blockDim.x) {
+        A delta = part_mean[i * C + c] - mean_shifted;
+        m2 += part_m2[i * C + c] + part_count[i * C + c] * delta * delta;
+    }
+    m2 = block_sum<A, 2>(m2);
+    if (threadIdx.x != 0) return;
+    A mean = cvt<A>(x[c * shift_stride]) + mean_shifted;
+    A var = m2 / count;
+    mean_out[c] = mean;
+    invstd_out[c] = inv_sqrt(var + A(eps));
+    if (has_running_stats) {
+        A factor = cumulative ? A(1) / (A(num_batches_tracked[0]) + A(1)) : A(momentum);
+        A unbiased = m2 / (count - A(1));
+        running_mean[c] = cvt<R>((A(1) - factor) * cvt<A>(running_mean[c]) + factor * mean);
+        running_var[c] = cvt<R>((A(1) - factor) * cvt<A>(running_var[c]) + factor * unbiased);
+    }
+}
+
+// Per-channel (mean, scale, bias) of y = (x - mean) * scale + bias. In eval (from_running_stats)
+// mean and invstd come from the running statistics and split 0 saves them for the backward.
+template <typename W, typename R, typename A>
+__device__ __forceinline__ void channel_affine(
+    i64 c, bool first_split, const A* mean_in, const A* invstd_in, const R* running_mean, const R* running_var,
+    A* saved_mean, A* saved_invstd, const W* weight, const W* bias, float eps, int from_running_stats,
+    A& mean, A& scale, A& shift) {
+    A invstd;
+    if (from_running_stats) {
+        mean = cvt<A>(running_mean[c]);
+        invstd = inv_sqrt(cvt<A>(running_var[c]) + A(eps));
+        if (first_split) { saved_mean[c] = mean; saved_invstd[c] = invstd; }
+    } else {
+        mean = mean_in[c];
+        invstd = invstd_in[c];
+    }
+    scale = weight ? invstd * cvt<A>(weight[c]) : invstd;
+    shift = bias ? cvt<A>(bias[c]) : A(0);
+}
+
+__device__ __forceinline__ void count_batch(i64* num_batches_tracked, bool first) {
+    if (num_batches_tracked && first) num_batches_tracked[0] += 1;
+}
+
+template <typename T, typename W, typename R, typename A, int VEC>
+__global__ void normalize_channels_first(
+    const T* __restrict__ x, T* __restrict__ y,   // (N, C, S), each with its own strides
+    const A* mean_in, const A* invstd_in,   // (C,) training statistics
+    const R* running_mean, const R* running_var,   // (C,) eval statistics
+    A* saved_mean, A* saved_invstd,   // (C,) eval: written by split 0
+    const W* weight, const W* bias,   // (C,) or null
+    i64* num_batches_tracked,   // incremented by block (0, 0), or null
+    i64 N, i64 C, i64 S, i64 x_stride_n, i64 x_stride_c, i64 y_stride_n, i64 y_stride_c, float eps,
+    i64 s_blocks, i64 total_tiles, i64 tiles_per_program, int rows, int block_s, int from_running_stats) {
+    i64 c = blockIdx.x;
+    A mean, scale, shift;
+    channel_affine(c, blockIdx.y == 0 && threadIdx.x == 0, mean_in, invstd_in, running_mean, running_var,
+                   saved_mean, saved_invstd, weight, bias, eps, from_running_stats, mean, scale, shift);
+    if (threadIdx.x == 0) count_batch(num_batches_tracked, blockIdx.x == 0 && blockIdx.y == 0);
+    const T* xc = x + c * x_stride_c;
+    T* yc = y + c * y_stride_c;
+    Tiles t = program_tiles(N, S, s_blocks, total_tiles, tiles_per_program, rows, block_s);
+    for (i64 tile = t.first; tile < t.last; ++tile)
+        for_each_in_tile<VEC>(t, tile, [&](i64 n, i64 s) {
+            Pack<T, VEC> in = *reinterpret_cast<const Pack<T, VEC>*>(xc + n * x_stride_n + s);
+            Pack<T, VEC> out;
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) out.v[k] = cvt<T>((cvt<A>(in.v[k]) - mean) * scale + shift);
+            *reinterpret_cast<Pack<T, VEC>*>(yc + n * y_stride_n + s) = out;
+        });
+}
+
+template <typename T, typename W, typename R, typename A>
+__global__ void normalize_channels_last(
+    const T* __restrict__ x, T* __restrict__ y,   // (M, C), each with its own row stride
+    const A* mean_in, const A* invstd_in, const R* running_mean, const R* running_var,
+    A* saved_mean, A* saved_invstd, const W* weight, const W* bias, i64* num_batches_tracked,
+    i64 M, i64 C, i64 x_stride_m, i64 y_stride_m, float eps, i64 rows_per_program, int from_running_stats) {
+    i64 c = (i64)blockIdx.y * 32 + threadIdx.x;
+    if (threadIdx.x == 0 && threadIdx.y == 0) count_batch(num_batches_tracked, blockIdx.x == 0 && blockIdx.y == 0);
+    if (c >= C) return;
+    A mean, scale, shift;
+    channel_affine(c, blockIdx.x == 0 && threadIdx.y == 0, mean_in, invstd_in, running_mean, running_var,
+                   saved_mean, saved_invstd, weight, bias, eps, from_running_stats, mean, scale, shift);
+    i64 row_begin = (i64)blockIdx.x * rows_per_program;
+    i64 row_end = min(row_begin + rows_per_program, M);
+    for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS)
+        y[r * y_stride_m + c] = cvt<T>((cvt<A>(x[r * x_stride_m + c]) - mean) * scale + shift);
+}
+
+// ---- backward ---------------------------------------------------------------------------------
+
+template <typename T, typename A>
+__global__ void backward_reduce_channels_first(
+    const T* __restrict__ dy, const T* __restrict__ x, const A* mean_in,
+    A* part_sum_dy, A* part_sum_dy_xmu,   // (splits, C)
+    i64 N, i64 C, i64 S, i64 dy_stride_n, i64 dy_stride_c, i64 x_stride_n, i64 x_stride_c,
+    i64 s_blocks, i64 total_tiles, i64 tiles_per_program, int rows, int block_s) {
+    i64 c = blockIdx.x;
+    A mean = mean_in[c];
+    const T* dyc = dy + c * dy_stride_c;
+    const T* xc = x + c * x_stride_c;
+    A sum_dy = A(0), sum_dy_xmu = A(0);
+    Tiles t = program_tiles(N, S, s_blocks, total_tiles, tiles_per_program, rows, block_s);
+    for (i64 tile = t.first; tile < t.last; ++tile)
+        for_each_in_tile<1>(t, tile, [&](i64 n, i64 s) {
+            A g = cvt<A>(dyc[n * dy_stride_n + s]);
+            sum_dy += g;
+            sum_dy_xmu += g * (cvt<A>(xc[n * x_stride_n + s]) - mean);
+        });
+    sum_dy = block_sum<A, 0>(sum_dy);
+    sum_dy_xmu = block_sum<A, 1>(sum_dy_xmu);
+    if (threadIdx.x == 0) {
+        i64 out = (i64)blockIdx.y * C + c;
+        part_sum_dy[out] = sum_dy;
+        part_sum_dy_xmu[out] = sum_dy_xmu;
+    }
+}
+
+template <typename T, typename A>
+__global__ void backward_reduce_channels_last(
+    const T* __restrict__ dy, const T* __restrict__ x, const A* mean_in,
+    A* part_sum_dy, A* part_sum_dy_xmu,   // (splits, C)
+    i64 M, i64 C, i64 dy_stride_m, i64 x_stride_m, i64 rows_per_program) {
+    __shared__ A sums[ROW_THREADS][32], sums_xmu[ROW_THREADS][32];
+    i64 c = (i64)blockIdx.y * 32 + threadIdx.x;
+    i64 row_begin = (i64)blockIdx.x * rows_per_program;
+    i64 row_end = min(row_begin + rows_per_program, M);
+    A sum_dy = A(0), sum_dy_xmu = A(0);
+    if (c < C) {
+        A mean = mean_in[c];
+        for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS) {
+            A g = cvt<A>(dy[r * dy_stride_m + c]);
+            sum_dy += g;
+            sum_dy_xmu += g * (cvt<A>(x[r * x_stride_m + c]) - mean);
+        }
+    }
+    sums[threadIdx.y][threadIdx.x] = sum_dy;
+    sums_xmu[threadIdx.y][threadIdx.x] = sum_dy_xmu;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C) {
+        for (int j = 1; j < ROW_THREADS; ++j) { sum_dy += sums[j][threadIdx.x]; sum_dy_xmu += sums_xmu[j][threadIdx.x]; }
+        i64 out = (i64)blockIdx.x * C + c;
+        part_sum_dy[out] = sum_dy;
+        part_sum_dy_xmu[out] = sum_dy_xmu;
+    }
+}
+
+// One block per channel.
+template <typename A, typename W>
+__global__ void finalize_backward(
+    const A* part_sum_dy, const A* part_sum_dy_xmu,   // (splits, C)
+    const A* invstd_in,
+    A* sum_dy_out, A* sum_dy_xmu_out,   // (C,) totals for the dx pass
+    W* grad_weight, W* grad_bias,   // (C,)
+    i64 splits, i64 C) {
+    i64 c = blockIdx.x;
+    A sum_dy = A(0), sum_dy_xmu = A(0);
+    for (i64 i = threadIdx.x; i < splits; i += blockDim.x) {
+        sum_dy += part_sum_dy[i * C + c];
+        sum_dy_xmu += part_sum_dy_xmu[i * C + c];
+    }
+    sum_dy = block_sum<A, 0>(sum_dy);
+    sum_dy_xmu = block_sum<A, 1>(sum_dy_xmu);
+    if (threadIdx.x != 0) return;
+    sum_dy_out[c] = sum_dy;
+    sum_dy_xmu_out[c] = sum_dy_xmu;
+    grad_weight[c] = cvt<W>(sum_dy_xmu * invstd_in[c]);
+    grad_bias[c] = cvt<W>(sum_dy);
+}
+
+// Per-channel coefficients of dx = scale * (dy - mean_dy - (x - mean) * projection).
+template <typename W, typename A>
+__device__ __forceinline__ void dx_coefficients(
+    i64 c, const A* mean_in, const A* invstd_in, const W* weight, const A* sum_dy, const A* sum_dy_xmu,
+    A inv_count, int training, A& mean, A& scale, A& mean_dy, A& projection) {
+    A invstd = invstd_in[c];
+    scale = weight ? invstd * cvt<A>(weight[c]) : invstd;
+    mean = A(0); mean_dy = A(0); projection = A(0);
+    if (training) {
+        mean = mean_in[c];
+        mean_dy = sum_dy[c] * inv_count;
+        projection = sum_dy_xmu[c] * invstd * invstd * inv_count;
+    }
+}
+
+template <typename T, typename W, typename A, int VEC>
+__global__ void dx_channels_first(
+    const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,   // (N, C, S)
+    const A* mean_in, const A* invstd_in, const W* weight, const A* sum_dy, const A* sum_dy_xmu,
+    i64 N, i64 C, i64 S, i64 dy_stride_n, i64 dy_stride_c, i64 x_stride_n, i64 x_stride_c,
+    i64 dx_stride_n, i64 dx_stride_c, A inv_count,
+    i64 s_blocks, i64 total_tiles, i64 tiles_per_program, int rows, int block_s, int training) {
+    i64 c = blockIdx.x;
+    A mean, scale, mean_dy, projection;
+    dx_coefficients(c, mean_in, invstd_in, weight, sum_dy, sum_dy_xmu, inv_count, training, mean, scale, mean_dy, projection);
+    const T* dyc = dy + c * dy_stride_c;
+    const T* xc = x + c * x_stride_c;
+    T* dxc = dx + c * dx_stride_c;
+    Tiles t = program_tiles(N, S, s_blocks, total_tiles, tiles_per_program, rows, block_s);
+    for (i64 tile = t.first; tile < t.last; ++tile)
+        for_each_in_tile<VEC>(t, tile, [&](i64 n, i64 s) {
+            Pack<T, VEC> g = *reinterpret_cast<const Pack<T, VEC>*>(dyc + n * dy_stride_n + s);
+            Pack<T, VEC> out;
+            if (training) {
+                Pack<T, VEC> in = *reinterpret_cast<const Pack<T, VEC>*>(xc + n * x_stride_n + s);
+#pragma unroll
+                for (int k = 0; k < VEC; ++k)
+                    out.v[k] = cvt<T>(scale * (cvt<A>(g.v[k]) - mean_dy - (cvt<A>(in.v[k]) - mean) * projection));
+            } else {
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) out.v[k] = cvt<T>(scale * cvt<A>(g.v[k]));
+            }
+            *reinterpret_cast<Pack<T, VEC>*>(dxc + n * dx_stride_n + s) = out;
+        });
+}
+
+template <typename T, typename W, typename A>
+__global__ void dx_channels_last(
+    const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,   // (M, C)
+    const A* mean_in, const A* invstd_in, const W* weight, const A* sum_dy, const A* sum_dy_xmu,
+    i64 M, i64 C, i64 dy_stride_m, i64 x_stride_m, i64 dx_stride_m, A inv_count, i64 rows_per_program,
+    int training) {
+    i64 c = (i64)blockIdx.y * 32 + threadIdx.x;
+    if (c >= C) return;
+    A mean, scale, mean_dy, projection;
+    dx_coefficients(c, mean_in, invstd_in, weight, sum_dy, sum_dy_xmu, inv_count, training, mean, scale, mean_dy, projection);
+    i64 row_begin = (i64)blockIdx.x * rows_per_program;
+    i64 row_end = min(row_begin + rows_per_program, M);
+    for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS) {
+        A g = cvt<A>(dy[r * dy_stride_m + c]);
+        A value = training ? scale * (g - mean_dy - (cvt<A>(x[r * x_stride_m + c]) - mean) * projection) : scale * g;
+        dx[r * dx_stride_m + c] = cvt<T>(value);
+    }
+}
