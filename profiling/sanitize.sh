@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Run the GPU test subset under compute-sanitizer (memcheck, then racecheck) for each backend.
+#
+#   profiling/sanitize.sh [pytest -k expression]
+#
+# Each tool runs pytest on the GPU parity tests of one backend with small shapes; a report with
+# errors fails the script. compute-sanitizer ships with the CUDA toolkit (e.g. /usr/local/cuda/bin).
+# Triton compiles kernels on first use: the first run of each is slow under the sanitizer.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+expr=${1:-"not large and not two_to_the_31"}
+sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+status=0
+for backend in triton cupy; do
+  for tool in memcheck racecheck; do
+    echo "== compute-sanitizer --tool $tool, backend $backend"
+    "$sanitizer" --tool "$tool" --error-exitcode 99 --target-processes all \
+      python -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_numerics.py \
+      -k "${backend}-cuda and ($expr)" || status=1
+  done
+done
+exit $status
