@@ -1,66 +1,76 @@
 """Eager host time per call of bn_gpu against torch.nn.functional.batch_norm on a small input.
 
-    python profiling/host_overhead.py [--device cuda|cpu] [--shape 5x3] [--calls 2000]
+    python profiling/host_overhead.py [--device cuda|cpu] [--shape 5x3] [--calls 2000] [--stub-kernels]
 
 Wall time over many calls, synchronized once at the end: on a small layer this is the host cost
 (Python, dispatcher, launches), whatever the kernels cost. On CUDA, bn_gpu uses its default
-backend (Triton); on CPU, the "cpu" backend -- which measures the Python and dispatch path of
-the ops, not the Triton launches.
+backend (Triton). On CPU it uses the "cpu" backend, whose torch operations dominate; with
+--stub-kernels it runs the Triton backend's host path instead, with every kernel launch replaced
+by a no-op: what bn_gpu's own Python costs per call, before the launches.
 """
 from __future__ import annotations
 
 import argparse
-import time
-
-import torch
-
-import bn_gpu
+import os
 
 
-def per_call_us(fn, calls: int, device: torch.device) -> float:
-    for _ in range(20):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 1e6 * (time.perf_counter() - start) / calls
+def _stub_triton_launches() -> None:
+    """Replace every Triton kernel launch of the Triton backend by a no-op."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors are accepted by the backend
+    from bn_gpu import triton_backend
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    for name in ("_STATS", "_NORMALIZE", "_FUSED_FORWARD", "_BACKWARD_REDUCE", "_BACKWARD_DX", "_FUSED_BACKWARD"):
+        setattr(triton_backend, name, (NoLaunch(), NoLaunch()))
+    triton_backend.fin = type("NoFinalize", (), {"forward_finalize_kernel": NoLaunch(),
+                                                 "backward_finalize_kernel": NoLaunch()})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None)
     parser.add_argument("--shape", default="5x3")
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--stub-kernels", action="store_true",
+                        help="CPU only: Triton backend host path with no-op launches")
     args = parser.parse_args()
-    device = torch.device(args.device)
+    if args.stub_kernels:
+        _stub_triton_launches()
+    import torch
+
+    import bn_gpu
+    from bn_gpu.bench import host_us
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     shape = tuple(int(v) for v in args.shape.split("x"))
     C = shape[1]
     x = torch.randn(shape, device=device)
     w, b = torch.ones(C, device=device), torch.zeros(C, device=device)
     rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
     tracked = torch.tensor(0, device=device)
-    backend = "auto"
+    backend = "triton" if args.stub_kernels else "auto"
     name = bn_gpu.backends.resolve(backend, device)
-    torch_module = torch.nn.BatchNorm1d(C).to(device) if len(shape) < 4 else torch.nn.BatchNorm2d(C).to(device)
-    ours_module = bn_gpu.convert_model(torch.nn.BatchNorm1d(C) if len(shape) < 4 else torch.nn.BatchNorm2d(C)).to(device)
+    torch_cls = torch.nn.BatchNorm1d if len(shape) < 4 else torch.nn.BatchNorm2d
+    torch_module = torch_cls(C).to(device)
+    ours_module = bn_gpu.convert_model(torch_cls(C), backend=backend).to(device)
     cases = {
         "F.batch_norm, training": lambda: torch.nn.functional.batch_norm(x, rm, rv, w, b, True),
-        "bn_gpu.batch_norm, training": lambda: bn_gpu.batch_norm(x, rm, rv, w, b, True),
+        "bn_gpu.batch_norm, training": lambda: bn_gpu.batch_norm(x, rm, rv, w, b, True, backend=backend),
         "torch.ops.bn_gpu.forward_train": lambda: torch.ops.bn_gpu.forward_train(x, w, b, rm, rv, tracked, 0.1, 1e-5, name),
         "F.batch_norm, eval": lambda: torch.nn.functional.batch_norm(x, rm, rv, w, b, False),
-        "bn_gpu.batch_norm, eval": lambda: bn_gpu.batch_norm(x, rm, rv, w, b, False),
+        "bn_gpu.batch_norm, eval": lambda: bn_gpu.batch_norm(x, rm, rv, w, b, False, backend=backend),
         "torch.nn module, training": lambda: torch_module(x),
         "bn_gpu module, training": lambda: ours_module(x),
     }
     title = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"host time per call, {args.shape} float32 on {title} (bn_gpu backend {name!r}), "
-          f"torch {torch.__version__}, {args.calls} calls")
+    what = "Triton host path, launches stubbed out" if args.stub_kernels else f"bn_gpu backend {name!r}"
+    print(f"host time per call, {args.shape} float32 on {title} ({what}), torch {torch.__version__}, "
+          f"{args.calls} calls")
     for label, fn in cases.items():
-        print(f"  {label:<34}{per_call_us(fn, args.calls, device):8.1f} us")
+        print(f"  {label:<34}{host_us(fn, device, args.calls):8.1f} us")
 
 
 if __name__ == "__main__":
