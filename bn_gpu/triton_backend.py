@@ -49,6 +49,21 @@ def check_available(device: torch.device) -> None:
         "TRITON_INTERPRET=1 before importing bn_gpu (slow: for testing).")
 
 
+def _on_device_of(position: int):
+    """Run the decorated launch function with the GPU of its argument `position` current: Triton
+    launches on the current device, and Python kernels of custom ops get no device guard."""
+    def decorate(launch):
+        @functools.wraps(launch)
+        def guarded(*args):
+            device = args[position].device
+            if device.type == "cuda" and device.index != torch.cuda.current_device():
+                with torch.cuda.device(device):
+                    return launch(*args)
+            return launch(*args)
+        return guarded
+    return decorate
+
+
 def _empty(shape, dtype: torch.dtype, device: torch.device, strides=None) -> torch.Tensor:
     """Every buffer of this backend comes from here (tests poison it)."""
     if strides is None:
@@ -137,6 +152,7 @@ def _read_as(recipe: _Recipe, x: torch.Tensor) -> torch.Tensor:
 
 # ---- forward ---------------------------------------------------------------------------------
 
+@_on_device_of(0)
 def forward_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps):
     """(y, mean, invstd); updates running_mean/var in place and counts the batch in
     num_batches_tracked, when given."""
@@ -179,6 +195,7 @@ def forward_train(x, weight, bias, running_mean, running_var, num_batches_tracke
     return y, mean, invstd
 
 
+@_on_device_of(0)
 def forward_eval(x, weight, bias, running_mean, running_var, eps):
     """(y, mean, invstd) with mean/invstd taken from the running statistics, for the backward."""
     r = _recipe(x)
@@ -196,6 +213,7 @@ def forward_eval(x, weight, bias, running_mean, running_var, eps):
 
 # ---- backward --------------------------------------------------------------------------------
 
+@_on_device_of(1)
 def backward(grad_y, x, weight, mean, invstd, training, need_input_grad, need_weight_grad):
     """(grad_x, grad_weight, grad_bias); a gradient that is not needed comes back as an empty tensor."""
     r = _recipe(x, grad_y)
