@@ -80,3 +80,92 @@ def test_set_backend_and_environment_default(monkeypatch):
         assert bn_gpu.backends.resolve("auto", torch.device("cpu")) == "cpu"
     finally:
         bn_gpu.set_backend(previous)
+
+
+# ---- the launcher against the kernel signatures, without CuPy or a GPU ---------------------------
+
+def _kernel_parameters():
+    """{kernel template name: [parameter C types]} parsed from the CUDA source."""
+    import re
+    source = re.sub(r"//[^\n]*", "", cupy_backend.source())
+    params = {}
+    for match in re.finditer(r"__global__ void (\w+)\((.*?)\)\s*\{", source, re.S):
+        params[match.group(1)] = [" ".join(p.split()[:-1]) for p in match.group(2).split(",")]
+    return params
+
+
+class _FakeCupy:
+    """Records launches instead of compiling and running them."""
+
+    def __init__(self):
+        self.launches = []
+        fake = self
+
+        class RawModule:
+            def __init__(self, code, options, name_expressions):
+                assert "__global__" in code and options == ("-std=c++17",)
+                self.names = set(name_expressions)
+
+            def get_function(self, name):
+                assert name in self.names
+                return lambda grid, block, args: fake.launches.append((name, grid, block, args))
+
+        class _Context:
+            def __init__(self, *args):
+                pass
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+        self.RawModule = RawModule
+        self.cuda = type("cuda", (), {"Device": _Context, "ExternalStream": _Context})
+
+
+def _expected_numpy_type(c_type: str, accumulate):
+    import numpy as np
+    if "*" in c_type:
+        return np.uint64
+    return {"i64": np.int64, "int": np.int32, "float": np.float32, "A": accumulate}[c_type]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_launch_arguments_match_the_kernel_signatures(monkeypatch, layout, dtype):
+    import numpy as np
+
+    import bn_gpu.plan
+    from support import make_input, make_params
+
+    fake = _FakeCupy()
+    cupy_backend._kernels.cache_clear()
+    monkeypatch.setattr(cupy_backend, "_import_cupy", lambda: fake)
+    monkeypatch.setattr(bn_gpu.plan, "multiprocessors", lambda index: 132)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 0})())
+    x = make_input((4, 6, 5, 8), dtype, layout)
+    weight, bias, running_mean, running_var = make_params(6, torch.float32 if dtype == torch.bfloat16 else dtype)
+    cupy_backend.forward_train(x, weight, bias, running_mean, running_var, torch.tensor(3), None, 1e-5)
+    cupy_backend.forward_eval(x, weight, bias, running_mean, running_var, 1e-5)
+    mean, invstd = torch.zeros(6, dtype=cupy_backend.stat_dtype(dtype)), torch.ones(6, dtype=cupy_backend.stat_dtype(dtype))
+    cupy_backend.backward(x, x, weight, mean, invstd, True, True, True)
+    cupy_backend.backward(x, x, None, mean, invstd, False, True, False)
+    cupy_backend._kernels.cache_clear()
+
+    signatures = _kernel_parameters()
+    accumulate = np.float64 if dtype == torch.float64 else np.float32
+    launched = [name.split("<")[0] for name, *_ in fake.launches]
+    family = "first" if layout == "contiguous" else "last"
+    assert launched == [f"stats_channels_{family}", "finalize_forward", f"normalize_channels_{family}",
+                        f"normalize_channels_{family}",
+                        f"backward_reduce_channels_{family}", "finalize_backward", f"dx_channels_{family}",
+                        f"dx_channels_{family}"]
+    for name, grid, block, args in fake.launches:
+        params = signatures[name.split("<")[0]]
+        assert len(args) == len(params), (name, len(args), len(params))
+        for arg, c_type in zip(args, params):
+            assert type(arg) is _expected_numpy_type(c_type.replace("const ", "").replace("__restrict__", "").strip()
+                                                     if "*" not in c_type else "*", accumulate), (name, c_type, arg)
+        assert all(g > 0 for g in grid) and block in ((256,), (32, 8))

@@ -1,5 +1,6 @@
 """GPU-only checks (marker `gpu`): large shapes against float64 on the GPU, the modules against
-torch.nn (cuDNN) on CUDA, CUDA-graph capture, and a tensor above 2**31 elements.
+torch.nn (cuDNN) on CUDA, CUDA-graph capture, a tensor above 2**31 elements, and the Triton and
+CuPy backends against each other on random inputs.
 
 Parity of every kernel in every layout and dtype on the GPU is in test_kernels.py (its
 triton-cuda / cupy-cuda cases)."""
@@ -7,10 +8,12 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bn_gpu
 from bn_gpu import reference as ref
-from support import assert_close, assert_stats_close, gpu_backends, make_input, make_params
+from support import assert_close, assert_stats_close, gpu_backends, make_input, make_params, requires_cupy
 
 pytestmark = pytest.mark.gpu
 
@@ -121,3 +124,39 @@ def test_above_two_to_the_31_elements(backend):
         torch.testing.assert_close(y.flatten()[-4096:].double(), expected, atol=1e-2, rtol=1e-2)
         del x, y
         torch.cuda.empty_cache()
+
+
+@st.composite
+def _random_cases(draw):
+    spatial = [draw(st.integers(1, 40)) for _ in range(draw(st.integers(0, 3)))]
+    shape = (draw(st.integers(2, 16)), draw(st.integers(1, 300)), *spatial)
+    layout = draw(st.sampled_from(["contiguous", "channels_last", "channel_slice"]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    return shape, layout, dtype, draw(st.integers(0, 2**16))
+
+
+@requires_cupy
+@settings(max_examples=40, deadline=None)
+@given(case=_random_cases())
+def test_triton_and_cupy_agree(case):
+    """The two GPU backends on the same random inputs: outputs, statistics, running statistics and
+    gradients agree within the dtype's tolerance."""
+    shape, layout, dtype, seed = case
+    C = shape[1]
+    x = make_input(shape, dtype, layout, "cuda", seed=seed)
+    grad_y = make_input(shape, dtype, layout, "cuda", mean=0, std=1, seed=seed + 1)
+    results = {}
+    for backend in ("triton", "cupy"):
+        weight, bias, running_mean, running_var = make_params(C, torch.float32, "cuda", seed=seed + 2)
+        y, mean, invstd = torch.ops.bn_gpu.forward_train(x, weight, bias, running_mean, running_var, None, 0.1,
+                                                         1e-5, backend)
+        grads = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, True, True, True, backend)
+        y_eval, _, _ = torch.ops.bn_gpu.forward_eval(x, weight, bias, running_mean, running_var, 1e-5, backend)
+        results[backend] = dict(y=y, mean=mean, invstd=invstd, running_mean=running_mean,
+                                running_var=running_var, grad_x=grads[0], y_eval=y_eval)
+    for name, value in results["triton"].items():
+        other = results["cupy"][name]
+        if value.dtype == dtype:
+            assert_close(other, value, dtype, name)
+        else:
+            assert_stats_close(other, value, dtype, name)
