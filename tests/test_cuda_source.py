@@ -169,3 +169,48 @@ def test_launch_arguments_match_the_kernel_signatures(monkeypatch, layout, dtype
             assert type(arg) is _expected_numpy_type(c_type.replace("const ", "").replace("__restrict__", "").strip()
                                                      if "*" not in c_type else "*", accumulate), (name, c_type, arg)
         assert all(g > 0 for g in grid) and block in ((256,), (32, 8))
+
+
+def _find_nvrtc():
+    import ctypes.util
+    import glob
+    candidates = [ctypes.util.find_library("nvrtc")] + sorted(glob.glob("/usr/local/cuda*/lib64/libnvrtc.so*"))
+    try:
+        import nvidia.cuda_nvrtc  # the wheel CuPy can use: nvidia-cuda-nvrtc-cu12
+        candidates += sorted(glob.glob(os.path.join(list(nvidia.cuda_nvrtc.__path__)[0], "lib", "libnvrtc.so*")))
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and "builtins" not in c and "alt" not in c), None)
+
+
+NVRTC = _find_nvrtc()
+
+
+@pytest.mark.skipif(NVRTC is None, reason="no NVRTC library (CUDA toolkit or nvidia-cuda-nvrtc wheel) found")
+def test_nvrtc_compiles_every_name_expression():
+    """What CuPy does at run time: NVRTC (no host headers) with the backend's name expressions."""
+    import ctypes
+    lib = ctypes.CDLL(NVRTC)
+    program = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(program), cupy_backend.source().encode(), b"batch_norm.cu",
+                                  0, None, None) == 0
+    names = sorted({name for combo in cupy_backend.type_combinations()
+                    for name in cupy_backend.kernel_names(*combo).values()})
+    for name in names:
+        assert lib.nvrtcAddNameExpression(program, name.encode()) == 0
+    toolkits = [os.environ.get("CUDA_PATH", ""), "/usr/local/cuda",
+                os.path.dirname(os.path.dirname(os.path.realpath(NVCC))) if NVCC else ""]
+    include = next((os.path.join(t, "include") for t in toolkits
+                    if t and os.path.exists(os.path.join(t, "include", "cuda_fp16.h"))), None)
+    if include is None:
+        pytest.skip("NVRTC found, but no CUDA headers (cuda_fp16.h) to compile against")
+    options = [b"-std=c++17", b"-arch=compute_80", f"-I{include}".encode()]
+    status = lib.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(program, log)
+    assert status == 0, log.value.decode()[-4000:]
+    for name in names:
+        lowered = ctypes.c_char_p()
+        assert lib.nvrtcGetLoweredName(program, name.encode(), ctypes.byref(lowered)) == 0 and lowered.value
