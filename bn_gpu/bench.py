@@ -50,12 +50,16 @@ def _torch_batch_norm(cudnn: bool):
 
 
 def _inductor():
+    # A fresh compile for every case: dynamo's caches hang on the code object, and past its
+    # recompile limit it would silently run eager code under this name.
+    torch._dynamo.reset()
     compiled = {}
 
     def call(x, w, b, rm, rv, training):
         if training not in compiled:
             compiled[training] = torch.compile(
-                lambda x, w, b, rm, rv: torch.nn.functional.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5))
+                lambda x, w, b, rm, rv: torch.nn.functional.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5),
+                dynamic=False)
         return compiled[training](x, w, b, rm, rv)
     return call
 
@@ -69,23 +73,24 @@ def _bn_gpu(backend: str):
 
 
 def available_impls(device: torch.device, wanted: list[str]) -> dict:
+    """{name: factory of a call(x, w, b, rm, rv, training)} for the implementations that can run here."""
     impls = {}
     for name in wanted:
         if name == "bn_gpu-triton":
-            impls[name] = _bn_gpu("triton")
+            impls[name] = lambda: _bn_gpu("triton")
         elif name == "bn_gpu-cupy":
             try:
                 import cupy  # noqa: F401
             except ImportError:
                 continue
             if device.type == "cuda":
-                impls[name] = _bn_gpu("cupy")
+                impls[name] = lambda: _bn_gpu("cupy")
         elif name == "torch-cudnn" and device.type == "cuda":
-            impls[name] = _torch_batch_norm(cudnn=True)
+            impls[name] = lambda: _torch_batch_norm(cudnn=True)
         elif name == "torch-native":  # on CPU: PyTorch's CPU kernels
-            impls[name] = _torch_batch_norm(cudnn=False)
+            impls[name] = lambda: _torch_batch_norm(cudnn=False)
         elif name == "torch-inductor" and device.type == "cuda":
-            impls[name] = _inductor()
+            impls[name] = _inductor
     return impls
 
 
@@ -241,14 +246,14 @@ def run(args) -> dict:
     dtypes = [DTYPES[d] for d in (args.dtypes or (["float32", "bfloat16"] if smoke else list(DTYPES)))]
     modes = args.modes or list(MODES)
     impls = available_impls(device, args.impls or IMPLS)
-    jobs = [(name, call, shape, dtype, layout, mode)
+    jobs = [(name, factory, shape, dtype, layout, mode)
             for shape in shapes for dtype in dtypes for layout in layouts_for(shape)
-            for mode in modes for name, call in impls.items()]
+            for mode in modes for name, factory in impls.items()]
     copy = copy_gbps(device, smoke)
     rows = []
-    for i, (name, call, shape, dtype, layout, mode) in enumerate(jobs):
+    for i, (name, factory, shape, dtype, layout, mode) in enumerate(jobs):
         _progress(i, len(jobs), f"{name} {'x'.join(map(str, shape))} {dtype} {layout} {mode}")
-        rows.append(measure_case(name, call, shape, dtype, layout, mode, device, smoke))
+        rows.append(measure_case(name, factory(), shape, dtype, layout, mode, device, smoke))
     _progress(len(jobs), len(jobs), "done")
     fill_metrics(rows, copy)
     meta = metadata(device, smoke, copy)

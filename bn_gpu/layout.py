@@ -61,7 +61,7 @@ def channels_last_view(t: torch.Tensor) -> ChannelsLastView | None:
     if t.dim() == 2 or S == 1:
         stride_m = t.stride(0)
     else:
-        stride_m = t.stride(-1) if t.shape[-1] != 1 else _innermost_spatial_stride(t)
+        stride_m = _innermost_spatial_stride(t)
         if not _collapsible(t.shape[2:], t.stride()[2:], stride_m):
             return None
         if t.shape[0] != 1 and t.stride(0) != stride_m * S:
@@ -72,10 +72,8 @@ def channels_last_view(t: torch.Tensor) -> ChannelsLastView | None:
 
 
 def _innermost_spatial_stride(t: torch.Tensor) -> int:
-    for size, stride in zip(reversed(t.shape[2:]), reversed(t.stride()[2:])):
-        if size != 1:
-            return stride
-    return t.stride(0)
+    """Stride of the innermost spatial dim of more than one element (there is one: S > 1)."""
+    return next(stride for size, stride in zip(reversed(t.shape[2:]), reversed(t.stride()[2:])) if size != 1)
 
 
 def choose_layout(x: torch.Tensor) -> tuple[str, torch.Tensor]:
