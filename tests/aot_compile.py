@@ -45,17 +45,31 @@ def signature(kernel, x_type: str, acc, flags: bool):
     return types, constexprs
 
 
-def compile_all(capability: int) -> int:
+def compile_one(kernel, types: dict, constexprs: dict, capability: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    target = GPUTarget("cuda", capability, 32)
+    try:  # constexprs keyed by name (recent Triton)
+        return triton.compile(ASTSource(fn=kernel, signature=types, constexprs=constexprs), target=target)
+    except Exception:
+        # Releases that key constexprs by argument position; if this fails too, the first error stands.
+        names = list(types)
+        by_position = {(names.index(name),): value for name, value in constexprs.items()}
+        try:
+            return triton.compile(ASTSource(fn=kernel, signature=types, constexprs=by_position), target=target)
+        except Exception:
+            pass
+        raise
+
+
+def compile_all(capability: int) -> int:
     count = 0
     for kernel in kernels():
         for x_type, acc in VARIANTS:
             for flags in (True, False):
                 types, constexprs = signature(kernel, x_type, acc, flags)
-                compiled = triton.compile(ASTSource(fn=kernel, signature=types, constexprs=constexprs),
-                                          target=GPUTarget("cuda", capability, 32))
+                compiled = compile_one(kernel, types, constexprs, capability)
                 assert compiled.asm["cubin"], (kernel.__name__, x_type, flags)
                 count += 1
     return count
