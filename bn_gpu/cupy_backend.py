@@ -153,12 +153,13 @@ class _Launcher:
         return _i64(p.rows_per_program)
 
     def vector_width(self, *tensors) -> int:
-        """VEC for the channels-first elementwise kernels: 16-byte accesses where every row is aligned."""
-        p = self.plan
+        """VEC for the channels-first elementwise kernels: 16-byte accesses where every row starts
+        aligned (the kernels finish a row whose length is not a multiple of VEC value by value)."""
+        if self.plan.block_s % self.vec:
+            return 1
         for t in tensors:
             view = layout.channels_first_view(t)
-            if (t.data_ptr() % VECTOR_BYTES or self.S % self.vec or view.stride_n % self.vec
-                    or view.stride_c % self.vec or p.block_s % self.vec):
+            if t.data_ptr() % VECTOR_BYTES or view.stride_n % self.vec or view.stride_c % self.vec:
                 return 1
         return self.vec
 

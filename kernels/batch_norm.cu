@@ -13,7 +13,8 @@
 // Templates: T the input dtype (float, __half, __nv_bfloat16, double), A the accumulation dtype
 // (float; double for double input), W the weight/bias dtype and R the running-statistics dtype
 // (T, or float for 16-bit inputs). Offsets are 64-bit throughout. Channels-first elementwise passes
-// load VEC values at once (16 bytes) where the host found the rows aligned, else VEC = 1.
+// load VEC values at once (16 bytes) where the host found every row start aligned, with a scalar
+// tail where a row's length is not a multiple of VEC; else VEC = 1.
 // No atomics: every reduction has a fixed order, so results are bitwise reproducible.
 
 #include <cuda_fp16.h>
@@ -118,15 +119,33 @@ __device__ __forceinline__ Tiles program_tiles(i64 N, i64 S, i64 s_blocks, i64 t
     return t;
 }
 
-// Calls f(n, s) for the VEC-wide groups of this thread in tile `tile`; s is the first of VEC positions.
-template <int VEC, typename F> __device__ __forceinline__ void for_each_in_tile(const Tiles& t, i64 tile, F f) {
+// Calls f(n, s) for every value of this thread in tile `tile`.
+template <typename F> __device__ __forceinline__ void for_each_in_tile(const Tiles& t, i64 tile, F f) {
+    i64 n_block = tile / t.s_blocks;
+    i64 s_block = tile - n_block * t.s_blocks;
+    for (int i = threadIdx.x; i < t.rows * t.block_s; i += blockDim.x) {
+        i64 n = n_block * t.rows + i / t.block_s;
+        i64 s = s_block * t.block_s + i % t.block_s;
+        if (n < t.N && s < t.S) f(n, s);
+    }
+}
+
+// Calls op.template apply<VEC>(n, s) for the VEC-wide groups of this thread in tile `tile` (s is the
+// first of VEC positions), and op.template apply<1>(n, s) value by value for a group cut by the end
+// of the row. (A functor rather than a generic lambda: NVRTC takes generic lambdas for host code.)
+template <int VEC, typename Op> __device__ __forceinline__ void for_each_group_in_tile(const Tiles& t, i64 tile, const Op& op) {
     i64 n_block = tile / t.s_blocks;
     i64 s_block = tile - n_block * t.s_blocks;
     int groups_per_row = t.block_s / VEC;
     for (int i = threadIdx.x; i < t.rows * groups_per_row; i += blockDim.x) {
         i64 n = n_block * t.rows + i / groups_per_row;
         i64 s = s_block * t.block_s + (i % groups_per_row) * VEC;
-        if (n < t.N && s < t.S) f(n, s);
+        if (n >= t.N || s >= t.S) continue;
+        if (VEC == 1 || s + VEC <= t.S) {
+            op.template apply<VEC>(n, s);
+        } else {
+            for (i64 tail = s; tail < t.S; ++tail) op.template apply<1>(n, tail);  // scalar tail
+        }
     }
 }
 
@@ -145,7 +164,7 @@ __global__ void stats_channels_first(
     Tiles t = program_tiles(N, S, s_blocks, total_tiles, tiles_per_program, rows, block_s);
     Moments<A> m = {A(0), A(0), A(0)};
     for (i64 tile = t.first; tile < t.last; ++tile)
-        for_each_in_tile<1>(t, tile, [&](i64 n, i64 s) { push(m, cvt<A>(xc[n * stride_n + s]) - shift); });
+        for_each_in_tile(t, tile, [&](i64 n, i64 s) { push(m, cvt<A>(xc[n * stride_n + s]) - shift); });
     m = block_merge(m);
     if (threadIdx.x == 0) {
         i64 out = (i64)blockIdx.y * C + c;
@@ -247,6 +266,18 @@ __device__ __forceinline__ void count_batch(i64* num_batches_tracked, bool first
     if (num_batches_tracked && first) num_batches_tracked[0] += 1;
 }
 
+// y = (x - mean) * scale + shift on V values of one row.
+template <typename T, typename A> struct NormalizeRow {
+    const T* x; T* y; i64 x_stride_n, y_stride_n; A mean, scale, shift;
+    template <int V> __device__ __forceinline__ void apply(i64 n, i64 s) const {
+        Pack<T, V> in = *reinterpret_cast<const Pack<T, V>*>(x + n * x_stride_n + s);
+        Pack<T, V> out;
+#pragma unroll
+        for (int k = 0; k < V; ++k) out.v[k] = cvt<T>((cvt<A>(in.v[k]) - mean) * scale + shift);
+        *reinterpret_cast<Pack<T, V>*>(y + n * y_stride_n + s) = out;
+    }
+};
+
 template <typename T, typename W, typename R, typename A, int VEC>
 __global__ void normalize_channels_first(
     const T* __restrict__ x, T* __restrict__ y,   // (N, C, S), each with its own strides
@@ -262,17 +293,9 @@ __global__ void normalize_channels_first(
     channel_affine(c, blockIdx.y == 0 && threadIdx.x == 0, mean_in, invstd_in, running_mean, running_var,
                    saved_mean, saved_invstd, weight, bias, eps, from_running_stats, mean, scale, shift);
     if (threadIdx.x == 0) count_batch(num_batches_tracked, blockIdx.x == 0 && blockIdx.y == 0);
-    const T* xc = x + c * x_stride_c;
-    T* yc = y + c * y_stride_c;
+    NormalizeRow<T, A> op = {x + c * x_stride_c, y + c * y_stride_c, x_stride_n, y_stride_n, mean, scale, shift};
     Tiles t = program_tiles(N, S, s_blocks, total_tiles, tiles_per_program, rows, block_s);
-    for (i64 tile = t.first; tile < t.last; ++tile)
-        for_each_in_tile<VEC>(t, tile, [&](i64 n, i64 s) {
-            Pack<T, VEC> in = *reinterpret_cast<const Pack<T, VEC>*>(xc + n * x_stride_n + s);
-            Pack<T, VEC> out;
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) out.v[k] = cvt<T>((cvt<A>(in.v[k]) - mean) * scale + shift);
-            *reinterpret_cast<Pack<T, VEC>*>(yc + n * y_stride_n + s) = out;
-        });
+    for (i64 tile = t.first; tile < t.last; ++tile) for_each_group_in_tile<VEC>(t, tile, op);
 }
 
 template <typename T, typename W, typename R, typename A>
@@ -308,7 +331,7 @@ __global__ void backward_reduce_channels_first(
     A sum_dy = A(0), sum_dy_xmu = A(0);
     Tiles t = program_tiles(N, S, s_blocks, total_tiles, tiles_per_program, rows, block_s);
     for (i64 tile = t.first; tile < t.last; ++tile)
-        for_each_in_tile<1>(t, tile, [&](i64 n, i64 s) {
+        for_each_in_tile(t, tile, [&](i64 n, i64 s) {
             A g = cvt<A>(dyc[n * dy_stride_n + s]);
             sum_dy += g;
             sum_dy_xmu += g * (cvt<A>(xc[n * x_stride_n + s]) - mean);
@@ -389,6 +412,26 @@ __device__ __forceinline__ void dx_coefficients(
     }
 }
 
+// dx on V values of one row (x is read in training only).
+template <typename T, typename A> struct InputGradientRow {
+    const T* dy; const T* x; T* dx; i64 dy_stride_n, x_stride_n, dx_stride_n;
+    A mean, scale, mean_dy, projection; int training;
+    template <int V> __device__ __forceinline__ void apply(i64 n, i64 s) const {
+        Pack<T, V> g = *reinterpret_cast<const Pack<T, V>*>(dy + n * dy_stride_n + s);
+        Pack<T, V> out;
+        if (training) {
+            Pack<T, V> in = *reinterpret_cast<const Pack<T, V>*>(x + n * x_stride_n + s);
+#pragma unroll
+            for (int k = 0; k < V; ++k)
+                out.v[k] = cvt<T>(scale * (cvt<A>(g.v[k]) - mean_dy - (cvt<A>(in.v[k]) - mean) * projection));
+        } else {
+#pragma unroll
+            for (int k = 0; k < V; ++k) out.v[k] = cvt<T>(scale * cvt<A>(g.v[k]));
+        }
+        *reinterpret_cast<Pack<T, V>*>(dx + n * dx_stride_n + s) = out;
+    }
+};
+
 template <typename T, typename W, typename A, int VEC>
 __global__ void dx_channels_first(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,   // (N, C, S)
@@ -399,25 +442,10 @@ __global__ void dx_channels_first(
     i64 c = blockIdx.x;
     A mean, scale, mean_dy, projection;
     dx_coefficients(c, mean_in, invstd_in, weight, sum_dy, sum_dy_xmu, inv_count, training, mean, scale, mean_dy, projection);
-    const T* dyc = dy + c * dy_stride_c;
-    const T* xc = x + c * x_stride_c;
-    T* dxc = dx + c * dx_stride_c;
+    InputGradientRow<T, A> op = {dy + c * dy_stride_c, x + c * x_stride_c, dx + c * dx_stride_c,
+                                 dy_stride_n, x_stride_n, dx_stride_n, mean, scale, mean_dy, projection, training};
     Tiles t = program_tiles(N, S, s_blocks, total_tiles, tiles_per_program, rows, block_s);
-    for (i64 tile = t.first; tile < t.last; ++tile)
-        for_each_in_tile<VEC>(t, tile, [&](i64 n, i64 s) {
-            Pack<T, VEC> g = *reinterpret_cast<const Pack<T, VEC>*>(dyc + n * dy_stride_n + s);
-            Pack<T, VEC> out;
-            if (training) {
-                Pack<T, VEC> in = *reinterpret_cast<const Pack<T, VEC>*>(xc + n * x_stride_n + s);
-#pragma unroll
-                for (int k = 0; k < VEC; ++k)
-                    out.v[k] = cvt<T>(scale * (cvt<A>(g.v[k]) - mean_dy - (cvt<A>(in.v[k]) - mean) * projection));
-            } else {
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) out.v[k] = cvt<T>(scale * cvt<A>(g.v[k]));
-            }
-            *reinterpret_cast<Pack<T, VEC>*>(dxc + n * dx_stride_n + s) = out;
-        });
+    for (i64 tile = t.first; tile < t.last; ++tile) for_each_group_in_tile<VEC>(t, tile, op);
 }
 
 template <typename T, typename W, typename A>
