@@ -3,9 +3,10 @@ run time by NVRTC through cupy.RawModule, once per device and dtype combination 
 launched on torch's current CUDA stream with pointers to torch-allocated memory -- no copies, no
 CuPy allocations, no host synchronization.
 
-Launches: training forward 3 (statistics, finalize, normalize), eval forward 1, backward 3 in
-training (reduce, finalize, dx) and 1 in eval when only dx is needed -- the Triton backend's
-budget. Import of this module never needs CuPy; check_available says what is missing.
+Launches, as the Triton backend: training forward 3 (statistics, finalize, normalize), or 1 when
+one block owns whole channels (the plan has one split); eval forward 1; backward 3 or 1 in
+training, 1 in eval when only dx is needed. Import of this module never needs CuPy;
+check_available says what is missing.
 """
 from __future__ import annotations
 
@@ -17,15 +18,19 @@ import numpy as np
 import torch
 
 from . import layout
+from . import plan as plans
 from .dtypes import stat_dtype
 from .layout import CHANNELS_FIRST
-from .plan import GPU_TUNING, channels_first_plan, channels_last_plan
 
 C_TYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16", torch.float64: "double"}
 THREADS = 256            # 1-D blocks: channels-first kernels and finalize kernels
 ROW_THREADS = 8          # channels-last blocks are (32, ROW_THREADS), as ROW_THREADS in the source
-LAST_TUNING = dataclasses.replace(GPU_TUNING, max_block_c=32)  # channels-last blocks own 32 channels
 VECTOR_BYTES = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _channels_last_tuning(tuning: plans.Tuning) -> plans.Tuning:
+    return dataclasses.replace(tuning, max_block_c=32)  # channels-last blocks own 32 channels
 
 _INSTALL_HINT = "pip install -e .[cupy] (installs cupy-cuda12x; use the cupy wheel matching your CUDA)"
 
@@ -71,6 +76,12 @@ def kernel_names(T: str, W: str, R: str, A: str) -> dict:
         "dx_first_1": f"dx_channels_first<{T}, {W}, {A}, 1>",
         f"dx_first_{vec}": f"dx_channels_first<{T}, {W}, {A}, {vec}>",
         "dx_last": f"dx_channels_last<{T}, {W}, {A}>",
+        "fused_forward_first_1": f"fused_forward_channels_first<{T}, {W}, {R}, {A}, 1>",
+        f"fused_forward_first_{vec}": f"fused_forward_channels_first<{T}, {W}, {R}, {A}, {vec}>",
+        "fused_forward_last": f"fused_forward_channels_last<{T}, {W}, {R}, {A}>",
+        "fused_backward_first_1": f"fused_backward_channels_first<{T}, {W}, {A}, 1>",
+        f"fused_backward_first_{vec}": f"fused_backward_channels_first<{T}, {W}, {A}, {vec}>",
+        "fused_backward_last": f"fused_backward_channels_last<{T}, {W}, {A}>",
     }
 
 
@@ -118,12 +129,12 @@ class _Launcher:
         self.device_index = device_index
         self.kernels = _kernels(device_index, T, W, R, A)
         self.vec = VECTOR_BYTES // x.element_size()
-        from .plan import multiprocessors
-        sms = multiprocessors(device_index)
+        sms = plans.multiprocessors(device_index)
         if self.first:
-            self.plan = channels_first_plan(self.N, self.C, self.S, GPU_TUNING, sms)
+            self.plan = plans.channels_first_plan(self.N, self.C, self.S, plans.GPU_TUNING, sms)
         else:
-            self.plan = channels_last_plan(self.count, self.C, LAST_TUNING, sms)
+            self.plan = plans.channels_last_plan(self.count, self.C, _channels_last_tuning(plans.GPU_TUNING), sms)
+        self.fused = self.plan.splits == 1
         self.cupy = _import_cupy()
         self.stream = self.cupy.cuda.ExternalStream(torch.cuda.current_stream(x.device).cuda_stream, device_index)
         self.accumulate = np.float64 if A == "double" else np.float32
@@ -151,6 +162,10 @@ class _Launcher:
         if self.first:
             return _i64(p.s_blocks, p.total_tiles, p.tiles_per_program) + [np.int32(p.rows), np.int32(p.block_s)]
         return _i64(p.rows_per_program)
+
+    def fused_tiling(self) -> list:
+        p = self.plan
+        return _i64(p.s_blocks, p.total_tiles) + [np.int32(p.rows), np.int32(p.block_s)] if self.first else []
 
     def vector_width(self, *tensors) -> int:
         """VEC for the channels-first elementwise kernels: 16-byte accesses where every row starts
@@ -188,17 +203,34 @@ def _normalize(k: _Launcher, x, y, mean, invstd, running_mean, running_var, save
                  common + k.geometry(x, y) + [np.float32(eps)] + k.tiling() + [np.int32(from_running_stats)])
 
 
+def _fused_forward(k: _Launcher, x, y, mean, invstd, weight, bias, running_mean, running_var,
+                   num_batches_tracked, momentum, eps, tracked: bool, cumulative: bool) -> None:
+    grid, block = k.grid()
+    args = [_ptr(x), _ptr(y), _ptr(mean), _ptr(invstd), _ptr(running_mean), _ptr(running_var),
+            _ptr(num_batches_tracked), _ptr(weight), _ptr(bias)] + k.geometry(x, y) + [
+            np.float32(0.0 if momentum is None else momentum), np.float32(eps)] + k.fused_tiling() + [
+            np.int32(tracked), np.int32(cumulative), np.int32(num_batches_tracked is not None and not cumulative)]
+    role = f"fused_forward_first_{k.vector_width(x, y)}" if k.first else "fused_forward_last"
+    k.launch(role, grid, block, args)
+    if cumulative and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)  # after the kernel read it (other blocks read it there)
+
+
 def forward_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps):
     k = _Launcher(x, weight, running_mean)
     x = k.x_read
     y = layout.empty_in_family(x, k.family)
     mean, invstd = _empty(k.C, k.stat_dtype, x.device), _empty(k.C, k.stat_dtype, x.device)
+    tracked = running_mean is not None
+    cumulative = tracked and momentum is None
+    if k.fused:
+        _fused_forward(k, x, y, mean, invstd, weight, bias, running_mean, running_var, num_batches_tracked,
+                       momentum, eps, tracked, cumulative)
+        return y, mean, invstd
     partials = _empty((3, k.splits, k.C), k.stat_dtype, x.device)
     grid, block = k.grid()
     stats_args = [_ptr(x), _ptr(partials[0]), _ptr(partials[1]), _ptr(partials[2])] + k.geometry(x) + k.tiling()
     k.launch("stats_first" if k.first else "stats_last", grid, block, stats_args)
-    tracked = running_mean is not None
-    cumulative = tracked and momentum is None
     shift_stride = layout.channels_first_view(x).stride_c if k.first else 1
     k.launch("finalize_forward", (k.C,), (THREADS,), [
         _ptr(partials[0]), _ptr(partials[1]), _ptr(partials[2]), _ptr(x), np.int64(shift_stride),
@@ -229,19 +261,28 @@ def backward(grad_y, x, weight, mean, invstd, training, need_input_grad, need_we
     grid, block = k.grid()
     totals = [None, None]
     grad_weight, grad_bias = x.new_empty(0), x.new_empty(0)
-    if training or need_weight_grad:
+    reduce = training or need_weight_grad
+    if reduce:
+        grad_weight, grad_bias = _empty(k.C, param_dtype, device), _empty(k.C, param_dtype, device)
+    grad_x = layout.empty_in_family(x, k.family) if need_input_grad else x.new_empty(0)
+    if reduce and k.fused:
+        dx_strides = grad_x if need_input_grad else x  # x stands in for a dx that is not written
+        args = ([_ptr(grad_y), _ptr(x), _ptr(grad_x if need_input_grad else None), _ptr(mean), _ptr(invstd),
+                 _ptr(weight), _ptr(grad_weight), _ptr(grad_bias)]
+                + k.geometry(grad_y, x, dx_strides) + [k.accumulate(1.0 / k.count)] + k.fused_tiling()
+                + [np.int32(training), np.int32(need_input_grad)])
+        role = f"fused_backward_first_{k.vector_width(grad_y, x, dx_strides)}" if k.first else "fused_backward_last"
+        k.launch(role, grid, block, args)
+    elif reduce:
         partials = _empty((2, k.splits, k.C), k.stat_dtype, device)
         totals = _empty((2, k.C), k.stat_dtype, device)
-        grad_weight, grad_bias = _empty(k.C, param_dtype, device), _empty(k.C, param_dtype, device)
         k.launch("reduce_first" if k.first else "reduce_last", grid, block,
                  [_ptr(grad_y), _ptr(x), _ptr(mean), _ptr(partials[0]), _ptr(partials[1])]
                  + k.geometry(grad_y, x) + k.tiling())
         k.launch("finalize_backward", (k.C,), (THREADS,), [
             _ptr(partials[0]), _ptr(partials[1]), _ptr(invstd), _ptr(totals[0]), _ptr(totals[1]),
             _ptr(grad_weight), _ptr(grad_bias), np.int64(k.splits), np.int64(k.C)])
-    grad_x = x.new_empty(0)
-    if need_input_grad:
-        grad_x = layout.empty_in_family(x, k.family)
+    if need_input_grad and not (reduce and k.fused):
         args = [_ptr(grad_y), _ptr(x), _ptr(grad_x), _ptr(mean), _ptr(invstd), _ptr(weight),
                 _ptr(totals[0]), _ptr(totals[1])] + k.geometry(grad_y, x, grad_x) + [k.accumulate(1.0 / k.count)]
         role = f"dx_first_{k.vector_width(grad_y, x, grad_x)}" if k.first else "dx_last"

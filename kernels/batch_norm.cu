@@ -9,7 +9,8 @@
 //   backward_reduce_channels_first / _last           partial sums of dy and dy * (x - mean)
 //   finalize_backward                                totals, dweight, dbias
 //   dx_channels_first / dx_channels_last             dx from dy, x and the totals
-//
+//   fused_forward_channels_first / _last             single pass when one block owns whole channels
+//   fused_backward_channels_first / _last            (the launch plan has one split): 1 launch
 // Templates: T the input dtype (float, __half, __nv_bfloat16, double), A the accumulation dtype
 // (float; double for double input), W the weight/bias dtype and R the running-statistics dtype
 // (T, or float for 16-bit inputs). Offsets are 64-bit throughout. Channels-first elementwise passes
@@ -176,27 +177,68 @@ __global__ void stats_channels_first(
 // threadIdx.y interleaved rows of the block's row range.
 #define ROW_THREADS 8
 
+// The moments of a channel-column's ROW_THREADS threads merged, valid where threadIdx.y == 0.
+template <typename A> __device__ Moments<A> column_merge(Moments<A> m) {
+    __shared__ A counts[ROW_THREADS][32], means[ROW_THREADS][32], m2s[ROW_THREADS][32];
+    counts[threadIdx.y][threadIdx.x] = m.count; means[threadIdx.y][threadIdx.x] = m.mean; m2s[threadIdx.y][threadIdx.x] = m.m2;
+    __syncthreads();
+    if (threadIdx.y == 0)
+        for (int j = 1; j < ROW_THREADS; ++j) merge(m, counts[j][threadIdx.x], means[j][threadIdx.x], m2s[j][threadIdx.x]);
+    return m;
+}
+
+// Two sums of a channel-column's ROW_THREADS threads, valid where threadIdx.y == 0.
+template <typename A> __device__ void column_sums(A& a, A& b) {
+    __shared__ A as[ROW_THREADS][32], bs[ROW_THREADS][32];
+    as[threadIdx.y][threadIdx.x] = a; bs[threadIdx.y][threadIdx.x] = b;
+    __syncthreads();
+    if (threadIdx.y == 0)
+        for (int j = 1; j < ROW_THREADS; ++j) { a += as[j][threadIdx.x]; b += bs[j][threadIdx.x]; }
+}
+
+// Moments of x - shift over rows [row_begin, row_end) of channel c, this thread's share of them.
+template <typename T, typename A>
+__device__ Moments<A> column_moments(const T* x, i64 stride_m, i64 c, A shift, i64 row_begin, i64 row_end) {
+    Moments<A> m = {A(0), A(0), A(0)};
+    for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS) push(m, cvt<A>(x[r * stride_m + c]) - shift);
+    return m;
+}
+
 template <typename T, typename A>
 __global__ void stats_channels_last(
     const T* __restrict__ x,   // input (M, C)
     A* part_count, A* part_mean, A* part_m2,   // (splits, C); part_mean is relative to x[0, c]
     i64 M, i64 C, i64 stride_m, i64 rows_per_program) {
-    __shared__ A counts[ROW_THREADS][32], means[ROW_THREADS][32], m2s[ROW_THREADS][32];
     i64 c = (i64)blockIdx.y * 32 + threadIdx.x;
     i64 row_begin = (i64)blockIdx.x * rows_per_program;
     i64 row_end = min(row_begin + rows_per_program, M);
     Moments<A> m = {A(0), A(0), A(0)};
-    if (c < C) {
-        A shift = cvt<A>(x[c]);
-        for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS) push(m, cvt<A>(x[r * stride_m + c]) - shift);
-    }
-    counts[threadIdx.y][threadIdx.x] = m.count; means[threadIdx.y][threadIdx.x] = m.mean; m2s[threadIdx.y][threadIdx.x] = m.m2;
-    __syncthreads();
+    if (c < C) m = column_moments(x, stride_m, c, cvt<A>(x[c]), row_begin, row_end);
+    m = column_merge(m);
     if (threadIdx.y == 0 && c < C) {
-        for (int j = 1; j < ROW_THREADS; ++j) merge(m, counts[j][threadIdx.x], means[j][threadIdx.x], m2s[j][threadIdx.x]);
         i64 out = (i64)blockIdx.x * C + c;
         part_count[out] = m.count; part_mean[out] = m.mean; part_m2[out] = m.m2;
     }
+}
+
+// Writes channel c's mean and invstd and updates its running statistics; returns invstd.
+template <typename A, typename R>
+__device__ A store_statistics(
+    i64 c, A count, A mean, A m2,
+    A* mean_out, A* invstd_out,   // (C,) saved for the backward
+    R* running_mean, R* running_var,   // (C,) updated in place when has_running_stats
+    const i64* num_batches_tracked,   // batches before this one, read when cumulative
+    float momentum, float eps, int has_running_stats, int cumulative) {
+    A invstd = inv_sqrt(m2 / count + A(eps));
+    mean_out[c] = mean;
+    invstd_out[c] = invstd;
+    if (has_running_stats) {
+        A factor = cumulative ? A(1) / (A(num_batches_tracked[0]) + A(1)) : A(momentum);
+        A unbiased = m2 / (count - A(1));
+        running_mean[c] = cvt<R>((A(1) - factor) * cvt<A>(running_mean[c]) + factor * mean);
+        running_var[c] = cvt<R>((A(1) - factor) * cvt<A>(running_var[c]) + factor * unbiased);
+    }
+    return invstd;
 }
 
 // One block per channel. shift_stride: distance between the first values of consecutive channels.
@@ -229,17 +271,16 @@ __global__ void finalize_forward(
         m2 += part_m2[i * C + c] + part_count[i * C + c] * delta * delta;
     }
     m2 = block_sum<A, 2>(m2);
-    if (threadIdx.x != 0) return;
-    A mean = cvt<A>(x[c * shift_stride]) + mean_shifted;
-    A var = m2 / count;
-    mean_out[c] = mean;
-    invstd_out[c] = inv_sqrt(var + A(eps));
-    if (has_running_stats) {
-        A factor = cumulative ? A(1) / (A(num_batches_tracked[0]) + A(1)) : A(momentum);
-        A unbiased = m2 / (count - A(1));
-        running_mean[c] = cvt<R>((A(1) - factor) * cvt<A>(running_mean[c]) + factor * mean);
-        running_var[c] = cvt<R>((A(1) - factor) * cvt<A>(running_var[c]) + factor * unbiased);
-    }
+    if (threadIdx.x == 0)
+        store_statistics(c, count, cvt<A>(x[c * shift_stride]) + mean_shifted, m2, mean_out, invstd_out,
+                         running_mean, running_var, num_batches_tracked, momentum, eps, has_running_stats, cumulative);
+}
+
+// Per-channel (scale, bias) of y = (x - mean) * scale + bias from invstd.
+template <typename W, typename A>
+__device__ __forceinline__ void affine_from(i64 c, A invstd, const W* weight, const W* bias, A& scale, A& shift) {
+    scale = weight ? invstd * cvt<A>(weight[c]) : invstd;
+    shift = bias ? cvt<A>(bias[c]) : A(0);
 }
 
 // Per-channel (mean, scale, bias) of y = (x - mean) * scale + bias. In eval (from_running_stats)
@@ -258,8 +299,7 @@ __device__ __forceinline__ void channel_affine(
         mean = mean_in[c];
         invstd = invstd_in[c];
     }
-    scale = weight ? invstd * cvt<A>(weight[c]) : invstd;
-    shift = bias ? cvt<A>(bias[c]) : A(0);
+    affine_from(c, invstd, weight, bias, scale, shift);
 }
 
 __device__ __forceinline__ void count_batch(i64* num_batches_tracked, bool first) {
@@ -298,6 +338,14 @@ __global__ void normalize_channels_first(
     for (i64 tile = t.first; tile < t.last; ++tile) for_each_group_in_tile<VEC>(t, tile, op);
 }
 
+// y = (x - mean) * scale + shift over this thread's share of rows [row_begin, row_end) of channel c.
+template <typename T, typename A>
+__device__ void column_normalize(const T* x, T* y, i64 x_stride_m, i64 y_stride_m, i64 c, A mean, A scale, A shift,
+                                 i64 row_begin, i64 row_end) {
+    for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS)
+        y[r * y_stride_m + c] = cvt<T>((cvt<A>(x[r * x_stride_m + c]) - mean) * scale + shift);
+}
+
 template <typename T, typename W, typename R, typename A>
 __global__ void normalize_channels_last(
     const T* __restrict__ x, T* __restrict__ y,   // (M, C), each with its own row stride
@@ -311,9 +359,7 @@ __global__ void normalize_channels_last(
     channel_affine(c, blockIdx.x == 0 && threadIdx.y == 0, mean_in, invstd_in, running_mean, running_var,
                    saved_mean, saved_invstd, weight, bias, eps, from_running_stats, mean, scale, shift);
     i64 row_begin = (i64)blockIdx.x * rows_per_program;
-    i64 row_end = min(row_begin + rows_per_program, M);
-    for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS)
-        y[r * y_stride_m + c] = cvt<T>((cvt<A>(x[r * x_stride_m + c]) - mean) * scale + shift);
+    column_normalize(x, y, x_stride_m, y_stride_m, c, mean, scale, shift, row_begin, min(row_begin + rows_per_program, M));
 }
 
 // ---- backward ---------------------------------------------------------------------------------
@@ -345,33 +391,39 @@ __global__ void backward_reduce_channels_first(
     }
 }
 
+// This thread's share of sum(dy) and sum(dy * (x - mean)) over rows [row_begin, row_end) of channel c.
+template <typename T, typename A>
+__device__ void column_gradient_sums(const T* dy, const T* x, i64 dy_stride_m, i64 x_stride_m, i64 c, A mean,
+                                     i64 row_begin, i64 row_end, A& sum_dy, A& sum_dy_xmu) {
+    for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS) {
+        A g = cvt<A>(dy[r * dy_stride_m + c]);
+        sum_dy += g;
+        sum_dy_xmu += g * (cvt<A>(x[r * x_stride_m + c]) - mean);
+    }
+}
+
 template <typename T, typename A>
 __global__ void backward_reduce_channels_last(
     const T* __restrict__ dy, const T* __restrict__ x, const A* mean_in,
     A* part_sum_dy, A* part_sum_dy_xmu,   // (splits, C)
     i64 M, i64 C, i64 dy_stride_m, i64 x_stride_m, i64 rows_per_program) {
-    __shared__ A sums[ROW_THREADS][32], sums_xmu[ROW_THREADS][32];
     i64 c = (i64)blockIdx.y * 32 + threadIdx.x;
     i64 row_begin = (i64)blockIdx.x * rows_per_program;
     i64 row_end = min(row_begin + rows_per_program, M);
     A sum_dy = A(0), sum_dy_xmu = A(0);
-    if (c < C) {
-        A mean = mean_in[c];
-        for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS) {
-            A g = cvt<A>(dy[r * dy_stride_m + c]);
-            sum_dy += g;
-            sum_dy_xmu += g * (cvt<A>(x[r * x_stride_m + c]) - mean);
-        }
-    }
-    sums[threadIdx.y][threadIdx.x] = sum_dy;
-    sums_xmu[threadIdx.y][threadIdx.x] = sum_dy_xmu;
-    __syncthreads();
+    if (c < C) column_gradient_sums(dy, x, dy_stride_m, x_stride_m, c, mean_in[c], row_begin, row_end, sum_dy, sum_dy_xmu);
+    column_sums(sum_dy, sum_dy_xmu);
     if (threadIdx.y == 0 && c < C) {
-        for (int j = 1; j < ROW_THREADS; ++j) { sum_dy += sums[j][threadIdx.x]; sum_dy_xmu += sums_xmu[j][threadIdx.x]; }
         i64 out = (i64)blockIdx.x * C + c;
         part_sum_dy[out] = sum_dy;
         part_sum_dy_xmu[out] = sum_dy_xmu;
     }
+}
+
+template <typename A, typename W>
+__device__ __forceinline__ void store_gradients(i64 c, A sum_dy, A sum_dy_xmu, A invstd, W* grad_weight, W* grad_bias) {
+    grad_weight[c] = cvt<W>(sum_dy_xmu * invstd);
+    grad_bias[c] = cvt<W>(sum_dy);
 }
 
 // One block per channel.
@@ -393,23 +445,31 @@ __global__ void finalize_backward(
     if (threadIdx.x != 0) return;
     sum_dy_out[c] = sum_dy;
     sum_dy_xmu_out[c] = sum_dy_xmu;
-    grad_weight[c] = cvt<W>(sum_dy_xmu * invstd_in[c]);
-    grad_bias[c] = cvt<W>(sum_dy);
+    store_gradients(c, sum_dy, sum_dy_xmu, invstd_in[c], grad_weight, grad_bias);
 }
 
-// Per-channel coefficients of dx = scale * (dy - mean_dy - (x - mean) * projection).
+// Per-channel coefficients of dx = scale * (dy - mean_dy - (x - mean) * projection) in training,
+// dx = scale * dy in eval.
 template <typename W, typename A>
 __device__ __forceinline__ void dx_coefficients(
-    i64 c, const A* mean_in, const A* invstd_in, const W* weight, const A* sum_dy, const A* sum_dy_xmu,
-    A inv_count, int training, A& mean, A& scale, A& mean_dy, A& projection) {
-    A invstd = invstd_in[c];
+    i64 c, A mean_in, A invstd, const W* weight, A sum_dy, A sum_dy_xmu, A inv_count, int training,
+    A& mean, A& scale, A& mean_dy, A& projection) {
     scale = weight ? invstd * cvt<A>(weight[c]) : invstd;
     mean = A(0); mean_dy = A(0); projection = A(0);
     if (training) {
-        mean = mean_in[c];
-        mean_dy = sum_dy[c] * inv_count;
-        projection = sum_dy_xmu[c] * invstd * invstd * inv_count;
+        mean = mean_in;
+        mean_dy = sum_dy * inv_count;
+        projection = sum_dy_xmu * invstd * invstd * inv_count;
     }
+}
+
+// The same from the per-channel arrays (the totals are not read in eval).
+template <typename W, typename A>
+__device__ __forceinline__ void dx_coefficients_at(
+    i64 c, const A* mean_in, const A* invstd_in, const W* weight, const A* sum_dy, const A* sum_dy_xmu,
+    A inv_count, int training, A& mean, A& scale, A& mean_dy, A& projection) {
+    dx_coefficients(c, training ? mean_in[c] : A(0), invstd_in[c], weight, training ? sum_dy[c] : A(0),
+                    training ? sum_dy_xmu[c] : A(0), inv_count, training, mean, scale, mean_dy, projection);
 }
 
 // dx on V values of one row (x is read in training only).
@@ -441,11 +501,23 @@ __global__ void dx_channels_first(
     i64 s_blocks, i64 total_tiles, i64 tiles_per_program, int rows, int block_s, int training) {
     i64 c = blockIdx.x;
     A mean, scale, mean_dy, projection;
-    dx_coefficients(c, mean_in, invstd_in, weight, sum_dy, sum_dy_xmu, inv_count, training, mean, scale, mean_dy, projection);
+    dx_coefficients_at(c, mean_in, invstd_in, weight, sum_dy, sum_dy_xmu, inv_count, training, mean, scale, mean_dy, projection);
     InputGradientRow<T, A> op = {dy + c * dy_stride_c, x + c * x_stride_c, dx + c * dx_stride_c,
                                  dy_stride_n, x_stride_n, dx_stride_n, mean, scale, mean_dy, projection, training};
     Tiles t = program_tiles(N, S, s_blocks, total_tiles, tiles_per_program, rows, block_s);
     for (i64 tile = t.first; tile < t.last; ++tile) for_each_group_in_tile<VEC>(t, tile, op);
+}
+
+// dx over this thread's share of rows [row_begin, row_end) of channel c.
+template <typename T, typename A>
+__device__ void column_input_gradient(const T* dy, const T* x, T* dx, i64 dy_stride_m, i64 x_stride_m, i64 dx_stride_m,
+                                      i64 c, A mean, A scale, A mean_dy, A projection, int training,
+                                      i64 row_begin, i64 row_end) {
+    for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS) {
+        A g = cvt<A>(dy[r * dy_stride_m + c]);
+        A value = training ? scale * (g - mean_dy - (cvt<A>(x[r * x_stride_m + c]) - mean) * projection) : scale * g;
+        dx[r * dx_stride_m + c] = cvt<T>(value);
+    }
 }
 
 template <typename T, typename W, typename A>
@@ -457,12 +529,131 @@ __global__ void dx_channels_last(
     i64 c = (i64)blockIdx.y * 32 + threadIdx.x;
     if (c >= C) return;
     A mean, scale, mean_dy, projection;
-    dx_coefficients(c, mean_in, invstd_in, weight, sum_dy, sum_dy_xmu, inv_count, training, mean, scale, mean_dy, projection);
+    dx_coefficients_at(c, mean_in, invstd_in, weight, sum_dy, sum_dy_xmu, inv_count, training, mean, scale, mean_dy, projection);
     i64 row_begin = (i64)blockIdx.x * rows_per_program;
-    i64 row_end = min(row_begin + rows_per_program, M);
-    for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS) {
-        A g = cvt<A>(dy[r * dy_stride_m + c]);
-        A value = training ? scale * (g - mean_dy - (cvt<A>(x[r * x_stride_m + c]) - mean) * projection) : scale * g;
-        dx[r * dx_stride_m + c] = cvt<T>(value);
+    column_input_gradient(dy, x, dx, dy_stride_m, x_stride_m, dx_stride_m, c, mean, scale, mean_dy, projection,
+                          training, row_begin, min(row_begin + rows_per_program, M));
+}
+
+// ---- single pass: one block owns whole channels (the launch plan has one split) ------------------
+// Statistics (or gradient sums), then the elementwise pass in the same launch; the second read of
+// the block's channels comes from cache.
+
+template <typename T, typename W, typename R, typename A, int VEC>
+__global__ void fused_forward_channels_first(
+    const T* __restrict__ x, T* __restrict__ y,   // (N, C, S), each with its own strides
+    A* mean_out, A* invstd_out, R* running_mean, R* running_var,   // see store_statistics
+    i64* num_batches_tracked,   // read when cumulative; incremented by block 0 when count_batch_here
+    const W* weight, const W* bias,   // (C,) or null
+    i64 N, i64 C, i64 S, i64 x_stride_n, i64 x_stride_c, i64 y_stride_n, i64 y_stride_c, float momentum, float eps,
+    i64 s_blocks, i64 total_tiles, int rows, int block_s, int has_running_stats, int cumulative, int count_batch_here) {
+    __shared__ A channel[2];
+    i64 c = blockIdx.x;
+    const T* xc = x + c * x_stride_c;
+    A shift = cvt<A>(xc[0]);
+    Tiles t = program_tiles(N, S, s_blocks, total_tiles, total_tiles, rows, block_s);
+    Moments<A> m = {A(0), A(0), A(0)};
+    for (i64 tile = 0; tile < total_tiles; ++tile)
+        for_each_in_tile(t, tile, [&](i64 n, i64 s) { push(m, cvt<A>(xc[n * x_stride_n + s]) - shift); });
+    m = block_merge(m);
+    if (threadIdx.x == 0) {
+        channel[0] = shift + m.mean;
+        channel[1] = store_statistics(c, m.count, channel[0], m.m2, mean_out, invstd_out, running_mean, running_var,
+                                      num_batches_tracked, momentum, eps, has_running_stats, cumulative);
+        // Never with cumulative: other blocks read the count in store_statistics.
+        if (count_batch_here) count_batch(num_batches_tracked, c == 0);
     }
+    __syncthreads();
+    A scale, bias_c;
+    affine_from(c, channel[1], weight, bias, scale, bias_c);
+    NormalizeRow<T, A> op = {xc, y + c * y_stride_c, x_stride_n, y_stride_n, channel[0], scale, bias_c};
+    for (i64 tile = 0; tile < total_tiles; ++tile) for_each_group_in_tile<VEC>(t, tile, op);
+}
+
+template <typename T, typename W, typename R, typename A>
+__global__ void fused_forward_channels_last(
+    const T* __restrict__ x, T* __restrict__ y,   // (M, C), each with its own row stride
+    A* mean_out, A* invstd_out, R* running_mean, R* running_var, i64* num_batches_tracked,
+    const W* weight, const W* bias,
+    i64 M, i64 C, i64 x_stride_m, i64 y_stride_m, float momentum, float eps,
+    int has_running_stats, int cumulative, int count_batch_here) {
+    __shared__ A channel_mean[32], channel_invstd[32];
+    i64 c = (i64)blockIdx.y * 32 + threadIdx.x;
+    Moments<A> m = {A(0), A(0), A(0)};
+    A shift = c < C ? cvt<A>(x[c]) : A(0);
+    if (c < C) m = column_moments(x, x_stride_m, c, shift, 0, M);
+    m = column_merge(m);
+    if (threadIdx.y == 0 && c < C) {
+        channel_mean[threadIdx.x] = shift + m.mean;
+        channel_invstd[threadIdx.x] = store_statistics(c, m.count, channel_mean[threadIdx.x], m.m2, mean_out, invstd_out,
+                                                       running_mean, running_var, num_batches_tracked, momentum, eps,
+                                                       has_running_stats, cumulative);
+    }
+    if (count_batch_here && threadIdx.x == 0 && threadIdx.y == 0) count_batch(num_batches_tracked, blockIdx.y == 0);
+    __syncthreads();
+    if (c >= C) return;
+    A scale, bias_c;
+    affine_from(c, channel_invstd[threadIdx.x], weight, bias, scale, bias_c);
+    column_normalize(x, y, x_stride_m, y_stride_m, c, channel_mean[threadIdx.x], scale, bias_c, i64(0), M);
+}
+
+template <typename T, typename W, typename A, int VEC>
+__global__ void fused_backward_channels_first(
+    const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,   // (N, C, S); dx when need_input_grad
+    const A* mean_in, const A* invstd_in, const W* weight, W* grad_weight, W* grad_bias,
+    i64 N, i64 C, i64 S, i64 dy_stride_n, i64 dy_stride_c, i64 x_stride_n, i64 x_stride_c,
+    i64 dx_stride_n, i64 dx_stride_c, A inv_count,
+    i64 s_blocks, i64 total_tiles, int rows, int block_s, int training, int need_input_grad) {
+    __shared__ A totals[2];
+    i64 c = blockIdx.x;
+    const T* dyc = dy + c * dy_stride_c;
+    const T* xc = x + c * x_stride_c;
+    A mean = mean_in[c], invstd = invstd_in[c];
+    A sum_dy = A(0), sum_dy_xmu = A(0);
+    Tiles t = program_tiles(N, S, s_blocks, total_tiles, total_tiles, rows, block_s);
+    for (i64 tile = 0; tile < total_tiles; ++tile)
+        for_each_in_tile(t, tile, [&](i64 n, i64 s) {
+            A g = cvt<A>(dyc[n * dy_stride_n + s]);
+            sum_dy += g;
+            sum_dy_xmu += g * (cvt<A>(xc[n * x_stride_n + s]) - mean);
+        });
+    sum_dy = block_sum<A, 0>(sum_dy);
+    sum_dy_xmu = block_sum<A, 1>(sum_dy_xmu);
+    if (threadIdx.x == 0) {
+        store_gradients(c, sum_dy, sum_dy_xmu, invstd, grad_weight, grad_bias);
+        totals[0] = sum_dy;
+        totals[1] = sum_dy_xmu;
+    }
+    __syncthreads();
+    if (!need_input_grad) return;
+    A mean_x, scale, mean_dy, projection;
+    dx_coefficients(c, mean, invstd, weight, totals[0], totals[1], inv_count, training, mean_x, scale, mean_dy, projection);
+    InputGradientRow<T, A> op = {dyc, xc, dx + c * dx_stride_c, dy_stride_n, x_stride_n, dx_stride_n,
+                                 mean_x, scale, mean_dy, projection, training};
+    for (i64 tile = 0; tile < total_tiles; ++tile) for_each_group_in_tile<VEC>(t, tile, op);
+}
+
+template <typename T, typename W, typename A>
+__global__ void fused_backward_channels_last(
+    const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,   // (M, C); dx when need_input_grad
+    const A* mean_in, const A* invstd_in, const W* weight, W* grad_weight, W* grad_bias,
+    i64 M, i64 C, i64 dy_stride_m, i64 x_stride_m, i64 dx_stride_m, A inv_count, int training, int need_input_grad) {
+    __shared__ A totals[2][32];
+    i64 c = (i64)blockIdx.y * 32 + threadIdx.x;
+    A mean = c < C ? mean_in[c] : A(0), invstd = c < C ? invstd_in[c] : A(0);
+    A sum_dy = A(0), sum_dy_xmu = A(0);
+    if (c < C) column_gradient_sums(dy, x, dy_stride_m, x_stride_m, c, mean, i64(0), M, sum_dy, sum_dy_xmu);
+    column_sums(sum_dy, sum_dy_xmu);
+    if (threadIdx.y == 0 && c < C) {
+        store_gradients(c, sum_dy, sum_dy_xmu, invstd, grad_weight, grad_bias);
+        totals[0][threadIdx.x] = sum_dy;
+        totals[1][threadIdx.x] = sum_dy_xmu;
+    }
+    __syncthreads();
+    if (!need_input_grad || c >= C) return;
+    A mean_x, scale, mean_dy, projection;
+    dx_coefficients(c, mean, invstd, weight, totals[0][threadIdx.x], totals[1][threadIdx.x], inv_count, training,
+                    mean_x, scale, mean_dy, projection);
+    column_input_gradient(dy, x, dx, dy_stride_m, x_stride_m, dx_stride_m, c, mean_x, scale, mean_dy, projection,
+                          training, i64(0), M);
 }

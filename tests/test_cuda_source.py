@@ -133,7 +133,7 @@ def _expected_numpy_type(c_type: str, accumulate):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_launch_arguments_match_the_kernel_signatures(monkeypatch, layout, dtype):
+def test_launch_arguments_match_the_kernel_signatures(monkeypatch, layout, dtype, kernel_path):
     import numpy as np
 
     import bn_gpu.plan
@@ -145,7 +145,7 @@ def test_launch_arguments_match_the_kernel_signatures(monkeypatch, layout, dtype
     monkeypatch.setattr(bn_gpu.plan, "multiprocessors", lambda index: 132)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 0})())
-    x = make_input((4, 6, 5, 8), dtype, layout)
+    x = make_input((2, 6, 32, 64), dtype, layout)
     weight, bias, running_mean, running_var = make_params(6, torch.float32 if dtype == torch.bfloat16 else dtype)
     cupy_backend.forward_train(x, weight, bias, running_mean, running_var, torch.tensor(3), None, 1e-5)
     cupy_backend.forward_eval(x, weight, bias, running_mean, running_var, 1e-5)
@@ -158,10 +158,14 @@ def test_launch_arguments_match_the_kernel_signatures(monkeypatch, layout, dtype
     accumulate = np.float64 if dtype == torch.float64 else np.float32
     launched = [name.split("<")[0] for name, *_ in fake.launches]
     family = "first" if layout == "contiguous" else "last"
-    assert launched == [f"stats_channels_{family}", "finalize_forward", f"normalize_channels_{family}",
-                        f"normalize_channels_{family}",
-                        f"backward_reduce_channels_{family}", "finalize_backward", f"dx_channels_{family}",
-                        f"dx_channels_{family}"]
+    if kernel_path == "split":
+        train_forward = [f"stats_channels_{family}", "finalize_forward", f"normalize_channels_{family}"]
+        train_backward = [f"backward_reduce_channels_{family}", "finalize_backward", f"dx_channels_{family}"]
+    else:
+        train_forward = [f"fused_forward_channels_{family}"]
+        train_backward = [f"fused_backward_channels_{family}"]
+    assert launched == (train_forward + [f"normalize_channels_{family}"] + train_backward
+                        + [f"dx_channels_{family}"])
     for name, grid, block, args in fake.launches:
         params = signatures[name.split("<")[0]]
         assert len(args) == len(params), (name, len(args), len(params))
