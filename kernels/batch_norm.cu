@@ -152,6 +152,16 @@ template <int VEC, typename Op> __device__ __forceinline__ void for_each_group_i
 
 // ---- forward ----------------------------------------------------------------------------------
 
+// Moments of x - shift of one channel over tiles [first, last), valid in thread 0. The shift, a value
+// of the channel, keeps the low bits when |mean| >> std: the subtraction is exact near it.
+template <typename T, typename A>
+__device__ Moments<A> block_moments(const Tiles& t, i64 first, i64 last, const T* xc, i64 stride_n, A shift) {
+    Moments<A> m = {A(0), A(0), A(0)};
+    for (i64 tile = first; tile < last; ++tile)
+        for_each_in_tile(t, tile, [&](i64 n, i64 s) { push(m, cvt<A>(xc[n * stride_n + s]) - shift); });
+    return block_merge(m);
+}
+
 template <typename T, typename A>
 __global__ void stats_channels_first(
     const T* __restrict__ x,   // input (N, C, S)
@@ -160,13 +170,9 @@ __global__ void stats_channels_first(
     i64 s_blocks, i64 total_tiles, i64 tiles_per_program, int rows, int block_s) {
     i64 c = blockIdx.x;
     const T* xc = x + c * stride_c;
-    // Moments of x - shift: exact subtraction near the shift keeps the low bits when |mean| >> std.
     A shift = cvt<A>(xc[0]);
     Tiles t = program_tiles(N, S, s_blocks, total_tiles, tiles_per_program, rows, block_s);
-    Moments<A> m = {A(0), A(0), A(0)};
-    for (i64 tile = t.first; tile < t.last; ++tile)
-        for_each_in_tile(t, tile, [&](i64 n, i64 s) { push(m, cvt<A>(xc[n * stride_n + s]) - shift); });
-    m = block_merge(m);
+    Moments<A> m = block_moments(t, t.first, t.last, xc, stride_n, shift);
     if (threadIdx.x == 0) {
         i64 out = (i64)blockIdx.y * C + c;
         part_count[out] = m.count; part_mean[out] = m.mean; part_m2[out] = m.m2;
@@ -364,6 +370,20 @@ __global__ void normalize_channels_last(
 
 // ---- backward ---------------------------------------------------------------------------------
 
+// sum(dy) and sum(dy * (x - mean)) of one channel over tiles [first, last), valid in thread 0.
+template <typename T, typename A>
+__device__ void block_gradient_sums(const Tiles& t, i64 first, i64 last, const T* dyc, const T* xc,
+                                    i64 dy_stride_n, i64 x_stride_n, A mean, A& sum_dy, A& sum_dy_xmu) {
+    for (i64 tile = first; tile < last; ++tile)
+        for_each_in_tile(t, tile, [&](i64 n, i64 s) {
+            A g = cvt<A>(dyc[n * dy_stride_n + s]);
+            sum_dy += g;
+            sum_dy_xmu += g * (cvt<A>(xc[n * x_stride_n + s]) - mean);
+        });
+    sum_dy = block_sum<A, 0>(sum_dy);
+    sum_dy_xmu = block_sum<A, 1>(sum_dy_xmu);
+}
+
 template <typename T, typename A>
 __global__ void backward_reduce_channels_first(
     const T* __restrict__ dy, const T* __restrict__ x, const A* mean_in,
@@ -376,14 +396,7 @@ __global__ void backward_reduce_channels_first(
     const T* xc = x + c * x_stride_c;
     A sum_dy = A(0), sum_dy_xmu = A(0);
     Tiles t = program_tiles(N, S, s_blocks, total_tiles, tiles_per_program, rows, block_s);
-    for (i64 tile = t.first; tile < t.last; ++tile)
-        for_each_in_tile(t, tile, [&](i64 n, i64 s) {
-            A g = cvt<A>(dyc[n * dy_stride_n + s]);
-            sum_dy += g;
-            sum_dy_xmu += g * (cvt<A>(xc[n * x_stride_n + s]) - mean);
-        });
-    sum_dy = block_sum<A, 0>(sum_dy);
-    sum_dy_xmu = block_sum<A, 1>(sum_dy_xmu);
+    block_gradient_sums(t, t.first, t.last, dyc, xc, dy_stride_n, x_stride_n, mean, sum_dy, sum_dy_xmu);
     if (threadIdx.x == 0) {
         i64 out = (i64)blockIdx.y * C + c;
         part_sum_dy[out] = sum_dy;
@@ -552,10 +565,7 @@ __global__ void fused_forward_channels_first(
     const T* xc = x + c * x_stride_c;
     A shift = cvt<A>(xc[0]);
     Tiles t = program_tiles(N, S, s_blocks, total_tiles, total_tiles, rows, block_s);
-    Moments<A> m = {A(0), A(0), A(0)};
-    for (i64 tile = 0; tile < total_tiles; ++tile)
-        for_each_in_tile(t, tile, [&](i64 n, i64 s) { push(m, cvt<A>(xc[n * x_stride_n + s]) - shift); });
-    m = block_merge(m);
+    Moments<A> m = block_moments(t, i64(0), total_tiles, xc, x_stride_n, shift);
     if (threadIdx.x == 0) {
         channel[0] = shift + m.mean;
         channel[1] = store_statistics(c, m.count, channel[0], m.m2, mean_out, invstd_out, running_mean, running_var,
@@ -611,14 +621,7 @@ __global__ void fused_backward_channels_first(
     A mean = mean_in[c], invstd = invstd_in[c];
     A sum_dy = A(0), sum_dy_xmu = A(0);
     Tiles t = program_tiles(N, S, s_blocks, total_tiles, total_tiles, rows, block_s);
-    for (i64 tile = 0; tile < total_tiles; ++tile)
-        for_each_in_tile(t, tile, [&](i64 n, i64 s) {
-            A g = cvt<A>(dyc[n * dy_stride_n + s]);
-            sum_dy += g;
-            sum_dy_xmu += g * (cvt<A>(xc[n * x_stride_n + s]) - mean);
-        });
-    sum_dy = block_sum<A, 0>(sum_dy);
-    sum_dy_xmu = block_sum<A, 1>(sum_dy_xmu);
+    block_gradient_sums(t, i64(0), total_tiles, dyc, xc, dy_stride_n, x_stride_n, mean, sum_dy, sum_dy_xmu);
     if (threadIdx.x == 0) {
         store_gradients(c, sum_dy, sum_dy_xmu, invstd, grad_weight, grad_bias);
         totals[0] = sum_dy;
