@@ -1,0 +1,87 @@
+"""Launch plans fill the GPU, and the launch budget holds: at most 3 launches for a training
+forward, 3 for a backward and 1 for eval, counting torch glue operations as launches."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bn_gpu import plan, triton_backend
+from support import make_input, make_params
+
+SMS = 132  # an H100 / H200
+# Allocations and views launch nothing.
+FREE = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default, torch.ops.aten.empty_like.default,
+        torch.ops.aten.new_empty.default, torch.ops.aten.as_strided.default, torch.ops.aten.view.default,
+        torch.ops.aten.select.int, torch.ops.aten.unbind.int, torch.ops.aten.movedim.int,
+        torch.ops.aten.permute.default, torch.ops.aten.detach.default, torch.ops.aten.alias.default}
+
+
+@pytest.mark.parametrize("shape", [(64, 3, 112, 112), (64, 64, 112, 112), (64, 2048, 7, 7), (16384, 2048),
+                                   (8, 64, 16, 56, 56)], ids=str)
+def test_plans_fill_the_gpu(shape):
+    N, C, S = shape[0], shape[1], 1
+    for size in shape[2:]:
+        S *= size
+    first = plan.channels_first_plan(N, C, S, plan.GPU_TUNING, SMS)
+    last = plan.channels_last_plan(N * S, C, plan.GPU_TUNING, SMS)
+    for p in (first, last):
+        programs = p.grid(C)[0] * p.grid(C)[1]
+        assert programs >= SMS, (p, programs)
+    # Every tile of a channel belongs to exactly one program.
+    assert (first.splits - 1) * first.tiles_per_program < first.total_tiles <= first.splits * first.tiles_per_program
+    assert (last.splits - 1) * last.rows_per_program < N * S <= last.splits * last.rows_per_program
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func not in FREE:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts Triton launches (replaced by no-ops) and torch operations of the Triton backend."""
+    counted = []
+
+    class Kernel:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: counted.append(self.name)
+
+    for job in ("_STATS", "_NORMALIZE", "_FUSED_FORWARD", "_BACKWARD_REDUCE", "_BACKWARD_DX", "_FUSED_BACKWARD"):
+        monkeypatch.setattr(triton_backend, job, (Kernel(job), Kernel(job)))
+    monkeypatch.setattr(triton_backend, "fin", type("Finalize", (), {
+        "forward_finalize_kernel": Kernel("finalize"), "backward_finalize_kernel": Kernel("finalize")}))
+
+    def run(fn):
+        counted.clear()
+        with _Count() as torch_ops:
+            fn()
+        return counted + torch_ops.ops
+
+    return run
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_launch_budget(launches, kernel_path, layout, momentum):
+    x = make_input((4, 6, 12, 12), layout=layout)
+    weight, bias, running_mean, running_var = make_params(6)
+    tracked = torch.tensor(1)
+    mean, invstd = torch.zeros(6), torch.ones(6)
+    train = launches(lambda: triton_backend.forward_train(x, weight, bias, running_mean, running_var, tracked,
+                                                          momentum, 1e-5))
+    assert len(train) <= 3, train
+    assert train[0] == ("_FUSED_FORWARD" if kernel_path == "single-pass" else "_STATS")
+    assert launches(lambda: triton_backend.forward_eval(x, weight, bias, running_mean, running_var, 1e-5)) == \
+        ["_NORMALIZE"]
+    backward = launches(lambda: triton_backend.backward(x, x, weight, mean, invstd, True, True, True))
+    assert len(backward) <= 3 and backward[0] in ("_FUSED_BACKWARD", "_BACKWARD_REDUCE"), backward
+    assert launches(lambda: triton_backend.backward(x, x, weight, mean, invstd, False, True, False)) == \
+        ["_BACKWARD_DX"]
