@@ -160,3 +160,22 @@ def test_triton_and_cupy_agree(case):
             assert_close(other, value, dtype, name)
         else:
             assert_stats_close(other, value, dtype, name)
+
+
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_compile_fullgraph_on_gpu(backend):
+    """torch.compile (Inductor) of a small CNN built with the modules, train then eval, on CUDA."""
+    def cnn():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1), bn_gpu.BatchNorm2d(8, backend=backend), torch.nn.ReLU(),
+            torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 10), bn_gpu.BatchNorm1d(10, backend=backend)).cuda()
+
+    eager, compiled_model = cnn(), cnn()
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    x = make_input((4, 3, 6, 6), device="cuda")
+    torch.testing.assert_close(compiled(x), eager(x), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(compiled_model[1].running_var, eager[1].running_var)
+    eager.eval()
+    compiled_model.eval()
+    torch.testing.assert_close(compiled(x), eager(x), atol=1e-4, rtol=1e-4)
