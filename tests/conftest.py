@@ -20,21 +20,12 @@ def pytest_addoption(parser):
                      help="fail, rather than skip, the GPU tests when no CUDA device is present")
 
 
-def pytest_collection_modifyitems(config, items):
-    require_gpu = config.getoption("--require-gpu") or os.environ.get("BN_GPU_REQUIRE_GPU") == "1"
-    if HAS_CUDA:
+def pytest_runtest_setup(item):
+    if "gpu" not in item.keywords or HAS_CUDA:
         return
-    for item in items:
-        if "gpu" in item.keywords:
-            if require_gpu:
-                item.add_marker(pytest.mark.usefixtures("_fail_without_gpu"))
-            else:
-                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none is present"))
-
-
-@pytest.fixture
-def _fail_without_gpu():
-    pytest.fail("a CUDA GPU is required (--require-gpu / BN_GPU_REQUIRE_GPU=1) but none is present")
+    if item.config.getoption("--require-gpu") or os.environ.get("BN_GPU_REQUIRE_GPU") == "1":
+        pytest.fail("a CUDA GPU is required (--require-gpu / BN_GPU_REQUIRE_GPU=1) but none is present")
+    pytest.skip("needs a CUDA GPU; none is present")
 
 
 @pytest.fixture
