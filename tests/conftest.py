@@ -8,6 +8,12 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI replays the same hypothesis examples every run; elsewhere they are drawn afresh.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

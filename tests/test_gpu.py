@@ -128,8 +128,8 @@ def test_above_two_to_the_31_elements(backend):
 
 @st.composite
 def _random_cases(draw):
-    spatial = [draw(st.integers(1, 40)) for _ in range(draw(st.integers(0, 3)))]
-    shape = (draw(st.integers(2, 16)), draw(st.integers(1, 300)), *spatial)
+    spatial = [draw(st.integers(1, 24)) for _ in range(draw(st.integers(0, 3)))]
+    shape = (draw(st.integers(2, 16)), draw(st.integers(1, 96)), *spatial)
     layout = draw(st.sampled_from(["contiguous", "channels_last", "channel_slice"]))
     dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
     return shape, layout, dtype, draw(st.integers(0, 2**16))
@@ -152,13 +152,16 @@ def test_triton_and_cupy_agree(case):
                                                          1e-5, backend)
         grads = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, True, True, True, backend)
         y_eval, _, _ = torch.ops.bn_gpu.forward_eval(x, weight, bias, running_mean, running_var, 1e-5, backend)
+        # dx relative to each channel's gain weight * invstd: the bracket it multiplies cancels
+        # among O(1) terms where a channel has few values (see test_numerics).
+        gain = (weight * invstd).reshape(1, C, *[1] * (x.dim() - 2))
         results[backend] = dict(y=y, mean=mean, invstd=invstd, running_mean=running_mean,
-                                running_var=running_var, grad_x=grads[0], y_eval=y_eval)
+                                running_var=running_var, grad_x=grads[0].float() / gain, y_eval=y_eval)
     for name, value in results["triton"].items():
         other = results["cupy"][name]
-        if value.dtype == dtype:
+        if name in ("y", "y_eval", "grad_x"):  # values in the input's dtype
             assert_close(other, value, dtype, name)
-        else:
+        else:  # fp32 statistics
             assert_stats_close(other, value, dtype, name)
 
 
