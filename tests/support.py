@@ -130,3 +130,29 @@ def assert_stats_close(actual, expected, dtype, what=""):
 
 needs_interpreter = pytest.mark.skipif(
     not INTERPRETING, reason="Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set by conftest without CUDA)")
+
+
+def fp32_spacing(values: torch.Tensor) -> torch.Tensor:
+    """Distance between neighbouring fp32 numbers at |values|, as float64."""
+    exponent = torch.frexp(values.abs().double())[1]
+    return torch.ldexp(torch.ones_like(values, dtype=torch.float64), exponent - 24)
+
+
+def rounding_at_mean(mean_ref: torch.Tensor, invstd_ref: torch.Tensor, weight, x: torch.Tensor) -> torch.Tensor:
+    """Per-channel error that the fp32 saved mean alone brings into y = (x - mean) * invstd * weight:
+    |weight| * invstd * spacing(|mean|), shaped to broadcast against x. Large when |mean| >> std,
+    and when a channel of few values has a small spread."""
+    scale = invstd_ref.double() * (1.0 if weight is None else weight.double().abs())
+    bound = scale * fp32_spacing(mean_ref)
+    return bound.reshape(1, -1, *[1] * (x.dim() - 2)).cpu()
+
+
+def assert_close_with_slack(actual, expected, dtype, slack: torch.Tensor, what=""):
+    """assert_close with the dtype's tolerance plus a per-element (broadcast) slack."""
+    atol, rtol = TOLERANCES[dtype]
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    error = (actual - expected).abs()
+    allowed = atol + rtol * expected.abs() + slack
+    assert bool((error <= allowed).all()), (
+        f"{what}: {int((error > allowed).sum())} of {error.numel()} values off; worst excess "
+        f"{float((error - allowed).max()):.3e}, largest error {float(error.max()):.3e}")
