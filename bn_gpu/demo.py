@@ -34,14 +34,14 @@ def _show(label: str, ours: torch.Tensor, expected: torch.Tensor) -> float:
     return error
 
 
-def run(out=print) -> float:
+def run() -> float:
     """Walk the example; returns the largest difference from the reference."""
     import bn_gpu
     from bn_gpu import reference as ref
 
     backend, device, where = _where_it_runs()
-    out(f"bn_gpu demo: the seed's mini-batch BatchNorm example, run by {where} (backend={backend!r}).")
-    out(f"Data: 20 x 3, row i = (i, i+1, i+2); batches of {BATCH}; momentum {MOMENTUM}; eps {EPS}; "
+    print(f"bn_gpu demo: the seed's mini-batch BatchNorm example, run by {where} (backend={backend!r}).")
+    print(f"Data: 20 x 3, row i = (i, i+1, i+2); batches of {BATCH}; momentum {MOMENTUM}; eps {EPS}; "
         "gamma = 1, beta = 0, so y = x_hat.\n")
     data = torch.tensor(SEED_DATA, dtype=torch.float32)
     bn = bn_gpu.BatchNorm1d(3, momentum=MOMENTUM, eps=EPS, backend=backend).to(device)
@@ -54,20 +54,20 @@ def run(out=print) -> float:
             bn.momentum, bn.eps, backend)
         y_ref, mean_ref, var_ref, invstd_ref = ref.forward_train(batch, eps=EPS)
         ref_mean, ref_var = ref.update_running_stats(ref_mean, ref_var, mean_ref, var_ref, BATCH, MOMENTUM)
-        out(f"Batch {b + 1} (samples {BATCH * b + 1}-{BATCH * b + BATCH}):")
+        print(f"Batch {b + 1} (samples {BATCH * b + 1}-{BATCH * b + BATCH}):")
         worst = max(worst, _show("mean", mean.cpu(), mean_ref))
         worst = max(worst, _show("variance", (invstd.cpu().double() ** -2 - EPS), var_ref))
         for row in range(BATCH):
             worst = max(worst, _show(f"y row {row + 1}", y[row].cpu(), y_ref[row]))
         worst = max(worst, _show("running_mean", bn.running_mean.cpu(), ref_mean))
         worst = max(worst, _show("running_var", bn.running_var.cpu(), ref_var))
-        out("")
+        print("")
     bn.eval()
-    out(f"Eval mode (normalized with the running statistics), after {int(bn.num_batches_tracked)} batches:")
+    print(f"Eval mode (normalized with the running statistics), after {int(bn.num_batches_tracked)} batches:")
     y_eval = bn(data.to(device)).detach().cpu()
     y_eval_ref = ref.forward_eval(data, ref_mean, ref_var, eps=EPS)
     for row in (0, 9, 19):
         worst = max(worst, _show(f"y row {row + 1}", y_eval[row], y_eval_ref[row]))
-    out(f"\nLargest difference from the float64 reference: {worst:.2e}")
-    out("(running_var uses the unbiased batch variance, as PyTorch; the seed's text uses the biased one.)")
+    print(f"\nLargest difference from the float64 reference: {worst:.2e}")
+    print("(running_var uses the unbiased batch variance, as PyTorch; the seed's text uses the biased one.)")
     return worst

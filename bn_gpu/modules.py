@@ -9,7 +9,9 @@ from .functional import batch_norm
 class _BatchNormMixin:
     """forward() of torch's _BatchNorm, with the work done by bn_gpu and the batch counted on the device."""
 
-    backend: str
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backend
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
@@ -29,32 +31,16 @@ class _BatchNormMixin:
         return f"{super().extra_repr()}, backend={self.backend!r}"
 
 
-def _init(module, backend: str) -> None:
-    module.backend = backend
-
-
 class BatchNorm1d(_BatchNormMixin, torch.nn.BatchNorm1d):
     """torch.nn.BatchNorm1d on bn_gpu kernels; same constructor plus backend="auto"."""
-
-    def __init__(self, *args, backend: str = "auto", **kwargs):
-        super().__init__(*args, **kwargs)
-        _init(self, backend)
 
 
 class BatchNorm2d(_BatchNormMixin, torch.nn.BatchNorm2d):
     """torch.nn.BatchNorm2d on bn_gpu kernels; same constructor plus backend="auto"."""
 
-    def __init__(self, *args, backend: str = "auto", **kwargs):
-        super().__init__(*args, **kwargs)
-        _init(self, backend)
-
 
 class BatchNorm3d(_BatchNormMixin, torch.nn.BatchNorm3d):
     """torch.nn.BatchNorm3d on bn_gpu kernels; same constructor plus backend="auto"."""
-
-    def __init__(self, *args, backend: str = "auto", **kwargs):
-        super().__init__(*args, **kwargs)
-        _init(self, backend)
 
 
 _REPLACEMENTS = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d,

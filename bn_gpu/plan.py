@@ -1,8 +1,10 @@
-"""Launch plans: how the (N, C, S) or (M, C) work is cut into tiles and programs.
+"""Launch plans: how the (N, C, S) or (M, C) work is cut into tiles and programs, and the launch
+geometry (plan, sizes, strides) that both GPU backends build from it once per input layout.
 
 Statistics are a split reduction: each channel (block) is spread over `splits` programs so that
 the grid fills the GPU whatever C is, and the partials are merged by the finalize kernels. The
-normalize and backward kernels walk the same tiles with the same grid.
+normalize and backward kernels walk the same tiles with the same grid. With one split, programs
+own whole channels and the single-pass kernels do everything in one launch.
 """
 from __future__ import annotations
 
@@ -12,6 +14,10 @@ from dataclasses import dataclass
 
 import torch
 import triton
+
+from .dtypes import stat_dtype
+from .layout import (CHANNELS_FIRST, channels_first_view, channels_last_view, choose_layout, empty_in_family,
+                     in_family, spatial_size)
 
 
 @dataclass(frozen=True)
@@ -126,3 +132,64 @@ def finalize_plan(splits: int, C: int, tuning: Tuning) -> FinalizePlan:
     block_c = min(triton.next_power_of_2(C), 64 if tuning.max_block_c >= 64 else tuning.max_block_c)
     block_splits = min(triton.next_power_of_2(splits), max(1, tuning.finalize_tile // block_c))
     return FinalizePlan(block_splits, block_c)
+
+
+class Geometry:
+    """What a GPU backend launches for one input layout (and, in the backward, one gradient
+    layout): family, sizes, per-tensor strides, the plan and the output's strides. Built from meta
+    tensors once per (shape, strides, dtype, device, tuning) by `Geometry.of`, and cached."""
+
+    def __init__(self, x: torch.Tensor, family: str, tuning: Tuning, sms: int, others=()):
+        self.family = family
+        self.first = family == CHANNELS_FIRST
+        self.N, self.C = x.shape[0], x.shape[1]
+        self.S = spatial_size(x.shape)
+        self.count = self.N * self.S
+        self.stat_dtype = stat_dtype(x.dtype)
+        out = empty_in_family(x, family)  # x is a meta tensor: so is out
+        self.out_strides = out.stride()
+        tensors = (x, *others, out)
+        if self.first:
+            self.plan = channels_first_plan(self.N, self.C, self.S, tuning, sms)
+            self.sizes = [self.N, self.C, self.S]
+            self.strides = [[v.stride_n, v.stride_c] for v in map(channels_first_view, tensors)]
+            self.tiling = [self.plan.s_blocks, self.plan.total_tiles, self.plan.tiles_per_program]
+            self.fused_tiling = self.tiling[:2]  # single pass: the program walks every tile
+            self.shift_stride = self.strides[0][1]  # between the first values of consecutive channels
+        else:
+            self.plan = channels_last_plan(self.count, self.C, tuning, sms)
+            self.sizes = [self.count, self.C]
+            self.strides = [[channels_last_view(t).stride_m] for t in tensors]
+            self.tiling = [self.plan.rows_per_program]
+            self.fused_tiling = []
+            self.shift_stride = 1
+        self.fused = self.plan.splits == 1
+        self.offset_64 = any(sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) > 2**31 - 1
+                             for t in tensors)
+        self.copy_input = False   # x must first be copied into a layout the kernels read
+        self.copy_others = []     # the same for each of `others`
+
+    def geometry(self, *which: int) -> list:
+        """Sizes, then the strides of the tensors numbered `which` (0: x, then the others, -1: output)."""
+        return self.sizes + [s for i in which for s in self.strides[i]]
+
+    @classmethod
+    def of(cls, x: torch.Tensor, *others: torch.Tensor, tuning: Tuning, sms: int) -> "Geometry":
+        return _cached_geometry(cls, tuple(x.shape), x.stride(), x.dtype, x.device,
+                                tuple(o.stride() for o in others), tuning, sms)
+
+    def read(self, x: torch.Tensor) -> torch.Tensor:
+        """x, or its copy in the layout the kernels read."""
+        return choose_layout(x)[1] if self.copy_input else x
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_geometry(cls, shape, x_strides, dtype, device, other_strides, tuning, sms) -> Geometry:
+    x = torch.empty_strided(shape, x_strides, dtype=dtype, device="meta")
+    others = [torch.empty_strided(shape, s, dtype=dtype, device="meta") for s in other_strides]
+    family, x_read = choose_layout(x)
+    others = [in_family(t, family) for t in others]
+    geometry = cls(x_read, family, tuning, sms, others)
+    geometry.copy_input = x_read is not x
+    geometry.copy_others = [o.stride() != s for o, s in zip(others, other_strides)]
+    return geometry

@@ -107,7 +107,7 @@ def target_gaps(rows: list[Row]) -> list[dict]:
             target = FLOOR_TARGETS[mode]
             checks.append((f"≥ {target:.0f}% of floor", best.pct_floor >= target, f"{best.pct_floor:.0f}%"))
         if torch_rows:
-            checks.append(("≥ 1.0× best torch", best.speedup >= 1.0, f"{best.speedup:.2f}×"))
+            checks.append(("≥ 1.0× best torch", is_win(best), f"{best.speedup:.2f}×"))
         if shape == SEED_SHAPE:
             eager = [r for r in torch_rows if r.impl in ("torch-cudnn", "torch-native") and not math.isnan(r.host_us)]
             if eager and not math.isnan(best.host_us):

@@ -20,14 +20,10 @@ import torch
 import triton.language as tl
 
 from . import layout
-from .dtypes import stat_dtype
 from .kernels import channels_first as cf
 from .kernels import channels_last as cl
 from .kernels import finalize as fin
-from .layout import CHANNELS_FIRST
-from .plan import Tuning, channels_first_plan, channels_last_plan, finalize_plan, interpreting, tuning_and_sms
-
-_INT32_LIMIT = 2**31 - 1
+from .plan import Geometry, Tuning, finalize_plan, interpreting, tuning_and_sms
 
 # (channels-first kernel, channels-last kernel) of each job
 _STATS = (cf.channels_first_stats_kernel, cl.channels_last_stats_kernel)
@@ -71,83 +67,26 @@ def _empty(shape, dtype: torch.dtype, device: torch.device, strides=None) -> tor
     return torch.empty_strided(shape, strides, dtype=dtype, device=device)
 
 
-def _max_offset(t: torch.Tensor) -> int:
-    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-
-
-class _Recipe:
-    """The launch geometry of one input (and gradient) layout, worked out once and cached."""
+class _Recipe(Geometry):
+    """The geometry of one input layout, plus what Triton launches take: constexprs and grids."""
 
     def __init__(self, x: torch.Tensor, family: str, tuning: Tuning, sms: int, others=()):
-        self.family = family
-        self.first = family == CHANNELS_FIRST
-        self.N, self.C = x.shape[0], x.shape[1]
-        self.S = layout.spatial_size(x.shape)
-        self.count = self.N * self.S
-        self.stat_dtype = stat_dtype(x.dtype)
+        super().__init__(x, family, tuning, sms, others)
+        p = self.plan
+        blocks = dict(ROWS=p.rows, BLOCK_S=p.block_s) if self.first else dict(BLOCK_M=p.block_m, BLOCK_C=p.block_c)
         acc = tl.float64 if self.stat_dtype == torch.float64 else tl.float32
-        out = layout.empty_in_family(x, family)
-        self.out_strides = out.stride()
-        tensors = (x, *others, out)
-        if self.first:
-            self.plan = channels_first_plan(self.N, self.C, self.S, tuning, sms)
-            blocks = dict(ROWS=self.plan.rows, BLOCK_S=self.plan.block_s)
-            self.sizes = [self.N, self.C, self.S]
-            self.strides = [list(_first_strides(t)) for t in tensors]
-            self.tiling = [self.plan.s_blocks, self.plan.total_tiles, self.plan.tiles_per_program]
-            self.shift_stride = self.strides[0][1]
-        else:
-            self.plan = channels_last_plan(self.count, self.C, tuning, sms)
-            blocks = dict(BLOCK_M=self.plan.block_m, BLOCK_C=self.plan.block_c)
-            self.sizes = [self.count, self.C]
-            self.strides = [[layout.channels_last_view(t).stride_m] for t in tensors]
-            self.tiling = [self.plan.rows_per_program]
-            self.shift_stride = 1
-        self.fused = self.plan.splits == 1
-        self.grid = self.plan.grid(self.C)
-        self.finalize = finalize_plan(self.plan.splits, self.C, tuning)
+        self.meta = dict(ACC=acc, OFFSET_64=self.offset_64, num_warps=p.num_warps, **blocks)
+        self.grid = p.grid(self.C)
+        self.finalize = finalize_plan(p.splits, self.C, tuning)
         self.finalize_grid = self.finalize.grid(self.C)
-        offset_64 = any(_max_offset(t) > _INT32_LIMIT for t in tensors)
-        self.meta = dict(ACC=acc, OFFSET_64=offset_64, num_warps=self.plan.num_warps, **blocks)
 
-    def kernel(self, pair, grid=None):
-        return pair[0 if self.first else 1][grid or self.grid]
-
-    def geometry(self, *which: int) -> list:
-        """Sizes, then the strides of the tensors numbered `which` (0: x, then the others, -1: output)."""
-        return self.sizes + [s for i in which for s in self.strides[i]]
-
-    @property
-    def fused_tiling(self) -> list:
-        return self.tiling[:2] if self.first else []
-
-
-def _first_strides(t: torch.Tensor) -> tuple[int, int]:
-    view = layout.channels_first_view(t)
-    return view.stride_n, view.stride_c
-
-
-@functools.lru_cache(maxsize=1024)
-def _cached_recipe(key) -> _Recipe:
-    shape, x_strides, dtype, device, other_strides, tuning, sms = key
-    x = torch.empty_strided(shape, x_strides, dtype=dtype, device="meta")
-    others = [torch.empty_strided(shape, s, dtype=dtype, device="meta") for s in other_strides]
-    family, x_read = layout.choose_layout(x)
-    others = [layout.in_family(t, family) for t in others]
-    recipe = _Recipe(x_read, family, tuning, sms, others)
-    recipe.copy_input = x_read is not x
-    recipe.copy_others = [o.stride() != s for o, s in zip(others, other_strides)]
-    return recipe
+    def kernel(self, pair):
+        return pair[0 if self.first else 1][self.grid]
 
 
 def _recipe(x: torch.Tensor, *others: torch.Tensor) -> _Recipe:
     tuning, sms = tuning_and_sms(x.device)
-    return _cached_recipe((tuple(x.shape), x.stride(), x.dtype, x.device,
-                           tuple(o.stride() for o in others), tuning, sms))
-
-
-def _read_as(recipe: _Recipe, x: torch.Tensor) -> torch.Tensor:
-    return layout.choose_layout(x)[1] if recipe.copy_input else x
+    return _Recipe.of(x, *others, tuning=tuning, sms=sms)
 
 
 # ---- forward ---------------------------------------------------------------------------------
@@ -157,7 +96,7 @@ def forward_train(x, weight, bias, running_mean, running_var, num_batches_tracke
     """(y, mean, invstd); updates running_mean/var in place and counts the batch in
     num_batches_tracked, when given."""
     r = _recipe(x)
-    x = _read_as(r, x)
+    x = r.read(x)
     y = _empty(x.shape, x.dtype, x.device, r.out_strides)
     mean = _empty(r.C, r.stat_dtype, x.device)
     invstd = _empty(r.C, r.stat_dtype, x.device)
@@ -199,7 +138,7 @@ def forward_train(x, weight, bias, running_mean, running_var, num_batches_tracke
 def forward_eval(x, weight, bias, running_mean, running_var, eps):
     """(y, mean, invstd) with mean/invstd taken from the running statistics, for the backward."""
     r = _recipe(x)
-    x = _read_as(r, x)
+    x = r.read(x)
     y = _empty(x.shape, x.dtype, x.device, r.out_strides)
     mean = _empty(r.C, r.stat_dtype, x.device)
     invstd = _empty(r.C, r.stat_dtype, x.device)
@@ -217,7 +156,7 @@ def forward_eval(x, weight, bias, running_mean, running_var, eps):
 def backward(grad_y, x, weight, mean, invstd, training, need_input_grad, need_weight_grad):
     """(grad_x, grad_weight, grad_bias); a gradient that is not needed comes back as an empty tensor."""
     r = _recipe(x, grad_y)
-    x = _read_as(r, x)
+    x = r.read(x)
     if r.copy_others[0]:
         grad_y = layout.in_family(grad_y, r.family)
     device = x.device

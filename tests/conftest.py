@@ -18,7 +18,6 @@ if os.environ.get("CI"):
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def pytest_addoption(parser):
@@ -37,17 +36,17 @@ def pytest_runtest_setup(item):
 @pytest.fixture
 def poisoned(monkeypatch):
     """Fill every buffer the backends allocate with NaN before the kernels write it."""
+    import bn_gpu.cupy_backend
     import bn_gpu.layout
     import bn_gpu.triton_backend
-
-    real_empty_in_family = bn_gpu.layout.empty_in_family
-    real_empty = bn_gpu.triton_backend._empty
 
     def poison(t):
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
-    monkeypatch.setattr(bn_gpu.layout, "empty_in_family", lambda *a: poison(real_empty_in_family(*a)))
-    monkeypatch.setattr(bn_gpu.triton_backend, "_empty", lambda *a: poison(real_empty(*a)))
+    for module, name in ((bn_gpu.layout, "empty_in_family"), (bn_gpu.triton_backend, "_empty"),
+                         (bn_gpu.cupy_backend, "_empty")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, real=real: poison(real(*args)))
 
 
 @pytest.fixture(params=["split", "single-pass"])

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-HAS_CUDA = torch.cuda.is_available()
 
 # (dtype, atol, rtol) for outputs and gradients of O(1) magnitude, against the float64 reference.
 # float64 inputs accumulate in float64, but momentum and eps reach the Triton kernels as fp32
@@ -56,7 +55,7 @@ def backends_for_cpu_tensors():
     return ["cpu", "triton"] if INTERPRETING else ["cpu"]
 
 
-def _has_cupy() -> bool:
+def has_cupy() -> bool:
     try:
         import cupy  # noqa: F401
     except ImportError:
@@ -64,7 +63,7 @@ def _has_cupy() -> bool:
     return True
 
 
-requires_cupy = pytest.mark.skipif(not _has_cupy(), reason="CuPy is not installed (pip install -e .[cupy])")
+requires_cupy = pytest.mark.skipif(not has_cupy(), reason="CuPy is not installed (pip install -e .[cupy])")
 
 
 def backend_devices():
@@ -126,10 +125,6 @@ def assert_stats_close(actual, expected, dtype, what=""):
     atol, rtol = stat_tolerance(dtype)
     torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol, rtol=rtol,
                                msg=lambda m: f"{what}: {m}")
-
-
-needs_interpreter = pytest.mark.skipif(
-    not INTERPRETING, reason="Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set by conftest without CUDA)")
 
 
 def fp32_spacing(values: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,8 @@ import torch
 
 import bn_gpu
 from bn_gpu import cupy_backend
+from bn_gpu.dtypes import stat_dtype
+from support import has_cupy
 
 NVCC = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
 
@@ -50,15 +52,7 @@ def test_every_kernel_of_the_source_is_used():
     assert source.count("__global__") == len({n.split("<")[0] for n in roles.values()})
 
 
-def _has_cupy():
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(_has_cupy(), reason="checks the error shown when CuPy is not installed")
+@pytest.mark.skipif(has_cupy(), reason="checks the error shown when CuPy is not installed")
 def test_missing_cupy_names_the_install_command():
     with pytest.raises(RuntimeError, match=r"needs CuPy, which is not installed: pip install -e \.\[cupy\]"):
         bn_gpu.batch_norm(torch.randn(4, 3), None, None, training=True, backend="cupy")
@@ -149,7 +143,7 @@ def test_launch_arguments_match_the_kernel_signatures(monkeypatch, layout, dtype
     weight, bias, running_mean, running_var = make_params(6, torch.float32 if dtype == torch.bfloat16 else dtype)
     cupy_backend.forward_train(x, weight, bias, running_mean, running_var, torch.tensor(3), None, 1e-5)
     cupy_backend.forward_eval(x, weight, bias, running_mean, running_var, 1e-5)
-    mean, invstd = torch.zeros(6, dtype=cupy_backend.stat_dtype(dtype)), torch.ones(6, dtype=cupy_backend.stat_dtype(dtype))
+    mean, invstd = torch.zeros(6, dtype=stat_dtype(dtype)), torch.ones(6, dtype=stat_dtype(dtype))
     cupy_backend.backward(x, x, weight, mean, invstd, True, True, True)
     cupy_backend.backward(x, x, None, mean, invstd, False, True, False)
     cupy_backend._kernels.cache_clear()
