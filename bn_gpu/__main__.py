@@ -1,4 +1,4 @@
-"""Command line: python -m bn_gpu {demo, bench, plot}."""
+"""Command line: python -m bn_gpu {demo, preflight, bench, plot}."""
 from __future__ import annotations
 
 import argparse
@@ -12,12 +12,22 @@ def main(argv=None) -> int:
     bench = commands.add_parser("bench", help="bn_gpu against cuDNN, PyTorch's native kernels and torch.compile")
     from .bench import add_arguments
     add_arguments(bench)
+    commands.add_parser("preflight", help="one tiny case of every op, backend, layout and kernel path against "
+                                          "float64, a line each (on a CPU: the Triton interpreter)")
     plot = commands.add_parser("plot", help="Markdown table and PNG plot from a results .json file")
     plot.add_argument("file")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run
         return 0 if run() < 1e-4 else 1
+    if args.command == "preflight":
+        import os
+
+        import torch
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are first imported
+        from .preflight import run as preflight
+        return 1 if preflight() else 0
     if args.command == "bench":
         from .bench import run
         run(args)

@@ -168,13 +168,14 @@ def _arranged(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def _inputs(shape, dtype, layout, device):
-    """x ~ normal(3, 2) and weight in [0.5, 1.5), as shared/ANCHORS.md; dy in x's layout."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x = _arranged((torch.randn(shape, generator=g) * 2 + 3).to(device=device, dtype=dtype), layout)
-    dy = _arranged(torch.randn(shape, generator=g).to(device=device, dtype=dtype), layout)
+    """x ~ normal(3, 2) and weight in [0.5, 1.5), as the baseline numbers (docs); dy in x's layout.
+    Drawn on the device from a fixed seed: every implementation of a case gets the same values."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = _arranged((torch.randn(shape, generator=g, device=device) * 2 + 3).to(dtype), layout)
+    dy = _arranged(torch.randn(shape, generator=g, device=device).to(dtype), layout)
     C = shape[1]
-    w = (torch.rand(C, generator=g) + 0.5).to(device)
-    b = torch.randn(C, generator=g).to(device)
+    w = torch.rand(C, generator=g, device=device) + 0.5
+    b = torch.randn(C, generator=g, device=device)
     rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
     return x, w, b, rm, rv, dy
 
@@ -225,20 +226,53 @@ def metadata(device: torch.device, smoke: bool, copy: float) -> dict:
     return meta
 
 
-def _progress(done: int, total: int, label: str) -> None:
-    width = 30
-    filled = int(width * done / max(total, 1))
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label[:60]:<60}")
-    sys.stderr.flush()
-    if done == total:
-        sys.stderr.write("\n")
+# Rough cost of one job in seconds, for fitting a run into --budget-s: a torch.compile build
+# dominates (a fresh compile per case); the other implementations cost a warm-up, ~0.1 s of timing
+# and the float64 check. The budget is also enforced as the run goes: these only choose what to drop.
+JOB_COST_S = {"torch-inductor": 20.0}
+DEFAULT_JOB_COST_S = 0.6
+
+
+def job_cost_s(impl: str) -> float:
+    return JOB_COST_S.get(impl, DEFAULT_JOB_COST_S)
+
+
+def fit_budget(jobs: list, budget_s: float | None) -> tuple[list, list]:
+    """(kept, dropped): the jobs whose estimated cost fits `budget_s`, dropping the costliest
+    implementation's jobs first, then jobs from the end of the list (the list is in priority order)."""
+    if budget_s is None:
+        return list(jobs), []
+    kept = list(jobs)
+    dropped = []
+    total = sum(job_cost_s(job[0]) for job in kept)
+    while kept and total > budget_s + 1e-9:
+        costliest = max(job_cost_s(job[0]) for job in kept)
+        index = max(i for i, job in enumerate(kept) if job_cost_s(job[0]) == costliest)
+        job = kept.pop(index)
+        total -= job_cost_s(job[0])
+        dropped.append(job)
+    return kept, dropped
+
+
+def job_label(job) -> str:
+    name, _, shape, dtype, layout, mode = job
+    return f"{name} {'x'.join(map(str, shape))} {str(dtype).replace('torch.', '')} {layout} {mode}"
+
+
+def _save_rows(stem: str, rows: list, copy: float, meta: dict) -> dict:
+    """Write the rows measured so far: a run cut short by a timeout keeps them."""
+    fill_metrics(rows, copy)
+    return save(stem, rows, meta)
 
 
 def run(args) -> dict:
     smoke = args.smoke
     if smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+    elif not torch.cuda.is_available():
+        raise SystemExit("python -m bn_gpu bench needs a CUDA GPU and none is present; "
+                         "--smoke runs the whole path on a CPU (Triton interpreter, timings not meaningful)")
+    device = torch.device("cpu" if smoke else "cuda")
     shapes = [parse_shape(s) for s in (args.shapes or (SMOKE_SHAPES if smoke else DEFAULT_SHAPES))]
     dtypes = [DTYPES[d] for d in (args.dtypes or (["float32", "bfloat16"] if smoke else list(DTYPES)))]
     modes = args.modes or list(MODES)
@@ -246,20 +280,34 @@ def run(args) -> dict:
     jobs = [(name, factory, shape, dtype, layout, mode)
             for shape in shapes for dtype in dtypes for layout in layouts_for(shape)
             for mode in modes for name, factory in impls.items()]
+    start = time.monotonic()
+    jobs, dropped = fit_budget(jobs, args.budget_s)
     copy = copy_gbps(device, smoke)
-    rows = []
-    for i, (name, factory, shape, dtype, layout, mode) in enumerate(jobs):
-        _progress(i, len(jobs), f"{name} {'x'.join(map(str, shape))} {dtype} {layout} {mode}")
-        rows.append(measure_case(name, factory(), shape, dtype, layout, mode, device, smoke))
-    _progress(len(jobs), len(jobs), "done")
-    fill_metrics(rows, copy)
     meta = metadata(device, smoke, copy)
+    meta["budget_s"] = args.budget_s
+    meta["dropped"] = [job_label(job) + " (over the budget)" for job in dropped]
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     tag = "smoke" if smoke else meta["device"].replace(" ", "-")
-    paths = save(os.path.join(args.out, f"{'smoke' if smoke else 'bench'}-{stamp}-{tag}"), rows, meta)
+    stem = os.path.join(args.out, f"{'smoke' if smoke else 'bench'}-{stamp}-{tag}")
+    rows = []
+    for i, job in enumerate(jobs):
+        if args.budget_s is not None and time.monotonic() - start > args.budget_s:
+            meta["dropped"] += [job_label(j) + " (out of time)" for j in jobs[i:]]
+            break
+        name, factory, shape, dtype, layout, mode = job
+        row = measure_case(name, factory(), shape, dtype, layout, mode, device, smoke)
+        rows.append(row)
+        verdict = "ok" if row.correct else ("ERROR " + row.note if row.note else f"WRONG ({row.max_error:.1e})")
+        print(f"[{i + 1}/{len(jobs)}] {job_label(job)}: {row.us:.1f} us {verdict}", file=sys.stderr, flush=True)
+        meta["elapsed_s"] = round(time.monotonic() - start, 1)
+        paths = _save_rows(stem, rows, copy, meta)
+    meta["elapsed_s"] = round(time.monotonic() - start, 1)
+    paths = _save_rows(stem, rows, copy, meta)
+    for label in meta["dropped"]:
+        print(f"dropped: {label}", file=sys.stderr)
     try:
-        paths["png"] = plot(rows, meta, paths["json"][:-5] + ".png")
+        paths["png"] = plot(rows, meta, stem + ".png")
     except ImportError:
         print("matplotlib is not installed (pip install -e .[bench]): no plot", file=sys.stderr)
     for kind, path in paths.items():
@@ -274,3 +322,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", nargs="+", choices=list(MODES))
     parser.add_argument("--impls", nargs="+", choices=IMPLS)
     parser.add_argument("--out", default=os.path.join("profiling", "results"), help="folder for the results files")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="fit the run into this many seconds: torch.compile jobs are dropped first, then "
+                             "the last jobs; the dropped ones are listed (results are written after every job)")

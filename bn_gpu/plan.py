@@ -8,6 +8,7 @@ own whole channels and the single-pass kernels do everything in one launch.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -29,8 +30,23 @@ class Tuning:
     num_warps: int
 
 
+def _tuning_from_environment(default: Tuning) -> Tuning:
+    """`default` with the fields that BN_GPU_TUNING overrides ("tile_elements=4096,num_warps=8"):
+    for tuning experiments on a GPU without editing the code."""
+    text = os.environ.get("BN_GPU_TUNING", "").strip()
+    if not text:
+        return default
+    try:
+        fields = {key.strip(): int(value) for key, value in (item.split("=") for item in text.split(","))}
+        return dataclasses.replace(default, **fields)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"BN_GPU_TUNING={text!r}: expected comma-separated field=integer pairs of "
+                         f"{', '.join(f.name for f in dataclasses.fields(Tuning))}") from error
+
+
 # On a GPU: tiles of 2048 values give each of 128 threads 16 values (four 16-byte loads in fp32).
-GPU_TUNING = Tuning(tile_elements=2048, programs_per_sm=4, max_block_c=128, finalize_tile=4096, num_warps=4)
+GPU_TUNING = _tuning_from_environment(
+    Tuning(tile_elements=2048, programs_per_sm=4, max_block_c=128, finalize_tile=4096, num_warps=4))
 # In the Triton interpreter: small tiles and few programs, so that tests on small shapes still
 # walk several tiles per program, several splits per channel and several finalize chunks.
 INTERPRETER_TUNING = Tuning(tile_elements=64, programs_per_sm=2, max_block_c=4, finalize_tile=8, num_warps=1)

@@ -88,6 +88,30 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def compact_markdown(rows: list[Row]) -> str:
+    """One line per case: each implementation's µs and % of floor, and best bn_gpu against best torch."""
+    impls = [i for i in (*BN_GPU_IMPLS, *TORCH_IMPLS) if any(r.impl == i for r in rows)]
+    cases = {}
+    for r in rows:
+        cases.setdefault(r.case, {})[r.impl] = r
+    lines = ["| shape | dtype | layout | mode | " + " | ".join(impls) + " | bn_gpu vs best torch |",
+             "|---|---|---|---|" + "---|" * (len(impls) + 1)]
+    for case, by_impl in cases.items():
+        cells = []
+        for impl in impls:
+            r = by_impl.get(impl)
+            if r is None:
+                cells.append("")
+            elif not r.correct:
+                cells.append("**WRONG**" if not r.note else "**ERROR**")
+            else:
+                cells.append(f"{_fmt(r.us, '.1f')} ({_fmt(r.pct_floor, '.0f')}%)")
+        ours = [r for r in by_impl.values() if r.impl in BN_GPU_IMPLS and r.correct and not math.isnan(r.us)]
+        best = f"{max(r.speedup for r in ours):.2f}×" if ours and not all(math.isnan(r.speedup) for r in ours) else "—"
+        lines.append("| " + " | ".join(case) + " | " + " | ".join(cells) + f" | {best} |")
+    return "\n".join(lines)
+
+
 def target_gaps(rows: list[Row]) -> list[dict]:
     """Per case, the best correct bn_gpu backend against the targets."""
     cases = {}
@@ -140,8 +164,9 @@ def save(path_stem: str, rows: list[Row], meta: dict) -> dict:
         for r in rows:
             writer.writerow(asdict(r))
     with open(paths["md"], "w") as f:
-        f.write(header_markdown(meta) + "\n\n" + markdown_table(rows) + "\n\n## Gap to the targets\n\n"
-                + gaps_markdown(rows) + "\n")
+        f.write(header_markdown(meta) + "\n\n## Summary: µs (% of floor) per implementation\n\n"
+                + compact_markdown(rows) + "\n\n## Gap to the targets\n\n" + gaps_markdown(rows)
+                + "\n\n## Every row\n\n" + markdown_table(rows) + "\n")
     return paths
 
 
@@ -155,8 +180,12 @@ def header_markdown(meta: dict) -> str:
     lines = [f"# bn_gpu benchmark: {meta.get('device', '?')}", ""]
     if meta.get("smoke"):
         lines.append("**Smoke run: tiny shapes, Triton interpreter on CPU -- timings are not meaningful.**\n")
-    for key in ("date", "device", "driver", "torch", "triton", "cupy", "cudnn", "copy_gbps"):
-        lines.append(f"- {key}: {meta.get(key)}")
+    for key in ("date", "device", "driver", "torch", "triton", "cupy", "cudnn", "copy_gbps", "budget_s", "elapsed_s"):
+        if key in meta:
+            lines.append(f"- {key}: {meta.get(key)}")
+    dropped = meta.get("dropped") or []
+    if dropped:
+        lines.append(f"- dropped to fit the budget ({len(dropped)} jobs): " + "; ".join(dropped))
     return "\n".join(lines)
 
 

@@ -1,27 +1,105 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (no network; torch, triton and CuPy already installed there):
-# install bn_gpu, run the GPU tests, the benchmark and the host-overhead script, logs under $OUT.
+# One time-boxed call on a lent GPU machine (no network; torch, triton and CuPy already there):
+# install bn_gpu, a preflight of every kernel, the GPU tests, the benchmark and the host overhead,
+# each step under its own timeout inside one budget of wall time (default 480 s).
 #
-#   OUT=/some/dir profiling/gpu_check.sh [bench options...]
+#   profiling/gpu_check.sh [--budget-s 480] [--out DIR] [--rehearse] [-- bench options...]
 #
-# Without bench options it measures a subset that fits a few minutes (the full suite compiles
-# torch.compile once per case and takes much longer).
+# --rehearse  on a CPU machine: the same steps and budget logic with the GPU steps stubbed (the
+#             preflight in the Triton interpreter, the benchmark as --smoke, no install), to check
+#             that the budget holds and that results are written as the run goes.
+# Every step writes its log as it runs, and the benchmark rewrites its JSON/CSV/Markdown after
+# every job, so a step cut off by its timeout loses nothing already measured. The last lines
+# printed (also DIR/summary.md) are what to paste into profiling/RESULTS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-profiling/results/gpu-check}
-mkdir -p "$OUT"
-{ nvidia-smi; python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())";
-  python -c "import cupy; print('cupy', cupy.__version__)"; } > "$OUT/env.txt" 2>&1
-pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1
-# First compiles of the Triton kernels take most of this; --maxfail keeps a broken kernel from
-# spending the whole budget on failures.
-BN_GPU_REQUIRE_GPU=1 timeout 420 python -m pytest -q --maxfail=20 -m gpu tests -p no:cacheprovider \
-    > "$OUT/gpu-tests.log" 2>&1
-echo "gpu tests: exit $?" >> "$OUT/env.txt"
-timeout 120 python profiling/host_overhead.py > "$OUT/host-overhead.txt" 2>&1
-if [ $# -eq 0 ]; then
-  set -- --shapes 64x64x112x112 64x2048x7x7 16384x2048 5x3 --dtypes float32 bfloat16
+budget=480
+out=profiling/results/gpu-check
+rehearse=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --budget-s) budget=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    --rehearse) rehearse=1; shift ;;
+    --) shift; break ;;
+    *) echo "gpu_check.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$out/bench"
+summary="$out/summary.md"
+start=$SECONDS
+PY=${PYTHON:-python3}
+: > "$summary"
+
+# Seconds left in the budget, less a reserve of PERCENT of the budget for the steps after this one.
+left() { echo $(( budget - (SECONDS - start) - budget * ${1:-0} / 100 )); }
+
+# step NAME MAX_SECONDS RESERVE_PERCENT COMMAND...: run COMMAND with a timeout of MAX_SECONDS or
+# what the budget leaves after its reserve for later steps, whichever is less; log to $out/NAME.log.
+step() {
+  local name=$1 most=$2 reserve=$3
+  shift 3
+  local limit
+  limit=$(left "$reserve")
+  [ "$limit" -gt "$most" ] && limit=$most
+  if [ "$limit" -lt 5 ]; then
+    echo "- $name: not run (budget spent)" >> "$summary"
+    return
+  fi
+  local t0=$SECONDS
+  # SIGINT first: pytest and the benchmark print what they have before they stop.
+  timeout -s INT -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
+  local status=$?
+  local verdict="exit $status"
+  [ $status -eq 124 ] || [ $status -eq 130 ] && verdict="stopped at its ${limit} s limit (exit $status)"
+  echo "- $name: $verdict, $(( SECONDS - t0 )) s of ${limit} s" >> "$summary"
+}
+
+if [ $rehearse -eq 1 ]; then
+  export TRITON_INTERPRET=1
+  device="CPU rehearsal (GPU steps stubbed)"
+  { echo "rehearsal on $(uname -n)"; "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
+    > "$out/env.log" 2>&1
+  echo "- install: skipped (rehearsal)" >> "$summary"
+  step preflight 30 40 "$PY" -m bn_gpu preflight
+  step gpu-tests 20 40 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider -rfE
+  bench_limit=$(left 15)
+  step bench "$bench_limit" 15 "$PY" -m bn_gpu bench --smoke --out "$out/bench" --budget-s $(( bench_limit - 10 )) "$@"
+  step host-overhead 10 0 "$PY" profiling/host_overhead.py --stub-kernels --calls 200
+else
+  device=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)
+  { nvidia-smi; "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())";
+    "$PY" -c "import cupy; print('cupy', cupy.__version__)"; } > "$out/env.log" 2>&1
+  step install 60 80 "$PY" -m pip install --no-deps --no-build-isolation -e .
+  step preflight 60 70 "$PY" -m bn_gpu preflight
+  workers=()
+  "$PY" -c "import xdist" 2>/dev/null && workers=(-n 8)
+  BN_GPU_REQUIRE_GPU=1 step gpu-tests 150 45 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider -rfE "${workers[@]}"
+  if [ $# -eq 0 ]; then
+    set -- --shapes 64x64x112x112 64x256x56x56 64x2048x7x7 16384x2048 8x64x16x56x56 5x3 --dtypes float32 bfloat16
+  fi
+  bench_limit=$(left 6)
+  step bench "$bench_limit" 6 "$PY" -m bn_gpu bench --out "$out/bench" --budget-s $(( bench_limit - 30 )) "$@"
+  step host-overhead 20 0 "$PY" profiling/host_overhead.py --calls 1000
 fi
-timeout 300 python -m bn_gpu bench --out "$OUT" "$@" > "$OUT/bench.log" 2>&1
-echo "bench: exit $?" >> "$OUT/env.txt"
-tail -5 "$OUT/gpu-tests.log" "$OUT/bench.log"
+
+# ---- summary: what to paste into profiling/RESULTS.md ----------------------------------------
+count() { local n; n=$(grep -c "$1" "$2" 2>/dev/null); echo "${n:-0}"; }
+{
+  echo
+  echo "## gpu_check.sh, $(date -u +%Y-%m-%dT%H:%MZ), ${device}, budget ${budget} s, took $(( SECONDS - start )) s"
+  grep -h -E "^torch|^cupy" "$out/env.log" | sed 's/^/- /'
+  echo "- preflight: $(count '^ok' "$out/preflight.log") ok, $(count '^FAIL' "$out/preflight.log") failed"
+  grep -h '^FAIL' "$out/preflight.log" 2>/dev/null | sed 's/^/  - /'
+  echo "- GPU tests: $(grep -E '(passed|failed|error|skipped|no tests ran)' "$out/gpu-tests.log" 2>/dev/null | tail -1)"
+  grep -h -E '^(FAILED|ERROR) ' "$out/gpu-tests.log" 2>/dev/null | head -40 | cut -c1-300 | sed 's/^/  - /'
+  echo
+  bench_md=$(ls -t "$out"/bench/*.md 2>/dev/null | head -1)
+  # The per-case summary and the gap to the targets; every row stays in the .md/.json beside it.
+  if [ -n "$bench_md" ]; then sed '/^## Every row/,$d' "$bench_md"; else echo "(no benchmark results)"; fi
+  echo
+  echo '```'
+  cat "$out/host-overhead.log" 2>/dev/null
+  echo '```'
+} >> "$summary"
+cat "$summary"

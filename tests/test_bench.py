@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -83,3 +84,95 @@ def test_smoke_run_writes_results_and_the_plot_renders(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert replot.returncode == 0, replot.stderr
     assert files[".png"].exists() and files[".png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _jobs(*impls):
+    return [(impl, None, (4, 3), torch.float32, "contiguous", f"job{i}") for i, impl in enumerate(impls)]
+
+
+def test_budget_drops_torch_compile_first_then_the_last_jobs():
+    jobs = _jobs("bn_gpu-triton", "torch-inductor", "torch-cudnn", "torch-inductor", "bn_gpu-triton")
+    cheap = bench.job_cost_s("bn_gpu-triton")
+    kept, dropped = bench.fit_budget(jobs, budget_s=3 * cheap + bench.job_cost_s("torch-inductor") - 0.01)
+    assert [j[5] for j in dropped] == ["job3", "job1"]  # both compile jobs, the later one first
+    assert [j[5] for j in kept] == ["job0", "job2", "job4"]
+    kept, dropped = bench.fit_budget(jobs, budget_s=2 * cheap)
+    assert [j[5] for j in kept] == ["job0", "job2"]
+    assert bench.fit_budget(jobs, budget_s=None) == (jobs, [])
+
+
+def _bench_args(tmp_path, budget_s):
+    import argparse
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args(["--smoke", "--out", str(tmp_path), "--shapes", "4x3x6x6", "5x3", "--dtypes", "float32",
+                              "--impls", "bn_gpu-triton", "torch-native", "--budget-s", str(budget_s)])
+
+
+def test_results_are_written_after_every_job(tmp_path, monkeypatch):
+    """A run cut off by a timeout keeps every job it finished: the JSON on disk grows job by job."""
+    rows_on_disk = []
+
+    def fake_measure(name, call, shape, dtype, layout, mode, device, smoke):
+        files = list(tmp_path.glob("*.json"))
+        rows_on_disk.append(len(json.loads(files[0].read_text())["rows"]) if files else 0)
+        return Row(impl=name, shape="x".join(map(str, shape)), dtype="float32", layout=layout, mode=mode,
+                   numel=12, itemsize=4, us=1.0, correct=True)
+
+    monkeypatch.setattr(bench, "measure_case", fake_measure)
+    monkeypatch.setattr(bench, "plot", lambda rows, meta, path: path)
+    bench.run(_bench_args(tmp_path, budget_s=1000))
+    jobs = 3 * 2 * 3  # 4x3x6x6 in two layouts and 5x3 in one, 2 impls, 3 modes
+    assert rows_on_disk == list(range(jobs))
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert len(data["rows"]) == jobs and data["meta"]["dropped"] == []
+
+
+def test_a_run_out_of_time_stops_and_lists_what_it_dropped(tmp_path, monkeypatch):
+    def slow_measure(name, call, shape, dtype, layout, mode, device, smoke):
+        time.sleep(0.3)
+        return Row(impl=name, shape="x".join(map(str, shape)), dtype="float32", layout=layout, mode=mode,
+                   numel=12, itemsize=4, us=1.0, correct=True)
+
+    monkeypatch.setattr(bench, "measure_case", slow_measure)
+    monkeypatch.setattr(bench, "plot", lambda rows, meta, path: path)
+    monkeypatch.setattr(bench, "DEFAULT_JOB_COST_S", 0.01)  # the up-front estimate keeps every job
+    start = time.monotonic()
+    bench.run(_bench_args(tmp_path, budget_s=1.0))
+    assert time.monotonic() - start < 1.0 + 0.3 + 5  # stops after the job that crossed the budget
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    measured = len(data["rows"])
+    assert 2 <= measured < 18
+    assert len(data["meta"]["dropped"]) == 18 - measured
+    assert all(d.endswith("(out of time)") for d in data["meta"]["dropped"])
+    assert "dropped to fit the budget" in next(tmp_path.glob("*.md")).read_text()
+
+
+def test_bench_without_a_gpu_refuses_unless_smoke(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the benchmark runs")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, "-m", "bn_gpu", "bench", "--out", str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "needs a CUDA GPU" in result.stderr and "--smoke" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_gpu_check_rehearsal_keeps_its_budget(tmp_path):
+    """profiling/gpu_check.sh --rehearse: every step under the budget, results written, a summary."""
+    script = os.path.join(os.path.dirname(__file__), "..", "profiling", "gpu_check.sh")
+    env = dict(os.environ, PYTHON=sys.executable)
+    env.pop("TRITON_INTERPRET", None)
+    budget = 60
+    start = time.monotonic()
+    result = subprocess.run(["bash", script, "--rehearse", "--budget-s", str(budget), "--out", str(tmp_path)],
+                            env=env, capture_output=True, text=True, timeout=budget + 60)
+    took = time.monotonic() - start
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert took <= budget + 15, took  # each step's timeout is cut to what the budget leaves
+    summary = (tmp_path / "summary.md").read_text()
+    for step in ("preflight: exit 0", "gpu-tests:", "bench:", "host-overhead:"):
+        assert step in summary, summary
+    assert "0 failed" in summary and "## Summary: µs (% of floor)" in summary
+    assert list((tmp_path / "bench").glob("*.json"))

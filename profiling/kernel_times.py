@@ -1,0 +1,119 @@
+"""GPU time of every kernel an op launches, next to the op's wall time per call (needs a GPU).
+
+    python profiling/kernel_times.py [--shapes 64x64x112x112 ...] [--dtypes float32 bfloat16]
+                                     [--layouts contiguous channels_last] [--backends triton cupy]
+
+For each case, backend and op (training forward, eval forward, training backward with dx, dweight
+and dbias), the kernels' device time per call from torch.profiler (L2 flushed between calls), the
+op's wall time per call in an eager loop, and the fewest bytes the op must move (forward and eval
+2|x|, backward 3|x|) over the kernels' time, as % of a device-to-device copy measured in the same
+run. Wall time far above kernel time means the op is host-bound at that size. Kernel-time lines
+say where the GPU time goes without Nsight Compute (which the lent machines may lack).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+OPS = ("train_fwd", "eval_fwd", "backward")
+FLOOR_PASSES = {"train_fwd": 2, "eval_fwd": 2, "backward": 3}
+
+
+def _arranged(t: torch.Tensor, layout: str) -> torch.Tensor:
+    return t.movedim(1, -1).contiguous().movedim(-1, 1) if layout == "channels_last" else t.contiguous()
+
+
+def _op_call(op: str, backend: str, x, dy):
+    C = x.shape[1]
+    w = torch.rand(C, device=x.device) + 0.5
+    b = torch.randn(C, device=x.device)
+    rm, rv = torch.zeros(C, device=x.device), torch.ones(C, device=x.device)
+    ops = torch.ops.bn_gpu
+    _, mean, invstd = ops.forward_train(x, w, b, rm, rv, None, 0.1, 1e-5, backend)
+    if op == "train_fwd":
+        return lambda: ops.forward_train(x, w, b, rm, rv, None, 0.1, 1e-5, backend)
+    if op == "eval_fwd":
+        return lambda: ops.forward_eval(x, w, b, rm, rv, 1e-5, backend)
+    return lambda: ops.backward(dy, x, w, mean, invstd, True, True, True, backend)
+
+
+def kernel_us(fn, iters: int, flush: torch.Tensor) -> dict:
+    """{kernel name: device µs per call of fn}, the L2 flushed before each call."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            flush.zero_()
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+        if total and "fill" not in event.key.lower() and event.key != "Memset (Device)":
+            times[event.key] = total / iters
+    return times
+
+
+def wall_us(fn, calls: int = 50) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return 1e6 * (time.perf_counter() - start) / calls
+
+
+def copy_gbps() -> float:
+    import triton.testing
+    src = torch.empty(1 << 28, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def main() -> None:
+    import bn_gpu  # noqa: F401  (registers the ops)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", nargs="+", default=["64x64x112x112", "64x256x56x56", "64x2048x7x7", "16384x2048"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--layouts", nargs="+", default=["contiguous", "channels_last"])
+    parser.add_argument("--backends", nargs="+", default=["triton", "cupy"])
+    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args()
+    copy = copy_gbps()
+    flush = torch.empty(64 << 20, dtype=torch.int32, device="cuda")  # 256 MB: more than the L2
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, copy {copy:.0f} GB/s; "
+          "per op: kernel µs per call (% of copy bandwidth for the op's floor bytes), wall µs per call")
+    for shape_text in args.shapes:
+        shape = tuple(int(v) for v in shape_text.split("x"))
+        for dtype_name in args.dtypes:
+            dtype = getattr(torch, dtype_name)
+            for layout in (args.layouts if len(shape) > 2 else ["contiguous"]):
+                g = torch.Generator(device="cuda").manual_seed(0)
+                x = _arranged((torch.randn(shape, generator=g, device="cuda") * 2 + 3).to(dtype), layout)
+                dy = _arranged(torch.randn(shape, generator=g, device="cuda").to(dtype), layout)
+                for backend in args.backends:
+                    for op in args.ops:
+                        label = f"{shape_text} {dtype_name} {layout} {backend} {op}"
+                        try:
+                            fn = _op_call(op, backend, x, dy)
+                            kernels = kernel_us(fn, args.iters, flush)
+                            wall = wall_us(fn)
+                        except Exception as error:  # report, go on
+                            print(f"{label}: {type(error).__name__}: {error}"[:300])
+                            continue
+                        total = sum(kernels.values())
+                        floor = FLOOR_PASSES[op] * x.numel() * x.element_size()
+                        pct = 100 * floor / (total * 1e-6) / 1e9 / copy if total else float("nan")
+                        print(f"{label}: kernels {total:.1f} µs ({pct:.0f}%), wall {wall:.1f} µs")
+                        for name, us in sorted(kernels.items(), key=lambda kv: -kv[1]):
+                            print(f"    {us:9.1f} µs  {name[:110]}")
+
+
+if __name__ == "__main__":
+    main()
