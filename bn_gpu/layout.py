@@ -115,5 +115,7 @@ def empty_in_family(x: torch.Tensor, family: str) -> torch.Tensor:
 def empty_output(x: torch.Tensor) -> torch.Tensor:
     """The output every backend returns for input x: x's shape and dtype, and x's strides when the
     kernels read x natively (as PyTorch's empty_like), else those of the copy they read."""
+    if x.dim() < 2:  # the empty (0,) input PyTorch accepts
+        return torch.empty_like(x)
     family, x = choose_layout(x)
     return empty_in_family(x, family)

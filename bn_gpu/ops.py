@@ -33,16 +33,20 @@ _lib.define(
     "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)")
 
 
+def _channels(input) -> int:
+    return input.shape[1] if input.dim() > 1 else 0  # a 1-D input can only be the empty (0,)
+
+
 def _forward_outputs(input, new):
     """(output, mean, invstd) for input; mean and invstd allocated with `new`."""
-    C = input.shape[1]
+    C = _channels(input)
     return empty_output(input), new(C, dtype=stat_dtype(input.dtype)), new(C, dtype=stat_dtype(input.dtype))
 
 
 def _backward_outputs(input, weight, mean, need_input_grad, need_weight_grad, new):
     """(grad_input, grad_weight, grad_bias) allocated with `new`; unneeded ones have 0 elements."""
     param_dtype = weight.dtype if weight is not None else mean.dtype
-    C = input.shape[1]
+    C = _channels(input)
     grad_input = empty_output(input) if need_input_grad else new(0)
     if need_weight_grad:
         return grad_input, new(C, dtype=param_dtype), new(C, dtype=param_dtype)
@@ -50,6 +54,17 @@ def _backward_outputs(input, weight, mean, need_input_grad, need_weight_grad, ne
 
 
 # ---- CPU and CUDA kernels -------------------------------------------------------------------
+
+def _dense(t):
+    """t, or a contiguous copy of a strided view: the kernels index per-channel tensors densely."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def _write_back(target, updated) -> None:
+    """Running statistics updated in a dense copy go back into the caller's strided view, in place."""
+    if updated is not target:
+        target.copy_(updated)
+
 
 def _forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, backend):
     check_batch_norm_args(input, running_mean, running_var, weight, bias, True, momentum, eps, num_batches_tracked)
@@ -59,7 +74,12 @@ def _forward_train(input, weight, bias, running_mean, running_var, num_batches_t
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         return _forward_outputs(input, input.new_zeros)
-    return impl.forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)
+    dense_mean, dense_var = _dense(running_mean), _dense(running_var)
+    outputs = impl.forward_train(input, _dense(weight), _dense(bias), dense_mean, dense_var, num_batches_tracked,
+                                 momentum, eps)
+    _write_back(running_mean, dense_mean)
+    _write_back(running_var, dense_var)
+    return outputs
 
 
 def _forward_eval(input, weight, bias, running_mean, running_var, eps, backend):
@@ -67,7 +87,7 @@ def _forward_eval(input, weight, bias, running_mean, running_var, eps, backend):
     impl = backends.implementation(backend, input.device)
     if input.numel() == 0:
         return _forward_outputs(input, input.new_zeros)
-    return impl.forward_eval(input, weight, bias, running_mean, running_var, eps)
+    return impl.forward_eval(input, _dense(weight), _dense(bias), _dense(running_mean), _dense(running_var), eps)
 
 
 def _backward(grad_output, input, weight, mean, invstd, training, need_input_grad, need_weight_grad, backend):
@@ -78,7 +98,8 @@ def _backward(grad_output, input, weight, mean, invstd, training, need_input_gra
     impl = backends.implementation(backend, input.device)
     if input.numel() == 0:
         return _backward_outputs(input, weight, mean, need_input_grad, need_weight_grad, input.new_zeros)
-    return impl.backward(grad_output, input, weight, mean, invstd, training, need_input_grad, need_weight_grad)
+    return impl.backward(grad_output, input, _dense(weight), _dense(mean), _dense(invstd), training,
+                         need_input_grad, need_weight_grad)
 
 
 for _key in ("CPU", "CUDA"):

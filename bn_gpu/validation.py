@@ -6,8 +6,6 @@ and wording follow PyTorch where PyTorch has them.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .dtypes import SUPPORTED_DTYPES
@@ -19,10 +17,15 @@ _C10_NAMES = {
 }
 
 
+def is_empty_1d(x: torch.Tensor) -> bool:
+    """A 1-D input of shape (0,): PyTorch returns an empty output for it, whatever the parameters."""
+    return x.dim() == 1 and x.numel() == 0
+
+
 def check_input(x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"batch_norm: input must be a Tensor, got {type(x).__name__}")
-    if x.dim() < 2:
+    if x.dim() < 2 and not is_empty_1d(x):
         raise ValueError(f"batch_norm: expected input of at least 2 dims (N, C, ...), got {x.dim()}D input")
     if x.dtype not in SUPPORTED_DTYPES:
         raise NotImplementedError(f"\"batch_norm\" not implemented for '{_C10_NAMES.get(x.dtype, x.dtype)}'")
@@ -39,7 +42,9 @@ def _check_per_channel(name: str, t: torch.Tensor | None, x: torch.Tensor) -> No
     if t.device != x.device:
         raise RuntimeError("Expected all tensors to be on the same device, but found at least two devices, "
                            f"{x.device} and {t.device}! (batch_norm: input and {name})")
-    if t.dtype != x.dtype and not (t.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+    # As PyTorch, an empty batch is not checked for dtypes (a float32 module takes an empty float64 batch).
+    if x.numel() != 0 and t.dtype != x.dtype and not (
+            t.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
         raise RuntimeError(f"batch_norm: {name} has dtype {t.dtype}; expected the input's dtype {x.dtype}"
                            + (" or torch.float32" if x.dtype in (torch.float16, torch.bfloat16) else ""))
 
@@ -52,6 +57,8 @@ def check_batch_norm_args(x, running_mean, running_var, weight, bias, training: 
         raise RuntimeError("batch_norm: running_mean and running_var must be given together")
     if not training and running_mean is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
+    if is_empty_1d(x):
+        return  # nothing to normalize; PyTorch checks no parameter here
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         _check_per_channel(name, t, x)
     if running_mean is not None and running_mean.dtype != running_var.dtype:
@@ -71,5 +78,4 @@ def check_batch_norm_args(x, running_mean, running_var, weight, bias, training: 
         if num_batches_tracked.device != x.device:
             raise RuntimeError("Expected all tensors to be on the same device, but found at least two devices, "
                                f"{x.device} and {num_batches_tracked.device}! (batch_norm: input and num_batches_tracked)")
-    elif not (isinstance(momentum, (int, float)) and not math.isnan(momentum) and 0.0 <= momentum <= 1.0):
-        raise ValueError(f"batch_norm: momentum must be a number in [0, 1] or None, got {momentum}")
+
