@@ -26,6 +26,11 @@ def _checked(name: str, allowed) -> str:
 _default_gpu_backend = _checked(os.environ.get("BN_GPU_BACKEND", "triton"), _GPU_BACKENDS)
 
 
+def check_name(name: str) -> str:
+    """A backend a module or call may ask for: "auto" or one of BACKENDS."""
+    return _checked(name, ("auto", *BACKENDS))
+
+
 def set_backend(name: str) -> None:
     """Process-wide backend that backend="auto" uses for CUDA tensors: "triton" or "cupy"."""
     global _default_gpu_backend

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import math
 import os
+import re
 import subprocess
-import sys
 import time
 
 import torch
 
 from .report import MODES, Row, fill_metrics, plot, save
+
+log = logging.getLogger("bn_gpu.bench")
 
 DEFAULT_SHAPES = ["64x64x112x112", "64x256x56x56", "64x2048x7x7", "16384x2048", "8x64x16x56x56", "5x3"]
 SMOKE_SHAPES = ["4x3x6x6", "5x3"]
@@ -112,14 +115,10 @@ def time_us(fn, device: torch.device, smoke: bool) -> float:
     if device.type == "cuda":
         import triton.testing
         return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    reps = 3 if smoke else 20
+    import torch.utils.benchmark
     fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e6 * sorted(times)[len(times) // 2]
+    timer = torch.utils.benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    return 1e6 * timer.timeit(3 if smoke else 20).median
 
 
 def graph_us(fn) -> float:
@@ -288,7 +287,7 @@ def run(args) -> dict:
     meta["dropped"] = [job_label(job) + " (over the budget)" for job in dropped]
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    tag = "smoke" if smoke else meta["device"].replace(" ", "-")
+    tag = "smoke" if smoke else re.sub(r"[^A-Za-z0-9.]+", "-", meta["device"]).strip("-")
     stem = os.path.join(args.out, f"{'smoke' if smoke else 'bench'}-{stamp}-{tag}")
     rows = []
     for i, job in enumerate(jobs):
@@ -299,17 +298,17 @@ def run(args) -> dict:
         row = measure_case(name, factory(), shape, dtype, layout, mode, device, smoke)
         rows.append(row)
         verdict = "ok" if row.correct else ("ERROR " + row.note if row.note else f"WRONG ({row.max_error:.1e})")
-        print(f"[{i + 1}/{len(jobs)}] {job_label(job)}: {row.us:.1f} us {verdict}", file=sys.stderr, flush=True)
+        log.info("[%d/%d] %s: %.1f us %s", i + 1, len(jobs), job_label(job), row.us, verdict)
         meta["elapsed_s"] = round(time.monotonic() - start, 1)
         paths = _save_rows(stem, rows, copy, meta)
     meta["elapsed_s"] = round(time.monotonic() - start, 1)
     paths = _save_rows(stem, rows, copy, meta)
     for label in meta["dropped"]:
-        print(f"dropped: {label}", file=sys.stderr)
+        log.info("dropped: %s", label)
     try:
         paths["png"] = plot(rows, meta, stem + ".png")
     except ImportError:
-        print("matplotlib is not installed (pip install -e .[bench]): no plot", file=sys.stderr)
+        log.warning("matplotlib is not installed (pip install -e .[bench]): no plot")
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return paths

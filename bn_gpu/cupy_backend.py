@@ -1,36 +1,34 @@
-"""Launch functions of the CuPy backend: the CUDA C kernels of kernels/batch_norm.cu, compiled at
-run time by NVRTC through cupy.RawModule, once per device and dtype combination (cached), and
-launched on torch's current CUDA stream with pointers to torch-allocated memory -- no copies, no
-CuPy allocations, no host synchronization.
+"""The CuPy backend: its kernel table for bn_gpu.orchestration, which owns the control flow.
 
-Launches, as the Triton backend: training forward 3 (statistics, finalize, normalize), or 1 when
-one block owns whole channels (the plan has one split); eval forward 1; backward 3 or 1 in
-training, 1 in eval when only dx is needed. Import of this module never needs CuPy;
-check_available says what is missing.
+The CUDA C kernels of kernels/batch_norm.cu are compiled at run time by NVRTC through
+cupy.RawModule, once per device and dtype combination (cached), and launched on torch's current
+CUDA stream with pointers to torch-allocated memory -- no copies, no CuPy allocations, no host
+synchronization. Kernel names are the Triton backend's; the block shapes are defined here and
+handed to the source as macros, so the two sides cannot disagree. Importing this module never
+needs CuPy; check_available says what is missing.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import importlib.resources
+import warnings
 
 import numpy as np
 import torch
 
-from . import layout
+from . import layout, orchestration
 from . import plan as plans
 
 C_TYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16", torch.float64: "double"}
-THREADS = 256            # 1-D blocks: channels-first kernels and finalize kernels
-ROW_THREADS = 8          # channels-last blocks are (32, ROW_THREADS), as ROW_THREADS in the source
+THREADS = 256            # 1-D blocks: channels-first kernels and the finalize kernels
+CHANNEL_THREADS = 32     # channels-last blocks are (CHANNEL_THREADS, ROW_THREADS): channels along x
+ROW_THREADS = 8
 VECTOR_BYTES = 16
-
-
-@functools.lru_cache(maxsize=None)
-def _channels_last_tuning(tuning: plans.Tuning) -> plans.Tuning:
-    """The GPU tuning with channels-last blocks of 32 channels, as the CUDA kernels have them
-    (max_block_c does not enter channels-first plans)."""
-    return dataclasses.replace(tuning, max_block_c=32)
+# The source's compile-time constants, from here.
+COMPILE_OPTIONS = ("-std=c++17", f"-DCHANNEL_THREADS={CHANNEL_THREADS}", f"-DROW_THREADS={ROW_THREADS}")
+# Channels-first elementwise kernels, instantiated for scalar and for 16-byte vector access.
+VECTORIZED = ("normalize", "input_gradient", "single_pass_forward", "single_pass_backward")
 
 _INSTALL_HINT = "pip install -e .[cupy] (installs cupy-cuda12x; use the cupy wheel matching your CUDA)"
 
@@ -50,6 +48,13 @@ def check_available(device: torch.device) -> None:
                            "Use backend='cpu' for CPU tensors.")
 
 
+@functools.lru_cache(maxsize=None)
+def _tuning(tuning: plans.Tuning) -> plans.Tuning:
+    """The GPU tuning with channels-last blocks of CHANNEL_THREADS channels, as the CUDA kernels
+    have them (max_block_c does not enter channels-first plans)."""
+    return dataclasses.replace(tuning, max_block_c=CHANNEL_THREADS)
+
+
 # ---- kernel names and compilation ------------------------------------------------------------
 
 def type_combinations():
@@ -60,29 +65,37 @@ def type_combinations():
     return combos
 
 
+def _vector_width(T: str) -> int:
+    return VECTOR_BYTES // {"float": 4, "double": 8, "__half": 2, "__nv_bfloat16": 2}[T]
+
+
 def kernel_names(T: str, W: str, R: str, A: str) -> dict:
-    """Name expressions of one type combination, by role (the CUDA source's templates)."""
-    vec = VECTOR_BYTES // {"float": 4, "double": 8, "__half": 2, "__nv_bfloat16": 2}[T]
-    return {
-        "stats_first": f"stats_channels_first<{T}, {A}>",
-        "stats_last": f"stats_channels_last<{T}, {A}>",
-        "finalize_forward": f"finalize_forward<{T}, {A}, {R}>",
-        "normalize_first_1": f"normalize_channels_first<{T}, {W}, {R}, {A}, 1>",
-        f"normalize_first_{vec}": f"normalize_channels_first<{T}, {W}, {R}, {A}, {vec}>",
-        "normalize_last": f"normalize_channels_last<{T}, {W}, {R}, {A}>",
-        "reduce_first": f"backward_reduce_channels_first<{T}, {A}>",
-        "reduce_last": f"backward_reduce_channels_last<{T}, {A}>",
-        "finalize_backward": f"finalize_backward<{A}, {W}>",
-        "dx_first_1": f"dx_channels_first<{T}, {W}, {A}, 1>",
-        f"dx_first_{vec}": f"dx_channels_first<{T}, {W}, {A}, {vec}>",
-        "dx_last": f"dx_channels_last<{T}, {W}, {A}>",
-        "fused_forward_first_1": f"fused_forward_channels_first<{T}, {W}, {R}, {A}, 1>",
-        f"fused_forward_first_{vec}": f"fused_forward_channels_first<{T}, {W}, {R}, {A}, {vec}>",
-        "fused_forward_last": f"fused_forward_channels_last<{T}, {W}, {R}, {A}>",
-        "fused_backward_first_1": f"fused_backward_channels_first<{T}, {W}, {A}, 1>",
-        f"fused_backward_first_{vec}": f"fused_backward_channels_first<{T}, {W}, {A}, {vec}>",
-        "fused_backward_last": f"fused_backward_channels_last<{T}, {W}, {A}>",
+    """{role: name expression} of one type combination. A role is the kernel's name, with the
+    vector width appended for the channels-first elementwise kernels."""
+    templates = {
+        "statistics_channels_first": f"<{T}, {A}>",
+        "statistics_channels_last": f"<{T}, {A}>",
+        "finalize_statistics": f"<{T}, {A}, {R}>",
+        "normalize_channels_first": f"<{T}, {W}, {R}, {A}, VEC>",
+        "normalize_channels_last": f"<{T}, {W}, {R}, {A}>",
+        "single_pass_forward_channels_first": f"<{T}, {W}, {R}, {A}, VEC>",
+        "single_pass_forward_channels_last": f"<{T}, {W}, {R}, {A}>",
+        "gradient_sums_channels_first": f"<{T}, {A}>",
+        "gradient_sums_channels_last": f"<{T}, {A}>",
+        "finalize_gradients": f"<{A}, {W}>",
+        "input_gradient_channels_first": f"<{T}, {W}, {A}, VEC>",
+        "input_gradient_channels_last": f"<{T}, {W}, {A}>",
+        "single_pass_backward_channels_first": f"<{T}, {W}, {A}, VEC>",
+        "single_pass_backward_channels_last": f"<{T}, {W}, {A}>",
     }
+    names = {}
+    for name, arguments in templates.items():
+        if "VEC" in arguments:
+            for vec in sorted({1, _vector_width(T)}):
+                names[f"{name}_{vec}"] = name + arguments.replace("VEC", str(vec))
+        else:
+            names[name] = name + arguments
+    return names
 
 
 def source() -> str:
@@ -94,8 +107,17 @@ def _kernels(device_index: int, T: str, W: str, R: str, A: str) -> dict:
     cupy = _import_cupy()
     names = kernel_names(T, W, R, A)
     with cupy.cuda.Device(device_index):
-        module = cupy.RawModule(code=source(), options=("-std=c++17",), name_expressions=tuple(names.values()))
+        module = cupy.RawModule(code=source(), options=COMPILE_OPTIONS, name_expressions=tuple(names.values()))
         return {role: module.get_function(name) for role, name in names.items()}
+
+
+@functools.lru_cache(maxsize=64)
+def _stream(device_index: int, handle: int):
+    """A CuPy view of one of torch's streams (cached: creating one per launch costs host time)."""
+    cupy = _import_cupy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # newer CuPy prefers Stream.from_external
+        return cupy.cuda.ExternalStream(handle, device_index)
 
 
 # ---- arguments --------------------------------------------------------------------------------
@@ -108,166 +130,137 @@ def _i64(*values) -> list:
     return [np.int64(v) for v in values]
 
 
-class _Launcher:
-    """The cached geometry of one input layout, with this call's kernels and stream."""
+def _types(dtype: torch.dtype, weight_dtype, running_dtype) -> tuple:
+    """(T, W, R, A) of a call. Absent weight or running statistics (None): their pointers are null,
+    and the parameter gradients are written in the accumulation dtype."""
+    T = C_TYPES[dtype]
+    A = "double" if T == "double" else "float"
+    W = C_TYPES[weight_dtype] if weight_dtype is not None else A
+    R = C_TYPES[running_dtype] if running_dtype is not None else A
+    return T, W, R, A
 
-    def __init__(self, x: torch.Tensor, weight, running, *others: torch.Tensor):
-        device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        sms = plans.multiprocessors(device_index)
-        self.g = plans.Geometry.of(x, *others, tuning=_channels_last_tuning(plans.GPU_TUNING), sms=sms)
-        T = C_TYPES[x.dtype]
-        A = "double" if T == "double" else "float"
-        # Absent weight or running statistics: their pointers are null, and the parameter gradients
-        # are written in the accumulation dtype.
-        W = C_TYPES[weight.dtype] if weight is not None else A
-        R = C_TYPES[running.dtype] if running is not None else A
-        self.device_index = device_index
-        self.kernels = _kernels(device_index, T, W, R, A)
-        self.vec = VECTOR_BYTES // x.element_size()
-        self.accumulate = np.float64 if A == "double" else np.float32
-        self.cupy = _import_cupy()
-        self.stream = self.cupy.cuda.ExternalStream(torch.cuda.current_stream(x.device).cuda_stream, device_index)
 
-    def grid(self):
-        g = self.g
-        if g.first:
-            return (g.C, g.plan.splits), (THREADS,)
-        return (g.plan.splits, -(-g.C // 32)), (32, ROW_THREADS)
+def _dtype(t: torch.Tensor | None):
+    return None if t is None else t.dtype
 
-    def geometry(self, *which: int) -> list:
-        return _i64(*self.g.geometry(*which))
 
-    def tiling(self, fused: bool = False) -> list:
-        """The plan's tiling as the kernels take it; `fused`: for the single-pass kernels."""
-        g = self.g
-        tiles = _i64(*(g.fused_tiling if fused else g.tiling))
-        return tiles + [np.int32(g.plan.rows), np.int32(g.plan.block_s)] if g.first else tiles
+def _grid(g: plans.Geometry):
+    if g.channels_first:
+        return (g.C, g.plan.splits), (THREADS,)
+    return (g.plan.splits, -(-g.C // CHANNEL_THREADS)), (CHANNEL_THREADS, ROW_THREADS)
 
-    def role(self, name: str, *tensors: torch.Tensor) -> str:
-        """Kernel role: channels-first elementwise kernels get the widest vector all `tensors` allow."""
-        return f"{name}_first_{self.vector_width(*tensors)}" if self.g.first else f"{name}_last"
 
-    def vector_width(self, *tensors) -> int:
-        """VEC for the channels-first elementwise kernels: 16-byte accesses where every row starts
-        aligned (the kernels finish a row whose length is not a multiple of VEC value by value)."""
-        if self.g.plan.block_s % self.vec:
+def _tiling(g: plans.Geometry, single_pass: bool = False) -> list:
+    tiles = _i64(*(g.single_pass_tiling if single_pass else g.tiling))
+    return tiles + [np.int32(g.plan.rows), np.int32(g.plan.block_s)] if g.channels_first else tiles
+
+
+def _vector_width_for(g: plans.Geometry, *tensors) -> int:
+    """16-byte accesses where every row of every tensor starts aligned (the kernels finish a row
+    whose length is not a multiple of the width value by value), else 1."""
+    vec = VECTOR_BYTES // tensors[0].element_size()
+    if g.plan.block_s % vec:
+        return 1
+    for t in tensors:
+        if t is None:
+            continue
+        view = layout.channels_first_view(t)
+        if t.data_ptr() % VECTOR_BYTES or view.stride_n % vec or view.stride_c % vec:
             return 1
-        for t in tensors:
-            view = layout.channels_first_view(t)
-            if t.data_ptr() % VECTOR_BYTES or view.stride_n % self.vec or view.stride_c % self.vec:
-                return 1
-        return self.vec
-
-    def launch(self, role: str, grid, block, args) -> None:
-        with self.cupy.cuda.Device(self.device_index), self.stream:
-            self.kernels[role](grid, block, tuple(args))
+    return vec
 
 
-def _empty(shape, dtype, device, strides=None) -> torch.Tensor:
-    if strides is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    return torch.empty_strided(shape, strides, dtype=dtype, device=device)
+def _launch(g: plans.Geometry, weight_dtype, running_dtype, role: str, grid, block, args) -> None:
+    """Launch on the current device (bn_gpu.orchestration made it the input's) and stream."""
+    device_index = torch.cuda.current_device()
+    kernels = _kernels(device_index, *_types(g.dtype, weight_dtype, running_dtype))
+    stream = _stream(device_index, torch.cuda.current_stream(device_index).cuda_stream)
+    kernels[role](grid, block, tuple(args), stream=stream)
 
 
-# ---- forward ---------------------------------------------------------------------------------
-
-def _normalize(k: _Launcher, x, y, mean, invstd, running_mean, running_var, saved_mean, saved_invstd,
-               weight, bias, num_batches_tracked, eps, from_running_stats: bool) -> None:
-    grid, block = k.grid()
-    k.launch(k.role("normalize", x, y), grid, block, [
-        _ptr(x), _ptr(y), _ptr(mean), _ptr(invstd), _ptr(running_mean), _ptr(running_var), _ptr(saved_mean),
-        _ptr(saved_invstd), _ptr(weight), _ptr(bias), _ptr(num_batches_tracked)]
-        + k.geometry(0, -1) + [np.float32(eps)] + k.tiling() + [np.int32(from_running_stats)])
+def _accumulate(g: plans.Geometry, value: float):
+    return np.float64(value) if g.stat_dtype == torch.float64 else np.float32(value)
 
 
-def _fused_forward(k: _Launcher, x, y, mean, invstd, weight, bias, running_mean, running_var,
-                   num_batches_tracked, momentum, eps, tracked: bool, cumulative: bool) -> None:
-    grid, block = k.grid()
-    k.launch(k.role("fused_forward", x, y), grid, block, [
-        _ptr(x), _ptr(y), _ptr(mean), _ptr(invstd), _ptr(running_mean), _ptr(running_var),
-        _ptr(num_batches_tracked), _ptr(weight), _ptr(bias)]
-        + k.geometry(0, -1) + [np.float32(0.0 if momentum is None else momentum), np.float32(eps)]
-        + k.tiling(fused=True)
-        + [np.int32(tracked), np.int32(cumulative), np.int32(num_batches_tracked is not None and not cumulative)])
-    if cumulative and num_batches_tracked is not None:
-        num_batches_tracked.add_(1)  # after the kernel read it (other blocks read it there)
+class CudaKernels:
+    """The kernel table of bn_gpu.orchestration for the CUDA C kernels."""
+
+    def geometry(self, x: torch.Tensor, grad_y: torch.Tensor | None = None) -> plans.Geometry:
+        device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        return plans.geometry(x, grad_y, _tuning(plans.GPU_TUNING), plans.multiprocessors(device_index))
+
+    @staticmethod
+    def _role(g, name: str, *tensors) -> str:
+        if g.channels_first:
+            return f"{name}_channels_first_{_vector_width_for(g, *tensors)}" if name in VECTORIZED \
+                else f"{name}_channels_first"
+        return f"{name}_channels_last"
+
+    def statistics(self, g, x, partials):
+        count, mean, m2 = partials
+        _launch(g, None, None, self._role(g, "statistics"), *_grid(g),
+                [_ptr(x), _ptr(count), _ptr(mean), _ptr(m2)] + _i64(*g.sizes, *g.x.strides) + _tiling(g))
+
+    def finalize_statistics(self, g, x, partials, mean, invstd, running_mean, running_var, counter, momentum, eps):
+        count, part_mean, m2 = partials
+        tracked = running_mean is not None
+        cumulative = tracked and momentum is None
+        _launch(g, None, _dtype(running_mean), "finalize_statistics", (g.C,), (THREADS,), [
+            _ptr(count), _ptr(part_mean), _ptr(m2), _ptr(x), np.int64(g.shift_stride), _ptr(mean), _ptr(invstd),
+            _ptr(running_mean), _ptr(running_var), _ptr(counter if cumulative else None), np.int64(g.plan.splits),
+            np.int64(g.C), np.float32(0.0 if momentum is None else momentum), np.float32(eps), np.int32(tracked),
+            np.int32(cumulative)])
+
+    def normalize(self, g, x, y, mean, invstd, weight, bias, counter, eps, running_mean=None, running_var=None):
+        from_running = running_mean is not None
+        # Eval reads the running statistics and writes mean and invstd for the backward.
+        statistics = [None, None, running_mean, running_var, mean, invstd] if from_running else \
+            [mean, invstd, None, None, None, None]
+        _launch(g, _dtype(weight), _dtype(running_mean), self._role(g, "normalize", x, y), *_grid(g),
+                [_ptr(x), _ptr(y), *map(_ptr, statistics), _ptr(weight), _ptr(bias), _ptr(counter)]
+                + _i64(*g.sizes, *g.x.strides, *g.out.strides) + [np.float32(eps)] + _tiling(g)
+                + [np.int32(from_running)])
+
+    def single_pass_forward(self, g, x, y, mean, invstd, weight, bias, running_mean, running_var, counter,
+                            momentum, eps, count_batch):
+        tracked = running_mean is not None
+        cumulative = tracked and momentum is None
+        _launch(g, _dtype(weight), _dtype(running_mean), self._role(g, "single_pass_forward", x, y), *_grid(g), [
+            _ptr(x), _ptr(y), _ptr(mean), _ptr(invstd), _ptr(running_mean), _ptr(running_var),
+            _ptr(counter if cumulative or count_batch else None), _ptr(weight), _ptr(bias)]
+            + _i64(*g.sizes, *g.x.strides, *g.out.strides)
+            + [np.float32(0.0 if momentum is None else momentum), np.float32(eps)] + _tiling(g, single_pass=True)
+            + [np.int32(tracked), np.int32(cumulative), np.int32(count_batch)])
+
+    def gradient_sums(self, g, grad_y, x, mean, partials):
+        sum_dy, sum_dy_xmu = partials
+        _launch(g, None, None, self._role(g, "gradient_sums"), *_grid(g),
+                [_ptr(grad_y), _ptr(x), _ptr(mean), _ptr(sum_dy), _ptr(sum_dy_xmu)]
+                + _i64(*g.sizes, *g.grad_y.strides, *g.x.strides) + _tiling(g))
+
+    def finalize_gradients(self, g, partials, invstd, totals, grad_weight, grad_bias):
+        sum_dy, sum_dy_xmu = partials
+        total_dy, total_dy_xmu = totals
+        # The gradients are written in the weight's dtype (the accumulation dtype without a weight): W.
+        _launch(g, grad_weight.dtype, None, "finalize_gradients", (g.C,), (THREADS,), [_ptr(sum_dy), _ptr(sum_dy_xmu), _ptr(invstd), _ptr(total_dy), _ptr(total_dy_xmu),
+                                     _ptr(grad_weight), _ptr(grad_bias), np.int64(g.plan.splits), np.int64(g.C)])
+
+    def input_gradient(self, g, grad_y, x, grad_x, mean, invstd, weight, totals, training):
+        total_dy, total_dy_xmu = totals if training else (None, None)
+        _launch(g, _dtype(weight), None, self._role(g, "input_gradient", grad_y, x, grad_x), *_grid(g), [
+            _ptr(grad_y), _ptr(x), _ptr(grad_x), _ptr(mean), _ptr(invstd), _ptr(weight), _ptr(total_dy),
+            _ptr(total_dy_xmu)] + _i64(*g.sizes, *g.grad_y.strides, *g.x.strides, *g.out.strides)
+            + [_accumulate(g, 1.0 / g.count)] + _tiling(g) + [np.int32(training)])
+
+    def single_pass_backward(self, g, grad_y, x, grad_x, mean, invstd, weight, grad_weight, grad_bias, training):
+        _launch(g, _dtype(weight), None, self._role(g, "single_pass_backward", grad_y, x, grad_x), *_grid(g), [
+            _ptr(grad_y), _ptr(x), _ptr(grad_x), _ptr(mean), _ptr(invstd), _ptr(weight), _ptr(grad_weight),
+            _ptr(grad_bias)] + _i64(*g.sizes, *g.grad_y.strides, *g.x.strides, *g.out.strides)
+            + [_accumulate(g, 1.0 / g.count)] + _tiling(g, single_pass=True)
+            + [np.int32(training), np.int32(grad_x is not None)])
 
 
-def forward_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps):
-    k = _Launcher(x, weight, running_mean)
-    g = k.g
-    x = g.read(x)
-    y = _empty(x.shape, x.dtype, x.device, g.out_strides)
-    mean, invstd = _empty(g.C, g.stat_dtype, x.device), _empty(g.C, g.stat_dtype, x.device)
-    tracked = running_mean is not None
-    cumulative = tracked and momentum is None
-    if g.fused:
-        _fused_forward(k, x, y, mean, invstd, weight, bias, running_mean, running_var, num_batches_tracked,
-                       momentum, eps, tracked, cumulative)
-        return y, mean, invstd
-    partials = _empty((3, g.plan.splits, g.C), g.stat_dtype, x.device)
-    grid, block = k.grid()
-    k.launch("stats_first" if g.first else "stats_last", grid, block,
-             [_ptr(x), _ptr(partials[0]), _ptr(partials[1]), _ptr(partials[2])] + k.geometry(0) + k.tiling())
-    k.launch("finalize_forward", (g.C,), (THREADS,), [
-        _ptr(partials[0]), _ptr(partials[1]), _ptr(partials[2]), _ptr(x), np.int64(g.shift_stride),
-        _ptr(mean), _ptr(invstd), _ptr(running_mean), _ptr(running_var),
-        _ptr(num_batches_tracked if cumulative else None), np.int64(g.plan.splits), np.int64(g.C),
-        np.float32(0.0 if momentum is None else momentum), np.float32(eps), np.int32(tracked), np.int32(cumulative)])
-    _normalize(k, x, y, mean, invstd, None, None, None, None, weight, bias, num_batches_tracked, eps, False)
-    return y, mean, invstd
-
-
-def forward_eval(x, weight, bias, running_mean, running_var, eps):
-    k = _Launcher(x, weight, running_mean)
-    g = k.g
-    x = g.read(x)
-    y = _empty(x.shape, x.dtype, x.device, g.out_strides)
-    mean, invstd = _empty(g.C, g.stat_dtype, x.device), _empty(g.C, g.stat_dtype, x.device)
-    _normalize(k, x, y, None, None, running_mean, running_var, mean, invstd, weight, bias, None, eps, True)
-    return y, mean, invstd
-
-
-# ---- backward --------------------------------------------------------------------------------
-
-def backward(grad_y, x, weight, mean, invstd, training, need_input_grad, need_weight_grad):
-    k = _Launcher(x, weight, None, grad_y)
-    g = k.g
-    x = g.read(x)
-    if g.copy_others[0]:
-        grad_y = layout.in_family(grad_y, g.family)
-    device = x.device
-    param_dtype = weight.dtype if weight is not None else mean.dtype
-    grid, block = k.grid()
-    reduce = training or need_weight_grad
-    if reduce:
-        grad_weight, grad_bias = _empty(g.C, param_dtype, device), _empty(g.C, param_dtype, device)
-    # Without dx, x stands in for it: its strides are dx's, and nothing is written there.
-    grad_x = _empty(x.shape, x.dtype, device, g.out_strides) if need_input_grad else x.new_empty(0)
-    dx = grad_x if need_input_grad else x
-    inv_count = k.accumulate(1.0 / g.count)
-    if reduce and g.fused:
-        k.launch(k.role("fused_backward", grad_y, x, dx), grid, block, [
-            _ptr(grad_y), _ptr(x), _ptr(grad_x if need_input_grad else None), _ptr(mean), _ptr(invstd),
-            _ptr(weight), _ptr(grad_weight), _ptr(grad_bias)]
-            + k.geometry(1, 0, -1) + [inv_count] + k.tiling(fused=True)
-            + [np.int32(training), np.int32(need_input_grad)])
-    else:
-        totals = [None, None]  # not read in eval
-        if reduce:
-            partials = _empty((2, g.plan.splits, g.C), g.stat_dtype, device)
-            totals = _empty((2, g.C), g.stat_dtype, device)
-            k.launch("reduce_first" if g.first else "reduce_last", grid, block,
-                     [_ptr(grad_y), _ptr(x), _ptr(mean), _ptr(partials[0]), _ptr(partials[1])]
-                     + k.geometry(1, 0) + k.tiling())
-            k.launch("finalize_backward", (g.C,), (THREADS,), [
-                _ptr(partials[0]), _ptr(partials[1]), _ptr(invstd), _ptr(totals[0]), _ptr(totals[1]),
-                _ptr(grad_weight), _ptr(grad_bias), np.int64(g.plan.splits), np.int64(g.C)])
-        if need_input_grad:
-            k.launch(k.role("dx", grad_y, x, grad_x), grid, block, [
-                _ptr(grad_y), _ptr(x), _ptr(grad_x), _ptr(mean), _ptr(invstd), _ptr(weight),
-                _ptr(totals[0]), _ptr(totals[1])]
-                + k.geometry(1, 0, -1) + [inv_count] + k.tiling() + [np.int32(training)])
-    if not need_weight_grad:
-        return grad_x, x.new_empty(0), x.new_empty(0)
-    return grad_x, grad_weight, grad_bias
+KERNELS = CudaKernels()
+forward_train = functools.partial(orchestration.forward_train, KERNELS)
+forward_eval = functools.partial(orchestration.forward_eval, KERNELS)
+backward = functools.partial(orchestration.backward, KERNELS)

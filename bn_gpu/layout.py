@@ -26,11 +26,21 @@ class ChannelsFirstView:
     stride_n: int
     stride_c: int
 
+    @property
+    def strides(self) -> tuple:
+        """The stride arguments of the channels-first kernels, in their order."""
+        return (self.stride_n, self.stride_c)
+
 
 @dataclass(frozen=True)
 class ChannelsLastView:
     """A tensor seen as a (M, C) matrix with unit stride along C."""
     stride_m: int
+
+    @property
+    def strides(self) -> tuple:
+        """The stride arguments of the channels-last kernels."""
+        return (self.stride_m,)
 
 
 def spatial_size(shape) -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .backends import check_name
 from .functional import batch_norm
 
 
@@ -11,7 +12,7 @@ class _BatchNormMixin:
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
-        self.backend = backend
+        self.backend = check_name(backend)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
@@ -61,6 +62,7 @@ def convert_model(model: torch.nn.Module, backend: str = "auto") -> torch.nn.Mod
     and keep train/eval mode and hooks. Returns `model`, or the replacement when `model` itself is
     a BatchNorm module. Subclasses of torch's BatchNorm (e.g. SyncBatchNorm) are left alone.
     """
+    check_name(backend)
     if type(model) in _REPLACEMENTS:
         return _converted(model, backend)
     for name, child in model.named_children():

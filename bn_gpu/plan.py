@@ -14,7 +14,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from .dtypes import stat_dtype
 from .layout import (CHANNELS_FIRST, channels_first_view, channels_last_view, choose_layout, empty_in_family,
@@ -51,6 +50,14 @@ GPU_TUNING = _tuning_from_environment(
 # walk several tiles per program, several splits per channel and several finalize chunks.
 INTERPRETER_TUNING = Tuning(tile_elements=64, programs_per_sm=2, max_block_c=4, finalize_tile=8, num_warps=1)
 INTERPRETER_SMS = 4
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def interpreting() -> bool:
@@ -101,16 +108,16 @@ class FinalizePlan:
     block_c: int
 
     def grid(self, C: int) -> tuple[int]:
-        return (triton.cdiv(C, self.block_c),)
+        return (cdiv(C, self.block_c),)
 
 
 def _lane_use(S: int, block: int) -> float:
-    return S / (triton.cdiv(S, block) * block)
+    return S / (cdiv(S, block) * block)
 
 
 def _spatial_block(S: int, tile: int) -> int:
     """Largest power of two <= tile covering S without leaving many lanes of the last block idle."""
-    block = min(tile, triton.next_power_of_2(S))
+    block = min(tile, next_power_of_2(S))
     while block > 32 and _lane_use(S, block // 2) > _lane_use(S, block) + 0.1:
         block //= 2
     return block
@@ -118,94 +125,133 @@ def _spatial_block(S: int, tile: int) -> int:
 
 def _splits(total_tiles: int, wanted: int) -> tuple[int, int]:
     """(tiles_per_program, splits) covering total_tiles with about `wanted` programs."""
-    tiles_per_program = triton.cdiv(total_tiles, max(1, min(wanted, total_tiles)))
-    return tiles_per_program, triton.cdiv(total_tiles, tiles_per_program)
+    tiles_per_program = cdiv(total_tiles, max(1, min(wanted, total_tiles)))
+    return tiles_per_program, cdiv(total_tiles, tiles_per_program)
 
 
 @functools.lru_cache(maxsize=1024)
 def channels_first_plan(N: int, C: int, S: int, tuning: Tuning, sms: int) -> ChannelsFirstPlan:
     block_s = _spatial_block(S, tuning.tile_elements)
-    rows = min(tuning.tile_elements // block_s, triton.next_power_of_2(N))
-    s_blocks = triton.cdiv(S, block_s)
-    total_tiles = triton.cdiv(N, rows) * s_blocks
-    tiles_per_program, splits = _splits(total_tiles, triton.cdiv(tuning.programs_per_sm * sms, C))
+    rows = min(tuning.tile_elements // block_s, next_power_of_2(N))
+    s_blocks = cdiv(S, block_s)
+    total_tiles = cdiv(N, rows) * s_blocks
+    tiles_per_program, splits = _splits(total_tiles, cdiv(tuning.programs_per_sm * sms, C))
     return ChannelsFirstPlan(rows, block_s, s_blocks, total_tiles, tiles_per_program, splits, tuning.num_warps)
 
 
 @functools.lru_cache(maxsize=1024)
 def channels_last_plan(M: int, C: int, tuning: Tuning, sms: int) -> ChannelsLastPlan:
-    block_c = min(triton.next_power_of_2(C), tuning.max_block_c)
-    block_m = min(max(1, tuning.tile_elements // block_c), triton.next_power_of_2(M))
-    c_blocks = triton.cdiv(C, block_c)
-    tiles_per_program, _ = _splits(triton.cdiv(M, block_m), triton.cdiv(tuning.programs_per_sm * sms, c_blocks))
+    block_c = min(next_power_of_2(C), tuning.max_block_c)
+    block_m = min(max(1, tuning.tile_elements // block_c), next_power_of_2(M))
+    c_blocks = cdiv(C, block_c)
+    tiles_per_program, _ = _splits(cdiv(M, block_m), cdiv(tuning.programs_per_sm * sms, c_blocks))
     rows_per_program = tiles_per_program * block_m
-    return ChannelsLastPlan(block_m, block_c, c_blocks, rows_per_program, triton.cdiv(M, rows_per_program),
+    return ChannelsLastPlan(block_m, block_c, c_blocks, rows_per_program, cdiv(M, rows_per_program),
                             tuning.num_warps)
 
 
 @functools.lru_cache(maxsize=1024)
 def finalize_plan(splits: int, C: int, tuning: Tuning) -> FinalizePlan:
-    block_c = min(triton.next_power_of_2(C), 64 if tuning.max_block_c >= 64 else tuning.max_block_c)
-    block_splits = min(triton.next_power_of_2(splits), max(1, tuning.finalize_tile // block_c))
+    block_c = min(next_power_of_2(C), 64 if tuning.max_block_c >= 64 else tuning.max_block_c)
+    block_splits = min(next_power_of_2(splits), max(1, tuning.finalize_tile // block_c))
     return FinalizePlan(block_splits, block_c)
 
 
+@dataclass(frozen=True)
 class Geometry:
-    """What a GPU backend launches for one input layout (and, in the backward, one gradient
-    layout): family, sizes, per-tensor strides, the plan and the output's strides. Built from meta
-    tensors once per (shape, strides, dtype, device, tuning) by `Geometry.of`, and cached."""
+    """How the GPU backends launch on one input layout (and, in the backward, one gradient layout):
+    the layout family, sizes, the named strides of each tensor as the kernels read it, the plan,
+    and the output's strides. Built once per (shape, strides, dtype, tuning, GPU) by `geometry()`
+    and cached; each backend derives its launch metadata from it."""
 
-    def __init__(self, x: torch.Tensor, family: str, tuning: Tuning, sms: int, others=()):
-        self.family = family
-        self.first = family == CHANNELS_FIRST
-        self.N, self.C = x.shape[0], x.shape[1]
-        self.S = spatial_size(x.shape)
-        self.count = self.N * self.S
-        self.stat_dtype = stat_dtype(x.dtype)
-        out = empty_in_family(x, family)  # x is a meta tensor: so is out
-        self.out_strides = out.stride()
-        tensors = (x, *others, out)
-        if self.first:
-            self.plan = channels_first_plan(self.N, self.C, self.S, tuning, sms)
-            self.sizes = [self.N, self.C, self.S]
-            self.strides = [[v.stride_n, v.stride_c] for v in map(channels_first_view, tensors)]
-            self.tiling = [self.plan.s_blocks, self.plan.total_tiles, self.plan.tiles_per_program]
-            self.fused_tiling = self.tiling[:2]  # single pass: the program walks every tile
-            self.shift_stride = self.strides[0][1]  # between the first values of consecutive channels
-        else:
-            self.plan = channels_last_plan(self.count, self.C, tuning, sms)
-            self.sizes = [self.count, self.C]
-            self.strides = [[channels_last_view(t).stride_m] for t in tensors]
-            self.tiling = [self.plan.rows_per_program]
-            self.fused_tiling = []
-            self.shift_stride = 1
-        self.fused = self.plan.splits == 1
-        self.offset_64 = any(sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) > 2**31 - 1
-                             for t in tensors)
-        self.copy_input = False   # x must first be copied into a layout the kernels read
-        self.copy_others = []     # the same for each of `others`
+    family: str
+    N: int
+    C: int
+    S: int
+    dtype: torch.dtype          # of x, y, dy and dx
+    stat_dtype: torch.dtype     # of mean, invstd and the partials
+    plan: "ChannelsFirstPlan | ChannelsLastPlan"
+    finalize: FinalizePlan
+    x: "ChannelsFirstView | ChannelsLastView"         # x as the kernels read it
+    out: "ChannelsFirstView | ChannelsLastView"       # y in the forward, dx in the backward
+    grad_y: "ChannelsFirstView | ChannelsLastView | None"  # the backward's dy
+    out_strides: tuple                                # the output tensor's strides
+    copy_input: bool     # x must first be copied into a layout the kernels read
+    copy_grad_y: bool    # the same for dy
+    offset_64: bool      # some offset reaches 2**31: 64-bit index arithmetic
 
-    def geometry(self, *which: int) -> list:
-        """Sizes, then the strides of the tensors numbered `which` (0: x, then the others, -1: output)."""
-        return self.sizes + [s for i in which for s in self.strides[i]]
+    @property
+    def channels_first(self) -> bool:
+        return self.family == CHANNELS_FIRST
 
-    @classmethod
-    def of(cls, x: torch.Tensor, *others: torch.Tensor, tuning: Tuning, sms: int) -> "Geometry":
-        return _cached_geometry(cls, tuple(x.shape), x.stride(), x.dtype, x.device,
-                                tuple(o.stride() for o in others), tuning, sms)
+    @property
+    def count(self) -> int:
+        """Values per channel."""
+        return self.N * self.S
+
+    @property
+    def single_pass(self) -> bool:
+        """One program per channel (block): statistics and elementwise pass in one launch."""
+        return self.plan.splits == 1
+
+    @property
+    def sizes(self) -> tuple:
+        """(N, C, S) channels-first, (M, C) channels-last: the size arguments of every kernel."""
+        return (self.N, self.C, self.S) if self.channels_first else (self.count, self.C)
+
+    @property
+    def tiling(self) -> tuple:
+        """The split path's tiling arguments."""
+        p = self.plan
+        return (p.s_blocks, p.total_tiles, p.tiles_per_program) if self.channels_first else (p.rows_per_program,)
+
+    @property
+    def single_pass_tiling(self) -> tuple:
+        """The single-pass kernels' tiling arguments: the program walks every tile of its channel."""
+        return (self.plan.s_blocks, self.plan.total_tiles) if self.channels_first else ()
+
+    @property
+    def shift_stride(self) -> int:
+        """Distance in x between the first values of consecutive channels (their shifts)."""
+        return self.x.stride_c if self.channels_first else 1
 
     def read(self, x: torch.Tensor) -> torch.Tensor:
         """x, or its copy in the layout the kernels read."""
         return choose_layout(x)[1] if self.copy_input else x
 
+    def read_grad(self, grad_y: torch.Tensor) -> torch.Tensor:
+        """dy, or its copy in the family of x."""
+        return in_family(grad_y, self.family) if self.copy_grad_y else grad_y
+
+
+def geometry(x: torch.Tensor, grad_y: torch.Tensor | None, tuning: Tuning, sms: int) -> Geometry:
+    """The cached Geometry of x (and of dy, for the backward)."""
+    return _cached_geometry(tuple(x.shape), x.stride(), x.dtype, None if grad_y is None else grad_y.stride(),
+                            tuning, sms)
+
+
+def _end_offset(t: torch.Tensor) -> int:
+    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+
 
 @functools.lru_cache(maxsize=1024)
-def _cached_geometry(cls, shape, x_strides, dtype, device, other_strides, tuning, sms) -> Geometry:
+def _cached_geometry(shape, x_strides, dtype, grad_strides, tuning: Tuning, sms: int) -> Geometry:
     x = torch.empty_strided(shape, x_strides, dtype=dtype, device="meta")
-    others = [torch.empty_strided(shape, s, dtype=dtype, device="meta") for s in other_strides]
     family, x_read = choose_layout(x)
-    others = [in_family(t, family) for t in others]
-    geometry = cls(x_read, family, tuning, sms, others)
-    geometry.copy_input = x_read is not x
-    geometry.copy_others = [o.stride() != s for o, s in zip(others, other_strides)]
-    return geometry
+    grad_y = None
+    if grad_strides is not None:
+        grad_y = in_family(torch.empty_strided(shape, grad_strides, dtype=dtype, device="meta"), family)
+    out = empty_in_family(x_read, family)
+    view = channels_first_view if family == CHANNELS_FIRST else channels_last_view
+    N, C, S = shape[0], shape[1], spatial_size(shape)
+    if family == CHANNELS_FIRST:
+        plan = channels_first_plan(N, C, S, tuning, sms)
+    else:
+        plan = channels_last_plan(N * S, C, tuning, sms)
+    tensors = [t for t in (x_read, grad_y, out) if t is not None]
+    return Geometry(
+        family=family, N=N, C=C, S=S, dtype=dtype, stat_dtype=stat_dtype(dtype), plan=plan,
+        finalize=finalize_plan(plan.splits, C, tuning), x=view(x_read), out=view(out),
+        grad_y=None if grad_y is None else view(grad_y), out_strides=out.stride(),
+        copy_input=x_read is not x, copy_grad_y=grad_y is not None and grad_y.stride() != grad_strides,
+        offset_64=any(_end_offset(t) > 2**31 - 1 for t in tensors))

@@ -57,13 +57,8 @@ def _path(backend: str, x: torch.Tensor) -> str:
     """"split" or "single-pass": the path the backend's plan takes for x."""
     if backend == "cpu":
         return "torch ops"
-    from . import plan
-    if backend == "cupy":
-        from .cupy_backend import _channels_last_tuning
-        tuning, sms = _channels_last_tuning(plan.GPU_TUNING), plan.multiprocessors(x.device.index or 0)
-    else:
-        tuning, sms = plan.tuning_and_sms(x.device)
-    return "single-pass" if plan.Geometry.of(x, tuning=tuning, sms=sms).fused else "split"
+    from . import backends
+    return "single-pass" if backends.implementation(backend, x.device).KERNELS.geometry(x).single_pass else "split"
 
 
 def check_case(backend: str, shape, layout: str, dtype: torch.dtype, device: torch.device) -> dict:

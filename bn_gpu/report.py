@@ -3,7 +3,7 @@ Markdown tables, the gap to the performance targets, and a PNG plot of % of floo
 
 Floor = the fewest bytes an operation must move, at the copy bandwidth measured in the same run:
 2 |x| for training forward and eval (read x, write y), 5 |x| for training forward + backward
-(forward: read x, write y; backward: read x and dy, write dx). See shared/ANCHORS.md.
+(forward: read x, write y; backward: read x and dy, write dx). See docs/baselines.md.
 """
 from __future__ import annotations
 
@@ -81,7 +81,12 @@ def markdown_table(rows: list[Row]) -> str:
     lines = ["| shape | dtype | layout | mode | impl | µs | GB/s | % floor | vs best torch | graph µs | host µs/call | correct |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        correct = "yes" if r.correct else f"**WRONG** ({_fmt(r.max_error, '.1e')})"
+        if r.correct:
+            correct = "yes"
+        elif r.note:  # it raised: the error, not a wrong result
+            correct = f"**ERROR**: {r.note.replace('|', '/')}"
+        else:
+            correct = f"**WRONG** ({_fmt(r.max_error, '.1e')})"
         lines.append(f"| {r.shape} | {r.dtype} | {r.layout} | {r.mode} | {r.impl} | {_fmt(r.us, '.1f')} | "
                      f"{_fmt(r.gbps, '.0f')} | {_fmt(r.pct_floor, '.0f')} | {_fmt(r.speedup, '.2f')}× | "
                      f"{_fmt(r.graph_us, '.1f')} | {_fmt(r.host_us, '.1f')} | {correct} |")
@@ -189,40 +194,60 @@ def header_markdown(meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _case_label(case: tuple) -> str:
+    shape, dtype, layout, _ = case
+    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
+    return f"{shape} {short}" + (" CL" if layout == "channels_last" else "")
+
+
 def plot(rows: list[Row], meta: dict, path: str) -> str:
-    """Bar chart of % of floor per case and implementation."""
+    """Time per call relative to the fastest implementation of each case (1 = fastest), on a log
+    axis, one panel per mode: readable whatever the absolute times. Wrong or failed results are
+    hatched red; the right-hand labels give bn_gpu's best % of floor."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = list(dict.fromkeys(r.case for r in rows))
-    impls = list(dict.fromkeys(r.impl for r in rows))
-    by_key = {(r.case, r.impl): r for r in rows}
-    width = 0.8 / max(1, len(impls))
-    fig, ax = plt.subplots(figsize=(max(8, 0.5 * len(cases) * len(impls)), 5))
-    for i, impl in enumerate(impls):
-        xs, heights, colors = [], [], []
+    modes = [m for m in MODES if any(r.mode == m for r in rows)]
+    impls = [i for i in (*BN_GPU_IMPLS, *TORCH_IMPLS) if any(r.impl == i for r in rows)]
+    colors = dict(zip(impls, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    cases_by_mode = {m: list(dict.fromkeys(r.case for r in rows if r.mode == m)) for m in modes}
+    height = max(len(c) for c in cases_by_mode.values()) if modes else 1
+    fig, axes = plt.subplots(1, max(1, len(modes)), figsize=(6 * max(1, len(modes)), 1.2 + 0.45 * height * len(impls) / 2),
+                             squeeze=False)
+    bar = 0.8 / max(1, len(impls))
+    for ax, mode in zip(axes[0], modes):
+        cases = cases_by_mode[mode]
         for j, case in enumerate(cases):
-            r = by_key.get((case, impl))
-            if r is None or math.isnan(r.pct_floor):
-                continue
-            xs.append(j + i * width)
-            heights.append(r.pct_floor)
-            colors.append(None if r.correct else "red")
-        bars = ax.bar(xs, heights, width, label=impl)
-        for bar, color in zip(bars, colors):
-            if color:
-                bar.set_color(color)
-                bar.set_hatch("//")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
-    ax.set_xticklabels(["\n".join(c) for c in cases], fontsize=6)
-    ax.set_ylabel("% of floor (copy bandwidth)")
+            case_rows = [r for r in rows if r.case == case and not math.isnan(r.us) and r.us > 0]
+            fastest = min((r.us for r in case_rows if r.correct), default=None)
+            for i, impl in enumerate(impls):
+                r = next((r for r in case_rows if r.impl == impl), None)
+                if r is None or fastest is None:
+                    continue
+                y = j + (i - (len(impls) - 1) / 2) * bar
+                good = r.correct
+                ax.barh(y, r.us / fastest, bar, left=0, color=colors[impl] if good else "red",
+                        hatch=None if good else "//", label=impl if j == 0 else None)
+            ours = [r for r in case_rows if r.impl in BN_GPU_IMPLS and r.correct]
+            if ours and not meta.get("smoke"):
+                best = max(r.pct_floor for r in ours)
+                ax.annotate(f"{best:.0f}% floor", (1.0, j), xycoords=("axes fraction", "data"), xytext=(4, 0),
+                            textcoords="offset points", va="center", fontsize=8)
+        ax.set_xscale("log")
+        ax.set_yticks(range(len(cases)))
+        ax.set_yticklabels([_case_label(c) for c in cases], fontsize=9)
+        ax.invert_yaxis()
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xlabel("time / fastest correct time of the case (log)", fontsize=9)
+        ax.set_title(mode, fontsize=10)
+    if modes:
+        axes[0][0].legend(fontsize=8, loc="lower right")
     title = f"bn_gpu vs torch on {meta.get('device', '?')} ({meta.get('date', '')})"
     if meta.get("smoke"):
-        title += " -- smoke run, not meaningful"
-    ax.set_title(title)
-    ax.legend(fontsize=7)
+        title += " -- smoke run, timings not meaningful"
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -1,37 +1,31 @@
-"""Launch functions of the Triton backend.
+"""The Triton backend: its kernel table for bn_gpu.orchestration, which owns the control flow.
 
-Training forward: one launch when each program owns whole channels (plan.splits == 1: many
-channels, or a small input), else three (statistics, finalize, normalize). Eval forward: one.
-Backward: one or three in training the same way; in eval, one when only dx is needed.
+Each method marshals the arguments of one kernel of bn_gpu.kernels (channels-first or
+channels-last by the geometry's family) in the kernel's parameter order and launches it. Arguments
+a kernel does not read under its flags are passed as None.
 
-Everything about an input that does not change from call to call -- layout family, launch plan,
-strides of the output, argument lists -- is worked out once per (shape, strides, dtype, device)
-and cached, so that a call does little more than allocate and launch.
+Launches: the first launch of each specialization goes through Triton's JIT (which compiles and
+caches); later launches with the same specialization call the compiled kernel's launcher directly
+(as Inductor does), skipping the JIT's argument binding, which costs tens of µs of host time per
+launch. Where the direct path does not apply (the interpreter, launch hooks set, a Triton without
+the launcher API) every launch goes through the JIT.
 
-Tensors reach here validated (bn_gpu.validation). CUDA tensors run compiled kernels; CPU tensors
-run them in the Triton interpreter, which must be switched on with TRITON_INTERPRET=1 before the
-kernels are first used.
+CUDA tensors run compiled kernels; CPU tensors run them in the Triton interpreter, which must be
+switched on with TRITON_INTERPRET=1 before the kernels are first used.
 """
 from __future__ import annotations
 
 import functools
 
 import torch
+import triton
 import triton.language as tl
 
-from . import layout
+from . import orchestration
 from .kernels import channels_first as cf
 from .kernels import channels_last as cl
 from .kernels import finalize as fin
-from .plan import Geometry, Tuning, finalize_plan, interpreting, tuning_and_sms
-
-# (channels-first kernel, channels-last kernel) of each job
-_STATS = (cf.channels_first_stats_kernel, cl.channels_last_stats_kernel)
-_NORMALIZE = (cf.channels_first_normalize_kernel, cl.channels_last_normalize_kernel)
-_FUSED_FORWARD = (cf.channels_first_fused_forward_kernel, cl.channels_last_fused_forward_kernel)
-_BACKWARD_REDUCE = (cf.channels_first_backward_reduce_kernel, cl.channels_last_backward_reduce_kernel)
-_BACKWARD_DX = (cf.channels_first_backward_dx_kernel, cl.channels_last_backward_dx_kernel)
-_FUSED_BACKWARD = (cf.channels_first_fused_backward_kernel, cl.channels_last_fused_backward_kernel)
+from .plan import Geometry, geometry, interpreting, tuning_and_sms
 
 
 def check_available(device: torch.device) -> None:
@@ -45,148 +39,157 @@ def check_available(device: torch.device) -> None:
         "TRITON_INTERPRET=1 before importing bn_gpu (slow: for testing).")
 
 
-def _on_device_of(position: int):
-    """Run the decorated launch function with the GPU of its argument `position` current: Triton
-    launches on the current device, and Python kernels of custom ops get no device guard."""
-    def decorate(launch):
-        @functools.wraps(launch)
-        def guarded(*args):
-            device = args[position].device
-            if device.type == "cuda" and device.index != torch.cuda.current_device():
-                with torch.cuda.device(device):
-                    return launch(*args)
-            return launch(*args)
-        return guarded
-    return decorate
+# ---- launching --------------------------------------------------------------------------------
+
+def _specialization(arg):
+    """What Triton's JIT specializes a compiled kernel on, for one argument: a tensor's dtype and
+    16-byte alignment, an integer's value (== 1, divisibility by 16, width), a float's type."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if isinstance(arg, float):
+        return float
+    return arg
 
 
-def _empty(shape, dtype: torch.dtype, device: torch.device, strides=None) -> torch.Tensor:
-    """Every buffer of this backend comes from here (tests poison it)."""
-    if strides is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    return torch.empty_strided(shape, strides, dtype=dtype, device=device)
+def _launch_hooks() -> tuple:
+    """Triton's launch hooks (profilers set them); (None, None) when none is set."""
+    try:
+        return triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook
+    except AttributeError:  # a Triton without knobs: its launcher API may differ, use the JIT
+        return (True,)
 
 
-class _Recipe(Geometry):
-    """The geometry of one input layout, plus what Triton launches take: constexprs and grids."""
-
-    def __init__(self, x: torch.Tensor, family: str, tuning: Tuning, sms: int, others=()):
-        super().__init__(x, family, tuning, sms, others)
-        p = self.plan
-        blocks = dict(ROWS=p.rows, BLOCK_S=p.block_s) if self.first else dict(BLOCK_M=p.block_m, BLOCK_C=p.block_c)
-        acc = tl.float64 if self.stat_dtype == torch.float64 else tl.float32
-        self.meta = dict(ACC=acc, OFFSET_64=self.offset_64, num_warps=p.num_warps, **blocks)
-        self.grid = p.grid(self.C)
-        self.finalize = finalize_plan(p.splits, self.C, tuning)
-        self.finalize_grid = self.finalize.grid(self.C)
-
-    def kernel(self, pair):
-        return pair[0 if self.first else 1][self.grid]
+def _current_stream() -> int:
+    return triton.runtime.driver.active.get_current_stream(torch.cuda.current_device())
 
 
-def _recipe(x: torch.Tensor, *others: torch.Tensor) -> _Recipe:
-    tuning, sms = tuning_and_sms(x.device)
-    return _Recipe.of(x, *others, tuning=tuning, sms=sms)
+class Launcher:
+    """Launches JIT kernels, reusing the compiled kernel of a specialization once the JIT made it."""
+
+    def __init__(self):
+        self.compiled = {}    # specialization key -> (compiled kernel, constexpr values in order)
+        self.direct = not interpreting()
+
+    def __call__(self, kernel, grid, args: list, meta: dict) -> None:
+        key = None
+        if self.direct and _launch_hooks() == (None, None):
+            key = (kernel, grid, *meta.items(), *map(_specialization, args))
+            entry = self.compiled.get(key)
+            if entry is not None:
+                compiled, constexprs = entry
+                compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, 1, _current_stream(), compiled.function,
+                             compiled.packed_metadata, None, None, None, *args, *constexprs)
+                return
+        compiled = kernel[grid](*args, **meta)
+        if key is not None:
+            self._remember(key, kernel, compiled, len(args), meta)
+
+    def _remember(self, key, kernel, compiled, runtime_args: int, meta: dict) -> None:
+        """Keep the compiled kernel for direct launches when it has the launcher API this uses."""
+        params = kernel.params[runtime_args:]
+        if not all(p.is_constexpr and p.name in meta for p in params):
+            return
+        if not all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata")):
+            self.direct = False
+            return
+        self.compiled[key] = (compiled, [meta[p.name] for p in params])
 
 
-# ---- forward ---------------------------------------------------------------------------------
-
-@_on_device_of(0)
-def forward_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps):
-    """(y, mean, invstd); updates running_mean/var in place and counts the batch in
-    num_batches_tracked, when given."""
-    r = _recipe(x)
-    x = r.read(x)
-    y = _empty(x.shape, x.dtype, x.device, r.out_strides)
-    mean = _empty(r.C, r.stat_dtype, x.device)
-    invstd = _empty(r.C, r.stat_dtype, x.device)
-    tracked = running_mean is not None
-    cumulative = tracked and momentum is None
-    momentum = 0.0 if momentum is None else float(momentum)
-    dummy = mean
-    if r.fused:
-        r.kernel(_FUSED_FORWARD)(
-            x, y, mean, invstd, running_mean if tracked else dummy, running_var if tracked else dummy,
-            num_batches_tracked if num_batches_tracked is not None else dummy,
-            weight if weight is not None else dummy, bias if bias is not None else dummy,
-            *r.geometry(0, -1), momentum, float(eps), *r.fused_tiling,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING_STATS=tracked,
-            CUMULATIVE=cumulative, COUNT_BATCH=num_batches_tracked is not None and not cumulative, **r.meta)
-        if cumulative and num_batches_tracked is not None:
-            num_batches_tracked.add_(1)  # after the kernel read it (see the kernel's COUNT_BATCH)
-        return y, mean, invstd
-    partials = _empty((3, r.plan.splits, r.C), r.stat_dtype, x.device)
-    count, part_mean, m2 = partials
-    r.kernel(_STATS)(x, count, part_mean, m2, *r.geometry(0), *r.tiling, **r.meta)
-    fin.forward_finalize_kernel[r.finalize_grid](
-        count, part_mean, m2, x, mean, invstd,
-        running_mean if tracked else dummy, running_var if tracked else dummy,
-        num_batches_tracked if cumulative else dummy,
-        r.plan.splits, r.C, r.shift_stride, momentum, float(eps),
-        HAS_RUNNING_STATS=tracked, CUMULATIVE=cumulative, ACC=r.meta["ACC"],
-        BLOCK_SPLITS=r.finalize.block_splits, BLOCK_C=r.finalize.block_c)
-    r.kernel(_NORMALIZE)(
-        x, y, mean, dummy, invstd, dummy, weight if weight is not None else dummy,
-        bias if bias is not None else dummy, num_batches_tracked if num_batches_tracked is not None else dummy,
-        *r.geometry(0, -1), float(eps), *r.tiling,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, FROM_RUNNING_STATS=False,
-        COUNT_BATCH=num_batches_tracked is not None, **r.meta)
-    return y, mean, invstd
+launch = Launcher()
 
 
-@_on_device_of(0)
-def forward_eval(x, weight, bias, running_mean, running_var, eps):
-    """(y, mean, invstd) with mean/invstd taken from the running statistics, for the backward."""
-    r = _recipe(x)
-    x = r.read(x)
-    y = _empty(x.shape, x.dtype, x.device, r.out_strides)
-    mean = _empty(r.C, r.stat_dtype, x.device)
-    invstd = _empty(r.C, r.stat_dtype, x.device)
-    r.kernel(_NORMALIZE)(
-        x, y, running_mean, running_var, invstd, mean, weight if weight is not None else mean,
-        bias if bias is not None else mean, mean, *r.geometry(0, -1), float(eps), *r.tiling,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, FROM_RUNNING_STATS=True,
-        COUNT_BATCH=False, **r.meta)
-    return y, mean, invstd
+# ---- the kernel table -------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1024)
+def _meta(g: Geometry) -> dict:
+    """Constexprs and warps of the streaming kernels for one geometry."""
+    p = g.plan
+    blocks = dict(ROWS=p.rows, BLOCK_S=p.block_s) if g.channels_first else dict(BLOCK_M=p.block_m, BLOCK_C=p.block_c)
+    acc = tl.float64 if g.stat_dtype == torch.float64 else tl.float32
+    return dict(ACC=acc, OFFSET_64=g.offset_64, num_warps=p.num_warps, **blocks)
 
 
-# ---- backward --------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1024)
+def _finalize_meta(g: Geometry) -> dict:
+    return dict(ACC=_meta(g)["ACC"], BLOCK_SPLITS=g.finalize.block_splits, BLOCK_C=g.finalize.block_c)
 
-@_on_device_of(1)
-def backward(grad_y, x, weight, mean, invstd, training, need_input_grad, need_weight_grad):
-    """(grad_x, grad_weight, grad_bias); a gradient that is not needed comes back as an empty tensor."""
-    r = _recipe(x, grad_y)
-    x = r.read(x)
-    if r.copy_others[0]:
-        grad_y = layout.in_family(grad_y, r.family)
-    device = x.device
-    param_dtype = weight.dtype if weight is not None else mean.dtype
-    grad_x = _empty(x.shape, x.dtype, device, r.out_strides) if need_input_grad else x.new_empty(0)
-    w = weight if weight is not None else invstd
-    reduce = training or need_weight_grad
-    if reduce:
-        grad_weight = _empty(r.C, param_dtype, device)
-        grad_bias = _empty(r.C, param_dtype, device)
-    if reduce and r.fused:
-        r.kernel(_FUSED_BACKWARD)(
-            grad_y, x, grad_x if need_input_grad else invstd, mean, invstd, w, grad_weight, grad_bias,
-            *r.geometry(1, 0, -1), 1.0 / r.count, *r.fused_tiling,
-            HAS_WEIGHT=weight is not None, TRAINING=training, NEED_INPUT_GRAD=need_input_grad, **r.meta)
-    else:
-        totals = (invstd, invstd)  # not read in eval
-        if reduce:
-            partials = _empty((2, r.plan.splits, r.C), r.stat_dtype, device)
-            totals = _empty((2, r.C), r.stat_dtype, device)
-            r.kernel(_BACKWARD_REDUCE)(grad_y, x, mean, partials[0], partials[1], *r.geometry(1, 0), *r.tiling,
-                                       **r.meta)
-            fin.backward_finalize_kernel[r.finalize_grid](
-                partials[0], partials[1], invstd, totals[0], totals[1], grad_weight, grad_bias,
-                r.plan.splits, r.C, ACC=r.meta["ACC"],
-                BLOCK_SPLITS=r.finalize.block_splits, BLOCK_C=r.finalize.block_c)
-        if need_input_grad:
-            r.kernel(_BACKWARD_DX)(
-                grad_y, x, grad_x, mean, invstd, w, totals[0], totals[1], *r.geometry(1, 0, -1),
-                1.0 / r.count, *r.tiling, HAS_WEIGHT=weight is not None, TRAINING=training, **r.meta)
-    if not need_weight_grad:
-        return grad_x, x.new_empty(0), x.new_empty(0)
-    return grad_x, grad_weight, grad_bias
+
+def _kernel(g: Geometry, module_first, module_last, job: str):
+    family = "channels_first" if g.channels_first else "channels_last"
+    return getattr(module_first if g.channels_first else module_last, f"{job}_{family}")
+
+
+class TritonKernels:
+    """The kernel table of bn_gpu.orchestration for Triton."""
+
+    def geometry(self, x: torch.Tensor, grad_y: torch.Tensor | None = None) -> Geometry:
+        tuning, sms = tuning_and_sms(x.device)
+        return geometry(x, grad_y, tuning, sms)
+
+    def statistics(self, g, x, partials):
+        count, mean, m2 = partials
+        launch(_kernel(g, cf, cl, "statistics"), g.plan.grid(g.C),
+               [x, count, mean, m2, *g.sizes, *g.x.strides, *g.tiling], _meta(g))
+
+    def finalize_statistics(self, g, x, partials, mean, invstd, running_mean, running_var, counter, momentum, eps):
+        count, part_mean, m2 = partials
+        tracked = running_mean is not None
+        cumulative = tracked and momentum is None
+        launch(fin.finalize_statistics, g.finalize.grid(g.C),
+               [count, part_mean, m2, x, mean, invstd, running_mean, running_var, counter if cumulative else None,
+                g.plan.splits, g.C, g.shift_stride, 0.0 if momentum is None else float(momentum), float(eps)],
+               dict(HAS_RUNNING_STATS=tracked, CUMULATIVE=cumulative, **_finalize_meta(g)))
+
+    def normalize(self, g, x, y, mean, invstd, weight, bias, counter, eps, running_mean=None, running_var=None):
+        from_running = running_mean is not None
+        # Eval reads the running statistics and writes mean and invstd for the backward.
+        pointers = [running_mean, running_var, invstd, mean] if from_running else [mean, None, invstd, None]
+        launch(_kernel(g, cf, cl, "normalize"), g.plan.grid(g.C),
+               [x, y, *pointers, weight, bias, counter, *g.sizes, *g.x.strides, *g.out.strides, float(eps),
+                *g.tiling],
+               dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, FROM_RUNNING_STATS=from_running,
+                    COUNT_BATCH=counter is not None, **_meta(g)))
+
+    def single_pass_forward(self, g, x, y, mean, invstd, weight, bias, running_mean, running_var, counter,
+                            momentum, eps, count_batch):
+        tracked = running_mean is not None
+        cumulative = tracked and momentum is None
+        launch(_kernel(g, cf, cl, "single_pass_forward"), g.plan.grid(g.C),
+               [x, y, mean, invstd, running_mean, running_var, counter if cumulative or count_batch else None,
+                weight, bias, *g.sizes, *g.x.strides, *g.out.strides, 0.0 if momentum is None else float(momentum),
+                float(eps), *g.single_pass_tiling],
+               dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING_STATS=tracked,
+                    CUMULATIVE=cumulative, COUNT_BATCH=count_batch, **_meta(g)))
+
+    def gradient_sums(self, g, grad_y, x, mean, partials):
+        sum_dy, sum_dy_xmu = partials
+        launch(_kernel(g, cf, cl, "gradient_sums"), g.plan.grid(g.C),
+               [grad_y, x, mean, sum_dy, sum_dy_xmu, *g.sizes, *g.grad_y.strides, *g.x.strides, *g.tiling],
+               _meta(g))
+
+    def finalize_gradients(self, g, partials, invstd, totals, grad_weight, grad_bias):
+        sum_dy, sum_dy_xmu = partials
+        total_dy, total_dy_xmu = totals
+        launch(fin.finalize_gradients, g.finalize.grid(g.C),
+               [sum_dy, sum_dy_xmu, invstd, total_dy, total_dy_xmu, grad_weight, grad_bias, g.plan.splits, g.C],
+               _finalize_meta(g))
+
+    def input_gradient(self, g, grad_y, x, grad_x, mean, invstd, weight, totals, training):
+        total_dy, total_dy_xmu = totals if training else (None, None)
+        launch(_kernel(g, cf, cl, "input_gradient"), g.plan.grid(g.C),
+               [grad_y, x, grad_x, mean, invstd, weight, total_dy, total_dy_xmu, *g.sizes, *g.grad_y.strides,
+                *g.x.strides, *g.out.strides, 1.0 / g.count, *g.tiling],
+               dict(HAS_WEIGHT=weight is not None, TRAINING=training, **_meta(g)))
+
+    def single_pass_backward(self, g, grad_y, x, grad_x, mean, invstd, weight, grad_weight, grad_bias, training):
+        launch(_kernel(g, cf, cl, "single_pass_backward"), g.plan.grid(g.C),
+               [grad_y, x, grad_x, mean, invstd, weight, grad_weight, grad_bias, *g.sizes, *g.grad_y.strides,
+                *g.x.strides, *g.out.strides, 1.0 / g.count, *g.single_pass_tiling],
+               dict(HAS_WEIGHT=weight is not None, TRAINING=training, NEED_INPUT_GRAD=grad_x is not None,
+                    **_meta(g)))
+
+
+KERNELS = TritonKernels()
+forward_train = functools.partial(orchestration.forward_train, KERNELS)
+forward_eval = functools.partial(orchestration.forward_eval, KERNELS)
+backward = functools.partial(orchestration.backward, KERNELS)

@@ -1,10 +1,13 @@
 """Device code of bn_gpu: Triton kernels (and, for the CuPy backend, CUDA C sources).
 
-Installed as ``bn_gpu.kernels``. Nothing here allocates or launches: the launch functions live in
-``bn_gpu.triton_backend``.
+Installed as ``bn_gpu.kernels``. Nothing here allocates or launches: ``bn_gpu.orchestration`` owns
+the control flow, ``bn_gpu.triton_backend`` and ``bn_gpu.cupy_backend`` marshal the arguments. One
+name per kernel in both languages: ``<job>_<layout>`` with jobs statistics, normalize,
+single_pass_forward, gradient_sums, input_gradient, single_pass_backward, and finalize_statistics,
+finalize_gradients.
 
-    channels_first.py  statistics, normalize, backward reduction, dx and the single-pass kernels for
-                       contiguous N,C,(D,)(H,)W
+    channels_first.py  statistics, normalize, gradient sums, input gradient and the single-pass
+                       kernels for contiguous N,C,(D,)(H,)W
     channels_last.py   the same for channels_last / channels_last_3d / (N, C) inputs
     finalize.py        per-channel merges of the partials: mean, invstd, running stats, dweight, dbias
     moments.py         Chan's merge of (count, mean, M2) partials

@@ -1,16 +1,16 @@
 // BatchNorm kernels in CUDA C for the CuPy backend (bn_gpu/cupy_backend.py), compiled at run time by
 // NVRTC through cupy.RawModule -- so no standard-library headers here, only the CUDA fp16/bf16 ones.
 //
-// The same algorithm set as the Triton backend (kernels/channels_first.py, channels_last.py,
-// finalize.py), on the same split plan (bn_gpu/plan.py):
-//   stats_channels_first / stats_channels_last      partial (count, mean - shift, M2) per (split, channel)
-//   finalize_forward                                 merge partials (Chan), mean, invstd, running stats
-//   normalize_channels_first / normalize_channels_last   y = (x - mean) * invstd * weight + bias (train, eval)
-//   backward_reduce_channels_first / _last           partial sums of dy and dy * (x - mean)
-//   finalize_backward                                totals, dweight, dbias
-//   dx_channels_first / dx_channels_last             dx from dy, x and the totals
-//   fused_forward_channels_first / _last             single pass when one block owns whole channels
-//   fused_backward_channels_first / _last            (the launch plan has one split): 1 launch
+// The same kernels, under the same names, as the Triton backend (kernels/channels_first.py,
+// channels_last.py, finalize.py), on the same split plan (bn_gpu/plan.py):
+//   statistics_channels_first / _last            partial (count, mean - shift, M2) per (split, channel)
+//   finalize_statistics                          merge partials (Chan), mean, invstd, running stats
+//   normalize_channels_first / _last             y = (x - mean) * invstd * weight + bias (train, eval)
+//   gradient_sums_channels_first / _last         partial sums of dy and dy * (x - mean)
+//   finalize_gradients                           totals, dweight, dbias
+//   input_gradient_channels_first / _last        dx from dy, x and the totals
+//   single_pass_forward_channels_first / _last   single pass when one block owns whole channels
+//   single_pass_backward_channels_first / _last  (the launch plan has one split): 1 launch
 // Templates: T the input dtype (float, __half, __nv_bfloat16, double), A the accumulation dtype
 // (float; double for double input), W the weight/bias dtype and R the running-statistics dtype
 // (T, or float for 16-bit inputs). Offsets are 64-bit throughout. Channels-first elementwise passes
@@ -163,7 +163,7 @@ __device__ Moments<A> block_moments(const Tiles& t, i64 first, i64 last, const T
 }
 
 template <typename T, typename A>
-__global__ void stats_channels_first(
+__global__ void statistics_channels_first(
     const T* __restrict__ x,   // input (N, C, S)
     A* part_count, A* part_mean, A* part_m2,   // (splits, C); part_mean is relative to x[0, c, 0]
     i64 N, i64 C, i64 S, i64 stride_n, i64 stride_c,
@@ -179,13 +179,16 @@ __global__ void stats_channels_first(
     }
 }
 
-// Channels-last blocks are (32, ROW_THREADS): threadIdx.x walks 32 consecutive channels (coalesced),
-// threadIdx.y interleaved rows of the block's row range.
-#define ROW_THREADS 8
+// Channels-last blocks are (CHANNEL_THREADS, ROW_THREADS): threadIdx.x walks consecutive channels
+// (coalesced), threadIdx.y interleaved rows of the block's row range. Both sizes come from the host
+// (bn_gpu/cupy_backend.py, COMPILE_OPTIONS), which launches the blocks.
+#if !defined(CHANNEL_THREADS) || !defined(ROW_THREADS)
+#error "compile with -DCHANNEL_THREADS=... -DROW_THREADS=... (bn_gpu.cupy_backend.COMPILE_OPTIONS)"
+#endif
 
 // The moments of a channel-column's ROW_THREADS threads merged, valid where threadIdx.y == 0.
 template <typename A> __device__ Moments<A> column_merge(Moments<A> m) {
-    __shared__ A counts[ROW_THREADS][32], means[ROW_THREADS][32], m2s[ROW_THREADS][32];
+    __shared__ A counts[ROW_THREADS][CHANNEL_THREADS], means[ROW_THREADS][CHANNEL_THREADS], m2s[ROW_THREADS][CHANNEL_THREADS];
     counts[threadIdx.y][threadIdx.x] = m.count; means[threadIdx.y][threadIdx.x] = m.mean; m2s[threadIdx.y][threadIdx.x] = m.m2;
     __syncthreads();
     if (threadIdx.y == 0)
@@ -195,7 +198,7 @@ template <typename A> __device__ Moments<A> column_merge(Moments<A> m) {
 
 // Two sums of a channel-column's ROW_THREADS threads, valid where threadIdx.y == 0.
 template <typename A> __device__ void column_sums(A& a, A& b) {
-    __shared__ A as[ROW_THREADS][32], bs[ROW_THREADS][32];
+    __shared__ A as[ROW_THREADS][CHANNEL_THREADS], bs[ROW_THREADS][CHANNEL_THREADS];
     as[threadIdx.y][threadIdx.x] = a; bs[threadIdx.y][threadIdx.x] = b;
     __syncthreads();
     if (threadIdx.y == 0)
@@ -211,11 +214,11 @@ __device__ Moments<A> column_moments(const T* x, i64 stride_m, i64 c, A shift, i
 }
 
 template <typename T, typename A>
-__global__ void stats_channels_last(
+__global__ void statistics_channels_last(
     const T* __restrict__ x,   // input (M, C)
     A* part_count, A* part_mean, A* part_m2,   // (splits, C); part_mean is relative to x[0, c]
     i64 M, i64 C, i64 stride_m, i64 rows_per_program) {
-    i64 c = (i64)blockIdx.y * 32 + threadIdx.x;
+    i64 c = (i64)blockIdx.y * CHANNEL_THREADS + threadIdx.x;
     i64 row_begin = (i64)blockIdx.x * rows_per_program;
     i64 row_end = min(row_begin + rows_per_program, M);
     Moments<A> m = {A(0), A(0), A(0)};
@@ -249,7 +252,7 @@ __device__ A store_statistics(
 
 // One block per channel. shift_stride: distance between the first values of consecutive channels.
 template <typename T, typename A, typename R>
-__global__ void finalize_forward(
+__global__ void finalize_statistics(
     const A* part_count, const A* part_mean, const A* part_m2,   // (splits, C)
     const T* __restrict__ x, i64 shift_stride,   // the input: channel c's shift is x[c * shift_stride]
     A* mean_out, A* invstd_out,   // (C,) saved for the backward
@@ -358,7 +361,7 @@ __global__ void normalize_channels_last(
     const A* mean_in, const A* invstd_in, const R* running_mean, const R* running_var,
     A* saved_mean, A* saved_invstd, const W* weight, const W* bias, i64* num_batches_tracked,
     i64 M, i64 C, i64 x_stride_m, i64 y_stride_m, float eps, i64 rows_per_program, int from_running_stats) {
-    i64 c = (i64)blockIdx.y * 32 + threadIdx.x;
+    i64 c = (i64)blockIdx.y * CHANNEL_THREADS + threadIdx.x;
     if (threadIdx.x == 0 && threadIdx.y == 0) count_batch(num_batches_tracked, blockIdx.x == 0 && blockIdx.y == 0);
     if (c >= C) return;
     A mean, scale, shift;
@@ -385,7 +388,7 @@ __device__ void block_gradient_sums(const Tiles& t, i64 first, i64 last, const T
 }
 
 template <typename T, typename A>
-__global__ void backward_reduce_channels_first(
+__global__ void gradient_sums_channels_first(
     const T* __restrict__ dy, const T* __restrict__ x, const A* mean_in,
     A* part_sum_dy, A* part_sum_dy_xmu,   // (splits, C)
     i64 N, i64 C, i64 S, i64 dy_stride_n, i64 dy_stride_c, i64 x_stride_n, i64 x_stride_c,
@@ -416,11 +419,11 @@ __device__ void column_gradient_sums(const T* dy, const T* x, i64 dy_stride_m, i
 }
 
 template <typename T, typename A>
-__global__ void backward_reduce_channels_last(
+__global__ void gradient_sums_channels_last(
     const T* __restrict__ dy, const T* __restrict__ x, const A* mean_in,
     A* part_sum_dy, A* part_sum_dy_xmu,   // (splits, C)
     i64 M, i64 C, i64 dy_stride_m, i64 x_stride_m, i64 rows_per_program) {
-    i64 c = (i64)blockIdx.y * 32 + threadIdx.x;
+    i64 c = (i64)blockIdx.y * CHANNEL_THREADS + threadIdx.x;
     i64 row_begin = (i64)blockIdx.x * rows_per_program;
     i64 row_end = min(row_begin + rows_per_program, M);
     A sum_dy = A(0), sum_dy_xmu = A(0);
@@ -441,7 +444,7 @@ __device__ __forceinline__ void store_gradients(i64 c, A sum_dy, A sum_dy_xmu, A
 
 // One block per channel.
 template <typename A, typename W>
-__global__ void finalize_backward(
+__global__ void finalize_gradients(
     const A* part_sum_dy, const A* part_sum_dy_xmu,   // (splits, C)
     const A* invstd_in,
     A* sum_dy_out, A* sum_dy_xmu_out,   // (C,) totals for the dx pass
@@ -506,7 +509,7 @@ template <typename T, typename A> struct InputGradientRow {
 };
 
 template <typename T, typename W, typename A, int VEC>
-__global__ void dx_channels_first(
+__global__ void input_gradient_channels_first(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,   // (N, C, S)
     const A* mean_in, const A* invstd_in, const W* weight, const A* sum_dy, const A* sum_dy_xmu,
     i64 N, i64 C, i64 S, i64 dy_stride_n, i64 dy_stride_c, i64 x_stride_n, i64 x_stride_c,
@@ -534,12 +537,12 @@ __device__ void column_input_gradient(const T* dy, const T* x, T* dx, i64 dy_str
 }
 
 template <typename T, typename W, typename A>
-__global__ void dx_channels_last(
+__global__ void input_gradient_channels_last(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,   // (M, C)
     const A* mean_in, const A* invstd_in, const W* weight, const A* sum_dy, const A* sum_dy_xmu,
     i64 M, i64 C, i64 dy_stride_m, i64 x_stride_m, i64 dx_stride_m, A inv_count, i64 rows_per_program,
     int training) {
-    i64 c = (i64)blockIdx.y * 32 + threadIdx.x;
+    i64 c = (i64)blockIdx.y * CHANNEL_THREADS + threadIdx.x;
     if (c >= C) return;
     A mean, scale, mean_dy, projection;
     dx_coefficients_at(c, mean_in, invstd_in, weight, sum_dy, sum_dy_xmu, inv_count, training, mean, scale, mean_dy, projection);
@@ -553,7 +556,7 @@ __global__ void dx_channels_last(
 // the block's channels comes from cache.
 
 template <typename T, typename W, typename R, typename A, int VEC>
-__global__ void fused_forward_channels_first(
+__global__ void single_pass_forward_channels_first(
     const T* __restrict__ x, T* __restrict__ y,   // (N, C, S), each with its own strides
     A* mean_out, A* invstd_out, R* running_mean, R* running_var,   // see store_statistics
     i64* num_batches_tracked,   // read when cumulative; incremented by block 0 when count_batch_here
@@ -581,14 +584,14 @@ __global__ void fused_forward_channels_first(
 }
 
 template <typename T, typename W, typename R, typename A>
-__global__ void fused_forward_channels_last(
+__global__ void single_pass_forward_channels_last(
     const T* __restrict__ x, T* __restrict__ y,   // (M, C), each with its own row stride
     A* mean_out, A* invstd_out, R* running_mean, R* running_var, i64* num_batches_tracked,
     const W* weight, const W* bias,
     i64 M, i64 C, i64 x_stride_m, i64 y_stride_m, float momentum, float eps,
     int has_running_stats, int cumulative, int count_batch_here) {
-    __shared__ A channel_mean[32], channel_invstd[32];
-    i64 c = (i64)blockIdx.y * 32 + threadIdx.x;
+    __shared__ A channel_mean[CHANNEL_THREADS], channel_invstd[CHANNEL_THREADS];
+    i64 c = (i64)blockIdx.y * CHANNEL_THREADS + threadIdx.x;
     Moments<A> m = {A(0), A(0), A(0)};
     A shift = c < C ? cvt<A>(x[c]) : A(0);
     if (c < C) m = column_moments(x, x_stride_m, c, shift, 0, M);
@@ -608,7 +611,7 @@ __global__ void fused_forward_channels_last(
 }
 
 template <typename T, typename W, typename A, int VEC>
-__global__ void fused_backward_channels_first(
+__global__ void single_pass_backward_channels_first(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,   // (N, C, S); dx when need_input_grad
     const A* mean_in, const A* invstd_in, const W* weight, W* grad_weight, W* grad_bias,
     i64 N, i64 C, i64 S, i64 dy_stride_n, i64 dy_stride_c, i64 x_stride_n, i64 x_stride_c,
@@ -637,12 +640,12 @@ __global__ void fused_backward_channels_first(
 }
 
 template <typename T, typename W, typename A>
-__global__ void fused_backward_channels_last(
+__global__ void single_pass_backward_channels_last(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,   // (M, C); dx when need_input_grad
     const A* mean_in, const A* invstd_in, const W* weight, W* grad_weight, W* grad_bias,
     i64 M, i64 C, i64 dy_stride_m, i64 x_stride_m, i64 dx_stride_m, A inv_count, int training, int need_input_grad) {
-    __shared__ A totals[2][32];
-    i64 c = (i64)blockIdx.y * 32 + threadIdx.x;
+    __shared__ A totals[2][CHANNEL_THREADS];
+    i64 c = (i64)blockIdx.y * CHANNEL_THREADS + threadIdx.x;
     A mean = c < C ? mean_in[c] : A(0), invstd = c < C ? invstd_in[c] : A(0);
     A sum_dy = A(0), sum_dy_xmu = A(0);
     if (c < C) column_gradient_sums(dy, x, dy_stride_m, x_stride_m, c, mean, i64(0), M, sum_dy, sum_dy_xmu);

@@ -7,13 +7,13 @@ batch rows by BLOCK_S spatial positions, so a channel with a 7x7 plane still fil
 and C = 2048 alike. Every kernel of this file walks the same tiles, so one launch plan serves all.
 
 Split path (several programs per channel), in the order a training step runs them:
-    channels_first_stats_kernel            partial (count, mean, M2) per (split, channel)
-    channels_first_normalize_kernel        y = (x - mean) * invstd * weight + bias (train and eval)
-    channels_first_backward_reduce_kernel  partial sums of dy and dy * (x - mean)
-    channels_first_backward_dx_kernel      dx from dy, x and the per-channel totals
+    statistics_channels_first           partial (count, mean, M2) per (split, channel)
+    normalize_channels_first            y = (x - mean) * invstd * weight + bias (train and eval)
+    gradient_sums_channels_first        partial sums of dy and dy * (x - mean)
+    input_gradient_channels_first       dx from dy, x and the per-channel totals
 Single-pass path (one program per channel, when that fills the GPU or the input is small):
-    channels_first_fused_forward_kernel    statistics, running stats and normalize in one launch
-    channels_first_fused_backward_kernel   dweight, dbias and dx in one launch
+    single_pass_forward_channels_first  statistics, running stats and normalize in one launch
+    single_pass_backward_channels_first dweight, dbias and dx in one launch
 Between the two paths of a training step the finalize kernels of finalize.py merge the partials.
 """
 import triton
@@ -137,7 +137,7 @@ def _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_n, x_stride_n, dx_stride_n,
 
 
 @triton.jit
-def channels_first_stats_kernel(
+def statistics_channels_first(
     x_ptr,              # input (N, C, S)
     partial_count_ptr,  # (splits, C) number of values each program reduced
     partial_mean_ptr,   # (splits, C) their mean, less the channel's first value x[0, c, 0]
@@ -159,7 +159,7 @@ def channels_first_stats_kernel(
 
 
 @triton.jit
-def channels_first_normalize_kernel(
+def normalize_channels_first(
     x_ptr,           # input (N, C, S)
     y_ptr,           # output (N, C, S), in the input's dtype; strides may differ from x
     mean_ptr,        # (C,) batch mean (training) or running mean (eval)
@@ -195,7 +195,7 @@ def channels_first_normalize_kernel(
 
 
 @triton.jit
-def channels_first_fused_forward_kernel(
+def single_pass_forward_channels_first(
     x_ptr,           # input (N, C, S)
     y_ptr,           # output (N, C, S), in the input's dtype; strides may differ from x
     mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,  # see store_statistics
@@ -224,7 +224,7 @@ def channels_first_fused_forward_kernel(
 
 
 @triton.jit
-def channels_first_backward_reduce_kernel(
+def gradient_sums_channels_first(
     dy_ptr,                  # gradient of the output (N, C, S)
     x_ptr,                   # input (N, C, S)
     mean_ptr,                # (C,) mean the forward normalized with
@@ -246,7 +246,7 @@ def channels_first_backward_reduce_kernel(
 
 
 @triton.jit
-def channels_first_backward_dx_kernel(
+def input_gradient_channels_first(
     dy_ptr,          # gradient of the output (N, C, S)
     x_ptr,           # input (N, C, S); read in training only
     dx_ptr,          # gradient of the input (N, C, S), in the input's dtype
@@ -280,7 +280,7 @@ def channels_first_backward_dx_kernel(
 
 
 @triton.jit
-def channels_first_fused_backward_kernel(
+def single_pass_backward_channels_first(
     dy_ptr,          # gradient of the output (N, C, S)
     x_ptr,           # input (N, C, S)
     dx_ptr,          # gradient of the input (N, C, S), in the input's dtype, when NEED_INPUT_GRAD

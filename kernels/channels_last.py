@@ -5,14 +5,14 @@ Loads coalesce along C. A program owns BLOCK_C channels (grid axis 1) and a cont
 rows (grid axis 0: the split), walked in tiles of BLOCK_M rows; per-channel results are vectors of
 BLOCK_C lanes. Every kernel of this file walks the same tiles, so one launch plan serves all.
 
-Split path (several programs per channel block), in the order a training step runs them:
-    channels_last_stats_kernel            partial (count, mean, M2) per (split, channel)
-    channels_last_normalize_kernel        y = (x - mean) * invstd * weight + bias (train and eval)
-    channels_last_backward_reduce_kernel  partial sums of dy and dy * (x - mean)
-    channels_last_backward_dx_kernel      dx from dy, x and the per-channel totals
+Split path (several programs per channel), in the order a training step runs them:
+    statistics_channels_last           partial (count, mean, M2) per (split, channel)
+    normalize_channels_last            y = (x - mean) * invstd * weight + bias (train and eval)
+    gradient_sums_channels_last        partial sums of dy and dy * (x - mean)
+    input_gradient_channels_last       dx from dy, x and the per-channel totals
 Single-pass path (one program per channel block, when that fills the GPU or the input is small):
-    channels_last_fused_forward_kernel    statistics, running stats and normalize in one launch
-    channels_last_fused_backward_kernel   dweight, dbias and dx in one launch
+    single_pass_forward_channels_last  statistics, running stats and normalize in one launch
+    single_pass_backward_channels_last dweight, dbias and dx in one launch
 Between the two paths of a training step the finalize kernels of finalize.py merge the partials.
 """
 import triton
@@ -134,7 +134,7 @@ def _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_m, x_stride_m, dx_stride_m,
 
 
 @triton.jit
-def channels_last_stats_kernel(
+def statistics_channels_last(
     x_ptr,              # input (M, C)
     partial_count_ptr,  # (splits, C) number of values each program reduced
     partial_mean_ptr,   # (splits, C) their mean, less the channel's first value x[0, c]
@@ -154,7 +154,7 @@ def channels_last_stats_kernel(
 
 
 @triton.jit
-def channels_last_normalize_kernel(
+def normalize_channels_last(
     x_ptr,           # input (M, C)
     y_ptr,           # output (M, C), in the input's dtype; row stride may differ from x
     mean_ptr,        # (C,) batch mean (training) or running mean (eval)
@@ -190,7 +190,7 @@ def channels_last_normalize_kernel(
 
 
 @triton.jit
-def channels_last_fused_forward_kernel(
+def single_pass_forward_channels_last(
     x_ptr,           # input (M, C)
     y_ptr,           # output (M, C), in the input's dtype; row stride may differ from x
     mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,  # see store_statistics
@@ -218,7 +218,7 @@ def channels_last_fused_forward_kernel(
 
 
 @triton.jit
-def channels_last_backward_reduce_kernel(
+def gradient_sums_channels_last(
     dy_ptr,                  # gradient of the output (M, C)
     x_ptr,                   # input (M, C)
     mean_ptr,                # (C,) mean the forward normalized with
@@ -238,7 +238,7 @@ def channels_last_backward_reduce_kernel(
 
 
 @triton.jit
-def channels_last_backward_dx_kernel(
+def input_gradient_channels_last(
     dy_ptr,          # gradient of the output (M, C)
     x_ptr,           # input (M, C); read in training only
     dx_ptr,          # gradient of the input (M, C), in the input's dtype
@@ -271,7 +271,7 @@ def channels_last_backward_dx_kernel(
 
 
 @triton.jit
-def channels_last_fused_backward_kernel(
+def single_pass_backward_channels_last(
     dy_ptr,          # gradient of the output (M, C)
     x_ptr,           # input (M, C)
     dx_ptr,          # gradient of the input (M, C), in the input's dtype, when NEED_INPUT_GRAD

@@ -3,8 +3,8 @@ graphs. Each program folds the splits in a fixed order (deterministic results).
 
     store_statistics          mean, invstd and the running-statistics update of some channels
     store_gradients           dweight, dbias (and the totals the dx pass needs) of some channels
-    forward_finalize_kernel   merges (splits, C) partials, then store_statistics
-    backward_finalize_kernel  sums (splits, C) partials, then store_gradients
+    finalize_statistics   merges (splits, C) partials, then store_statistics
+    finalize_gradients  sums (splits, C) partials, then store_gradients
 
 The two helpers also serve the single-pass kernels of channels_first.py / channels_last.py, whose
 programs own whole channels and need no partials.
@@ -72,7 +72,7 @@ def _split_tile(start, splits, cols, col_mask, C, BLOCK_SPLITS: tl.constexpr):
 
 
 @triton.jit
-def forward_finalize_kernel(
+def finalize_statistics(
     partial_count_ptr,        # (splits, C) number of values behind each partial
     partial_mean_ptr,         # (splits, C) their mean, less the channel's shift
     partial_m2_ptr,           # (splits, C) their sum of squared deviations from that mean
@@ -110,7 +110,7 @@ def forward_finalize_kernel(
 
 
 @triton.jit
-def backward_finalize_kernel(
+def finalize_gradients(
     partial_sum_dy_ptr,      # (splits, C) sums of dy
     partial_sum_dy_xmu_ptr,  # (splits, C) sums of dy * (x - mean)
     invstd_ptr,              # (C,) invstd the forward normalized with

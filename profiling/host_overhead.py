@@ -18,15 +18,7 @@ def _stub_triton_launches() -> None:
     """Replace every Triton kernel launch of the Triton backend by a no-op."""
     os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors are accepted by the backend
     from bn_gpu import triton_backend
-
-    class NoLaunch:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: None
-
-    for name in ("_STATS", "_NORMALIZE", "_FUSED_FORWARD", "_BACKWARD_REDUCE", "_BACKWARD_DX", "_FUSED_BACKWARD"):
-        setattr(triton_backend, name, (NoLaunch(), NoLaunch()))
-    triton_backend.fin = type("NoFinalize", (), {"forward_finalize_kernel": NoLaunch(),
-                                                 "backward_finalize_kernel": NoLaunch()})
+    triton_backend.launch = lambda kernel, grid, args, meta: None
 
 
 def main() -> None:

@@ -36,15 +36,13 @@ def pytest_runtest_setup(item):
 @pytest.fixture
 def poisoned(monkeypatch):
     """Fill every buffer the backends allocate with NaN before the kernels write it."""
-    import bn_gpu.cupy_backend
     import bn_gpu.layout
-    import bn_gpu.triton_backend
+    import bn_gpu.orchestration
 
     def poison(t):
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
-    for module, name in ((bn_gpu.layout, "empty_in_family"), (bn_gpu.triton_backend, "_empty"),
-                         (bn_gpu.cupy_backend, "_empty")):
+    for module, name in ((bn_gpu.layout, "empty_in_family"), (bn_gpu.orchestration, "empty")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *args, real=real: poison(real(*args)))
 

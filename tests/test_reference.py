@@ -46,7 +46,16 @@ def test_seed_biased_running_variance_variant():
 
 
 def test_cumulative_average_factor():
-    assert ref.momentum_factor(None, 4) == 0.25
+    """momentum=None: after t batches the running statistics are the plain average of the t batch
+    statistics (starting from the first batch), which the factor 1 / t gives."""
+    batches = [torch.randn(6, 3, dtype=torch.float64) * (t + 1) + t for t in range(4)]
+    running_mean, running_var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    for t, x in enumerate(batches, start=1):
+        mean, var = ref.batch_stats(x)
+        running_mean, running_var = ref.update_running_stats(running_mean, running_var, mean, var, 6,
+                                                             ref.momentum_factor(None, t))
+    torch.testing.assert_close(running_mean, torch.stack([ref.batch_stats(x)[0] for x in batches]).mean(0))
+    torch.testing.assert_close(running_var, torch.stack([x.var(0) for x in batches]).mean(0))
     assert ref.momentum_factor(0.1, 4) == 0.1
 
 

@@ -1,0 +1,162 @@
+"""The launches an op makes on a GPU, recorded without one.
+
+The GPU backends run their real orchestration on meta tensors (no data, no device) with the GPU
+launch tuning and a given number of multiprocessors, and each launch is recorded instead of run:
+kernel, grid, block, arguments and constexprs. The ahead-of-time compile test compiles exactly
+these variants, and the static model (bn_gpu.model) compiles and counts them, so a change of tiles,
+flags or specialization reaches both as it will run.
+
+    record("triton", "train_fwd", (64, 64, 112, 112), torch.bfloat16, "channels_last", sms=132)
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+OPS = ("train_fwd", "eval_fwd", "train_bwd", "eval_bwd")
+
+
+@dataclass
+class Launch:
+    backend: str
+    name: str                 # kernel name (Triton function or CUDA C template, without arguments)
+    grid: tuple
+    args: list                # as passed: meta tensors, ints, floats, None
+    meta: dict = field(default_factory=dict)   # Triton: constexprs and num_warps
+    kernel: object = None     # Triton: the JITFunction; CUDA C: the name expression
+    block: tuple = ()         # CUDA C: threads per block
+
+    @property
+    def programs(self) -> int:
+        total = 1
+        for size in self.grid:
+            total *= size
+        return total
+
+
+def arrange(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x.movedim(1, -1).contiguous().movedim(-1, 1) if layout == "channels_last" else x.contiguous()
+
+
+@contextlib.contextmanager
+def _recording_triton(sms: int, launches: list):
+    from . import plan, triton_backend
+
+    def record(kernel, grid, args, meta):
+        launches.append(Launch("triton", kernel.__name__, tuple(grid), list(args), dict(meta), kernel))
+
+    saved = triton_backend.launch, triton_backend.tuning_and_sms
+    triton_backend.launch = record
+    triton_backend.tuning_and_sms = lambda device: (plan.GPU_TUNING, sms)
+    try:
+        yield
+    finally:
+        triton_backend.launch, triton_backend.tuning_and_sms = saved
+
+
+@contextlib.contextmanager
+def _recording_cuda(sms: int, launches: list):
+    from . import cupy_backend, plan
+
+    def record(g, weight_dtype, running_dtype, role, grid, block, args):
+        names = cupy_backend.kernel_names(*cupy_backend._types(g.dtype, weight_dtype, running_dtype))
+        launches.append(Launch("cupy", names[role].split("<")[0], tuple(grid), list(args), kernel=names[role],
+                               block=tuple(block)))
+
+    saved = cupy_backend._launch, plan.multiprocessors, torch.cuda.current_device
+    cupy_backend._launch = record
+    plan.multiprocessors = lambda index: sms
+    torch.cuda.current_device = lambda: 0
+    try:
+        yield
+    finally:
+        cupy_backend._launch, plan.multiprocessors, torch.cuda.current_device = saved
+
+
+def record(backend: str, op: str, shape, dtype: torch.dtype, layout: str = "contiguous", *, sms: int = 132,
+           affine: bool = True, running: bool = True, momentum: float | None = 0.1) -> list[Launch]:
+    """The launches of one op ("train_fwd", "eval_fwd", "train_bwd", "eval_bwd") of a backend
+    ("triton" or "cupy") on an input of this shape, dtype and layout, on a GPU of `sms`
+    multiprocessors. Weight, bias and running statistics are fp32 for 16-bit inputs."""
+    from . import cupy_backend, triton_backend
+    module = {"triton": triton_backend, "cupy": cupy_backend}[backend]
+    recorder = {"triton": _recording_triton, "cupy": _recording_cuda}[backend]
+    C = shape[1]
+    param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    x = arrange(torch.empty(shape, dtype=dtype, device="meta"), layout)
+    weight = torch.empty(C, dtype=param_dtype, device="meta") if affine else None
+    bias = torch.empty(C, dtype=param_dtype, device="meta") if affine else None
+    running_mean = torch.empty(C, dtype=param_dtype, device="meta") if running else None
+    running_var = torch.empty(C, dtype=param_dtype, device="meta") if running else None
+    counter = torch.zeros((), dtype=torch.int64, device="meta")
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    mean, invstd = torch.empty(C, dtype=stat, device="meta"), torch.empty(C, dtype=stat, device="meta")
+    launches: list[Launch] = []
+    with recorder(sms, launches):
+        if op == "train_fwd":
+            module.forward_train(x, weight, bias, running_mean, running_var, counter, momentum, 1e-5)
+        elif op == "eval_fwd":
+            module.forward_eval(x, weight, bias, running_mean if running else mean, running_var if running else invstd,
+                                1e-5)
+        elif op == "train_bwd":
+            module.backward(torch.empty_like(x), x, weight, mean, invstd, True, True, True)
+        elif op == "eval_bwd":
+            module.backward(torch.empty_like(x), x, weight, mean, invstd, False, True, False)
+        else:
+            raise ValueError(f"unknown op {op!r}; one of {', '.join(OPS)}")
+    return launches
+
+
+# ---- Triton: the compile inputs the JIT would build for a recorded launch ----------------------
+
+def _specialize(arg) -> tuple:
+    """(signature type, attribute) of one argument, as Triton's JIT specializes it."""
+    try:
+        from triton.backends.compiler import BaseBackend
+        from triton.runtime.jit import native_specialize_impl
+        return tuple(native_specialize_impl(BaseBackend, arg, False, True, True))
+    except ImportError:  # Triton before the native specializer: the same rules, written out
+        if arg is None or (isinstance(arg, int) and not isinstance(arg, bool) and arg == 1):
+            return "constexpr", arg
+        if isinstance(arg, torch.Tensor):
+            names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+                     torch.int64: "i64", torch.int32: "i32"}
+            return "*" + names[arg.dtype], "D" if arg.data_ptr() % 16 == 0 else ""
+        if isinstance(arg, float):
+            return "fp32", None
+        if isinstance(arg, int):
+            return ("i32" if -2**31 <= arg < 2**31 else "i64"), "D" if arg % 16 == 0 else ""
+        raise TypeError(f"no specialization for {arg!r}")
+
+
+def triton_compile_inputs(launch: Launch) -> tuple[dict, dict, dict, dict]:
+    """(signature, constexprs, attrs, options) of a recorded Triton launch: what the JIT passes
+    to triton.compile for it, with meta tensors aligned as fresh CUDA allocations are."""
+    kernel = launch.kernel
+    values = list(launch.args) + [launch.meta[p.name] for p in kernel.params[len(launch.args):]]
+    signature, constexprs, attrs = {}, {}, {}
+    for index, (param, value) in enumerate(zip(kernel.params, values)):
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[(index,)] = value
+            continue
+        kind, attribute = _specialize(value)
+        signature[param.name] = kind
+        if kind == "constexpr":
+            constexprs[(index,)] = value
+        elif attribute == "D":
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    options = {k: v for k, v in launch.meta.items() if k in ("num_warps", "num_stages")}
+    return signature, constexprs, attrs, options
+
+
+def compile_triton(launch: Launch, capability: int):
+    """The compiled kernel (triton.compile) of a recorded Triton launch for sm_<capability>."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    signature, constexprs, attrs, options = triton_compile_inputs(launch)
+    source = ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)

@@ -1,0 +1,144 @@
+"""The control flow of every op on the GPU backends, written once.
+
+    forward_train  statistics -> finalize -> normalize (split plan), or one single-pass kernel
+    forward_eval   one normalize pass with the running statistics
+    backward       gradient sums -> finalize -> input gradient (split plan), or one single-pass kernel;
+                   in eval with only dx needed, the input-gradient pass alone
+
+A GPU backend supplies a kernel table (`KernelTable`): its geometry for an input, and one method
+per kernel, taking tensors by name. The table marshals arguments for its kernels (Triton or CUDA C)
+and launches them on torch's current stream; this module owns allocation, the choice of path and
+the order of launches. Every buffer comes from `empty` (tests poison it).
+
+Tensors reach here validated and dense where per-channel (bn_gpu.ops).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Protocol
+
+import torch
+
+from .plan import Geometry
+
+
+class KernelTable(Protocol):
+    """What a GPU backend provides. A `counter` is num_batches_tracked (0-dim int64) or None."""
+
+    def geometry(self, x: torch.Tensor, grad_y: torch.Tensor | None = None) -> Geometry: ...
+
+    def statistics(self, g: Geometry, x, partials) -> None:
+        """partials (3, splits, C): per (split, channel) count, mean less the channel's shift, M2."""
+
+    def finalize_statistics(self, g: Geometry, x, partials, mean, invstd, running_mean, running_var,
+                            counter, momentum: float | None, eps: float) -> None:
+        """Merge partials into mean, invstd; update the running statistics (when given) with factor
+        momentum, or 1 / (counter + 1) when momentum is None (counter read, not written)."""
+
+    def normalize(self, g: Geometry, x, y, mean, invstd, weight, bias, counter, eps: float,
+                  running_mean=None, running_var=None) -> None:
+        """y = (x - mean) * invstd * weight + bias; counter += 1 when given. With running statistics
+        (eval), mean and invstd are taken from them and written out for the backward."""
+
+    def single_pass_forward(self, g: Geometry, x, y, mean, invstd, weight, bias, running_mean, running_var,
+                            counter, momentum: float | None, eps: float, count_batch: bool) -> None:
+        """statistics + finalize + normalize in one launch (one program per channel block)."""
+
+    def gradient_sums(self, g: Geometry, grad_y, x, mean, partials) -> None:
+        """partials (2, splits, C): sum of dy and of dy * (x - mean) per (split, channel)."""
+
+    def finalize_gradients(self, g: Geometry, partials, invstd, totals, grad_weight, grad_bias) -> None:
+        """totals (2, C) for the input-gradient pass; grad_weight and grad_bias."""
+
+    def input_gradient(self, g: Geometry, grad_y, x, grad_x, mean, invstd, weight, totals,
+                       training: bool) -> None:
+        """dx; in training from the totals, in eval dy * weight * invstd (totals is None)."""
+
+    def single_pass_backward(self, g: Geometry, grad_y, x, grad_x, mean, invstd, weight, grad_weight,
+                             grad_bias, training: bool) -> None:
+        """gradient sums, grad_weight, grad_bias and (grad_x given) dx in one launch."""
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device, strides=None) -> torch.Tensor:
+    """Every buffer of the GPU backends comes from here (tests poison it)."""
+    if strides is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.empty_strided(shape, strides, dtype=dtype, device=device)
+
+
+def _on_input_device(op):
+    """Run `op` with the input's GPU current: kernels launch on the current device, and Python
+    kernels of custom ops get no device guard."""
+    @functools.wraps(op)
+    def guarded(kernels, tensor, *args):
+        device = tensor.device
+        if device.type == "cuda" and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):
+                return op(kernels, tensor, *args)
+        return op(kernels, tensor, *args)
+    return guarded
+
+
+@_on_input_device
+def forward_train(kernels: KernelTable, x, weight, bias, running_mean, running_var, counter, momentum, eps):
+    """(y, mean, invstd); updates running_mean/var in place and counts the batch in counter."""
+    g = kernels.geometry(x)
+    x = g.read(x)
+    y = empty(x.shape, x.dtype, x.device, g.out_strides)
+    mean, invstd = empty(g.C, g.stat_dtype, x.device), empty(g.C, g.stat_dtype, x.device)
+    cumulative = running_mean is not None and momentum is None
+    if g.single_pass:
+        # With a cumulative average every program reads the counter: it is counted after the kernel.
+        kernels.single_pass_forward(g, x, y, mean, invstd, weight, bias, running_mean, running_var, counter,
+                                    momentum, eps, count_batch=counter is not None and not cumulative)
+        if cumulative and counter is not None:
+            counter.add_(1)
+        return y, mean, invstd
+    partials = empty((3, g.plan.splits, g.C), g.stat_dtype, x.device)
+    kernels.statistics(g, x, partials)
+    kernels.finalize_statistics(g, x, partials, mean, invstd, running_mean, running_var, counter, momentum, eps)
+    # The batch is counted by the last kernel: every finalize program has read the counter by then.
+    kernels.normalize(g, x, y, mean, invstd, weight, bias, counter, eps)
+    return y, mean, invstd
+
+
+@_on_input_device
+def forward_eval(kernels: KernelTable, x, weight, bias, running_mean, running_var, eps):
+    """(y, mean, invstd) with mean/invstd taken from the running statistics, for the backward."""
+    g = kernels.geometry(x)
+    x = g.read(x)
+    y = empty(x.shape, x.dtype, x.device, g.out_strides)
+    mean, invstd = empty(g.C, g.stat_dtype, x.device), empty(g.C, g.stat_dtype, x.device)
+    kernels.normalize(g, x, y, mean, invstd, weight, bias, None, eps, running_mean, running_var)
+    return y, mean, invstd
+
+
+@_on_input_device
+def backward(kernels: KernelTable, grad_y, x, weight, mean, invstd, training, need_input_grad, need_weight_grad):
+    """(grad_x, grad_weight, grad_bias); a gradient that is not needed comes back empty."""
+    g = kernels.geometry(x, grad_y)
+    x, grad_y = g.read(x), g.read_grad(grad_y)
+    device = x.device
+    param_dtype = weight.dtype if weight is not None else mean.dtype
+    grad_x = empty(x.shape, x.dtype, device, g.out_strides) if need_input_grad else None
+    if not (training or need_weight_grad):  # eval, dx alone: elementwise
+        if grad_x is None:
+            return x.new_empty(0), x.new_empty(0), x.new_empty(0)
+        kernels.input_gradient(g, grad_y, x, grad_x, mean, invstd, weight, None, training=False)
+        return grad_x, x.new_empty(0), x.new_empty(0)
+    grad_weight, grad_bias = empty(g.C, param_dtype, device), empty(g.C, param_dtype, device)
+    if g.single_pass:
+        kernels.single_pass_backward(g, grad_y, x, grad_x, mean, invstd, weight, grad_weight, grad_bias, training)
+    else:
+        partials = empty((2, g.plan.splits, g.C), g.stat_dtype, device)
+        totals = empty((2, g.C), g.stat_dtype, device)
+        kernels.gradient_sums(g, grad_y, x, mean, partials)
+        kernels.finalize_gradients(g, partials, invstd, totals, grad_weight, grad_bias)
+        if need_input_grad:
+            kernels.input_gradient(g, grad_y, x, grad_x, mean, invstd, weight, totals, training)
+    if grad_x is None:
+        grad_x = x.new_empty(0)
+    if not need_weight_grad:
+        return grad_x, x.new_empty(0), x.new_empty(0)
+    return grad_x, grad_weight, grad_bias
+

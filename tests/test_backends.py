@@ -1,0 +1,51 @@
+"""Backend choice: per call, per module (checked at construction), process-wide by set_backend or
+the BN_GPU_BACKEND environment variable."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bn_gpu
+
+
+def _in_fresh_process(code: str, **env) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k != "BN_GPU_BACKEND"}
+    environment.update(env)
+    return subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_environment_sets_the_process_default():
+    code = "import torch, bn_gpu; print(bn_gpu.get_backend(), bn_gpu.backends.resolve('auto', torch.device('cuda')))"
+    assert _in_fresh_process(code).stdout.split() == ["triton", "triton"]
+    assert _in_fresh_process(code, BN_GPU_BACKEND="cupy").stdout.split() == ["cupy", "cupy"]
+
+
+def test_environment_with_an_unknown_backend_names_the_choices():
+    result = _in_fresh_process("import bn_gpu", BN_GPU_BACKEND="cuda")
+    assert result.returncode != 0
+    assert "unknown backend 'cuda'" in result.stderr and "triton, cupy" in result.stderr
+
+
+def test_set_backend():
+    previous = bn_gpu.get_backend()
+    try:
+        bn_gpu.set_backend("cupy")
+        assert bn_gpu.get_backend() == "cupy"
+        assert bn_gpu.backends.resolve("auto", torch.device("cuda")) == "cupy"
+        assert bn_gpu.backends.resolve("auto", torch.device("cpu")) == "cpu"
+    finally:
+        bn_gpu.set_backend(previous)
+    assert bn_gpu.get_backend() == previous
+
+
+def test_modules_and_convert_model_check_the_backend_at_construction():
+    with pytest.raises(ValueError, match="unknown backend 'nonsense'"):
+        bn_gpu.BatchNorm2d(8, backend="nonsense")
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(4))
+    with pytest.raises(ValueError, match="unknown backend 'nonsense'"):
+        bn_gpu.convert_model(model, backend="nonsense")
+    assert type(model[0]) is torch.nn.BatchNorm1d  # nothing converted
+    assert bn_gpu.BatchNorm1d(4, backend="auto").backend == "auto"

@@ -1,0 +1,94 @@
+"""The Triton backend's launcher without a GPU: the JIT compiles and launches a specialization
+once, later launches with the same specialization call the compiled kernel directly with every
+argument in parameter order, and anything that changes the specialization goes back to the JIT."""
+import types
+
+import pytest
+import torch
+
+from bn_gpu import triton_backend
+
+
+class FakeCompiled:
+    function, packed_metadata = "function", "metadata"
+
+    def __init__(self):
+        self.runs = []
+
+    def run(self, *args):
+        self.runs.append(args)
+
+
+class FakeKernel:
+    """A JITFunction's surface: params, and kernel[grid](*args, **meta) returning the compiled kernel."""
+
+    def __init__(self, names, constexprs):
+        self.params = [types.SimpleNamespace(name=n, is_constexpr=n in constexprs) for n in names]
+        self.jit_launches = []
+        self.compiled = FakeCompiled()
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.jit_launches.append((grid, args, meta))
+            return self.compiled
+        return launch
+
+
+@pytest.fixture
+def launcher(monkeypatch):
+    monkeypatch.setattr(triton_backend, "_current_stream", lambda: 7)
+    monkeypatch.setattr(triton_backend, "_launch_hooks", lambda: (None, None))
+    result = triton_backend.Launcher()
+    result.direct = True
+    return result
+
+
+def test_second_launch_of_a_specialization_skips_the_jit(launcher):
+    kernel = FakeKernel(["x_ptr", "n", "eps", "BLOCK", "FLAG"], {"BLOCK", "FLAG"})
+    x = torch.zeros(64)
+    meta = dict(BLOCK=128, FLAG=True, num_warps=4)
+    launcher(kernel, (3, 2), [x, 64, 0.5], meta)
+    assert len(kernel.jit_launches) == 1 and not kernel.compiled.runs
+    launcher(kernel, (3, 2), [x, 64, 0.25], meta)  # another float: same specialization
+    assert len(kernel.jit_launches) == 1
+    assert kernel.compiled.runs == [(3, 2, 1, 7, "function", "metadata", None, None, None, x, 64, 0.25, 128, True)]
+
+
+@pytest.mark.parametrize("change", ["misaligned", "int", "dtype", "meta", "grid"])
+def test_a_new_specialization_goes_through_the_jit(launcher, change):
+    kernel = FakeKernel(["x_ptr", "n", "BLOCK"], {"BLOCK"})
+    buffer = torch.zeros(64)
+    args, meta, grid = [buffer, 64], dict(BLOCK=128, num_warps=4), (3,)
+    launcher(kernel, grid, args, meta)
+    if change == "misaligned":
+        args = [buffer[1:], 64]  # 4 bytes past a 16-byte boundary
+    elif change == "int":
+        args = [buffer, 1]  # Triton specializes integers equal to 1
+    elif change == "dtype":
+        args = [buffer.double(), 64]
+    elif change == "meta":
+        meta = dict(BLOCK=256, num_warps=4)
+    else:
+        grid = (4,)
+    launcher(kernel, grid, args, meta)
+    assert len(kernel.jit_launches) == 2 and not kernel.compiled.runs
+
+
+def test_launch_hooks_keep_every_launch_on_the_jit(launcher, monkeypatch):
+    monkeypatch.setattr(triton_backend, "_launch_hooks", lambda: (print, None))
+    kernel = FakeKernel(["x_ptr", "BLOCK"], {"BLOCK"})
+    for _ in range(3):
+        launcher(kernel, (1,), [torch.zeros(4)], dict(BLOCK=4))
+    assert len(kernel.jit_launches) == 3 and not kernel.compiled.runs
+
+
+def test_a_compiled_kernel_without_the_launcher_api_turns_direct_launches_off(launcher):
+    kernel = FakeKernel(["x_ptr", "BLOCK"], {"BLOCK"})
+    kernel.compiled = object()
+    for _ in range(2):
+        launcher(kernel, (1,), [torch.zeros(4)], dict(BLOCK=4))
+    assert len(kernel.jit_launches) == 2 and launcher.direct is False
+
+
+def test_the_interpreter_uses_the_jit():
+    assert triton_backend.Launcher().direct is (not triton_backend.interpreting())
