@@ -1,28 +1,37 @@
 # Two commands do their own set-up on a fresh machine: `make demo` and `make test`.
 # They create a virtual environment in $(VENV), reusing a torch already installed on the system
-# (CI installs the CPU build first), else installing $(TORCH).
+# (CI installs torch==2.13.0 first), else installing $(TORCH). `make demo` installs bn_gpu alone;
+# `make test` adds the test, bench and cuda-compile extras.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench smoke clean
+.PHONY: demo test bench smoke model clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH)"
+	$(PY) -m pip install -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.base
 	$(PY) -m pip install -e ".[test,bench,cuda-compile]"
 	touch $@
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.base
 	$(PY) -m bn_gpu demo
 
+# -rs: one line per reason a test was skipped (GPU tests on a machine without a GPU, ...)
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
 
 bench: $(VENV)/.installed
-	$(PY) -m pip install -e ".[bench]"
 	$(PY) -m bn_gpu bench
+
+# The static model of every launch on an H200 (no GPU needed): profiling/MODEL.md and profiling/results/.
+model: $(VENV)/.installed
+	$(PY) -m bn_gpu model --write-model-md profiling/MODEL.md
 
 smoke: $(VENV)/.installed
 	$(PY) -m bn_gpu bench --smoke

@@ -1,0 +1,601 @@
+"""python -m bn_gpu model: what the compiled code and the launch plans imply on a target GPU,
+computed on a machine without one.
+
+For each benchmark case (shape x dtype x layout x op) and GPU backend:
+  1. the launches the backend makes (bn_gpu.launches records them on meta tensors): kernel, grid,
+     block, programs per SM, waves;
+  2. every launched kernel variant compiled for the target as it runs (Triton: the JIT's
+     constexprs and argument specialization; CUDA C: nvcc with the backend's options), read back
+     with cuobjdump: registers, spills, shared memory, occupancy, and in the main loop (the loop
+     with the global loads) the load/store widths, barriers and SASS instructions per element;
+  3. a DRAM-traffic model (bytes each launch reads and writes; a second read of x counts as an
+     L2 hit only where what it re-reads can still be resident), the upper bound it gives in % of
+     the floor, an issue-rate bound from instructions per element, the bytes in flight per SM
+     against what the bandwidth needs (Little's law), and the host cost of the launches.
+
+Every figure is either read from the compiled code, computed from the plan, or an assumption of
+the target (marked "assumed" in the output). It is a model: no GPU ran anything.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from . import launches as recorded
+
+# ---- targets ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    capability: int
+    sms: int
+    l2_mb: float
+    l2_reuse_mb: float         # assumed: the part of L2 a second pass can count on
+    smem_per_sm_kb: int
+    regs_per_sm: int
+    bandwidth_tbs: float       # copy bandwidth, bytes read + written
+    clock_ghz: float
+    latency_us: float          # assumed DRAM latency under load (Little's law)
+    host_us_per_launch: float  # assumed host time of one eager launch
+
+
+TARGETS = {
+    # 4.28 TB/s: a device-to-device copy measured on an H200 (docs/baselines.md); 4.22 in profiling/RESULTS.md.
+    "h200": Target("NVIDIA H200", 90, 132, 50, 40, 228, 65536, 4.28, 1.98, 0.7, 15.0),
+    "h100": Target("NVIDIA H100 SXM", 90, 132, 50, 40, 228, 65536, 3.0, 1.98, 0.7, 15.0),
+    "a100": Target("NVIDIA A100 80GB", 80, 108, 40, 32, 164, 65536, 1.8, 1.41, 0.7, 15.0),
+}
+ASSUMED = ("l2_reuse_mb", "latency_us", "host_us_per_launch")
+
+DEFAULT_SHAPES = ["64x64x112x112", "64x256x56x56", "64x2048x7x7", "16384x2048", "8x64x16x56x56", "5x3"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODES = {"train_fwd": ["train_fwd"], "eval_fwd": ["eval_fwd"], "train_bwd": ["train_bwd"]}
+FLOOR_PASSES = {"train_fwd": 2, "eval_fwd": 2, "train_bwd": 3}
+
+# Per kernel: which tensors it streams, as (name, passes): "x" read, "dy" read, "y" written;
+# "x2" / "dy2" a second read of the same data in the same kernel (single-pass kernels).
+STREAMS = {
+    "statistics": ["x"],
+    "normalize": ["x", "y"],
+    "single_pass_forward": ["x", "x2", "y"],
+    "gradient_sums": ["dy", "x"],
+    "input_gradient": ["dy", "x", "y"],
+    "single_pass_backward": ["dy", "x", "dy2", "x2", "y"],
+}
+
+
+def _job(name: str) -> str:
+    return name.replace("_channels_first", "").replace("_channels_last", "")
+
+
+# ---- tools ------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def tool(name: str) -> str | None:
+    """cuobjdump / nvcc / c++filt: Triton's bundled NVIDIA tools first, then the PATH and CUDA."""
+    try:
+        import triton
+        bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+        if os.path.exists(bundled):
+            return bundled
+    except ImportError:
+        pass
+    found = shutil.which(name)
+    if found:
+        return found
+    for root in (os.environ.get("CUDA_PATH", ""), "/usr/local/cuda"):
+        candidate = os.path.join(root, "bin", name)
+        if root and os.path.exists(candidate):
+            return candidate
+    return None
+
+
+# ---- SASS analysis ----------------------------------------------------------------------------
+
+_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_FUNCTION = re.compile(r"Function : (\S+)")
+
+
+@dataclass
+class Instruction:
+    address: int
+    opcode: str
+    operands: str
+
+
+def parse_sass(text: str) -> dict[str, list[Instruction]]:
+    """{function name: instructions} from `cuobjdump -sass` output."""
+    functions: dict[str, list[Instruction]] = {}
+    current = None
+    for line in text.splitlines():
+        match = _FUNCTION.search(line)
+        if match:
+            current = functions.setdefault(match.group(1), [])
+            continue
+        match = _INSTRUCTION.search(line)
+        if match and current is not None:
+            current.append(Instruction(int(match.group(1), 16), match.group(3), match.group(4).strip()))
+    return functions
+
+
+def _width(opcode: str) -> int:
+    """Bits moved by one LDG/STG."""
+    for suffix, bits in ((".128", 128), (".64", 64), (".U16", 16), (".S16", 16), (".U8", 8), (".S8", 8)):
+        if suffix in opcode:
+            return bits
+    return 32
+
+
+@dataclass
+class LoopStats:
+    instructions: int        # SASS instructions in one iteration of the loop (NOPs excluded)
+    load_bits: list          # widths of the global loads of one iteration
+    store_bits: list
+    barriers: int            # BAR instructions per iteration
+
+
+def main_loops(instructions: list[Instruction]) -> list[LoopStats]:
+    """The loops with global loads: every backward branch closes a loop [target, branch]; nested
+    loops count in their own body only. Sorted by bytes loaded per iteration, largest first."""
+    loops = []
+    for i, ins in enumerate(instructions):
+        if not ins.opcode.startswith("BRA"):
+            continue
+        match = re.search(r"0x([0-9a-f]+)", ins.operands)
+        if not match or int(match.group(1), 16) >= ins.address:
+            continue
+        start = int(match.group(1), 16)
+        loops.append((start, ins.address))
+    stats = []
+    for start, end in loops:
+        inner = [(s, e) for s, e in loops if start < s and e < end]
+        body = [ins for ins in instructions
+                if start <= ins.address <= end and not any(s <= ins.address <= e for s, e in inner)]
+        loads = [_width(ins.opcode) for ins in body if ins.opcode.startswith("LDG")]
+        if not loads:
+            continue
+        stats.append(LoopStats(instructions=sum(1 for ins in body if ins.opcode != "NOP"),
+                               load_bits=loads,
+                               store_bits=[_width(ins.opcode) for ins in body if ins.opcode.startswith("STG")],
+                               barriers=sum(1 for ins in body if ins.opcode.startswith("BAR"))))
+    return sorted(stats, key=lambda s: -sum(s.load_bits))
+
+
+_RESOURCES = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+def parse_resources(text: str) -> dict[str, dict]:
+    """{function: {registers, stack, shared, local}} from `cuobjdump --dump-resource-usage`."""
+    return {m.group(1): dict(registers=int(m.group(2)), stack=int(m.group(3)), shared=int(m.group(4)),
+                             local=int(m.group(5))) for m in _RESOURCES.finditer(text)}
+
+
+def _cuobjdump(cubin_path: str) -> tuple[dict, dict]:
+    binary = tool("cuobjdump")
+    resources = subprocess.run([binary, "--dump-resource-usage", cubin_path], capture_output=True, text=True,
+                               check=True).stdout
+    sass = subprocess.run([binary, "-sass", cubin_path], capture_output=True, text=True, check=True).stdout
+    return parse_resources(resources), parse_sass(sass)
+
+
+# ---- compiled kernels -------------------------------------------------------------------------
+
+@dataclass
+class Compiled:
+    backend: str
+    variant: str             # the launch's kernel with its specialization, as a short label
+    registers: int
+    spill_bytes: int         # stack + local memory per thread
+    shared_bytes: int
+    loops: list
+
+    @property
+    def main(self) -> LoopStats | None:
+        return self.loops[0] if self.loops else None
+
+
+def _triton_key(launch) -> tuple:
+    signature, constexprs, attrs, options = recorded.triton_compile_inputs(launch)
+    return (launch.name, tuple(signature.items()), repr(sorted(constexprs.items())), repr(sorted(attrs.items())),
+            tuple(sorted(options.items())))
+
+
+class Compiler:
+    """Compiles each distinct launched variant once for the target and analyses it."""
+
+    def __init__(self, target: Target, workdir: str):
+        self.target = target
+        self.workdir = workdir
+        self.cache: dict = {}
+        self.cuda_modules: dict = {}
+
+    def triton(self, launch) -> Compiled:
+        key = _triton_key(launch)
+        if key not in self.cache:
+            compiled = recorded.compile_triton(launch, self.target.capability)
+            path = os.path.join(self.workdir, f"triton-{len(self.cache)}.cubin")
+            with open(path, "wb") as f:
+                f.write(compiled.asm["cubin"])
+            resources, sass = _cuobjdump(path)
+            name = launch.name
+            usage = resources.get(name) or next(iter(resources.values()))
+            shared = max(usage["shared"], getattr(compiled.metadata, "shared", 0) or 0)
+            dtype = next((a.dtype for a in launch.args if isinstance(a, torch.Tensor)), None)
+            flags = ",".join(k for k, v in sorted(launch.meta.items()) if v is True)
+            label = (f"{name} {str(dtype).replace('torch.', '')} "
+                     + " ".join(f"{k}={v}" for k, v in sorted(launch.meta.items()) if k.startswith(("BLOCK", "ROWS")))
+                     + f" warps={launch.meta.get('num_warps', 4)}" + (f" [{flags}]" if flags else ""))
+            self.cache[key] = Compiled("triton", label, usage["registers"], usage["stack"] + usage["local"],
+                                       shared, main_loops(sass.get(name) or next(iter(sass.values()))))
+        return self.cache[key]
+
+    def cuda(self, launch) -> Compiled:
+        if launch.kernel not in self.cache:
+            self._compile_cuda_module(launch.kernel)
+        return self.cache[launch.kernel]
+
+    def _compile_cuda_module(self, expression: str) -> None:
+        """Compile every name expression of the type combination holding `expression` (one nvcc run)."""
+        from . import cupy_backend
+        combination = next(c for c in cupy_backend.type_combinations()
+                           if expression in cupy_backend.kernel_names(*c).values())
+        names = sorted(set(cupy_backend.kernel_names(*combination).values()))
+        unit = os.path.join(self.workdir, f"cuda-{len(self.cuda_modules)}.cu")
+        with open(os.path.join(self.workdir, "batch_norm.cu"), "w") as f:
+            f.write(cupy_backend.source())
+        with open(unit, "w") as f:
+            # Taking each kernel's address instantiates it, as NVRTC's name expressions do.
+            f.write('#include "batch_norm.cu"\nvoid instantiate_all() {\n')
+            f.write("".join(f"    (void)&{n};\n" for n in names) + "}\n")
+        cubin = unit[:-3] + ".cubin"
+        arch = f"sm_{self.target.capability}"
+        subprocess.run([tool("nvcc"), *cupy_backend.COMPILE_OPTIONS, f"-arch={arch}", "-cubin", "-o", cubin, unit],
+                       capture_output=True, text=True, check=True, cwd=self.workdir)
+        resources, sass = _cuobjdump(cubin)
+        demangled = _demangle(list(sass))
+        for mangled, instructions in sass.items():
+            name = re.sub(r"\(.*", "", demangled.get(mangled, mangled)).replace("void ", "").strip()
+            name = re.sub(r"\s+", " ", name)
+            usage = resources.get(mangled, dict(registers=0, stack=0, shared=0, local=0))
+            for expression in names:
+                if _same_template(expression, name):
+                    self.cache[expression] = Compiled("cupy", expression, usage["registers"],
+                                                      usage["stack"] + usage["local"], usage["shared"],
+                                                      main_loops(instructions))
+        self.cuda_modules[combination] = names
+
+
+def _same_template(expression: str, demangled: str) -> bool:
+    normalize = lambda s: re.sub(r"\s+", "", s).replace("(int)", "")  # noqa: E731
+    return normalize(expression) == normalize(demangled)
+
+
+def _demangle(names: list[str]) -> dict:
+    binary = tool("c++filt")
+    if binary is None:
+        return {}
+    out = subprocess.run([binary], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return dict(zip(names, out))
+
+
+# ---- the model of one case --------------------------------------------------------------------
+
+def occupancy(compiled: Compiled, threads: int, target: Target) -> int:
+    """Programs (blocks) resident per SM, from registers, shared memory and the hardware limits."""
+    warps = -(-threads // 32)
+    registers_per_warp = -(-max(compiled.registers, 1) * 32 // 256) * 256
+    by_registers = target.regs_per_sm // (registers_per_warp * warps)
+    by_shared = (target.smem_per_sm_kb * 1024) // (compiled.shared_bytes + 1024)
+    return max(0, min(64 // warps, by_registers, by_shared, 32))
+
+
+@dataclass
+class KernelFigures:
+    backend: str
+    name: str
+    variant: str
+    grid: tuple
+    threads: int
+    programs: int
+    per_sm: int              # resident programs per SM (occupancy)
+    waves: float
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    load_widths: str
+    store_widths: str
+    barriers_per_iteration: int
+    instructions_per_element: float
+    bytes_in_flight_per_sm: float
+    dram_bytes: float
+    memory_us: float
+    issue_us: float
+
+
+def _threads(launch) -> int:
+    if launch.backend == "triton":
+        return 32 * launch.meta.get("num_warps", 4)
+    return math.prod(launch.block)
+
+
+def _element_bytes(launch, dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _bytes_read_per_element(job: str, training: bool, size: int) -> int:
+    streams = [s for s in STREAMS.get(job, []) if s in ("x", "dy")]
+    if job == "input_gradient" and not training:
+        streams = ["dy"]
+    return max(1, len(streams)) * size
+
+
+def kernel_figures(launch, compiled: Compiled, case, target: Target) -> KernelFigures:
+    shape, dtype, _, op = case
+    numel = math.prod(shape)
+    size = _element_bytes(launch, dtype)
+    threads = _threads(launch)
+    per_sm = occupancy(compiled, threads, target)
+    programs = launch.programs
+    waves = programs / max(1, per_sm * target.sms)
+    job = _job(launch.name)
+    training = op != "eval_bwd"
+    main = compiled.main
+    loaded_bytes = sum(main.load_bits) / 8 if main else 0.0
+    elements_per_iteration = loaded_bytes / _bytes_read_per_element(job, training, size) if main else 0.0
+    instructions_per_element = main.instructions / elements_per_iteration if elements_per_iteration else math.nan
+    resident = min(per_sm, -(-programs // target.sms))
+    in_flight = loaded_bytes * threads * resident
+    dram = dram_bytes(launch, case, target, per_sm)
+    memory_us = dram / (target.bandwidth_tbs * 1e12) * 1e6
+    streamed = numel if job in STREAMS else 0
+    issue_us = (instructions_per_element * streamed / (target.sms * 128 * target.clock_ghz * 1e9) * 1e6
+                if streamed and not math.isnan(instructions_per_element) else 0.0)
+    widths = lambda bits: "/".join(str(b) for b in sorted(set(bits), reverse=True)) if bits else "-"  # noqa: E731
+    return KernelFigures(
+        backend=launch.backend, name=launch.name, variant=compiled.variant, grid=launch.grid, threads=threads,
+        programs=programs, per_sm=per_sm, waves=round(waves, 2), registers=compiled.registers,
+        spill_bytes=compiled.spill_bytes, shared_bytes=compiled.shared_bytes,
+        load_widths=widths(main.load_bits) if main else "-", store_widths=widths(main.store_bits) if main else "-",
+        barriers_per_iteration=main.barriers if main else 0,
+        instructions_per_element=round(instructions_per_element, 2) if not math.isnan(instructions_per_element)
+        else math.nan, bytes_in_flight_per_sm=in_flight, dram_bytes=dram, memory_us=memory_us, issue_us=issue_us)
+
+
+def dram_bytes(launch, case, target: Target, per_sm: int) -> float:
+    """Bytes one launch moves across DRAM. A second read of x (or dy) finds in L2 what can still be
+    resident there: in a later kernel that walks x in the same order as the one that read it, only
+    when all of it fits (a sequential pass over more than the cache evicts its own start first); in a
+    single-pass kernel, when the slices of the programs resident at once fit."""
+    shape, dtype, _, op = case
+    numel = math.prod(shape)
+    size = _element_bytes(launch, dtype)
+    tensor = numel * size
+    reuse = target.l2_reuse_mb * 1e6
+    job = _job(launch.name)
+    if job not in STREAMS:  # finalize kernels: the partials
+        return sum(a.numel() * a.element_size() for a in launch.args if isinstance(a, torch.Tensor) and a.dim() >= 1
+                   and a.numel() < numel)
+    streams = list(STREAMS[job])
+    if job == "input_gradient" and op == "eval_bwd":
+        streams = ["dy", "y"]
+    total = 0.0
+    for stream in streams:
+        if stream.endswith("2"):  # second read inside one single-pass kernel
+            resident_programs = min(launch.programs, per_sm * target.sms)
+            reread = len([s for s in streams if s.endswith("2")])
+            working_set = tensor * reread * resident_programs / launch.programs
+            total += 0.0 if working_set <= reuse else tensor
+        elif stream in ("x", "dy") and _second_pass(launch, op):
+            total += 0.0 if tensor * (2 if op == "train_bwd" else 1) <= reuse else tensor
+        else:
+            total += tensor
+    return total
+
+
+def _second_pass(launch, op: str) -> bool:
+    """Whether this kernel re-reads what an earlier kernel of the same op read (split path)."""
+    job = _job(launch.name)
+    return (job == "normalize" and op == "train_fwd") or (job == "input_gradient" and op == "train_bwd")
+
+
+@dataclass
+class CaseFigures:
+    backend: str
+    shape: str
+    dtype: str
+    layout: str
+    op: str
+    launches: int
+    kernels: list
+    floor_bytes: int
+    dram_bytes: float
+    floor_pct_bound: float       # floor bytes / modelled DRAM bytes: the best this plan can reach
+    issue_headroom: float        # min over streaming kernels of memory time / issue time
+    min_bytes_in_flight_kb: float
+    needed_in_flight_kb: float
+    host_us: float               # assumed host time of the launches
+    kernel_us: float             # modelled: the larger of memory and issue time, summed over kernels
+
+
+def model_case(backend: str, shape, dtype: torch.dtype, layout: str, op: str, target: Target,
+               compiler: Compiler) -> CaseFigures:
+    case = (shape, dtype, layout, op)
+    launches = recorded.record(backend, op, shape, dtype, layout, sms=target.sms)
+    figures = []
+    for launch in launches:
+        compiled = compiler.triton(launch) if backend == "triton" else compiler.cuda(launch)
+        figures.append(kernel_figures(launch, compiled, case, target))
+    numel = math.prod(shape)
+    size = torch.empty((), dtype=dtype).element_size()
+    floor = FLOOR_PASSES[op] * numel * size
+    dram = sum(f.dram_bytes for f in figures)
+    streaming = [f for f in figures if _job(f.name) in STREAMS]
+    headroom = min((f.memory_us / f.issue_us for f in streaming if f.issue_us > 0), default=math.inf)
+    in_flight = min((f.bytes_in_flight_per_sm for f in streaming), default=0.0)
+    needed = target.bandwidth_tbs * 1e12 / target.sms * target.latency_us * 1e-6
+    return CaseFigures(
+        backend=backend, shape="x".join(map(str, shape)), dtype=str(dtype).replace("torch.", ""), layout=layout,
+        op=op, launches=len(launches), kernels=figures, floor_bytes=floor, dram_bytes=dram,
+        floor_pct_bound=100.0 * floor / dram if dram else math.nan, issue_headroom=headroom,
+        min_bytes_in_flight_kb=in_flight / 1024, needed_in_flight_kb=needed / 1024,
+        host_us=len(launches) * target.host_us_per_launch,
+        kernel_us=sum(max(f.memory_us, f.issue_us) for f in figures))
+
+
+# ---- reports ----------------------------------------------------------------------------------
+
+def _fmt(value, spec: str) -> str:
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return "—" if math.isnan(value) else "∞"
+    return format(value, spec)
+
+
+def cases_markdown(cases: list[CaseFigures]) -> str:
+    lines = ["| backend | shape | dtype | layout | op | launches | grid (programs/SM, waves) | DRAM / floor bytes | "
+             "bound % floor | issue headroom | min in flight KB/SM | host µs (assumed) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in cases:
+        grids = "; ".join(f"{'x'.join(map(str, k.grid))} ({k.per_sm}, {k.waves:g})" for k in c.kernels)
+        lines.append(f"| {c.backend} | {c.shape} | {c.dtype} | {c.layout} | {c.op} | {c.launches} | {grids} | "
+                     f"{c.dram_bytes / c.floor_bytes:.2f} | {_fmt(c.floor_pct_bound, '.0f')}% | "
+                     f"{_fmt(c.issue_headroom, '.1f')}× | {c.min_bytes_in_flight_kb:.1f} / {c.needed_in_flight_kb:.1f} | "
+                     f"{c.host_us:.0f} |")
+    return "\n".join(lines)
+
+
+def kernels_markdown(cases: list[CaseFigures]) -> str:
+    seen = {}
+    for c in cases:
+        for k in c.kernels:
+            seen.setdefault((k.backend, k.variant), k)
+    lines = ["| backend | kernel variant | threads | registers | spills B | shared B | programs/SM | "
+             "loads (bits) | stores (bits) | barriers / iteration | SASS instr / element |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (backend, variant), k in sorted(seen.items()):
+        lines.append(f"| {backend} | {variant} | {k.threads} | {k.registers} | {k.spill_bytes} | {k.shared_bytes} | "
+                     f"{k.per_sm} | {k.load_widths} | {k.store_widths} | {k.barriers_per_iteration} | "
+                     f"{_fmt(k.instructions_per_element, '.1f')} |")
+    return "\n".join(lines)
+
+
+def header_markdown(target: Target, versions: dict) -> str:
+    assumed = ", ".join(f"{name} = {getattr(target, name)}" for name in ASSUMED)
+    return "\n".join([
+        f"# Static model: {target.name} (sm_{target.capability})",
+        "",
+        f"Computed {versions['date']} on a machine without a GPU (no kernel ran): torch {versions['torch']}, "
+        f"triton {versions['triton']}, {versions['nvcc']}.",
+        "",
+        f"Target: {target.sms} SMs, {target.l2_mb:g} MB L2, {target.smem_per_sm_kb} KB shared memory and "
+        f"{target.regs_per_sm} registers per SM, {target.bandwidth_tbs} TB/s copy bandwidth, "
+        f"{target.clock_ghz} GHz. Assumed: {assumed}.",
+        "",
+        "How each figure is computed: launches and grids are recorded from the backends' own orchestration "
+        "on meta tensors; registers, spills and shared memory come from `cuobjdump --dump-resource-usage` of "
+        "each kernel compiled for the target as it launches; loop figures from its SASS (the loop with the "
+        "largest global loads per iteration: its instructions, load/store widths, barriers); instructions per "
+        "element = loop instructions / elements loaded per iteration. DRAM bytes: each kernel's streams "
+        "(x, dy read; y/dx written), a second read counted as an L2 hit only when what it re-reads fits the "
+        "assumed reusable L2. bound % floor = floor bytes / modelled DRAM bytes (the best the plan can reach at "
+        "copy bandwidth). issue headroom = memory time / issue time at 128 thread-instructions per clock per SM "
+        "(≥ 2 leaves margin). In flight = bytes of global loads per loop iteration × threads × resident programs, "
+        "against bandwidth per SM × latency.",
+    ])
+
+
+def _versions() -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    nvcc = tool("nvcc")
+    nvcc_version = "nvcc not found"
+    if nvcc:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+        match = re.search(r"release (\S+),", out)
+        nvcc_version = f"nvcc {match.group(1) if match else '?'}"
+    return dict(date=datetime.date.today().isoformat(), torch=torch.__version__, triton=triton_version,
+                nvcc=nvcc_version)
+
+
+def run_model(target: Target, shapes, dtypes, layouts, ops, backends, workdir: str) -> list[CaseFigures]:
+    compiler = Compiler(target, workdir)
+    cases = []
+    for shape in shapes:
+        for dtype in dtypes:
+            for layout in (layouts if len(shape) > 2 else ["contiguous"]):
+                for op in ops:
+                    for backend in backends:
+                        cases.append(model_case(backend, shape, dtype, layout, op, target, compiler))
+    return cases
+
+
+def missing_tools(backends) -> list[str]:
+    needed = ["cuobjdump"] + (["nvcc"] if "cupy" in backends else [])
+    missing = [name for name in needed if tool(name) is None]
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        missing.append("triton")
+    return missing
+
+
+def run(args) -> int:
+    os.environ["TRITON_INTERPRET"] = "0"  # compile for the GPU target, whatever the tests set
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default up to 3.9, as the JIT compiles
+    target = dataclasses.replace(TARGETS[args.target], **({"sms": args.sms} if args.sms else {}))
+    missing = missing_tools(args.backends)
+    if missing:
+        print(f"bn_gpu model: needs {', '.join(missing)} (Triton's NVIDIA backend ships cuobjdump; nvcc comes "
+              "with the CUDA toolkit)", file=sys.stderr)
+        return 2
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+    dtypes = [DTYPES[d] for d in args.dtypes]
+    with tempfile.TemporaryDirectory() as workdir:
+        cases = run_model(target, shapes, dtypes, args.layouts, args.ops, args.backends, workdir)
+    versions = _versions()
+    text = (header_markdown(target, versions) + "\n\n## Cases\n\n" + cases_markdown(cases)
+            + "\n\n## Kernel variants\n\n" + kernels_markdown(cases) + "\n")
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"model-{args.target}-{versions['date']}")
+    with open(stem + ".md", "w") as f:
+        f.write(text)
+    with open(stem + ".json", "w") as f:
+        json.dump(dict(target=dataclasses.asdict(target), assumed=list(ASSUMED), versions=versions,
+                       cases=[dataclasses.asdict(c) for c in cases]), f, indent=1, default=str)
+    if args.write_model_md:
+        with open(args.write_model_md, "w") as f:
+            f.write(text)
+    print(text)
+    print(f"md: {stem}.md\njson: {stem}.json", file=sys.stderr)
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", choices=sorted(TARGETS), default="h200", help="the GPU the model describes")
+    parser.add_argument("--sms", type=int, default=None, help="override the target's multiprocessor count")
+    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES)
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--layouts", nargs="+", choices=["contiguous", "channels_last"],
+                        default=["contiguous", "channels_last"])
+    parser.add_argument("--ops", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--backends", nargs="+", choices=["triton", "cupy"], default=["triton", "cupy"])
+    parser.add_argument("--out", default=os.path.join("profiling", "results"), help="folder for the .md and .json")
+    parser.add_argument("--write-model-md", default=None, metavar="PATH",
+                        help="also write the tables to PATH (make model: profiling/MODEL.md)")

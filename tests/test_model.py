@@ -1,0 +1,98 @@
+"""The static model (python -m bn_gpu model): its SASS and resource parsing on known snippets, its
+traffic model on known plans, and one end-to-end run where the tools are present."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bn_gpu import launches, model
+
+SASS = """
+        Function : toy_kernel
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   MOV R2, RZ ;
+        /*0020*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0030*/              @!P0 LDG.E.U16 R8, desc[UR4][R6.64] ;
+        /*0040*/                   FADD R2, R4, R2 ;
+        /*0050*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0060*/                   NOP ;
+        /*0070*/               @P1 BRA 0x20 ;
+        /*0080*/                   STG.E.64 desc[UR4][R2.64], R4 ;
+        /*0090*/                   EXIT ;
+        /*00a0*/                   BRA 0xa0 ;
+"""
+
+RESOURCES = """
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function toy_kernel:
+  REG:40 STACK:8 SHARED:1024 LOCAL:16 CONSTANT[0]:592 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+
+
+def test_sass_loop_analysis():
+    functions = model.parse_sass(SASS)
+    assert list(functions) == ["toy_kernel"] and len(functions["toy_kernel"]) == 11
+    (loop,) = model.main_loops(functions["toy_kernel"])  # the self-loop at 0xa0 loads nothing
+    assert loop.instructions == 5  # 0x20..0x70 without the NOP
+    assert sorted(loop.load_bits) == [16, 128] and loop.store_bits == [] and loop.barriers == 1
+
+
+def test_resource_parsing_and_occupancy():
+    usage = model.parse_resources(RESOURCES)["toy_kernel"]
+    assert usage == dict(registers=40, stack=8, shared=1024, local=16)
+    compiled = model.Compiled("triton", "toy", registers=40, spill_bytes=24, shared_bytes=1024, loops=[])
+    h200 = model.TARGETS["h200"]
+    # 40 registers x 32 lanes = 1280 per warp; 4 warps per block: 65536 / 5120 = 12 blocks
+    assert model.occupancy(compiled, 128, h200) == 12
+    heavy = model.Compiled("triton", "heavy", registers=255, spill_bytes=0, shared_bytes=0, loops=[])
+    assert model.occupancy(heavy, 256, h200) == 1  # 255 -> 256 registers: 8 warps x 8192
+
+
+def test_traffic_of_a_known_split_plan():
+    """64x64x112x112 fp32 contiguous, split path: statistics reads x, normalize reads x again from
+    DRAM (205 MB does not fit the L2) and writes y: 3|x| for a 2|x| floor."""
+    h200 = model.TARGETS["h200"]
+    shape = (64, 64, 112, 112)
+    recorded = launches.record("triton", "train_fwd", shape, torch.float32, "contiguous", sms=h200.sms)
+    assert [l.name for l in recorded] == ["statistics_channels_first", "finalize_statistics",
+                                          "normalize_channels_first"]
+    size = math.prod(shape) * 4
+    case = (shape, torch.float32, "contiguous", "train_fwd")
+    assert model.dram_bytes(recorded[0], case, h200, per_sm=8) == size
+    assert model.dram_bytes(recorded[2], case, h200, per_sm=8) == 2 * size
+    # The same input at 5 MB fits the L2: the second read is a hit.
+    small = (8, 64, 56, 56)
+    recorded = launches.record("triton", "train_fwd", small, torch.float32, "contiguous", sms=h200.sms)
+    case = (small, torch.float32, "contiguous", "train_fwd")
+    normalize = next(l for l in recorded if l.name.startswith("normalize"))
+    assert model.dram_bytes(normalize, case, h200, per_sm=8) == math.prod(small) * 4  # y only
+
+
+def test_launch_counts_of_both_backends():
+    for backend in ("triton", "cupy"):
+        for op, split, single in (("train_fwd", 3, 1), ("eval_fwd", 1, 1), ("train_bwd", 3, 1), ("eval_bwd", 1, 1)):
+            assert len(launches.record(backend, op, (64, 64, 112, 112), torch.bfloat16, "channels_last")) == split
+            assert len(launches.record(backend, op, (5, 3), torch.float32)) == single
+
+
+@pytest.mark.skipif(bool(model.missing_tools(["triton", "cupy"])),
+                    reason=f"the model needs {', '.join(model.missing_tools(['triton', 'cupy']))}")
+def test_model_runs_end_to_end(tmp_path):
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, "-m", "bn_gpu", "model", "--shapes", "64x256x56x56", "5x3",
+                             "--dtypes", "bfloat16", "--out", str(tmp_path)], env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = result.stdout
+    assert "# Static model: NVIDIA H200" in text and "assumed" in text.lower()
+    for backend in ("triton", "cupy"):
+        for op in ("train_fwd", "eval_fwd", "train_bwd"):
+            assert f"| {backend} | 64x256x56x56 | bfloat16 | channels_last | {op} |" in text
+    assert "statistics_channels_first<__nv_bfloat16, float>" in text  # the CUDA C kernels were compiled too
+    assert list(tmp_path.glob("model-h200-*.json")) and list(tmp_path.glob("model-h200-*.md"))
