@@ -28,7 +28,8 @@ VECTOR_BYTES = 16
 # The source's compile-time constants, from here.
 COMPILE_OPTIONS = ("-std=c++17", f"-DCHANNEL_THREADS={CHANNEL_THREADS}", f"-DROW_THREADS={ROW_THREADS}")
 # Channels-first elementwise kernels, instantiated for scalar and for 16-byte vector access.
-VECTORIZED = ("normalize", "input_gradient", "single_pass_forward", "single_pass_backward")
+VECTORIZED = ("statistics", "normalize", "single_pass_forward", "gradient_sums", "input_gradient",
+              "single_pass_backward")
 
 _INSTALL_HINT = "pip install -e .[cupy] (installs cupy-cuda12x; use the cupy wheel matching your CUDA)"
 
@@ -73,14 +74,14 @@ def kernel_names(T: str, W: str, R: str, A: str) -> dict:
     """{role: name expression} of one type combination. A role is the kernel's name, with the
     vector width appended for the channels-first elementwise kernels."""
     templates = {
-        "statistics_channels_first": f"<{T}, {A}>",
+        "statistics_channels_first": f"<{T}, {A}, VEC>",
         "statistics_channels_last": f"<{T}, {A}>",
         "finalize_statistics": f"<{T}, {A}, {R}>",
         "normalize_channels_first": f"<{T}, {W}, {R}, {A}, VEC>",
         "normalize_channels_last": f"<{T}, {W}, {R}, {A}>",
         "single_pass_forward_channels_first": f"<{T}, {W}, {R}, {A}, VEC>",
         "single_pass_forward_channels_last": f"<{T}, {W}, {R}, {A}>",
-        "gradient_sums_channels_first": f"<{T}, {A}>",
+        "gradient_sums_channels_first": f"<{T}, {A}, VEC>",
         "gradient_sums_channels_last": f"<{T}, {A}>",
         "finalize_gradients": f"<{A}, {W}>",
         "input_gradient_channels_first": f"<{T}, {W}, {A}, VEC>",
@@ -198,7 +199,7 @@ class CudaKernels:
 
     def statistics(self, g, x, partials):
         count, mean, m2 = partials
-        _launch(g, None, None, self._role(g, "statistics"), *_grid(g),
+        _launch(g, None, None, self._role(g, "statistics", x), *_grid(g),
                 [_ptr(x), _ptr(count), _ptr(mean), _ptr(m2)] + _i64(*g.sizes, *g.x.strides) + _tiling(g))
 
     def finalize_statistics(self, g, x, partials, mean, invstd, running_mean, running_var, counter, momentum, eps):
@@ -234,7 +235,7 @@ class CudaKernels:
 
     def gradient_sums(self, g, grad_y, x, mean, partials):
         sum_dy, sum_dy_xmu = partials
-        _launch(g, None, None, self._role(g, "gradient_sums"), *_grid(g),
+        _launch(g, None, None, self._role(g, "gradient_sums", grad_y, x), *_grid(g),
                 [_ptr(grad_y), _ptr(x), _ptr(mean), _ptr(sum_dy), _ptr(sum_dy_xmu)]
                 + _i64(*g.sizes, *g.grad_y.strides, *g.x.strides) + _tiling(g))
 

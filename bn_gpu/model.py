@@ -173,6 +173,14 @@ def main_loops(instructions: list[Instruction]) -> list[LoopStats]:
                                load_bits=loads,
                                store_bits=[_width(ins.opcode) for ins in body if ins.opcode.startswith("STG")],
                                barriers=sum(1 for ins in body if ins.opcode.startswith("BAR"))))
+    if not stats:  # no loop (a tile covers everything): the whole function is one iteration
+        loads = [_width(ins.opcode) for ins in instructions if ins.opcode.startswith("LDG")]
+        if loads:
+            stats.append(LoopStats(instructions=sum(1 for ins in instructions if ins.opcode != "NOP"),
+                                   load_bits=loads,
+                                   store_bits=[_width(ins.opcode) for ins in instructions
+                                               if ins.opcode.startswith("STG")],
+                                   barriers=sum(1 for ins in instructions if ins.opcode.startswith("BAR"))))
     return sorted(stats, key=lambda s: -sum(s.load_bits))
 
 
@@ -379,8 +387,10 @@ def kernel_figures(launch, compiled: Compiled, case, target: Target) -> KernelFi
 def dram_bytes(launch, case, target: Target, per_sm: int) -> float:
     """Bytes one launch moves across DRAM. A second read of x (or dy) finds in L2 what can still be
     resident there: in a later kernel that walks x in the same order as the one that read it, only
-    when all of it fits (a sequential pass over more than the cache evicts its own start first); in a
-    single-pass kernel, when the slices of the programs resident at once fit."""
+    when all of it fits (a sequential pass over more than the cache evicts its own start first); in
+    one that walks it in reverse (the backend's SECOND_PASS_REVERSED), the last reusable-L2 bytes
+    the first pass read; in a single-pass kernel, when the slices of the programs resident at once
+    fit."""
     shape, dtype, _, op = case
     numel = math.prod(shape)
     size = _element_bytes(launch, dtype)
@@ -401,10 +411,19 @@ def dram_bytes(launch, case, target: Target, per_sm: int) -> float:
             working_set = tensor * reread * resident_programs / launch.programs
             total += 0.0 if working_set <= reuse else tensor
         elif stream in ("x", "dy") and _second_pass(launch, op):
-            total += 0.0 if tensor * (2 if op == "train_bwd" else 1) <= reuse else tensor
+            reread = tensor * (2 if op == "train_bwd" else 1)  # the backward re-reads x and dy
+            if _reverses_second_pass(launch.backend):
+                total += tensor * max(0.0, 1.0 - reuse / reread)
+            else:
+                total += 0.0 if reread <= reuse else tensor
         else:
             total += tensor
     return total
+
+
+def _reverses_second_pass(backend: str) -> bool:
+    import importlib
+    return getattr(importlib.import_module(f"bn_gpu.{backend}_backend"), "SECOND_PASS_REVERSED", False)
 
 
 def _second_pass(launch, op: str) -> bool:

@@ -22,15 +22,19 @@ from .layout import (CHANNELS_FIRST, channels_first_view, channels_last_view, ch
 
 @dataclass(frozen=True)
 class Tuning:
-    tile_elements: int     # values per tile (power of two)
+    tile_bytes: int        # bytes of input per tile (a power of two): 16-bit inputs get twice the values
     programs_per_sm: int   # grid target for the split reductions
     max_block_c: int       # channels per program in the channels-last kernels
     finalize_tile: int     # partials per finalize tile
     num_warps: int
+    chunk_tiles: int       # tiles a lane sums before the statistics are reduced and merged (Chan)
+
+    def tile_elements(self, itemsize: int) -> int:
+        return max(1, self.tile_bytes // itemsize)
 
 
 def _tuning_from_environment(default: Tuning) -> Tuning:
-    """`default` with the fields that BN_GPU_TUNING overrides ("tile_elements=4096,num_warps=8"):
+    """`default` with the fields that BN_GPU_TUNING overrides ("tile_bytes=32768,num_warps=8"):
     for tuning experiments on a GPU without editing the code."""
     text = os.environ.get("BN_GPU_TUNING", "").strip()
     if not text:
@@ -43,12 +47,17 @@ def _tuning_from_environment(default: Tuning) -> Tuning:
                          f"{', '.join(f.name for f in dataclasses.fields(Tuning))}") from error
 
 
-# On a GPU: tiles of 2048 values give each of 128 threads 16 values (four 16-byte loads in fp32).
+# On a GPU: 16 KB tiles over 8 warps give each thread four 16-byte loads per tile in every dtype
+# (4096 fp32 or 8192 bf16 values), so 16-bit inputs keep as many bytes in flight as fp32; a lane
+# sums 8 tiles before the block reduces them. (H200, 2026-11-26: 2048-value tiles over 4 warps left
+# bf16 kernels at 39-77% of the copy rate; 16 KB / 8 warps moved them to 49-85%,
+# profiling/RESULTS.md.)
 GPU_TUNING = _tuning_from_environment(
-    Tuning(tile_elements=2048, programs_per_sm=4, max_block_c=128, finalize_tile=4096, num_warps=4))
+    Tuning(tile_bytes=16384, programs_per_sm=4, max_block_c=128, finalize_tile=4096, num_warps=8, chunk_tiles=8))
 # In the Triton interpreter: small tiles and few programs, so that tests on small shapes still
-# walk several tiles per program, several splits per channel and several finalize chunks.
-INTERPRETER_TUNING = Tuning(tile_elements=64, programs_per_sm=2, max_block_c=4, finalize_tile=8, num_warps=1)
+# walk several tiles and chunks per program, several splits per channel and several finalize chunks.
+INTERPRETER_TUNING = Tuning(tile_bytes=256, programs_per_sm=2, max_block_c=4, finalize_tile=8, num_warps=1,
+                            chunk_tiles=2)
 INTERPRETER_SMS = 4
 
 
@@ -84,6 +93,7 @@ class ChannelsFirstPlan:
     tiles_per_program: int
     splits: int            # programs per channel (grid axis 1)
     num_warps: int
+    chunk_tiles: int
 
     def grid(self, C: int) -> tuple[int, int]:
         return (C, self.splits)
@@ -97,6 +107,7 @@ class ChannelsLastPlan:
     rows_per_program: int  # a multiple of block_m
     splits: int            # programs across M (grid axis 0)
     num_warps: int
+    chunk_tiles: int
 
     def grid(self, C: int) -> tuple[int, int]:
         return (self.splits, self.c_blocks)
@@ -130,29 +141,34 @@ def _splits(total_tiles: int, wanted: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=1024)
-def channels_first_plan(N: int, C: int, S: int, tuning: Tuning, sms: int) -> ChannelsFirstPlan:
-    block_s = _spatial_block(S, tuning.tile_elements)
-    rows = min(tuning.tile_elements // block_s, next_power_of_2(N))
+def channels_first_plan(N: int, C: int, S: int, itemsize: int, tuning: Tuning, sms: int) -> ChannelsFirstPlan:
+    tile = tuning.tile_elements(itemsize)
+    block_s = _spatial_block(S, tile)
+    rows = min(tile // block_s, next_power_of_2(N))
     s_blocks = cdiv(S, block_s)
     total_tiles = cdiv(N, rows) * s_blocks
     tiles_per_program, splits = _splits(total_tiles, cdiv(tuning.programs_per_sm * sms, C))
-    return ChannelsFirstPlan(rows, block_s, s_blocks, total_tiles, tiles_per_program, splits, tuning.num_warps)
+    return ChannelsFirstPlan(rows, block_s, s_blocks, total_tiles, tiles_per_program, splits, tuning.num_warps,
+                             tuning.chunk_tiles)
 
 
 @functools.lru_cache(maxsize=1024)
-def channels_last_plan(M: int, C: int, tuning: Tuning, sms: int) -> ChannelsLastPlan:
+def channels_last_plan(M: int, C: int, itemsize: int, tuning: Tuning, sms: int) -> ChannelsLastPlan:
     block_c = min(next_power_of_2(C), tuning.max_block_c)
-    block_m = min(max(1, tuning.tile_elements // block_c), next_power_of_2(M))
+    block_m = min(max(1, tuning.tile_elements(itemsize) // block_c), next_power_of_2(M))
     c_blocks = cdiv(C, block_c)
     tiles_per_program, _ = _splits(cdiv(M, block_m), cdiv(tuning.programs_per_sm * sms, c_blocks))
     rows_per_program = tiles_per_program * block_m
     return ChannelsLastPlan(block_m, block_c, c_blocks, rows_per_program, cdiv(M, rows_per_program),
-                            tuning.num_warps)
+                            tuning.num_warps, tuning.chunk_tiles)
 
 
 @functools.lru_cache(maxsize=1024)
-def finalize_plan(splits: int, C: int, tuning: Tuning) -> FinalizePlan:
-    block_c = min(next_power_of_2(C), 64 if tuning.max_block_c >= 64 else tuning.max_block_c)
+def finalize_plan(splits: int, C: int, tuning: Tuning, sms: int) -> FinalizePlan:
+    """Channels per finalize program: few enough that the channels spread over the GPU (a program
+    walks every split of its channels: 64 channels x 500 splits in one program serialize)."""
+    spread = next_power_of_2(cdiv(C, sms))
+    block_c = max(1, min(next_power_of_2(C), 64 if tuning.max_block_c >= 64 else tuning.max_block_c, spread))
     block_splits = min(next_power_of_2(splits), max(1, tuning.finalize_tile // block_c))
     return FinalizePlan(block_splits, block_c)
 
@@ -244,14 +260,15 @@ def _cached_geometry(shape, x_strides, dtype, grad_strides, tuning: Tuning, sms:
     out = empty_in_family(x_read, family)
     view = channels_first_view if family == CHANNELS_FIRST else channels_last_view
     N, C, S = shape[0], shape[1], spatial_size(shape)
+    itemsize = x.element_size()
     if family == CHANNELS_FIRST:
-        plan = channels_first_plan(N, C, S, tuning, sms)
+        plan = channels_first_plan(N, C, S, itemsize, tuning, sms)
     else:
-        plan = channels_last_plan(N * S, C, tuning, sms)
+        plan = channels_last_plan(N * S, C, itemsize, tuning, sms)
     tensors = [t for t in (x_read, grad_y, out) if t is not None]
     return Geometry(
         family=family, N=N, C=C, S=S, dtype=dtype, stat_dtype=stat_dtype(dtype), plan=plan,
-        finalize=finalize_plan(plan.splits, C, tuning), x=view(x_read), out=view(out),
+        finalize=finalize_plan(plan.splits, C, tuning, sms), x=view(x_read), out=view(out),
         grad_y=None if grad_y is None else view(grad_y), out_strides=out.stride(),
         copy_input=x_read is not x, copy_grad_y=grad_y is not None and grad_y.stride() != grad_strides,
         offset_64=any(_end_offset(t) > 2**31 - 1 for t in tensors))

@@ -39,6 +39,11 @@ def check_available(device: torch.device) -> None:
         "TRITON_INTERPRET=1 before importing bn_gpu (slow: for testing).")
 
 
+# The normalize and input-gradient passes walk their tiles in the reverse of the order the
+# statistics (gradient sums) read them, so their first tiles are still in L2 (the static model counts it).
+SECOND_PASS_REVERSED = True
+
+
 # ---- launching --------------------------------------------------------------------------------
 
 def _specialization(arg):
@@ -77,11 +82,15 @@ class Launcher:
             entry = self.compiled.get(key)
             if entry is not None:
                 compiled, constexprs = entry
-                compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, 1, _current_stream(), compiled.function,
-                             compiled.packed_metadata, None, None, None, *args, *constexprs)
-                return
+                try:
+                    compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, 1, _current_stream(), compiled.function,
+                                 compiled.packed_metadata, None, None, None, *args, *constexprs)
+                    return
+                except (TypeError, AttributeError):  # a launcher API other than the one this knows
+                    self.direct = False
+                    self.compiled.clear()
         compiled = kernel[grid](*args, **meta)
-        if key is not None:
+        if key is not None and self.direct:
             self._remember(key, kernel, compiled, len(args), meta)
 
     def _remember(self, key, kernel, compiled, runtime_args: int, meta: dict) -> None:
@@ -129,7 +138,7 @@ class TritonKernels:
     def statistics(self, g, x, partials):
         count, mean, m2 = partials
         launch(_kernel(g, cf, cl, "statistics"), g.plan.grid(g.C),
-               [x, count, mean, m2, *g.sizes, *g.x.strides, *g.tiling], _meta(g))
+               [x, count, mean, m2, *g.sizes, *g.x.strides, *g.tiling], dict(CHUNK=g.plan.chunk_tiles, **_meta(g)))
 
     def finalize_statistics(self, g, x, partials, mean, invstd, running_mean, running_var, counter, momentum, eps):
         count, part_mean, m2 = partials
@@ -159,7 +168,7 @@ class TritonKernels:
                 weight, bias, *g.sizes, *g.x.strides, *g.out.strides, 0.0 if momentum is None else float(momentum),
                 float(eps), *g.single_pass_tiling],
                dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING_STATS=tracked,
-                    CUMULATIVE=cumulative, COUNT_BATCH=count_batch, **_meta(g)))
+                    CUMULATIVE=cumulative, COUNT_BATCH=count_batch, CHUNK=g.plan.chunk_tiles, **_meta(g)))
 
     def gradient_sums(self, g, grad_y, x, mean, partials):
         sum_dy, sum_dy_xmu = partials

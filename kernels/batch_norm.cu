@@ -53,12 +53,27 @@ template <typename A> __device__ __forceinline__ void merge(Moments<A>& a, A cou
     a.count = total;
 }
 
-// Welford update with one value (already shifted).
-template <typename A> __device__ __forceinline__ void push(Moments<A>& a, A value) {
-    a.count += A(1);
-    A delta = value - a.mean;
-    a.mean += delta / a.count;
-    a.m2 += delta * (value - a.mean);
+// Moments of shifted values, accumulated as a short run of plain sums (one add and one fma per
+// value) that is folded into the running moments with Chan's formula when closed: a sum never runs
+// over more than one tile's share of a thread, so it stays exact enough in fp32, and the division
+// of the merge is paid once per run, not per value.
+template <typename A> struct RunningMoments {
+    Moments<A> merged;
+    A n, sum, squares;   // the open run
+    __device__ __forceinline__ void add(A value) { n += A(1); sum += value; squares += value * value; }
+    __device__ __forceinline__ void close() {
+        if (n == A(0)) return;
+        A mean = sum / n;
+        merge(merged, n, mean, squares - sum * mean);
+        n = A(0); sum = A(0); squares = A(0);
+    }
+};
+
+template <typename A> __device__ __forceinline__ RunningMoments<A> no_moments() {
+    RunningMoments<A> r;
+    r.merged.count = A(0); r.merged.mean = A(0); r.merged.m2 = A(0);
+    r.n = A(0); r.sum = A(0); r.squares = A(0);
+    return r;
 }
 
 template <typename A> __device__ Moments<A> warp_merge(Moments<A> m) {
@@ -120,49 +135,61 @@ __device__ __forceinline__ Tiles program_tiles(i64 N, i64 S, i64 s_blocks, i64 t
     return t;
 }
 
-// Calls f(n, s) for every value of this thread in tile `tile`.
-template <typename F> __device__ __forceinline__ void for_each_in_tile(const Tiles& t, i64 tile, F f) {
-    i64 n_block = tile / t.s_blocks;
-    i64 s_block = tile - n_block * t.s_blocks;
-    for (int i = threadIdx.x; i < t.rows * t.block_s; i += blockDim.x) {
-        i64 n = n_block * t.rows + i / t.block_s;
-        i64 s = s_block * t.block_s + i % t.block_s;
-        if (n < t.N && s < t.S) f(n, s);
-    }
-}
-
 // Calls op.template apply<VEC>(n, s) for the VEC-wide groups of this thread in tile `tile` (s is the
 // first of VEC positions), and op.template apply<1>(n, s) value by value for a group cut by the end
-// of the row. (A functor rather than a generic lambda: NVRTC takes generic lambdas for host code.)
+// of the row. The thread's (row, group) is found once per tile and then stepped with a carry: no
+// integer division per group. (A functor rather than a generic lambda: NVRTC takes generic lambdas
+// for host code.)
 template <int VEC, typename Op> __device__ __forceinline__ void for_each_group_in_tile(const Tiles& t, i64 tile, const Op& op) {
     i64 n_block = tile / t.s_blocks;
     i64 s_block = tile - n_block * t.s_blocks;
     int groups_per_row = t.block_s / VEC;
-    for (int i = threadIdx.x; i < t.rows * groups_per_row; i += blockDim.x) {
-        i64 n = n_block * t.rows + i / groups_per_row;
-        i64 s = s_block * t.block_s + (i % groups_per_row) * VEC;
-        if (n >= t.N || s >= t.S) continue;
-        if (VEC == 1 || s + VEC <= t.S) {
-            op.template apply<VEC>(n, s);
-        } else {
-            for (i64 tail = s; tail < t.S; ++tail) op.template apply<1>(n, tail);  // scalar tail
+    int step_rows = blockDim.x / groups_per_row, step_groups = blockDim.x % groups_per_row;
+    int row = threadIdx.x / groups_per_row, group = threadIdx.x % groups_per_row;
+    i64 n0 = n_block * t.rows, s0 = s_block * t.block_s;
+    while (row < t.rows) {
+        i64 n = n0 + row;
+        i64 s = s0 + group * VEC;
+        if (n < t.N && s < t.S) {
+            if (VEC == 1 || s + VEC <= t.S) {
+                op.template apply<VEC>(n, s);
+            } else {
+                for (i64 tail = s; tail < t.S; ++tail) op.template apply<1>(n, tail);  // scalar tail
+            }
         }
+        row += step_rows;
+        group += step_groups;
+        if (group >= groups_per_row) { group -= groups_per_row; ++row; }
     }
 }
 
 // ---- forward ----------------------------------------------------------------------------------
 
+// Adds V shifted values of one row to a thread's running moments.
+template <typename T, typename A> struct MomentsRow {
+    const T* x; i64 stride_n; A shift; RunningMoments<A>* moments;
+    template <int V> __device__ __forceinline__ void apply(i64 n, i64 s) const {
+        Pack<T, V> in = *reinterpret_cast<const Pack<T, V>*>(x + n * stride_n + s);
+#pragma unroll
+        for (int k = 0; k < V; ++k) moments->add(cvt<A>(in.v[k]) - shift);
+    }
+};
+
 // Moments of x - shift of one channel over tiles [first, last), valid in thread 0. The shift, a value
-// of the channel, keeps the low bits when |mean| >> std: the subtraction is exact near it.
-template <typename T, typename A>
+// of the channel, keeps the low bits when |mean| >> std: the subtraction is exact near it, and the
+// squares do not cancel. A thread's run of sums closes at the end of each tile.
+template <typename T, typename A, int VEC>
 __device__ Moments<A> block_moments(const Tiles& t, i64 first, i64 last, const T* xc, i64 stride_n, A shift) {
-    Moments<A> m = {A(0), A(0), A(0)};
-    for (i64 tile = first; tile < last; ++tile)
-        for_each_in_tile(t, tile, [&](i64 n, i64 s) { push(m, cvt<A>(xc[n * stride_n + s]) - shift); });
-    return block_merge(m);
+    RunningMoments<A> moments = no_moments<A>();
+    MomentsRow<T, A> op = {xc, stride_n, shift, &moments};
+    for (i64 tile = first; tile < last; ++tile) {
+        for_each_group_in_tile<VEC>(t, tile, op);
+        moments.close();
+    }
+    return block_merge(moments.merged);
 }
 
-template <typename T, typename A>
+template <typename T, typename A, int VEC>
 __global__ void statistics_channels_first(
     const T* __restrict__ x,   // input (N, C, S)
     A* part_count, A* part_mean, A* part_m2,   // (splits, C); part_mean is relative to x[0, c, 0]
@@ -172,7 +199,7 @@ __global__ void statistics_channels_first(
     const T* xc = x + c * stride_c;
     A shift = cvt<A>(xc[0]);
     Tiles t = program_tiles(N, S, s_blocks, total_tiles, tiles_per_program, rows, block_s);
-    Moments<A> m = block_moments(t, t.first, t.last, xc, stride_n, shift);
+    Moments<A> m = block_moments<T, A, VEC>(t, t.first, t.last, xc, stride_n, shift);
     if (threadIdx.x == 0) {
         i64 out = (i64)blockIdx.y * C + c;
         part_count[out] = m.count; part_mean[out] = m.mean; part_m2[out] = m.m2;
@@ -205,12 +232,18 @@ template <typename A> __device__ void column_sums(A& a, A& b) {
         for (int j = 1; j < ROW_THREADS; ++j) { a += as[j][threadIdx.x]; b += bs[j][threadIdx.x]; }
 }
 
-// Moments of x - shift over rows [row_begin, row_end) of channel c, this thread's share of them.
+// Moments of x - shift over rows [row_begin, row_end) of channel c, this thread's share of them,
+// the run of sums closed every 64 rows of the thread.
 template <typename T, typename A>
 __device__ Moments<A> column_moments(const T* x, i64 stride_m, i64 c, A shift, i64 row_begin, i64 row_end) {
-    Moments<A> m = {A(0), A(0), A(0)};
-    for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS) push(m, cvt<A>(x[r * stride_m + c]) - shift);
-    return m;
+    RunningMoments<A> moments = no_moments<A>();
+    const i64 run = 64 * ROW_THREADS;
+    for (i64 run_begin = row_begin + threadIdx.y; run_begin < row_end; run_begin += run) {
+        i64 run_end = min(run_begin + run, row_end);
+        for (i64 r = run_begin; r < run_end; r += ROW_THREADS) moments.add(cvt<A>(x[r * stride_m + c]) - shift);
+        moments.close();
+    }
+    return moments.merged;
 }
 
 template <typename T, typename A>
@@ -373,21 +406,32 @@ __global__ void normalize_channels_last(
 
 // ---- backward ---------------------------------------------------------------------------------
 
+// Adds V values of one row to a thread's sum(dy) and sum(dy * (x - mean)).
+template <typename T, typename A> struct GradientSumsRow {
+    const T* dy; const T* x; i64 dy_stride_n, x_stride_n; A mean; A* sum_dy; A* sum_dy_xmu;
+    template <int V> __device__ __forceinline__ void apply(i64 n, i64 s) const {
+        Pack<T, V> g = *reinterpret_cast<const Pack<T, V>*>(dy + n * dy_stride_n + s);
+        Pack<T, V> in = *reinterpret_cast<const Pack<T, V>*>(x + n * x_stride_n + s);
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            A d = cvt<A>(g.v[k]);
+            *sum_dy += d;
+            *sum_dy_xmu += d * (cvt<A>(in.v[k]) - mean);
+        }
+    }
+};
+
 // sum(dy) and sum(dy * (x - mean)) of one channel over tiles [first, last), valid in thread 0.
-template <typename T, typename A>
+template <typename T, typename A, int VEC>
 __device__ void block_gradient_sums(const Tiles& t, i64 first, i64 last, const T* dyc, const T* xc,
                                     i64 dy_stride_n, i64 x_stride_n, A mean, A& sum_dy, A& sum_dy_xmu) {
-    for (i64 tile = first; tile < last; ++tile)
-        for_each_in_tile(t, tile, [&](i64 n, i64 s) {
-            A g = cvt<A>(dyc[n * dy_stride_n + s]);
-            sum_dy += g;
-            sum_dy_xmu += g * (cvt<A>(xc[n * x_stride_n + s]) - mean);
-        });
+    GradientSumsRow<T, A> op = {dyc, xc, dy_stride_n, x_stride_n, mean, &sum_dy, &sum_dy_xmu};
+    for (i64 tile = first; tile < last; ++tile) for_each_group_in_tile<VEC>(t, tile, op);
     sum_dy = block_sum<A, 0>(sum_dy);
     sum_dy_xmu = block_sum<A, 1>(sum_dy_xmu);
 }
 
-template <typename T, typename A>
+template <typename T, typename A, int VEC>
 __global__ void gradient_sums_channels_first(
     const T* __restrict__ dy, const T* __restrict__ x, const A* mean_in,
     A* part_sum_dy, A* part_sum_dy_xmu,   // (splits, C)
@@ -399,7 +443,7 @@ __global__ void gradient_sums_channels_first(
     const T* xc = x + c * x_stride_c;
     A sum_dy = A(0), sum_dy_xmu = A(0);
     Tiles t = program_tiles(N, S, s_blocks, total_tiles, tiles_per_program, rows, block_s);
-    block_gradient_sums(t, t.first, t.last, dyc, xc, dy_stride_n, x_stride_n, mean, sum_dy, sum_dy_xmu);
+    block_gradient_sums<T, A, VEC>(t, t.first, t.last, dyc, xc, dy_stride_n, x_stride_n, mean, sum_dy, sum_dy_xmu);
     if (threadIdx.x == 0) {
         i64 out = (i64)blockIdx.y * C + c;
         part_sum_dy[out] = sum_dy;
@@ -568,7 +612,7 @@ __global__ void single_pass_forward_channels_first(
     const T* xc = x + c * x_stride_c;
     A shift = cvt<A>(xc[0]);
     Tiles t = program_tiles(N, S, s_blocks, total_tiles, total_tiles, rows, block_s);
-    Moments<A> m = block_moments(t, i64(0), total_tiles, xc, x_stride_n, shift);
+    Moments<A> m = block_moments<T, A, VEC>(t, i64(0), total_tiles, xc, x_stride_n, shift);
     if (threadIdx.x == 0) {
         channel[0] = shift + m.mean;
         channel[1] = store_statistics(c, m.count, channel[0], m.m2, mean_out, invstd_out, running_mean, running_var,
@@ -624,7 +668,7 @@ __global__ void single_pass_backward_channels_first(
     A mean = mean_in[c], invstd = invstd_in[c];
     A sum_dy = A(0), sum_dy_xmu = A(0);
     Tiles t = program_tiles(N, S, s_blocks, total_tiles, total_tiles, rows, block_s);
-    block_gradient_sums(t, i64(0), total_tiles, dyc, xc, dy_stride_n, x_stride_n, mean, sum_dy, sum_dy_xmu);
+    block_gradient_sums<T, A, VEC>(t, i64(0), total_tiles, dyc, xc, dy_stride_n, x_stride_n, mean, sum_dy, sum_dy_xmu);
     if (threadIdx.x == 0) {
         store_gradients(c, sum_dy, sum_dy_xmu, invstd, grad_weight, grad_bias);
         totals[0] = sum_dy;

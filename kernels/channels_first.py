@@ -58,26 +58,48 @@ def _channel(OFFSET_64: tl.constexpr):
 
 
 @triton.jit
+def _reversed_program(OFFSET_64: tl.constexpr):
+    """(channel, split) of this program, counted from the end of the grid: GPUs start programs
+    roughly in launch order, so a second pass over x starts with what the first pass read last --
+    the part still in L2."""
+    c = tl.num_programs(0) - 1 - tl.program_id(0)
+    if OFFSET_64:
+        c = c.to(tl.int64)
+    return c, tl.num_programs(1) - 1 - tl.program_id(1)
+
+
+@triton.jit
 def _moments(x_ptr, stride_n, shift, first_tile, last_tile, s_blocks, N, S,
-             ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr):
+             ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
+             CHUNK: tl.constexpr):
     """(count, mean - shift, M2) of one channel over tiles [first_tile, last_tile).
 
-    Moments are taken of x - shift, a value of the channel: the subtraction is exact for values
-    near the shift, so sums and means keep their low bits when |mean| >> std. Each tile is reduced
-    in two passes over registers and merged with Chan's formula.
+    Moments are taken of x - shift, a value of the channel, which lies near the mean: the
+    subtraction keeps the low bits when |mean| >> std, and the squares of x - shift do not cancel.
+    Each lane sums x - shift and its square over CHUNK tiles without talking to the other lanes;
+    only then is the chunk reduced across the block (one reduction per chunk, not per tile) and
+    merged into the running moments with Chan's formula, so no sum runs over more than CHUNK values
+    of a lane.
     """
     count = tl.zeros([], ACC)
     mean = tl.zeros([], ACC)
     m2 = tl.zeros([], ACC)
-    for tile in range(first_tile, last_tile):
-        n, s, mask, tile_count = _tile(tile, s_blocks, N, S, ROWS, BLOCK_S, OFFSET_64)
-        tile_count = tile_count.to(ACC)
-        x = tl.load(x_ptr + _offsets(n, s, stride_n), mask=mask, other=0.0).to(ACC)
-        shifted = tl.where(mask, x - shift, 0.0)
-        tile_mean = tl.sum(tl.sum(shifted, axis=1), axis=0) / tile_count
-        deviation = tl.where(mask, shifted - tile_mean, 0.0)
-        tile_m2 = tl.sum(tl.sum(deviation * deviation, axis=1), axis=0)
-        count, mean, m2 = merge_moments(count, mean, m2, tile_count, tile_mean, tile_m2)
+    for chunk in range(first_tile, last_tile, CHUNK):
+        chunk_end = tl.minimum(chunk + CHUNK, last_tile)
+        total = tl.zeros([ROWS, BLOCK_S], ACC)
+        squares = tl.zeros([ROWS, BLOCK_S], ACC)
+        chunk_count = tl.zeros([], ACC)
+        for tile in range(chunk, chunk_end):
+            n, s, mask, tile_count = _tile(tile, s_blocks, N, S, ROWS, BLOCK_S, OFFSET_64)
+            x = tl.load(x_ptr + _offsets(n, s, stride_n), mask=mask, other=0.0).to(ACC)
+            shifted = tl.where(mask, x - shift, 0.0)
+            total += shifted
+            squares += shifted * shifted
+            chunk_count += tile_count.to(ACC)
+        chunk_sum = tl.sum(tl.sum(total, axis=1), axis=0)
+        chunk_mean = chunk_sum / chunk_count
+        chunk_m2 = tl.sum(tl.sum(squares, axis=1), axis=0) - chunk_sum * chunk_mean
+        count, mean, m2 = merge_moments(count, mean, m2, chunk_count, chunk_mean, chunk_m2)
     return count, mean, m2
 
 
@@ -97,11 +119,15 @@ def _affine(c, invstd, weight_ptr, bias_ptr, HAS_WEIGHT: tl.constexpr, HAS_BIAS:
 def _normalize(x_ptr, y_ptr, x_stride_n, y_stride_n, mean, scale, bias, first_tile, last_tile, s_blocks, N, S,
                ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr):
     # (x - mean) * scale + bias rather than x * scale + shift: the latter cancels when |mean| >> std.
-    for tile in range(first_tile, last_tile):
+    # Tiles in reverse (the last read first: still in L2), and x and y marked first to evict: this
+    # is their last use, and the cache is better spent on the tiles not yet re-read.
+    for i in range(first_tile, last_tile):
+        tile = first_tile + last_tile - 1 - i
         n, s, mask, _ = _tile(tile, s_blocks, N, S, ROWS, BLOCK_S, OFFSET_64)
-        x = tl.load(x_ptr + _offsets(n, s, x_stride_n), mask=mask, other=0.0).to(ACC)
+        x = tl.load(x_ptr + _offsets(n, s, x_stride_n), mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
         y = (x - mean) * scale + bias
-        tl.store(y_ptr + _offsets(n, s, y_stride_n), y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + _offsets(n, s, y_stride_n), y.to(y_ptr.dtype.element_ty), mask=mask,
+                 eviction_policy="evict_first")
 
 
 @triton.jit
@@ -124,16 +150,20 @@ def _gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, first_tile, las
 def _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_n, x_stride_n, dx_stride_n, scale, mean, mean_dy, projection,
                     first_tile, last_tile, s_blocks, N, S, TRAINING: tl.constexpr,
                     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr):
-    """dx = scale * (dy - mean(dy) - (x - mean) * projection) in training, scale * dy in eval."""
-    for tile in range(first_tile, last_tile):
+    """dx = scale * (dy - mean(dy) - (x - mean) * projection) in training, scale * dy in eval.
+    Tiles in reverse and evict-first, as _normalize: the second pass over dy and x."""
+    for i in range(first_tile, last_tile):
+        tile = first_tile + last_tile - 1 - i
         n, s, mask, _ = _tile(tile, s_blocks, N, S, ROWS, BLOCK_S, OFFSET_64)
-        dy = tl.load(dy_ptr + _offsets(n, s, dy_stride_n), mask=mask, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + _offsets(n, s, dy_stride_n), mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
         if TRAINING:
-            x = tl.load(x_ptr + _offsets(n, s, x_stride_n), mask=mask, other=0.0).to(ACC)
+            x = tl.load(x_ptr + _offsets(n, s, x_stride_n), mask=mask, other=0.0,
+                        eviction_policy="evict_first").to(ACC)
             dx = scale * (dy - mean_dy - (x - mean) * projection)
         else:
             dx = scale * dy
-        tl.store(dx_ptr + _offsets(n, s, dx_stride_n), dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + _offsets(n, s, dx_stride_n), dx.to(dx_ptr.dtype.element_ty), mask=mask,
+                 eviction_policy="evict_first")
 
 
 @triton.jit
@@ -145,13 +175,14 @@ def statistics_channels_first(
     N, C, S, stride_n, stride_c,
     s_blocks, total_tiles, tiles_per_program,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     c = _channel(OFFSET_64)
     split = tl.program_id(1)
     x_ptr += c * stride_c
     first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
     count, mean, m2 = _moments(x_ptr, stride_n, tl.load(x_ptr).to(ACC), first_tile, last_tile, s_blocks, N, S,
-                               ACC, ROWS, BLOCK_S, OFFSET_64)
+                               ACC, ROWS, BLOCK_S, OFFSET_64, CHUNK)
     out = split * C + c
     tl.store(partial_count_ptr + out, count)
     tl.store(partial_mean_ptr + out, mean)
@@ -175,8 +206,7 @@ def normalize_channels_first(
     COUNT_BATCH: tl.constexpr,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
 ):
-    c = _channel(OFFSET_64)
-    split = tl.program_id(1)
+    c, split = _reversed_program(OFFSET_64)
     if COUNT_BATCH:
         # Here, not in the finalize kernel: every finalize program reads the count before this
         # kernel starts (stream order), so the increment cannot race with those reads.
@@ -206,13 +236,14 @@ def single_pass_forward_channels_first(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr,
     CUMULATIVE: tl.constexpr, COUNT_BATCH: tl.constexpr,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     # One program per channel reads the channel twice: the second pass finds it in cache.
     c = _channel(OFFSET_64)
     x_ptr += c * x_stride_c
     shift = tl.load(x_ptr).to(ACC)
     count, mean_shifted, m2 = _moments(x_ptr, x_stride_n, shift, 0, total_tiles, s_blocks, N, S,
-                                       ACC, ROWS, BLOCK_S, OFFSET_64)
+                                       ACC, ROWS, BLOCK_S, OFFSET_64, CHUNK)
     mean = shift + mean_shifted
     invstd = store_statistics(c, c < C, count, mean, m2, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr,
                               num_batches_tracked_ptr, momentum, eps, HAS_RUNNING_STATS, CUMULATIVE, ACC)
@@ -261,8 +292,7 @@ def input_gradient_channels_first(
     HAS_WEIGHT: tl.constexpr, TRAINING: tl.constexpr,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
 ):
-    c = _channel(OFFSET_64)
-    split = tl.program_id(1)
+    c, split = _reversed_program(OFFSET_64)
     invstd = tl.load(invstd_ptr + c).to(ACC)
     scale, _ = _affine(c, invstd, weight_ptr, weight_ptr, HAS_WEIGHT, False, ACC)
     mean = tl.zeros([], ACC)

@@ -39,6 +39,26 @@ def _program_rows(M, rows_per_program, OFFSET_64: tl.constexpr):
 
 
 @triton.jit
+def _reversed_program(M, C, rows_per_program, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr):
+    """Columns and rows of this program, counted from the end of the grid: GPUs start programs
+    roughly in launch order, so a second pass over x starts with what the first pass read last --
+    the part still in L2."""
+    cols = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = tl.num_programs(0) - 1 - tl.program_id(0)
+    if OFFSET_64:
+        split = split.to(tl.int64)
+    row_begin = split * rows_per_program
+    return cols, cols < C, row_begin, tl.minimum(row_begin + rows_per_program, M)
+
+
+@triton.jit
+def _reversed_tile_start(start, row_begin, row_end, BLOCK_M: tl.constexpr):
+    """The tile walked at step `start` of range(row_begin, row_end, BLOCK_M), last tile first."""
+    last_start = row_begin + ((row_end - row_begin - 1) // BLOCK_M) * BLOCK_M
+    return last_start - (start - row_begin)
+
+
+@triton.jit
 def _tile(start, row_end, col_mask, BLOCK_M: tl.constexpr, OFFSET_64: tl.constexpr):
     """Rows of the tile starting at `start`, and its validity mask."""
     rows = start + tl.arange(0, BLOCK_M)
@@ -55,25 +75,34 @@ def _offsets(rows, cols, stride_m):
 
 @triton.jit
 def _moments(x_ptr, stride_m, cols, col_mask, shift, row_begin, row_end,
-             ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr):
+             ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
+             CHUNK: tl.constexpr):
     """(count, mean - shift, M2) per channel over rows [row_begin, row_end).
 
-    Moments are taken of x - shift, a row of x: the subtraction is exact for values near the
-    shift, so sums and means keep their low bits when |mean| >> std. Each tile is reduced in two
-    passes over registers and merged with Chan's formula.
+    Moments are taken of x - shift, a row of x, which lies near the mean: the subtraction keeps the
+    low bits when |mean| >> std, and the squares of x - shift do not cancel. Each lane sums x - shift
+    and its square over CHUNK tiles without talking to the other lanes; only then are the rows
+    reduced (one reduction per chunk, not per tile) and the chunk merged into the running moments
+    with Chan's formula, so no sum runs over more than CHUNK values of a lane.
     """
     count = tl.zeros([], ACC)
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
-    for start in range(row_begin, row_end, BLOCK_M):
-        rows, mask = _tile(start, row_end, col_mask, BLOCK_M, OFFSET_64)
-        tile_count = tl.minimum(row_end - start, BLOCK_M).to(ACC)
-        x = tl.load(x_ptr + _offsets(rows, cols, stride_m), mask=mask, other=0.0).to(ACC)
-        shifted = tl.where(mask, x - shift[None, :], 0.0)
-        tile_mean = tl.sum(shifted, axis=0) / tile_count
-        deviation = tl.where(mask, shifted - tile_mean[None, :], 0.0)
-        tile_m2 = tl.sum(deviation * deviation, axis=0)
-        count, mean, m2 = merge_moments(count, mean, m2, tile_count, tile_mean, tile_m2)
+    for chunk in range(row_begin, row_end, CHUNK * BLOCK_M):
+        chunk_end = tl.minimum(chunk + CHUNK * BLOCK_M, row_end)
+        total = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+        squares = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+        for start in range(chunk, chunk_end, BLOCK_M):
+            rows, mask = _tile(start, chunk_end, col_mask, BLOCK_M, OFFSET_64)
+            x = tl.load(x_ptr + _offsets(rows, cols, stride_m), mask=mask, other=0.0).to(ACC)
+            shifted = tl.where(mask, x - shift[None, :], 0.0)
+            total += shifted
+            squares += shifted * shifted
+        chunk_count = (chunk_end - chunk).to(ACC)
+        chunk_sum = tl.sum(total, axis=0)
+        chunk_mean = chunk_sum / chunk_count
+        chunk_m2 = tl.sum(squares, axis=0) - chunk_sum * chunk_mean
+        count, mean, m2 = merge_moments(count, mean, m2, chunk_count, chunk_mean, chunk_m2)
     return count, mean, m2
 
 
@@ -94,11 +123,16 @@ def _affine(cols, col_mask, invstd, weight_ptr, bias_ptr,
 def _normalize(x_ptr, y_ptr, x_stride_m, y_stride_m, cols, col_mask, mean, scale, bias, row_begin, row_end,
                ACC: tl.constexpr, BLOCK_M: tl.constexpr, OFFSET_64: tl.constexpr):
     # (x - mean) * scale + bias rather than x * scale + shift: the latter cancels when |mean| >> std.
+    # Tiles in reverse (the last read first: still in L2), and x and y marked first to evict: this
+    # is their last use, and the cache is better spent on the tiles not yet re-read.
     for start in range(row_begin, row_end, BLOCK_M):
-        rows, mask = _tile(start, row_end, col_mask, BLOCK_M, OFFSET_64)
-        x = tl.load(x_ptr + _offsets(rows, cols, x_stride_m), mask=mask, other=0.0).to(ACC)
+        rows, mask = _tile(_reversed_tile_start(start, row_begin, row_end, BLOCK_M), row_end, col_mask, BLOCK_M,
+                           OFFSET_64)
+        x = tl.load(x_ptr + _offsets(rows, cols, x_stride_m), mask=mask, other=0.0,
+                    eviction_policy="evict_first").to(ACC)
         y = (x - mean[None, :]) * scale[None, :] + bias[None, :]
-        tl.store(y_ptr + _offsets(rows, cols, y_stride_m), y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + _offsets(rows, cols, y_stride_m), y.to(y_ptr.dtype.element_ty), mask=mask,
+                 eviction_policy="evict_first")
 
 
 @triton.jit
@@ -121,16 +155,21 @@ def _gradient_sums(dy_ptr, x_ptr, dy_stride_m, x_stride_m, cols, col_mask, mean,
 def _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_m, x_stride_m, dx_stride_m, cols, col_mask,
                     scale, mean, mean_dy, projection, row_begin, row_end, TRAINING: tl.constexpr,
                     ACC: tl.constexpr, BLOCK_M: tl.constexpr, OFFSET_64: tl.constexpr):
-    """dx = scale * (dy - mean(dy) - (x - mean) * projection) in training, scale * dy in eval."""
+    """dx = scale * (dy - mean(dy) - (x - mean) * projection) in training, scale * dy in eval.
+    Tiles in reverse and evict-first, as _normalize: the second pass over dy and x."""
     for start in range(row_begin, row_end, BLOCK_M):
-        rows, mask = _tile(start, row_end, col_mask, BLOCK_M, OFFSET_64)
-        dy = tl.load(dy_ptr + _offsets(rows, cols, dy_stride_m), mask=mask, other=0.0).to(ACC)
+        rows, mask = _tile(_reversed_tile_start(start, row_begin, row_end, BLOCK_M), row_end, col_mask, BLOCK_M,
+                           OFFSET_64)
+        dy = tl.load(dy_ptr + _offsets(rows, cols, dy_stride_m), mask=mask, other=0.0,
+                     eviction_policy="evict_first").to(ACC)
         if TRAINING:
-            x = tl.load(x_ptr + _offsets(rows, cols, x_stride_m), mask=mask, other=0.0).to(ACC)
+            x = tl.load(x_ptr + _offsets(rows, cols, x_stride_m), mask=mask, other=0.0,
+                        eviction_policy="evict_first").to(ACC)
             dx = scale[None, :] * (dy - mean_dy[None, :] - (x - mean[None, :]) * projection[None, :])
         else:
             dx = scale[None, :] * dy
-        tl.store(dx_ptr + _offsets(rows, cols, dx_stride_m), dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + _offsets(rows, cols, dx_stride_m), dx.to(dx_ptr.dtype.element_ty), mask=mask,
+                 eviction_policy="evict_first")
 
 
 @triton.jit
@@ -141,12 +180,13 @@ def statistics_channels_last(
     partial_m2_ptr,     # (splits, C) their sum of squared deviations from that mean
     M, C, stride_m, rows_per_program,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     cols, col_mask = _columns(C, BLOCK_C)
     row_begin, row_end = _program_rows(M, rows_per_program, OFFSET_64)
     shift = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     count, mean, m2 = _moments(x_ptr, stride_m, cols, col_mask, shift, row_begin, row_end,
-                               ACC, BLOCK_M, BLOCK_C, OFFSET_64)
+                               ACC, BLOCK_M, BLOCK_C, OFFSET_64, CHUNK)
     out = tl.program_id(0) * C + cols
     tl.store(partial_count_ptr + out, tl.zeros([BLOCK_C], ACC) + count, mask=col_mask)
     tl.store(partial_mean_ptr + out, mean, mask=col_mask)
@@ -169,8 +209,7 @@ def normalize_channels_last(
     COUNT_BATCH: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
 ):
-    cols, col_mask = _columns(C, BLOCK_C)
-    row_begin, row_end = _program_rows(M, rows_per_program, OFFSET_64)
+    cols, col_mask, row_begin, row_end = _reversed_program(M, C, rows_per_program, BLOCK_C, OFFSET_64)
     if COUNT_BATCH:
         # Here, not in the finalize kernel: every finalize program reads the count before this
         # kernel starts (stream order), so the increment cannot race with those reads.
@@ -200,12 +239,13 @@ def single_pass_forward_channels_last(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr,
     CUMULATIVE: tl.constexpr, COUNT_BATCH: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     # One program per channel block reads its columns twice: the second pass finds them in cache.
     cols, col_mask = _columns(C, BLOCK_C)
     shift = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     count, mean_shifted, m2 = _moments(x_ptr, x_stride_m, cols, col_mask, shift, 0, M,
-                                       ACC, BLOCK_M, BLOCK_C, OFFSET_64)
+                                       ACC, BLOCK_M, BLOCK_C, OFFSET_64, CHUNK)
     mean = shift + mean_shifted
     invstd = store_statistics(cols, col_mask, count, mean, m2, mean_ptr, invstd_ptr, running_mean_ptr,
                               running_var_ptr, num_batches_tracked_ptr, momentum, eps,
@@ -253,8 +293,7 @@ def input_gradient_channels_last(
     HAS_WEIGHT: tl.constexpr, TRAINING: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
 ):
-    cols, col_mask = _columns(C, BLOCK_C)
-    row_begin, row_end = _program_rows(M, rows_per_program, OFFSET_64)
+    cols, col_mask, row_begin, row_end = _reversed_program(M, C, rows_per_program, BLOCK_C, OFFSET_64)
     invstd = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     scale, _ = _affine(cols, col_mask, invstd, weight_ptr, weight_ptr, HAS_WEIGHT, False, ACC, BLOCK_C)
     mean = tl.zeros([BLOCK_C], ACC)

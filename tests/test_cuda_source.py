@@ -130,7 +130,7 @@ def test_launch_arguments_match_the_kernel_signatures(monkeypatch, layout, dtype
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 0})())
     cupy_backend._stream.cache_clear()
-    x = make_input((2, 6, 32, 64), dtype, layout)
+    x = make_input((4, 6, 64, 64), dtype, layout)
     weight, bias, running_mean, running_var = make_params(6, torch.float32 if dtype == torch.bfloat16 else dtype)
     cupy_backend.forward_train(x, weight, bias, running_mean, running_var, torch.tensor(3), None, 1e-5)
     cupy_backend.forward_eval(x, weight, bias, running_mean, running_var, 1e-5)

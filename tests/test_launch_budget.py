@@ -21,8 +21,8 @@ def test_plans_fill_the_gpu(shape):
     N, C, S = shape[0], shape[1], 1
     for size in shape[2:]:
         S *= size
-    first = plan.channels_first_plan(N, C, S, plan.GPU_TUNING, SMS)
-    last = plan.channels_last_plan(N * S, C, plan.GPU_TUNING, SMS)
+    first = plan.channels_first_plan(N, C, S, 4, plan.GPU_TUNING, SMS)
+    last = plan.channels_last_plan(N * S, C, 4, plan.GPU_TUNING, SMS)
     for p in (first, last):
         programs = p.grid(C)[0] * p.grid(C)[1]
         assert programs >= SMS, (p, programs)

@@ -92,3 +92,16 @@ def test_a_compiled_kernel_without_the_launcher_api_turns_direct_launches_off(la
 
 def test_the_interpreter_uses_the_jit():
     assert triton_backend.Launcher().direct is (not triton_backend.interpreting())
+
+
+def test_a_launcher_that_refuses_the_arguments_falls_back_to_the_jit(launcher):
+    kernel = FakeKernel(["x_ptr", "BLOCK"], {"BLOCK"})
+
+    def refuse(*args):
+        raise TypeError("launcher takes other arguments")
+
+    kernel.compiled.run = refuse
+    x = torch.zeros(4)
+    for _ in range(3):
+        launcher(kernel, (1,), [x], dict(BLOCK=4))
+    assert len(kernel.jit_launches) == 3 and launcher.direct is False
