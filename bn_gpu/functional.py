@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backends
-from . import ops  # noqa: F401  (registers torch.ops.bn_gpu)
+from . import backends, ops
 
 
 def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
@@ -22,8 +21,8 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     """
     name = backends.resolve(backend, input.device)
     if training:
-        return torch.ops.bn_gpu.forward_train(input, weight, bias, running_mean, running_var,
-                                              num_batches_tracked, momentum, eps, name)[0]
+        return ops.forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
+                                 eps, name)[0]
     if running_mean is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
-    return torch.ops.bn_gpu.forward_eval(input, weight, bias, running_mean, running_var, eps, name)[0]
+    return ops.forward_eval(input, weight, bias, running_mean, running_var, eps, name)[0]

@@ -2,7 +2,7 @@
 
 Registered through a ``torch.library.Library`` define/impl pair rather than the ``custom_op`` /
 ``triton_op`` decorators: on an H200 host the decorators cost ~26-32 us more per call
-(shared/ANCHORS.md, "Host overhead"), which small layers cannot afford.
+(docs/baselines.md, "Host time per call"), which small layers cannot afford.
 
     bn_gpu::forward_train  batch statistics, normalize; updates running stats and counts the batch
     bn_gpu::forward_eval   normalize with the running statistics
@@ -154,6 +154,8 @@ def _gradients(ctx, needs, grad_output) -> tuple:
 
 
 def _below_autograd(op, keyset, args):
+    """The op's kernels below the Autograd key (torch._C._AutoDispatchBelowAutograd and
+    _after_autograd_keyset are private torch APIs: checked with torch 2.6-2.13)."""
     with torch._C._AutoDispatchBelowAutograd():
         return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
@@ -177,7 +179,10 @@ def _autograd_kernel(op, training: bool):
             return (None,) + _gradients(ctx, ctx.needs_input_grad[1:], grad_output)
 
     def kernel(keyset, *args):
-        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        # Only input, weight and bias carry gradients (the running statistics and the counter never do).
+        x, weight, bias = args[:3]
+        if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad)):
             return Function.apply(keyset, *args)
         return _below_autograd(op, keyset, args)
 
@@ -188,3 +193,70 @@ _lib.impl("forward_train", _autograd_kernel(torch.ops.bn_gpu.forward_train.defau
           "Autograd", with_keyset=True)
 _lib.impl("forward_eval", _autograd_kernel(torch.ops.bn_gpu.forward_eval.default, training=False),
           "Autograd", with_keyset=True)
+
+
+# ---- the eager fast path ----------------------------------------------------------------------
+# An eager call on plain tensors, with no mode, transform or tracer active, runs exactly the kernels
+# the dispatcher would choose; calling them directly saves two crossings of the dispatcher and the
+# Python Autograd kernel (about half of bn_gpu's own host time per call). Anything else -- tensor
+# subclasses, TorchDispatchMode / FakeTensorMode, vmap, autocast, torch.compile tracing,
+# TorchFunctionMode -- goes through torch.ops.bn_gpu as registered above. The dispatch-key sets
+# compared here are private torch APIs, checked with torch 2.6-2.13.
+
+_PLAIN_INCLUDE = torch._C._dispatch_tls_local_include_set()
+_PLAIN_EXCLUDE = torch._C._dispatch_tls_local_exclude_set()
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)  # a Parameter overrides nothing of torch's dispatch
+
+
+def plain_eager(*tensors) -> bool:
+    """Whether the ops may be called below the dispatcher for these arguments."""
+    return (not torch.compiler.is_compiling() and not torch._C._is_torch_function_mode_enabled()
+            and torch._C._dispatch_tls_local_include_set() == _PLAIN_INCLUDE
+            and torch._C._dispatch_tls_local_exclude_set() == _PLAIN_EXCLUDE
+            and all(t is None or type(t) in _PLAIN_TYPES for t in tensors))
+
+
+def _direct_function(implementation, training: bool):
+    """An autograd.Function running the op's implementation directly (the fast path's Autograd)."""
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            output = implementation(*args)
+            _setup_context(ctx, args, output, training)
+            return output
+
+        @staticmethod
+        def backward(ctx, grad_output, _grad_mean, _grad_invstd):
+            return _gradients(ctx, ctx.needs_input_grad, grad_output)
+
+    return Function
+
+
+_DIRECT = {True: _direct_function(_forward_train, training=True),
+           False: _direct_function(_forward_eval, training=False)}
+
+
+def _needs_grad(x, weight, bias) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad))
+
+
+def forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, backend):
+    """torch.ops.bn_gpu.forward_train, through the eager fast path where it applies."""
+    if plain_eager(input, weight, bias, running_mean, running_var, num_batches_tracked):
+        if _needs_grad(input, weight, bias):
+            return _DIRECT[True].apply(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                                       momentum, eps, backend)
+        return _forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                              backend)
+    return torch.ops.bn_gpu.forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                                          momentum, eps, backend)
+
+
+def forward_eval(input, weight, bias, running_mean, running_var, eps, backend):
+    """torch.ops.bn_gpu.forward_eval, through the eager fast path where it applies."""
+    if plain_eager(input, weight, bias, running_mean, running_var):
+        if _needs_grad(input, weight, bias):
+            return _DIRECT[False].apply(input, weight, bias, running_mean, running_var, eps, backend)
+        return _forward_eval(input, weight, bias, running_mean, running_var, eps, backend)
+    return torch.ops.bn_gpu.forward_eval(input, weight, bias, running_mean, running_var, eps, backend)

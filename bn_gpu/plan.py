@@ -48,12 +48,13 @@ def _tuning_from_environment(default: Tuning) -> Tuning:
 
 
 # On a GPU: 16 KB tiles over 8 warps give each thread four 16-byte loads per tile in every dtype
-# (4096 fp32 or 8192 bf16 values), so 16-bit inputs keep as many bytes in flight as fp32; a lane
+# (4096 fp32 or 8192 bf16 values), so 16-bit inputs keep as many bytes in flight as fp32; two such
+# programs per SM (the occupancy of the heaviest statistics kernels) keep 32 KB in flight; a lane
 # sums 8 tiles before the block reduces them. (H200, 2026-11-26: 2048-value tiles over 4 warps left
 # bf16 kernels at 39-77% of the copy rate; 16 KB / 8 warps moved them to 49-85%,
 # profiling/RESULTS.md.)
 GPU_TUNING = _tuning_from_environment(
-    Tuning(tile_bytes=16384, programs_per_sm=4, max_block_c=128, finalize_tile=4096, num_warps=8, chunk_tiles=8))
+    Tuning(tile_bytes=16384, programs_per_sm=2, max_block_c=128, finalize_tile=4096, num_warps=8, chunk_tiles=8))
 # In the Triton interpreter: small tiles and few programs, so that tests on small shapes still
 # walk several tiles and chunks per program, several splits per channel and several finalize chunks.
 INTERPRETER_TUNING = Tuning(tile_bytes=256, programs_per_sm=2, max_block_c=4, finalize_tile=8, num_warps=1,
@@ -135,9 +136,16 @@ def _spatial_block(S: int, tile: int) -> int:
 
 
 def _splits(total_tiles: int, wanted: int) -> tuple[int, int]:
-    """(tiles_per_program, splits) covering total_tiles with about `wanted` programs."""
+    """(tiles_per_program, splits) covering total_tiles with at most `wanted` programs (at least one)."""
     tiles_per_program = cdiv(total_tiles, max(1, min(wanted, total_tiles)))
     return tiles_per_program, cdiv(total_tiles, tiles_per_program)
+
+
+def _splits_wanted(tuning: Tuning, sms: int, blocks: int) -> int:
+    """Programs per channel (block) so that the grid fills the GPU without a partial wave: the
+    whole grid at most programs_per_sm x sms (rounded down, at least one per channel). A grid of
+    1.09 waves runs in two: on an H200, 576 programs at 4 per SM took 101 µs where 256 took 70."""
+    return max(1, (tuning.programs_per_sm * sms) // blocks)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -147,7 +155,7 @@ def channels_first_plan(N: int, C: int, S: int, itemsize: int, tuning: Tuning, s
     rows = min(tile // block_s, next_power_of_2(N))
     s_blocks = cdiv(S, block_s)
     total_tiles = cdiv(N, rows) * s_blocks
-    tiles_per_program, splits = _splits(total_tiles, cdiv(tuning.programs_per_sm * sms, C))
+    tiles_per_program, splits = _splits(total_tiles, _splits_wanted(tuning, sms, C))
     return ChannelsFirstPlan(rows, block_s, s_blocks, total_tiles, tiles_per_program, splits, tuning.num_warps,
                              tuning.chunk_tiles)
 
@@ -157,7 +165,7 @@ def channels_last_plan(M: int, C: int, itemsize: int, tuning: Tuning, sms: int) 
     block_c = min(next_power_of_2(C), tuning.max_block_c)
     block_m = min(max(1, tuning.tile_elements(itemsize) // block_c), next_power_of_2(M))
     c_blocks = cdiv(C, block_c)
-    tiles_per_program, _ = _splits(cdiv(M, block_m), cdiv(tuning.programs_per_sm * sms, c_blocks))
+    tiles_per_program, _ = _splits(cdiv(M, block_m), _splits_wanted(tuning, sms, c_blocks))
     rows_per_program = tiles_per_program * block_m
     return ChannelsLastPlan(block_m, block_c, c_blocks, rows_per_program, cdiv(M, rows_per_program),
                             tuning.num_warps, tuning.chunk_tiles)
@@ -173,12 +181,13 @@ def finalize_plan(splits: int, C: int, tuning: Tuning, sms: int) -> FinalizePlan
     return FinalizePlan(block_splits, block_c)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Geometry:
     """How the GPU backends launch on one input layout (and, in the backward, one gradient layout):
     the layout family, sizes, the named strides of each tensor as the kernels read it, the plan,
     and the output's strides. Built once per (shape, strides, dtype, tuning, GPU) by `geometry()`
-    and cached; each backend derives its launch metadata from it."""
+    and cached, so one layout has one Geometry: it compares and hashes by identity (cheap keys for
+    the backends' per-geometry caches), and its derived values are computed once."""
 
     family: str
     N: int
@@ -196,37 +205,37 @@ class Geometry:
     copy_grad_y: bool    # the same for dy
     offset_64: bool      # some offset reaches 2**31: 64-bit index arithmetic
 
-    @property
+    @functools.cached_property
     def channels_first(self) -> bool:
         return self.family == CHANNELS_FIRST
 
-    @property
+    @functools.cached_property
     def count(self) -> int:
         """Values per channel."""
         return self.N * self.S
 
-    @property
+    @functools.cached_property
     def single_pass(self) -> bool:
         """One program per channel (block): statistics and elementwise pass in one launch."""
         return self.plan.splits == 1
 
-    @property
+    @functools.cached_property
     def sizes(self) -> tuple:
         """(N, C, S) channels-first, (M, C) channels-last: the size arguments of every kernel."""
         return (self.N, self.C, self.S) if self.channels_first else (self.count, self.C)
 
-    @property
+    @functools.cached_property
     def tiling(self) -> tuple:
         """The split path's tiling arguments."""
         p = self.plan
         return (p.s_blocks, p.total_tiles, p.tiles_per_program) if self.channels_first else (p.rows_per_program,)
 
-    @property
+    @functools.cached_property
     def single_pass_tiling(self) -> tuple:
         """The single-pass kernels' tiling arguments: the program walks every tile of its channel."""
         return (self.plan.s_blocks, self.plan.total_tiles) if self.channels_first else ()
 
-    @property
+    @functools.cached_property
     def shift_stride(self) -> int:
         """Distance in x between the first values of consecutive channels (their shifts)."""
         return self.x.stride_c if self.channels_first else 1

@@ -109,23 +109,28 @@ launch = Launcher()
 
 # ---- the kernel table -------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=1024)
-def _meta(g: Geometry) -> dict:
-    """Constexprs and warps of the streaming kernels for one geometry."""
+@functools.lru_cache(maxsize=4096)
+def _config(g: Geometry, job: str) -> tuple:
+    """(kernel, grid, constexprs and warps) of a streaming kernel for one geometry."""
     p = g.plan
-    blocks = dict(ROWS=p.rows, BLOCK_S=p.block_s) if g.channels_first else dict(BLOCK_M=p.block_m, BLOCK_C=p.block_c)
-    acc = tl.float64 if g.stat_dtype == torch.float64 else tl.float32
-    return dict(ACC=acc, OFFSET_64=g.offset_64, num_warps=p.num_warps, **blocks)
-
-
-@functools.lru_cache(maxsize=1024)
-def _finalize_meta(g: Geometry) -> dict:
-    return dict(ACC=_meta(g)["ACC"], BLOCK_SPLITS=g.finalize.block_splits, BLOCK_C=g.finalize.block_c)
-
-
-def _kernel(g: Geometry, module_first, module_last, job: str):
     family = "channels_first" if g.channels_first else "channels_last"
-    return getattr(module_first if g.channels_first else module_last, f"{job}_{family}")
+    kernel = getattr(cf if g.channels_first else cl, f"{job}_{family}")
+    blocks = dict(ROWS=p.rows, BLOCK_S=p.block_s) if g.channels_first else dict(BLOCK_M=p.block_m, BLOCK_C=p.block_c)
+    meta = dict(ACC=_accumulation(g), OFFSET_64=g.offset_64, num_warps=p.num_warps, **blocks)
+    if job in ("statistics", "single_pass_forward"):
+        meta["CHUNK"] = p.chunk_tiles
+    return kernel, p.grid(g.C), meta
+
+
+@functools.lru_cache(maxsize=4096)
+def _finalize_config(g: Geometry) -> tuple:
+    """(grid, constexprs) of the finalize kernels for one geometry."""
+    return g.finalize.grid(g.C), dict(ACC=_accumulation(g), BLOCK_SPLITS=g.finalize.block_splits,
+                                      BLOCK_C=g.finalize.block_c)
+
+
+def _accumulation(g: Geometry):
+    return tl.float64 if g.stat_dtype == torch.float64 else tl.float32
 
 
 class TritonKernels:
@@ -136,66 +141,71 @@ class TritonKernels:
         return geometry(x, grad_y, tuning, sms)
 
     def statistics(self, g, x, partials):
+        kernel, grid, meta = _config(g, "statistics")
         count, mean, m2 = partials
-        launch(_kernel(g, cf, cl, "statistics"), g.plan.grid(g.C),
-               [x, count, mean, m2, *g.sizes, *g.x.strides, *g.tiling], dict(CHUNK=g.plan.chunk_tiles, **_meta(g)))
+        launch(kernel, grid, [x, count, mean, m2, *g.sizes, *g.x.strides, *g.tiling], meta)
 
     def finalize_statistics(self, g, x, partials, mean, invstd, running_mean, running_var, counter, momentum, eps):
+        grid, meta = _finalize_config(g)
         count, part_mean, m2 = partials
         tracked = running_mean is not None
         cumulative = tracked and momentum is None
-        launch(fin.finalize_statistics, g.finalize.grid(g.C),
+        launch(fin.finalize_statistics, grid,
                [count, part_mean, m2, x, mean, invstd, running_mean, running_var, counter if cumulative else None,
                 g.plan.splits, g.C, g.shift_stride, 0.0 if momentum is None else float(momentum), float(eps)],
-               dict(HAS_RUNNING_STATS=tracked, CUMULATIVE=cumulative, **_finalize_meta(g)))
+               dict(HAS_RUNNING_STATS=tracked, CUMULATIVE=cumulative, **meta))
 
     def normalize(self, g, x, y, mean, invstd, weight, bias, counter, eps, running_mean=None, running_var=None):
+        kernel, grid, meta = _config(g, "normalize")
         from_running = running_mean is not None
         # Eval reads the running statistics and writes mean and invstd for the backward.
         pointers = [running_mean, running_var, invstd, mean] if from_running else [mean, None, invstd, None]
-        launch(_kernel(g, cf, cl, "normalize"), g.plan.grid(g.C),
+        launch(kernel, grid,
                [x, y, *pointers, weight, bias, counter, *g.sizes, *g.x.strides, *g.out.strides, float(eps),
                 *g.tiling],
                dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, FROM_RUNNING_STATS=from_running,
-                    COUNT_BATCH=counter is not None, **_meta(g)))
+                    COUNT_BATCH=counter is not None, **meta))
 
     def single_pass_forward(self, g, x, y, mean, invstd, weight, bias, running_mean, running_var, counter,
                             momentum, eps, count_batch):
+        kernel, grid, meta = _config(g, "single_pass_forward")
         tracked = running_mean is not None
         cumulative = tracked and momentum is None
-        launch(_kernel(g, cf, cl, "single_pass_forward"), g.plan.grid(g.C),
+        launch(kernel, grid,
                [x, y, mean, invstd, running_mean, running_var, counter if cumulative or count_batch else None,
                 weight, bias, *g.sizes, *g.x.strides, *g.out.strides, 0.0 if momentum is None else float(momentum),
                 float(eps), *g.single_pass_tiling],
                dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING_STATS=tracked,
-                    CUMULATIVE=cumulative, COUNT_BATCH=count_batch, CHUNK=g.plan.chunk_tiles, **_meta(g)))
+                    CUMULATIVE=cumulative, COUNT_BATCH=count_batch, **meta))
 
     def gradient_sums(self, g, grad_y, x, mean, partials):
+        kernel, grid, meta = _config(g, "gradient_sums")
         sum_dy, sum_dy_xmu = partials
-        launch(_kernel(g, cf, cl, "gradient_sums"), g.plan.grid(g.C),
-               [grad_y, x, mean, sum_dy, sum_dy_xmu, *g.sizes, *g.grad_y.strides, *g.x.strides, *g.tiling],
-               _meta(g))
+        launch(kernel, grid,
+               [grad_y, x, mean, sum_dy, sum_dy_xmu, *g.sizes, *g.grad_y.strides, *g.x.strides, *g.tiling], meta)
 
     def finalize_gradients(self, g, partials, invstd, totals, grad_weight, grad_bias):
+        grid, meta = _finalize_config(g)
         sum_dy, sum_dy_xmu = partials
         total_dy, total_dy_xmu = totals
-        launch(fin.finalize_gradients, g.finalize.grid(g.C),
+        launch(fin.finalize_gradients, grid,
                [sum_dy, sum_dy_xmu, invstd, total_dy, total_dy_xmu, grad_weight, grad_bias, g.plan.splits, g.C],
-               _finalize_meta(g))
+               meta)
 
     def input_gradient(self, g, grad_y, x, grad_x, mean, invstd, weight, totals, training):
+        kernel, grid, meta = _config(g, "input_gradient")
         total_dy, total_dy_xmu = totals if training else (None, None)
-        launch(_kernel(g, cf, cl, "input_gradient"), g.plan.grid(g.C),
+        launch(kernel, grid,
                [grad_y, x, grad_x, mean, invstd, weight, total_dy, total_dy_xmu, *g.sizes, *g.grad_y.strides,
                 *g.x.strides, *g.out.strides, 1.0 / g.count, *g.tiling],
-               dict(HAS_WEIGHT=weight is not None, TRAINING=training, **_meta(g)))
+               dict(HAS_WEIGHT=weight is not None, TRAINING=training, **meta))
 
     def single_pass_backward(self, g, grad_y, x, grad_x, mean, invstd, weight, grad_weight, grad_bias, training):
-        launch(_kernel(g, cf, cl, "single_pass_backward"), g.plan.grid(g.C),
+        kernel, grid, meta = _config(g, "single_pass_backward")
+        launch(kernel, grid,
                [grad_y, x, grad_x, mean, invstd, weight, grad_weight, grad_bias, *g.sizes, *g.grad_y.strides,
                 *g.x.strides, *g.out.strides, 1.0 / g.count, *g.single_pass_tiling],
-               dict(HAS_WEIGHT=weight is not None, TRAINING=training, NEED_INPUT_GRAD=grad_x is not None,
-                    **_meta(g)))
+               dict(HAS_WEIGHT=weight is not None, TRAINING=training, NEED_INPUT_GRAD=grad_x is not None, **meta))
 
 
 KERNELS = TritonKernels()

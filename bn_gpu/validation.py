@@ -49,10 +49,39 @@ def _check_per_channel(name: str, t: torch.Tensor | None, x: torch.Tensor) -> No
                            + (" or torch.float32" if x.dtype in (torch.float16, torch.bfloat16) else ""))
 
 
+def _accepted_dtypes(x: torch.Tensor) -> tuple:
+    return (x.dtype, torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else (x.dtype,)
+
+
+def _per_channel_fine(t, C: int, device, accepted) -> bool:
+    """The common case in one cheap test (the detailed checks give the error message otherwise)."""
+    return t is None or (t.shape == (C,) and t.dtype in accepted and t.device == device)
+
+
 def check_batch_norm_args(x, running_mean, running_var, weight, bias, training: bool, momentum, eps: float,
                           num_batches_tracked=None) -> None:
     """Every check of a batch_norm call; raises before any state changes."""
+    if (isinstance(x, torch.Tensor) and x.dim() >= 2 and x.dtype in SUPPORTED_DTYPES and x.numel() != 0
+            and (momentum is None or type(momentum) in (float, int))
+            and (not training or (eps > 0 and x.numel() != x.shape[1]))):
+        C, device, accepted = x.shape[1], x.device, _accepted_dtypes(x)
+        if (_per_channel_fine(weight, C, device, accepted) and _per_channel_fine(bias, C, device, accepted)
+                and (running_mean is None) == (running_var is None)
+                and _per_channel_fine(running_mean, C, device, accepted)
+                and (running_mean is None or (running_var.shape == (C,) and running_var.dtype == running_mean.dtype
+                                              and running_var.device == device))
+                and (not training or running_mean is None or momentum is not None
+                     or (num_batches_tracked is not None and num_batches_tracked.device == device))):
+            return
+    _check_batch_norm_args(x, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked)
+
+
+def _check_batch_norm_args(x, running_mean, running_var, weight, bias, training: bool, momentum, eps: float,
+                           num_batches_tracked=None) -> None:
     check_input(x)
+    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))):
+        # Any real number is accepted, as PyTorch applies momenta outside [0, 1] as given.
+        raise TypeError(f"batch_norm: argument 'momentum' must be a float or None, got {type(momentum).__name__}")
     if (running_mean is None) != (running_var is None):
         raise RuntimeError("batch_norm: running_mean and running_var must be given together")
     if not training and running_mean is None:

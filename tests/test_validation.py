@@ -53,7 +53,8 @@ BAD_CALLS = [
     ("eps-zero", ValueError, r"eps must be positive", dict(eps=0.0)),
     ("eps-negative", ValueError, r"eps must be positive", dict(eps=-1e-5)),
     # any real momentum is accepted, as by PyTorch (test_contract.py); the op's schema refuses the rest
-    ("momentum-not-a-number", RuntimeError, r"argument 'momentum'", dict(momentum="0.1")),
+    ("momentum-not-a-number", TypeError, r"argument 'momentum' must be a float or None, got str",
+     dict(momentum="0.1")),
     ("running-var-alone", RuntimeError, r"must be given together", dict(running_mean=None)),
 ]
 
@@ -88,6 +89,8 @@ def test_ops_validate_too(backend):
     with pytest.raises(RuntimeError, match="weight should contain 3 elements not 4"):
         torch.ops.bn_gpu.forward_eval(torch.randn(4, C), torch.ones(4), None, state["running_mean"],
                                       state["running_var"], 1e-5, backend)
+    with pytest.raises(RuntimeError, match="argument 'momentum'"):  # the schema: a float or None
+        torch.ops.bn_gpu.forward_train(torch.randn(4, C), None, None, None, None, None, "0.1", 1e-5, backend)
     with pytest.raises(RuntimeError, match="grad_output has shape"):
         torch.ops.bn_gpu.backward(torch.randn(4, C + 1), torch.randn(4, C), None, torch.zeros(C), torch.ones(C),
                                   True, True, True, backend)
@@ -110,7 +113,7 @@ MODULE_CASES = [
     ("one-value-per-channel", ValueError, r"Expected more than 1 value per channel", {}, torch.randn(1, C, 1, 1)),
     ("wrong-dims", ValueError, r"expected 4D input \(got 3D input\)", {}, torch.randn(2, C, 4)),
     ("eps-zero", ValueError, r"eps must be positive", dict(eps=0.0), None),
-    ("momentum-not-a-number", RuntimeError, r"argument 'momentum'", dict(momentum=[0.1]), None),
+    ("momentum-not-a-number", TypeError, r"argument 'momentum'", dict(momentum=[0.1]), None),
     ("int-input", NotImplementedError, r"not implemented for 'Long'", {}, torch.ones(2, C, 2, 2, dtype=torch.int64)),
 ]
 
