@@ -6,6 +6,8 @@
     bn_gpu.set_backend("triton" | "cupy")      process-wide default for CUDA tensors
     torch.ops.bn_gpu.{forward_train, forward_eval, backward}   the registered ops
 """
+import importlib.metadata
+
 from . import ops  # noqa: F401  (registers torch.ops.bn_gpu)
 from .backends import BACKENDS, get_backend, set_backend
 from .functional import batch_norm
@@ -13,4 +15,7 @@ from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
 
 __all__ = ["BACKENDS", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert_model",
            "get_backend", "set_backend"]
-__version__ = "0.1.0"
+try:
+    __version__ = importlib.metadata.version("bn_gpu")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+    __version__ = "0+unknown"

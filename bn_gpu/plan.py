@@ -48,13 +48,12 @@ def _tuning_from_environment(default: Tuning) -> Tuning:
 
 
 # On a GPU: 16 KB tiles over 8 warps give each thread four 16-byte loads per tile in every dtype
-# (4096 fp32 or 8192 bf16 values), so 16-bit inputs keep as many bytes in flight as fp32; two such
-# programs per SM (the occupancy of the heaviest statistics kernels) keep 32 KB in flight; a lane
+# (4096 fp32 or 8192 bf16 values), so 16-bit inputs keep as many bytes in flight as fp32; a lane
 # sums 8 tiles before the block reduces them. (H200, 2026-11-26: 2048-value tiles over 4 warps left
 # bf16 kernels at 39-77% of the copy rate; 16 KB / 8 warps moved them to 49-85%,
 # profiling/RESULTS.md.)
 GPU_TUNING = _tuning_from_environment(
-    Tuning(tile_bytes=16384, programs_per_sm=2, max_block_c=128, finalize_tile=4096, num_warps=8, chunk_tiles=8))
+    Tuning(tile_bytes=16384, programs_per_sm=4, max_block_c=128, finalize_tile=4096, num_warps=8, chunk_tiles=8))
 # In the Triton interpreter: small tiles and few programs, so that tests on small shapes still
 # walk several tiles and chunks per program, several splits per channel and several finalize chunks.
 INTERPRETER_TUNING = Tuning(tile_bytes=256, programs_per_sm=2, max_block_c=4, finalize_tile=8, num_warps=1,
@@ -142,10 +141,11 @@ def _splits(total_tiles: int, wanted: int) -> tuple[int, int]:
 
 
 def _splits_wanted(tuning: Tuning, sms: int, blocks: int) -> int:
-    """Programs per channel (block) so that the grid fills the GPU without a partial wave: the
-    whole grid at most programs_per_sm x sms (rounded down, at least one per channel). A grid of
-    1.09 waves runs in two: on an H200, 576 programs at 4 per SM took 101 µs where 256 took 70."""
-    return max(1, (tuning.programs_per_sm * sms) // blocks)
+    """Programs per channel (block): about programs_per_sm x sms programs in all. (H200,
+    2026-11-26, 16 KB tiles over 8 warps: 4 per SM, rounded up -- 576 programs for 64 channels --
+    measured better than 2 per SM rounded down to one wave -- 256 programs: fewer warps in flight
+    cost more than the partial wave saved; profiling/RESULTS.md.)"""
+    return max(1, cdiv(tuning.programs_per_sm * sms, blocks))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -207,6 +207,7 @@ def plot(rows: list[Row], meta: dict, path: str) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     modes = [m for m in MODES if any(r.mode == m for r in rows)]
     impls = [i for i in (*BN_GPU_IMPLS, *TORCH_IMPLS) if any(r.impl == i for r in rows)]
@@ -235,6 +236,9 @@ def plot(rows: list[Row], meta: dict, path: str) -> str:
                 ax.annotate(f"{best:.0f}% floor", (1.0, j), xycoords=("axes fraction", "data"), xytext=(4, 0),
                             textcoords="offset points", va="center", fontsize=8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}×"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_yticks(range(len(cases)))
         ax.set_yticklabels([_case_label(c) for c in cases], fontsize=9)
         ax.invert_yaxis()

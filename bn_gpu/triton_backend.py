@@ -4,11 +4,13 @@ Each method marshals the arguments of one kernel of bn_gpu.kernels (channels-fir
 channels-last by the geometry's family) in the kernel's parameter order and launches it. Arguments
 a kernel does not read under its flags are passed as None.
 
-Launches: the first launch of each specialization goes through Triton's JIT (which compiles and
-caches); later launches with the same specialization call the compiled kernel's launcher directly
-(as Inductor does), skipping the JIT's argument binding, which costs tens of µs of host time per
-launch. Where the direct path does not apply (the interpreter, launch hooks set, a Triton without
-the launcher API) every launch goes through the JIT.
+Launches go through Triton's JIT. With BN_GPU_DIRECT_LAUNCH=1, the first launch of each
+specialization goes through the JIT (which compiles and caches) and later launches with the same
+specialization call the compiled kernel's launcher directly (as Inductor does), skipping the JIT's
+argument binding; where it does not apply (the interpreter, launch hooks registered, a Triton
+without that launcher API) every launch goes through the JIT. It is off by default until a GPU run
+has checked it (tests/test_gpu.py::test_direct_launches_match_the_jit): the one GPU session that
+had it never took it.
 
 CUDA tensors run compiled kernels; CPU tensors run them in the Triton interpreter, which must be
 switched on with TRITON_INTERPRET=1 before the kernels are first used.
@@ -16,6 +18,7 @@ switched on with TRITON_INTERPRET=1 before the kernels are first used.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -56,12 +59,14 @@ def _specialization(arg):
     return arg
 
 
-def _launch_hooks() -> tuple:
-    """Triton's launch hooks (profilers set them); (None, None) when none is set."""
+def _no_launch_hooks() -> bool:
+    """Whether no Triton launch hook (profilers set them) is registered. Recent Triton keeps each
+    hook as a HookChain, empty by default; older ones keep None."""
     try:
-        return triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook
+        hooks = (triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook)
     except AttributeError:  # a Triton without knobs: its launcher API may differ, use the JIT
-        return (True,)
+        return False
+    return all(hook is None or (hasattr(hook, "calls") and not hook.calls) for hook in hooks)
 
 
 def _current_stream() -> int:
@@ -71,13 +76,15 @@ def _current_stream() -> int:
 class Launcher:
     """Launches JIT kernels, reusing the compiled kernel of a specialization once the JIT made it."""
 
-    def __init__(self):
+    def __init__(self, direct: bool | None = None):
         self.compiled = {}    # specialization key -> (compiled kernel, constexpr values in order)
-        self.direct = not interpreting()
+        if direct is None:
+            direct = os.environ.get("BN_GPU_DIRECT_LAUNCH", "0") == "1"
+        self.direct = direct and not interpreting()
 
     def __call__(self, kernel, grid, args: list, meta: dict) -> None:
         key = None
-        if self.direct and _launch_hooks() == (None, None):
+        if self.direct and _no_launch_hooks():
             key = (kernel, grid, *meta.items(), *map(_specialization, args))
             entry = self.compiled.get(key)
             if entry is not None:

@@ -80,7 +80,9 @@ else
   fi
   bench_limit=$(left 6)
   step bench "$bench_limit" 6 "$PY" -m bn_gpu bench --out "$out/bench" --budget-s $(( bench_limit - 30 )) "$@"
-  step host-overhead 20 0 "$PY" profiling/host_overhead.py --calls 1000
+  step host-overhead 20 3 "$PY" profiling/host_overhead.py --calls 1000
+  # The Triton launches through the compiled kernels' launchers (opt-in until a GPU run checks it).
+  BN_GPU_DIRECT_LAUNCH=1 step host-overhead-direct 20 0 "$PY" profiling/host_overhead.py --calls 1000
 fi
 
 # ---- summary: what to paste into profiling/RESULTS.md ----------------------------------------
@@ -99,7 +101,7 @@ count() { local n; n=$(grep -c "$1" "$2" 2>/dev/null); echo "${n:-0}"; }
   if [ -n "$bench_md" ]; then sed '/^## Every row/,$d' "$bench_md"; else echo "(no benchmark results)"; fi
   echo
   echo '```'
-  cat "$out/host-overhead.log" 2>/dev/null
+  cat "$out/host-overhead.log" "$out/host-overhead-direct.log" 2>/dev/null
   echo '```'
 } >> "$summary"
 cat "$summary"

@@ -8,6 +8,25 @@ import torch
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+
+def _interpreter_broken() -> str | None:
+    """Why the Triton interpreter cannot run here, if it cannot: Triton 3.6's interpreter calls
+    int() on 1-element numpy arrays, which numpy 2.4 and later refuse."""
+    try:
+        import numpy
+        import triton
+    except ImportError as error:
+        return f"Triton interpreter unavailable: {error}"
+    version = lambda text: tuple(int(part) for part in text.split(".")[:2] if part.isdigit())  # noqa: E731
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        return (f"the Triton {triton.__version__} interpreter fails with numpy {numpy.__version__} "
+                "(numpy >= 2.4 refuses int() on 1-element arrays): use Triton >= 3.7 or numpy < 2.4")
+    return None
+
+
+INTERPRETER_BROKEN = _interpreter_broken() if INTERPRETING else None
+_TRITON_MARKS = [pytest.mark.skip(reason=INTERPRETER_BROKEN)] if INTERPRETER_BROKEN else []
+
 # (dtype, atol, rtol) for outputs and gradients of O(1) magnitude, against the float64 reference.
 # float64 inputs accumulate in float64, but momentum and eps reach the Triton kernels as fp32
 # scalars (Triton passes Python floats as fp32): about 1e-8 relative.
@@ -52,7 +71,7 @@ def stat_tolerance(dtype):
 
 def backends_for_cpu_tensors():
     """Backends that can run on CPU tensors in this process."""
-    return ["cpu", "triton"] if INTERPRETING else ["cpu"]
+    return ["cpu", pytest.param("triton", marks=_TRITON_MARKS)] if INTERPRETING else ["cpu"]
 
 
 def has_cupy() -> bool:
@@ -71,7 +90,7 @@ def backend_devices():
     marked `gpu` (skipped without CUDA, or failed under --require-gpu)."""
     pairs = [pytest.param("cpu", "cpu", id="cpu")]
     if INTERPRETING:
-        pairs.append(pytest.param("triton", "cpu", id="triton-interpreter"))
+        pairs.append(pytest.param("triton", "cpu", id="triton-interpreter", marks=_TRITON_MARKS))
     pairs.append(pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu))
     pairs.append(pytest.param("cupy", "cuda", id="cupy-cuda", marks=[pytest.mark.gpu, requires_cupy]))
     return pairs

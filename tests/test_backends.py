@@ -49,3 +49,14 @@ def test_modules_and_convert_model_check_the_backend_at_construction():
         bn_gpu.convert_model(model, backend="nonsense")
     assert type(model[0]) is torch.nn.BatchNorm1d  # nothing converted
     assert bn_gpu.BatchNorm1d(4, backend="auto").backend == "auto"
+
+
+def test_the_cpu_backend_needs_no_triton():
+    """Triton ships Linux wheels only: elsewhere bn_gpu imports and the "cpu" backend runs without it."""
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, bn_gpu\n"
+            "bn = bn_gpu.BatchNorm1d(3)\n"
+            "print(tuple(bn(torch.randn(4, 3)).shape), bn_gpu.__version__)\n")
+    result = _in_fresh_process(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[:2] == ["(4,", "3)"]

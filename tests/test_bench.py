@@ -65,6 +65,7 @@ def test_a_wrong_implementation_is_marked_wrong():
 
 
 def test_smoke_run_writes_results_and_the_plot_renders(tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot needs matplotlib (pip install -e .[bench])")
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     result = subprocess.run([sys.executable, "-m", "bn_gpu", "bench", "--smoke", "--out", str(tmp_path)],
@@ -176,3 +177,27 @@ def test_gpu_check_rehearsal_keeps_its_budget(tmp_path):
         assert step in summary, summary
     assert "0 failed" in summary and "## Summary: µs (% of floor)" in summary
     assert list((tmp_path / "bench").glob("*.json"))
+
+
+def test_command_line_version_and_help():
+    import bn_gpu
+    result = subprocess.run([sys.executable, "-m", "bn_gpu", "--version"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == f"bn_gpu {bn_gpu.__version__}"
+    result = subprocess.run([sys.executable, "-m", "bn_gpu", "bench", "--help"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "python -m bn_gpu bench" in result.stdout
+    assert "(default: profiling/results)" in " ".join(result.stdout.split())  # defaults shown
+
+
+def test_plot_of_a_file_that_is_not_a_results_file_says_so(tmp_path):
+    bad = tmp_path / "notes.json"
+    bad.write_text('{"something": 1}')
+    result = subprocess.run([sys.executable, "-m", "bn_gpu", "plot", str(bad)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2
+    assert "is not a results file of the bench command" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_results_file_names_have_no_odd_characters():
+    assert bench.results_tag("NVIDIA H100 80GB HBM3 (MIG 1g.10gb)") == "NVIDIA-H100-80GB-HBM3-MIG-1g.10gb"
+    assert bench.results_tag("NVIDIA H200") == "NVIDIA-H200"

@@ -182,3 +182,37 @@ def test_compile_fullgraph_on_gpu(backend):
     eager.eval()
     compiled_model.eval()
     torch.testing.assert_close(compiled(x), eager(x), atol=1e-4, rtol=1e-4)
+
+
+def test_direct_launches_match_the_jit(monkeypatch):
+    """BN_GPU_DIRECT_LAUNCH=1: launches through the compiled kernels' launchers give bitwise the
+    results of the JIT path, for every op and both paths, and are actually taken."""
+    from bn_gpu import triton_backend
+    cases = [((8, 4, 64, 64), "contiguous"), ((4, 64, 7, 7), "contiguous"), ((8, 4, 64, 64), "channels_last"),
+             ((4096, 8), "contiguous")]
+
+    def run_all():
+        results = []
+        for shape, layout in cases:
+            C = shape[1]
+            x = make_input(shape, torch.bfloat16, layout, "cuda")
+            grad_y = make_input(shape, torch.bfloat16, layout, "cuda", mean=0, std=1, seed=4)
+            weight, bias, running_mean, running_var = make_params(C, torch.float32, "cuda")
+            for _ in range(3):  # the first launch of a specialization compiles; the later ones reuse it
+                y, mean, invstd = torch.ops.bn_gpu.forward_train(x, weight, bias, running_mean, running_var, None,
+                                                                 0.1, 1e-5, "triton")
+                y_eval = torch.ops.bn_gpu.forward_eval(x, weight, bias, running_mean, running_var, 1e-5,
+                                                       "triton")[0]
+                grads = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, True, True, True, "triton")
+            results += [y, mean, invstd, y_eval, running_mean, running_var, *grads]
+        torch.cuda.synchronize()
+        return results
+
+    monkeypatch.setattr(triton_backend, "launch", triton_backend.Launcher(direct=False))
+    expected = run_all()
+    direct = triton_backend.Launcher(direct=True)
+    monkeypatch.setattr(triton_backend, "launch", direct)
+    actual = run_all()
+    assert direct.direct and direct.compiled, "no launch went through the compiled launcher"
+    for a, e in zip(actual, expected):
+        assert torch.equal(a, e)

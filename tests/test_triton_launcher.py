@@ -37,9 +37,8 @@ class FakeKernel:
 @pytest.fixture
 def launcher(monkeypatch):
     monkeypatch.setattr(triton_backend, "_current_stream", lambda: 7)
-    monkeypatch.setattr(triton_backend, "_launch_hooks", lambda: (None, None))
-    result = triton_backend.Launcher()
-    result.direct = True
+    result = triton_backend.Launcher(direct=True)
+    result.direct = True  # also under the interpreter: the fakes need no GPU
     return result
 
 
@@ -74,11 +73,28 @@ def test_a_new_specialization_goes_through_the_jit(launcher, change):
     assert len(kernel.jit_launches) == 2 and not kernel.compiled.runs
 
 
-def test_launch_hooks_keep_every_launch_on_the_jit(launcher, monkeypatch):
-    monkeypatch.setattr(triton_backend, "_launch_hooks", lambda: (print, None))
+def test_triton_default_hooks_count_as_none():
+    """Triton's own defaults (empty hook chains, or None) leave the direct path on: with the check
+    comparing them to None, no launch ever took it (seen on an H200 with Triton 3.6)."""
+    assert triton_backend._no_launch_hooks()
+
+
+def test_launch_hooks_keep_every_launch_on_the_jit(launcher):
+    import triton
+    hook = triton.knobs.runtime.launch_enter_hook
     kernel = FakeKernel(["x_ptr", "BLOCK"], {"BLOCK"})
-    for _ in range(3):
-        launcher(kernel, (1,), [torch.zeros(4)], dict(BLOCK=4))
+    if hasattr(hook, "add"):
+        hook.add(print)
+        cleanup = lambda: hook.remove(print)  # noqa: E731
+    else:
+        triton.knobs.runtime.launch_enter_hook = print
+        cleanup = lambda: setattr(triton.knobs.runtime, "launch_enter_hook", hook)  # noqa: E731
+    try:
+        assert not triton_backend._no_launch_hooks()
+        for _ in range(3):
+            launcher(kernel, (1,), [torch.zeros(4)], dict(BLOCK=4))
+    finally:
+        cleanup()
     assert len(kernel.jit_launches) == 3 and not kernel.compiled.runs
 
 
@@ -90,7 +106,10 @@ def test_a_compiled_kernel_without_the_launcher_api_turns_direct_launches_off(la
     assert len(kernel.jit_launches) == 2 and launcher.direct is False
 
 
-def test_the_interpreter_uses_the_jit():
+def test_direct_launches_are_opt_in_and_never_under_the_interpreter(monkeypatch):
+    monkeypatch.delenv("BN_GPU_DIRECT_LAUNCH", raising=False)
+    assert triton_backend.Launcher().direct is False
+    monkeypatch.setenv("BN_GPU_DIRECT_LAUNCH", "1")
     assert triton_backend.Launcher().direct is (not triton_backend.interpreting())
 
 
