@@ -1,4 +1,4 @@
-"""Float64 reference of BatchNorm, written plainly from SPEC.md: the oracle of every test.
+"""Float64 reference of BatchNorm, written plainly from its definition (docs/semantics.md): the oracle of every test.
 
 x has shape (N, C) or (N, C, *spatial); every function works in float64 on x's device and
 returns float64 tensors. Per-channel vectors have shape (C,).

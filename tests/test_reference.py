@@ -1,4 +1,4 @@
-"""The float64 reference against the seed's hand-computed example (SPEC.md) and against autograd."""
+"""The float64 reference against the seed's hand-computed example (docs/semantics.md) and against autograd."""
 import pytest
 import torch
 
