@@ -25,6 +25,7 @@ def pytest_addoption(parser):
                      help="fail, rather than skip, the GPU tests when no CUDA device is present")
 
 
+@pytest.hookimpl(tryfirst=True)  # before skipif marks: without a GPU one reason, reported once
 def pytest_runtest_setup(item):
     if "gpu" not in item.keywords or HAS_CUDA:
         return
