@@ -153,9 +153,15 @@ def _gradients(ctx, needs, grad_output) -> tuple:
             grad_bias if needs[2] else None) + none
 
 
+def _needs_grad(x, weight, bias) -> bool:
+    """Only input, weight and bias carry gradients (the running statistics and the counter never do)."""
+    return torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad))
+
+
 def _below_autograd(op, keyset, args):
     """The op's kernels below the Autograd key (torch._C._AutoDispatchBelowAutograd and
-    _after_autograd_keyset are private torch APIs: checked with torch 2.6-2.13)."""
+    _after_autograd_keyset are private torch APIs: checked with torch 2.11 and 2.13)."""
     with torch._C._AutoDispatchBelowAutograd():
         return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
@@ -179,10 +185,7 @@ def _autograd_kernel(op, training: bool):
             return (None,) + _gradients(ctx, ctx.needs_input_grad[1:], grad_output)
 
     def kernel(keyset, *args):
-        # Only input, weight and bias carry gradients (the running statistics and the counter never do).
-        x, weight, bias = args[:3]
-        if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
-                                        or (bias is not None and bias.requires_grad)):
+        if _needs_grad(*args[:3]):
             return Function.apply(keyset, *args)
         return _below_autograd(op, keyset, args)
 
@@ -201,7 +204,7 @@ _lib.impl("forward_eval", _autograd_kernel(torch.ops.bn_gpu.forward_eval.default
 # Python Autograd kernel (about half of bn_gpu's own host time per call). Anything else -- tensor
 # subclasses, TorchDispatchMode / FakeTensorMode, vmap, autocast, torch.compile tracing,
 # TorchFunctionMode -- goes through torch.ops.bn_gpu as registered above. The dispatch-key sets
-# compared here are private torch APIs, checked with torch 2.6-2.13.
+# compared here are private torch APIs, checked with torch 2.11 (on a GPU) and 2.13.
 
 _PLAIN_INCLUDE = torch._C._dispatch_tls_local_include_set()
 _PLAIN_EXCLUDE = torch._C._dispatch_tls_local_exclude_set()
@@ -234,11 +237,6 @@ def _direct_function(implementation, training: bool):
 
 _DIRECT = {True: _direct_function(_forward_train, training=True),
            False: _direct_function(_forward_eval, training=False)}
-
-
-def _needs_grad(x, weight, bias) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
-                                        or (bias is not None and bias.requires_grad))
 
 
 def forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, backend):

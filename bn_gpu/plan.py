@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from .dtypes import stat_dtype
-from .layout import (CHANNELS_FIRST, channels_first_view, channels_last_view, choose_layout, empty_in_family,
-                     in_family, spatial_size)
+from .layout import (CHANNELS_FIRST, ChannelsFirstView, ChannelsLastView, channels_first_view, channels_last_view,
+                     choose_layout, empty_in_family, in_family, spatial_size)
 
 
 @dataclass(frozen=True)
