@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from .layout import arranged
 from .report import MODES, Row, fill_metrics, plot, save
 
 log = logging.getLogger("bn_gpu.bench")
@@ -160,18 +161,12 @@ def _reference(x, w, b, rm, rv, mode, dy):
     return ref.backward_train(dy, x, w)[0]
 
 
-def _arranged(t: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
-    return t.contiguous()
-
-
 def _inputs(shape, dtype, layout, device):
     """x ~ normal(3, 2) and weight in [0.5, 1.5), as the baseline numbers (docs); dy in x's layout.
     Drawn on the device from a fixed seed: every implementation of a case gets the same values."""
     g = torch.Generator(device=device).manual_seed(0)
-    x = _arranged((torch.randn(shape, generator=g, device=device) * 2 + 3).to(dtype), layout)
-    dy = _arranged(torch.randn(shape, generator=g, device=device).to(dtype), layout)
+    x = arranged((torch.randn(shape, generator=g, device=device) * 2 + 3).to(dtype), layout)
+    dy = arranged(torch.randn(shape, generator=g, device=device).to(dtype), layout)
     C = shape[1]
     w = torch.rand(C, generator=g, device=device) + 0.5
     b = torch.randn(C, generator=g, device=device)

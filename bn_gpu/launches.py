@@ -36,10 +36,6 @@ class Launch:
         return total
 
 
-def arrange(x: torch.Tensor, layout: str) -> torch.Tensor:
-    return x.movedim(1, -1).contiguous().movedim(-1, 1) if layout == "channels_last" else x.contiguous()
-
-
 @contextlib.contextmanager
 def _recording_triton(sms: int, launches: list):
     from . import plan, triton_backend
@@ -81,11 +77,12 @@ def record(backend: str, op: str, shape, dtype: torch.dtype, layout: str = "cont
     ("triton" or "cupy") on an input of this shape, dtype and layout, on a GPU of `sms`
     multiprocessors. Weight, bias and running statistics are fp32 for 16-bit inputs."""
     from . import cupy_backend, triton_backend
+    from .layout import arranged
     module = {"triton": triton_backend, "cupy": cupy_backend}[backend]
     recorder = {"triton": _recording_triton, "cupy": _recording_cuda}[backend]
     C = shape[1]
     param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    x = arrange(torch.empty(shape, dtype=dtype, device="meta"), layout)
+    x = arranged(torch.empty(shape, dtype=dtype, device="meta"), layout)
     weight = torch.empty(C, dtype=param_dtype, device="meta") if affine else None
     bias = torch.empty(C, dtype=param_dtype, device="meta") if affine else None
     running_mean = torch.empty(C, dtype=param_dtype, device="meta") if running else None

@@ -99,6 +99,12 @@ def choose_layout(x: torch.Tensor) -> tuple[str, torch.Tensor]:
     return (CHANNELS_FIRST if S > 1 else CHANNELS_LAST), x
 
 
+def arranged(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """x with the same values, "contiguous" or "channels_last" in memory (channels dim innermost:
+    channels_last / channels_last_3d for 4-D / 5-D tensors)."""
+    return x.movedim(1, -1).contiguous().movedim(-1, 1) if layout == "channels_last" else x.contiguous()
+
+
 def view_of(t: torch.Tensor, family: str):
     return channels_first_view(t) if family == CHANNELS_FIRST else channels_last_view(t)
 

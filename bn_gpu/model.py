@@ -64,7 +64,7 @@ ASSUMED = ("l2_reuse_mb", "latency_us", "host_us_per_launch")
 
 DEFAULT_SHAPES = ["64x64x112x112", "64x256x56x56", "64x2048x7x7", "16384x2048", "8x64x16x56x56", "5x3"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MODES = {"train_fwd": ["train_fwd"], "eval_fwd": ["eval_fwd"], "train_bwd": ["train_bwd"]}
+OPS = ("train_fwd", "eval_fwd", "train_bwd")
 FLOOR_PASSES = {"train_fwd": 2, "eval_fwd": 2, "train_bwd": 3}
 
 # Per kernel: which tensors it streams, as (name, passes): "x" read, "dy" read, "y" written;
@@ -341,7 +341,7 @@ def _threads(launch) -> int:
     return math.prod(launch.block)
 
 
-def _element_bytes(launch, dtype: torch.dtype) -> int:
+def _element_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
@@ -355,7 +355,7 @@ def _bytes_read_per_element(job: str, training: bool, size: int) -> int:
 def kernel_figures(launch, compiled: Compiled, case, target: Target) -> KernelFigures:
     shape, dtype, _, op = case
     numel = math.prod(shape)
-    size = _element_bytes(launch, dtype)
+    size = _element_bytes(dtype)
     threads = _threads(launch)
     per_sm = occupancy(compiled, threads, target)
     programs = launch.programs
@@ -393,7 +393,7 @@ def dram_bytes(launch, case, target: Target, per_sm: int) -> float:
     fit."""
     shape, dtype, _, op = case
     numel = math.prod(shape)
-    size = _element_bytes(launch, dtype)
+    size = _element_bytes(dtype)
     tensor = numel * size
     reuse = target.l2_reuse_mb * 1e6
     job = _job(launch.name)
@@ -613,7 +613,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--layouts", nargs="+", choices=["contiguous", "channels_last"],
                         default=["contiguous", "channels_last"])
-    parser.add_argument("--ops", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--ops", nargs="+", choices=list(OPS), default=list(OPS))
     parser.add_argument("--backends", nargs="+", choices=["triton", "cupy"], default=["triton", "cupy"])
     parser.add_argument("--out", default=os.path.join("profiling", "results"), help="folder for the .md and .json")
     parser.add_argument("--write-model-md", default=None, metavar="PATH",

@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from .layout import arranged
+
 # (name, shape, layout): the GPU plans send the first of each pair down the split path (several
 # programs per channel) and the second down the single-pass path; the line says which ran.
 CASES = [
@@ -41,12 +43,6 @@ CPU_CASES = [
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
-def _arranged(x: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "channels_last":
-        return x.movedim(1, -1).contiguous().movedim(-1, 1)
-    return x.contiguous()
-
-
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     scale = max(1.0, expected.abs().max().item())
     error = (actual.double() - expected).abs().max().item()
@@ -66,8 +62,8 @@ def check_case(backend: str, shape, layout: str, dtype: torch.dtype, device: tor
     from . import reference as ref
     g = torch.Generator().manual_seed(0)
     C = shape[1]
-    x = _arranged((torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 3).to(device, dtype), layout)
-    dy = _arranged(torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype), layout)
+    x = arranged((torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 3).to(device, dtype), layout)
+    dy = arranged(torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype), layout)
     weight = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).float().to(device)
     bias = torch.randn(C, generator=g, dtype=torch.float64).float().to(device)
     running_mean = torch.randn(C, generator=g, dtype=torch.float64).float().to(device)
@@ -121,7 +117,7 @@ def run(device: torch.device | None = None, dtypes=(torch.float32, torch.bfloat1
                 start = time.perf_counter()
                 label = f"{backend:<7} {name:<14}"
                 try:
-                    probe = _arranged(torch.empty(shape, dtype=dtype, device=device), layout)
+                    probe = arranged(torch.empty(shape, dtype=dtype, device=device), layout)
                     label += f" {_path(backend, probe):<12} {str(dtype)[6:]:<9}"
                     errors = check_case(backend, shape, layout, dtype, device)
                 except Exception as error:  # report and go on: one broken kernel must not hide the rest

@@ -21,10 +21,6 @@ OPS = ("train_fwd", "eval_fwd", "backward")
 FLOOR_PASSES = {"train_fwd": 2, "eval_fwd": 2, "backward": 3}
 
 
-def _arranged(t: torch.Tensor, layout: str) -> torch.Tensor:
-    return t.movedim(1, -1).contiguous().movedim(-1, 1) if layout == "channels_last" else t.contiguous()
-
-
 def _op_call(op: str, backend: str, x, dy):
     C = x.shape[1]
     w = torch.rand(C, device=x.device) + 0.5
@@ -77,6 +73,7 @@ def copy_gbps() -> float:
 
 def main() -> None:
     import bn_gpu  # noqa: F401  (registers the ops)
+    from bn_gpu.layout import arranged
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", nargs="+", default=["64x64x112x112", "64x256x56x56", "64x2048x7x7", "16384x2048"])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
@@ -95,8 +92,8 @@ def main() -> None:
             dtype = getattr(torch, dtype_name)
             for layout in (args.layouts if len(shape) > 2 else ["contiguous"]):
                 g = torch.Generator(device="cuda").manual_seed(0)
-                x = _arranged((torch.randn(shape, generator=g, device="cuda") * 2 + 3).to(dtype), layout)
-                dy = _arranged(torch.randn(shape, generator=g, device="cuda").to(dtype), layout)
+                x = arranged((torch.randn(shape, generator=g, device="cuda") * 2 + 3).to(dtype), layout)
+                dy = arranged(torch.randn(shape, generator=g, device="cuda").to(dtype), layout)
                 for backend in args.backends:
                     for op in args.ops:
                         label = f"{shape_text} {dtype_name} {layout} {backend} {op}"
