@@ -3,18 +3,22 @@
     bn_gpu.batch_norm(...)                     torch.nn.functional.batch_norm plus backend=
     bn_gpu.BatchNorm1d / 2d / 3d               drop-in torch.nn.BatchNorm* modules
     bn_gpu.convert_model(model)                swap every torch.nn.BatchNorm* in a model
+    bn_gpu.revert_model(model)                 and back to torch.nn
+    bn_gpu.fold_batch_norms(model)             fold eval-mode BatchNorms into the layers before them
     bn_gpu.set_backend("triton" | "cupy")      process-wide default for CUDA tensors
     torch.ops.bn_gpu.{forward_train, forward_eval, backward}   the registered ops
 """
 import importlib.metadata
 
 from . import ops  # noqa: F401  (registers torch.ops.bn_gpu)
+from . import export  # noqa: F401,I001  (registers the eval op's ONNX decomposition; needs ops first)
 from .backends import BACKENDS, get_backend, set_backend
+from .folding import FoldReport, fold_batch_norms
 from .functional import batch_norm
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model, revert_model
 
-__all__ = ["BACKENDS", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert_model",
-           "get_backend", "set_backend"]
+__all__ = ["BACKENDS", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FoldReport", "batch_norm", "convert_model",
+           "fold_batch_norms", "get_backend", "revert_model", "set_backend"]
 try:
     __version__ = importlib.metadata.version("bn_gpu")
 except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed

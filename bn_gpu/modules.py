@@ -31,6 +31,15 @@ class _BatchNormMixin:
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling it: say what to do instead
+        # of failing deep inside the compiler on bn_gpu's Python entry points.
+        raise RuntimeError(
+            f"torch.jit.script cannot compile bn_gpu's {type(self).__name__} (its forward calls Python "
+            "kernel launchers). Use torch.export.export(model, args) -- bn_gpu's ops export as they "
+            "are, and to ONNX with torch.onnx.export -- or bn_gpu.revert_model(model) to script a "
+            "model with torch.nn's BatchNorm modules.")
+
 
 class BatchNorm1d(_BatchNormMixin, torch.nn.BatchNorm1d):
     """torch.nn.BatchNorm1d on bn_gpu kernels; same constructor plus backend="auto"."""
@@ -70,4 +79,33 @@ def convert_model(model: torch.nn.Module, backend: str = "auto") -> torch.nn.Mod
             setattr(model, name, _converted(child, backend))
         else:
             convert_model(child, backend)
+    return model
+
+
+_ORIGINALS = {new: old for old, new in _REPLACEMENTS.items()}
+
+
+def _reverted(module: _BatchNormMixin) -> torch.nn.Module:
+    original = _ORIGINALS[type(module)]
+    new = original.__new__(original)
+    new.__dict__.update(module.__dict__)  # parameters, buffers, hooks, mode: the same objects
+    del new.__dict__["backend"]
+    return new
+
+
+def revert_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every bn_gpu BatchNorm1d/2d/3d in `model` (in place) by the torch.nn module it stands for.
+
+    The inverse of convert_model, for checkpoints and tools that expect torch types
+    (torch.jit.script, torch.onnx's TorchScript exporter, quantization): the torch.nn modules
+    share the bn_gpu modules' parameters and buffers and keep mode and hooks. Returns `model`, or
+    the replacement when `model` itself is a bn_gpu BatchNorm module.
+    """
+    if type(model) in _ORIGINALS:
+        return _reverted(model)
+    for name, child in model.named_children():
+        if type(child) in _ORIGINALS:
+            setattr(model, name, _reverted(child))
+        else:
+            revert_model(child)
     return model

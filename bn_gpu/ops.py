@@ -13,8 +13,9 @@ Every op takes the concrete backend name ("triton", "cupy", "cpu") as its last a
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
-from . import backends
+from . import backends, derivatives
 from .dtypes import stat_dtype
 from .layout import empty_output
 from .validation import check_batch_norm_args, check_input
@@ -127,16 +128,101 @@ def _fake_backward(grad_output, input, weight, mean, invstd, training, need_inpu
     return _backward_outputs(input, weight, mean, need_input_grad, need_weight_grad, input.new_empty)
 
 
-# ---- autograd ---------------------------------------------------------------------------------
+# ---- vmap ------------------------------------------------------------------------------------
+# Each vmapped sample is an independent batch_norm: the vmapped dim is folded into the channels,
+# (B, N, C, *S) -> (N, B*C, *S), so one call normalizes every sample's channels separately, and
+# per-channel tensors become B*C long (repeated when not vmapped).
 
-def _setup_context(ctx, args, output, training: bool) -> None:
-    x, weight, bias = args[:3]
-    _, mean, invstd = output
-    ctx.mark_non_differentiable(mean, invstd)
-    ctx.save_for_backward(x, weight, mean, invstd)
-    ctx.training = training
-    ctx.backend = args[-1]
-    ctx.bias_dtype = bias.dtype if bias is not None else None
+def _fold_input(x, bdim, batch_size):
+    x = x.movedim(bdim, 1) if bdim is not None else x.unsqueeze(1).expand(x.shape[0], batch_size, *x.shape[1:])
+    return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+
+def _fold_per_channel(t, bdim, batch_size):
+    if t is None:
+        return None
+    return t.movedim(bdim, 0).reshape(-1) if bdim is not None else t.repeat(batch_size)
+
+
+def _unfold_input(x, batch_size):
+    return x.view(x.shape[0], batch_size, -1, *x.shape[2:])
+
+
+def _unfold_per_channel(t, batch_size):
+    return (t.view(batch_size, -1), 0) if t.numel() else (t, None)
+
+
+@torch.library.register_vmap("bn_gpu::forward_train", lib=_lib)
+def _forward_train_vmap(info, in_dims, input, weight, bias, running_mean, running_var, num_batches_tracked,
+                        momentum, eps, backend):
+    x_dim, weight_dim, bias_dim, mean_dim, var_dim, count_dim = in_dims[:6]
+    if running_mean is not None and (mean_dim is None or var_dim is None):
+        raise RuntimeError("bn_gpu: vmap of training batch_norm needs running_mean and running_var batched like "
+                           "the input (each sample updates its own); pass running_mean=running_var=None, or "
+                           "track_running_stats=False in a module, to use batch statistics alone")
+    if count_dim is not None:
+        raise RuntimeError("bn_gpu: vmap of training batch_norm with a batched num_batches_tracked is not supported")
+    B = info.batch_size
+    stats = [_fold_per_channel(t, d, B) for t, d in ((running_mean, mean_dim), (running_var, var_dim))]
+    output, mean, invstd = torch.ops.bn_gpu.forward_train(
+        _fold_input(input, x_dim, B), _fold_per_channel(weight, weight_dim, B), _fold_per_channel(bias, bias_dim, B),
+        *stats, num_batches_tracked, momentum, eps, backend)
+    for target, dim, folded in ((running_mean, mean_dim, stats[0]), (running_var, var_dim, stats[1])):
+        if folded is not None and folded.data_ptr() != target.data_ptr():  # folding copied: write back
+            target.movedim(dim, 0).copy_(folded.view(B, -1))
+    return (_unfold_input(output, B), mean.view(B, -1), invstd.view(B, -1)), (1, 0, 0)
+
+
+@torch.library.register_vmap("bn_gpu::forward_eval", lib=_lib)
+def _forward_eval_vmap(info, in_dims, input, weight, bias, running_mean, running_var, eps, backend):
+    B = info.batch_size
+    per_channel = [_fold_per_channel(t, d, B) for t, d in zip((weight, bias, running_mean, running_var), in_dims[1:5])]
+    output, mean, invstd = torch.ops.bn_gpu.forward_eval(_fold_input(input, in_dims[0], B), *per_channel, eps,
+                                                         backend)
+    return (_unfold_input(output, B), mean.view(B, -1), invstd.view(B, -1)), (1, 0, 0)
+
+
+@torch.library.register_vmap("bn_gpu::backward", lib=_lib)
+def _backward_vmap(info, in_dims, grad_output, input, weight, mean, invstd, training, need_input_grad,
+                   need_weight_grad, backend):
+    B = info.batch_size
+    grad_input, grad_weight, grad_bias = torch.ops.bn_gpu.backward(
+        _fold_input(grad_output, in_dims[0], B), _fold_input(input, in_dims[1], B),
+        *(_fold_per_channel(t, d, B) for t, d in zip((weight, mean, invstd), in_dims[2:5])),
+        training, need_input_grad, need_weight_grad, backend)
+    (grad_weight, weight_dim), (grad_bias, bias_dim) = _unfold_per_channel(grad_weight, B), _unfold_per_channel(grad_bias, B)
+    input_dim = 1 if grad_input.numel() else None
+    return ((_unfold_input(grad_input, B) if input_dim else grad_input, grad_weight, grad_bias),
+            (input_dim, weight_dim, bias_dim))
+
+
+# ---- autograd ---------------------------------------------------------------------------------
+# First-order gradients come from the backward op (the kernels). A backward run with
+# create_graph=True and forward-mode AD take the torch-op formulas of bn_gpu.derivatives instead,
+# so gradients of gradients and tangents are right; the fast kernels stay on the first-order path.
+
+def _forward_ad_active() -> bool:
+    """A dual level is open (torch.autograd.forward_ad or torch.func.jvp) and forward grad enabled
+    (autograd.Function.forward disables it, so the op called inside is not wrapped twice).
+    forward_ad._current_level is private torch API: checked with torch 2.11 and 2.13."""
+    return _forward_ad._current_level >= 0 and torch._C._is_fwd_grad_enabled()
+
+
+def _refuse_running_stat_tangents(running_mean, running_var) -> None:
+    for t in (running_mean, running_var):
+        if t is not None and _forward_ad.unpack_dual(t).tangent is not None:
+            raise RuntimeError("batch_norm is not differentiable wrt running_mean and running_var, "
+                               "they cannot have forward grad defined")
+
+
+def _needs_grad(x, weight, bias) -> bool:
+    """Only input, weight and bias carry gradients (the running statistics and the counter never do)."""
+    return torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad))
+
+
+def _differentiating(x, weight, bias) -> bool:
+    return _needs_grad(x, weight, bias) or _forward_ad_active()
 
 
 def _gradients(ctx, needs, grad_output) -> tuple:
@@ -145,18 +231,52 @@ def _gradients(ctx, needs, grad_output) -> tuple:
     if grad_output is None or not any(needs[:3]):
         return (None, None, None) + none
     x, weight, mean, invstd = ctx.saved_tensors
-    grad_input, grad_weight, grad_bias = torch.ops.bn_gpu.backward(
-        grad_output, x, weight, mean, invstd, ctx.training, needs[0], needs[1] or needs[2], ctx.backend)
+    if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
+        grad_input, grad_weight, grad_bias = derivatives.differentiable_gradients(
+            grad_output, x, weight, mean, invstd, ctx.training, ctx.eps)
+        if weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+    else:
+        grad_input, grad_weight, grad_bias = torch.ops.bn_gpu.backward(
+            grad_output, x, weight, mean, invstd, ctx.training, needs[0], needs[1] or needs[2], ctx.backend)
     if needs[2] and grad_bias.dtype != ctx.bias_dtype:
         grad_bias = grad_bias.to(ctx.bias_dtype)
     return (grad_input if needs[0] else None, grad_weight if needs[1] else None,
             grad_bias if needs[2] else None) + none
 
 
-def _needs_grad(x, weight, bias) -> bool:
-    """Only input, weight and bias carry gradients (the running statistics and the counter never do)."""
-    return torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
-                                        or (bias is not None and bias.requires_grad))
+def _function(run, training: bool):
+    """An autograd.Function computing run(*args) -- a forward op's arguments -- with batch_norm's
+    derivatives: backward (first and higher order), jvp (forward mode), and vmap through the ops'
+    batching rules. In the setup_context form that torch.func transforms require."""
+    class Function(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(*args):
+            return run(*args)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            x, weight, bias = inputs[:3]
+            _, mean, invstd = output
+            ctx.mark_non_differentiable(mean, invstd)
+            ctx.save_for_backward(x, weight, mean, invstd)
+            ctx.save_for_forward(x, weight, mean, invstd)
+            ctx.training, ctx.eps, ctx.backend = training, inputs[-2], inputs[-1]
+            ctx.bias_dtype = bias.dtype if bias is not None else None
+
+        @staticmethod
+        def backward(ctx, grad_output, _grad_mean, _grad_invstd):
+            return _gradients(ctx, ctx.needs_input_grad, grad_output)
+
+        @staticmethod
+        def jvp(ctx, x_tangent, weight_tangent, bias_tangent, *_other_tangents):
+            x, weight, mean, invstd = ctx.saved_tensors
+            return derivatives.output_tangent(x, weight, mean, invstd, ctx.training,
+                                              x_tangent, weight_tangent, bias_tangent), None, None
+
+    return Function
 
 
 def _below_autograd(op, keyset, args):
@@ -166,27 +286,24 @@ def _below_autograd(op, keyset, args):
         return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
 
+_THROUGH_OPS = {True: _function(torch.ops.bn_gpu.forward_train.default, training=True),
+                False: _function(torch.ops.bn_gpu.forward_eval.default, training=False)}
+
+
 def _autograd_kernel(op, training: bool):
-    """The Autograd-key kernel of a forward op: an autograd.Function around the op's own kernels.
+    """The Autograd-key kernel of a forward op: the op's own kernels, in an autograd.Function when
+    a derivative is wanted (its forward calls the op again, with grad disabled, to reach them).
 
     Registered directly rather than with torch.library.register_autograd, which refuses ops that
     mutate inputs (forward_train updates the running statistics and the batch counter, which carry
     no gradient) and re-fills default arguments on every call (~20 us of host time).
     """
-    class Function(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, keyset, *args):
-            output = _below_autograd(op, keyset, args)
-            _setup_context(ctx, args, output, training)
-            return output
-
-        @staticmethod
-        def backward(ctx, grad_output, _grad_mean, _grad_invstd):
-            return (None,) + _gradients(ctx, ctx.needs_input_grad[1:], grad_output)
+    function = _THROUGH_OPS[training]
 
     def kernel(keyset, *args):
-        if _needs_grad(*args[:3]):
-            return Function.apply(keyset, *args)
+        if _differentiating(*args[:3]):
+            _refuse_running_stat_tangents(args[3], args[4])
+            return function.apply(*args)
         return _below_autograd(op, keyset, args)
 
     return kernel
@@ -198,13 +315,15 @@ _lib.impl("forward_eval", _autograd_kernel(torch.ops.bn_gpu.forward_eval.default
           "Autograd", with_keyset=True)
 
 
-# ---- the eager fast path ----------------------------------------------------------------------
+# ---- the entry points: the eager fast path, torch.func transforms, the dispatcher ------------
 # An eager call on plain tensors, with no mode, transform or tracer active, runs exactly the kernels
 # the dispatcher would choose; calling them directly saves two crossings of the dispatcher and the
 # Python Autograd kernel (about half of bn_gpu's own host time per call). Anything else -- tensor
 # subclasses, TorchDispatchMode / FakeTensorMode, vmap, autocast, torch.compile tracing,
-# TorchFunctionMode -- goes through torch.ops.bn_gpu as registered above. The dispatch-key sets
-# compared here are private torch APIs, checked with torch 2.11 (on a GPU) and 2.13.
+# TorchFunctionMode -- goes through torch.ops.bn_gpu as registered above. Under torch.func
+# transforms (grad, jvp, vmap) the autograd.Function is applied here, before the dispatcher: from
+# inside the Autograd kernel it would miss the transforms' own handling of autograd.Function. The
+# dispatch-key sets compared here are private torch APIs, checked with torch 2.11 (on a GPU) and 2.13.
 
 _PLAIN_INCLUDE = torch._C._dispatch_tls_local_include_set()
 _PLAIN_EXCLUDE = torch._C._dispatch_tls_local_exclude_set()
@@ -219,34 +338,26 @@ def plain_eager(*tensors) -> bool:
             and all(t is None or type(t) in _PLAIN_TYPES for t in tensors))
 
 
-def _direct_function(implementation, training: bool):
-    """An autograd.Function running the op's implementation directly (the fast path's Autograd)."""
-    class Function(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args):
-            output = implementation(*args)
-            _setup_context(ctx, args, output, training)
-            return output
-
-        @staticmethod
-        def backward(ctx, grad_output, _grad_mean, _grad_invstd):
-            return _gradients(ctx, ctx.needs_input_grad, grad_output)
-
-    return Function
+_DIRECT = {True: _function(_forward_train, training=True), False: _function(_forward_eval, training=False)}
 
 
-_DIRECT = {True: _direct_function(_forward_train, training=True),
-           False: _direct_function(_forward_eval, training=False)}
+def _in_torch_func_transform() -> bool:
+    return torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()
 
 
 def forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, backend):
     """torch.ops.bn_gpu.forward_train, through the eager fast path where it applies."""
     if plain_eager(input, weight, bias, running_mean, running_var, num_batches_tracked):
-        if _needs_grad(input, weight, bias):
+        if _differentiating(input, weight, bias):
+            _refuse_running_stat_tangents(running_mean, running_var)
             return _DIRECT[True].apply(input, weight, bias, running_mean, running_var, num_batches_tracked,
                                        momentum, eps, backend)
         return _forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                               backend)
+    if _in_torch_func_transform():
+        _refuse_running_stat_tangents(running_mean, running_var)
+        return _THROUGH_OPS[True].apply(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                                        momentum, eps, backend)
     return torch.ops.bn_gpu.forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked,
                                           momentum, eps, backend)
 
@@ -254,7 +365,11 @@ def forward_train(input, weight, bias, running_mean, running_var, num_batches_tr
 def forward_eval(input, weight, bias, running_mean, running_var, eps, backend):
     """torch.ops.bn_gpu.forward_eval, through the eager fast path where it applies."""
     if plain_eager(input, weight, bias, running_mean, running_var):
-        if _needs_grad(input, weight, bias):
+        if _differentiating(input, weight, bias):
+            _refuse_running_stat_tangents(running_mean, running_var)
             return _DIRECT[False].apply(input, weight, bias, running_mean, running_var, eps, backend)
         return _forward_eval(input, weight, bias, running_mean, running_var, eps, backend)
+    if _in_torch_func_transform():
+        _refuse_running_stat_tangents(running_mean, running_var)
+        return _THROUGH_OPS[False].apply(input, weight, bias, running_mean, running_var, eps, backend)
     return torch.ops.bn_gpu.forward_eval(input, weight, bias, running_mean, running_var, eps, backend)

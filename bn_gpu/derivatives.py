@@ -1,0 +1,72 @@
+"""Higher-order derivatives of batch_norm, written in torch operations.
+
+The kernels give first-order gradients. Two things need more, and take these formulas instead:
+  - double backward (gradient penalties, Hessian-vector products): when a backward runs with
+    create_graph=True, the gradients are composed from torch operations that autograd can
+    differentiate again -- including through the batch statistics, which are recomputed from the
+    input so that their dependence on it is recorded;
+  - forward-mode AD (torch.autograd.forward_ad, torch.func.jvp): the tangent of the output.
+
+Both follow torch's own formulas for native_batch_norm (tools/autograd/derivatives.yaml): the
+statistics are biased mean/variance over every dim but the channel one, computed in fp32 (fp64 for
+fp64 inputs) as the kernels do.
+"""
+from __future__ import annotations
+
+import torch
+
+from .dtypes import stat_dtype
+
+
+def _reduce_dims(x: torch.Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def _per_channel(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
+def _scale(invstd: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    return invstd if weight is None else invstd * weight.to(invstd.dtype)
+
+
+def differentiable_gradients(grad_output, x, weight, mean, invstd, training: bool, eps: float):
+    """(grad_input, grad_weight, grad_bias), differentiable w.r.t. grad_output, x and weight.
+
+    In training the statistics are recomputed from x (not taken from the saved mean/invstd, which
+    carry no history), so the second derivative includes their dependence on x. grad_weight and
+    grad_bias are in the statistics dtype; the caller casts them.
+    """
+    dims = _reduce_dims(x)
+    xf = x.to(stat_dtype(x.dtype))
+    if training:
+        var, mean = torch.var_mean(xf, dim=dims, correction=0)
+        invstd = torch.rsqrt(var + eps)
+    xhat = (xf - _per_channel(mean, x)) * _per_channel(invstd, x)
+    dy = grad_output.to(xf.dtype)
+    sum_dy = dy.sum(dim=dims)
+    sum_dy_xhat = (dy * xhat).sum(dim=dims)
+    scale = _per_channel(_scale(invstd, weight), x)
+    if training:
+        count = x.numel() // x.shape[1]
+        grad_input = scale * (dy - _per_channel(sum_dy / count, x) - xhat * _per_channel(sum_dy_xhat / count, x))
+    else:
+        grad_input = scale * dy
+    return grad_input.to(x.dtype), sum_dy_xhat, sum_dy
+
+
+def output_tangent(x, weight, mean, invstd, training: bool, x_tangent, weight_tangent, bias_tangent):
+    """The forward-mode derivative of the output, given the tangents of x, weight and bias (None: zero)."""
+    dims = _reduce_dims(x)
+    xhat = (x.to(mean.dtype) - _per_channel(mean, x)) * _per_channel(invstd, x)
+    tangent = torch.zeros_like(xhat)
+    if x_tangent is not None:
+        t = x_tangent.to(mean.dtype)
+        if training:  # through the batch mean and variance
+            t = t - t.mean(dim=dims, keepdim=True) - xhat * (xhat * t).mean(dim=dims, keepdim=True)
+        tangent = tangent + _per_channel(_scale(invstd, weight), x) * t
+    if weight_tangent is not None:
+        tangent = tangent + xhat * _per_channel(weight_tangent.to(mean.dtype), x)
+    if bias_tangent is not None:
+        tangent = tangent + _per_channel(bias_tangent.to(mean.dtype), x)
+    return tangent.to(x.dtype)

@@ -1,0 +1,40 @@
+"""examples/train_resnet.py runs as a user runs it (CPU, "cpu" backend, 2 steps) and both runs agree."""
+from __future__ import annotations
+
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_resnet.py"
+SMALL = ["--device", "cpu", "--backend", "cpu", "--steps", "2", "--image-size", "16", "--batch-size", "4"]
+
+
+def _run(*options) -> str:
+    result = subprocess.run([sys.executable, str(EXAMPLE), *SMALL, *options], capture_output=True, text=True,
+                            timeout=600, check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _losses(output: str) -> list[tuple[float, float]]:
+    rows = re.findall(r"^\s+\d+\s+(\S+)\s+(\S+)\s+\S+$", output, flags=re.MULTILINE)
+    return [(float(a), float(b)) for a, b in rows]
+
+
+@pytest.mark.parametrize("options, loss_tolerance, stat_tolerance", [
+    ((), 1e-5, 1e-5),
+    (("--channels-last", "--amp", "bf16"), 2e-2, 1e-2),  # bf16 convolutions: rounding differs per run
+    (("--compile",), 1e-5, 1e-5),
+], ids=["fp32", "channels-last-bf16", "compile"])
+def test_train_resnet_example_agrees_with_torch(options, loss_tolerance, stat_tolerance):
+    output = _run("--model", "small", *options)
+    losses = _losses(output)
+    assert len(losses) == 2, output
+    for torch_loss, bn_gpu_loss in losses:
+        assert abs(torch_loss - bn_gpu_loss) <= loss_tolerance * max(1.0, abs(torch_loss)), output
+    difference = float(re.search(r"largest running-statistics difference: (\S+)", output).group(1))
+    assert difference <= stat_tolerance, output
+    assert re.search(r"time per step: torch.nn [\d.]+ ms/step .*, bn_gpu [\d.]+ ms/step", output), output
