@@ -82,3 +82,61 @@ def backward(grad_y, x, weight, mean, invstd, training, need_input_grad, need_we
         grad_x = _like_gpu_output(x, dx)
     return grad_x, grad_weight, grad_bias
 
+
+
+# ---- SyncBatchNorm's steps (see bn_gpu.orchestration for the GPU backends') --------------------
+
+def local_moments(x):
+    """(2C + 1,): this process's count, then each channel's mean and M2."""
+    var, mean = torch.var_mean(x.to(stat_dtype(x.dtype)), dim=_reduce_dims(x), correction=0)
+    count = x.numel() // x.shape[1]
+    return torch.cat([mean.new_full((1,), count), mean, var * count])
+
+
+def merge_ranks(x, moments, running_mean, running_var, counter, momentum, eps):
+    """(mean, invstd) of every rank's moments merged in rank order (Chan); running statistics updated."""
+    C = (moments.shape[1] - 1) // 2
+    count, mean, m2 = moments.new_zeros(()), moments.new_zeros(C), moments.new_zeros(C)
+    for row in moments:  # an empty rank has count 0 and weighs 0
+        rank_count, rank_mean, rank_m2 = row[0], row[1:C + 1], row[C + 1:]
+        total = count + rank_count
+        weight = rank_count / total.clamp(min=1)
+        delta = rank_mean - mean
+        mean = mean + delta * weight
+        m2 = m2 + rank_m2 + delta * delta * count * weight
+        count = total
+    if count == 0:  # a global batch with no values: as one process's empty batch
+        return mean, torch.zeros_like(mean)
+    invstd = torch.rsqrt(m2 / count + eps)
+    if running_mean is not None:
+        factor = 1.0 / (counter.to(mean.dtype) + 1) if momentum is None else momentum
+        running_mean.copy_(running_mean.to(mean.dtype) * (1 - factor) + mean * factor)
+        running_var.copy_(running_var.to(mean.dtype) * (1 - factor) + m2 / (count - 1) * factor)
+    return mean, invstd
+
+
+def normalize(x, mean, invstd, weight, bias, counter, eps):
+    if counter is not None:
+        counter.add_(1)
+    return _affine(x, mean, invstd, weight, bias)
+
+
+def gradient_totals(grad_y, x, mean, invstd, param_dtype):
+    """(totals (2, C) of local sums of dy and dy * (x - mean), grad_weight, grad_bias)."""
+    dims = _reduce_dims(x)
+    dy = grad_y.to(mean.dtype)
+    sum_dy = dy.sum(dim=dims)
+    sum_dy_xmu = (dy * (x.to(mean.dtype) - _per_channel(mean, x))).sum(dim=dims)
+    return torch.stack([sum_dy, sum_dy_xmu]), (sum_dy_xmu * invstd).to(param_dtype), sum_dy.to(param_dtype)
+
+
+def input_gradient(grad_y, x, mean, invstd, weight, totals):
+    """Training dx from totals scaled to this process's count."""
+    sum_dy, sum_dy_xmu = totals
+    inv_count = 1.0 / (x.numel() // x.shape[1])
+    dy = grad_y.to(mean.dtype)
+    xmu = x.to(mean.dtype) - _per_channel(mean, x)
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    projection = sum_dy_xmu * invstd * invstd * inv_count
+    dx = _per_channel(scale, x) * (dy - _per_channel(sum_dy * inv_count, x) - xmu * _per_channel(projection, x))
+    return _like_gpu_output(x, dx)

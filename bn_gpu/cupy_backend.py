@@ -77,6 +77,8 @@ def kernel_names(T: str, W: str, R: str, A: str) -> dict:
         "statistics_channels_first": f"<{T}, {A}, VEC>",
         "statistics_channels_last": f"<{T}, {A}>",
         "finalize_statistics": f"<{T}, {A}, {R}>",
+        "finalize_moments": f"<{T}, {A}>",
+        "merge_ranks": f"<{A}, {R}>",
         "normalize_channels_first": f"<{T}, {W}, {R}, {A}, VEC>",
         "normalize_channels_last": f"<{T}, {W}, {R}, {A}>",
         "single_pass_forward_channels_first": f"<{T}, {W}, {R}, {A}, VEC>",
@@ -173,8 +175,12 @@ def _vector_width_for(g: plans.Geometry, *tensors) -> int:
 
 def _launch(g: plans.Geometry, weight_dtype, running_dtype, role: str, grid, block, args) -> None:
     """Launch on the current device (bn_gpu.orchestration made it the input's) and stream."""
+    _launch_types(g.dtype, weight_dtype, running_dtype, role, grid, block, args)
+
+
+def _launch_types(dtype, weight_dtype, running_dtype, role: str, grid, block, args) -> None:
     device_index = torch.cuda.current_device()
-    kernels = _kernels(device_index, *_types(g.dtype, weight_dtype, running_dtype))
+    kernels = _kernels(device_index, *_types(dtype, weight_dtype, running_dtype))
     stream = _stream(device_index, torch.cuda.current_stream(device_index).cuda_stream)
     kernels[role](grid, block, tuple(args), stream=stream)
 
@@ -260,8 +266,29 @@ class CudaKernels:
             + [_accumulate(g, 1.0 / g.count)] + _tiling(g, single_pass=True)
             + [np.int32(training), np.int32(grad_x is not None)])
 
+    def finalize_moments(self, g, x, partials, moments):
+        count, part_mean, m2 = partials
+        _launch(g, None, None, "finalize_moments", (g.C,), (THREADS,), [
+            _ptr(count), _ptr(part_mean), _ptr(m2), _ptr(x), np.int64(g.shift_stride), _ptr(moments),
+            np.int64(g.plan.splits), np.int64(g.C)])
+
+    def merge_ranks(self, dtype, moments, mean, invstd, running_mean, running_var, counter, momentum, eps):
+        ranks, C = moments.shape[0], (moments.shape[1] - 1) // 2
+        tracked = running_mean is not None
+        cumulative = tracked and momentum is None
+        _launch_types(dtype, None, _dtype(running_mean), "merge_ranks", (-(-C // THREADS),), (THREADS,), [
+            _ptr(moments), _ptr(mean), _ptr(invstd), _ptr(running_mean), _ptr(running_var),
+            _ptr(counter if cumulative else None), np.int64(ranks), np.int64(C),
+            np.float32(0.0 if momentum is None else momentum), np.float32(eps), np.int32(tracked),
+            np.int32(cumulative)])
+
 
 KERNELS = CudaKernels()
 forward_train = functools.partial(orchestration.forward_train, KERNELS)
 forward_eval = functools.partial(orchestration.forward_eval, KERNELS)
 backward = functools.partial(orchestration.backward, KERNELS)
+local_moments = functools.partial(orchestration.local_moments, KERNELS)
+merge_ranks = functools.partial(orchestration.merge_ranks, KERNELS)
+normalize = functools.partial(orchestration.normalize, KERNELS)
+gradient_totals = functools.partial(orchestration.gradient_totals, KERNELS)
+input_gradient = functools.partial(orchestration.input_gradient, KERNELS)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 OPS = ("train_fwd", "eval_fwd", "train_bwd", "eval_bwd")
+# SyncBatchNorm's kernel steps on one rank of two (the collectives between them are not launches here).
+SYNC_OPS = ("sync_train_fwd", "sync_train_bwd")
 
 
 @dataclass
@@ -56,24 +58,25 @@ def _recording_triton(sms: int, launches: list):
 def _recording_cuda(sms: int, launches: list):
     from . import cupy_backend, plan
 
-    def record(g, weight_dtype, running_dtype, role, grid, block, args):
-        names = cupy_backend.kernel_names(*cupy_backend._types(g.dtype, weight_dtype, running_dtype))
+    def record(dtype, weight_dtype, running_dtype, role, grid, block, args):
+        names = cupy_backend.kernel_names(*cupy_backend._types(dtype, weight_dtype, running_dtype))
         launches.append(Launch("cupy", names[role].split("<")[0], tuple(grid), list(args), kernel=names[role],
                                block=tuple(block)))
 
-    saved = cupy_backend._launch, plan.multiprocessors, torch.cuda.current_device
-    cupy_backend._launch = record
+    saved = cupy_backend._launch_types, plan.multiprocessors, torch.cuda.current_device
+    cupy_backend._launch_types = record
     plan.multiprocessors = lambda index: sms
     torch.cuda.current_device = lambda: 0
     try:
         yield
     finally:
-        cupy_backend._launch, plan.multiprocessors, torch.cuda.current_device = saved
+        cupy_backend._launch_types, plan.multiprocessors, torch.cuda.current_device = saved
 
 
 def record(backend: str, op: str, shape, dtype: torch.dtype, layout: str = "contiguous", *, sms: int = 132,
            affine: bool = True, running: bool = True, momentum: float | None = 0.1) -> list[Launch]:
-    """The launches of one op ("train_fwd", "eval_fwd", "train_bwd", "eval_bwd") of a backend
+    """The launches of one op ("train_fwd", "eval_fwd", "train_bwd", "eval_bwd", or SyncBatchNorm's
+    "sync_train_fwd", "sync_train_bwd") of a backend
     ("triton" or "cupy") on an input of this shape, dtype and layout, on a GPU of `sms`
     multiprocessors. Weight, bias and running statistics are fp32 for 16-bit inputs."""
     from . import cupy_backend, triton_backend
@@ -101,8 +104,18 @@ def record(backend: str, op: str, shape, dtype: torch.dtype, layout: str = "cont
             module.backward(torch.empty_like(x), x, weight, mean, invstd, True, True, True)
         elif op == "eval_bwd":
             module.backward(torch.empty_like(x), x, weight, mean, invstd, False, True, False)
+        elif op == "sync_train_fwd":
+            module.local_moments(x)
+            gathered = torch.empty(2, 2 * C + 1, dtype=stat, device="meta")
+            module.merge_ranks(x, gathered, running_mean, running_var, counter if momentum is None else None,
+                               momentum, 1e-5)
+            module.normalize(x, mean, invstd, weight, bias, counter, 1e-5)
+        elif op == "sync_train_bwd":
+            totals, _, _ = module.gradient_totals(torch.empty_like(x), x, mean, invstd,
+                                                  weight.dtype if affine else stat)
+            module.input_gradient(torch.empty_like(x), x, mean, invstd, weight, totals)
         else:
-            raise ValueError(f"unknown op {op!r}; one of {', '.join(OPS)}")
+            raise ValueError(f"unknown op {op!r}; one of {', '.join(OPS + SYNC_OPS)}")
     return launches
 
 

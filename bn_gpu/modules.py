@@ -85,8 +85,16 @@ def convert_model(model: torch.nn.Module, backend: str = "auto") -> torch.nn.Mod
 _ORIGINALS = {new: old for old, new in _REPLACEMENTS.items()}
 
 
+def _original(module) -> type | None:
+    """The torch.nn class a bn_gpu module stands for (SyncBatchNorm's too), else None."""
+    if type(module) in _ORIGINALS:
+        return _ORIGINALS[type(module)]
+    from .sync_batch_norm import SyncBatchNorm  # imports this module
+    return torch.nn.SyncBatchNorm if type(module) is SyncBatchNorm else None
+
+
 def _reverted(module: _BatchNormMixin) -> torch.nn.Module:
-    original = _ORIGINALS[type(module)]
+    original = _original(module)
     new = original.__new__(original)
     new.__dict__.update(module.__dict__)  # parameters, buffers, hooks, mode: the same objects
     del new.__dict__["backend"]
@@ -94,17 +102,18 @@ def _reverted(module: _BatchNormMixin) -> torch.nn.Module:
 
 
 def revert_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Replace every bn_gpu BatchNorm1d/2d/3d in `model` (in place) by the torch.nn module it stands for.
+    """Replace every bn_gpu BatchNorm1d/2d/3d and SyncBatchNorm in `model` (in place) by the torch.nn
+    module it stands for.
 
     The inverse of convert_model, for checkpoints and tools that expect torch types
     (torch.jit.script, torch.onnx's TorchScript exporter, quantization): the torch.nn modules
     share the bn_gpu modules' parameters and buffers and keep mode and hooks. Returns `model`, or
     the replacement when `model` itself is a bn_gpu BatchNorm module.
     """
-    if type(model) in _ORIGINALS:
+    if _original(model) is not None:
         return _reverted(model)
     for name, child in model.named_children():
-        if type(child) in _ORIGINALS:
+        if _original(child) is not None:
             setattr(model, name, _reverted(child))
         else:
             revert_model(child)

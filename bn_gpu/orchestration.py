@@ -4,6 +4,9 @@
     forward_eval   one normalize pass with the running statistics
     backward       gradient sums -> finalize -> input gradient (split plan), or one single-pass kernel;
                    in eval with only dx needed, the input-gradient pass alone
+    SyncBatchNorm's steps, with bn_gpu.sync_batch_norm running the collectives between them:
+                   local_moments (statistics -> finalize_moments), merge_ranks, normalize,
+                   gradient_totals (gradient sums -> finalize), input_gradient
 
 A GPU backend supplies a kernel table (`KernelTable`): its geometry for an input, and one method
 per kernel, taking tensors by name. The table marshals arguments for its kernels (Triton or CUDA C)
@@ -57,6 +60,14 @@ class KernelTable(Protocol):
     def single_pass_backward(self, g: Geometry, grad_y, x, grad_x, mean, invstd, weight, grad_weight,
                              grad_bias, training: bool) -> None:
         """gradient sums, grad_weight, grad_bias and (grad_x given) dx in one launch."""
+
+    def finalize_moments(self, g: Geometry, x, partials, moments) -> None:
+        """moments (2C + 1,): this process's count, C means, C M2s, from the statistics' partials."""
+
+    def merge_ranks(self, dtype: torch.dtype, moments, mean, invstd, running_mean, running_var, counter,
+                    momentum: float | None, eps: float) -> None:
+        """moments (ranks, 2C + 1) of inputs of `dtype` merged in rank order into mean, invstd;
+        running statistics as finalize_statistics."""
 
 
 def empty(shape, dtype: torch.dtype, device: torch.device, strides=None) -> torch.Tensor:
@@ -142,3 +153,64 @@ def backward(kernels: KernelTable, grad_y, x, weight, mean, invstd, training, ne
         return grad_x, x.new_empty(0), x.new_empty(0)
     return grad_x, grad_weight, grad_bias
 
+
+
+# ---- SyncBatchNorm's steps ------------------------------------------------------------------------
+# bn_gpu.sync_batch_norm gathers local_moments from every rank, merges them, normalizes; in the
+# backward it all-reduces gradient_totals and runs input_gradient. Local inputs are never empty here.
+
+@_on_input_device
+def local_moments(kernels: KernelTable, x):
+    """(2C + 1,) in the statistics dtype: this process's count, then each channel's mean and M2."""
+    g = kernels.geometry(x)
+    x = g.read(x)
+    partials = empty((3, g.plan.splits, g.C), g.stat_dtype, x.device)
+    moments = empty(2 * g.C + 1, g.stat_dtype, x.device)
+    kernels.statistics(g, x, partials)
+    kernels.finalize_moments(g, x, partials, moments)
+    return moments
+
+
+@_on_input_device
+def merge_ranks(kernels: KernelTable, x, moments, running_mean, running_var, counter, momentum, eps):
+    """(mean, invstd) of the global batch from every rank's moments (ranks, 2C + 1); updates the
+    running statistics (counter read for a cumulative average, not written). x: this process's
+    input (possibly empty), for its device and dtype."""
+    C = (moments.shape[1] - 1) // 2
+    mean, invstd = empty(C, moments.dtype, moments.device), empty(C, moments.dtype, moments.device)
+    kernels.merge_ranks(x.dtype, moments, mean, invstd, running_mean, running_var, counter, momentum, eps)
+    return mean, invstd
+
+
+@_on_input_device
+def normalize(kernels: KernelTable, x, mean, invstd, weight, bias, counter, eps):
+    """y = (x - mean) * invstd * weight + bias with given statistics; counter += 1 when given."""
+    g = kernels.geometry(x)
+    x = g.read(x)
+    y = empty(x.shape, x.dtype, x.device, g.out_strides)
+    kernels.normalize(g, x, y, mean, invstd, weight, bias, counter, eps)
+    return y
+
+
+@_on_input_device
+def gradient_totals(kernels: KernelTable, grad_y, x, mean, invstd, param_dtype):
+    """(totals (2, C): local sums of dy and dy * (x - mean); grad_weight; grad_bias) -- the
+    parameter gradients from the local sums, as DDP expects them."""
+    g = kernels.geometry(x, grad_y)
+    x, grad_y = g.read(x), g.read_grad(grad_y)
+    partials = empty((2, g.plan.splits, g.C), g.stat_dtype, x.device)
+    totals = empty((2, g.C), g.stat_dtype, x.device)
+    grad_weight, grad_bias = empty(g.C, param_dtype, x.device), empty(g.C, param_dtype, x.device)
+    kernels.gradient_sums(g, grad_y, x, mean, partials)
+    kernels.finalize_gradients(g, partials, invstd, totals, grad_weight, grad_bias)
+    return totals, grad_weight, grad_bias
+
+
+@_on_input_device
+def input_gradient(kernels: KernelTable, grad_y, x, mean, invstd, weight, totals):
+    """Training dx from totals already scaled to this process's count (sums * local / global count)."""
+    g = kernels.geometry(x, grad_y)
+    x, grad_y = g.read(x), g.read_grad(grad_y)
+    grad_x = empty(x.shape, x.dtype, x.device, g.out_strides)
+    kernels.input_gradient(g, grad_y, x, grad_x, mean, invstd, weight, totals, training=True)
+    return grad_x

@@ -28,7 +28,7 @@ from . import orchestration
 from .kernels import channels_first as cf
 from .kernels import channels_last as cl
 from .kernels import finalize as fin
-from .plan import Geometry, geometry, interpreting, tuning_and_sms
+from .plan import Geometry, cdiv, geometry, interpreting, next_power_of_2, tuning_and_sms
 
 
 def check_available(device: torch.device) -> None:
@@ -214,8 +214,30 @@ class TritonKernels:
                 *g.x.strides, *g.out.strides, 1.0 / g.count, *g.single_pass_tiling],
                dict(HAS_WEIGHT=weight is not None, TRAINING=training, NEED_INPUT_GRAD=grad_x is not None, **meta))
 
+    def finalize_moments(self, g, x, partials, moments):
+        grid, meta = _finalize_config(g)
+        count, part_mean, m2 = partials
+        launch(fin.finalize_moments, grid, [count, part_mean, m2, x, moments, g.plan.splits, g.C, g.shift_stride],
+               meta)
+
+    def merge_ranks(self, dtype, moments, mean, invstd, running_mean, running_var, counter, momentum, eps):
+        ranks, C = moments.shape[0], (moments.shape[1] - 1) // 2
+        block_c = min(next_power_of_2(C), 8 if interpreting() else 128)
+        tracked = running_mean is not None
+        cumulative = tracked and momentum is None
+        launch(fin.merge_ranks, (cdiv(C, block_c),),
+               [moments, mean, invstd, running_mean, running_var, counter if cumulative else None, ranks, C,
+                0.0 if momentum is None else float(momentum), float(eps)],
+               dict(HAS_RUNNING_STATS=tracked, CUMULATIVE=cumulative,
+                    ACC=tl.float64 if moments.dtype == torch.float64 else tl.float32, BLOCK_C=block_c))
+
 
 KERNELS = TritonKernels()
 forward_train = functools.partial(orchestration.forward_train, KERNELS)
 forward_eval = functools.partial(orchestration.forward_eval, KERNELS)
 backward = functools.partial(orchestration.backward, KERNELS)
+local_moments = functools.partial(orchestration.local_moments, KERNELS)
+merge_ranks = functools.partial(orchestration.merge_ranks, KERNELS)
+normalize = functools.partial(orchestration.normalize, KERNELS)
+gradient_totals = functools.partial(orchestration.gradient_totals, KERNELS)
+input_gradient = functools.partial(orchestration.input_gradient, KERNELS)

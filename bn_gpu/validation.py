@@ -59,11 +59,12 @@ def _per_channel_fine(t, C: int, device, accepted) -> bool:
 
 
 def check_batch_norm_args(x, running_mean, running_var, weight, bias, training: bool, momentum, eps: float,
-                          num_batches_tracked=None) -> None:
-    """Every check of a batch_norm call; raises before any state changes."""
+                          num_batches_tracked=None, synchronized: bool = False) -> None:
+    """Every check of a batch_norm call; raises before any state changes. synchronized: the
+    statistics span several processes (SyncBatchNorm), so one value per channel here is fine."""
     if (isinstance(x, torch.Tensor) and x.dim() >= 2 and x.dtype in SUPPORTED_DTYPES and x.numel() != 0
             and (momentum is None or type(momentum) in (float, int))
-            and (not training or (eps > 0 and x.numel() != x.shape[1]))):
+            and (not training or (eps > 0 and (synchronized or x.numel() != x.shape[1])))):
         C, device, accepted = x.shape[1], x.device, _accepted_dtypes(x)
         if (_per_channel_fine(weight, C, device, accepted) and _per_channel_fine(bias, C, device, accepted)
                 and (running_mean is None) == (running_var is None)
@@ -73,11 +74,12 @@ def check_batch_norm_args(x, running_mean, running_var, weight, bias, training: 
                 and (not training or running_mean is None or momentum is not None
                      or (num_batches_tracked is not None and num_batches_tracked.device == device))):
             return
-    _check_batch_norm_args(x, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked)
+    _check_batch_norm_args(x, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,
+                           synchronized)
 
 
 def _check_batch_norm_args(x, running_mean, running_var, weight, bias, training: bool, momentum, eps: float,
-                           num_batches_tracked=None) -> None:
+                           num_batches_tracked=None, synchronized: bool = False) -> None:
     check_input(x)
     if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))):
         # Any real number is accepted, as PyTorch applies momenta outside [0, 1] as given.
@@ -95,7 +97,7 @@ def _check_batch_norm_args(x, running_mean, running_var, weight, bias, training:
                            f"({running_var.dtype}) must have the same dtype")
     if not training:
         return
-    if x.numel() != 0 and x.numel() // x.shape[1] == 1:
+    if x.numel() != 0 and x.numel() // x.shape[1] == 1 and not synchronized:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
     if not eps > 0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")

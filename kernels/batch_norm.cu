@@ -5,6 +5,7 @@
 // channels_last.py, finalize.py), on the same split plan (bn_gpu/plan.py):
 //   statistics_channels_first / _last            partial (count, mean - shift, M2) per (split, channel)
 //   finalize_statistics                          merge partials (Chan), mean, invstd, running stats
+//   finalize_moments, merge_ranks                SyncBatchNorm: one process's moments; every rank's merged
 //   normalize_channels_first / _last             y = (x - mean) * invstd * weight + bias (train, eval)
 //   gradient_sums_channels_first / _last         partial sums of dy and dy * (x - mean)
 //   finalize_gradients                           totals, dweight, dbias
@@ -283,15 +284,12 @@ __device__ A store_statistics(
     return invstd;
 }
 
-// One block per channel. shift_stride: distance between the first values of consecutive channels.
-template <typename T, typename A, typename R>
-__global__ void finalize_statistics(
+// Channel blockIdx.x's (count, mean, M2) from its (splits, C) partials, valid in thread 0.
+// shift_stride: distance between the first values of consecutive channels.
+template <typename T, typename A>
+__device__ Moments<A> merged_partials(
     const A* part_count, const A* part_mean, const A* part_m2,   // (splits, C)
-    const T* __restrict__ x, i64 shift_stride,   // the input: channel c's shift is x[c * shift_stride]
-    A* mean_out, A* invstd_out,   // (C,) saved for the backward
-    R* running_mean, R* running_var,   // (C,) updated in place when has_running_stats
-    const i64* num_batches_tracked,   // batches before this one, when cumulative
-    i64 splits, i64 C, float momentum, float eps, int has_running_stats, int cumulative) {
+    const T* __restrict__ x, i64 shift_stride, i64 splits, i64 C) {
     i64 c = blockIdx.x;
     A count = A(0), weighted = A(0);
     for (i64 i = threadIdx.x; i < splits; i += blockDim.x) {
@@ -313,9 +311,70 @@ __global__ void finalize_statistics(
         m2 += part_m2[i * C + c] + part_count[i * C + c] * delta * delta;
     }
     m2 = block_sum<A, 2>(m2);
+    Moments<A> m;
+    m.count = count;
+    m.mean = cvt<A>(x[c * shift_stride]) + mean_shifted;
+    m.m2 = m2;
+    return m;
+}
+
+// One block per channel.
+template <typename T, typename A, typename R>
+__global__ void finalize_statistics(
+    const A* part_count, const A* part_mean, const A* part_m2,   // (splits, C)
+    const T* __restrict__ x, i64 shift_stride,   // the input: channel c's shift is x[c * shift_stride]
+    A* mean_out, A* invstd_out,   // (C,) saved for the backward
+    R* running_mean, R* running_var,   // (C,) updated in place when has_running_stats
+    const i64* num_batches_tracked,   // batches before this one, when cumulative
+    i64 splits, i64 C, float momentum, float eps, int has_running_stats, int cumulative) {
+    Moments<A> m = merged_partials(part_count, part_mean, part_m2, x, shift_stride, splits, C);
     if (threadIdx.x == 0)
-        store_statistics(c, count, cvt<A>(x[c * shift_stride]) + mean_shifted, m2, mean_out, invstd_out,
-                         running_mean, running_var, num_batches_tracked, momentum, eps, has_running_stats, cumulative);
+        store_statistics(blockIdx.x, m.count, m.mean, m.m2, mean_out, invstd_out, running_mean, running_var,
+                         num_batches_tracked, momentum, eps, has_running_stats, cumulative);
+}
+
+// One block per channel: this process's (count, mean, M2) into moments (2C + 1): the count at 0
+// (the same for every channel), the means from 1, the M2s from 1 + C -- what SyncBatchNorm gathers.
+template <typename T, typename A>
+__global__ void finalize_moments(
+    const A* part_count, const A* part_mean, const A* part_m2,   // (splits, C)
+    const T* __restrict__ x, i64 shift_stride, A* moments, i64 splits, i64 C) {
+    Moments<A> m = merged_partials(part_count, part_mean, part_m2, x, shift_stride, splits, C);
+    if (threadIdx.x != 0) return;
+    if (blockIdx.x == 0) moments[0] = m.count;
+    moments[1 + blockIdx.x] = m.mean;
+    moments[1 + C + blockIdx.x] = m.m2;
+}
+
+// One thread per channel: SyncBatchNorm's global statistics, every rank's moments (ranks, 2C + 1)
+// merged with Chan's formula in rank order (deterministic). A rank with no values has count 0 and
+// weighs 0: it changes nothing, with no test and no host synchronization. A global batch with no
+// values saves zeros and leaves the running statistics alone, as one process does.
+template <typename A, typename R>
+__global__ void merge_ranks(
+    const A* moments, A* mean_out, A* invstd_out, R* running_mean, R* running_var,
+    const i64* num_batches_tracked, i64 ranks, i64 C, float momentum, float eps, int has_running_stats,
+    int cumulative) {
+    i64 c = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    A count = A(0), mean = A(0), m2 = A(0);
+    for (i64 rank = 0; rank < ranks; ++rank) {
+        const A* row = moments + rank * (2 * C + 1);
+        A rank_count = row[0];
+        A total = count + rank_count;
+        A weight = rank_count / (total > A(1) ? total : A(1));
+        A delta = row[1 + c] - mean;
+        mean += delta * weight;
+        m2 += row[1 + C + c] + delta * delta * count * weight;
+        count = total;
+    }
+    if (count == A(0)) {
+        mean_out[c] = A(0);
+        invstd_out[c] = A(0);
+        return;
+    }
+    store_statistics(c, count, mean, m2, mean_out, invstd_out, running_mean, running_var, num_batches_tracked,
+                     momentum, eps, has_running_stats, cumulative);
 }
 
 // Per-channel (scale, bias) of y = (x - mean) * scale + bias from invstd.

@@ -3,8 +3,10 @@ graphs. Each program folds the splits in a fixed order (deterministic results).
 
     store_statistics          mean, invstd and the running-statistics update of some channels
     store_gradients           dweight, dbias (and the totals the dx pass needs) of some channels
-    finalize_statistics   merges (splits, C) partials, then store_statistics
-    finalize_gradients  sums (splits, C) partials, then store_gradients
+    finalize_statistics       merges (splits, C) partials, then store_statistics
+    finalize_gradients        sums (splits, C) partials, then store_gradients
+    finalize_moments          merges (splits, C) partials into one process's (count, mean, M2): SyncBatchNorm
+    merge_ranks               merges every rank's (count, mean, M2), then store_statistics: SyncBatchNorm
 
 The two helpers also serve the single-pass kernels of channels_first.py / channels_last.py, whose
 programs own whole channels and need no partials.
@@ -72,17 +74,12 @@ def _split_tile(start, splits, cols, col_mask, C, BLOCK_SPLITS: tl.constexpr):
 
 
 @triton.jit
-def finalize_statistics(
-    partial_count_ptr,        # (splits, C) number of values behind each partial
-    partial_mean_ptr,         # (splits, C) their mean, less the channel's shift
-    partial_m2_ptr,           # (splits, C) their sum of squared deviations from that mean
-    shift_ptr,                # the input: channel c's shift (its first value) is at c * shift_stride
-    mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,  # see store_statistics
-    splits, C, shift_stride, momentum, eps,
-    HAS_RUNNING_STATS: tl.constexpr, CUMULATIVE: tl.constexpr,
+def _merged_partials(
+    partial_count_ptr, partial_mean_ptr, partial_m2_ptr, shift_ptr,  # see finalize_statistics
+    cols, col_mask, splits, C, shift_stride,
     ACC: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    cols, col_mask = _channel_block(C, BLOCK_C)
+    """(count, mean, m2) of each channel of cols, from its (splits, C) partials."""
     # The partial means are relative to one shift per channel, so they stay small and exact when
     # |mean| >> std; the shift comes back only in the final mean. M2 = sum(m2_i + n_i * delta_i^2)
     # is Chan's formula for many partials at once.
@@ -105,8 +102,75 @@ def finalize_statistics(
         delta = part_mean - mean_shifted[None, :]
         m2 += tl.sum(tl.where(mask, part_m2 + part_count * delta * delta, 0.0), axis=0)
     mean = tl.load(shift_ptr + cols * shift_stride, mask=col_mask, other=0.0).to(ACC) + mean_shifted
+    return count, mean, m2
+
+
+@triton.jit
+def finalize_statistics(
+    partial_count_ptr,        # (splits, C) number of values behind each partial
+    partial_mean_ptr,         # (splits, C) their mean, less the channel's shift
+    partial_m2_ptr,           # (splits, C) their sum of squared deviations from that mean
+    shift_ptr,                # the input: channel c's shift (its first value) is at c * shift_stride
+    mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,  # see store_statistics
+    splits, C, shift_stride, momentum, eps,
+    HAS_RUNNING_STATS: tl.constexpr, CUMULATIVE: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    cols, col_mask = _channel_block(C, BLOCK_C)
+    count, mean, m2 = _merged_partials(partial_count_ptr, partial_mean_ptr, partial_m2_ptr, shift_ptr, cols,
+                                       col_mask, splits, C, shift_stride, ACC, BLOCK_SPLITS, BLOCK_C)
     store_statistics(cols, col_mask, count, mean, m2, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr,
                      num_batches_tracked_ptr, momentum, eps, HAS_RUNNING_STATS, CUMULATIVE, ACC)
+
+
+@triton.jit
+def finalize_moments(
+    partial_count_ptr, partial_mean_ptr, partial_m2_ptr, shift_ptr,  # see finalize_statistics
+    moments_ptr,              # (2C + 1,) this process's count, then C means, then C M2s: what
+                              # SyncBatchNorm gathers from every rank
+    splits, C, shift_stride,
+    ACC: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    cols, col_mask = _channel_block(C, BLOCK_C)
+    count, mean, m2 = _merged_partials(partial_count_ptr, partial_mean_ptr, partial_m2_ptr, shift_ptr, cols,
+                                       col_mask, splits, C, shift_stride, ACC, BLOCK_SPLITS, BLOCK_C)
+    tl.store(moments_ptr + cols * 0, count, mask=cols == 0)  # every channel has the same count
+    tl.store(moments_ptr + 1 + cols, mean, mask=col_mask)
+    tl.store(moments_ptr + 1 + C + cols, m2, mask=col_mask)
+
+
+@triton.jit
+def merge_ranks(
+    moments_ptr,              # (ranks, 2C + 1) each rank's finalize_moments, in rank order
+    mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,  # see store_statistics
+    ranks, C, momentum, eps,
+    HAS_RUNNING_STATS: tl.constexpr, CUMULATIVE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """SyncBatchNorm's global statistics: the ranks' moments merged with Chan's formula in rank
+    order (deterministic). A rank with no values has count 0 and weighs 0: it changes nothing, with
+    no test and no host synchronization."""
+    cols, col_mask = _channel_block(C, BLOCK_C)
+    count = tl.zeros([BLOCK_C], ACC)
+    mean = tl.zeros([BLOCK_C], ACC)
+    m2 = tl.zeros([BLOCK_C], ACC)
+    for rank in range(0, ranks):
+        row = moments_ptr + rank * (2 * C + 1)
+        rank_count = tl.load(row + cols * 0).to(ACC)
+        rank_mean = tl.load(row + 1 + cols, mask=col_mask, other=0.0).to(ACC)
+        rank_m2 = tl.load(row + 1 + C + cols, mask=col_mask, other=0.0).to(ACC)
+        total = count + rank_count
+        weight = rank_count / tl.maximum(total, 1.0)
+        delta = rank_mean - mean
+        mean += delta * weight
+        m2 += rank_m2 + delta * delta * count * weight
+        count = total
+    # A global batch with no values: zeros saved, running statistics untouched (as one process does).
+    empty = count == 0.0
+    tl.store(mean_ptr + cols, tl.zeros([BLOCK_C], ACC), mask=col_mask & empty)
+    tl.store(invstd_ptr + cols, tl.zeros([BLOCK_C], ACC), mask=col_mask & empty)
+    store_statistics(cols, col_mask & (count > 0.0), tl.where(empty, 2.0, count), mean, m2, mean_ptr, invstd_ptr,
+                     running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, momentum, eps, HAS_RUNNING_STATS,
+                     CUMULATIVE, ACC)
 
 
 @triton.jit

@@ -25,7 +25,7 @@ def variants(sms: int = 132) -> dict:
         for dtype in DTYPES:
             for layout in (["contiguous", "channels_last"] if len(shape) > 2 else ["contiguous"]):
                 for affine, running, momentum in OPTIONS:
-                    for op in launches.OPS:
+                    for op in launches.OPS + launches.SYNC_OPS:
                         for launch in launches.record("triton", op, shape, dtype, layout, sms=sms, affine=affine,
                                                       running=running, momentum=momentum):
                             signature, constexprs, attrs, options = launches.triton_compile_inputs(launch)

@@ -115,13 +115,10 @@ def _expected_numpy_type(c_type: str, accumulate):
     return {"i64": np.int64, "int": np.int32, "float": np.float32, "A": accumulate}[c_type]
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_launch_arguments_match_the_kernel_signatures(monkeypatch, layout, dtype, kernel_path):
-    import numpy as np
-
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    """The CuPy backend on a fake CuPy that records launches instead of running them."""
     import bn_gpu.plan
-    from support import make_input, make_params
 
     fake = _FakeCupy()
     cupy_backend._kernels.cache_clear()
@@ -130,6 +127,28 @@ def test_launch_arguments_match_the_kernel_signatures(monkeypatch, layout, dtype
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 0})())
     cupy_backend._stream.cache_clear()
+    yield fake
+    cupy_backend._kernels.cache_clear()
+
+
+def _check_arguments(launches, dtype) -> None:
+    import numpy as np
+    signatures = _kernel_parameters()
+    accumulate = np.float64 if dtype == torch.float64 else np.float32
+    for name, grid, block, args in launches:
+        params = signatures[name.split("<")[0]]
+        assert len(args) == len(params), (name, len(args), len(params))
+        for arg, c_type in zip(args, params):
+            assert type(arg) is _expected_numpy_type(c_type.replace("const ", "").replace("__restrict__", "").strip()
+                                                     if "*" not in c_type else "*", accumulate), (name, c_type, arg)
+        assert all(g > 0 for g in grid) and block in ((256,), (32, 8))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_launch_arguments_match_the_kernel_signatures(fake_cupy, layout, dtype, kernel_path):
+    from support import make_input, make_params
+
     x = make_input((4, 6, 64, 64), dtype, layout)
     weight, bias, running_mean, running_var = make_params(6, torch.float32 if dtype == torch.bfloat16 else dtype)
     cupy_backend.forward_train(x, weight, bias, running_mean, running_var, torch.tensor(3), None, 1e-5)
@@ -137,11 +156,8 @@ def test_launch_arguments_match_the_kernel_signatures(monkeypatch, layout, dtype
     mean, invstd = torch.zeros(6, dtype=stat_dtype(dtype)), torch.ones(6, dtype=stat_dtype(dtype))
     cupy_backend.backward(x, x, weight, mean, invstd, True, True, True)
     cupy_backend.backward(x, x, None, mean, invstd, False, True, False)
-    cupy_backend._kernels.cache_clear()
 
-    signatures = _kernel_parameters()
-    accumulate = np.float64 if dtype == torch.float64 else np.float32
-    launched = [name.split("<")[0] for name, *_ in fake.launches]
+    launched = [name.split("<")[0] for name, *_ in fake_cupy.launches]
     family = "first" if layout == "contiguous" else "last"
     if kernel_path == "split":
         train_forward = [f"statistics_channels_{family}", "finalize_statistics", f"normalize_channels_{family}"]
@@ -152,13 +168,29 @@ def test_launch_arguments_match_the_kernel_signatures(monkeypatch, layout, dtype
         train_backward = [f"single_pass_backward_channels_{family}"]
     assert launched == (train_forward + [f"normalize_channels_{family}"] + train_backward
                         + [f"input_gradient_channels_{family}"])
-    for name, grid, block, args in fake.launches:
-        params = signatures[name.split("<")[0]]
-        assert len(args) == len(params), (name, len(args), len(params))
-        for arg, c_type in zip(args, params):
-            assert type(arg) is _expected_numpy_type(c_type.replace("const ", "").replace("__restrict__", "").strip()
-                                                     if "*" not in c_type else "*", accumulate), (name, c_type, arg)
-        assert all(g > 0 for g in grid) and block in ((256,), (32, 8))
+    _check_arguments(fake_cupy.launches, dtype)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_sync_batch_norm_launch_arguments_match_the_kernel_signatures(fake_cupy, layout, dtype):
+    """SyncBatchNorm's steps on the CuPy backend (the collectives run between them)."""
+    from support import make_input, make_params
+
+    x = make_input((4, 6, 64, 64), dtype, layout)
+    weight, bias, running_mean, running_var = make_params(6, torch.float32 if dtype == torch.bfloat16 else dtype)
+    moments = cupy_backend.local_moments(x)
+    assert moments.shape == (13,) and moments.dtype == stat_dtype(dtype)
+    mean, invstd = cupy_backend.merge_ranks(x, torch.zeros(3, 13, dtype=stat_dtype(dtype)), running_mean,
+                                            running_var, torch.tensor(2), None, 1e-5)
+    cupy_backend.normalize(x, mean, invstd, weight, bias, torch.tensor(2), 1e-5)
+    totals, _, _ = cupy_backend.gradient_totals(x, x, mean, invstd, weight.dtype)
+    cupy_backend.input_gradient(x, x, mean, invstd, weight, totals)
+    family = "first" if layout == "contiguous" else "last"
+    assert [name.split("<")[0] for name, *_ in fake_cupy.launches] == [
+        f"statistics_channels_{family}", "finalize_moments", "merge_ranks", f"normalize_channels_{family}",
+        f"gradient_sums_channels_{family}", "finalize_gradients", f"input_gradient_channels_{family}"]
+    _check_arguments(fake_cupy.launches, dtype)
 
 
 def _find_nvrtc():

@@ -38,3 +38,21 @@ def test_train_resnet_example_agrees_with_torch(options, loss_tolerance, stat_to
     difference = float(re.search(r"largest running-statistics difference: (\S+)", output).group(1))
     assert difference <= stat_tolerance, output
     assert re.search(r"time per step: torch.nn [\d.]+ ms/step .*, bn_gpu [\d.]+ ms/step", output), output
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("options", [(), ("--empty-last-rank",)], ids=["equal-shares", "empty-last-rank"])
+def test_ddp_syncbn_example_runs_with_torchrun_on_two_cpu_processes(options):
+    script = pathlib.Path(__file__).resolve().parents[1] / "examples" / "ddp_syncbn.py"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                             "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script),
+                             "--steps", "2", *options], capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ("2 ranks on cpu (gloo): running statistics identical on every rank: True (largest difference 0.0e+00), "
+            "all finite: True") in result.stdout, result.stdout
