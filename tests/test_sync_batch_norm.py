@@ -104,6 +104,7 @@ PARITY_CASES = {
     "3-one-empty-momentum-none": (3, [2, 0, 3], torch.float32, "contiguous", None, None),
     "3-subgroup-0-2": (3, [2, 3], torch.float32, "contiguous", 0.3, [0, 2]),
     "2-bfloat16": (2, [2, 3], torch.bfloat16, "channels_last", 0.1, None),
+    "2-float16": (2, [3, 2], torch.float16, "contiguous", 0.1, None),
     "2-float64": (2, [2, 2], torch.float64, "contiguous", 0.1, None),
 }
 
