@@ -35,7 +35,7 @@ class FoldReport:
 
 def _is_frozen_batch_norm(module) -> bool:
     """torchvision's FrozenBatchNorm2d and its kind: fixed statistics and affine parameters as buffers."""
-    return type(module).__name__.startswith("FrozenBatchNorm") and all(
+    return "FrozenBatchNorm" in type(module).__name__ and all(
         isinstance(getattr(module, name, None), torch.Tensor)
         for name in ("weight", "bias", "running_mean", "running_var"))
 

@@ -231,6 +231,8 @@ def _gradients(ctx, needs, grad_output) -> tuple:
     if grad_output is None or not any(needs[:3]):
         return (None, None, None) + none
     x, weight, mean, invstd = ctx.saved_tensors
+    if x is None:  # not kept (eval, dx alone): grad_output stands in for its shape and layout
+        x = grad_output
     if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
         grad_input, grad_weight, grad_bias = derivatives.differentiable_gradients(
             grad_output, x, weight, mean, invstd, ctx.training, ctx.eps)
@@ -261,8 +263,12 @@ def _function(run, training: bool):
             x, weight, bias = inputs[:3]
             _, mean, invstd = output
             ctx.mark_non_differentiable(mean, invstd)
-            ctx.save_for_backward(x, weight, mean, invstd)
-            ctx.save_for_forward(x, weight, mean, invstd)
+            # Eval with a weight that needs no gradient (FrozenBatchNorm): dx = dy * weight * invstd
+            # needs no activation, so none is kept alive.
+            keep_x = training or (weight is not None and weight.requires_grad)
+            ctx.save_for_backward(x if keep_x else None, weight, mean, invstd)
+            if _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
+                ctx.save_for_forward(x, weight, mean, invstd)
             ctx.training, ctx.eps, ctx.backend = training, inputs[-2], inputs[-1]
             ctx.bias_dtype = bias.dtype if bias is not None else None
 

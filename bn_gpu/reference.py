@@ -104,3 +104,59 @@ def backward_eval(grad_y, x, running_mean, running_var, weight=None, eps=1e-5):
     w = weight.double() if weight is not None else torch.ones_like(invstd)
     grad_x = grad_y * _per_channel(w * invstd, x)
     return grad_x, (grad_y * x_hat).sum(dim=dims), grad_y.sum(dim=dims)
+
+
+# ---- the BatchNorm family -------------------------------------------------------------------------
+
+def frozen_batch_norm(x, weight, bias, running_mean, running_var, eps=1e-5):
+    """FrozenBatchNorm as torchvision.ops.misc.FrozenBatchNorm2d computes it:
+    y = x * scale + shift, scale = weight / sqrt(running_var + eps), shift = bias - running_mean * scale."""
+    x = x.double()
+    scale = weight.double() / torch.sqrt(running_var.double() + eps)
+    shift = bias.double() - running_mean.double() * scale
+    return x * _per_channel(scale, x) + _per_channel(shift, x)
+
+
+def batch_renorm_train(x, weight, bias, running_mean, running_var, momentum, eps, r_max, d_max, warmup: bool):
+    """Batch Renormalization's training forward (Ioffe, "Batch Renormalization: Towards Reducing
+    Minibatch Dependence in Batch-Normalized Models", NeurIPS 2017, Algorithm 1), with the running
+    statistics kept as BatchNorm keeps them (running_var the EMA of the unbiased batch variance;
+    sigma = sqrt(running_var + eps)):
+
+        sigma_B = sqrt(var_B + eps)
+        r = clip(sigma_B / sigma, 1 / r_max, r_max),  d = clip((mean_B - mean) / sigma, -d_max, d_max)
+        y = weight * ((x - mean_B) / sigma_B * r + d) + bias
+    r and d are constants for the gradient; during warm-up r = 1 and d = 0 (BatchNorm).
+    Returns (y, r, d, new running_mean, new running_var), float64.
+    """
+    mean_b, var_b = batch_stats(x)
+    sigma_b = torch.sqrt(var_b + eps)
+    sigma = torch.sqrt(running_var.double() + eps)
+    if warmup:
+        r, d = torch.ones_like(sigma), torch.zeros_like(sigma)
+    else:
+        r = (sigma_b / sigma).clamp(1 / r_max, r_max).detach()
+        d = ((mean_b - running_mean.double()) / sigma).clamp(-d_max, d_max).detach()
+    x = x.double()
+    x_hat = (x - _per_channel(mean_b, x)) / _per_channel(sigma_b, x) * _per_channel(r, x) + _per_channel(d, x)
+    y = x_hat * _per_channel(weight.double(), x) + _per_channel(bias.double(), x)
+    count = x.numel() // x.shape[1]
+    new_mean, new_var = update_running_stats(running_mean, running_var, mean_b.detach(), var_b.detach(), count,
+                                             momentum)
+    return y, r, d, new_mean, new_var
+
+
+def ghost_batch_norm_train(x, weight, bias, running_mean, running_var, momentum, eps, virtual_batch_size: int):
+    """Ghost BatchNorm (Hoffer et al., "Train longer, generalize better", NeurIPS 2017), as the
+    common chunked implementation computes it: x split along dim 0 into chunks of
+    virtual_batch_size rows (the last may be shorter), each normalized with its own statistics and
+    the same weight and bias, the running statistics updated once per chunk, in order.
+    Returns (y, new running_mean, new running_var), float64."""
+    outputs = []
+    running_mean, running_var = running_mean.double(), running_var.double()
+    for chunk in x.double().split(virtual_batch_size, dim=0):
+        y, mean, var, _ = forward_train(chunk, weight, bias, eps)
+        outputs.append(y)
+        count = chunk.numel() // chunk.shape[1]
+        running_mean, running_var = update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    return torch.cat(outputs), running_mean, running_var

@@ -170,3 +170,26 @@ def assert_close_with_slack(actual, expected, dtype, slack: torch.Tensor, what="
     assert bool((error <= allowed).all()), (
         f"{what}: {int((error > allowed).sum())} of {error.numel()} values off; worst excess "
         f"{float((error - allowed).max()):.3e}, largest error {float(error.max()):.3e}")
+
+
+class TorchvisionFrozenBatchNorm2d(torch.nn.Module):
+    """torchvision.ops.misc.FrozenBatchNorm2d as torchvision writes it (buffers, eps, state_dict, forward),
+    for tests on machines without torchvision."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        for name, value in (("weight", torch.ones), ("bias", torch.zeros), ("running_mean", torch.zeros),
+                            ("running_var", torch.ones)):
+            self.register_buffer(name, value(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)

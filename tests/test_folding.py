@@ -7,23 +7,8 @@ import pytest
 import torch
 
 import bn_gpu
+from support import TorchvisionFrozenBatchNorm2d as FrozenBatchNorm2d
 from support import arrange
-
-
-class FrozenBatchNorm2d(torch.nn.Module):
-    """torchvision.ops.misc.FrozenBatchNorm2d as torchvision writes it (buffers, eps, forward)."""
-
-    def __init__(self, num_features: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        for name, value in (("weight", torch.ones), ("bias", torch.zeros), ("running_mean", torch.zeros),
-                            ("running_var", torch.ones)):
-            self.register_buffer(name, value(num_features))
-
-    def forward(self, x):
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
-        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
 
 
 def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
