@@ -7,6 +7,7 @@
     bn_gpu.fold_batch_norms(model)             fold eval-mode BatchNorms into the layers before them
     bn_gpu.SyncBatchNorm, convert_sync_batchnorm   BatchNorm over every rank of a data-parallel job
     bn_gpu.FrozenBatchNorm*d, BatchRenorm*d, GhostBatchNorm*d   the BatchNorm family
+    bn_gpu.BatchNormReLU*d, fuse_batch_norm_relu(model)         relu(bn(x) + residual) in one pass
     bn_gpu.set_backend("triton" | "cupy")      process-wide default for CUDA tensors
     torch.ops.bn_gpu.{forward_train, forward_eval, backward}   the registered ops
 """
@@ -17,13 +18,15 @@ from . import export  # noqa: F401,I001  (registers the eval op's ONNX decomposi
 from .backends import BACKENDS, get_backend, set_backend
 from .folding import FoldReport, fold_batch_norms
 from .functional import batch_norm
-from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d,
-                      FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, GhostBatchNorm1d, GhostBatchNorm2d,
-                      convert_model, revert_model)
+from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d,
+                      BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, FrozenBatchNorm1d, FrozenBatchNorm2d,
+                      FrozenBatchNorm3d, GhostBatchNorm1d, GhostBatchNorm2d, convert_model, revert_model)
+from .fusion import FusionReport, fuse_batch_norm_relu
 from .variants import batch_renorm, frozen_batch_norm, ghost_batch_norm
 from .sync_batch_norm import SyncBatchNorm, convert_sync_batchnorm, sync_batch_norm
 
-__all__ = ["BACKENDS", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
+__all__ = ["BACKENDS", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLU1d", "BatchNormReLU2d",
+           "BatchNormReLU3d", "FusionReport", "fuse_batch_norm_relu", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
            "FoldReport", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "GhostBatchNorm1d",
            "GhostBatchNorm2d", "SyncBatchNorm", "batch_norm", "batch_renorm", "convert_model",
            "convert_sync_batchnorm", "fold_batch_norms", "frozen_batch_norm", "get_backend", "ghost_batch_norm",

@@ -23,7 +23,7 @@ import time
 import torch
 
 from .layout import arranged
-from .report import MODES, Row, fill_metrics, plot, save
+from .report import EPILOGUE_SUFFIX, MODES, Row, fill_metrics, plot, save
 
 log = logging.getLogger("bn_gpu.bench")
 
@@ -46,10 +46,18 @@ def layouts_for(shape) -> list[str]:
 
 # ---- implementations ------------------------------------------------------------------------
 
+# Every implementation is a call(x, w, b, rm, rv, training, residual): with a residual, the case is
+# the fused epilogue relu(bn(x) + residual) -- for torch, BatchNorm then add then ReLU.
+
+def _torch_sequence(x, w, b, rm, rv, training, residual):
+    y = torch.nn.functional.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5)
+    return y if residual is None else torch.relu(y + residual)
+
+
 def _torch_batch_norm(cudnn: bool):
-    def call(x, w, b, rm, rv, training):
+    def call(x, w, b, rm, rv, training, residual=None):
         with torch.backends.cudnn.flags(enabled=cudnn):
-            return torch.nn.functional.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5)
+            return _torch_sequence(x, w, b, rm, rv, training, residual)
     return call
 
 
@@ -59,20 +67,21 @@ def _inductor():
     torch._dynamo.reset()
     compiled = {}
 
-    def call(x, w, b, rm, rv, training):
-        if training not in compiled:
-            compiled[training] = torch.compile(
-                lambda x, w, b, rm, rv: torch.nn.functional.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5),
-                dynamic=False)
-        return compiled[training](x, w, b, rm, rv)
+    def call(x, w, b, rm, rv, training, residual=None):
+        key = (training, residual is None)
+        if key not in compiled:
+            compiled[key] = torch.compile(
+                lambda x, w, b, rm, rv, r: _torch_sequence(x, w, b, rm, rv, training, r), dynamic=False)
+        return compiled[key](x, w, b, rm, rv, residual)
     return call
 
 
 def _bn_gpu(backend: str):
     from .functional import batch_norm
 
-    def call(x, w, b, rm, rv, training):
-        return batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, backend=backend)
+    def call(x, w, b, rm, rv, training, residual=None):
+        return batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, backend=backend,
+                          activation=None if residual is None else "relu", residual=residual)
     return call
 
 
@@ -100,15 +109,23 @@ def available_impls(device: torch.device, wanted: list[str]) -> dict:
 
 # ---- measurement ----------------------------------------------------------------------------
 
-def _runner(call, x, w, b, rm, rv, mode, dy):
+def _base_mode(mode: str) -> str:
+    return mode[:-len(EPILOGUE_SUFFIX)] if mode.endswith(EPILOGUE_SUFFIX) else mode
+
+
+def _runner(call, x, w, b, rm, rv, mode, dy, residual):
     """A no-argument function doing one step of `mode` and returning what is checked: y, or dx."""
-    if mode != "train_fwdbwd":
-        return lambda: call(x, w, b, rm, rv, mode == "train_fwd")
+    residual = residual if mode.endswith(EPILOGUE_SUFFIX) else None
+    base = _base_mode(mode)
+    if base != "train_fwdbwd":
+        return lambda: call(x, w, b, rm, rv, base == "train_fwd", residual)
     xg, wg, bg = (t.detach().requires_grad_() for t in (x, w, b))
+    rg = residual.detach().requires_grad_() if residual is not None else None
+    inputs = (xg, wg, bg) + ((rg,) if rg is not None else ())
 
     def step():
-        y = call(xg, wg, bg, rm, rv, True)
-        return torch.autograd.grad(y, (xg, wg, bg), dy)[0]
+        y = call(xg, wg, bg, rm, rv, True, rg)
+        return torch.autograd.grad(y, inputs, dy)[0]
     return step
 
 
@@ -152,36 +169,43 @@ def copy_gbps(device: torch.device, smoke: bool) -> float:
     return 2 * n * 4 / (us * 1e-6) / 1e9
 
 
-def _reference(x, w, b, rm, rv, mode, dy):
+def _reference(x, w, b, rm, rv, mode, dy, residual):
     from . import reference as ref
-    if mode == "train_fwd":
-        return ref.forward_train(x, w, b)[0]
-    if mode == "eval_fwd":
+    fused = mode.endswith(EPILOGUE_SUFFIX)
+    base = _base_mode(mode)
+    if base == "eval_fwd":
         return ref.forward_eval(x, rm, rv, w, b)
-    return ref.backward_train(dy, x, w)[0]
+    y = ref.forward_train(x, w, b)[0]
+    if fused:
+        y = ref.epilogue(y, residual, relu=True)
+    if base == "train_fwd":
+        return y
+    return ref.backward_train(ref.epilogue_backward(dy, y, relu=fused), x, w)[0]
 
 
 def _inputs(shape, dtype, layout, device):
-    """x ~ normal(3, 2) and weight in [0.5, 1.5), as the baseline numbers (docs); dy in x's layout.
-    Drawn on the device from a fixed seed: every implementation of a case gets the same values."""
+    """x ~ normal(3, 2) and weight in [0.5, 1.5), as the baseline numbers (docs); dy and the
+    residual ~ normal(0, 1) in x's layout. Drawn on the device from a fixed seed: every
+    implementation of a case gets the same values."""
     g = torch.Generator(device=device).manual_seed(0)
     x = arranged((torch.randn(shape, generator=g, device=device) * 2 + 3).to(dtype), layout)
     dy = arranged(torch.randn(shape, generator=g, device=device).to(dtype), layout)
+    residual = arranged(torch.randn(shape, generator=g, device=device).to(dtype), layout)
     C = shape[1]
     w = torch.rand(C, generator=g, device=device) + 0.5
     b = torch.randn(C, generator=g, device=device)
     rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
-    return x, w, b, rm, rv, dy
+    return x, w, b, rm, rv, dy, residual
 
 
 def measure_case(name, call, shape, dtype, layout, mode, device, smoke) -> Row:
-    x, w, b, rm, rv, dy = _inputs(shape, dtype, layout, device)
-    run = _runner(call, x, w, b, rm, rv, mode, dy)
+    x, w, b, rm, rv, dy, residual = _inputs(shape, dtype, layout, device)
+    run = _runner(call, x, w, b, rm, rv, mode, dy, residual)
     row = Row(impl=name, shape="x".join(map(str, shape)), dtype=str(dtype).replace("torch.", ""), layout=layout,
               mode=mode, numel=x.numel(), itemsize=x.element_size(), us=math.nan, correct=False)
     try:
         out = run()
-        expected = _reference(x, w, b, rm, rv, mode, dy)  # training uses batch statistics: rm, rv unread
+        expected = _reference(x, w, b, rm, rv, mode, dy, residual)  # training: rm, rv unread
         row.max_error = (out.double() - expected).abs().max().item()
         row.correct = bool(row.max_error <= CHECK_TOLERANCE[dtype] * max(1.0, expected.abs().max().item()))
         row.us = time_us(run, device, smoke)

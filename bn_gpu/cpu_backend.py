@@ -28,16 +28,22 @@ def _like_gpu_output(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return empty_output(x).copy_(value)
 
 
-def _affine(x, mean, invstd, weight, bias):
-    """(x - mean) * invstd * weight + bias in the statistics dtype, returned in x's dtype."""
+def _affine(x, mean, invstd, weight, bias, residual=None, relu=False):
+    """(x - mean) * invstd * weight + bias (+ residual, then ReLU) in the statistics dtype,
+    returned in x's dtype."""
     scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
     y = (x.to(mean.dtype) - _per_channel(mean, x)) * _per_channel(scale, x)
     if bias is not None:
         y = y + _per_channel(bias.to(mean.dtype), x)
+    if residual is not None:
+        y = y + residual.to(mean.dtype)
+    if relu:
+        y = torch.relu(y)
     return _like_gpu_output(x, y)
 
 
-def forward_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps):
+def forward_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, residual=None,
+                  relu=False):
     var, mean = torch.var_mean(x.to(stat_dtype(x.dtype)), dim=_reduce_dims(x), correction=0)
     invstd = torch.rsqrt(var + eps)
     if num_batches_tracked is not None:
@@ -48,14 +54,14 @@ def forward_train(x, weight, bias, running_mean, running_var, num_batches_tracke
         unbiased_var = var * (count / (count - 1))
         running_mean.copy_(running_mean.to(mean.dtype) * (1 - factor) + mean * factor)
         running_var.copy_(running_var.to(var.dtype) * (1 - factor) + unbiased_var * factor)
-    return _affine(x, mean, invstd, weight, bias), mean, invstd
+    return _affine(x, mean, invstd, weight, bias, residual, relu), mean, invstd
 
 
-def forward_eval(x, weight, bias, running_mean, running_var, eps):
+def forward_eval(x, weight, bias, running_mean, running_var, eps, residual=None, relu=False):
     stat = stat_dtype(x.dtype)
     mean = running_mean.to(stat, copy=True)  # an output must not alias an input
     invstd = torch.rsqrt(running_var.to(stat) + eps)
-    return _affine(x, mean, invstd, weight, bias), mean, invstd
+    return _affine(x, mean, invstd, weight, bias, residual, relu), mean, invstd
 
 
 def backward(grad_y, x, weight, mean, invstd, training, need_input_grad, need_weight_grad):

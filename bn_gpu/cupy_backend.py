@@ -218,26 +218,27 @@ class CudaKernels:
             np.int64(g.C), np.float32(0.0 if momentum is None else momentum), np.float32(eps), np.int32(tracked),
             np.int32(cumulative)])
 
-    def normalize(self, g, x, y, mean, invstd, weight, bias, counter, eps, running_mean=None, running_var=None):
+    def normalize(self, g, x, y, mean, invstd, weight, bias, counter, eps, running_mean=None, running_var=None,
+                  residual=None, relu=False):
         from_running = running_mean is not None
         # Eval reads the running statistics and writes mean and invstd for the backward.
         statistics = [None, None, running_mean, running_var, mean, invstd] if from_running else \
             [mean, invstd, None, None, None, None]
-        _launch(g, _dtype(weight), _dtype(running_mean), self._role(g, "normalize", x, y), *_grid(g),
-                [_ptr(x), _ptr(y), *map(_ptr, statistics), _ptr(weight), _ptr(bias), _ptr(counter)]
+        _launch(g, _dtype(weight), _dtype(running_mean), self._role(g, "normalize", x, y, residual), *_grid(g),
+                [_ptr(x), _ptr(y), _ptr(residual), *map(_ptr, statistics), _ptr(weight), _ptr(bias), _ptr(counter)]
                 + _i64(*g.sizes, *g.x.strides, *g.out.strides) + [np.float32(eps)] + _tiling(g)
-                + [np.int32(from_running)])
+                + [np.int32(from_running), np.int32(relu)])
 
     def single_pass_forward(self, g, x, y, mean, invstd, weight, bias, running_mean, running_var, counter,
-                            momentum, eps, count_batch):
+                            momentum, eps, count_batch, residual=None, relu=False):
         tracked = running_mean is not None
         cumulative = tracked and momentum is None
-        _launch(g, _dtype(weight), _dtype(running_mean), self._role(g, "single_pass_forward", x, y), *_grid(g), [
-            _ptr(x), _ptr(y), _ptr(mean), _ptr(invstd), _ptr(running_mean), _ptr(running_var),
+        _launch(g, _dtype(weight), _dtype(running_mean), self._role(g, "single_pass_forward", x, y, residual),
+                *_grid(g), [_ptr(x), _ptr(y), _ptr(residual), _ptr(mean), _ptr(invstd), _ptr(running_mean), _ptr(running_var),
             _ptr(counter if cumulative or count_batch else None), _ptr(weight), _ptr(bias)]
             + _i64(*g.sizes, *g.x.strides, *g.out.strides)
             + [np.float32(0.0 if momentum is None else momentum), np.float32(eps)] + _tiling(g, single_pass=True)
-            + [np.int32(tracked), np.int32(cumulative), np.int32(count_batch)])
+            + [np.int32(tracked), np.int32(cumulative), np.int32(count_batch), np.int32(relu)])
 
     def gradient_sums(self, g, grad_y, x, mean, partials):
         sum_dy, sum_dy_xmu = partials

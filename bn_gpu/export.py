@@ -16,8 +16,12 @@ from .dtypes import stat_dtype
 
 
 @torch._decomp.register_decomposition(torch.ops.bn_gpu.forward_eval.default)
-def _forward_eval_as_aten(input, weight, bias, running_mean, running_var, eps, backend):
+def _forward_eval_as_aten(input, weight, bias, running_mean, running_var, eps, backend, residual=None, relu=False):
     output = torch.ops.aten._native_batch_norm_legit_no_training.default(
         input, weight, bias, running_mean, running_var, 0.0, eps)[0]
+    if residual is not None:
+        output = output + residual
+    if relu:
+        output = torch.relu(output)
     stat = stat_dtype(input.dtype)
     return output, running_mean.to(stat, copy=True), torch.rsqrt(running_var.to(stat) + eps)

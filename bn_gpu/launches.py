@@ -74,11 +74,13 @@ def _recording_cuda(sms: int, launches: list):
 
 
 def record(backend: str, op: str, shape, dtype: torch.dtype, layout: str = "contiguous", *, sms: int = 132,
-           affine: bool = True, running: bool = True, momentum: float | None = 0.1) -> list[Launch]:
+           affine: bool = True, running: bool = True, momentum: float | None = 0.1,
+           epilogue: bool = False) -> list[Launch]:
     """The launches of one op ("train_fwd", "eval_fwd", "train_bwd", "eval_bwd", or SyncBatchNorm's
     "sync_train_fwd", "sync_train_bwd") of a backend
     ("triton" or "cupy") on an input of this shape, dtype and layout, on a GPU of `sms`
-    multiprocessors. Weight, bias and running statistics are fp32 for 16-bit inputs."""
+    multiprocessors. Weight, bias and running statistics are fp32 for 16-bit inputs. epilogue: the
+    forward ops with a residual and ReLU."""
     from . import cupy_backend, triton_backend
     from .layout import arranged
     module = {"triton": triton_backend, "cupy": cupy_backend}[backend]
@@ -95,11 +97,12 @@ def record(backend: str, op: str, shape, dtype: torch.dtype, layout: str = "cont
     mean, invstd = torch.empty(C, dtype=stat, device="meta"), torch.empty(C, dtype=stat, device="meta")
     launches: list[Launch] = []
     with recorder(sms, launches):
+        fused = dict(residual=torch.empty_like(x), relu=True) if epilogue else {}
         if op == "train_fwd":
-            module.forward_train(x, weight, bias, running_mean, running_var, counter, momentum, 1e-5)
+            module.forward_train(x, weight, bias, running_mean, running_var, counter, momentum, 1e-5, **fused)
         elif op == "eval_fwd":
             module.forward_eval(x, weight, bias, running_mean if running else mean, running_var if running else invstd,
-                                1e-5)
+                                1e-5, **fused)
         elif op == "train_bwd":
             module.backward(torch.empty_like(x), x, weight, mean, invstd, True, True, True)
         elif op == "eval_bwd":

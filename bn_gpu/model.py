@@ -64,8 +64,12 @@ ASSUMED = ("l2_reuse_mb", "latency_us", "host_us_per_launch")
 
 DEFAULT_SHAPES = ["64x64x112x112", "64x256x56x56", "64x2048x7x7", "16384x2048", "8x64x16x56x56", "5x3"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-OPS = ("train_fwd", "eval_fwd", "train_bwd")
-FLOOR_PASSES = {"train_fwd": 2, "eval_fwd": 2, "train_bwd": 3}
+OPS = ("train_fwd", "eval_fwd", "train_bwd", "train_fwd_add_relu")
+EPILOGUE_SUFFIX = "_add_relu"  # the fused epilogue relu(bn(x) + residual): the residual is one more stream
+# Passes over the activation of the unfused sequence of a fused op: BatchNorm at its floor, then the
+# add (read two, write one) and the ReLU (read, write), each a kernel of its own.
+UNFUSED_PASSES = {"train_fwd_add_relu": 2 + 3 + 2}
+FLOOR_PASSES = {"train_fwd": 2, "eval_fwd": 2, "train_bwd": 3, "train_fwd_add_relu": 3}
 
 # Per kernel: which tensors it streams, as (name, passes): "x" read, "dy" read, "y" written;
 # "x2" / "dy2" a second read of the same data in the same kernel (single-pass kernels).
@@ -403,6 +407,8 @@ def dram_bytes(launch, case, target: Target, per_sm: int) -> float:
     streams = list(STREAMS[job])
     if job == "input_gradient" and op == "eval_bwd":
         streams = ["dy", "y"]
+    if op.endswith(EPILOGUE_SUFFIX) and job in ("normalize", "single_pass_forward"):
+        streams.append("residual")
     total = 0.0
     for stream in streams:
         if stream.endswith("2"):  # second read inside one single-pass kernel
@@ -429,6 +435,7 @@ def _reverses_second_pass(backend: str) -> bool:
 def _second_pass(launch, op: str) -> bool:
     """Whether this kernel re-reads what an earlier kernel of the same op read (split path)."""
     job = _job(launch.name)
+    op = op[:-len(EPILOGUE_SUFFIX)] if op.endswith(EPILOGUE_SUFFIX) else op
     return (job == "normalize" and op == "train_fwd") or (job == "input_gradient" and op == "train_bwd")
 
 
@@ -454,7 +461,9 @@ class CaseFigures:
 def model_case(backend: str, shape, dtype: torch.dtype, layout: str, op: str, target: Target,
                compiler: Compiler) -> CaseFigures:
     case = (shape, dtype, layout, op)
-    launches = recorded.record(backend, op, shape, dtype, layout, sms=target.sms)
+    fused = op.endswith(EPILOGUE_SUFFIX)
+    launches = recorded.record(backend, op[:-len(EPILOGUE_SUFFIX)] if fused else op, shape, dtype, layout,
+                               sms=target.sms, epilogue=fused)
     figures = []
     for launch in launches:
         compiled = compiler.triton(launch) if backend == "triton" else compiler.cuda(launch)
@@ -494,6 +503,25 @@ def cases_markdown(cases: list[CaseFigures]) -> str:
                      f"{c.dram_bytes / c.floor_bytes:.2f} | {_fmt(c.floor_pct_bound, '.0f')}% | "
                      f"{_fmt(c.issue_headroom, '.1f')}× | {c.min_bytes_in_flight_kb:.1f} / {c.needed_in_flight_kb:.1f} | "
                      f"{c.host_us:.0f} |")
+    return "\n".join(lines)
+
+
+def fused_markdown(cases: list[CaseFigures]) -> str:
+    """Each fused case's modelled DRAM bytes against the unfused sequence: the same backend's plain
+    case (modelled) followed by an add and a ReLU at their floors (5 more passes)."""
+    plain = {(c.backend, c.shape, c.dtype, c.layout, c.op): c for c in cases}
+    lines = ["| backend | shape | dtype | layout | op | fused DRAM MB | unfused sequence DRAM MB | fused / unfused |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in cases:
+        if not c.op.endswith(EPILOGUE_SUFFIX):
+            continue
+        base = plain.get((c.backend, c.shape, c.dtype, c.layout, c.op[:-len(EPILOGUE_SUFFIX)]))
+        if base is None:
+            continue
+        tensor = base.floor_bytes / FLOOR_PASSES[base.op]
+        unfused = base.dram_bytes + (UNFUSED_PASSES[c.op] - FLOOR_PASSES[base.op]) * tensor
+        lines.append(f"| {c.backend} | {c.shape} | {c.dtype} | {c.layout} | {c.op} | {c.dram_bytes / 1e6:.1f} | "
+                     f"{unfused / 1e6:.1f} | {c.dram_bytes / unfused:.2f} |")
     return "\n".join(lines)
 
 
@@ -590,6 +618,7 @@ def run(args) -> int:
         cases = run_model(target, shapes, dtypes, args.layouts, args.ops, args.backends, workdir)
     versions = _versions()
     text = (header_markdown(target, versions) + "\n\n## Cases\n\n" + cases_markdown(cases)
+            + "\n\n## Fused epilogue against the unfused sequence\n\n" + fused_markdown(cases)
             + "\n\n## Kernel variants\n\n" + kernels_markdown(cases) + "\n")
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"model-{args.target}-{versions['date']}")

@@ -15,6 +15,9 @@ class _BatchNormMixin:
         self.backend = check_name(backend)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._normalized(input)
+
+    def _normalized(self, input: torch.Tensor, activation: str | None = None, residual=None) -> torch.Tensor:
         self._check_input_dim(input)
         # Same buffer/mode logic as torch.nn.modules.batchnorm._BatchNorm.forward.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
@@ -26,7 +29,8 @@ class _BatchNormMixin:
             self.running_var if use_running else None,
             self.weight, self.bias, use_batch_stats, self.momentum, self.eps,
             backend=self.backend,
-            num_batches_tracked=self.num_batches_tracked if count_batch else None)
+            num_batches_tracked=self.num_batches_tracked if count_batch else None,
+            activation=activation, residual=residual)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"
@@ -55,6 +59,29 @@ class BatchNorm3d(_BatchNormMixin, torch.nn.BatchNorm3d):
 
 _REPLACEMENTS = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d,
                  torch.nn.BatchNorm3d: BatchNorm3d}
+
+
+# ---- BatchNorm + ReLU, fused ----------------------------------------------------------------------
+
+class _BatchNormReLU(_BatchNormMixin):
+    """relu(batch_norm(input) + residual) in the normalize pass: torch.nn.BatchNorm*'s constructor,
+    buffers and state_dict, plus backend; forward(input, residual=None). Saves two passes over the
+    activation against BatchNorm followed by add and ReLU (each reads and writes it once)."""
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return self._normalized(input, "relu", residual)
+
+
+class BatchNormReLU1d(_BatchNormReLU, torch.nn.BatchNorm1d):
+    """relu(BatchNorm1d(input) + residual), fused."""
+
+
+class BatchNormReLU2d(_BatchNormReLU, torch.nn.BatchNorm2d):
+    """relu(BatchNorm2d(input) + residual), fused."""
+
+
+class BatchNormReLU3d(_BatchNormReLU, torch.nn.BatchNorm3d):
+    """relu(BatchNorm3d(input) + residual), fused."""
 
 
 # ---- FrozenBatchNorm ----------------------------------------------------------------------------

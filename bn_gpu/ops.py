@@ -6,6 +6,7 @@ Registered through a ``torch.library.Library`` define/impl pair rather than the 
 
     bn_gpu::forward_train  batch statistics, normalize; updates running stats and counts the batch
     bn_gpu::forward_eval   normalize with the running statistics
+                           both with an epilogue: output = relu?(normalized + residual?)
     bn_gpu::backward       gradients of both (training: through the batch statistics)
 
 Every op takes the concrete backend name ("triton", "cupy", "cpu") as its last argument.
@@ -23,11 +24,11 @@ from .validation import check_batch_norm_args, check_input
 _lib = torch.library.Library("bn_gpu", "DEF")
 _lib.define(
     "forward_train(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
-    "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float? momentum, float eps, str backend) "
-    "-> (Tensor output, Tensor mean, Tensor invstd)")
+    "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float? momentum, float eps, str backend, "
+    "Tensor? residual=None, bool relu=False) -> (Tensor output, Tensor mean, Tensor invstd)")
 _lib.define(
     "forward_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, "
-    "float eps, str backend) -> (Tensor output, Tensor mean, Tensor invstd)")
+    "float eps, str backend, Tensor? residual=None, bool relu=False) -> (Tensor output, Tensor mean, Tensor invstd)")
 _lib.define(
     "backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, bool training, "
     "bool need_input_grad, bool need_weight_grad, str backend) "
@@ -67,8 +68,17 @@ def _write_back(target, updated) -> None:
         target.copy_(updated)
 
 
-def _forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, backend):
+def _check_residual(input, residual) -> None:
+    if residual is not None and (residual.shape != input.shape or residual.dtype != input.dtype
+                                 or residual.device != input.device):
+        raise RuntimeError(f"batch_norm: residual must match the input: shape {tuple(input.shape)}, {input.dtype} on "
+                           f"{input.device}; got shape {tuple(residual.shape)}, {residual.dtype} on {residual.device}")
+
+
+def _forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, backend,
+                   residual=None, relu=False):
     check_batch_norm_args(input, running_mean, running_var, weight, bias, True, momentum, eps, num_batches_tracked)
+    _check_residual(input, residual)
     impl = backends.implementation(backend, input.device)
     if input.numel() == 0:
         # As PyTorch: an empty batch counts as a batch but leaves the running statistics alone.
@@ -77,18 +87,20 @@ def _forward_train(input, weight, bias, running_mean, running_var, num_batches_t
         return _forward_outputs(input, input.new_zeros)
     dense_mean, dense_var = _dense(running_mean), _dense(running_var)
     outputs = impl.forward_train(input, _dense(weight), _dense(bias), dense_mean, dense_var, num_batches_tracked,
-                                 momentum, eps)
+                                 momentum, eps, residual, relu)
     _write_back(running_mean, dense_mean)
     _write_back(running_var, dense_var)
     return outputs
 
 
-def _forward_eval(input, weight, bias, running_mean, running_var, eps, backend):
+def _forward_eval(input, weight, bias, running_mean, running_var, eps, backend, residual=None, relu=False):
     check_batch_norm_args(input, running_mean, running_var, weight, bias, False, None, eps)
+    _check_residual(input, residual)
     impl = backends.implementation(backend, input.device)
     if input.numel() == 0:
         return _forward_outputs(input, input.new_zeros)
-    return impl.forward_eval(input, _dense(weight), _dense(bias), _dense(running_mean), _dense(running_var), eps)
+    return impl.forward_eval(input, _dense(weight), _dense(bias), _dense(running_mean), _dense(running_var), eps,
+                             residual, relu)
 
 
 def _backward(grad_output, input, weight, mean, invstd, training, need_input_grad, need_weight_grad, backend):
@@ -112,14 +124,17 @@ for _key in ("CPU", "CUDA"):
 # ---- fake kernels (torch.compile, meta tensors) ----------------------------------------------
 
 @torch.library.register_fake("bn_gpu::forward_train")
-def _fake_forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, backend):
+def _fake_forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, backend,
+                        residual=None, relu=False):
     check_batch_norm_args(input, running_mean, running_var, weight, bias, True, momentum, eps, num_batches_tracked)
+    _check_residual(input, residual)
     return _forward_outputs(input, input.new_empty)
 
 
 @torch.library.register_fake("bn_gpu::forward_eval")
-def _fake_forward_eval(input, weight, bias, running_mean, running_var, eps, backend):
+def _fake_forward_eval(input, weight, bias, running_mean, running_var, eps, backend, residual=None, relu=False):
     check_batch_norm_args(input, running_mean, running_var, weight, bias, False, None, eps)
+    _check_residual(input, residual)
     return _forward_outputs(input, input.new_empty)
 
 
@@ -144,6 +159,12 @@ def _fold_per_channel(t, bdim, batch_size):
     return t.movedim(bdim, 0).reshape(-1) if bdim is not None else t.repeat(batch_size)
 
 
+def _fold_residual(residual, in_dims, index, batch_size):
+    if residual is None:
+        return None
+    return _fold_input(residual, in_dims[index] if len(in_dims) > index else None, batch_size)
+
+
 def _unfold_input(x, batch_size):
     return x.view(x.shape[0], batch_size, -1, *x.shape[2:])
 
@@ -154,7 +175,7 @@ def _unfold_per_channel(t, batch_size):
 
 @torch.library.register_vmap("bn_gpu::forward_train", lib=_lib)
 def _forward_train_vmap(info, in_dims, input, weight, bias, running_mean, running_var, num_batches_tracked,
-                        momentum, eps, backend):
+                        momentum, eps, backend, residual=None, relu=False):
     x_dim, weight_dim, bias_dim, mean_dim, var_dim, count_dim = in_dims[:6]
     if running_mean is not None and (mean_dim is None or var_dim is None):
         raise RuntimeError("bn_gpu: vmap of training batch_norm needs running_mean and running_var batched like "
@@ -166,7 +187,7 @@ def _forward_train_vmap(info, in_dims, input, weight, bias, running_mean, runnin
     stats = [_fold_per_channel(t, d, B) for t, d in ((running_mean, mean_dim), (running_var, var_dim))]
     output, mean, invstd = torch.ops.bn_gpu.forward_train(
         _fold_input(input, x_dim, B), _fold_per_channel(weight, weight_dim, B), _fold_per_channel(bias, bias_dim, B),
-        *stats, num_batches_tracked, momentum, eps, backend)
+        *stats, num_batches_tracked, momentum, eps, backend, _fold_residual(residual, in_dims, 9, B), relu)
     for target, dim, folded in ((running_mean, mean_dim, stats[0]), (running_var, var_dim, stats[1])):
         if folded is not None and folded.data_ptr() != target.data_ptr():  # folding copied: write back
             target.movedim(dim, 0).copy_(folded.view(B, -1))
@@ -174,11 +195,12 @@ def _forward_train_vmap(info, in_dims, input, weight, bias, running_mean, runnin
 
 
 @torch.library.register_vmap("bn_gpu::forward_eval", lib=_lib)
-def _forward_eval_vmap(info, in_dims, input, weight, bias, running_mean, running_var, eps, backend):
+def _forward_eval_vmap(info, in_dims, input, weight, bias, running_mean, running_var, eps, backend, residual=None,
+                       relu=False):
     B = info.batch_size
     per_channel = [_fold_per_channel(t, d, B) for t, d in zip((weight, bias, running_mean, running_var), in_dims[1:5])]
     output, mean, invstd = torch.ops.bn_gpu.forward_eval(_fold_input(input, in_dims[0], B), *per_channel, eps,
-                                                         backend)
+                                                         backend, _fold_residual(residual, in_dims, 7, B), relu)
     return (_unfold_input(output, B), mean.view(B, -1), invstd.view(B, -1)), (1, 0, 0)
 
 
@@ -215,22 +237,33 @@ def _refuse_running_stat_tangents(running_mean, running_var) -> None:
                                "they cannot have forward grad defined")
 
 
-def _needs_grad(x, weight, bias) -> bool:
-    """Only input, weight and bias carry gradients (the running statistics and the counter never do)."""
+def _needs_grad(x, weight, bias, residual=None) -> bool:
+    """Only input, weight, bias and residual carry gradients (the running statistics and the counter never do)."""
     return torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
-                                        or (bias is not None and bias.requires_grad))
+                                        or (bias is not None and bias.requires_grad)
+                                        or (residual is not None and residual.requires_grad))
 
 
-def _differentiating(x, weight, bias) -> bool:
-    return _needs_grad(x, weight, bias) or _forward_ad_active()
+def _differentiating(x, weight, bias, residual=None) -> bool:
+    return _needs_grad(x, weight, bias, residual) or _forward_ad_active()
 
 
 def _gradients(ctx, needs, grad_output) -> tuple:
-    """Gradients of (input, weight, bias, the other arguments...) given which ones are needed."""
-    none = (None,) * (len(needs) - 3)
-    if grad_output is None or not any(needs[:3]):
-        return (None, None, None) + none
-    x, weight, mean, invstd = ctx.saved_tensors
+    """Gradients of the op's arguments (input, weight, bias, ..., residual, relu) given which are needed."""
+    grads = [None] * len(needs)
+    residual_needed = len(needs) > ctx.residual_index and needs[ctx.residual_index]
+    if grad_output is None or not (any(needs[:3]) or residual_needed):
+        return tuple(grads)
+    x, weight, mean, invstd, output = ctx.saved_tensors
+    if ctx.relu:
+        # The ReLU's mask from the saved output (which the next layer usually keeps anyway), as a
+        # pass of its own: not yet fused into the backward kernels.
+        grad_output = torch.where(output > 0, grad_output, torch.zeros((), dtype=grad_output.dtype,
+                                                                       device=grad_output.device))
+    if residual_needed:
+        grads[ctx.residual_index] = grad_output
+    if not any(needs[:3]):
+        return tuple(grads)
     if x is None:  # not kept (eval, dx alone): grad_output stands in for its shape and layout
         x = grad_output
     if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
@@ -243,14 +276,17 @@ def _gradients(ctx, needs, grad_output) -> tuple:
             grad_output, x, weight, mean, invstd, ctx.training, needs[0], needs[1] or needs[2], ctx.backend)
     if needs[2] and grad_bias.dtype != ctx.bias_dtype:
         grad_bias = grad_bias.to(ctx.bias_dtype)
-    return (grad_input if needs[0] else None, grad_weight if needs[1] else None,
-            grad_bias if needs[2] else None) + none
+    grads[:3] = (grad_input if needs[0] else None, grad_weight if needs[1] else None,
+                 grad_bias if needs[2] else None)
+    return tuple(grads)
 
 
 def _function(run, training: bool):
     """An autograd.Function computing run(*args) -- a forward op's arguments -- with batch_norm's
     derivatives: backward (first and higher order), jvp (forward mode), and vmap through the ops'
     batching rules. In the setup_context form that torch.func transforms require."""
+    eps_index = 7 if training else 5  # then backend, residual, relu (the last two may be left out)
+
     class Function(torch.autograd.Function):
         generate_vmap_rule = True
 
@@ -261,15 +297,18 @@ def _function(run, training: bool):
         @staticmethod
         def setup_context(ctx, inputs, output):
             x, weight, bias = inputs[:3]
-            _, mean, invstd = output
+            y, mean, invstd = output
             ctx.mark_non_differentiable(mean, invstd)
+            ctx.residual_index = eps_index + 2
+            ctx.relu = len(inputs) > eps_index + 3 and bool(inputs[eps_index + 3])
             # Eval with a weight that needs no gradient (FrozenBatchNorm): dx = dy * weight * invstd
             # needs no activation, so none is kept alive.
             keep_x = training or (weight is not None and weight.requires_grad)
-            ctx.save_for_backward(x if keep_x else None, weight, mean, invstd)
+            kept_output = y if ctx.relu else None
+            ctx.save_for_backward(x if keep_x else None, weight, mean, invstd, kept_output)
             if _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
-                ctx.save_for_forward(x, weight, mean, invstd)
-            ctx.training, ctx.eps, ctx.backend = training, inputs[-2], inputs[-1]
+                ctx.save_for_forward(x, weight, mean, invstd, kept_output)
+            ctx.training, ctx.eps, ctx.backend = training, inputs[eps_index], inputs[eps_index + 1]
             ctx.bias_dtype = bias.dtype if bias is not None else None
 
         @staticmethod
@@ -277,10 +316,17 @@ def _function(run, training: bool):
             return _gradients(ctx, ctx.needs_input_grad, grad_output)
 
         @staticmethod
-        def jvp(ctx, x_tangent, weight_tangent, bias_tangent, *_other_tangents):
-            x, weight, mean, invstd = ctx.saved_tensors
-            return derivatives.output_tangent(x, weight, mean, invstd, ctx.training,
-                                              x_tangent, weight_tangent, bias_tangent), None, None
+        def jvp(ctx, x_tangent, weight_tangent, bias_tangent, *other_tangents):
+            x, weight, mean, invstd, output = ctx.saved_tensors
+            tangent = derivatives.output_tangent(x, weight, mean, invstd, ctx.training, x_tangent, weight_tangent,
+                                                 bias_tangent)
+            residual_tangent = other_tangents[ctx.residual_index - 3] if len(other_tangents) > ctx.residual_index - 3 \
+                else None
+            if residual_tangent is not None:
+                tangent = tangent + residual_tangent
+            if ctx.relu:
+                tangent = torch.where(output > 0, tangent, torch.zeros((), dtype=tangent.dtype, device=tangent.device))
+            return tangent, None, None
 
     return Function
 
@@ -307,7 +353,8 @@ def _autograd_kernel(op, training: bool):
     function = _THROUGH_OPS[training]
 
     def kernel(keyset, *args):
-        if _differentiating(*args[:3]):
+        residual_index = (7 if training else 5) + 2
+        if _differentiating(*args[:3], args[residual_index] if len(args) > residual_index else None):
             _refuse_running_stat_tangents(args[3], args[4])
             return function.apply(*args)
         return _below_autograd(op, keyset, args)
@@ -351,31 +398,31 @@ def _in_torch_func_transform() -> bool:
     return torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()
 
 
-def forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, backend):
+def forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, backend,
+                  residual=None, relu=False):
     """torch.ops.bn_gpu.forward_train, through the eager fast path where it applies."""
-    if plain_eager(input, weight, bias, running_mean, running_var, num_batches_tracked):
-        if _differentiating(input, weight, bias):
+    args = (input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, backend, residual,
+            relu)
+    if plain_eager(input, weight, bias, running_mean, running_var, num_batches_tracked, residual):
+        if _differentiating(input, weight, bias, residual):
             _refuse_running_stat_tangents(running_mean, running_var)
-            return _DIRECT[True].apply(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                                       momentum, eps, backend)
-        return _forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                              backend)
+            return _DIRECT[True].apply(*args)
+        return _forward_train(*args)
     if _in_torch_func_transform():
         _refuse_running_stat_tangents(running_mean, running_var)
-        return _THROUGH_OPS[True].apply(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                                        momentum, eps, backend)
-    return torch.ops.bn_gpu.forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                                          momentum, eps, backend)
+        return _THROUGH_OPS[True].apply(*args)
+    return torch.ops.bn_gpu.forward_train(*args)
 
 
-def forward_eval(input, weight, bias, running_mean, running_var, eps, backend):
+def forward_eval(input, weight, bias, running_mean, running_var, eps, backend, residual=None, relu=False):
     """torch.ops.bn_gpu.forward_eval, through the eager fast path where it applies."""
-    if plain_eager(input, weight, bias, running_mean, running_var):
-        if _differentiating(input, weight, bias):
+    args = (input, weight, bias, running_mean, running_var, eps, backend, residual, relu)
+    if plain_eager(input, weight, bias, running_mean, running_var, residual):
+        if _differentiating(input, weight, bias, residual):
             _refuse_running_stat_tangents(running_mean, running_var)
-            return _DIRECT[False].apply(input, weight, bias, running_mean, running_var, eps, backend)
-        return _forward_eval(input, weight, bias, running_mean, running_var, eps, backend)
+            return _DIRECT[False].apply(*args)
+        return _forward_eval(*args)
     if _in_torch_func_transform():
         _refuse_running_stat_tangents(running_mean, running_var)
-        return _THROUGH_OPS[False].apply(input, weight, bias, running_mean, running_var, eps, backend)
-    return torch.ops.bn_gpu.forward_eval(input, weight, bias, running_mean, running_var, eps, backend)
+        return _THROUGH_OPS[False].apply(*args)
+    return torch.ops.bn_gpu.forward_eval(*args)

@@ -39,13 +39,16 @@ class KernelTable(Protocol):
         momentum, or 1 / (counter + 1) when momentum is None (counter read, not written)."""
 
     def normalize(self, g: Geometry, x, y, mean, invstd, weight, bias, counter, eps: float,
-                  running_mean=None, running_var=None) -> None:
-        """y = (x - mean) * invstd * weight + bias; counter += 1 when given. With running statistics
-        (eval), mean and invstd are taken from them and written out for the backward."""
+                  running_mean=None, running_var=None, residual=None, relu: bool = False) -> None:
+        """y = (x - mean) * invstd * weight + bias, + residual (y's strides) when given, then ReLU
+        when relu; counter += 1 when given. With running statistics (eval), mean and invstd are
+        taken from them and written out for the backward."""
 
     def single_pass_forward(self, g: Geometry, x, y, mean, invstd, weight, bias, running_mean, running_var,
-                            counter, momentum: float | None, eps: float, count_batch: bool) -> None:
-        """statistics + finalize + normalize in one launch (one program per channel block)."""
+                            counter, momentum: float | None, eps: float, count_batch: bool, residual=None,
+                            relu: bool = False) -> None:
+        """statistics + finalize + normalize (with normalize's epilogue) in one launch (one
+        program per channel block)."""
 
     def gradient_sums(self, g: Geometry, grad_y, x, mean, partials) -> None:
         """partials (2, splits, C): sum of dy and of dy * (x - mean) per (split, channel)."""
@@ -81,27 +84,38 @@ def _on_input_device(op):
     """Run `op` with the input's GPU current: kernels launch on the current device, and Python
     kernels of custom ops get no device guard."""
     @functools.wraps(op)
-    def guarded(kernels, tensor, *args):
+    def guarded(kernels, tensor, *args, **kwargs):
         device = tensor.device
         if device.type == "cuda" and device.index != torch.cuda.current_device():
             with torch.cuda.device(device):
-                return op(kernels, tensor, *args)
-        return op(kernels, tensor, *args)
+                return op(kernels, tensor, *args, **kwargs)
+        return op(kernels, tensor, *args, **kwargs)
     return guarded
 
 
+def _laid_out_as(residual, y):
+    """residual with y's strides: the kernels index both with one set of offsets."""
+    if residual is None or residual.stride() == y.stride():
+        return residual
+    return empty(y.shape, y.dtype, y.device, y.stride()).copy_(residual)
+
+
 @_on_input_device
-def forward_train(kernels: KernelTable, x, weight, bias, running_mean, running_var, counter, momentum, eps):
-    """(y, mean, invstd); updates running_mean/var in place and counts the batch in counter."""
+def forward_train(kernels: KernelTable, x, weight, bias, running_mean, running_var, counter, momentum, eps,
+                  residual=None, relu=False):
+    """(y, mean, invstd) with y = relu?(bn(x) + residual?); updates running_mean/var in place and
+    counts the batch in counter."""
     g = kernels.geometry(x)
     x = g.read(x)
     y = empty(x.shape, x.dtype, x.device, g.out_strides)
+    residual = _laid_out_as(residual, y)
     mean, invstd = empty(g.C, g.stat_dtype, x.device), empty(g.C, g.stat_dtype, x.device)
     cumulative = running_mean is not None and momentum is None
     if g.single_pass:
         # With a cumulative average every program reads the counter: it is counted after the kernel.
         kernels.single_pass_forward(g, x, y, mean, invstd, weight, bias, running_mean, running_var, counter,
-                                    momentum, eps, count_batch=counter is not None and not cumulative)
+                                    momentum, eps, count_batch=counter is not None and not cumulative,
+                                    residual=residual, relu=relu)
         if cumulative and counter is not None:
             counter.add_(1)
         return y, mean, invstd
@@ -109,18 +123,20 @@ def forward_train(kernels: KernelTable, x, weight, bias, running_mean, running_v
     kernels.statistics(g, x, partials)
     kernels.finalize_statistics(g, x, partials, mean, invstd, running_mean, running_var, counter, momentum, eps)
     # The batch is counted by the last kernel: every finalize program has read the counter by then.
-    kernels.normalize(g, x, y, mean, invstd, weight, bias, counter, eps)
+    kernels.normalize(g, x, y, mean, invstd, weight, bias, counter, eps, residual=residual, relu=relu)
     return y, mean, invstd
 
 
 @_on_input_device
-def forward_eval(kernels: KernelTable, x, weight, bias, running_mean, running_var, eps):
+def forward_eval(kernels: KernelTable, x, weight, bias, running_mean, running_var, eps, residual=None, relu=False):
     """(y, mean, invstd) with mean/invstd taken from the running statistics, for the backward."""
     g = kernels.geometry(x)
     x = g.read(x)
     y = empty(x.shape, x.dtype, x.device, g.out_strides)
+    residual = _laid_out_as(residual, y)
     mean, invstd = empty(g.C, g.stat_dtype, x.device), empty(g.C, g.stat_dtype, x.device)
-    kernels.normalize(g, x, y, mean, invstd, weight, bias, None, eps, running_mean, running_var)
+    kernels.normalize(g, x, y, mean, invstd, weight, bias, None, eps, running_mean, running_var, residual=residual,
+                      relu=relu)
     return y, mean, invstd
 
 

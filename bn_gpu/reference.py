@@ -160,3 +160,19 @@ def ghost_batch_norm_train(x, weight, bias, running_mean, running_var, momentum,
         count = chunk.numel() // chunk.shape[1]
         running_mean, running_var = update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return torch.cat(outputs), running_mean, running_var
+
+
+def epilogue(y, residual=None, relu: bool = False):
+    """The fused epilogue, as the unfused torch sequence computes it: relu(y + residual)
+    (F.relu(bn(x) + residual) in a ResNet block), float64."""
+    y = y.double()
+    if residual is not None:
+        y = y + residual.double()
+    return torch.relu(y) if relu else y
+
+
+def epilogue_backward(grad_y, output, relu: bool = False):
+    """The gradient reaching the BatchNorm (and the residual) through the epilogue: dy where the
+    ReLU's output is positive, float64."""
+    grad_y = grad_y.double()
+    return torch.where(output.double() > 0, grad_y, torch.zeros_like(grad_y)) if relu else grad_y

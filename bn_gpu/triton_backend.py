@@ -162,28 +162,30 @@ class TritonKernels:
                 g.plan.splits, g.C, g.shift_stride, 0.0 if momentum is None else float(momentum), float(eps)],
                dict(HAS_RUNNING_STATS=tracked, CUMULATIVE=cumulative, **meta))
 
-    def normalize(self, g, x, y, mean, invstd, weight, bias, counter, eps, running_mean=None, running_var=None):
+    def normalize(self, g, x, y, mean, invstd, weight, bias, counter, eps, running_mean=None, running_var=None,
+                  residual=None, relu=False):
         kernel, grid, meta = _config(g, "normalize")
         from_running = running_mean is not None
         # Eval reads the running statistics and writes mean and invstd for the backward.
         pointers = [running_mean, running_var, invstd, mean] if from_running else [mean, None, invstd, None]
         launch(kernel, grid,
-               [x, y, *pointers, weight, bias, counter, *g.sizes, *g.x.strides, *g.out.strides, float(eps),
+               [x, y, residual, *pointers, weight, bias, counter, *g.sizes, *g.x.strides, *g.out.strides, float(eps),
                 *g.tiling],
                dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, FROM_RUNNING_STATS=from_running,
-                    COUNT_BATCH=counter is not None, **meta))
+                    COUNT_BATCH=counter is not None, HAS_RESIDUAL=residual is not None, RELU=relu, **meta))
 
     def single_pass_forward(self, g, x, y, mean, invstd, weight, bias, running_mean, running_var, counter,
-                            momentum, eps, count_batch):
+                            momentum, eps, count_batch, residual=None, relu=False):
         kernel, grid, meta = _config(g, "single_pass_forward")
         tracked = running_mean is not None
         cumulative = tracked and momentum is None
         launch(kernel, grid,
-               [x, y, mean, invstd, running_mean, running_var, counter if cumulative or count_batch else None,
+               [x, y, residual, mean, invstd, running_mean, running_var, counter if cumulative or count_batch else None,
                 weight, bias, *g.sizes, *g.x.strides, *g.out.strides, 0.0 if momentum is None else float(momentum),
                 float(eps), *g.single_pass_tiling],
                dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING_STATS=tracked,
-                    CUMULATIVE=cumulative, COUNT_BATCH=count_batch, **meta))
+                    CUMULATIVE=cumulative, COUNT_BATCH=count_batch, HAS_RESIDUAL=residual is not None, RELU=relu,
+                    **meta))
 
     def gradient_sums(self, g, grad_y, x, mean, partials):
         kernel, grid, meta = _config(g, "gradient_sums")

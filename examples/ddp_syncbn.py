@@ -68,6 +68,10 @@ def main() -> None:
     if rank == 0:
         print(f"{world_size} ranks on {device.type} ({dist.get_backend()}): running statistics identical on every "
               f"rank: {largest == 0.0} (largest difference {largest:.1e}), all finite: {finite}")
+    # DDP's reducer holds the process group: release it, and let every rank arrive, before the
+    # group goes (gloo aborts a process whose reducer outlives its group).
+    del model, optimizer
+    dist.barrier()
     dist.destroy_process_group()
 
 

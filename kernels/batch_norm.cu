@@ -408,13 +408,25 @@ __device__ __forceinline__ void count_batch(i64* num_batches_tracked, bool first
 }
 
 // y = (x - mean) * scale + shift on V values of one row.
+// The epilogue: + residual (laid out as the output; null: none), then ReLU when relu. Fused, it
+// costs the residual's read; as separate ops each would read and write the activation again.
+template <typename A> __device__ __forceinline__ A epilogue(A value, A residual, int relu) {
+    value += residual;
+    return relu && value < A(0) ? A(0) : value;
+}
+
 template <typename T, typename A> struct NormalizeRow {
-    const T* x; T* y; i64 x_stride_n, y_stride_n; A mean, scale, shift;
+    const T* x; T* y; const T* residual; i64 x_stride_n, y_stride_n; A mean, scale, shift; int relu;
     template <int V> __device__ __forceinline__ void apply(i64 n, i64 s) const {
         Pack<T, V> in = *reinterpret_cast<const Pack<T, V>*>(x + n * x_stride_n + s);
+        Pack<T, V> add;
+#pragma unroll
+        for (int k = 0; k < V; ++k) add.v[k] = cvt<T>(A(0));
+        if (residual) add = *reinterpret_cast<const Pack<T, V>*>(residual + n * y_stride_n + s);
         Pack<T, V> out;
 #pragma unroll
-        for (int k = 0; k < V; ++k) out.v[k] = cvt<T>((cvt<A>(in.v[k]) - mean) * scale + shift);
+        for (int k = 0; k < V; ++k)
+            out.v[k] = cvt<T>(epilogue((cvt<A>(in.v[k]) - mean) * scale + shift, cvt<A>(add.v[k]), relu));
         *reinterpret_cast<Pack<T, V>*>(y + n * y_stride_n + s) = out;
     }
 };
@@ -422,37 +434,43 @@ template <typename T, typename A> struct NormalizeRow {
 template <typename T, typename W, typename R, typename A, int VEC>
 __global__ void normalize_channels_first(
     const T* __restrict__ x, T* __restrict__ y,   // (N, C, S), each with its own strides
+    const T* __restrict__ residual,   // (N, C, S) with y's strides, or null
     const A* mean_in, const A* invstd_in,   // (C,) training statistics
     const R* running_mean, const R* running_var,   // (C,) eval statistics
     A* saved_mean, A* saved_invstd,   // (C,) eval: written by split 0
     const W* weight, const W* bias,   // (C,) or null
     i64* num_batches_tracked,   // incremented by block (0, 0), or null
     i64 N, i64 C, i64 S, i64 x_stride_n, i64 x_stride_c, i64 y_stride_n, i64 y_stride_c, float eps,
-    i64 s_blocks, i64 total_tiles, i64 tiles_per_program, int rows, int block_s, int from_running_stats) {
+    i64 s_blocks, i64 total_tiles, i64 tiles_per_program, int rows, int block_s, int from_running_stats, int relu) {
     i64 c = blockIdx.x;
     A mean, scale, shift;
     channel_affine(c, blockIdx.y == 0 && threadIdx.x == 0, mean_in, invstd_in, running_mean, running_var,
                    saved_mean, saved_invstd, weight, bias, eps, from_running_stats, mean, scale, shift);
     if (threadIdx.x == 0) count_batch(num_batches_tracked, blockIdx.x == 0 && blockIdx.y == 0);
-    NormalizeRow<T, A> op = {x + c * x_stride_c, y + c * y_stride_c, x_stride_n, y_stride_n, mean, scale, shift};
+    NormalizeRow<T, A> op = {x + c * x_stride_c, y + c * y_stride_c, residual ? residual + c * y_stride_c : nullptr,
+                             x_stride_n, y_stride_n, mean, scale, shift, relu};
     Tiles t = program_tiles(N, S, s_blocks, total_tiles, tiles_per_program, rows, block_s);
     for (i64 tile = t.first; tile < t.last; ++tile) for_each_group_in_tile<VEC>(t, tile, op);
 }
 
-// y = (x - mean) * scale + shift over this thread's share of rows [row_begin, row_end) of channel c.
+// y = epilogue((x - mean) * scale + shift) over this thread's share of rows [row_begin, row_end) of channel c.
 template <typename T, typename A>
-__device__ void column_normalize(const T* x, T* y, i64 x_stride_m, i64 y_stride_m, i64 c, A mean, A scale, A shift,
-                                 i64 row_begin, i64 row_end) {
-    for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS)
-        y[r * y_stride_m + c] = cvt<T>((cvt<A>(x[r * x_stride_m + c]) - mean) * scale + shift);
+__device__ void column_normalize(const T* x, T* y, const T* residual, i64 x_stride_m, i64 y_stride_m, i64 c, A mean,
+                                 A scale, A shift, int relu, i64 row_begin, i64 row_end) {
+    for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS) {
+        A add = residual ? cvt<A>(residual[r * y_stride_m + c]) : A(0);
+        y[r * y_stride_m + c] = cvt<T>(epilogue((cvt<A>(x[r * x_stride_m + c]) - mean) * scale + shift, add, relu));
+    }
 }
 
 template <typename T, typename W, typename R, typename A>
 __global__ void normalize_channels_last(
     const T* __restrict__ x, T* __restrict__ y,   // (M, C), each with its own row stride
+    const T* __restrict__ residual,   // (M, C) with y's row stride, or null
     const A* mean_in, const A* invstd_in, const R* running_mean, const R* running_var,
     A* saved_mean, A* saved_invstd, const W* weight, const W* bias, i64* num_batches_tracked,
-    i64 M, i64 C, i64 x_stride_m, i64 y_stride_m, float eps, i64 rows_per_program, int from_running_stats) {
+    i64 M, i64 C, i64 x_stride_m, i64 y_stride_m, float eps, i64 rows_per_program, int from_running_stats,
+    int relu) {
     i64 c = (i64)blockIdx.y * CHANNEL_THREADS + threadIdx.x;
     if (threadIdx.x == 0 && threadIdx.y == 0) count_batch(num_batches_tracked, blockIdx.x == 0 && blockIdx.y == 0);
     if (c >= C) return;
@@ -460,7 +478,8 @@ __global__ void normalize_channels_last(
     channel_affine(c, blockIdx.x == 0 && threadIdx.y == 0, mean_in, invstd_in, running_mean, running_var,
                    saved_mean, saved_invstd, weight, bias, eps, from_running_stats, mean, scale, shift);
     i64 row_begin = (i64)blockIdx.x * rows_per_program;
-    column_normalize(x, y, x_stride_m, y_stride_m, c, mean, scale, shift, row_begin, min(row_begin + rows_per_program, M));
+    column_normalize(x, y, residual, x_stride_m, y_stride_m, c, mean, scale, shift, relu, row_begin,
+                     min(row_begin + rows_per_program, M));
 }
 
 // ---- backward ---------------------------------------------------------------------------------
@@ -661,11 +680,13 @@ __global__ void input_gradient_channels_last(
 template <typename T, typename W, typename R, typename A, int VEC>
 __global__ void single_pass_forward_channels_first(
     const T* __restrict__ x, T* __restrict__ y,   // (N, C, S), each with its own strides
+    const T* __restrict__ residual,   // (N, C, S) with y's strides, or null
     A* mean_out, A* invstd_out, R* running_mean, R* running_var,   // see store_statistics
     i64* num_batches_tracked,   // read when cumulative; incremented by block 0 when count_batch_here
     const W* weight, const W* bias,   // (C,) or null
     i64 N, i64 C, i64 S, i64 x_stride_n, i64 x_stride_c, i64 y_stride_n, i64 y_stride_c, float momentum, float eps,
-    i64 s_blocks, i64 total_tiles, int rows, int block_s, int has_running_stats, int cumulative, int count_batch_here) {
+    i64 s_blocks, i64 total_tiles, int rows, int block_s, int has_running_stats, int cumulative, int count_batch_here,
+    int relu) {
     __shared__ A channel[2];
     i64 c = blockIdx.x;
     const T* xc = x + c * x_stride_c;
@@ -682,17 +703,19 @@ __global__ void single_pass_forward_channels_first(
     __syncthreads();
     A scale, bias_c;
     affine_from(c, channel[1], weight, bias, scale, bias_c);
-    NormalizeRow<T, A> op = {xc, y + c * y_stride_c, x_stride_n, y_stride_n, channel[0], scale, bias_c};
+    NormalizeRow<T, A> op = {xc, y + c * y_stride_c, residual ? residual + c * y_stride_c : nullptr, x_stride_n,
+                             y_stride_n, channel[0], scale, bias_c, relu};
     for (i64 tile = 0; tile < total_tiles; ++tile) for_each_group_in_tile<VEC>(t, tile, op);
 }
 
 template <typename T, typename W, typename R, typename A>
 __global__ void single_pass_forward_channels_last(
     const T* __restrict__ x, T* __restrict__ y,   // (M, C), each with its own row stride
+    const T* __restrict__ residual,   // (M, C) with y's row stride, or null
     A* mean_out, A* invstd_out, R* running_mean, R* running_var, i64* num_batches_tracked,
     const W* weight, const W* bias,
     i64 M, i64 C, i64 x_stride_m, i64 y_stride_m, float momentum, float eps,
-    int has_running_stats, int cumulative, int count_batch_here) {
+    int has_running_stats, int cumulative, int count_batch_here, int relu) {
     __shared__ A channel_mean[CHANNEL_THREADS], channel_invstd[CHANNEL_THREADS];
     i64 c = (i64)blockIdx.y * CHANNEL_THREADS + threadIdx.x;
     Moments<A> m = {A(0), A(0), A(0)};
@@ -710,7 +733,8 @@ __global__ void single_pass_forward_channels_last(
     if (c >= C) return;
     A scale, bias_c;
     affine_from(c, channel_invstd[threadIdx.x], weight, bias, scale, bias_c);
-    column_normalize(x, y, x_stride_m, y_stride_m, c, channel_mean[threadIdx.x], scale, bias_c, i64(0), M);
+    column_normalize(x, y, residual, x_stride_m, y_stride_m, c, channel_mean[threadIdx.x], scale, bias_c, relu, i64(0),
+                     M);
 }
 
 template <typename T, typename W, typename A, int VEC>

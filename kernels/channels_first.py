@@ -116,16 +116,24 @@ def _affine(c, invstd, weight_ptr, bias_ptr, HAS_WEIGHT: tl.constexpr, HAS_BIAS:
 
 
 @triton.jit
-def _normalize(x_ptr, y_ptr, x_stride_n, y_stride_n, mean, scale, bias, first_tile, last_tile, s_blocks, N, S,
+def _normalize(x_ptr, y_ptr, residual_ptr, x_stride_n, y_stride_n, mean, scale, bias, first_tile, last_tile,
+               s_blocks, N, S, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
                ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr):
     # (x - mean) * scale + bias rather than x * scale + shift: the latter cancels when |mean| >> std.
     # Tiles in reverse (the last read first: still in L2), and x and y marked first to evict: this
-    # is their last use, and the cache is better spent on the tiles not yet re-read.
+    # is their last use, and the cache is better spent on the tiles not yet re-read. The epilogue
+    # (+ residual, ReLU) costs the residual's read and nothing else: the separate ops would each
+    # read and write the activation once more.
     for i in range(first_tile, last_tile):
         tile = first_tile + last_tile - 1 - i
         n, s, mask, _ = _tile(tile, s_blocks, N, S, ROWS, BLOCK_S, OFFSET_64)
         x = tl.load(x_ptr + _offsets(n, s, x_stride_n), mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
         y = (x - mean) * scale + bias
+        if HAS_RESIDUAL:  # laid out as the output
+            y += tl.load(residual_ptr + _offsets(n, s, y_stride_n), mask=mask, other=0.0,
+                         eviction_policy="evict_first").to(ACC)
+        if RELU:
+            y = tl.maximum(y, 0.0)
         tl.store(y_ptr + _offsets(n, s, y_stride_n), y.to(y_ptr.dtype.element_ty), mask=mask,
                  eviction_policy="evict_first")
 
@@ -193,6 +201,7 @@ def statistics_channels_first(
 def normalize_channels_first(
     x_ptr,           # input (N, C, S)
     y_ptr,           # output (N, C, S), in the input's dtype; strides may differ from x
+    residual_ptr,    # (N, C, S) added before the activation when HAS_RESIDUAL; the output's strides
     mean_ptr,        # (C,) batch mean (training) or running mean (eval)
     var_ptr,         # (C,) eval only: running variance
     invstd_ptr,      # (C,) training: read; eval: written by split 0 for the backward
@@ -203,7 +212,7 @@ def normalize_channels_first(
     N, C, S, x_stride_n, x_stride_c, y_stride_n, y_stride_c, eps,
     s_blocks, total_tiles, tiles_per_program,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FROM_RUNNING_STATS: tl.constexpr,
-    COUNT_BATCH: tl.constexpr,
+    COUNT_BATCH: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
 ):
     c, split = _reversed_program(OFFSET_64)
@@ -220,21 +229,25 @@ def normalize_channels_first(
         invstd = tl.load(invstd_ptr + c).to(ACC)
     scale, bias = _affine(c, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC)
     first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
-    _normalize(x_ptr + c * x_stride_c, y_ptr + c * y_stride_c, x_stride_n, y_stride_n, mean, scale, bias,
-               first_tile, last_tile, s_blocks, N, S, ACC, ROWS, BLOCK_S, OFFSET_64)
+    if HAS_RESIDUAL:
+        residual_ptr += c * y_stride_c
+    _normalize(x_ptr + c * x_stride_c, y_ptr + c * y_stride_c, residual_ptr, x_stride_n, y_stride_n,
+               mean, scale, bias, first_tile, last_tile, s_blocks, N, S, HAS_RESIDUAL, RELU,
+               ACC, ROWS, BLOCK_S, OFFSET_64)
 
 
 @triton.jit
 def single_pass_forward_channels_first(
     x_ptr,           # input (N, C, S)
     y_ptr,           # output (N, C, S), in the input's dtype; strides may differ from x
+    residual_ptr,    # (N, C, S) added before the activation when HAS_RESIDUAL; the output's strides
     mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,  # see store_statistics
     weight_ptr,      # (C,) scale, when HAS_WEIGHT
     bias_ptr,        # (C,) shift, when HAS_BIAS
     N, C, S, x_stride_n, x_stride_c, y_stride_n, y_stride_c, momentum, eps,
     s_blocks, total_tiles,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr,
-    CUMULATIVE: tl.constexpr, COUNT_BATCH: tl.constexpr,
+    CUMULATIVE: tl.constexpr, COUNT_BATCH: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
@@ -250,8 +263,10 @@ def single_pass_forward_channels_first(
     if COUNT_BATCH:  # never with CUMULATIVE: other programs read the count in store_statistics
         count_batch(num_batches_tracked_ptr, c == 0)
     scale, bias = _affine(c, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC)
-    _normalize(x_ptr, y_ptr + c * y_stride_c, x_stride_n, y_stride_n, mean, scale, bias,
-               0, total_tiles, s_blocks, N, S, ACC, ROWS, BLOCK_S, OFFSET_64)
+    if HAS_RESIDUAL:
+        residual_ptr += c * y_stride_c
+    _normalize(x_ptr, y_ptr + c * y_stride_c, residual_ptr, x_stride_n, y_stride_n, mean, scale,
+               bias, 0, total_tiles, s_blocks, N, S, HAS_RESIDUAL, RELU, ACC, ROWS, BLOCK_S, OFFSET_64)
 
 
 @triton.jit

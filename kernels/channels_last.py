@@ -120,17 +120,24 @@ def _affine(cols, col_mask, invstd, weight_ptr, bias_ptr,
 
 
 @triton.jit
-def _normalize(x_ptr, y_ptr, x_stride_m, y_stride_m, cols, col_mask, mean, scale, bias, row_begin, row_end,
+def _normalize(x_ptr, y_ptr, residual_ptr, x_stride_m, y_stride_m, cols, col_mask, mean, scale, bias, row_begin,
+               row_end, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
                ACC: tl.constexpr, BLOCK_M: tl.constexpr, OFFSET_64: tl.constexpr):
     # (x - mean) * scale + bias rather than x * scale + shift: the latter cancels when |mean| >> std.
     # Tiles in reverse (the last read first: still in L2), and x and y marked first to evict: this
-    # is their last use, and the cache is better spent on the tiles not yet re-read.
+    # is their last use, and the cache is better spent on the tiles not yet re-read. The epilogue
+    # (+ residual, ReLU) costs the residual's read and nothing else.
     for start in range(row_begin, row_end, BLOCK_M):
         rows, mask = _tile(_reversed_tile_start(start, row_begin, row_end, BLOCK_M), row_end, col_mask, BLOCK_M,
                            OFFSET_64)
         x = tl.load(x_ptr + _offsets(rows, cols, x_stride_m), mask=mask, other=0.0,
                     eviction_policy="evict_first").to(ACC)
         y = (x - mean[None, :]) * scale[None, :] + bias[None, :]
+        if HAS_RESIDUAL:  # laid out as the output
+            y += tl.load(residual_ptr + _offsets(rows, cols, y_stride_m), mask=mask, other=0.0,
+                         eviction_policy="evict_first").to(ACC)
+        if RELU:
+            y = tl.maximum(y, 0.0)
         tl.store(y_ptr + _offsets(rows, cols, y_stride_m), y.to(y_ptr.dtype.element_ty), mask=mask,
                  eviction_policy="evict_first")
 
@@ -197,6 +204,7 @@ def statistics_channels_last(
 def normalize_channels_last(
     x_ptr,           # input (M, C)
     y_ptr,           # output (M, C), in the input's dtype; row stride may differ from x
+    residual_ptr,    # (M, C) added before the activation when HAS_RESIDUAL; the output's row stride
     mean_ptr,        # (C,) batch mean (training) or running mean (eval)
     var_ptr,         # (C,) eval only: running variance
     invstd_ptr,      # (C,) training: read; eval: written by split 0 for the backward
@@ -206,7 +214,7 @@ def normalize_channels_last(
     num_batches_tracked_ptr,  # () int64, incremented by program (0, 0) when COUNT_BATCH
     M, C, x_stride_m, y_stride_m, eps, rows_per_program,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FROM_RUNNING_STATS: tl.constexpr,
-    COUNT_BATCH: tl.constexpr,
+    COUNT_BATCH: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
 ):
     cols, col_mask, row_begin, row_end = _reversed_program(M, C, rows_per_program, BLOCK_C, OFFSET_64)
@@ -224,20 +232,21 @@ def normalize_channels_last(
     else:
         invstd = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     scale, bias = _affine(cols, col_mask, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC, BLOCK_C)
-    _normalize(x_ptr, y_ptr, x_stride_m, y_stride_m, cols, col_mask, mean, scale, bias, row_begin, row_end,
-               ACC, BLOCK_M, OFFSET_64)
+    _normalize(x_ptr, y_ptr, residual_ptr, x_stride_m, y_stride_m, cols, col_mask, mean, scale, bias, row_begin,
+               row_end, HAS_RESIDUAL, RELU, ACC, BLOCK_M, OFFSET_64)
 
 
 @triton.jit
 def single_pass_forward_channels_last(
     x_ptr,           # input (M, C)
     y_ptr,           # output (M, C), in the input's dtype; row stride may differ from x
+    residual_ptr,    # (M, C) added before the activation when HAS_RESIDUAL; the output's row stride
     mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,  # see store_statistics
     weight_ptr,      # (C,) scale, when HAS_WEIGHT
     bias_ptr,        # (C,) shift, when HAS_BIAS
     M, C, x_stride_m, y_stride_m, momentum, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr,
-    CUMULATIVE: tl.constexpr, COUNT_BATCH: tl.constexpr,
+    CUMULATIVE: tl.constexpr, COUNT_BATCH: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
@@ -253,8 +262,8 @@ def single_pass_forward_channels_last(
     if COUNT_BATCH:  # never with CUMULATIVE: other programs read the count in store_statistics
         count_batch(num_batches_tracked_ptr, tl.program_id(1) == 0)
     scale, bias = _affine(cols, col_mask, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC, BLOCK_C)
-    _normalize(x_ptr, y_ptr, x_stride_m, y_stride_m, cols, col_mask, mean, scale, bias, 0, M,
-               ACC, BLOCK_M, OFFSET_64)
+    _normalize(x_ptr, y_ptr, residual_ptr, x_stride_m, y_stride_m, cols, col_mask, mean, scale, bias, 0, M,
+               HAS_RESIDUAL, RELU, ACC, BLOCK_M, OFFSET_64)
 
 
 @triton.jit

@@ -13,8 +13,8 @@ import torch
 
 SHAPES = [(64, 64, 112, 112), (64, 2048, 7, 7), (16384, 2048), (8, 64, 16, 56, 56), (5, 3), (4, 3, 7, 9)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-# (affine, running statistics, momentum)
-OPTIONS = [(True, True, 0.1), (False, False, 0.1), (True, True, None)]
+# (affine, running statistics, momentum, epilogue: residual + ReLU)
+OPTIONS = [(True, True, 0.1, False), (False, False, 0.1, False), (True, True, None, False), (True, True, 0.1, True)]
 
 
 def variants(sms: int = 132) -> dict:
@@ -24,10 +24,10 @@ def variants(sms: int = 132) -> dict:
     for shape in SHAPES:
         for dtype in DTYPES:
             for layout in (["contiguous", "channels_last"] if len(shape) > 2 else ["contiguous"]):
-                for affine, running, momentum in OPTIONS:
+                for affine, running, momentum, epilogue in OPTIONS:
                     for op in launches.OPS + launches.SYNC_OPS:
                         for launch in launches.record("triton", op, shape, dtype, layout, sms=sms, affine=affine,
-                                                      running=running, momentum=momentum):
+                                                      running=running, momentum=momentum, epilogue=epilogue):
                             signature, constexprs, attrs, options = launches.triton_compile_inputs(launch)
                             key = (launch.name, tuple(signature.items()), repr(sorted(constexprs.items())),
                                    repr(sorted(attrs.items())), tuple(options.items()))

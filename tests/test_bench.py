@@ -52,16 +52,17 @@ def test_target_gaps():
     assert "**no**" in markdown and "bn_gpu-triton" in markdown
 
 
-def test_a_wrong_implementation_is_marked_wrong():
-    def wrong(x, w, b, rm, rv, training):
-        return torch.nn.functional.batch_norm(x, rm, rv, w, b, training) * 1.01
+@pytest.mark.parametrize("mode", ["train_fwd", "train_fwdbwd", "train_fwd_add_relu", "train_fwdbwd_add_relu"])
+def test_a_wrong_implementation_is_marked_wrong(mode):
+    def wrong(x, w, b, rm, rv, training, residual=None):
+        return bench._torch_sequence(x, w, b, rm, rv, training, residual) * 1.01
 
     right = bench._torch_batch_norm(cudnn=False)
     device = torch.device("cpu")
-    bad = bench.measure_case("torch-native", wrong, (4, 3, 5), torch.float32, "contiguous", "train_fwd", device, True)
-    good = bench.measure_case("torch-native", right, (4, 3, 5), torch.float32, "contiguous", "train_fwd", device, True)
+    bad = bench.measure_case("torch-native", wrong, (4, 3, 5), torch.float32, "contiguous", mode, device, True)
+    good = bench.measure_case("torch-native", right, (4, 3, 5), torch.float32, "contiguous", mode, device, True)
     assert not bad.correct and bad.max_error > 1e-3
-    assert good.correct and good.max_error < 1e-5 and good.us > 0
+    assert good.correct and good.max_error < 1e-5 and good.us > 0, good.note
 
 
 def test_smoke_run_writes_results_and_the_plot_renders(tmp_path):
@@ -123,7 +124,7 @@ def test_results_are_written_after_every_job(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "measure_case", fake_measure)
     monkeypatch.setattr(bench, "plot", lambda rows, meta, path: path)
     bench.run(_bench_args(tmp_path, budget_s=1000))
-    jobs = 3 * 2 * 3  # 4x3x6x6 in two layouts and 5x3 in one, 2 impls, 3 modes
+    jobs = 3 * 2 * 5  # 4x3x6x6 in two layouts and 5x3 in one, 2 impls, 5 modes (2 of them fused)
     assert rows_on_disk == list(range(jobs))
     data = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert len(data["rows"]) == jobs and data["meta"]["dropped"] == []
@@ -143,8 +144,9 @@ def test_a_run_out_of_time_stops_and_lists_what_it_dropped(tmp_path, monkeypatch
     assert time.monotonic() - start < 1.0 + 0.3 + 5  # stops after the job that crossed the budget
     data = json.loads(next(tmp_path.glob("*.json")).read_text())
     measured = len(data["rows"])
-    assert 2 <= measured < 18
-    assert len(data["meta"]["dropped"]) == 18 - measured
+    jobs = 3 * 2 * 5  # as in test_results_are_written_after_every_job
+    assert 2 <= measured < jobs
+    assert len(data["meta"]["dropped"]) == jobs - measured
     assert all(d.endswith("(out of time)") for d in data["meta"]["dropped"])
     assert "dropped to fit the budget" in next(tmp_path.glob("*.md")).read_text()
 

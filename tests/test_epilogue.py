@@ -1,0 +1,188 @@
+"""The fused epilogue relu(bn(x) + residual): ops, modules and fx fusion, against the float64
+reference and the unfused torch sequence F.relu(F.batch_norm(x) + residual)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bn_gpu
+from bn_gpu import reference as ref
+from support import (LAYOUT_CASES, arrange, assert_close, backend_devices, case_id, make_input, make_params)
+
+EPILOGUES = [("relu", False), ("relu", True), (None, True)]
+EPILOGUE_IDS = ["relu", "add-relu", "add"]
+
+
+def _scaled(grad, grad_y, C):
+    return grad / (grad_y.double().abs().sum().cpu() / C)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("case", LAYOUT_CASES[::2], ids=case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation,with_residual", EPILOGUES, ids=EPILOGUE_IDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_epilogue_as_reference(backend, device, case, dtype, activation, with_residual, training, kernel_path,
+                               poisoned):
+    shape, layout = case
+    C = shape[1]
+    x = make_input(shape, dtype, layout, device, mean=0.5, std=1.0).requires_grad_()
+    weight, bias, running_mean, running_var = make_params(C, torch.float32, device)
+    weight.requires_grad_()
+    bias.requires_grad_()
+    # The residual in its own layout: contiguous whatever x's is.
+    residual = make_input(shape, dtype, "contiguous", device, mean=0.0, std=1.0, seed=5).requires_grad_() \
+        if with_residual else None
+    y = bn_gpu.batch_norm(x, running_mean.clone(), running_var.clone(), weight, bias, training, backend=backend,
+                          activation=activation, residual=residual)
+    relu = activation == "relu"
+    if training:
+        y_bn = ref.forward_train(x.detach(), weight.detach(), bias.detach())[0]
+    else:
+        y_bn = ref.forward_eval(x.detach(), running_mean, running_var, weight.detach(), bias.detach())
+    y_ref = ref.epilogue(y_bn, residual.detach() if with_residual else None, relu)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close(y, y_ref, dtype, "output")
+
+    grad_y = make_input(shape, dtype, layout, device, mean=0.0, std=1.0, seed=7)
+    inputs = (x, weight, bias) + ((residual,) if with_residual else ())
+    grads = torch.autograd.grad(y, inputs, grad_y)
+    grad_bn = ref.epilogue_backward(grad_y, y_ref, relu)
+    if training:
+        grad_x_ref, grad_w_ref, grad_b_ref = ref.backward_train(grad_bn, x.detach(), weight.detach())
+    else:
+        grad_x_ref, grad_w_ref, grad_b_ref = ref.backward_eval(grad_bn, x.detach(), running_mean, running_var,
+                                                               weight.detach())
+    # bf16 outputs near 0 may round across the ReLU's kink: compare where the reference is clear of it.
+    clear = (y_ref.abs() > 0.05).cpu() if dtype == torch.bfloat16 and relu else torch.ones(shape, dtype=torch.bool)
+    assert_close(grads[0].double().cpu()[clear], grad_x_ref.cpu()[clear], dtype, "grad_input")
+    if dtype != torch.bfloat16 or not relu:
+        assert_close(_scaled(grads[1], grad_y, C), _scaled(grad_w_ref, grad_y, C), dtype, "grad_weight")
+        assert_close(_scaled(grads[2], grad_y, C), _scaled(grad_b_ref, grad_y, C), dtype, "grad_bias")
+    if with_residual:
+        assert_close(grads[3].double().cpu()[clear], grad_bn.cpu()[clear], dtype, "grad_residual")
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_epilogue_double_backward_and_forward_mode(backend, device, training):
+    x = make_input((3, 2, 2, 3), torch.float64, device=device, mean=0.3, std=1.0).requires_grad_()
+    residual = make_input((3, 2, 2, 3), torch.float64, device=device, mean=0.0, std=1.0, seed=3).requires_grad_()
+    weight, bias, running_mean, running_var = make_params(2, torch.float64, device)
+
+    def f(a, r):
+        return bn_gpu.batch_norm(a, running_mean.clone(), running_var.clone(), weight, bias, training,
+                                 backend=backend, activation="relu", residual=r)
+
+    def g(a, r):
+        return F.relu(F.batch_norm(a, running_mean.clone(), running_var.clone(), weight, bias, training) + r)
+
+    assert torch.autograd.gradgradcheck(f, (x, residual))
+    tangents = (torch.randn_like(x), torch.randn_like(residual))
+    primals = (x.detach(), residual.detach())
+    torch.testing.assert_close(torch.func.jvp(f, primals, tangents), torch.func.jvp(g, primals, tangents))
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_epilogue_under_vmap_as_torch(backend, device):
+    x = make_input((3, 4, 2, 5), device=device)
+    residual = make_input((3, 4, 2, 5), device=device, seed=2)
+    y = torch.vmap(lambda a, r: bn_gpu.batch_norm(a, None, None, training=True, activation="relu", residual=r,
+                                                  backend=backend))(x, residual)
+    expected = torch.vmap(lambda a, r: F.relu(F.batch_norm(a, None, None, training=True) + r))(x, residual)
+    torch.testing.assert_close(y, expected)
+
+
+def test_epilogue_refuses_bad_arguments():
+    x = torch.randn(4, 3, 5)
+    with pytest.raises(ValueError, match="activation must be None or 'relu'"):
+        bn_gpu.batch_norm(x, None, None, training=True, activation="gelu")
+    with pytest.raises(RuntimeError, match="residual must match the input"):
+        bn_gpu.batch_norm(x, None, None, training=True, residual=torch.randn(4, 3, 6))
+    running_mean = torch.zeros(3)
+    with pytest.raises(RuntimeError, match="residual must match the input"):
+        bn_gpu.batch_norm(x, running_mean, torch.ones(3), training=True, residual=x.double())
+    assert torch.equal(running_mean, torch.zeros(3))
+
+
+def test_epilogue_ops_pass_opcheck():
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    residual = torch.randn(4, 3, 5, requires_grad=True)
+    weight, bias = torch.rand(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    for op, args in ((torch.ops.bn_gpu.forward_train.default,
+                      (x, weight, bias, torch.zeros(3), torch.ones(3), torch.tensor(0), 0.1, 1e-5, "cpu", residual,
+                       True)),
+                     (torch.ops.bn_gpu.forward_eval.default,
+                      (x, weight, bias, torch.zeros(3), torch.ones(3), 1e-5, "cpu", residual, True))):
+        torch.library.opcheck(op, args)
+
+
+# ---- modules and fusion --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_batch_norm_relu_module_as_the_torch_sequence(backend, device):
+    torch.manual_seed(0)
+    fused = bn_gpu.BatchNormReLU2d(4, backend=backend).to(device)
+    plain = torch.nn.BatchNorm2d(4).to(device)
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    for step in range(2):
+        x = arrange(make_input((3, 4, 5, 5), device=device, seed=step), "channels_last")
+        residual = make_input((3, 4, 5, 5), device=device, seed=10 + step)
+        torch.testing.assert_close(fused(x, residual), F.relu(plain(x) + residual))
+        torch.testing.assert_close(fused(x), F.relu(plain(x)))
+    torch.testing.assert_close(fused.running_var, plain.running_var)
+    fused.eval()
+    plain.eval()
+    torch.testing.assert_close(fused(x, residual), F.relu(plain(x) + residual))
+
+
+class _Block(torch.nn.Module):
+    """A ResNet basic block, the patterns fusion looks for, and one it must leave."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.bn3 = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        y += x
+        return self.bn3(torch.relu(y)) * 2
+
+
+@pytest.mark.parametrize("backend", ["cpu", None])
+def test_fuse_batch_norm_relu_reports_and_computes_the_same(backend):
+    torch.manual_seed(0)
+    model = _Block()
+    fused, report = bn_gpu.fuse_batch_norm_relu(model, backend=backend)
+    assert report.fused == [("bn1", "BatchNorm -> ReLU"), ("bn2", "BatchNorm + add -> ReLU")]
+    assert [name for name, _ in report.left] == ["bn3"] and "mul" in report.left[0][1]
+    assert "fused 2 BatchNorm(s), left 1" in str(report)
+    assert type(fused.bn1) is bn_gpu.BatchNormReLU2d and type(fused.bn3) is torch.nn.BatchNorm2d
+    assert type(model.bn1) is torch.nn.BatchNorm2d  # the original is untouched
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 4, 5, 5)
+    x_ref = x.clone().requires_grad_()
+    x.requires_grad_()
+    y, y_ref = fused(x), reference(x_ref)
+    torch.testing.assert_close(y, y_ref)
+    y.sum().backward()
+    y_ref.sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(fused.bn2.weight.grad, reference.bn2.weight.grad)
+    torch.testing.assert_close(fused.bn1.running_mean, reference.bn1.running_mean)
+
+
+def test_batch_norm_relu_under_torch_compile():
+    torch.manual_seed(0)
+    module = bn_gpu.BatchNormReLU2d(3)
+    eager = copy.deepcopy(module)
+    x, residual = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(torch.compile(module, backend="aot_eager", fullgraph=True)(x, residual),
+                               eager(x, residual))
