@@ -1,7 +1,7 @@
 # Two commands do their own set-up on a fresh machine: `make demo` and `make test`.
 # They create a virtual environment in $(VENV), reusing a torch already installed on the system
 # (CI installs torch==2.13.0 first), else installing $(TORCH). `make demo` installs bn_gpu alone;
-# `make test` adds the test, bench and cuda-compile extras.
+# `make test` adds the test, bench, cuda-compile and examples extras.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
@@ -16,7 +16,7 @@ $(VENV)/.base: pyproject.toml
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.base
-	$(PY) -m pip install -e ".[test,bench,cuda-compile]"
+	$(PY) -m pip install -e ".[test,bench,cuda-compile,examples]"
 	touch $@
 
 demo: $(VENV)/.base

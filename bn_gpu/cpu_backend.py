@@ -64,12 +64,15 @@ def forward_eval(x, weight, bias, running_mean, running_var, eps, residual=None,
     return _affine(x, mean, invstd, weight, bias, residual, relu), mean, invstd
 
 
-def backward(grad_y, x, weight, mean, invstd, training, need_input_grad, need_weight_grad):
+def backward(grad_y, x, weight, mean, invstd, training, need_input_grad, need_weight_grad, bias=None, relu=False):
     dims = _reduce_dims(x)
     dy = grad_y.to(mean.dtype)
     xmu = x.to(mean.dtype) - _per_channel(mean, x)
     grad_x, grad_weight, grad_bias = x.new_empty(0), x.new_empty(0), x.new_empty(0)
     scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    if relu:  # through the forward's ReLU, its mask recomputed as the forward computed its input
+        pre = xmu * _per_channel(scale, x) + (_per_channel(bias.to(mean.dtype), x) if bias is not None else 0)
+        dy = torch.where(pre > 0, dy, torch.zeros((), dtype=dy.dtype))
     if training or need_weight_grad:
         sum_dy = dy.sum(dim=dims)
         sum_dy_xmu = (dy * xmu).sum(dim=dims)

@@ -83,8 +83,8 @@ def kernel_names(T: str, W: str, R: str, A: str) -> dict:
         "normalize_channels_last": f"<{T}, {W}, {R}, {A}>",
         "single_pass_forward_channels_first": f"<{T}, {W}, {R}, {A}, VEC>",
         "single_pass_forward_channels_last": f"<{T}, {W}, {R}, {A}>",
-        "gradient_sums_channels_first": f"<{T}, {A}, VEC>",
-        "gradient_sums_channels_last": f"<{T}, {A}>",
+        "gradient_sums_channels_first": f"<{T}, {W}, {A}, VEC>",
+        "gradient_sums_channels_last": f"<{T}, {W}, {A}>",
         "finalize_gradients": f"<{A}, {W}>",
         "input_gradient_channels_first": f"<{T}, {W}, {A}, VEC>",
         "input_gradient_channels_last": f"<{T}, {W}, {A}>",
@@ -145,6 +145,17 @@ def _types(dtype: torch.dtype, weight_dtype, running_dtype) -> tuple:
 
 def _dtype(t: torch.Tensor | None):
     return None if t is None else t.dtype
+
+
+def _param_dtype(weight, bias):
+    """W of a kernel reading weight and bias: the weight's dtype, else the bias's."""
+    return _dtype(weight if weight is not None else bias)
+
+
+def _as_w(t: torch.Tensor | None, w_dtype) -> torch.Tensor | None:
+    """t in the kernel's W: a bias whose dtype differs from the weight's (fp32 and 16-bit may be
+    mixed) is read through a per-channel copy, kept alive by the caller until the launch is queued."""
+    return t if t is None or w_dtype is None or t.dtype == w_dtype else t.to(w_dtype)
 
 
 def _grid(g: plans.Geometry):
@@ -224,7 +235,9 @@ class CudaKernels:
         # Eval reads the running statistics and writes mean and invstd for the backward.
         statistics = [None, None, running_mean, running_var, mean, invstd] if from_running else \
             [mean, invstd, None, None, None, None]
-        _launch(g, _dtype(weight), _dtype(running_mean), self._role(g, "normalize", x, y, residual), *_grid(g),
+        bias = _as_w(bias, _param_dtype(weight, bias))
+        _launch(g, _param_dtype(weight, bias), _dtype(running_mean), self._role(g, "normalize", x, y, residual),
+                *_grid(g),
                 [_ptr(x), _ptr(y), _ptr(residual), *map(_ptr, statistics), _ptr(weight), _ptr(bias), _ptr(counter)]
                 + _i64(*g.sizes, *g.x.strides, *g.out.strides) + [np.float32(eps)] + _tiling(g)
                 + [np.int32(from_running), np.int32(relu)])
@@ -233,18 +246,20 @@ class CudaKernels:
                             momentum, eps, count_batch, residual=None, relu=False):
         tracked = running_mean is not None
         cumulative = tracked and momentum is None
-        _launch(g, _dtype(weight), _dtype(running_mean), self._role(g, "single_pass_forward", x, y, residual),
+        bias = _as_w(bias, _param_dtype(weight, bias))
+        _launch(g, _param_dtype(weight, bias), _dtype(running_mean), self._role(g, "single_pass_forward", x, y, residual),
                 *_grid(g), [_ptr(x), _ptr(y), _ptr(residual), _ptr(mean), _ptr(invstd), _ptr(running_mean), _ptr(running_var),
             _ptr(counter if cumulative or count_batch else None), _ptr(weight), _ptr(bias)]
             + _i64(*g.sizes, *g.x.strides, *g.out.strides)
             + [np.float32(0.0 if momentum is None else momentum), np.float32(eps)] + _tiling(g, single_pass=True)
             + [np.int32(tracked), np.int32(cumulative), np.int32(count_batch), np.int32(relu)])
 
-    def gradient_sums(self, g, grad_y, x, mean, partials):
+    def gradient_sums(self, g, grad_y, x, mean, partials, invstd=None, weight=None, bias=None, relu=False):
         sum_dy, sum_dy_xmu = partials
-        _launch(g, None, None, self._role(g, "gradient_sums", grad_y, x), *_grid(g),
-                [_ptr(grad_y), _ptr(x), _ptr(mean), _ptr(sum_dy), _ptr(sum_dy_xmu)]
-                + _i64(*g.sizes, *g.grad_y.strides, *g.x.strides) + _tiling(g))
+        masking = [invstd, weight, _as_w(bias, _param_dtype(weight, bias))] if relu else [None, None, None]
+        _launch(g, _param_dtype(*masking[1:]), None, self._role(g, "gradient_sums", grad_y, x), *_grid(g),
+                [_ptr(grad_y), _ptr(x), _ptr(mean), *map(_ptr, masking), _ptr(sum_dy), _ptr(sum_dy_xmu)]
+                + _i64(*g.sizes, *g.grad_y.strides, *g.x.strides) + _tiling(g) + [np.int32(relu)])
 
     def finalize_gradients(self, g, partials, invstd, totals, grad_weight, grad_bias):
         sum_dy, sum_dy_xmu = partials
@@ -253,19 +268,23 @@ class CudaKernels:
         _launch(g, grad_weight.dtype, None, "finalize_gradients", (g.C,), (THREADS,), [_ptr(sum_dy), _ptr(sum_dy_xmu), _ptr(invstd), _ptr(total_dy), _ptr(total_dy_xmu),
                                      _ptr(grad_weight), _ptr(grad_bias), np.int64(g.plan.splits), np.int64(g.C)])
 
-    def input_gradient(self, g, grad_y, x, grad_x, mean, invstd, weight, totals, training):
+    def input_gradient(self, g, grad_y, x, grad_x, mean, invstd, weight, totals, training, bias=None, relu=False):
         total_dy, total_dy_xmu = totals if training else (None, None)
-        _launch(g, _dtype(weight), None, self._role(g, "input_gradient", grad_y, x, grad_x), *_grid(g), [
-            _ptr(grad_y), _ptr(x), _ptr(grad_x), _ptr(mean), _ptr(invstd), _ptr(weight), _ptr(total_dy),
+        bias = _as_w(bias, _param_dtype(weight, bias)) if relu else None
+        _launch(g, _param_dtype(weight, bias), None, self._role(g, "input_gradient", grad_y, x, grad_x), *_grid(g), [
+            _ptr(grad_y), _ptr(x), _ptr(grad_x), _ptr(mean), _ptr(invstd), _ptr(weight), _ptr(bias), _ptr(total_dy),
             _ptr(total_dy_xmu)] + _i64(*g.sizes, *g.grad_y.strides, *g.x.strides, *g.out.strides)
-            + [_accumulate(g, 1.0 / g.count)] + _tiling(g) + [np.int32(training)])
+            + [_accumulate(g, 1.0 / g.count)] + _tiling(g) + [np.int32(training), np.int32(relu)])
 
-    def single_pass_backward(self, g, grad_y, x, grad_x, mean, invstd, weight, grad_weight, grad_bias, training):
-        _launch(g, _dtype(weight), None, self._role(g, "single_pass_backward", grad_y, x, grad_x), *_grid(g), [
-            _ptr(grad_y), _ptr(x), _ptr(grad_x), _ptr(mean), _ptr(invstd), _ptr(weight), _ptr(grad_weight),
-            _ptr(grad_bias)] + _i64(*g.sizes, *g.grad_y.strides, *g.x.strides, *g.out.strides)
+    def single_pass_backward(self, g, grad_y, x, grad_x, mean, invstd, weight, grad_weight, grad_bias, training,
+                             bias=None, relu=False):
+        # The gradients are written in W: the weight's dtype (the accumulation dtype without one).
+        bias = _as_w(bias, grad_weight.dtype) if relu else None
+        _launch(g, grad_weight.dtype, None, self._role(g, "single_pass_backward", grad_y, x, grad_x), *_grid(g), [
+            _ptr(grad_y), _ptr(x), _ptr(grad_x), _ptr(mean), _ptr(invstd), _ptr(weight), _ptr(bias),
+            _ptr(grad_weight), _ptr(grad_bias)] + _i64(*g.sizes, *g.grad_y.strides, *g.x.strides, *g.out.strides)
             + [_accumulate(g, 1.0 / g.count)] + _tiling(g, single_pass=True)
-            + [np.int32(training), np.int32(grad_x is not None)])
+            + [np.int32(training), np.int32(grad_x is not None), np.int32(relu)])
 
     def finalize_moments(self, g, x, partials, moments):
         count, part_mean, m2 = partials

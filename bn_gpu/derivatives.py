@@ -55,6 +55,16 @@ def differentiable_gradients(grad_output, x, weight, mean, invstd, training: boo
     return grad_input.to(x.dtype), sum_dy_xhat, sum_dy
 
 
+def through_relu(grad_output, x, weight, bias, mean, invstd):
+    """grad_output where the forward's (x - mean) * invstd * weight + bias was positive: the
+    gradient through a ReLU that followed the BatchNorm, its mask a constant."""
+    pre = (x.to(mean.dtype) - _per_channel(mean, x)) * _per_channel(_scale(invstd, weight), x)
+    if bias is not None:
+        pre = pre + _per_channel(bias.to(mean.dtype), x)
+    return torch.where(pre.detach() > 0, grad_output, torch.zeros((), dtype=grad_output.dtype,
+                                                                  device=grad_output.device))
+
+
 def output_tangent(x, weight, mean, invstd, training: bool, x_tangent, weight_tangent, bias_tangent):
     """The forward-mode derivative of the output, given the tangents of x, weight and bias (None: zero)."""
     dims = _reduce_dims(x)

@@ -80,7 +80,7 @@ def record(backend: str, op: str, shape, dtype: torch.dtype, layout: str = "cont
     "sync_train_fwd", "sync_train_bwd") of a backend
     ("triton" or "cupy") on an input of this shape, dtype and layout, on a GPU of `sms`
     multiprocessors. Weight, bias and running statistics are fp32 for 16-bit inputs. epilogue: the
-    forward ops with a residual and ReLU."""
+    forward ops with a residual and ReLU, the training backward through a ReLU."""
     from . import cupy_backend, triton_backend
     from .layout import arranged
     module = {"triton": triton_backend, "cupy": cupy_backend}[backend]
@@ -104,7 +104,8 @@ def record(backend: str, op: str, shape, dtype: torch.dtype, layout: str = "cont
             module.forward_eval(x, weight, bias, running_mean if running else mean, running_var if running else invstd,
                                 1e-5, **fused)
         elif op == "train_bwd":
-            module.backward(torch.empty_like(x), x, weight, mean, invstd, True, True, True)
+            module.backward(torch.empty_like(x), x, weight, mean, invstd, True, True, True,
+                            **(dict(bias=bias, relu=True) if epilogue else {}))
         elif op == "eval_bwd":
             module.backward(torch.empty_like(x), x, weight, mean, invstd, False, True, False)
         elif op == "sync_train_fwd":

@@ -64,12 +64,16 @@ ASSUMED = ("l2_reuse_mb", "latency_us", "host_us_per_launch")
 
 DEFAULT_SHAPES = ["64x64x112x112", "64x256x56x56", "64x2048x7x7", "16384x2048", "8x64x16x56x56", "5x3"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-OPS = ("train_fwd", "eval_fwd", "train_bwd", "train_fwd_add_relu")
-EPILOGUE_SUFFIX = "_add_relu"  # the fused epilogue relu(bn(x) + residual): the residual is one more stream
+OPS = ("train_fwd", "eval_fwd", "train_bwd", "train_fwd_add_relu", "train_bwd_relu")
+# Fused ops: (the plain op they extend, what the epilogue adds). The forward relu(bn(x) + residual)
+# reads the residual as one more stream; the backward of BN + ReLU recomputes the ReLU's mask from x,
+# which its kernels read anyway.
+FUSED_OPS = {"train_fwd_add_relu": "train_fwd", "train_bwd_relu": "train_bwd"}
 # Passes over the activation of the unfused sequence of a fused op: BatchNorm at its floor, then the
-# add (read two, write one) and the ReLU (read, write), each a kernel of its own.
-UNFUSED_PASSES = {"train_fwd_add_relu": 2 + 3 + 2}
-FLOOR_PASSES = {"train_fwd": 2, "eval_fwd": 2, "train_bwd": 3, "train_fwd_add_relu": 3}
+# add (read two, write one) and the ReLU (read, write) as kernels of their own; backward: the ReLU's
+# (read y and dy, write the gradient), then BatchNorm's.
+UNFUSED_PASSES = {"train_fwd_add_relu": 2 + 3 + 2, "train_bwd_relu": 3 + 3}
+FLOOR_PASSES = {"train_fwd": 2, "eval_fwd": 2, "train_bwd": 3, "train_fwd_add_relu": 3, "train_bwd_relu": 3}
 
 # Per kernel: which tensors it streams, as (name, passes): "x" read, "dy" read, "y" written;
 # "x2" / "dy2" a second read of the same data in the same kernel (single-pass kernels).
@@ -407,7 +411,7 @@ def dram_bytes(launch, case, target: Target, per_sm: int) -> float:
     streams = list(STREAMS[job])
     if job == "input_gradient" and op == "eval_bwd":
         streams = ["dy", "y"]
-    if op.endswith(EPILOGUE_SUFFIX) and job in ("normalize", "single_pass_forward"):
+    if op == "train_fwd_add_relu" and job in ("normalize", "single_pass_forward"):
         streams.append("residual")
     total = 0.0
     for stream in streams:
@@ -417,7 +421,7 @@ def dram_bytes(launch, case, target: Target, per_sm: int) -> float:
             working_set = tensor * reread * resident_programs / launch.programs
             total += 0.0 if working_set <= reuse else tensor
         elif stream in ("x", "dy") and _second_pass(launch, op):
-            reread = tensor * (2 if op == "train_bwd" else 1)  # the backward re-reads x and dy
+            reread = tensor * (2 if FUSED_OPS.get(op, op) == "train_bwd" else 1)  # the backward re-reads x and dy
             if _reverses_second_pass(launch.backend):
                 total += tensor * max(0.0, 1.0 - reuse / reread)
             else:
@@ -435,7 +439,7 @@ def _reverses_second_pass(backend: str) -> bool:
 def _second_pass(launch, op: str) -> bool:
     """Whether this kernel re-reads what an earlier kernel of the same op read (split path)."""
     job = _job(launch.name)
-    op = op[:-len(EPILOGUE_SUFFIX)] if op.endswith(EPILOGUE_SUFFIX) else op
+    op = FUSED_OPS.get(op, op)
     return (job == "normalize" and op == "train_fwd") or (job == "input_gradient" and op == "train_bwd")
 
 
@@ -461,9 +465,8 @@ class CaseFigures:
 def model_case(backend: str, shape, dtype: torch.dtype, layout: str, op: str, target: Target,
                compiler: Compiler) -> CaseFigures:
     case = (shape, dtype, layout, op)
-    fused = op.endswith(EPILOGUE_SUFFIX)
-    launches = recorded.record(backend, op[:-len(EPILOGUE_SUFFIX)] if fused else op, shape, dtype, layout,
-                               sms=target.sms, epilogue=fused)
+    launches = recorded.record(backend, FUSED_OPS.get(op, op), shape, dtype, layout, sms=target.sms,
+                               epilogue=op in FUSED_OPS)
     figures = []
     for launch in launches:
         compiled = compiler.triton(launch) if backend == "triton" else compiler.cuda(launch)
@@ -513,9 +516,9 @@ def fused_markdown(cases: list[CaseFigures]) -> str:
     lines = ["| backend | shape | dtype | layout | op | fused DRAM MB | unfused sequence DRAM MB | fused / unfused |",
              "|---|---|---|---|---|---|---|---|"]
     for c in cases:
-        if not c.op.endswith(EPILOGUE_SUFFIX):
+        if c.op not in FUSED_OPS:
             continue
-        base = plain.get((c.backend, c.shape, c.dtype, c.layout, c.op[:-len(EPILOGUE_SUFFIX)]))
+        base = plain.get((c.backend, c.shape, c.dtype, c.layout, FUSED_OPS[c.op]))
         if base is None:
             continue
         tensor = base.floor_bytes / FLOOR_PASSES[base.op]

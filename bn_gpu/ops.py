@@ -7,7 +7,8 @@ Registered through a ``torch.library.Library`` define/impl pair rather than the 
     bn_gpu::forward_train  batch statistics, normalize; updates running stats and counts the batch
     bn_gpu::forward_eval   normalize with the running statistics
                            both with an epilogue: output = relu?(normalized + residual?)
-    bn_gpu::backward       gradients of both (training: through the batch statistics)
+    bn_gpu::backward       gradients of both (training: through the batch statistics); relu: through the
+                           forward's ReLU (without residual), its mask recomputed from the input and bias
 
 Every op takes the concrete backend name ("triton", "cupy", "cpu") as its last argument.
 """
@@ -31,7 +32,7 @@ _lib.define(
     "float eps, str backend, Tensor? residual=None, bool relu=False) -> (Tensor output, Tensor mean, Tensor invstd)")
 _lib.define(
     "backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, bool training, "
-    "bool need_input_grad, bool need_weight_grad, str backend) "
+    "bool need_input_grad, bool need_weight_grad, str backend, Tensor? bias=None, bool relu=False) "
     "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)")
 
 
@@ -103,7 +104,8 @@ def _forward_eval(input, weight, bias, running_mean, running_var, eps, backend, 
                              residual, relu)
 
 
-def _backward(grad_output, input, weight, mean, invstd, training, need_input_grad, need_weight_grad, backend):
+def _backward(grad_output, input, weight, mean, invstd, training, need_input_grad, need_weight_grad, backend,
+              bias=None, relu=False):
     check_input(input)
     if grad_output.shape != input.shape:
         raise RuntimeError(f"bn_gpu.backward: grad_output has shape {tuple(grad_output.shape)}, "
@@ -112,7 +114,7 @@ def _backward(grad_output, input, weight, mean, invstd, training, need_input_gra
     if input.numel() == 0:
         return _backward_outputs(input, weight, mean, need_input_grad, need_weight_grad, input.new_zeros)
     return impl.backward(grad_output, input, _dense(weight), _dense(mean), _dense(invstd), training,
-                         need_input_grad, need_weight_grad)
+                         need_input_grad, need_weight_grad, _dense(bias), relu)
 
 
 for _key in ("CPU", "CUDA"):
@@ -139,7 +141,8 @@ def _fake_forward_eval(input, weight, bias, running_mean, running_var, eps, back
 
 
 @torch.library.register_fake("bn_gpu::backward")
-def _fake_backward(grad_output, input, weight, mean, invstd, training, need_input_grad, need_weight_grad, backend):
+def _fake_backward(grad_output, input, weight, mean, invstd, training, need_input_grad, need_weight_grad, backend,
+                   bias=None, relu=False):
     return _backward_outputs(input, weight, mean, need_input_grad, need_weight_grad, input.new_empty)
 
 
@@ -206,12 +209,13 @@ def _forward_eval_vmap(info, in_dims, input, weight, bias, running_mean, running
 
 @torch.library.register_vmap("bn_gpu::backward", lib=_lib)
 def _backward_vmap(info, in_dims, grad_output, input, weight, mean, invstd, training, need_input_grad,
-                   need_weight_grad, backend):
+                   need_weight_grad, backend, bias=None, relu=False):
     B = info.batch_size
+    bias_dim = in_dims[9] if len(in_dims) > 9 else None
     grad_input, grad_weight, grad_bias = torch.ops.bn_gpu.backward(
         _fold_input(grad_output, in_dims[0], B), _fold_input(input, in_dims[1], B),
         *(_fold_per_channel(t, d, B) for t, d in zip((weight, mean, invstd), in_dims[2:5])),
-        training, need_input_grad, need_weight_grad, backend)
+        training, need_input_grad, need_weight_grad, backend, _fold_per_channel(bias, bias_dim, B), relu)
     (grad_weight, weight_dim), (grad_bias, bias_dim) = _unfold_per_channel(grad_weight, B), _unfold_per_channel(grad_bias, B)
     input_dim = 1 if grad_input.numel() else None
     return ((_unfold_input(grad_input, B) if input_dim else grad_input, grad_weight, grad_bias),
@@ -254,10 +258,13 @@ def _gradients(ctx, needs, grad_output) -> tuple:
     residual_needed = len(needs) > ctx.residual_index and needs[ctx.residual_index]
     if grad_output is None or not (any(needs[:3]) or residual_needed):
         return tuple(grads)
-    x, weight, mean, invstd, output = ctx.saved_tensors
-    if ctx.relu:
-        # The ReLU's mask from the saved output (which the next layer usually keeps anyway), as a
-        # pass of its own: not yet fused into the backward kernels.
+    x, weight, bias, mean, invstd, output = ctx.saved_tensors
+    # The ReLU's mask: with a residual, from the saved output (which the next layer usually keeps
+    # anyway) in a pass of its own, whose result is the residual's gradient too -- the bytes a
+    # fused read of the output would move; without one, recomputed from x inside the backward
+    # kernels (relu_in_kernels), or here for a differentiable backward.
+    relu_in_kernels = ctx.relu and not ctx.has_residual
+    if ctx.relu and ctx.has_residual:
         grad_output = torch.where(output > 0, grad_output, torch.zeros((), dtype=grad_output.dtype,
                                                                        device=grad_output.device))
     if residual_needed:
@@ -267,13 +274,16 @@ def _gradients(ctx, needs, grad_output) -> tuple:
     if x is None:  # not kept (eval, dx alone): grad_output stands in for its shape and layout
         x = grad_output
     if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
+        if relu_in_kernels:
+            grad_output = derivatives.through_relu(grad_output, x, weight, bias, mean, invstd)
         grad_input, grad_weight, grad_bias = derivatives.differentiable_gradients(
             grad_output, x, weight, mean, invstd, ctx.training, ctx.eps)
         if weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
     else:
         grad_input, grad_weight, grad_bias = torch.ops.bn_gpu.backward(
-            grad_output, x, weight, mean, invstd, ctx.training, needs[0], needs[1] or needs[2], ctx.backend)
+            grad_output, x, weight, mean, invstd, ctx.training, needs[0], needs[1] or needs[2], ctx.backend,
+            bias if relu_in_kernels else None, relu_in_kernels)
     if needs[2] and grad_bias.dtype != ctx.bias_dtype:
         grad_bias = grad_bias.to(ctx.bias_dtype)
     grads[:3] = (grad_input if needs[0] else None, grad_weight if needs[1] else None,
@@ -300,14 +310,15 @@ def _function(run, training: bool):
             y, mean, invstd = output
             ctx.mark_non_differentiable(mean, invstd)
             ctx.residual_index = eps_index + 2
+            ctx.has_residual = len(inputs) > ctx.residual_index and inputs[ctx.residual_index] is not None
             ctx.relu = len(inputs) > eps_index + 3 and bool(inputs[eps_index + 3])
             # Eval with a weight that needs no gradient (FrozenBatchNorm): dx = dy * weight * invstd
-            # needs no activation, so none is kept alive.
-            keep_x = training or (weight is not None and weight.requires_grad)
-            kept_output = y if ctx.relu else None
-            ctx.save_for_backward(x if keep_x else None, weight, mean, invstd, kept_output)
+            # needs no activation, so none is kept alive -- unless a ReLU's mask is recomputed from it.
+            keep_x = training or (weight is not None and weight.requires_grad) or (ctx.relu and not ctx.has_residual)
+            kept_output = y if ctx.relu and ctx.has_residual else None
+            ctx.save_for_backward(x if keep_x else None, weight, bias, mean, invstd, kept_output)
             if _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
-                ctx.save_for_forward(x, weight, mean, invstd, kept_output)
+                ctx.save_for_forward(x, weight, bias, mean, invstd, y if ctx.relu else None)
             ctx.training, ctx.eps, ctx.backend = training, inputs[eps_index], inputs[eps_index + 1]
             ctx.bias_dtype = bias.dtype if bias is not None else None
 
@@ -317,7 +328,7 @@ def _function(run, training: bool):
 
         @staticmethod
         def jvp(ctx, x_tangent, weight_tangent, bias_tangent, *other_tangents):
-            x, weight, mean, invstd, output = ctx.saved_tensors
+            x, weight, _bias, mean, invstd, output = ctx.saved_tensors
             tangent = derivatives.output_tangent(x, weight, mean, invstd, ctx.training, x_tangent, weight_tangent,
                                                  bias_tangent)
             residual_tangent = other_tangents[ctx.residual_index - 3] if len(other_tangents) > ctx.residual_index - 3 \

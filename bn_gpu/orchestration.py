@@ -50,19 +50,22 @@ class KernelTable(Protocol):
         """statistics + finalize + normalize (with normalize's epilogue) in one launch (one
         program per channel block)."""
 
-    def gradient_sums(self, g: Geometry, grad_y, x, mean, partials) -> None:
-        """partials (2, splits, C): sum of dy and of dy * (x - mean) per (split, channel)."""
+    def gradient_sums(self, g: Geometry, grad_y, x, mean, partials, invstd=None, weight=None, bias=None,
+                      relu: bool = False) -> None:
+        """partials (2, splits, C): sum of dy and of dy * (x - mean) per (split, channel); with relu,
+        dy masked where the forward's (x - mean) * invstd * weight + bias was not positive."""
 
     def finalize_gradients(self, g: Geometry, partials, invstd, totals, grad_weight, grad_bias) -> None:
         """totals (2, C) for the input-gradient pass; grad_weight and grad_bias."""
 
     def input_gradient(self, g: Geometry, grad_y, x, grad_x, mean, invstd, weight, totals,
-                       training: bool) -> None:
-        """dx; in training from the totals, in eval dy * weight * invstd (totals is None)."""
+                       training: bool, bias=None, relu: bool = False) -> None:
+        """dx; in training from the totals, in eval dy * weight * invstd (totals is None); dy masked
+        as in gradient_sums with relu."""
 
     def single_pass_backward(self, g: Geometry, grad_y, x, grad_x, mean, invstd, weight, grad_weight,
-                             grad_bias, training: bool) -> None:
-        """gradient sums, grad_weight, grad_bias and (grad_x given) dx in one launch."""
+                             grad_bias, training: bool, bias=None, relu: bool = False) -> None:
+        """gradient sums, grad_weight, grad_bias and (grad_x given) dx in one launch (relu: as above)."""
 
     def finalize_moments(self, g: Geometry, x, partials, moments) -> None:
         """moments (2C + 1,): this process's count, C means, C M2s, from the statistics' partials."""
@@ -141,8 +144,11 @@ def forward_eval(kernels: KernelTable, x, weight, bias, running_mean, running_va
 
 
 @_on_input_device
-def backward(kernels: KernelTable, grad_y, x, weight, mean, invstd, training, need_input_grad, need_weight_grad):
-    """(grad_x, grad_weight, grad_bias); a gradient that is not needed comes back empty."""
+def backward(kernels: KernelTable, grad_y, x, weight, mean, invstd, training, need_input_grad, need_weight_grad,
+             bias=None, relu=False):
+    """(grad_x, grad_weight, grad_bias); a gradient that is not needed comes back empty. relu: the
+    forward ended in a ReLU (no residual): dy goes through its mask, recomputed from x with the
+    forward's mean, invstd, weight and bias."""
     g = kernels.geometry(x, grad_y)
     x, grad_y = g.read(x), g.read_grad(grad_y)
     device = x.device
@@ -151,18 +157,20 @@ def backward(kernels: KernelTable, grad_y, x, weight, mean, invstd, training, ne
     if not (training or need_weight_grad):  # eval, dx alone: elementwise
         if grad_x is None:
             return x.new_empty(0), x.new_empty(0), x.new_empty(0)
-        kernels.input_gradient(g, grad_y, x, grad_x, mean, invstd, weight, None, training=False)
+        kernels.input_gradient(g, grad_y, x, grad_x, mean, invstd, weight, None, training=False, bias=bias, relu=relu)
         return grad_x, x.new_empty(0), x.new_empty(0)
     grad_weight, grad_bias = empty(g.C, param_dtype, device), empty(g.C, param_dtype, device)
     if g.single_pass:
-        kernels.single_pass_backward(g, grad_y, x, grad_x, mean, invstd, weight, grad_weight, grad_bias, training)
+        kernels.single_pass_backward(g, grad_y, x, grad_x, mean, invstd, weight, grad_weight, grad_bias, training,
+                                     bias=bias, relu=relu)
     else:
         partials = empty((2, g.plan.splits, g.C), g.stat_dtype, device)
         totals = empty((2, g.C), g.stat_dtype, device)
-        kernels.gradient_sums(g, grad_y, x, mean, partials)
+        kernels.gradient_sums(g, grad_y, x, mean, partials, invstd=invstd, weight=weight, bias=bias, relu=relu)
         kernels.finalize_gradients(g, partials, invstd, totals, grad_weight, grad_bias)
         if need_input_grad:
-            kernels.input_gradient(g, grad_y, x, grad_x, mean, invstd, weight, totals, training)
+            kernels.input_gradient(g, grad_y, x, grad_x, mean, invstd, weight, totals, training, bias=bias,
+                                   relu=relu)
     if grad_x is None:
         grad_x = x.new_empty(0)
     if not need_weight_grad:

@@ -187,11 +187,13 @@ class TritonKernels:
                     CUMULATIVE=cumulative, COUNT_BATCH=count_batch, HAS_RESIDUAL=residual is not None, RELU=relu,
                     **meta))
 
-    def gradient_sums(self, g, grad_y, x, mean, partials):
+    def gradient_sums(self, g, grad_y, x, mean, partials, invstd=None, weight=None, bias=None, relu=False):
         kernel, grid, meta = _config(g, "gradient_sums")
         sum_dy, sum_dy_xmu = partials
         launch(kernel, grid,
-               [grad_y, x, mean, sum_dy, sum_dy_xmu, *g.sizes, *g.grad_y.strides, *g.x.strides, *g.tiling], meta)
+               [grad_y, x, mean, invstd if relu else None, weight if relu else None, bias if relu else None, sum_dy,
+                sum_dy_xmu, *g.sizes, *g.grad_y.strides, *g.x.strides, *g.tiling],
+               dict(HAS_WEIGHT=relu and weight is not None, HAS_BIAS=relu and bias is not None, RELU=relu, **meta))
 
     def finalize_gradients(self, g, partials, invstd, totals, grad_weight, grad_bias):
         grid, meta = _finalize_config(g)
@@ -201,20 +203,23 @@ class TritonKernels:
                [sum_dy, sum_dy_xmu, invstd, total_dy, total_dy_xmu, grad_weight, grad_bias, g.plan.splits, g.C],
                meta)
 
-    def input_gradient(self, g, grad_y, x, grad_x, mean, invstd, weight, totals, training):
+    def input_gradient(self, g, grad_y, x, grad_x, mean, invstd, weight, totals, training, bias=None, relu=False):
         kernel, grid, meta = _config(g, "input_gradient")
         total_dy, total_dy_xmu = totals if training else (None, None)
         launch(kernel, grid,
-               [grad_y, x, grad_x, mean, invstd, weight, total_dy, total_dy_xmu, *g.sizes, *g.grad_y.strides,
-                *g.x.strides, *g.out.strides, 1.0 / g.count, *g.tiling],
-               dict(HAS_WEIGHT=weight is not None, TRAINING=training, **meta))
+               [grad_y, x, grad_x, mean, invstd, weight, bias if relu else None, total_dy, total_dy_xmu, *g.sizes,
+                *g.grad_y.strides, *g.x.strides, *g.out.strides, 1.0 / g.count, *g.tiling],
+               dict(HAS_WEIGHT=weight is not None, HAS_BIAS=relu and bias is not None, TRAINING=training, RELU=relu,
+                    **meta))
 
-    def single_pass_backward(self, g, grad_y, x, grad_x, mean, invstd, weight, grad_weight, grad_bias, training):
+    def single_pass_backward(self, g, grad_y, x, grad_x, mean, invstd, weight, grad_weight, grad_bias, training,
+                             bias=None, relu=False):
         kernel, grid, meta = _config(g, "single_pass_backward")
         launch(kernel, grid,
-               [grad_y, x, grad_x, mean, invstd, weight, grad_weight, grad_bias, *g.sizes, *g.grad_y.strides,
-                *g.x.strides, *g.out.strides, 1.0 / g.count, *g.single_pass_tiling],
-               dict(HAS_WEIGHT=weight is not None, TRAINING=training, NEED_INPUT_GRAD=grad_x is not None, **meta))
+               [grad_y, x, grad_x, mean, invstd, weight, bias if relu else None, grad_weight, grad_bias, *g.sizes,
+                *g.grad_y.strides, *g.x.strides, *g.out.strides, 1.0 / g.count, *g.single_pass_tiling],
+               dict(HAS_WEIGHT=weight is not None, HAS_BIAS=relu and bias is not None, TRAINING=training,
+                    NEED_INPUT_GRAD=grad_x is not None, RELU=relu, **meta))
 
     def finalize_moments(self, g, x, partials, moments):
         grid, meta = _finalize_config(g)

@@ -485,14 +485,34 @@ __global__ void normalize_channels_last(
 // ---- backward ---------------------------------------------------------------------------------
 
 // Adds V values of one row to a thread's sum(dy) and sum(dy * (x - mean)).
+// dy through a ReLU that followed the BatchNorm (no residual), its mask recomputed from x as the
+// forward computed the ReLU's input, (x - mean) * scale + shift, rather than read from memory.
+template <typename A> struct ReluMask {
+    int on; A mean, scale, shift;
+    __device__ __forceinline__ A apply(A dy, A x) const {
+        return on && !((x - mean) * scale + shift > A(0)) ? A(0) : dy;
+    }
+};
+
+template <typename W, typename A>
+__device__ __forceinline__ ReluMask<A> relu_mask(i64 c, int on, const A* mean, const A* invstd, const W* weight,
+                                                const W* bias) {
+    ReluMask<A> m = {on, A(0), A(0), A(0)};
+    if (on) {
+        m.mean = mean[c];
+        affine_from(c, invstd[c], weight, bias, m.scale, m.shift);
+    }
+    return m;
+}
+
 template <typename T, typename A> struct GradientSumsRow {
-    const T* dy; const T* x; i64 dy_stride_n, x_stride_n; A mean; A* sum_dy; A* sum_dy_xmu;
+    const T* dy; const T* x; i64 dy_stride_n, x_stride_n; A mean; A* sum_dy; A* sum_dy_xmu; ReluMask<A> relu;
     template <int V> __device__ __forceinline__ void apply(i64 n, i64 s) const {
         Pack<T, V> g = *reinterpret_cast<const Pack<T, V>*>(dy + n * dy_stride_n + s);
         Pack<T, V> in = *reinterpret_cast<const Pack<T, V>*>(x + n * x_stride_n + s);
 #pragma unroll
         for (int k = 0; k < V; ++k) {
-            A d = cvt<A>(g.v[k]);
+            A d = relu.apply(cvt<A>(g.v[k]), cvt<A>(in.v[k]));
             *sum_dy += d;
             *sum_dy_xmu += d * (cvt<A>(in.v[k]) - mean);
         }
@@ -502,26 +522,30 @@ template <typename T, typename A> struct GradientSumsRow {
 // sum(dy) and sum(dy * (x - mean)) of one channel over tiles [first, last), valid in thread 0.
 template <typename T, typename A, int VEC>
 __device__ void block_gradient_sums(const Tiles& t, i64 first, i64 last, const T* dyc, const T* xc,
-                                    i64 dy_stride_n, i64 x_stride_n, A mean, A& sum_dy, A& sum_dy_xmu) {
-    GradientSumsRow<T, A> op = {dyc, xc, dy_stride_n, x_stride_n, mean, &sum_dy, &sum_dy_xmu};
+                                    i64 dy_stride_n, i64 x_stride_n, A mean, const ReluMask<A>& relu, A& sum_dy,
+                                    A& sum_dy_xmu) {
+    GradientSumsRow<T, A> op = {dyc, xc, dy_stride_n, x_stride_n, mean, &sum_dy, &sum_dy_xmu, relu};
     for (i64 tile = first; tile < last; ++tile) for_each_group_in_tile<VEC>(t, tile, op);
     sum_dy = block_sum<A, 0>(sum_dy);
     sum_dy_xmu = block_sum<A, 1>(sum_dy_xmu);
 }
 
-template <typename T, typename A, int VEC>
+template <typename T, typename W, typename A, int VEC>
 __global__ void gradient_sums_channels_first(
     const T* __restrict__ dy, const T* __restrict__ x, const A* mean_in,
+    const A* invstd_in, const W* weight, const W* bias,   // read for the ReLU's mask when relu
     A* part_sum_dy, A* part_sum_dy_xmu,   // (splits, C)
     i64 N, i64 C, i64 S, i64 dy_stride_n, i64 dy_stride_c, i64 x_stride_n, i64 x_stride_c,
-    i64 s_blocks, i64 total_tiles, i64 tiles_per_program, int rows, int block_s) {
+    i64 s_blocks, i64 total_tiles, i64 tiles_per_program, int rows, int block_s, int relu) {
     i64 c = blockIdx.x;
     A mean = mean_in[c];
+    ReluMask<A> mask = relu_mask(c, relu, mean_in, invstd_in, weight, bias);
     const T* dyc = dy + c * dy_stride_c;
     const T* xc = x + c * x_stride_c;
     A sum_dy = A(0), sum_dy_xmu = A(0);
     Tiles t = program_tiles(N, S, s_blocks, total_tiles, tiles_per_program, rows, block_s);
-    block_gradient_sums<T, A, VEC>(t, t.first, t.last, dyc, xc, dy_stride_n, x_stride_n, mean, sum_dy, sum_dy_xmu);
+    block_gradient_sums<T, A, VEC>(t, t.first, t.last, dyc, xc, dy_stride_n, x_stride_n, mean, mask, sum_dy,
+                                   sum_dy_xmu);
     if (threadIdx.x == 0) {
         i64 out = (i64)blockIdx.y * C + c;
         part_sum_dy[out] = sum_dy;
@@ -532,24 +556,29 @@ __global__ void gradient_sums_channels_first(
 // This thread's share of sum(dy) and sum(dy * (x - mean)) over rows [row_begin, row_end) of channel c.
 template <typename T, typename A>
 __device__ void column_gradient_sums(const T* dy, const T* x, i64 dy_stride_m, i64 x_stride_m, i64 c, A mean,
-                                     i64 row_begin, i64 row_end, A& sum_dy, A& sum_dy_xmu) {
+                                     const ReluMask<A>& relu, i64 row_begin, i64 row_end, A& sum_dy, A& sum_dy_xmu) {
     for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS) {
-        A g = cvt<A>(dy[r * dy_stride_m + c]);
+        A xv = cvt<A>(x[r * x_stride_m + c]);
+        A g = relu.apply(cvt<A>(dy[r * dy_stride_m + c]), xv);
         sum_dy += g;
-        sum_dy_xmu += g * (cvt<A>(x[r * x_stride_m + c]) - mean);
+        sum_dy_xmu += g * (xv - mean);
     }
 }
 
-template <typename T, typename A>
+template <typename T, typename W, typename A>
 __global__ void gradient_sums_channels_last(
     const T* __restrict__ dy, const T* __restrict__ x, const A* mean_in,
+    const A* invstd_in, const W* weight, const W* bias,   // read for the ReLU's mask when relu
     A* part_sum_dy, A* part_sum_dy_xmu,   // (splits, C)
-    i64 M, i64 C, i64 dy_stride_m, i64 x_stride_m, i64 rows_per_program) {
+    i64 M, i64 C, i64 dy_stride_m, i64 x_stride_m, i64 rows_per_program, int relu) {
     i64 c = (i64)blockIdx.y * CHANNEL_THREADS + threadIdx.x;
     i64 row_begin = (i64)blockIdx.x * rows_per_program;
     i64 row_end = min(row_begin + rows_per_program, M);
     A sum_dy = A(0), sum_dy_xmu = A(0);
-    if (c < C) column_gradient_sums(dy, x, dy_stride_m, x_stride_m, c, mean_in[c], row_begin, row_end, sum_dy, sum_dy_xmu);
+    if (c < C)
+        column_gradient_sums(dy, x, dy_stride_m, x_stride_m, c, mean_in[c],
+                             relu_mask(c, relu, mean_in, invstd_in, weight, bias), row_begin, row_end, sum_dy,
+                             sum_dy_xmu);
     column_sums(sum_dy, sum_dy_xmu);
     if (threadIdx.y == 0 && c < C) {
         i64 out = (i64)blockIdx.x * C + c;
@@ -610,18 +639,21 @@ __device__ __forceinline__ void dx_coefficients_at(
                     training ? sum_dy_xmu[c] : A(0), inv_count, training, mean, scale, mean_dy, projection);
 }
 
-// dx on V values of one row (x is read in training only).
+// dx on V values of one row (x is read in training, or for the ReLU's mask).
 template <typename T, typename A> struct InputGradientRow {
     const T* dy; const T* x; T* dx; i64 dy_stride_n, x_stride_n, dx_stride_n;
-    A mean, scale, mean_dy, projection; int training;
+    A mean, scale, mean_dy, projection; int training; ReluMask<A> relu;
     template <int V> __device__ __forceinline__ void apply(i64 n, i64 s) const {
         Pack<T, V> g = *reinterpret_cast<const Pack<T, V>*>(dy + n * dy_stride_n + s);
         Pack<T, V> out;
-        if (training) {
+        if (training || relu.on) {
             Pack<T, V> in = *reinterpret_cast<const Pack<T, V>*>(x + n * x_stride_n + s);
 #pragma unroll
-            for (int k = 0; k < V; ++k)
-                out.v[k] = cvt<T>(scale * (cvt<A>(g.v[k]) - mean_dy - (cvt<A>(in.v[k]) - mean) * projection));
+            for (int k = 0; k < V; ++k) {
+                A xv = cvt<A>(in.v[k]);
+                A d = relu.apply(cvt<A>(g.v[k]), xv);
+                out.v[k] = cvt<T>(training ? scale * (d - mean_dy - (xv - mean) * projection) : scale * d);
+            }
         } else {
 #pragma unroll
             for (int k = 0; k < V; ++k) out.v[k] = cvt<T>(scale * cvt<A>(g.v[k]));
@@ -633,15 +665,18 @@ template <typename T, typename A> struct InputGradientRow {
 template <typename T, typename W, typename A, int VEC>
 __global__ void input_gradient_channels_first(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,   // (N, C, S)
-    const A* mean_in, const A* invstd_in, const W* weight, const A* sum_dy, const A* sum_dy_xmu,
+    const A* mean_in, const A* invstd_in, const W* weight,
+    const W* bias,   // read for the ReLU's mask when relu
+    const A* sum_dy, const A* sum_dy_xmu,
     i64 N, i64 C, i64 S, i64 dy_stride_n, i64 dy_stride_c, i64 x_stride_n, i64 x_stride_c,
     i64 dx_stride_n, i64 dx_stride_c, A inv_count,
-    i64 s_blocks, i64 total_tiles, i64 tiles_per_program, int rows, int block_s, int training) {
+    i64 s_blocks, i64 total_tiles, i64 tiles_per_program, int rows, int block_s, int training, int relu) {
     i64 c = blockIdx.x;
     A mean, scale, mean_dy, projection;
     dx_coefficients_at(c, mean_in, invstd_in, weight, sum_dy, sum_dy_xmu, inv_count, training, mean, scale, mean_dy, projection);
     InputGradientRow<T, A> op = {dy + c * dy_stride_c, x + c * x_stride_c, dx + c * dx_stride_c,
-                                 dy_stride_n, x_stride_n, dx_stride_n, mean, scale, mean_dy, projection, training};
+                                 dy_stride_n, x_stride_n, dx_stride_n, mean, scale, mean_dy, projection, training,
+                                 relu_mask(c, relu, mean_in, invstd_in, weight, bias)};
     Tiles t = program_tiles(N, S, s_blocks, total_tiles, tiles_per_program, rows, block_s);
     for (i64 tile = t.first; tile < t.last; ++tile) for_each_group_in_tile<VEC>(t, tile, op);
 }
@@ -650,10 +685,17 @@ __global__ void input_gradient_channels_first(
 template <typename T, typename A>
 __device__ void column_input_gradient(const T* dy, const T* x, T* dx, i64 dy_stride_m, i64 x_stride_m, i64 dx_stride_m,
                                       i64 c, A mean, A scale, A mean_dy, A projection, int training,
-                                      i64 row_begin, i64 row_end) {
+                                      const ReluMask<A>& relu, i64 row_begin, i64 row_end) {
     for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS) {
         A g = cvt<A>(dy[r * dy_stride_m + c]);
-        A value = training ? scale * (g - mean_dy - (cvt<A>(x[r * x_stride_m + c]) - mean) * projection) : scale * g;
+        A value;
+        if (training || relu.on) {
+            A xv = cvt<A>(x[r * x_stride_m + c]);
+            g = relu.apply(g, xv);
+            value = training ? scale * (g - mean_dy - (xv - mean) * projection) : scale * g;
+        } else {
+            value = scale * g;
+        }
         dx[r * dx_stride_m + c] = cvt<T>(value);
     }
 }
@@ -661,16 +703,19 @@ __device__ void column_input_gradient(const T* dy, const T* x, T* dx, i64 dy_str
 template <typename T, typename W, typename A>
 __global__ void input_gradient_channels_last(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,   // (M, C)
-    const A* mean_in, const A* invstd_in, const W* weight, const A* sum_dy, const A* sum_dy_xmu,
+    const A* mean_in, const A* invstd_in, const W* weight,
+    const W* bias,   // read for the ReLU's mask when relu
+    const A* sum_dy, const A* sum_dy_xmu,
     i64 M, i64 C, i64 dy_stride_m, i64 x_stride_m, i64 dx_stride_m, A inv_count, i64 rows_per_program,
-    int training) {
+    int training, int relu) {
     i64 c = (i64)blockIdx.y * CHANNEL_THREADS + threadIdx.x;
     if (c >= C) return;
     A mean, scale, mean_dy, projection;
     dx_coefficients_at(c, mean_in, invstd_in, weight, sum_dy, sum_dy_xmu, inv_count, training, mean, scale, mean_dy, projection);
     i64 row_begin = (i64)blockIdx.x * rows_per_program;
     column_input_gradient(dy, x, dx, dy_stride_m, x_stride_m, dx_stride_m, c, mean, scale, mean_dy, projection,
-                          training, row_begin, min(row_begin + rows_per_program, M));
+                          training, relu_mask(c, relu, mean_in, invstd_in, weight, bias), row_begin,
+                          min(row_begin + rows_per_program, M));
 }
 
 // ---- single pass: one block owns whole channels (the launch plan has one split) ------------------
@@ -740,10 +785,12 @@ __global__ void single_pass_forward_channels_last(
 template <typename T, typename W, typename A, int VEC>
 __global__ void single_pass_backward_channels_first(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,   // (N, C, S); dx when need_input_grad
-    const A* mean_in, const A* invstd_in, const W* weight, W* grad_weight, W* grad_bias,
+    const A* mean_in, const A* invstd_in, const W* weight,
+    const W* bias,   // read for the ReLU's mask when relu
+    W* grad_weight, W* grad_bias,
     i64 N, i64 C, i64 S, i64 dy_stride_n, i64 dy_stride_c, i64 x_stride_n, i64 x_stride_c,
     i64 dx_stride_n, i64 dx_stride_c, A inv_count,
-    i64 s_blocks, i64 total_tiles, int rows, int block_s, int training, int need_input_grad) {
+    i64 s_blocks, i64 total_tiles, int rows, int block_s, int training, int need_input_grad, int relu) {
     __shared__ A totals[2];
     i64 c = blockIdx.x;
     const T* dyc = dy + c * dy_stride_c;
@@ -751,7 +798,9 @@ __global__ void single_pass_backward_channels_first(
     A mean = mean_in[c], invstd = invstd_in[c];
     A sum_dy = A(0), sum_dy_xmu = A(0);
     Tiles t = program_tiles(N, S, s_blocks, total_tiles, total_tiles, rows, block_s);
-    block_gradient_sums<T, A, VEC>(t, i64(0), total_tiles, dyc, xc, dy_stride_n, x_stride_n, mean, sum_dy, sum_dy_xmu);
+    ReluMask<A> mask = relu_mask(c, relu, mean_in, invstd_in, weight, bias);
+    block_gradient_sums<T, A, VEC>(t, i64(0), total_tiles, dyc, xc, dy_stride_n, x_stride_n, mean, mask, sum_dy,
+                                   sum_dy_xmu);
     if (threadIdx.x == 0) {
         store_gradients(c, sum_dy, sum_dy_xmu, invstd, grad_weight, grad_bias);
         totals[0] = sum_dy;
@@ -762,20 +811,24 @@ __global__ void single_pass_backward_channels_first(
     A mean_x, scale, mean_dy, projection;
     dx_coefficients(c, mean, invstd, weight, totals[0], totals[1], inv_count, training, mean_x, scale, mean_dy, projection);
     InputGradientRow<T, A> op = {dyc, xc, dx + c * dx_stride_c, dy_stride_n, x_stride_n, dx_stride_n,
-                                 mean_x, scale, mean_dy, projection, training};
+                                 mean_x, scale, mean_dy, projection, training, mask};
     for (i64 tile = 0; tile < total_tiles; ++tile) for_each_group_in_tile<VEC>(t, tile, op);
 }
 
 template <typename T, typename W, typename A>
 __global__ void single_pass_backward_channels_last(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,   // (M, C); dx when need_input_grad
-    const A* mean_in, const A* invstd_in, const W* weight, W* grad_weight, W* grad_bias,
-    i64 M, i64 C, i64 dy_stride_m, i64 x_stride_m, i64 dx_stride_m, A inv_count, int training, int need_input_grad) {
+    const A* mean_in, const A* invstd_in, const W* weight,
+    const W* bias,   // read for the ReLU's mask when relu
+    W* grad_weight, W* grad_bias,
+    i64 M, i64 C, i64 dy_stride_m, i64 x_stride_m, i64 dx_stride_m, A inv_count, int training, int need_input_grad,
+    int relu) {
     __shared__ A totals[2][CHANNEL_THREADS];
     i64 c = (i64)blockIdx.y * CHANNEL_THREADS + threadIdx.x;
     A mean = c < C ? mean_in[c] : A(0), invstd = c < C ? invstd_in[c] : A(0);
     A sum_dy = A(0), sum_dy_xmu = A(0);
-    if (c < C) column_gradient_sums(dy, x, dy_stride_m, x_stride_m, c, mean, i64(0), M, sum_dy, sum_dy_xmu);
+    ReluMask<A> mask = relu_mask(c, relu && c < C, mean_in, invstd_in, weight, bias);
+    if (c < C) column_gradient_sums(dy, x, dy_stride_m, x_stride_m, c, mean, mask, i64(0), M, sum_dy, sum_dy_xmu);
     column_sums(sum_dy, sum_dy_xmu);
     if (threadIdx.y == 0 && c < C) {
         store_gradients(c, sum_dy, sum_dy_xmu, invstd, grad_weight, grad_bias);
@@ -788,5 +841,5 @@ __global__ void single_pass_backward_channels_last(
     dx_coefficients(c, mean, invstd, weight, totals[0][threadIdx.x], totals[1][threadIdx.x], inv_count, training,
                     mean_x, scale, mean_dy, projection);
     column_input_gradient(dy, x, dx, dy_stride_m, x_stride_m, dx_stride_m, c, mean_x, scale, mean_dy, projection,
-                          training, i64(0), M);
+                          training, mask, i64(0), M);
 }

@@ -139,9 +139,12 @@ def _normalize(x_ptr, y_ptr, residual_ptr, x_stride_n, y_stride_n, mean, scale, 
 
 
 @triton.jit
-def _gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, first_tile, last_tile, s_blocks, N, S,
+def _gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, scale, shift, first_tile, last_tile, s_blocks, N, S,
+                   RELU: tl.constexpr,
                    ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr):
-    """(sum of dy, sum of dy * (x - mean)) over tiles [first_tile, last_tile)."""
+    """(sum of dy, sum of dy * (x - mean)) over tiles [first_tile, last_tile). RELU: dy through the
+    forward's ReLU, its mask recomputed from x ((x - mean) * scale + shift > 0, as the forward
+    computed it) rather than read from memory."""
     # Lane-wise sums across tiles, one tree reduction at the end.
     sum_dy = tl.zeros([ROWS, BLOCK_S], ACC)
     sum_dy_xmu = tl.zeros([ROWS, BLOCK_S], ACC)
@@ -149,24 +152,30 @@ def _gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, first_tile, las
         n, s, mask, _ = _tile(tile, s_blocks, N, S, ROWS, BLOCK_S, OFFSET_64)
         dy = tl.load(dy_ptr + _offsets(n, s, dy_stride_n), mask=mask, other=0.0).to(ACC)
         x = tl.load(x_ptr + _offsets(n, s, x_stride_n), mask=mask, other=0.0).to(ACC)
+        if RELU:
+            dy = tl.where((x - mean) * scale + shift > 0.0, dy, 0.0)
         sum_dy += dy
         sum_dy_xmu += dy * (x - mean)
     return tl.sum(tl.sum(sum_dy, axis=1), axis=0), tl.sum(tl.sum(sum_dy_xmu, axis=1), axis=0)
 
 
 @triton.jit
-def _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_n, x_stride_n, dx_stride_n, scale, mean, mean_dy, projection,
-                    first_tile, last_tile, s_blocks, N, S, TRAINING: tl.constexpr,
+def _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_n, x_stride_n, dx_stride_n, scale, shift, mean, mean_dy,
+                    projection, first_tile, last_tile, s_blocks, N, S, TRAINING: tl.constexpr, RELU: tl.constexpr,
                     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr):
-    """dx = scale * (dy - mean(dy) - (x - mean) * projection) in training, scale * dy in eval.
+    """dx = scale * (dy - mean(dy) - (x - mean) * projection) in training, scale * dy in eval, with
+    dy through the ReLU's recomputed mask when RELU (see _gradient_sums).
     Tiles in reverse and evict-first, as _normalize: the second pass over dy and x."""
     for i in range(first_tile, last_tile):
         tile = first_tile + last_tile - 1 - i
         n, s, mask, _ = _tile(tile, s_blocks, N, S, ROWS, BLOCK_S, OFFSET_64)
         dy = tl.load(dy_ptr + _offsets(n, s, dy_stride_n), mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
-        if TRAINING:
+        if TRAINING or RELU:
             x = tl.load(x_ptr + _offsets(n, s, x_stride_n), mask=mask, other=0.0,
                         eviction_policy="evict_first").to(ACC)
+        if RELU:
+            dy = tl.where((x - mean) * scale + shift > 0.0, dy, 0.0)
+        if TRAINING:
             dx = scale * (dy - mean_dy - (x - mean) * projection)
         else:
             dx = scale * dy
@@ -274,18 +283,26 @@ def gradient_sums_channels_first(
     dy_ptr,                  # gradient of the output (N, C, S)
     x_ptr,                   # input (N, C, S)
     mean_ptr,                # (C,) mean the forward normalized with
+    invstd_ptr,              # (C,) invstd the forward normalized with, when RELU
+    weight_ptr,              # (C,) scale, when RELU and HAS_WEIGHT
+    bias_ptr,                # (C,) shift, when RELU and HAS_BIAS
     partial_sum_dy_ptr,      # (splits, C) sum of dy over the program's values
     partial_sum_dy_xmu_ptr,  # (splits, C) sum of dy * (x - mean)
     N, C, S, dy_stride_n, dy_stride_c, x_stride_n, x_stride_c,
     s_blocks, total_tiles, tiles_per_program,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
 ):
     c = _channel(OFFSET_64)
     split = tl.program_id(1)
     first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
+    scale = tl.zeros([], ACC)
+    shift = tl.zeros([], ACC)
+    if RELU:
+        scale, shift = _affine(c, tl.load(invstd_ptr + c).to(ACC), weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC)
     sum_dy, sum_dy_xmu = _gradient_sums(dy_ptr + c * dy_stride_c, x_ptr + c * x_stride_c, dy_stride_n, x_stride_n,
-                                        tl.load(mean_ptr + c).to(ACC), first_tile, last_tile, s_blocks, N, S,
-                                        ACC, ROWS, BLOCK_S, OFFSET_64)
+                                        tl.load(mean_ptr + c).to(ACC), scale, shift, first_tile, last_tile,
+                                        s_blocks, N, S, RELU, ACC, ROWS, BLOCK_S, OFFSET_64)
     out = split * C + c
     tl.store(partial_sum_dy_ptr + out, sum_dy)
     tl.store(partial_sum_dy_xmu_ptr + out, sum_dy_xmu)
@@ -294,34 +311,36 @@ def gradient_sums_channels_first(
 @triton.jit
 def input_gradient_channels_first(
     dy_ptr,          # gradient of the output (N, C, S)
-    x_ptr,           # input (N, C, S); read in training only
+    x_ptr,           # input (N, C, S); read in training, or for the ReLU's mask
     dx_ptr,          # gradient of the input (N, C, S), in the input's dtype
     mean_ptr,        # (C,) mean the forward normalized with
     invstd_ptr,      # (C,) invstd the forward normalized with
     weight_ptr,      # (C,) scale, when HAS_WEIGHT
+    bias_ptr,        # (C,) shift, when RELU and HAS_BIAS
     sum_dy_ptr,      # (C,) training: total of dy per channel
     sum_dy_xmu_ptr,  # (C,) training: total of dy * (x - mean) per channel
     N, C, S, dy_stride_n, dy_stride_c, x_stride_n, x_stride_c, dx_stride_n, dx_stride_c,
     inv_count,       # 1 / (N * S) as a float
     s_blocks, total_tiles, tiles_per_program,
-    HAS_WEIGHT: tl.constexpr, TRAINING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
 ):
     c, split = _reversed_program(OFFSET_64)
     invstd = tl.load(invstd_ptr + c).to(ACC)
-    scale, _ = _affine(c, invstd, weight_ptr, weight_ptr, HAS_WEIGHT, False, ACC)
+    scale, shift = _affine(c, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS and RELU, ACC)
     mean = tl.zeros([], ACC)
     mean_dy = tl.zeros([], ACC)
     projection = tl.zeros([], ACC)
+    if TRAINING or RELU:
+        mean = tl.load(mean_ptr + c).to(ACC)
     if TRAINING:
         # dx = weight * invstd * (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean)))
-        mean = tl.load(mean_ptr + c).to(ACC)
         mean_dy = tl.load(sum_dy_ptr + c).to(ACC) * inv_count
         projection = tl.load(sum_dy_xmu_ptr + c).to(ACC) * invstd * invstd * inv_count
     first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
     _input_gradient(dy_ptr + c * dy_stride_c, x_ptr + c * x_stride_c, dx_ptr + c * dx_stride_c,
-                    dy_stride_n, x_stride_n, dx_stride_n, scale, mean, mean_dy, projection,
-                    first_tile, last_tile, s_blocks, N, S, TRAINING, ACC, ROWS, BLOCK_S, OFFSET_64)
+                    dy_stride_n, x_stride_n, dx_stride_n, scale, shift, mean, mean_dy, projection,
+                    first_tile, last_tile, s_blocks, N, S, TRAINING, RELU, ACC, ROWS, BLOCK_S, OFFSET_64)
 
 
 @triton.jit
@@ -332,11 +351,13 @@ def single_pass_backward_channels_first(
     mean_ptr,        # (C,) mean the forward normalized with
     invstd_ptr,      # (C,) invstd the forward normalized with
     weight_ptr,      # (C,) scale, when HAS_WEIGHT
+    bias_ptr,        # (C,) shift, when RELU and HAS_BIAS
     grad_weight_ptr, grad_bias_ptr,  # see store_gradients
     N, C, S, dy_stride_n, dy_stride_c, x_stride_n, x_stride_c, dx_stride_n, dx_stride_c,
     inv_count,       # 1 / (N * S) as a float
     s_blocks, total_tiles,
-    HAS_WEIGHT: tl.constexpr, TRAINING: tl.constexpr, NEED_INPUT_GRAD: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr, NEED_INPUT_GRAD: tl.constexpr,
+    RELU: tl.constexpr,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
 ):
     # One program per channel: the sums, then dx from a second pass that finds dy and x in cache.
@@ -345,13 +366,13 @@ def single_pass_backward_channels_first(
     x_ptr += c * x_stride_c
     mean = tl.load(mean_ptr + c).to(ACC)
     invstd = tl.load(invstd_ptr + c).to(ACC)
-    sum_dy, sum_dy_xmu = _gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, 0, total_tiles, s_blocks,
-                                        N, S, ACC, ROWS, BLOCK_S, OFFSET_64)
+    scale, shift = _affine(c, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS and RELU, ACC)
+    sum_dy, sum_dy_xmu = _gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, scale, shift, 0, total_tiles,
+                                        s_blocks, N, S, RELU, ACC, ROWS, BLOCK_S, OFFSET_64)
     store_gradients(c, c < C, sum_dy, sum_dy_xmu, invstd, grad_weight_ptr, grad_bias_ptr)
     if NEED_INPUT_GRAD:
-        scale, _ = _affine(c, invstd, weight_ptr, weight_ptr, HAS_WEIGHT, False, ACC)
         mean_dy = sum_dy * inv_count
         projection = sum_dy_xmu * invstd * invstd * inv_count
         _input_gradient(dy_ptr, x_ptr, dx_ptr + c * dx_stride_c, dy_stride_n, x_stride_n, dx_stride_n,
-                        scale, mean, mean_dy, projection, 0, total_tiles, s_blocks, N, S, TRAINING,
+                        scale, shift, mean, mean_dy, projection, 0, total_tiles, s_blocks, N, S, TRAINING, RELU,
                         ACC, ROWS, BLOCK_S, OFFSET_64)

@@ -143,9 +143,12 @@ def _normalize(x_ptr, y_ptr, residual_ptr, x_stride_m, y_stride_m, cols, col_mas
 
 
 @triton.jit
-def _gradient_sums(dy_ptr, x_ptr, dy_stride_m, x_stride_m, cols, col_mask, mean, row_begin, row_end,
+def _gradient_sums(dy_ptr, x_ptr, dy_stride_m, x_stride_m, cols, col_mask, mean, scale, shift, row_begin, row_end,
+                   RELU: tl.constexpr,
                    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr):
-    """(sum of dy, sum of dy * (x - mean)) per channel over rows [row_begin, row_end)."""
+    """(sum of dy, sum of dy * (x - mean)) per channel over rows [row_begin, row_end). RELU: dy
+    through the forward's ReLU, its mask recomputed from x ((x - mean) * scale + shift > 0, as the
+    forward computed it) rather than read from memory."""
     # Lane-wise sums across tiles, one tree reduction at the end.
     sum_dy = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     sum_dy_xmu = tl.zeros([BLOCK_M, BLOCK_C], ACC)
@@ -153,6 +156,8 @@ def _gradient_sums(dy_ptr, x_ptr, dy_stride_m, x_stride_m, cols, col_mask, mean,
         rows, mask = _tile(start, row_end, col_mask, BLOCK_M, OFFSET_64)
         dy = tl.load(dy_ptr + _offsets(rows, cols, dy_stride_m), mask=mask, other=0.0).to(ACC)
         x = tl.load(x_ptr + _offsets(rows, cols, x_stride_m), mask=mask, other=0.0).to(ACC)
+        if RELU:
+            dy = tl.where((x - mean[None, :]) * scale[None, :] + shift[None, :] > 0.0, dy, 0.0)
         sum_dy += dy
         sum_dy_xmu += dy * (x - mean[None, :])
     return tl.sum(sum_dy, axis=0), tl.sum(sum_dy_xmu, axis=0)
@@ -160,18 +165,22 @@ def _gradient_sums(dy_ptr, x_ptr, dy_stride_m, x_stride_m, cols, col_mask, mean,
 
 @triton.jit
 def _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_m, x_stride_m, dx_stride_m, cols, col_mask,
-                    scale, mean, mean_dy, projection, row_begin, row_end, TRAINING: tl.constexpr,
-                    ACC: tl.constexpr, BLOCK_M: tl.constexpr, OFFSET_64: tl.constexpr):
-    """dx = scale * (dy - mean(dy) - (x - mean) * projection) in training, scale * dy in eval.
+                    scale, shift, mean, mean_dy, projection, row_begin, row_end, TRAINING: tl.constexpr,
+                    RELU: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, OFFSET_64: tl.constexpr):
+    """dx = scale * (dy - mean(dy) - (x - mean) * projection) in training, scale * dy in eval, with
+    dy through the ReLU's recomputed mask when RELU (see _gradient_sums).
     Tiles in reverse and evict-first, as _normalize: the second pass over dy and x."""
     for start in range(row_begin, row_end, BLOCK_M):
         rows, mask = _tile(_reversed_tile_start(start, row_begin, row_end, BLOCK_M), row_end, col_mask, BLOCK_M,
                            OFFSET_64)
         dy = tl.load(dy_ptr + _offsets(rows, cols, dy_stride_m), mask=mask, other=0.0,
                      eviction_policy="evict_first").to(ACC)
-        if TRAINING:
+        if TRAINING or RELU:
             x = tl.load(x_ptr + _offsets(rows, cols, x_stride_m), mask=mask, other=0.0,
                         eviction_policy="evict_first").to(ACC)
+        if RELU:
+            dy = tl.where((x - mean[None, :]) * scale[None, :] + shift[None, :] > 0.0, dy, 0.0)
+        if TRAINING:
             dx = scale[None, :] * (dy - mean_dy[None, :] - (x - mean[None, :]) * projection[None, :])
         else:
             dx = scale[None, :] * dy
@@ -271,16 +280,25 @@ def gradient_sums_channels_last(
     dy_ptr,                  # gradient of the output (M, C)
     x_ptr,                   # input (M, C)
     mean_ptr,                # (C,) mean the forward normalized with
+    invstd_ptr,              # (C,) invstd the forward normalized with, when RELU
+    weight_ptr,              # (C,) scale, when RELU and HAS_WEIGHT
+    bias_ptr,                # (C,) shift, when RELU and HAS_BIAS
     partial_sum_dy_ptr,      # (splits, C) sum of dy over the program's rows
     partial_sum_dy_xmu_ptr,  # (splits, C) sum of dy * (x - mean)
     M, C, dy_stride_m, x_stride_m, rows_per_program,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
 ):
     cols, col_mask = _columns(C, BLOCK_C)
     row_begin, row_end = _program_rows(M, rows_per_program, OFFSET_64)
     mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(ACC)
-    sum_dy, sum_dy_xmu = _gradient_sums(dy_ptr, x_ptr, dy_stride_m, x_stride_m, cols, col_mask, mean,
-                                        row_begin, row_end, ACC, BLOCK_M, BLOCK_C, OFFSET_64)
+    scale = tl.zeros([BLOCK_C], ACC)
+    shift = tl.zeros([BLOCK_C], ACC)
+    if RELU:
+        invstd = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+        scale, shift = _affine(cols, col_mask, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC, BLOCK_C)
+    sum_dy, sum_dy_xmu = _gradient_sums(dy_ptr, x_ptr, dy_stride_m, x_stride_m, cols, col_mask, mean, scale, shift,
+                                        row_begin, row_end, RELU, ACC, BLOCK_M, BLOCK_C, OFFSET_64)
     out = tl.program_id(0) * C + cols
     tl.store(partial_sum_dy_ptr + out, sum_dy, mask=col_mask)
     tl.store(partial_sum_dy_xmu_ptr + out, sum_dy_xmu, mask=col_mask)
@@ -289,33 +307,37 @@ def gradient_sums_channels_last(
 @triton.jit
 def input_gradient_channels_last(
     dy_ptr,          # gradient of the output (M, C)
-    x_ptr,           # input (M, C); read in training only
+    x_ptr,           # input (M, C); read in training, or for the ReLU's mask
     dx_ptr,          # gradient of the input (M, C), in the input's dtype
     mean_ptr,        # (C,) mean the forward normalized with
     invstd_ptr,      # (C,) invstd the forward normalized with
     weight_ptr,      # (C,) scale, when HAS_WEIGHT
+    bias_ptr,        # (C,) shift, when RELU and HAS_BIAS
     sum_dy_ptr,      # (C,) training: total of dy per channel
     sum_dy_xmu_ptr,  # (C,) training: total of dy * (x - mean) per channel
     M, C, dy_stride_m, x_stride_m, dx_stride_m,
     inv_count,       # 1 / M as a float
     rows_per_program,
-    HAS_WEIGHT: tl.constexpr, TRAINING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
 ):
     cols, col_mask, row_begin, row_end = _reversed_program(M, C, rows_per_program, BLOCK_C, OFFSET_64)
     invstd = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0).to(ACC)
-    scale, _ = _affine(cols, col_mask, invstd, weight_ptr, weight_ptr, HAS_WEIGHT, False, ACC, BLOCK_C)
+    scale, shift = _affine(cols, col_mask, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS and RELU, ACC,
+                           BLOCK_C)
     mean = tl.zeros([BLOCK_C], ACC)
     mean_dy = tl.zeros([BLOCK_C], ACC)
     projection = tl.zeros([BLOCK_C], ACC)
+    if TRAINING or RELU:
+        mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     if TRAINING:
         # dx = weight * invstd * (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean)))
-        mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(ACC)
         mean_dy = tl.load(sum_dy_ptr + cols, mask=col_mask, other=0.0).to(ACC) * inv_count
         sum_dy_xmu = tl.load(sum_dy_xmu_ptr + cols, mask=col_mask, other=0.0).to(ACC)
         projection = sum_dy_xmu * invstd * invstd * inv_count
     _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_m, x_stride_m, dx_stride_m, cols, col_mask,
-                    scale, mean, mean_dy, projection, row_begin, row_end, TRAINING, ACC, BLOCK_M, OFFSET_64)
+                    scale, shift, mean, mean_dy, projection, row_begin, row_end, TRAINING, RELU, ACC, BLOCK_M,
+                    OFFSET_64)
 
 
 @triton.jit
@@ -326,22 +348,25 @@ def single_pass_backward_channels_last(
     mean_ptr,        # (C,) mean the forward normalized with
     invstd_ptr,      # (C,) invstd the forward normalized with
     weight_ptr,      # (C,) scale, when HAS_WEIGHT
+    bias_ptr,        # (C,) shift, when RELU and HAS_BIAS
     grad_weight_ptr, grad_bias_ptr,  # see store_gradients
     M, C, dy_stride_m, x_stride_m, dx_stride_m,
     inv_count,       # 1 / M as a float
-    HAS_WEIGHT: tl.constexpr, TRAINING: tl.constexpr, NEED_INPUT_GRAD: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr, NEED_INPUT_GRAD: tl.constexpr,
+    RELU: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
 ):
     # One program per channel block: the sums, then dx from a second pass that finds dy and x in cache.
     cols, col_mask = _columns(C, BLOCK_C)
     mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     invstd = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0).to(ACC)
-    sum_dy, sum_dy_xmu = _gradient_sums(dy_ptr, x_ptr, dy_stride_m, x_stride_m, cols, col_mask, mean, 0, M,
-                                        ACC, BLOCK_M, BLOCK_C, OFFSET_64)
+    scale, shift = _affine(cols, col_mask, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS and RELU, ACC,
+                           BLOCK_C)
+    sum_dy, sum_dy_xmu = _gradient_sums(dy_ptr, x_ptr, dy_stride_m, x_stride_m, cols, col_mask, mean, scale, shift,
+                                        0, M, RELU, ACC, BLOCK_M, BLOCK_C, OFFSET_64)
     store_gradients(cols, col_mask, sum_dy, sum_dy_xmu, invstd, grad_weight_ptr, grad_bias_ptr)
     if NEED_INPUT_GRAD:
-        scale, _ = _affine(cols, col_mask, invstd, weight_ptr, weight_ptr, HAS_WEIGHT, False, ACC, BLOCK_C)
         mean_dy = sum_dy * inv_count
         projection = sum_dy_xmu * invstd * invstd * inv_count
         _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_m, x_stride_m, dx_stride_m, cols, col_mask,
-                        scale, mean, mean_dy, projection, 0, M, TRAINING, ACC, BLOCK_M, OFFSET_64)
+                        scale, shift, mean, mean_dy, projection, 0, M, TRAINING, RELU, ACC, BLOCK_M, OFFSET_64)
