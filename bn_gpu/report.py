@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 MODES = ("train_fwd", "eval_fwd", "train_fwdbwd", "train_fwd_add_relu", "train_fwdbwd_add_relu")
 FLOOR_PASSES = {"train_fwd": 2, "eval_fwd": 2, "train_fwdbwd": 5, "train_fwd_add_relu": 3, "train_fwdbwd_add_relu": 8}

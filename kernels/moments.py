@@ -4,7 +4,6 @@ Partial statistics are kept as (count, mean, M2 = sum of squared deviations from
 as (sum, sum of squares): E[x^2] - E[x]^2 cancels catastrophically when |mean| >> std.
 """
 import triton
-import triton.language as tl
 
 
 @triton.jit
