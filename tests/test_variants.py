@@ -228,3 +228,17 @@ def test_variants_under_torch_compile_as_eager(make):
     torch.testing.assert_close(x.grad, x_eager.grad)
     for (name, a), (_, b) in zip(module.state_dict().items(), eager.state_dict().items()):
         torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+
+
+def test_frozen_batch_norm_as_torchvisions_own_where_installed():
+    misc = pytest.importorskip("torchvision.ops.misc", reason="torchvision is not installed (the replica in "
+                                                               "support.py is tested instead)")
+    theirs = misc.FrozenBatchNorm2d(4, eps=1e-3)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean"):
+            getattr(theirs, name).normal_()
+        theirs.running_var.uniform_(0.5, 2)
+    ours = bn_gpu.FrozenBatchNorm2d(4, eps=1e-3)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(ours(x), theirs(x))
