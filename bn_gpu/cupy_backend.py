@@ -30,6 +30,9 @@ COMPILE_OPTIONS = ("-std=c++17", f"-DCHANNEL_THREADS={CHANNEL_THREADS}", f"-DROW
 # Channels-first elementwise kernels, instantiated for scalar and for 16-byte vector access.
 VECTORIZED = ("statistics", "normalize", "single_pass_forward", "gradient_sums", "input_gradient",
               "single_pass_backward")
+# Kernels instantiated without and with the epilogue (FUSED: + residual and ReLU forward, the
+# ReLU's mask backward), a compile-time choice so that the plain kernels carry none of it.
+FUSABLE = ("normalize", "single_pass_forward", "gradient_sums", "input_gradient", "single_pass_backward")
 
 _INSTALL_HINT = "pip install -e .[cupy] (installs cupy-cuda12x; use the cupy wheel matching your CUDA)"
 
@@ -72,7 +75,8 @@ def _vector_width(T: str) -> int:
 
 def kernel_names(T: str, W: str, R: str, A: str) -> dict:
     """{role: name expression} of one type combination. A role is the kernel's name, with the
-    vector width appended for the channels-first elementwise kernels."""
+    vector width appended for the channels-first elementwise kernels, and "_fused" for the
+    instantiation with the epilogue."""
     templates = {
         "statistics_channels_first": f"<{T}, {A}, VEC>",
         "statistics_channels_last": f"<{T}, {A}>",
@@ -93,11 +97,15 @@ def kernel_names(T: str, W: str, R: str, A: str) -> dict:
     }
     names = {}
     for name, arguments in templates.items():
+        variants = [(name, arguments)]
         if "VEC" in arguments:
-            for vec in sorted({1, _vector_width(T)}):
-                names[f"{name}_{vec}"] = name + arguments.replace("VEC", str(vec))
-        else:
-            names[name] = name + arguments
+            variants = [(f"{name}_{vec}", arguments.replace("VEC", str(vec))) for vec in sorted({1, _vector_width(T)})]
+        for role, expression in variants:
+            if name.rsplit("_channels_", 1)[0] in FUSABLE:
+                names[role] = name + expression[:-1] + ", false>"
+                names[f"{role}_fused"] = name + expression[:-1] + ", true>"
+            else:
+                names[role] = name + expression
     return names
 
 
@@ -208,11 +216,12 @@ class CudaKernels:
         return plans.geometry(x, grad_y, _tuning(plans.GPU_TUNING), plans.multiprocessors(device_index))
 
     @staticmethod
-    def _role(g, name: str, *tensors) -> str:
+    def _role(g, name: str, *tensors, fused: bool = False) -> str:
+        suffix = "_fused" if fused else ""
         if g.channels_first:
-            return f"{name}_channels_first_{_vector_width_for(g, *tensors)}" if name in VECTORIZED \
-                else f"{name}_channels_first"
-        return f"{name}_channels_last"
+            return (f"{name}_channels_first_{_vector_width_for(g, *tensors)}" if name in VECTORIZED
+                    else f"{name}_channels_first") + suffix
+        return f"{name}_channels_last" + suffix
 
     def statistics(self, g, x, partials):
         count, mean, m2 = partials
@@ -236,8 +245,8 @@ class CudaKernels:
         statistics = [None, None, running_mean, running_var, mean, invstd] if from_running else \
             [mean, invstd, None, None, None, None]
         bias = _as_w(bias, _param_dtype(weight, bias))
-        _launch(g, _param_dtype(weight, bias), _dtype(running_mean), self._role(g, "normalize", x, y, residual),
-                *_grid(g),
+        role = self._role(g, "normalize", x, y, residual, fused=residual is not None or relu)
+        _launch(g, _param_dtype(weight, bias), _dtype(running_mean), role, *_grid(g),
                 [_ptr(x), _ptr(y), _ptr(residual), *map(_ptr, statistics), _ptr(weight), _ptr(bias), _ptr(counter)]
                 + _i64(*g.sizes, *g.x.strides, *g.out.strides) + [np.float32(eps)] + _tiling(g)
                 + [np.int32(from_running), np.int32(relu)])
@@ -247,8 +256,9 @@ class CudaKernels:
         tracked = running_mean is not None
         cumulative = tracked and momentum is None
         bias = _as_w(bias, _param_dtype(weight, bias))
-        _launch(g, _param_dtype(weight, bias), _dtype(running_mean), self._role(g, "single_pass_forward", x, y, residual),
-                *_grid(g), [_ptr(x), _ptr(y), _ptr(residual), _ptr(mean), _ptr(invstd), _ptr(running_mean), _ptr(running_var),
+        role = self._role(g, "single_pass_forward", x, y, residual, fused=residual is not None or relu)
+        _launch(g, _param_dtype(weight, bias), _dtype(running_mean), role, *_grid(g), [
+            _ptr(x), _ptr(y), _ptr(residual), _ptr(mean), _ptr(invstd), _ptr(running_mean), _ptr(running_var),
             _ptr(counter if cumulative or count_batch else None), _ptr(weight), _ptr(bias)]
             + _i64(*g.sizes, *g.x.strides, *g.out.strides)
             + [np.float32(0.0 if momentum is None else momentum), np.float32(eps)] + _tiling(g, single_pass=True)
@@ -257,7 +267,8 @@ class CudaKernels:
     def gradient_sums(self, g, grad_y, x, mean, partials, invstd=None, weight=None, bias=None, relu=False):
         sum_dy, sum_dy_xmu = partials
         masking = [invstd, weight, _as_w(bias, _param_dtype(weight, bias))] if relu else [None, None, None]
-        _launch(g, _param_dtype(*masking[1:]), None, self._role(g, "gradient_sums", grad_y, x), *_grid(g),
+        role = self._role(g, "gradient_sums", grad_y, x, fused=relu)
+        _launch(g, _param_dtype(*masking[1:]), None, role, *_grid(g),
                 [_ptr(grad_y), _ptr(x), _ptr(mean), *map(_ptr, masking), _ptr(sum_dy), _ptr(sum_dy_xmu)]
                 + _i64(*g.sizes, *g.grad_y.strides, *g.x.strides) + _tiling(g) + [np.int32(relu)])
 
@@ -265,13 +276,15 @@ class CudaKernels:
         sum_dy, sum_dy_xmu = partials
         total_dy, total_dy_xmu = totals
         # The gradients are written in the weight's dtype (the accumulation dtype without a weight): W.
-        _launch(g, grad_weight.dtype, None, "finalize_gradients", (g.C,), (THREADS,), [_ptr(sum_dy), _ptr(sum_dy_xmu), _ptr(invstd), _ptr(total_dy), _ptr(total_dy_xmu),
-                                     _ptr(grad_weight), _ptr(grad_bias), np.int64(g.plan.splits), np.int64(g.C)])
+        _launch(g, grad_weight.dtype, None, "finalize_gradients", (g.C,), (THREADS,), [
+            _ptr(sum_dy), _ptr(sum_dy_xmu), _ptr(invstd), _ptr(total_dy), _ptr(total_dy_xmu), _ptr(grad_weight),
+            _ptr(grad_bias), np.int64(g.plan.splits), np.int64(g.C)])
 
     def input_gradient(self, g, grad_y, x, grad_x, mean, invstd, weight, totals, training, bias=None, relu=False):
         total_dy, total_dy_xmu = totals if training else (None, None)
         bias = _as_w(bias, _param_dtype(weight, bias)) if relu else None
-        _launch(g, _param_dtype(weight, bias), None, self._role(g, "input_gradient", grad_y, x, grad_x), *_grid(g), [
+        role = self._role(g, "input_gradient", grad_y, x, grad_x, fused=relu)
+        _launch(g, _param_dtype(weight, bias), None, role, *_grid(g), [
             _ptr(grad_y), _ptr(x), _ptr(grad_x), _ptr(mean), _ptr(invstd), _ptr(weight), _ptr(bias), _ptr(total_dy),
             _ptr(total_dy_xmu)] + _i64(*g.sizes, *g.grad_y.strides, *g.x.strides, *g.out.strides)
             + [_accumulate(g, 1.0 / g.count)] + _tiling(g) + [np.int32(training), np.int32(relu)])
@@ -280,7 +293,8 @@ class CudaKernels:
                              bias=None, relu=False):
         # The gradients are written in W: the weight's dtype (the accumulation dtype without one).
         bias = _as_w(bias, grad_weight.dtype) if relu else None
-        _launch(g, grad_weight.dtype, None, self._role(g, "single_pass_backward", grad_y, x, grad_x), *_grid(g), [
+        role = self._role(g, "single_pass_backward", grad_y, x, grad_x, fused=relu)
+        _launch(g, grad_weight.dtype, None, role, *_grid(g), [
             _ptr(grad_y), _ptr(x), _ptr(grad_x), _ptr(mean), _ptr(invstd), _ptr(weight), _ptr(bias),
             _ptr(grad_weight), _ptr(grad_bias)] + _i64(*g.sizes, *g.grad_y.strides, *g.x.strides, *g.out.strides)
             + [_accumulate(g, 1.0 / g.count)] + _tiling(g, single_pass=True)

@@ -216,7 +216,8 @@ def _backward_vmap(info, in_dims, grad_output, input, weight, mean, invstd, trai
         _fold_input(grad_output, in_dims[0], B), _fold_input(input, in_dims[1], B),
         *(_fold_per_channel(t, d, B) for t, d in zip((weight, mean, invstd), in_dims[2:5])),
         training, need_input_grad, need_weight_grad, backend, _fold_per_channel(bias, bias_dim, B), relu)
-    (grad_weight, weight_dim), (grad_bias, bias_dim) = _unfold_per_channel(grad_weight, B), _unfold_per_channel(grad_bias, B)
+    grad_weight, weight_dim = _unfold_per_channel(grad_weight, B)
+    grad_bias, bias_dim = _unfold_per_channel(grad_bias, B)
     input_dim = 1 if grad_input.numel() else None
     return ((_unfold_input(grad_input, B) if input_dim else grad_input, grad_weight, grad_bias),
             (input_dim, weight_dim, bias_dim))

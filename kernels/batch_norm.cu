@@ -12,7 +12,9 @@
 //   input_gradient_channels_first / _last        dx from dy, x and the totals
 //   single_pass_forward_channels_first / _last   single pass when one block owns whole channels
 //   single_pass_backward_channels_first / _last  (the launch plan has one split): 1 launch
-// Templates: T the input dtype (float, __half, __nv_bfloat16, double), A the accumulation dtype
+// Templates: FUSED, on the elementwise and backward kernels, compiles in the epilogue (+ residual,
+// ReLU; in the backward the ReLU's mask) -- a compile-time choice, so that the plain kernels are
+// the same code as without it. T the input dtype (float, __half, __nv_bfloat16, double), A the accumulation dtype
 // (float; double for double input), W the weight/bias dtype and R the running-statistics dtype
 // (T, or float for 16-bit inputs). Offsets are 64-bit throughout. Channels-first elementwise passes
 // load VEC values at once (16 bytes) where the host found every row start aligned, with a scalar
@@ -415,23 +417,29 @@ template <typename A> __device__ __forceinline__ A epilogue(A value, A residual,
     return relu && value < A(0) ? A(0) : value;
 }
 
-template <typename T, typename A> struct NormalizeRow {
+template <typename T, typename A, bool FUSED> struct NormalizeRow {
     const T* x; T* y; const T* residual; i64 x_stride_n, y_stride_n; A mean, scale, shift; int relu;
+    // FUSED (a compile-time choice): with the epilogue; without it the code is the plain pass.
     template <int V> __device__ __forceinline__ void apply(i64 n, i64 s) const {
         Pack<T, V> in = *reinterpret_cast<const Pack<T, V>*>(x + n * x_stride_n + s);
-        Pack<T, V> add;
-#pragma unroll
-        for (int k = 0; k < V; ++k) add.v[k] = cvt<T>(A(0));
-        if (residual) add = *reinterpret_cast<const Pack<T, V>*>(residual + n * y_stride_n + s);
         Pack<T, V> out;
+        if constexpr (FUSED) {
+            Pack<T, V> add;
 #pragma unroll
-        for (int k = 0; k < V; ++k)
-            out.v[k] = cvt<T>(epilogue((cvt<A>(in.v[k]) - mean) * scale + shift, cvt<A>(add.v[k]), relu));
+            for (int k = 0; k < V; ++k) add.v[k] = cvt<T>(A(0));
+            if (residual) add = *reinterpret_cast<const Pack<T, V>*>(residual + n * y_stride_n + s);
+#pragma unroll
+            for (int k = 0; k < V; ++k)
+                out.v[k] = cvt<T>(epilogue((cvt<A>(in.v[k]) - mean) * scale + shift, cvt<A>(add.v[k]), relu));
+        } else {
+#pragma unroll
+            for (int k = 0; k < V; ++k) out.v[k] = cvt<T>((cvt<A>(in.v[k]) - mean) * scale + shift);
+        }
         *reinterpret_cast<Pack<T, V>*>(y + n * y_stride_n + s) = out;
     }
 };
 
-template <typename T, typename W, typename R, typename A, int VEC>
+template <typename T, typename W, typename R, typename A, int VEC, bool FUSED>
 __global__ void normalize_channels_first(
     const T* __restrict__ x, T* __restrict__ y,   // (N, C, S), each with its own strides
     const T* __restrict__ residual,   // (N, C, S) with y's strides, or null
@@ -447,23 +455,28 @@ __global__ void normalize_channels_first(
     channel_affine(c, blockIdx.y == 0 && threadIdx.x == 0, mean_in, invstd_in, running_mean, running_var,
                    saved_mean, saved_invstd, weight, bias, eps, from_running_stats, mean, scale, shift);
     if (threadIdx.x == 0) count_batch(num_batches_tracked, blockIdx.x == 0 && blockIdx.y == 0);
-    NormalizeRow<T, A> op = {x + c * x_stride_c, y + c * y_stride_c, residual ? residual + c * y_stride_c : nullptr,
+    NormalizeRow<T, A, FUSED> op = {x + c * x_stride_c, y + c * y_stride_c, residual ? residual + c * y_stride_c : nullptr,
                              x_stride_n, y_stride_n, mean, scale, shift, relu};
     Tiles t = program_tiles(N, S, s_blocks, total_tiles, tiles_per_program, rows, block_s);
     for (i64 tile = t.first; tile < t.last; ++tile) for_each_group_in_tile<VEC>(t, tile, op);
 }
 
 // y = epilogue((x - mean) * scale + shift) over this thread's share of rows [row_begin, row_end) of channel c.
-template <typename T, typename A>
+template <typename T, typename A, bool FUSED>
 __device__ void column_normalize(const T* x, T* y, const T* residual, i64 x_stride_m, i64 y_stride_m, i64 c, A mean,
                                  A scale, A shift, int relu, i64 row_begin, i64 row_end) {
-    for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS) {
-        A add = residual ? cvt<A>(residual[r * y_stride_m + c]) : A(0);
-        y[r * y_stride_m + c] = cvt<T>(epilogue((cvt<A>(x[r * x_stride_m + c]) - mean) * scale + shift, add, relu));
+    if constexpr (!FUSED) {
+        for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS)
+            y[r * y_stride_m + c] = cvt<T>((cvt<A>(x[r * x_stride_m + c]) - mean) * scale + shift);
+    } else {
+        for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS) {
+            A add = residual ? cvt<A>(residual[r * y_stride_m + c]) : A(0);
+            y[r * y_stride_m + c] = cvt<T>(epilogue((cvt<A>(x[r * x_stride_m + c]) - mean) * scale + shift, add, relu));
+        }
     }
 }
 
-template <typename T, typename W, typename R, typename A>
+template <typename T, typename W, typename R, typename A, bool FUSED>
 __global__ void normalize_channels_last(
     const T* __restrict__ x, T* __restrict__ y,   // (M, C), each with its own row stride
     const T* __restrict__ residual,   // (M, C) with y's row stride, or null
@@ -478,7 +491,7 @@ __global__ void normalize_channels_last(
     channel_affine(c, blockIdx.x == 0 && threadIdx.y == 0, mean_in, invstd_in, running_mean, running_var,
                    saved_mean, saved_invstd, weight, bias, eps, from_running_stats, mean, scale, shift);
     i64 row_begin = (i64)blockIdx.x * rows_per_program;
-    column_normalize(x, y, residual, x_stride_m, y_stride_m, c, mean, scale, shift, relu, row_begin,
+    column_normalize<T, A, FUSED>(x, y, residual, x_stride_m, y_stride_m, c, mean, scale, shift, relu, row_begin,
                      min(row_begin + rows_per_program, M));
 }
 
@@ -505,32 +518,41 @@ __device__ __forceinline__ ReluMask<A> relu_mask(i64 c, int on, const A* mean, c
     return m;
 }
 
-template <typename T, typename A> struct GradientSumsRow {
+template <typename T, typename A, bool FUSED> struct GradientSumsRow {
     const T* dy; const T* x; i64 dy_stride_n, x_stride_n; A mean; A* sum_dy; A* sum_dy_xmu; ReluMask<A> relu;
     template <int V> __device__ __forceinline__ void apply(i64 n, i64 s) const {
         Pack<T, V> g = *reinterpret_cast<const Pack<T, V>*>(dy + n * dy_stride_n + s);
         Pack<T, V> in = *reinterpret_cast<const Pack<T, V>*>(x + n * x_stride_n + s);
+        if constexpr (FUSED) {
 #pragma unroll
-        for (int k = 0; k < V; ++k) {
-            A d = relu.apply(cvt<A>(g.v[k]), cvt<A>(in.v[k]));
-            *sum_dy += d;
-            *sum_dy_xmu += d * (cvt<A>(in.v[k]) - mean);
+            for (int k = 0; k < V; ++k) {
+                A d = relu.apply(cvt<A>(g.v[k]), cvt<A>(in.v[k]));
+                *sum_dy += d;
+                *sum_dy_xmu += d * (cvt<A>(in.v[k]) - mean);
+            }
+        } else {
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                A d = cvt<A>(g.v[k]);
+                *sum_dy += d;
+                *sum_dy_xmu += d * (cvt<A>(in.v[k]) - mean);
+            }
         }
     }
 };
 
 // sum(dy) and sum(dy * (x - mean)) of one channel over tiles [first, last), valid in thread 0.
-template <typename T, typename A, int VEC>
+template <typename T, typename A, int VEC, bool FUSED>
 __device__ void block_gradient_sums(const Tiles& t, i64 first, i64 last, const T* dyc, const T* xc,
                                     i64 dy_stride_n, i64 x_stride_n, A mean, const ReluMask<A>& relu, A& sum_dy,
                                     A& sum_dy_xmu) {
-    GradientSumsRow<T, A> op = {dyc, xc, dy_stride_n, x_stride_n, mean, &sum_dy, &sum_dy_xmu, relu};
+    GradientSumsRow<T, A, FUSED> op = {dyc, xc, dy_stride_n, x_stride_n, mean, &sum_dy, &sum_dy_xmu, relu};
     for (i64 tile = first; tile < last; ++tile) for_each_group_in_tile<VEC>(t, tile, op);
     sum_dy = block_sum<A, 0>(sum_dy);
     sum_dy_xmu = block_sum<A, 1>(sum_dy_xmu);
 }
 
-template <typename T, typename W, typename A, int VEC>
+template <typename T, typename W, typename A, int VEC, bool FUSED>
 __global__ void gradient_sums_channels_first(
     const T* __restrict__ dy, const T* __restrict__ x, const A* mean_in,
     const A* invstd_in, const W* weight, const W* bias,   // read for the ReLU's mask when relu
@@ -544,7 +566,7 @@ __global__ void gradient_sums_channels_first(
     const T* xc = x + c * x_stride_c;
     A sum_dy = A(0), sum_dy_xmu = A(0);
     Tiles t = program_tiles(N, S, s_blocks, total_tiles, tiles_per_program, rows, block_s);
-    block_gradient_sums<T, A, VEC>(t, t.first, t.last, dyc, xc, dy_stride_n, x_stride_n, mean, mask, sum_dy,
+    block_gradient_sums<T, A, VEC, FUSED>(t, t.first, t.last, dyc, xc, dy_stride_n, x_stride_n, mean, mask, sum_dy,
                                    sum_dy_xmu);
     if (threadIdx.x == 0) {
         i64 out = (i64)blockIdx.y * C + c;
@@ -554,18 +576,26 @@ __global__ void gradient_sums_channels_first(
 }
 
 // This thread's share of sum(dy) and sum(dy * (x - mean)) over rows [row_begin, row_end) of channel c.
-template <typename T, typename A>
+template <typename T, typename A, bool FUSED>
 __device__ void column_gradient_sums(const T* dy, const T* x, i64 dy_stride_m, i64 x_stride_m, i64 c, A mean,
                                      const ReluMask<A>& relu, i64 row_begin, i64 row_end, A& sum_dy, A& sum_dy_xmu) {
-    for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS) {
-        A xv = cvt<A>(x[r * x_stride_m + c]);
-        A g = relu.apply(cvt<A>(dy[r * dy_stride_m + c]), xv);
-        sum_dy += g;
-        sum_dy_xmu += g * (xv - mean);
+    if constexpr (!FUSED) {
+        for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS) {
+            A g = cvt<A>(dy[r * dy_stride_m + c]);
+            sum_dy += g;
+            sum_dy_xmu += g * (cvt<A>(x[r * x_stride_m + c]) - mean);
+        }
+    } else {
+        for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS) {
+            A xv = cvt<A>(x[r * x_stride_m + c]);
+            A g = relu.apply(cvt<A>(dy[r * dy_stride_m + c]), xv);
+            sum_dy += g;
+            sum_dy_xmu += g * (xv - mean);
+        }
     }
 }
 
-template <typename T, typename W, typename A>
+template <typename T, typename W, typename A, bool FUSED>
 __global__ void gradient_sums_channels_last(
     const T* __restrict__ dy, const T* __restrict__ x, const A* mean_in,
     const A* invstd_in, const W* weight, const W* bias,   // read for the ReLU's mask when relu
@@ -576,7 +606,7 @@ __global__ void gradient_sums_channels_last(
     i64 row_end = min(row_begin + rows_per_program, M);
     A sum_dy = A(0), sum_dy_xmu = A(0);
     if (c < C)
-        column_gradient_sums(dy, x, dy_stride_m, x_stride_m, c, mean_in[c],
+        column_gradient_sums<T, A, FUSED>(dy, x, dy_stride_m, x_stride_m, c, mean_in[c],
                              relu_mask(c, relu, mean_in, invstd_in, weight, bias), row_begin, row_end, sum_dy,
                              sum_dy_xmu);
     column_sums(sum_dy, sum_dy_xmu);
@@ -640,13 +670,13 @@ __device__ __forceinline__ void dx_coefficients_at(
 }
 
 // dx on V values of one row (x is read in training, or for the ReLU's mask).
-template <typename T, typename A> struct InputGradientRow {
+template <typename T, typename A, bool FUSED> struct InputGradientRow {
     const T* dy; const T* x; T* dx; i64 dy_stride_n, x_stride_n, dx_stride_n;
     A mean, scale, mean_dy, projection; int training; ReluMask<A> relu;
     template <int V> __device__ __forceinline__ void apply(i64 n, i64 s) const {
         Pack<T, V> g = *reinterpret_cast<const Pack<T, V>*>(dy + n * dy_stride_n + s);
         Pack<T, V> out;
-        if (training || relu.on) {
+        if constexpr (FUSED) {
             Pack<T, V> in = *reinterpret_cast<const Pack<T, V>*>(x + n * x_stride_n + s);
 #pragma unroll
             for (int k = 0; k < V; ++k) {
@@ -654,6 +684,11 @@ template <typename T, typename A> struct InputGradientRow {
                 A d = relu.apply(cvt<A>(g.v[k]), xv);
                 out.v[k] = cvt<T>(training ? scale * (d - mean_dy - (xv - mean) * projection) : scale * d);
             }
+        } else if (training) {
+            Pack<T, V> in = *reinterpret_cast<const Pack<T, V>*>(x + n * x_stride_n + s);
+#pragma unroll
+            for (int k = 0; k < V; ++k)
+                out.v[k] = cvt<T>(scale * (cvt<A>(g.v[k]) - mean_dy - (cvt<A>(in.v[k]) - mean) * projection));
         } else {
 #pragma unroll
             for (int k = 0; k < V; ++k) out.v[k] = cvt<T>(scale * cvt<A>(g.v[k]));
@@ -662,7 +697,7 @@ template <typename T, typename A> struct InputGradientRow {
     }
 };
 
-template <typename T, typename W, typename A, int VEC>
+template <typename T, typename W, typename A, int VEC, bool FUSED>
 __global__ void input_gradient_channels_first(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,   // (N, C, S)
     const A* mean_in, const A* invstd_in, const W* weight,
@@ -674,7 +709,7 @@ __global__ void input_gradient_channels_first(
     i64 c = blockIdx.x;
     A mean, scale, mean_dy, projection;
     dx_coefficients_at(c, mean_in, invstd_in, weight, sum_dy, sum_dy_xmu, inv_count, training, mean, scale, mean_dy, projection);
-    InputGradientRow<T, A> op = {dy + c * dy_stride_c, x + c * x_stride_c, dx + c * dx_stride_c,
+    InputGradientRow<T, A, FUSED> op = {dy + c * dy_stride_c, x + c * x_stride_c, dx + c * dx_stride_c,
                                  dy_stride_n, x_stride_n, dx_stride_n, mean, scale, mean_dy, projection, training,
                                  relu_mask(c, relu, mean_in, invstd_in, weight, bias)};
     Tiles t = program_tiles(N, S, s_blocks, total_tiles, tiles_per_program, rows, block_s);
@@ -682,25 +717,26 @@ __global__ void input_gradient_channels_first(
 }
 
 // dx over this thread's share of rows [row_begin, row_end) of channel c.
-template <typename T, typename A>
+template <typename T, typename A, bool FUSED>
 __device__ void column_input_gradient(const T* dy, const T* x, T* dx, i64 dy_stride_m, i64 x_stride_m, i64 dx_stride_m,
                                       i64 c, A mean, A scale, A mean_dy, A projection, int training,
                                       const ReluMask<A>& relu, i64 row_begin, i64 row_end) {
-    for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS) {
-        A g = cvt<A>(dy[r * dy_stride_m + c]);
-        A value;
-        if (training || relu.on) {
-            A xv = cvt<A>(x[r * x_stride_m + c]);
-            g = relu.apply(g, xv);
-            value = training ? scale * (g - mean_dy - (xv - mean) * projection) : scale * g;
-        } else {
-            value = scale * g;
+    if constexpr (!FUSED) {
+        for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS) {
+            A g = cvt<A>(dy[r * dy_stride_m + c]);
+            A value = training ? scale * (g - mean_dy - (cvt<A>(x[r * x_stride_m + c]) - mean) * projection) : scale * g;
+            dx[r * dx_stride_m + c] = cvt<T>(value);
         }
-        dx[r * dx_stride_m + c] = cvt<T>(value);
+    } else {
+        for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS) {
+            A xv = cvt<A>(x[r * x_stride_m + c]);
+            A g = relu.apply(cvt<A>(dy[r * dy_stride_m + c]), xv);
+            dx[r * dx_stride_m + c] = cvt<T>(training ? scale * (g - mean_dy - (xv - mean) * projection) : scale * g);
+        }
     }
 }
 
-template <typename T, typename W, typename A>
+template <typename T, typename W, typename A, bool FUSED>
 __global__ void input_gradient_channels_last(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,   // (M, C)
     const A* mean_in, const A* invstd_in, const W* weight,
@@ -713,7 +749,8 @@ __global__ void input_gradient_channels_last(
     A mean, scale, mean_dy, projection;
     dx_coefficients_at(c, mean_in, invstd_in, weight, sum_dy, sum_dy_xmu, inv_count, training, mean, scale, mean_dy, projection);
     i64 row_begin = (i64)blockIdx.x * rows_per_program;
-    column_input_gradient(dy, x, dx, dy_stride_m, x_stride_m, dx_stride_m, c, mean, scale, mean_dy, projection,
+    column_input_gradient<T, A, FUSED>(dy, x, dx, dy_stride_m, x_stride_m, dx_stride_m, c, mean, scale, mean_dy,
+                                       projection,
                           training, relu_mask(c, relu, mean_in, invstd_in, weight, bias), row_begin,
                           min(row_begin + rows_per_program, M));
 }
@@ -722,7 +759,7 @@ __global__ void input_gradient_channels_last(
 // Statistics (or gradient sums), then the elementwise pass in the same launch; the second read of
 // the block's channels comes from cache.
 
-template <typename T, typename W, typename R, typename A, int VEC>
+template <typename T, typename W, typename R, typename A, int VEC, bool FUSED>
 __global__ void single_pass_forward_channels_first(
     const T* __restrict__ x, T* __restrict__ y,   // (N, C, S), each with its own strides
     const T* __restrict__ residual,   // (N, C, S) with y's strides, or null
@@ -748,12 +785,12 @@ __global__ void single_pass_forward_channels_first(
     __syncthreads();
     A scale, bias_c;
     affine_from(c, channel[1], weight, bias, scale, bias_c);
-    NormalizeRow<T, A> op = {xc, y + c * y_stride_c, residual ? residual + c * y_stride_c : nullptr, x_stride_n,
+    NormalizeRow<T, A, FUSED> op = {xc, y + c * y_stride_c, residual ? residual + c * y_stride_c : nullptr, x_stride_n,
                              y_stride_n, channel[0], scale, bias_c, relu};
     for (i64 tile = 0; tile < total_tiles; ++tile) for_each_group_in_tile<VEC>(t, tile, op);
 }
 
-template <typename T, typename W, typename R, typename A>
+template <typename T, typename W, typename R, typename A, bool FUSED>
 __global__ void single_pass_forward_channels_last(
     const T* __restrict__ x, T* __restrict__ y,   // (M, C), each with its own row stride
     const T* __restrict__ residual,   // (M, C) with y's row stride, or null
@@ -778,11 +815,12 @@ __global__ void single_pass_forward_channels_last(
     if (c >= C) return;
     A scale, bias_c;
     affine_from(c, channel_invstd[threadIdx.x], weight, bias, scale, bias_c);
-    column_normalize(x, y, residual, x_stride_m, y_stride_m, c, channel_mean[threadIdx.x], scale, bias_c, relu, i64(0),
+    column_normalize<T, A, FUSED>(x, y, residual, x_stride_m, y_stride_m, c, channel_mean[threadIdx.x], scale, bias_c,
+                                  relu, i64(0),
                      M);
 }
 
-template <typename T, typename W, typename A, int VEC>
+template <typename T, typename W, typename A, int VEC, bool FUSED>
 __global__ void single_pass_backward_channels_first(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,   // (N, C, S); dx when need_input_grad
     const A* mean_in, const A* invstd_in, const W* weight,
@@ -799,7 +837,7 @@ __global__ void single_pass_backward_channels_first(
     A sum_dy = A(0), sum_dy_xmu = A(0);
     Tiles t = program_tiles(N, S, s_blocks, total_tiles, total_tiles, rows, block_s);
     ReluMask<A> mask = relu_mask(c, relu, mean_in, invstd_in, weight, bias);
-    block_gradient_sums<T, A, VEC>(t, i64(0), total_tiles, dyc, xc, dy_stride_n, x_stride_n, mean, mask, sum_dy,
+    block_gradient_sums<T, A, VEC, FUSED>(t, i64(0), total_tiles, dyc, xc, dy_stride_n, x_stride_n, mean, mask, sum_dy,
                                    sum_dy_xmu);
     if (threadIdx.x == 0) {
         store_gradients(c, sum_dy, sum_dy_xmu, invstd, grad_weight, grad_bias);
@@ -810,12 +848,12 @@ __global__ void single_pass_backward_channels_first(
     if (!need_input_grad) return;
     A mean_x, scale, mean_dy, projection;
     dx_coefficients(c, mean, invstd, weight, totals[0], totals[1], inv_count, training, mean_x, scale, mean_dy, projection);
-    InputGradientRow<T, A> op = {dyc, xc, dx + c * dx_stride_c, dy_stride_n, x_stride_n, dx_stride_n,
+    InputGradientRow<T, A, FUSED> op = {dyc, xc, dx + c * dx_stride_c, dy_stride_n, x_stride_n, dx_stride_n,
                                  mean_x, scale, mean_dy, projection, training, mask};
     for (i64 tile = 0; tile < total_tiles; ++tile) for_each_group_in_tile<VEC>(t, tile, op);
 }
 
-template <typename T, typename W, typename A>
+template <typename T, typename W, typename A, bool FUSED>
 __global__ void single_pass_backward_channels_last(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,   // (M, C); dx when need_input_grad
     const A* mean_in, const A* invstd_in, const W* weight,
@@ -828,7 +866,8 @@ __global__ void single_pass_backward_channels_last(
     A mean = c < C ? mean_in[c] : A(0), invstd = c < C ? invstd_in[c] : A(0);
     A sum_dy = A(0), sum_dy_xmu = A(0);
     ReluMask<A> mask = relu_mask(c, relu && c < C, mean_in, invstd_in, weight, bias);
-    if (c < C) column_gradient_sums(dy, x, dy_stride_m, x_stride_m, c, mean, mask, i64(0), M, sum_dy, sum_dy_xmu);
+    if (c < C)
+        column_gradient_sums<T, A, FUSED>(dy, x, dy_stride_m, x_stride_m, c, mean, mask, i64(0), M, sum_dy, sum_dy_xmu);
     column_sums(sum_dy, sum_dy_xmu);
     if (threadIdx.y == 0 && c < C) {
         store_gradients(c, sum_dy, sum_dy_xmu, invstd, grad_weight, grad_bias);
@@ -840,6 +879,7 @@ __global__ void single_pass_backward_channels_last(
     A mean_x, scale, mean_dy, projection;
     dx_coefficients(c, mean, invstd, weight, totals[0][threadIdx.x], totals[1][threadIdx.x], inv_count, training,
                     mean_x, scale, mean_dy, projection);
-    column_input_gradient(dy, x, dx, dy_stride_m, x_stride_m, dx_stride_m, c, mean_x, scale, mean_dy, projection,
+    column_input_gradient<T, A, FUSED>(dy, x, dx, dy_stride_m, x_stride_m, dx_stride_m, c, mean_x, scale, mean_dy,
+                                       projection,
                           training, mask, i64(0), M);
 }
