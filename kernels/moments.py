@@ -4,6 +4,7 @@ Partial statistics are kept as (count, mean, M2 = sum of squared deviations from
 as (sum, sum of squares): E[x^2] - E[x]^2 cancels catastrophically when |mean| >> std.
 """
 import triton
+import triton.language as tl  # noqa: F401  (the Triton interpreter wants it in a kernel module's globals)
 
 
 @triton.jit
