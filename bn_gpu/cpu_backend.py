@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .dtypes import stat_dtype
-from .layout import empty_output
+from .layout import empty_output, per_channel, reduce_dims
 
 
 def check_available(device: torch.device) -> None:
@@ -15,12 +15,6 @@ def check_available(device: torch.device) -> None:
                            "Use backend='auto' (or 'triton') for CUDA tensors.")
 
 
-def _reduce_dims(x: torch.Tensor) -> list[int]:
-    return [0, *range(2, x.dim())]
-
-
-def _per_channel(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.reshape(1, -1, *([1] * (x.dim() - 2)))
 
 
 def _like_gpu_output(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -32,9 +26,9 @@ def _affine(x, mean, invstd, weight, bias, residual=None, relu=False):
     """(x - mean) * invstd * weight + bias (+ residual, then ReLU) in the statistics dtype,
     returned in x's dtype."""
     scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    y = (x.to(mean.dtype) - _per_channel(mean, x)) * _per_channel(scale, x)
+    y = (x.to(mean.dtype) - per_channel(mean, x)) * per_channel(scale, x)
     if bias is not None:
-        y = y + _per_channel(bias.to(mean.dtype), x)
+        y = y + per_channel(bias.to(mean.dtype), x)
     if residual is not None:
         y = y + residual.to(mean.dtype)
     if relu:
@@ -44,7 +38,7 @@ def _affine(x, mean, invstd, weight, bias, residual=None, relu=False):
 
 def forward_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, residual=None,
                   relu=False):
-    var, mean = torch.var_mean(x.to(stat_dtype(x.dtype)), dim=_reduce_dims(x), correction=0)
+    var, mean = torch.var_mean(x.to(stat_dtype(x.dtype)), dim=reduce_dims(x), correction=0)
     invstd = torch.rsqrt(var + eps)
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
@@ -65,13 +59,13 @@ def forward_eval(x, weight, bias, running_mean, running_var, eps, residual=None,
 
 
 def backward(grad_y, x, weight, mean, invstd, training, need_input_grad, need_weight_grad, bias=None, relu=False):
-    dims = _reduce_dims(x)
+    dims = reduce_dims(x)
     dy = grad_y.to(mean.dtype)
-    xmu = x.to(mean.dtype) - _per_channel(mean, x)
+    xmu = x.to(mean.dtype) - per_channel(mean, x)
     grad_x, grad_weight, grad_bias = x.new_empty(0), x.new_empty(0), x.new_empty(0)
     scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
     if relu:  # through the forward's ReLU, its mask recomputed as the forward computed its input
-        pre = xmu * _per_channel(scale, x) + (_per_channel(bias.to(mean.dtype), x) if bias is not None else 0)
+        pre = xmu * per_channel(scale, x) + (per_channel(bias.to(mean.dtype), x) if bias is not None else 0)
         dy = torch.where(pre > 0, dy, torch.zeros((), dtype=dy.dtype))
     if training or need_weight_grad:
         sum_dy = dy.sum(dim=dims)
@@ -84,10 +78,10 @@ def backward(grad_y, x, weight, mean, invstd, training, need_input_grad, need_we
         if training:
             inv_count = 1.0 / (x.numel() // x.shape[1])
             projection = sum_dy_xmu * invstd * invstd * inv_count
-            dx = _per_channel(scale, x) * (dy - _per_channel(sum_dy * inv_count, x)
-                                           - xmu * _per_channel(projection, x))
+            dx = per_channel(scale, x) * (dy - per_channel(sum_dy * inv_count, x)
+                                           - xmu * per_channel(projection, x))
         else:
-            dx = _per_channel(scale, x) * dy
+            dx = per_channel(scale, x) * dy
         grad_x = _like_gpu_output(x, dx)
     return grad_x, grad_weight, grad_bias
 
@@ -97,7 +91,7 @@ def backward(grad_y, x, weight, mean, invstd, training, need_input_grad, need_we
 
 def local_moments(x):
     """(2C + 1,): this process's count, then each channel's mean and M2."""
-    var, mean = torch.var_mean(x.to(stat_dtype(x.dtype)), dim=_reduce_dims(x), correction=0)
+    var, mean = torch.var_mean(x.to(stat_dtype(x.dtype)), dim=reduce_dims(x), correction=0)
     count = x.numel() // x.shape[1]
     return torch.cat([mean.new_full((1,), count), mean, var * count])
 
@@ -132,10 +126,10 @@ def normalize(x, mean, invstd, weight, bias, counter, eps):
 
 def gradient_totals(grad_y, x, mean, invstd, param_dtype):
     """(totals (2, C) of local sums of dy and dy * (x - mean), grad_weight, grad_bias)."""
-    dims = _reduce_dims(x)
+    dims = reduce_dims(x)
     dy = grad_y.to(mean.dtype)
     sum_dy = dy.sum(dim=dims)
-    sum_dy_xmu = (dy * (x.to(mean.dtype) - _per_channel(mean, x))).sum(dim=dims)
+    sum_dy_xmu = (dy * (x.to(mean.dtype) - per_channel(mean, x))).sum(dim=dims)
     return torch.stack([sum_dy, sum_dy_xmu]), (sum_dy_xmu * invstd).to(param_dtype), sum_dy.to(param_dtype)
 
 
@@ -144,8 +138,8 @@ def input_gradient(grad_y, x, mean, invstd, weight, totals):
     sum_dy, sum_dy_xmu = totals
     inv_count = 1.0 / (x.numel() // x.shape[1])
     dy = grad_y.to(mean.dtype)
-    xmu = x.to(mean.dtype) - _per_channel(mean, x)
+    xmu = x.to(mean.dtype) - per_channel(mean, x)
     scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
     projection = sum_dy_xmu * invstd * invstd * inv_count
-    dx = _per_channel(scale, x) * (dy - _per_channel(sum_dy * inv_count, x) - xmu * _per_channel(projection, x))
+    dx = per_channel(scale, x) * (dy - per_channel(sum_dy * inv_count, x) - xmu * per_channel(projection, x))
     return _like_gpu_output(x, dx)

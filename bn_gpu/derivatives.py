@@ -16,14 +16,9 @@ from __future__ import annotations
 import torch
 
 from .dtypes import stat_dtype
+from .layout import per_channel, reduce_dims
 
 
-def _reduce_dims(x: torch.Tensor) -> list[int]:
-    return [0, *range(2, x.dim())]
-
-
-def _per_channel(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.reshape(1, -1, *([1] * (x.dim() - 2)))
 
 
 def _scale(invstd: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -37,19 +32,19 @@ def differentiable_gradients(grad_output, x, weight, mean, invstd, training: boo
     carry no history), so the second derivative includes their dependence on x. grad_weight and
     grad_bias are in the statistics dtype; the caller casts them.
     """
-    dims = _reduce_dims(x)
+    dims = reduce_dims(x)
     xf = x.to(stat_dtype(x.dtype))
     if training:
         var, mean = torch.var_mean(xf, dim=dims, correction=0)
         invstd = torch.rsqrt(var + eps)
-    xhat = (xf - _per_channel(mean, x)) * _per_channel(invstd, x)
+    xhat = (xf - per_channel(mean, x)) * per_channel(invstd, x)
     dy = grad_output.to(xf.dtype)
     sum_dy = dy.sum(dim=dims)
     sum_dy_xhat = (dy * xhat).sum(dim=dims)
-    scale = _per_channel(_scale(invstd, weight), x)
+    scale = per_channel(_scale(invstd, weight), x)
     if training:
         count = x.numel() // x.shape[1]
-        grad_input = scale * (dy - _per_channel(sum_dy / count, x) - xhat * _per_channel(sum_dy_xhat / count, x))
+        grad_input = scale * (dy - per_channel(sum_dy / count, x) - xhat * per_channel(sum_dy_xhat / count, x))
     else:
         grad_input = scale * dy
     return grad_input.to(x.dtype), sum_dy_xhat, sum_dy
@@ -58,25 +53,25 @@ def differentiable_gradients(grad_output, x, weight, mean, invstd, training: boo
 def through_relu(grad_output, x, weight, bias, mean, invstd):
     """grad_output where the forward's (x - mean) * invstd * weight + bias was positive: the
     gradient through a ReLU that followed the BatchNorm, its mask a constant."""
-    pre = (x.to(mean.dtype) - _per_channel(mean, x)) * _per_channel(_scale(invstd, weight), x)
+    pre = (x.to(mean.dtype) - per_channel(mean, x)) * per_channel(_scale(invstd, weight), x)
     if bias is not None:
-        pre = pre + _per_channel(bias.to(mean.dtype), x)
+        pre = pre + per_channel(bias.to(mean.dtype), x)
     return torch.where(pre.detach() > 0, grad_output, torch.zeros((), dtype=grad_output.dtype,
                                                                   device=grad_output.device))
 
 
 def output_tangent(x, weight, mean, invstd, training: bool, x_tangent, weight_tangent, bias_tangent):
     """The forward-mode derivative of the output, given the tangents of x, weight and bias (None: zero)."""
-    dims = _reduce_dims(x)
-    xhat = (x.to(mean.dtype) - _per_channel(mean, x)) * _per_channel(invstd, x)
+    dims = reduce_dims(x)
+    xhat = (x.to(mean.dtype) - per_channel(mean, x)) * per_channel(invstd, x)
     tangent = torch.zeros_like(xhat)
     if x_tangent is not None:
         t = x_tangent.to(mean.dtype)
         if training:  # through the batch mean and variance
             t = t - t.mean(dim=dims, keepdim=True) - xhat * (xhat * t).mean(dim=dims, keepdim=True)
-        tangent = tangent + _per_channel(_scale(invstd, weight), x) * t
+        tangent = tangent + per_channel(_scale(invstd, weight), x) * t
     if weight_tangent is not None:
-        tangent = tangent + xhat * _per_channel(weight_tangent.to(mean.dtype), x)
+        tangent = tangent + xhat * per_channel(weight_tangent.to(mean.dtype), x)
     if bias_tangent is not None:
-        tangent = tangent + _per_channel(bias_tangent.to(mean.dtype), x)
+        tangent = tangent + per_channel(bias_tangent.to(mean.dtype), x)
     return tangent.to(x.dtype)

@@ -135,3 +135,13 @@ def empty_output(x: torch.Tensor) -> torch.Tensor:
         return torch.empty_like(x)
     family, x = choose_layout(x)
     return empty_in_family(x, family)
+
+
+def reduce_dims(x: torch.Tensor) -> list[int]:
+    """The dims a per-channel statistic reduces over: every one but the channel dim 1."""
+    return [0, *range(2, x.dim())]
+
+
+def per_channel(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A (C,) vector shaped to broadcast against x along dim 1."""
+    return v.reshape(1, -1, *([1] * (x.dim() - 2)))

@@ -143,6 +143,18 @@ def forward_eval(kernels: KernelTable, x, weight, bias, running_mean, running_va
     return y, mean, invstd
 
 
+def _gradient_totals(kernels: KernelTable, g: Geometry, grad_y, x, mean, invstd, param_dtype, weight=None, bias=None,
+                     relu=False):
+    """(totals (2, C): sums of dy and dy * (x - mean), in the statistics dtype; grad_weight;
+    grad_bias), by the gradient-sums and finalize kernels of the split plan."""
+    partials = empty((2, g.plan.splits, g.C), g.stat_dtype, x.device)
+    totals = empty((2, g.C), g.stat_dtype, x.device)
+    grad_weight, grad_bias = empty(g.C, param_dtype, x.device), empty(g.C, param_dtype, x.device)
+    kernels.gradient_sums(g, grad_y, x, mean, partials, invstd=invstd, weight=weight, bias=bias, relu=relu)
+    kernels.finalize_gradients(g, partials, invstd, totals, grad_weight, grad_bias)
+    return totals, grad_weight, grad_bias
+
+
 @_on_input_device
 def backward(kernels: KernelTable, grad_y, x, weight, mean, invstd, training, need_input_grad, need_weight_grad,
              bias=None, relu=False):
@@ -159,15 +171,13 @@ def backward(kernels: KernelTable, grad_y, x, weight, mean, invstd, training, ne
             return x.new_empty(0), x.new_empty(0), x.new_empty(0)
         kernels.input_gradient(g, grad_y, x, grad_x, mean, invstd, weight, None, training=False, bias=bias, relu=relu)
         return grad_x, x.new_empty(0), x.new_empty(0)
-    grad_weight, grad_bias = empty(g.C, param_dtype, device), empty(g.C, param_dtype, device)
     if g.single_pass:
+        grad_weight, grad_bias = empty(g.C, param_dtype, device), empty(g.C, param_dtype, device)
         kernels.single_pass_backward(g, grad_y, x, grad_x, mean, invstd, weight, grad_weight, grad_bias, training,
                                      bias=bias, relu=relu)
     else:
-        partials = empty((2, g.plan.splits, g.C), g.stat_dtype, device)
-        totals = empty((2, g.C), g.stat_dtype, device)
-        kernels.gradient_sums(g, grad_y, x, mean, partials, invstd=invstd, weight=weight, bias=bias, relu=relu)
-        kernels.finalize_gradients(g, partials, invstd, totals, grad_weight, grad_bias)
+        totals, grad_weight, grad_bias = _gradient_totals(kernels, g, grad_y, x, mean, invstd, param_dtype,
+                                                          weight, bias, relu)
         if need_input_grad:
             kernels.input_gradient(g, grad_y, x, grad_x, mean, invstd, weight, totals, training, bias=bias,
                                    relu=relu)
@@ -221,13 +231,7 @@ def gradient_totals(kernels: KernelTable, grad_y, x, mean, invstd, param_dtype):
     """(totals (2, C): local sums of dy and dy * (x - mean); grad_weight; grad_bias) -- the
     parameter gradients from the local sums, as DDP expects them."""
     g = kernels.geometry(x, grad_y)
-    x, grad_y = g.read(x), g.read_grad(grad_y)
-    partials = empty((2, g.plan.splits, g.C), g.stat_dtype, x.device)
-    totals = empty((2, g.C), g.stat_dtype, x.device)
-    grad_weight, grad_bias = empty(g.C, param_dtype, x.device), empty(g.C, param_dtype, x.device)
-    kernels.gradient_sums(g, grad_y, x, mean, partials)
-    kernels.finalize_gradients(g, partials, invstd, totals, grad_weight, grad_bias)
-    return totals, grad_weight, grad_bias
+    return _gradient_totals(kernels, g, g.read_grad(grad_y), g.read(x), mean, invstd, param_dtype)
 
 
 @_on_input_device

@@ -18,6 +18,7 @@ from torch.autograd.function import once_differentiable
 from . import backends
 from .dtypes import stat_dtype
 from .functional import batch_norm
+from .layout import per_channel
 from .ops import _dense, _write_back
 from .validation import check_batch_norm_args
 
@@ -30,9 +31,6 @@ def frozen_batch_norm(input, weight, bias, running_mean, running_var, eps: float
 
 
 # ---- Batch Renormalization ----------------------------------------------------------------------
-
-def _per_channel(v, x):
-    return v.reshape(1, -1, *([1] * (x.dim() - 2)))
 
 
 def _renorm_correction(mean, invstd, running_mean, running_var, eps, r_max, d_max, warming_up):
@@ -175,9 +173,9 @@ def ghost_batch_norm(input, running_mean, running_var, weight=None, bias=None, t
     shape = (N, C, *([1] * (input.dim() - 2)))
     y = (input.to(mean.dtype) - mean[chunk_of_row].reshape(shape)) * invstd[chunk_of_row].reshape(shape)
     if weight is not None:
-        y = y * _per_channel(weight.to(mean.dtype), input)
+        y = y * per_channel(weight.to(mean.dtype), input)
     if bias is not None:
-        y = y + _per_channel(bias.to(mean.dtype), input)
+        y = y + per_channel(bias.to(mean.dtype), input)
     if running_mean is not None:
         with torch.no_grad():
             counts = rows * spatial
