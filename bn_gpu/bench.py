@@ -170,17 +170,28 @@ def copy_gbps(device: torch.device, smoke: bool) -> float:
 
 
 def _reference(x, w, b, rm, rv, mode, dy, residual):
+    """(float64 result, mask of the elements not checked or None). With a ReLU after the residual
+    add, an element whose pre-activation is within the input dtype's rounding of zero may take
+    either side of the ReLU in a correct implementation -- cuDNN's and PyTorch's too -- and its
+    input gradient then differs by |dy * weight * invstd|: such elements are left out of the check."""
     from . import reference as ref
     fused = mode.endswith(EPILOGUE_SUFFIX)
     base = _base_mode(mode)
     if base == "eval_fwd":
-        return ref.forward_eval(x, rm, rv, w, b)
+        return ref.forward_eval(x, rm, rv, w, b), None
     y = ref.forward_train(x, w, b)[0]
+    ambiguous = None
     if fused:
+        # Relative to the terms' magnitude: the roundings of y and of the sum to x's dtype, and the
+        # fp32 statistics' own error (PyTorch's native channels-last fp32 kernel flipped an element
+        # beyond the roundings alone on an H200, 2026-11-26).
+        pre_activation = y + residual.double()
+        band = 2 * torch.finfo(x.dtype).eps + 3e-5
+        ambiguous = pre_activation.abs() <= band * (y.abs() + residual.double().abs() + 1)
         y = ref.epilogue(y, residual, relu=True)
     if base == "train_fwd":
-        return y
-    return ref.backward_train(ref.epilogue_backward(dy, y, relu=fused), x, w)[0]
+        return y, None
+    return ref.backward_train(ref.epilogue_backward(dy, y, relu=fused), x, w)[0], ambiguous
 
 
 def _inputs(shape, dtype, layout, device):
@@ -205,8 +216,11 @@ def measure_case(name, call, shape, dtype, layout, mode, device, smoke) -> Row:
               mode=mode, numel=x.numel(), itemsize=x.element_size(), us=math.nan, correct=False)
     try:
         out = run()
-        expected = _reference(x, w, b, rm, rv, mode, dy, residual)  # training: rm, rv unread
-        row.max_error = (out.double() - expected).abs().max().item()
+        expected, unchecked = _reference(x, w, b, rm, rv, mode, dy, residual)  # training: rm, rv unread
+        error = (out.double() - expected).abs()
+        if unchecked is not None:
+            error = error.masked_fill(unchecked, 0)
+        row.max_error = error.max().item()
         row.correct = bool(row.max_error <= CHECK_TOLERANCE[dtype] * max(1.0, expected.abs().max().item()))
         row.us = time_us(run, device, smoke)
         if device.type == "cuda" and x.numel() <= SMALL_NUMEL:
@@ -246,11 +260,11 @@ def metadata(device: torch.device, smoke: bool, copy: float) -> dict:
 
 # Rough cost of one job in seconds, for fitting a run into --budget-s: a torch.compile build
 # dominates (a fresh compile per case); the other implementations cost a warm-up, ~0.1 s of timing
-# and the float64 check. Measured on an H200 machine (2026-11-26): 0.18-0.20 s per job over 148-244
-# jobs, about 4 s per torch.compile job; twice that here. The budget is also enforced as the run
-# goes: these only choose what to drop before it starts.
-JOB_COST_S = {"torch-inductor": 8.0}
-DEFAULT_JOB_COST_S = 0.4
+# and the float64 check. Measured (2026-11-26): 0.18-0.20 s per job over 148-244 jobs on an H200
+# machine and 0.20 s over 250 on an H100 one; about 4 s per torch.compile job. The budget is also
+# enforced as the run goes: these only choose what to drop before it starts.
+JOB_COST_S = {"torch-inductor": 6.0}
+DEFAULT_JOB_COST_S = 0.25
 
 
 def job_cost_s(impl: str) -> float:

@@ -282,9 +282,10 @@ def _gradients(ctx, needs, grad_output) -> tuple:
         if weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
     else:
-        grad_input, grad_weight, grad_bias = torch.ops.bn_gpu.backward(
-            grad_output, x, weight, mean, invstd, ctx.training, needs[0], needs[1] or needs[2], ctx.backend,
-            bias if relu_in_kernels else None, relu_in_kernels)
+        args = (grad_output, x, weight, mean, invstd, ctx.training, needs[0], needs[1] or needs[2], ctx.backend,
+                bias if relu_in_kernels else None, relu_in_kernels)
+        direct = getattr(ctx, "eager", False) and _plain_backward(grad_output, mean, x, weight, invstd, bias)
+        grad_input, grad_weight, grad_bias = _backward(*args) if direct else torch.ops.bn_gpu.backward(*args)
     if needs[2] and grad_bias.dtype != ctx.bias_dtype:
         grad_bias = grad_bias.to(ctx.bias_dtype)
     grads[:3] = (grad_input if needs[0] else None, grad_weight if needs[1] else None,
@@ -403,7 +404,43 @@ def plain_eager(*tensors) -> bool:
             and all(t is None or type(t) in _PLAIN_TYPES for t in tensors))
 
 
-_DIRECT = {True: _function(_forward_train, training=True), False: _function(_forward_eval, training=False)}
+def _eager_function(run, training: bool):
+    """_function(run, training) in the legacy form (forward takes ctx), for the eager fast path
+    only: with a setup_context, Function.apply re-binds the arguments through inspect.signature on
+    every call (~10 us of host time); torch.func transforms, which need setup_context, never reach
+    the fast path."""
+    base = _function(run, training)
+
+    class EagerFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            output = run(*args)
+            base.setup_context(ctx, args, output)
+            ctx.eager = True
+            return output
+
+        backward = base.backward
+        jvp = base.jvp
+
+    return EagerFunction
+
+
+def _plain_backward(*tensors) -> bool:
+    """Whether the backward of a forward that took the eager fast path may call the op's kernel
+    directly. plain_eager's dispatch-TLS comparison does not hold there: on CUDA the autograd
+    engine runs backward on its device thread, whose TLS differs from the caller's; what can have
+    changed since the forward -- a mode, a transform, compiled autograd, a tensor subclass, a
+    gradient batched by the legacy vmap that gradcheck uses (its dispatch keys differ from those of
+    the saved mean) -- is checked instead."""
+    grad_output, saved_mean = tensors[:2]
+    return (not torch.compiler.is_compiling() and not torch._C._is_torch_function_mode_enabled()
+            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active()
+            and all(t is None or type(t) in _PLAIN_TYPES for t in tensors)
+            and torch._C._dispatch_keys(grad_output) == torch._C._dispatch_keys(saved_mean))
+
+
+_DIRECT = {True: _eager_function(_forward_train, training=True),
+           False: _eager_function(_forward_eval, training=False)}
 
 
 def _in_torch_func_transform() -> bool:

@@ -4,13 +4,12 @@ Each method marshals the arguments of one kernel of bn_gpu.kernels (channels-fir
 channels-last by the geometry's family) in the kernel's parameter order and launches it. Arguments
 a kernel does not read under its flags are passed as None.
 
-Launches go through Triton's JIT. With BN_GPU_DIRECT_LAUNCH=1, the first launch of each
-specialization goes through the JIT (which compiles and caches) and later launches with the same
-specialization call the compiled kernel's launcher directly (as Inductor does), skipping the JIT's
-argument binding; where it does not apply (the interpreter, launch hooks registered, a Triton
-without that launcher API) every launch goes through the JIT. It is off by default until a GPU run
-has checked it (tests/test_gpu.py::test_direct_launches_match_the_jit): the one GPU session that
-had it never took it.
+The first launch of each specialization goes through Triton's JIT (which compiles and caches);
+later launches with the same specialization call the compiled kernel's launcher directly (as
+Inductor does), skipping the JIT's argument binding and specialization. Where that does not apply
+(the interpreter, launch hooks registered, a Triton without that launcher API) every launch goes
+through the JIT; BN_GPU_DIRECT_LAUNCH=0 forces the JIT path. Checked bitwise against the JIT on an
+H100 with Triton 3.6 (tests/test_gpu.py::test_direct_launches_match_the_jit, 2026-11-26).
 
 CUDA tensors run compiled kernels; CPU tensors run them in the Triton interpreter, which must be
 switched on with TRITON_INTERPRET=1 before the kernels are first used.
@@ -49,16 +48,6 @@ SECOND_PASS_REVERSED = True
 
 # ---- launching --------------------------------------------------------------------------------
 
-def _specialization(arg):
-    """What Triton's JIT specializes a compiled kernel on, for one argument: a tensor's dtype and
-    16-byte alignment, an integer's value (== 1, divisibility by 16, width), a float's type."""
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    if isinstance(arg, float):
-        return float
-    return arg
-
-
 def _no_launch_hooks() -> bool:
     """Whether no Triton launch hook (profilers set them) is registered. Recent Triton keeps each
     hook as a HookChain, empty by default; older ones keep None."""
@@ -79,13 +68,18 @@ class Launcher:
     def __init__(self, direct: bool | None = None):
         self.compiled = {}    # specialization key -> (compiled kernel, constexpr values in order)
         if direct is None:
-            direct = os.environ.get("BN_GPU_DIRECT_LAUNCH", "0") == "1"
+            direct = os.environ.get("BN_GPU_DIRECT_LAUNCH", "1") != "0"
         self.direct = direct and not interpreting()
 
     def __call__(self, kernel, grid, args: list, meta: dict) -> None:
         key = None
         if self.direct and _no_launch_hooks():
-            key = (kernel, grid, *meta.items(), *map(_specialization, args))
+            # What the JIT specializes a compiled kernel on, per argument: a tensor's dtype and
+            # 16-byte alignment, an integer's value (== 1, divisibility by 16, width), a float's
+            # type. Inlined: it runs for every launch, over ~30 arguments.
+            key = (kernel, grid, *meta.items(),
+                   *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else
+                     float if isinstance(a, float) else a for a in args])
             entry = self.compiled.get(key)
             if entry is not None:
                 compiled, constexprs = entry

@@ -3,7 +3,7 @@
 # install bn_gpu, a preflight of every kernel, the GPU tests, the benchmark and the host overhead,
 # each step under its own timeout inside one budget of wall time (default 480 s).
 #
-#   profiling/gpu_check.sh [--budget-s 480] [--out DIR] [--rehearse] [-- bench options...]
+#   profiling/gpu_check.sh [--budget-s 480] [--out DIR] [--rehearse] [--skip-preflight] [-- bench options...]
 #
 # --rehearse  on a CPU machine: the same steps and budget logic with the GPU steps stubbed (the
 #             preflight in the Triton interpreter, the benchmark as --smoke, no install), to check
@@ -16,11 +16,13 @@ cd "$(dirname "$0")/.."
 budget=480
 out=profiling/results/gpu-check
 rehearse=0
+preflight=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --budget-s) budget=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --rehearse) rehearse=1; shift ;;
+    --skip-preflight) preflight=0; shift ;;
     --) shift; break ;;
     *) echo "gpu_check.sh: unknown option $1" >&2; exit 2 ;;
   esac
@@ -71,18 +73,23 @@ else
   { nvidia-smi; "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())";
     "$PY" -c "import cupy; print('cupy', cupy.__version__)"; } > "$out/env.log" 2>&1
   step install 60 80 "$PY" -m pip install --no-deps --no-build-isolation -e .
-  step preflight 60 70 "$PY" -m bn_gpu preflight
+  if [ $preflight -eq 1 ]; then
+    step preflight 60 70 "$PY" -m bn_gpu preflight
+  else
+    echo "- preflight: skipped (--skip-preflight)" >> "$summary"
+  fi
   workers=()
-  "$PY" -c "import xdist" 2>/dev/null && workers=(-n 8)
-  BN_GPU_REQUIRE_GPU=1 step gpu-tests 150 45 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider -rfE "${workers[@]}"
+  "$PY" -c "import xdist" 2>/dev/null && workers=(-n 12)
+  BN_GPU_REQUIRE_GPU=1 step gpu-tests 200 40 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider -rfE "${workers[@]}"
+  # Host time per call, and where a training step's host time goes (cProfile of forward+backward).
+  step host-overhead 30 30 "$PY" profiling/host_overhead.py --calls 1000 --profile "bn_gpu module, fwd+bwd"
+  # The same with every Triton launch through the JIT (BN_GPU_DIRECT_LAUNCH=0), for comparison.
+  BN_GPU_DIRECT_LAUNCH=0 step host-overhead-jit 30 25 "$PY" profiling/host_overhead.py --calls 1000
   if [ $# -eq 0 ]; then
     set -- --shapes 64x64x112x112 64x256x56x56 64x2048x7x7 16384x2048 8x64x16x56x56 5x3 --dtypes float32 bfloat16
   fi
-  bench_limit=$(left 6)
-  step bench "$bench_limit" 6 "$PY" -m bn_gpu bench --out "$out/bench" --budget-s $(( bench_limit - 30 )) "$@"
-  step host-overhead 20 3 "$PY" profiling/host_overhead.py --calls 1000
-  # The Triton launches through the compiled kernels' launchers (opt-in until a GPU run checks it).
-  BN_GPU_DIRECT_LAUNCH=1 step host-overhead-direct 20 0 "$PY" profiling/host_overhead.py --calls 1000
+  bench_limit=$(left 3)
+  step bench "$bench_limit" 3 "$PY" -m bn_gpu bench --out "$out/bench" --budget-s $(( bench_limit - 30 )) "$@"
 fi
 
 # ---- summary: what to paste into profiling/RESULTS.md ----------------------------------------
@@ -101,7 +108,7 @@ count() { local n; n=$(grep -c "$1" "$2" 2>/dev/null); echo "${n:-0}"; }
   if [ -n "$bench_md" ]; then sed '/^## Every row/,$d' "$bench_md"; else echo "(no benchmark results)"; fi
   echo
   echo '```'
-  cat "$out/host-overhead.log" "$out/host-overhead-direct.log" 2>/dev/null
+  cat "$out/host-overhead.log" "$out/host-overhead-jit.log" 2>/dev/null
   echo '```'
 } >> "$summary"
 cat "$summary"

@@ -1,17 +1,21 @@
 """Eager host time per call of bn_gpu against torch.nn.functional.batch_norm on a small input.
 
     python profiling/host_overhead.py [--device cuda|cpu] [--shape 5x3] [--calls 2000] [--stub-kernels]
+                                      [--profile CASE]
 
 Wall time over many calls, synchronized once at the end: on a small layer this is the host cost
 (Python, dispatcher, launches), whatever the kernels cost. On CUDA, bn_gpu uses its default
 backend (Triton). On CPU it uses the "cpu" backend, whose torch operations dominate; with
 --stub-kernels it runs the Triton backend's host path instead, with every kernel launch replaced
-by a no-op: what bn_gpu's own Python costs per call, before the launches.
+by a no-op: what bn_gpu's own Python costs per call, before the launches. --profile runs one case
+under cProfile afterwards and prints where its host time goes.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 
 
 def _stub_triton_launches() -> None:
@@ -19,6 +23,17 @@ def _stub_triton_launches() -> None:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors are accepted by the backend
     from bn_gpu import triton_backend
     triton_backend.launch = lambda kernel, grid, args, meta: None
+
+
+def ours_step(module, x, dy):
+    """One training step's BatchNorm part: forward, then input and parameter gradients."""
+    y = module(x)
+    return torch.autograd.grad(y, (x, *module.parameters()), dy)
+
+
+def one_thread_step(module, x, dy):
+    with torch.autograd.set_multithreading_enabled(False):
+        return ours_step(module, x, dy)
 
 
 def main() -> None:
@@ -30,9 +45,12 @@ def main() -> None:
                         help="rounds over all cases, interleaved; the median round is shown (a busy host is noisy)")
     parser.add_argument("--stub-kernels", action="store_true",
                         help="CPU only: Triton backend host path with no-op launches")
+    parser.add_argument("--profile", metavar="CASE", default=None,
+                        help="afterwards, the cProfile of one case (a label below, e.g. 'bn_gpu module, fwd+bwd')")
     args = parser.parse_args()
     if args.stub_kernels:
         _stub_triton_launches()
+    global torch
     import torch
 
     import bn_gpu
@@ -42,6 +60,8 @@ def main() -> None:
     shape = tuple(int(v) for v in args.shape.split("x"))
     C = shape[1]
     x = torch.randn(shape, device=device)
+    x_grad = x.detach().requires_grad_()
+    dy = torch.randn(shape, device=device)
     w, b = torch.ones(C, device=device), torch.zeros(C, device=device)
     rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
     tracked = torch.tensor(0, device=device)
@@ -58,6 +78,11 @@ def main() -> None:
         "bn_gpu.batch_norm, eval": lambda: bn_gpu.batch_norm(x, rm, rv, w, b, False, backend=backend),
         "torch.nn module, training": lambda: torch_module(x),
         "bn_gpu module, training": lambda: ours_module(x),
+        "torch.nn module, fwd+bwd": lambda: ours_step(torch_module, x_grad, dy),
+        "bn_gpu module, fwd+bwd": lambda: ours_step(ours_module, x_grad, dy),
+        # The autograd engine hands CUDA work to its device thread; these keep it on the caller's.
+        "torch.nn module, fwd+bwd, one thread": lambda: one_thread_step(torch_module, x_grad, dy),
+        "bn_gpu module, fwd+bwd, one thread": lambda: one_thread_step(ours_module, x_grad, dy),
     }
     title = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     what = "Triton host path, launches stubbed out" if args.stub_kernels else f"bn_gpu backend {name!r}"
@@ -69,6 +94,12 @@ def main() -> None:
             rounds[label].append(host_us(fn, device, args.calls))
     for label, times in rounds.items():
         print(f"  {label:<34}{sorted(times)[len(times) // 2]:8.1f} us")
+    if args.profile:
+        fn = cases[args.profile]
+        profile = cProfile.Profile()
+        profile.runcall(host_us, fn, device, args.calls)
+        print(f"cProfile of {args.profile!r}, {args.calls} calls (times include the profiler's own cost):")
+        pstats.Stats(profile).sort_stats("tottime").print_stats(25)
     if device.type == "cuda" and name == "triton":
         from bn_gpu.triton_backend import launch
         print(f"  Triton launches through the compiled launcher: {'yes' if launch.direct else 'no (JIT)'}, "

@@ -103,3 +103,17 @@ def test_compile_with_inductor_train_and_eval():
     model.eval()
     reference.eval()
     torch.testing.assert_close(compiled(x), reference(x), atol=1e-4, rtol=1e-4)
+
+
+def test_an_eager_backward_calls_the_kernels_below_the_dispatcher(monkeypatch):
+    """The eager fast path holds for the backward too: plain tensors call bn_gpu.ops._backward
+    directly; a gradient batched by the legacy vmap (gradcheck's) goes through torch.ops.bn_gpu."""
+    from bn_gpu import ops
+    calls = []
+    direct = ops._backward
+    monkeypatch.setattr(ops, "_backward", lambda *args: calls.append(1) or direct(*args))
+    x = torch.randn(6, 3, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    y = bn_gpu.batch_norm(x, None, None, weight, None, True, backend="cpu")
+    torch.autograd.grad(y, (x, weight), torch.randn_like(y))
+    assert len(calls) == 1

@@ -106,11 +106,14 @@ def test_a_compiled_kernel_without_the_launcher_api_turns_direct_launches_off(la
     assert len(kernel.jit_launches) == 2 and launcher.direct is False
 
 
-def test_direct_launches_are_opt_in_and_never_under_the_interpreter(monkeypatch):
+def test_direct_launches_are_the_default_but_never_under_the_interpreter(monkeypatch):
     monkeypatch.delenv("BN_GPU_DIRECT_LAUNCH", raising=False)
+    assert triton_backend.Launcher().direct is (not triton_backend.interpreting())
+    monkeypatch.setenv("BN_GPU_DIRECT_LAUNCH", "0")
     assert triton_backend.Launcher().direct is False
     monkeypatch.setenv("BN_GPU_DIRECT_LAUNCH", "1")
     assert triton_backend.Launcher().direct is (not triton_backend.interpreting())
+    assert triton_backend.Launcher(direct=True).direct is (not triton_backend.interpreting())
 
 
 def test_a_launcher_that_refuses_the_arguments_falls_back_to_the_jit(launcher):
