@@ -238,6 +238,12 @@ class CudaKernels:
             np.int64(g.C), np.float32(0.0 if momentum is None else momentum), np.float32(eps), np.int32(tracked),
             np.int32(cumulative)])
 
+    def statistics_finalized(self, g, x, partials, counters, mean, invstd, running_mean, running_var, counter,
+                             momentum, eps):
+        # Two launches here: the CUDA C kernels do not finalize themselves yet (the Triton ones do).
+        self.statistics(g, x, partials)
+        self.finalize_statistics(g, x, partials, mean, invstd, running_mean, running_var, counter, momentum, eps)
+
     def normalize(self, g, x, y, mean, invstd, weight, bias, counter, eps, running_mean=None, running_var=None,
                   residual=None, relu=False):
         from_running = running_mean is not None
@@ -271,6 +277,12 @@ class CudaKernels:
         _launch(g, _param_dtype(*masking[1:]), None, role, *_grid(g),
                 [_ptr(grad_y), _ptr(x), _ptr(mean), *map(_ptr, masking), _ptr(sum_dy), _ptr(sum_dy_xmu)]
                 + _i64(*g.sizes, *g.grad_y.strides, *g.x.strides) + _tiling(g) + [np.int32(relu)])
+
+    def gradient_sums_finalized(self, g, grad_y, x, mean, partials, counters, invstd, totals, grad_weight, grad_bias,
+                                weight=None, bias=None, relu=False):
+        # Two launches here, as statistics_finalized.
+        self.gradient_sums(g, grad_y, x, mean, partials, invstd, weight, bias, relu)
+        self.finalize_gradients(g, partials, invstd, totals, grad_weight, grad_bias)
 
     def finalize_gradients(self, g, partials, invstd, totals, grad_weight, grad_bias):
         sum_dy, sum_dy_xmu = partials

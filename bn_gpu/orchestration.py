@@ -1,9 +1,10 @@
 """The control flow of every op on the GPU backends, written once.
 
-    forward_train  statistics -> finalize -> normalize (split plan), or one single-pass kernel
+    forward_train  statistics, finalized by its last programs -> normalize (split plan), or one
+                   single-pass kernel
     forward_eval   one normalize pass with the running statistics
-    backward       gradient sums -> finalize -> input gradient (split plan), or one single-pass kernel;
-                   in eval with only dx needed, the input-gradient pass alone
+    backward       gradient sums, finalized by its last programs -> input gradient (split plan), or
+                   one single-pass kernel; in eval with only dx needed, the input-gradient pass alone
     SyncBatchNorm's steps, with bn_gpu.sync_batch_norm running the collectives between them:
                    local_moments (statistics -> finalize_moments), merge_ranks, normalize,
                    gradient_totals (gradient sums -> finalize), input_gradient
@@ -38,6 +39,12 @@ class KernelTable(Protocol):
         """Merge partials into mean, invstd; update the running statistics (when given) with factor
         momentum, or 1 / (counter + 1) when momentum is None (counter read, not written)."""
 
+    def statistics_finalized(self, g: Geometry, x, partials, counters, mean, invstd, running_mean, running_var,
+                             counter, momentum: float | None, eps: float) -> None:
+        """statistics, then finalize_statistics, in one launch where the backend can: the last
+        program of each channel group to finish merges its group's partials. counters: int32 zeros,
+        g.finalize_groups of them (finalize_counters), left at zero."""
+
     def normalize(self, g: Geometry, x, y, mean, invstd, weight, bias, counter, eps: float,
                   running_mean=None, running_var=None, residual=None, relu: bool = False) -> None:
         """y = (x - mean) * invstd * weight + bias, + residual (y's strides) when given, then ReLU
@@ -57,6 +64,11 @@ class KernelTable(Protocol):
 
     def finalize_gradients(self, g: Geometry, partials, invstd, totals, grad_weight, grad_bias) -> None:
         """totals (2, C) for the input-gradient pass; grad_weight and grad_bias."""
+
+    def gradient_sums_finalized(self, g: Geometry, grad_y, x, mean, partials, counters, invstd, totals, grad_weight,
+                                grad_bias, weight=None, bias=None, relu: bool = False) -> None:
+        """gradient_sums, then finalize_gradients, in one launch where the backend can (as
+        statistics_finalized)."""
 
     def input_gradient(self, g: Geometry, grad_y, x, grad_x, mean, invstd, weight, totals,
                        training: bool, bias=None, relu: bool = False) -> None:
@@ -81,6 +93,25 @@ def empty(shape, dtype: torch.dtype, device: torch.device, strides=None) -> torc
     if strides is None:
         return torch.empty(shape, dtype=dtype, device=device)
     return torch.empty_strided(shape, strides, dtype=dtype, device=device)
+
+
+_COUNTERS: dict = {}
+
+
+def finalize_counters(device: torch.device, groups: int) -> torch.Tensor:
+    """int32 zeros, at least `groups` of them, for a fused finalize: every launch leaves them at zero
+    again. One buffer per device and stream (launches on one stream run in order; two streams
+    could overlap). A CUDA graph being captured gets a buffer of its own, zeroed inside the graph."""
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(groups, dtype=torch.int32, device=device)
+        key = (device, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        key = (device, None)
+    counters = _COUNTERS.get(key)
+    if counters is None or counters.numel() < groups:
+        counters = _COUNTERS[key] = torch.zeros(max(groups, 4096), dtype=torch.int32, device=device)
+    return counters
 
 
 def _on_input_device(op):
@@ -123,9 +154,9 @@ def forward_train(kernels: KernelTable, x, weight, bias, running_mean, running_v
             counter.add_(1)
         return y, mean, invstd
     partials = empty((3, g.plan.splits, g.C), g.stat_dtype, x.device)
-    kernels.statistics(g, x, partials)
-    kernels.finalize_statistics(g, x, partials, mean, invstd, running_mean, running_var, counter, momentum, eps)
-    # The batch is counted by the last kernel: every finalize program has read the counter by then.
+    kernels.statistics_finalized(g, x, partials, finalize_counters(x.device, g.finalize_groups), mean, invstd,
+                                 running_mean, running_var, counter, momentum, eps)
+    # The batch is counted by the last kernel: every finalizing program has read the counter by then.
     kernels.normalize(g, x, y, mean, invstd, weight, bias, counter, eps, residual=residual, relu=relu)
     return y, mean, invstd
 
@@ -150,8 +181,8 @@ def _gradient_totals(kernels: KernelTable, g: Geometry, grad_y, x, mean, invstd,
     partials = empty((2, g.plan.splits, g.C), g.stat_dtype, x.device)
     totals = empty((2, g.C), g.stat_dtype, x.device)
     grad_weight, grad_bias = empty(g.C, param_dtype, x.device), empty(g.C, param_dtype, x.device)
-    kernels.gradient_sums(g, grad_y, x, mean, partials, invstd=invstd, weight=weight, bias=bias, relu=relu)
-    kernels.finalize_gradients(g, partials, invstd, totals, grad_weight, grad_bias)
+    kernels.gradient_sums_finalized(g, grad_y, x, mean, partials, finalize_counters(x.device, g.finalize_groups),
+                                    invstd, totals, grad_weight, grad_bias, weight=weight, bias=bias, relu=relu)
     return totals, grad_weight, grad_bias
 
 

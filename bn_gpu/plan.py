@@ -117,6 +117,8 @@ class ChannelsLastPlan:
 class FinalizePlan:
     block_splits: int
     block_c: int
+    fused_block_splits: int  # rows of partials per tile when the reduction's last program finalizes
+                             # (its own channels: 1 channels-first, the channel block channels-last)
 
     def grid(self, C: int) -> tuple[int]:
         return (cdiv(C, self.block_c),)
@@ -171,14 +173,25 @@ def channels_last_plan(M: int, C: int, itemsize: int, tuning: Tuning, sms: int) 
                             tuning.num_warps, tuning.chunk_tiles)
 
 
+# A fused finalize shares the reduction kernel's registers, so its tiles of partials stay small:
+# 512 values (2 per thread over 8 warps). By the static model (H200 target, Triton 3.9), the fp32
+# channels-last statistics kernel takes 72 registers without the finalize; with tiles of the
+# separate finalize's 4096 values 96-98 (2 programs per SM instead of 3), of 1024 values 80-98, of
+# 512 values 78 (3 per SM).
+FUSED_FINALIZE_TILE = 512
+
+
 @functools.lru_cache(maxsize=1024)
-def finalize_plan(splits: int, C: int, tuning: Tuning, sms: int) -> FinalizePlan:
+def finalize_plan(splits: int, C: int, tuning: Tuning, sms: int, fused_block_c: int = 1) -> FinalizePlan:
     """Channels per finalize program: few enough that the channels spread over the GPU (a program
-    walks every split of its channels: 64 channels x 500 splits in one program serialize)."""
+    walks every split of its channels: 64 channels x 500 splits in one program serialize). A fused
+    finalize (the reduction's last program) has the reduction's channels, fused_block_c."""
     spread = next_power_of_2(cdiv(C, sms))
     block_c = max(1, min(next_power_of_2(C), 64 if tuning.max_block_c >= 64 else tuning.max_block_c, spread))
     block_splits = min(next_power_of_2(splits), max(1, tuning.finalize_tile // block_c))
-    return FinalizePlan(block_splits, block_c)
+    fused_tile = min(tuning.finalize_tile, FUSED_FINALIZE_TILE)
+    fused_block_splits = min(next_power_of_2(splits), max(1, fused_tile // fused_block_c))
+    return FinalizePlan(block_splits, block_c, fused_block_splits)
 
 
 @dataclass(frozen=True, eq=False)
@@ -213,6 +226,12 @@ class Geometry:
     def count(self) -> int:
         """Values per channel."""
         return self.N * self.S
+
+    @functools.cached_property
+    def finalize_groups(self) -> int:
+        """Programs of the split reductions that share a fused finalize: one group per channel
+        channels-first, per channel block channels-last."""
+        return self.C if self.channels_first else self.plan.c_blocks
 
     @functools.cached_property
     def single_pass(self) -> bool:
@@ -277,7 +296,8 @@ def _cached_geometry(shape, x_strides, dtype, grad_strides, tuning: Tuning, sms:
     tensors = [t for t in (x_read, grad_y, out) if t is not None]
     return Geometry(
         family=family, N=N, C=C, S=S, dtype=dtype, stat_dtype=stat_dtype(dtype), plan=plan,
-        finalize=finalize_plan(plan.splits, C, tuning, sms), x=view(x_read), out=view(out),
+        finalize=finalize_plan(plan.splits, C, tuning, sms, 1 if family == CHANNELS_FIRST else plan.block_c),
+        x=view(x_read), out=view(out),
         grad_y=None if grad_y is None else view(grad_y), out_strides=out.stride(),
         copy_input=x_read is not x, copy_grad_y=grad_y is not None and grad_y.stride() != grad_strides,
         offset_64=any(_end_offset(t) > 2**31 - 1 for t in tensors))

@@ -142,9 +142,26 @@ class TritonKernels:
         return geometry(x, grad_y, tuning, sms)
 
     def statistics(self, g, x, partials):
+        self._statistics(g, x, partials)
+
+    def statistics_finalized(self, g, x, partials, counters, mean, invstd, running_mean, running_var, counter,
+                             momentum, eps):
+        self._statistics(g, x, partials, counters, mean, invstd, running_mean, running_var, counter, momentum, eps)
+
+    def _statistics(self, g, x, partials, counters=None, mean=None, invstd=None, running_mean=None, running_var=None,
+                    counter=None, momentum=None, eps=0.0):
+        """The statistics kernel; with counters, finalizing in the same launch."""
         kernel, grid, meta = _config(g, "statistics")
-        count, mean, m2 = partials
-        launch(kernel, grid, [x, count, mean, m2, *g.sizes, *g.x.strides, *g.tiling], meta)
+        part_count, part_mean, m2 = partials
+        finalize = counters is not None
+        tracked = running_mean is not None
+        cumulative = tracked and momentum is None
+        launch(kernel, grid,
+               [x, part_count, part_mean, m2, counters, mean, invstd, running_mean, running_var,
+                counter if cumulative else None, *g.sizes, *g.x.strides, *g.tiling,
+                0.0 if momentum is None else float(momentum), float(eps)],
+               dict(FINALIZE=finalize, HAS_RUNNING_STATS=tracked, CUMULATIVE=cumulative,
+                    BLOCK_SPLITS=g.finalize.fused_block_splits, **meta))
 
     def finalize_statistics(self, g, x, partials, mean, invstd, running_mean, running_var, counter, momentum, eps):
         grid, meta = _finalize_config(g)
@@ -182,12 +199,26 @@ class TritonKernels:
                     **meta))
 
     def gradient_sums(self, g, grad_y, x, mean, partials, invstd=None, weight=None, bias=None, relu=False):
+        self._gradient_sums(g, grad_y, x, mean, partials, invstd, weight, bias, relu)
+
+    def gradient_sums_finalized(self, g, grad_y, x, mean, partials, counters, invstd, totals, grad_weight, grad_bias,
+                                weight=None, bias=None, relu=False):
+        self._gradient_sums(g, grad_y, x, mean, partials, invstd, weight, bias, relu, counters, totals, grad_weight,
+                            grad_bias)
+
+    def _gradient_sums(self, g, grad_y, x, mean, partials, invstd, weight, bias, relu, counters=None, totals=None,
+                       grad_weight=None, grad_bias=None):
+        """The gradient-sums kernel; with counters, finalizing in the same launch."""
         kernel, grid, meta = _config(g, "gradient_sums")
         sum_dy, sum_dy_xmu = partials
+        finalize = counters is not None
+        total_dy, total_dy_xmu = totals if finalize else (None, None)
         launch(kernel, grid,
-               [grad_y, x, mean, invstd if relu else None, weight if relu else None, bias if relu else None, sum_dy,
-                sum_dy_xmu, *g.sizes, *g.grad_y.strides, *g.x.strides, *g.tiling],
-               dict(HAS_WEIGHT=relu and weight is not None, HAS_BIAS=relu and bias is not None, RELU=relu, **meta))
+               [grad_y, x, mean, invstd if relu or finalize else None, weight if relu else None,
+                bias if relu else None, sum_dy, sum_dy_xmu, counters, total_dy, total_dy_xmu, grad_weight, grad_bias,
+                *g.sizes, *g.grad_y.strides, *g.x.strides, *g.tiling],
+               dict(HAS_WEIGHT=relu and weight is not None, HAS_BIAS=relu and bias is not None, RELU=relu,
+                    FINALIZE=finalize, BLOCK_SPLITS=g.finalize.fused_block_splits, **meta))
 
     def finalize_gradients(self, g, partials, invstd, totals, grad_weight, grad_bias):
         grid, meta = _finalize_config(g)

@@ -14,13 +14,14 @@ Split path (several programs per channel), in the order a training step runs the
 Single-pass path (one program per channel, when that fills the GPU or the input is small):
     single_pass_forward_channels_first  statistics, running stats and normalize in one launch
     single_pass_backward_channels_first dweight, dbias and dx in one launch
-Between the two paths of a training step the finalize kernels of finalize.py merge the partials.
+The partials are merged by the last program of each channel to finish (FINALIZE), or by the
+finalize kernels of finalize.py in a launch of their own (SyncBatchNorm's local moments).
 """
 import triton
 import triton.language as tl
 
 from .batch_counter import count_batch
-from .finalize import store_gradients, store_statistics
+from .finalize import finalized_gradients, finalized_statistics, last_of_group, store_gradients, store_statistics
 from .moments import merge_moments
 
 
@@ -189,21 +190,34 @@ def statistics_channels_first(
     partial_count_ptr,  # (splits, C) number of values each program reduced
     partial_mean_ptr,   # (splits, C) their mean, less the channel's first value x[0, c, 0]
     partial_m2_ptr,     # (splits, C) their sum of squared deviations from that mean
+    counter_ptr,        # (C,) int32 zeros when FINALIZE: programs of each channel done so far
+    mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,  # FINALIZE: see store_statistics
     N, C, S, stride_n, stride_c,
-    s_blocks, total_tiles, tiles_per_program,
+    s_blocks, total_tiles, tiles_per_program, momentum, eps,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
-    CHUNK: tl.constexpr,
+    CHUNK: tl.constexpr, FINALIZE: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr, CUMULATIVE: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
 ):
+    """Partial moments per (split, channel); with FINALIZE, the last program of each channel to
+    finish also merges that channel's partials (finalize.finalized_statistics)."""
     c = _channel(OFFSET_64)
     split = tl.program_id(1)
-    x_ptr += c * stride_c
+    channel_ptr = x_ptr + c * stride_c
     first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
-    count, mean, m2 = _moments(x_ptr, stride_n, tl.load(x_ptr).to(ACC), first_tile, last_tile, s_blocks, N, S,
-                               ACC, ROWS, BLOCK_S, OFFSET_64, CHUNK)
+    count, mean, m2 = _moments(channel_ptr, stride_n, tl.load(channel_ptr).to(ACC), first_tile, last_tile, s_blocks,
+                               N, S, ACC, ROWS, BLOCK_S, OFFSET_64, CHUNK)
     out = split * C + c
     tl.store(partial_count_ptr + out, count)
     tl.store(partial_mean_ptr + out, mean)
     tl.store(partial_m2_ptr + out, m2)
+    if FINALIZE:
+        splits = tl.num_programs(1)
+        if last_of_group(counter_ptr, c, splits):
+            cols = c + tl.arange(0, 1)
+            finalized_statistics(cols, cols < C, partial_count_ptr, partial_mean_ptr, partial_m2_ptr, x_ptr, mean_ptr,
+                                 invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, splits, C,
+                                 stride_c, momentum, eps, HAS_RUNNING_STATS, CUMULATIVE, ACC, BLOCK_SPLITS, 1)
+            tl.store(counter_ptr + c, 0)
 
 
 @triton.jit
@@ -283,16 +297,22 @@ def gradient_sums_channels_first(
     dy_ptr,                  # gradient of the output (N, C, S)
     x_ptr,                   # input (N, C, S)
     mean_ptr,                # (C,) mean the forward normalized with
-    invstd_ptr,              # (C,) invstd the forward normalized with, when RELU
+    invstd_ptr,              # (C,) invstd the forward normalized with, when RELU or FINALIZE
     weight_ptr,              # (C,) scale, when RELU and HAS_WEIGHT
     bias_ptr,                # (C,) shift, when RELU and HAS_BIAS
     partial_sum_dy_ptr,      # (splits, C) sum of dy over the program's values
     partial_sum_dy_xmu_ptr,  # (splits, C) sum of dy * (x - mean)
+    counter_ptr,             # (C,) int32 zeros when FINALIZE: programs of each channel done so far
+    total_dy_ptr, total_dy_xmu_ptr,  # (C,) when FINALIZE: see finalize.finalize_gradients (sum_dy_ptr, ...)
+    grad_weight_ptr, grad_bias_ptr,  # (C,) when FINALIZE: see finalize.store_gradients
     N, C, S, dy_stride_n, dy_stride_c, x_stride_n, x_stride_c,
     s_blocks, total_tiles, tiles_per_program,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
+    FINALIZE: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
 ):
+    """Partial sums per (split, channel); with FINALIZE, the last program of each channel to finish
+    also writes its totals, dweight and dbias (finalize.finalized_gradients)."""
     c = _channel(OFFSET_64)
     split = tl.program_id(1)
     first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
@@ -306,6 +326,13 @@ def gradient_sums_channels_first(
     out = split * C + c
     tl.store(partial_sum_dy_ptr + out, sum_dy)
     tl.store(partial_sum_dy_xmu_ptr + out, sum_dy_xmu)
+    if FINALIZE:
+        splits = tl.num_programs(1)
+        if last_of_group(counter_ptr, c, splits):
+            cols = c + tl.arange(0, 1)
+            finalized_gradients(cols, cols < C, partial_sum_dy_ptr, partial_sum_dy_xmu_ptr, invstd_ptr, total_dy_ptr,
+                                total_dy_xmu_ptr, grad_weight_ptr, grad_bias_ptr, splits, C, ACC, BLOCK_SPLITS, 1)
+            tl.store(counter_ptr + c, 0)
 
 
 @triton.jit

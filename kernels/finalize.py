@@ -1,6 +1,7 @@
 """Per-channel finalization, on the device: no host synchronization, so the ops capture into CUDA
 graphs. Each program folds the splits in a fixed order (deterministic results).
 
+    last_of_group             whether a program is the last of its group to finish (fused finalize)
     store_statistics          mean, invstd and the running-statistics update of some channels
     store_gradients           dweight, dbias (and the totals the dx pass needs) of some channels
     finalize_statistics       merges (splits, C) partials, then store_statistics
@@ -10,6 +11,13 @@ graphs. Each program folds the splits in a fixed order (deterministic results).
 
 The two helpers also serve the single-pass kernels of channels_first.py / channels_last.py, whose
 programs own whole channels and need no partials.
+
+The split path's statistics and gradient-sums kernels can also finalize themselves, in the same
+launch (FINALIZE): each program counts itself done on a counter of its channel group
+(`last_of_group`), and the last one to finish merges the group's partials with the code of the
+finalize kernels below (`finalized_statistics`, `finalized_gradients`) -- the same fixed order, so
+bitwise the results of the separate launch -- then sets the counter back to zero for the next
+launch and for CUDA-graph replay.
 """
 import triton
 import triton.language as tl
@@ -87,8 +95,10 @@ def _merged_partials(
     weighted = tl.zeros([BLOCK_C], ACC)
     for start in range(0, splits, BLOCK_SPLITS):
         offsets, mask = _split_tile(start, splits, cols, col_mask, C, BLOCK_SPLITS)
-        part_count = tl.load(partial_count_ptr + offsets, mask=mask, other=0.0).to(ACC)
-        part_mean = tl.load(partial_mean_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        # .cg (L2, not L1): in a fused finalize the partials were written by other programs of
+        # this launch, and an SM's L1 is not coherent with their stores.
+        part_count = tl.load(partial_count_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg").to(ACC)
+        part_mean = tl.load(partial_mean_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg").to(ACC)
         count += tl.sum(part_count, axis=0)
         weighted += tl.sum(part_count * part_mean, axis=0)
     count = tl.where(col_mask, count, 2.0)  # lanes past C: keep m2 / count and m2 / (count - 1) finite
@@ -96,13 +106,42 @@ def _merged_partials(
     m2 = tl.zeros([BLOCK_C], ACC)
     for start in range(0, splits, BLOCK_SPLITS):
         offsets, mask = _split_tile(start, splits, cols, col_mask, C, BLOCK_SPLITS)
-        part_count = tl.load(partial_count_ptr + offsets, mask=mask, other=0.0).to(ACC)
-        part_mean = tl.load(partial_mean_ptr + offsets, mask=mask, other=0.0).to(ACC)
-        part_m2 = tl.load(partial_m2_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        part_count = tl.load(partial_count_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg").to(ACC)
+        part_mean = tl.load(partial_mean_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg").to(ACC)
+        part_m2 = tl.load(partial_m2_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg").to(ACC)
         delta = part_mean - mean_shifted[None, :]
         m2 += tl.sum(tl.where(mask, part_m2 + part_count * delta * delta, 0.0), axis=0)
     mean = tl.load(shift_ptr + cols * shift_stride, mask=col_mask, other=0.0).to(ACC) + mean_shifted
     return count, mean, m2
+
+
+@triton.jit
+def last_of_group(
+    counter_ptr,  # (groups,) int32, zero between launches
+    group, group_size,
+):
+    """Whether this program is the last of the group_size programs counting on counter `group` to
+    get here. The barrier puts every thread's stores (the partials) before the release of the
+    atomic (cumulative, at GPU scope); the last program's acquire puts them before its reads."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr + group, 1, sem="acq_rel", scope="gpu")
+    return ticket == group_size - 1
+
+
+@triton.jit
+def finalized_statistics(
+    cols, col_mask,           # the channels to finalize
+    partial_count_ptr, partial_mean_ptr, partial_m2_ptr, shift_ptr,  # see finalize_statistics
+    mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,  # see store_statistics
+    splits, C, shift_stride, momentum, eps,
+    HAS_RUNNING_STATS: tl.constexpr, CUMULATIVE: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """finalize_statistics for the channels `cols`: the separate kernel and the fused finalize."""
+    count, mean, m2 = _merged_partials(partial_count_ptr, partial_mean_ptr, partial_m2_ptr, shift_ptr, cols,
+                                       col_mask, splits, C, shift_stride, ACC, BLOCK_SPLITS, BLOCK_C)
+    store_statistics(cols, col_mask, count, mean, m2, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr,
+                     num_batches_tracked_ptr, momentum, eps, HAS_RUNNING_STATS, CUMULATIVE, ACC)
 
 
 @triton.jit
@@ -117,10 +156,9 @@ def finalize_statistics(
     ACC: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     cols, col_mask = _channel_block(C, BLOCK_C)
-    count, mean, m2 = _merged_partials(partial_count_ptr, partial_mean_ptr, partial_m2_ptr, shift_ptr, cols,
-                                       col_mask, splits, C, shift_stride, ACC, BLOCK_SPLITS, BLOCK_C)
-    store_statistics(cols, col_mask, count, mean, m2, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr,
-                     num_batches_tracked_ptr, momentum, eps, HAS_RUNNING_STATS, CUMULATIVE, ACC)
+    finalized_statistics(cols, col_mask, partial_count_ptr, partial_mean_ptr, partial_m2_ptr, shift_ptr, mean_ptr,
+                         invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, splits, C,
+                         shift_stride, momentum, eps, HAS_RUNNING_STATS, CUMULATIVE, ACC, BLOCK_SPLITS, BLOCK_C)
 
 
 @triton.jit
@@ -185,12 +223,28 @@ def finalize_gradients(
     ACC: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     cols, col_mask = _channel_block(C, BLOCK_C)
+    finalized_gradients(cols, col_mask, partial_sum_dy_ptr, partial_sum_dy_xmu_ptr, invstd_ptr, sum_dy_ptr,
+                        sum_dy_xmu_ptr, grad_weight_ptr, grad_bias_ptr, splits, C, ACC, BLOCK_SPLITS, BLOCK_C)
+
+
+@triton.jit
+def finalized_gradients(
+    cols, col_mask,           # the channels to finalize
+    partial_sum_dy_ptr, partial_sum_dy_xmu_ptr, invstd_ptr, sum_dy_ptr, sum_dy_xmu_ptr,  # see finalize_gradients
+    grad_weight_ptr, grad_bias_ptr,  # see store_gradients
+    splits, C,
+    ACC: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """finalize_gradients for the channels `cols`: the separate kernel and the fused finalize."""
     sum_dy = tl.zeros([BLOCK_C], ACC)
     sum_dy_xmu = tl.zeros([BLOCK_C], ACC)
     for start in range(0, splits, BLOCK_SPLITS):
         offsets, mask = _split_tile(start, splits, cols, col_mask, C, BLOCK_SPLITS)
-        sum_dy += tl.sum(tl.load(partial_sum_dy_ptr + offsets, mask=mask, other=0.0).to(ACC), axis=0)
-        sum_dy_xmu += tl.sum(tl.load(partial_sum_dy_xmu_ptr + offsets, mask=mask, other=0.0).to(ACC), axis=0)
+        # .cg: see _merged_partials.
+        sum_dy += tl.sum(tl.load(partial_sum_dy_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg").to(ACC),
+                         axis=0)
+        sum_dy_xmu += tl.sum(tl.load(partial_sum_dy_xmu_ptr + offsets, mask=mask, other=0.0,
+                                     cache_modifier=".cg").to(ACC), axis=0)
     invstd = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     tl.store(sum_dy_ptr + cols, sum_dy, mask=col_mask)
     tl.store(sum_dy_xmu_ptr + cols, sum_dy_xmu, mask=col_mask)
