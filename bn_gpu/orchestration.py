@@ -32,7 +32,7 @@ class KernelTable(Protocol):
     def geometry(self, x: torch.Tensor, grad_y: torch.Tensor | None = None) -> Geometry: ...
 
     def statistics(self, g: Geometry, x, partials) -> None:
-        """partials (3, splits, C): per (split, channel) count, mean less the channel's shift, M2."""
+        """partials (3, splits or more, C): per (split, channel) count, mean less the channel's shift, M2."""
 
     def finalize_statistics(self, g: Geometry, x, partials, mean, invstd, running_mean, running_var,
                             counter, momentum: float | None, eps: float) -> None:
@@ -42,8 +42,9 @@ class KernelTable(Protocol):
     def statistics_finalized(self, g: Geometry, x, partials, counters, mean, invstd, running_mean, running_var,
                              counter, momentum: float | None, eps: float) -> None:
         """statistics, then finalize_statistics, in one launch where the backend can: the last
-        program of each channel group to finish merges its group's partials. counters: int32 zeros,
-        g.finalize_groups of them (finalize_counters), left at zero."""
+        programs to finish merge the partials (two levels: rows g.plan.splits on of partials, its
+        g.partial_rows, take the second). counters: int32 zeros, g.finalize_counters of them
+        (finalize_counters), left at zero."""
 
     def normalize(self, g: Geometry, x, y, mean, invstd, weight, bias, counter, eps: float,
                   running_mean=None, running_var=None, residual=None, relu: bool = False) -> None:
@@ -153,8 +154,8 @@ def forward_train(kernels: KernelTable, x, weight, bias, running_mean, running_v
         if cumulative and counter is not None:
             counter.add_(1)
         return y, mean, invstd
-    partials = empty((3, g.plan.splits, g.C), g.stat_dtype, x.device)
-    kernels.statistics_finalized(g, x, partials, finalize_counters(x.device, g.finalize_groups), mean, invstd,
+    partials = empty((3, g.partial_rows, g.C), g.stat_dtype, x.device)
+    kernels.statistics_finalized(g, x, partials, finalize_counters(x.device, g.finalize_counters), mean, invstd,
                                  running_mean, running_var, counter, momentum, eps)
     # The batch is counted by the last kernel: every finalizing program has read the counter by then.
     kernels.normalize(g, x, y, mean, invstd, weight, bias, counter, eps, residual=residual, relu=relu)
@@ -178,10 +179,10 @@ def _gradient_totals(kernels: KernelTable, g: Geometry, grad_y, x, mean, invstd,
                      relu=False):
     """(totals (2, C): sums of dy and dy * (x - mean), in the statistics dtype; grad_weight;
     grad_bias), by the gradient-sums and finalize kernels of the split plan."""
-    partials = empty((2, g.plan.splits, g.C), g.stat_dtype, x.device)
+    partials = empty((2, g.partial_rows, g.C), g.stat_dtype, x.device)
     totals = empty((2, g.C), g.stat_dtype, x.device)
     grad_weight, grad_bias = empty(g.C, param_dtype, x.device), empty(g.C, param_dtype, x.device)
-    kernels.gradient_sums_finalized(g, grad_y, x, mean, partials, finalize_counters(x.device, g.finalize_groups),
+    kernels.gradient_sums_finalized(g, grad_y, x, mean, partials, finalize_counters(x.device, g.finalize_counters),
                                     invstd, totals, grad_weight, grad_bias, weight=weight, bias=bias, relu=relu)
     return totals, grad_weight, grad_bias
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from dataclasses import dataclass
 
@@ -117,8 +118,10 @@ class ChannelsLastPlan:
 class FinalizePlan:
     block_splits: int
     block_c: int
-    fused_block_splits: int  # rows of partials per tile when the reduction's last program finalizes
-                             # (its own channels: 1 channels-first, the channel block channels-last)
+    fused_block_splits: int  # rows of partials per tile when the reduction's last programs finalize
+                             # (their own channels: 1 channels-first, the channel block channels-last)
+    group_splits: int        # splits per group of the fused finalize's first level (see kernels/finalize.py)
+    split_groups: int        # rows of its second level
 
     def grid(self, C: int) -> tuple[int]:
         return (cdiv(C, self.block_c),)
@@ -185,13 +188,16 @@ FUSED_FINALIZE_TILE = 512
 def finalize_plan(splits: int, C: int, tuning: Tuning, sms: int, fused_block_c: int = 1) -> FinalizePlan:
     """Channels per finalize program: few enough that the channels spread over the GPU (a program
     walks every split of its channels: 64 channels x 500 splits in one program serialize). A fused
-    finalize (the reduction's last program) has the reduction's channels, fused_block_c."""
+    finalize (the reduction's last programs) has the reduction's channels, fused_block_c, and
+    merges about sqrt(splits) rows at each of its two levels."""
     spread = next_power_of_2(cdiv(C, sms))
     block_c = max(1, min(next_power_of_2(C), 64 if tuning.max_block_c >= 64 else tuning.max_block_c, spread))
     block_splits = min(next_power_of_2(splits), max(1, tuning.finalize_tile // block_c))
     fused_tile = min(tuning.finalize_tile, FUSED_FINALIZE_TILE)
     fused_block_splits = min(next_power_of_2(splits), max(1, fused_tile // fused_block_c))
-    return FinalizePlan(block_splits, block_c, fused_block_splits)
+    # About sqrt(splits) rows at each level: 523 splits of 64 channels merge as 17 groups of 32.
+    group_splits = next_power_of_2(math.isqrt(splits))
+    return FinalizePlan(block_splits, block_c, fused_block_splits, group_splits, cdiv(splits, group_splits))
 
 
 @dataclass(frozen=True, eq=False)
@@ -232,6 +238,16 @@ class Geometry:
         """Programs of the split reductions that share a fused finalize: one group per channel
         channels-first, per channel block channels-last."""
         return self.C if self.channels_first else self.plan.c_blocks
+
+    @functools.cached_property
+    def finalize_counters(self) -> int:
+        """Counters of the fused finalize: one per (channel group, split group), one per channel group."""
+        return self.finalize_groups * (self.finalize.split_groups + 1)
+
+    @functools.cached_property
+    def partial_rows(self) -> int:
+        """Rows of the split reductions' partials: one per split, one per split group (level 2)."""
+        return self.plan.splits + self.finalize.split_groups
 
     @functools.cached_property
     def single_pass(self) -> bool:

@@ -159,7 +159,7 @@ class TritonKernels:
         launch(kernel, grid,
                [x, part_count, part_mean, m2, counters, mean, invstd, running_mean, running_var,
                 counter if cumulative else None, *g.sizes, *g.x.strides, *g.tiling,
-                0.0 if momentum is None else float(momentum), float(eps)],
+                0.0 if momentum is None else float(momentum), float(eps), g.finalize.group_splits],
                dict(FINALIZE=finalize, HAS_RUNNING_STATS=tracked, CUMULATIVE=cumulative,
                     BLOCK_SPLITS=g.finalize.fused_block_splits, **meta))
 
@@ -216,7 +216,7 @@ class TritonKernels:
         launch(kernel, grid,
                [grad_y, x, mean, invstd if relu or finalize else None, weight if relu else None,
                 bias if relu else None, sum_dy, sum_dy_xmu, counters, total_dy, total_dy_xmu, grad_weight, grad_bias,
-                *g.sizes, *g.grad_y.strides, *g.x.strides, *g.tiling],
+                *g.sizes, *g.grad_y.strides, *g.x.strides, *g.tiling, g.finalize.group_splits],
                dict(HAS_WEIGHT=relu and weight is not None, HAS_BIAS=relu and bias is not None, RELU=relu,
                     FINALIZE=finalize, BLOCK_SPLITS=g.finalize.fused_block_splits, **meta))
 

@@ -14,14 +14,15 @@ Split path (several programs per channel), in the order a training step runs the
 Single-pass path (one program per channel, when that fills the GPU or the input is small):
     single_pass_forward_channels_first  statistics, running stats and normalize in one launch
     single_pass_backward_channels_first dweight, dbias and dx in one launch
-The partials are merged by the last program of each channel to finish (FINALIZE), or by the
-finalize kernels of finalize.py in a launch of their own (SyncBatchNorm's local moments).
+The partials are merged by the last programs of each channel to finish (FINALIZE, in two levels:
+finalize.finalize_statistics_of_group), or by the finalize kernels of finalize.py in a launch of
+their own (SyncBatchNorm's local moments).
 """
 import triton
 import triton.language as tl
 
 from .batch_counter import count_batch
-from .finalize import finalized_gradients, finalized_statistics, last_of_group, store_gradients, store_statistics
+from .finalize import finalize_gradients_of_group, finalize_statistics_of_group, store_gradients, store_statistics
 from .moments import merge_moments
 
 
@@ -187,19 +188,19 @@ def _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_n, x_stride_n, dx_stride_n,
 @triton.jit
 def statistics_channels_first(
     x_ptr,              # input (N, C, S)
-    partial_count_ptr,  # (splits, C) number of values each program reduced
+    partial_count_ptr,  # (splits, C) number of values each program reduced (+ split groups rows: FINALIZE)
     partial_mean_ptr,   # (splits, C) their mean, less the channel's first value x[0, c, 0]
     partial_m2_ptr,     # (splits, C) their sum of squared deviations from that mean
-    counter_ptr,        # (C,) int32 zeros when FINALIZE: programs of each channel done so far
+    counter_ptr,        # int32 zeros when FINALIZE: see finalize.finalize_statistics_of_group
     mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,  # FINALIZE: see store_statistics
     N, C, S, stride_n, stride_c,
-    s_blocks, total_tiles, tiles_per_program, momentum, eps,
+    s_blocks, total_tiles, tiles_per_program, momentum, eps, group_splits,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
     CHUNK: tl.constexpr, FINALIZE: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr, CUMULATIVE: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
 ):
-    """Partial moments per (split, channel); with FINALIZE, the last program of each channel to
-    finish also merges that channel's partials (finalize.finalized_statistics)."""
+    """Partial moments per (split, channel); with FINALIZE, the last programs of each channel to
+    finish also merge that channel's partials (finalize.finalize_statistics_of_group)."""
     c = _channel(OFFSET_64)
     split = tl.program_id(1)
     channel_ptr = x_ptr + c * stride_c
@@ -211,13 +212,11 @@ def statistics_channels_first(
     tl.store(partial_mean_ptr + out, mean)
     tl.store(partial_m2_ptr + out, m2)
     if FINALIZE:
-        splits = tl.num_programs(1)
-        if last_of_group(counter_ptr, c, splits):
-            cols = c + tl.arange(0, 1)
-            finalized_statistics(cols, cols < C, partial_count_ptr, partial_mean_ptr, partial_m2_ptr, x_ptr, mean_ptr,
-                                 invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, splits, C,
-                                 stride_c, momentum, eps, HAS_RUNNING_STATS, CUMULATIVE, ACC, BLOCK_SPLITS, 1)
-            tl.store(counter_ptr + c, 0)
+        cols = c + tl.arange(0, 1)
+        finalize_statistics_of_group(split, c, C, cols, cols < C, partial_count_ptr, partial_mean_ptr, partial_m2_ptr,
+                                     counter_ptr, x_ptr, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr,
+                                     num_batches_tracked_ptr, tl.num_programs(1), group_splits, C, stride_c, momentum,
+                                     eps, HAS_RUNNING_STATS, CUMULATIVE, ACC, BLOCK_SPLITS, 1)
 
 
 @triton.jit
@@ -300,19 +299,19 @@ def gradient_sums_channels_first(
     invstd_ptr,              # (C,) invstd the forward normalized with, when RELU or FINALIZE
     weight_ptr,              # (C,) scale, when RELU and HAS_WEIGHT
     bias_ptr,                # (C,) shift, when RELU and HAS_BIAS
-    partial_sum_dy_ptr,      # (splits, C) sum of dy over the program's values
+    partial_sum_dy_ptr,      # (splits, C) sum of dy over the program's values (+ split groups rows: FINALIZE)
     partial_sum_dy_xmu_ptr,  # (splits, C) sum of dy * (x - mean)
-    counter_ptr,             # (C,) int32 zeros when FINALIZE: programs of each channel done so far
+    counter_ptr,             # int32 zeros when FINALIZE: see finalize.finalize_gradients_of_group
     total_dy_ptr, total_dy_xmu_ptr,  # (C,) when FINALIZE: see finalize.finalize_gradients (sum_dy_ptr, ...)
     grad_weight_ptr, grad_bias_ptr,  # (C,) when FINALIZE: see finalize.store_gradients
     N, C, S, dy_stride_n, dy_stride_c, x_stride_n, x_stride_c,
-    s_blocks, total_tiles, tiles_per_program,
+    s_blocks, total_tiles, tiles_per_program, group_splits,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
     FINALIZE: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
 ):
-    """Partial sums per (split, channel); with FINALIZE, the last program of each channel to finish
-    also writes its totals, dweight and dbias (finalize.finalized_gradients)."""
+    """Partial sums per (split, channel); with FINALIZE, the last programs of each channel to finish
+    also write its totals, dweight and dbias (finalize.finalize_gradients_of_group)."""
     c = _channel(OFFSET_64)
     split = tl.program_id(1)
     first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
@@ -327,12 +326,10 @@ def gradient_sums_channels_first(
     tl.store(partial_sum_dy_ptr + out, sum_dy)
     tl.store(partial_sum_dy_xmu_ptr + out, sum_dy_xmu)
     if FINALIZE:
-        splits = tl.num_programs(1)
-        if last_of_group(counter_ptr, c, splits):
-            cols = c + tl.arange(0, 1)
-            finalized_gradients(cols, cols < C, partial_sum_dy_ptr, partial_sum_dy_xmu_ptr, invstd_ptr, total_dy_ptr,
-                                total_dy_xmu_ptr, grad_weight_ptr, grad_bias_ptr, splits, C, ACC, BLOCK_SPLITS, 1)
-            tl.store(counter_ptr + c, 0)
+        cols = c + tl.arange(0, 1)
+        finalize_gradients_of_group(split, c, C, cols, cols < C, partial_sum_dy_ptr, partial_sum_dy_xmu_ptr,
+                                    counter_ptr, invstd_ptr, total_dy_ptr, total_dy_xmu_ptr, grad_weight_ptr,
+                                    grad_bias_ptr, tl.num_programs(1), group_splits, C, ACC, BLOCK_SPLITS, 1)
 
 
 @triton.jit

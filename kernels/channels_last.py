@@ -13,14 +13,15 @@ Split path (several programs per channel), in the order a training step runs the
 Single-pass path (one program per channel block, when that fills the GPU or the input is small):
     single_pass_forward_channels_last  statistics, running stats and normalize in one launch
     single_pass_backward_channels_last dweight, dbias and dx in one launch
-The partials are merged by the last program of each channel block to finish (FINALIZE), or by
-the finalize kernels of finalize.py in a launch of their own (SyncBatchNorm's local moments).
+The partials are merged by the last programs of each channel block to finish (FINALIZE, in two
+levels: finalize.finalize_statistics_of_group), or by the finalize kernels of finalize.py in a
+launch of their own (SyncBatchNorm's local moments).
 """
 import triton
 import triton.language as tl
 
 from .batch_counter import count_batch
-from .finalize import finalized_gradients, finalized_statistics, last_of_group, store_gradients, store_statistics
+from .finalize import finalize_gradients_of_group, finalize_statistics_of_group, store_gradients, store_statistics
 from .moments import merge_moments
 
 
@@ -192,18 +193,18 @@ def _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_m, x_stride_m, dx_stride_m,
 @triton.jit
 def statistics_channels_last(
     x_ptr,              # input (M, C)
-    partial_count_ptr,  # (splits, C) number of values each program reduced
+    partial_count_ptr,  # (splits, C) number of values each program reduced (+ split groups rows: FINALIZE)
     partial_mean_ptr,   # (splits, C) their mean, less the channel's first value x[0, c]
     partial_m2_ptr,     # (splits, C) their sum of squared deviations from that mean
-    counter_ptr,        # (channel blocks,) int32 zeros when FINALIZE: programs of each block done so far
+    counter_ptr,        # int32 zeros when FINALIZE: see finalize.finalize_statistics_of_group
     mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,  # FINALIZE: see store_statistics
-    M, C, stride_m, rows_per_program, momentum, eps,
+    M, C, stride_m, rows_per_program, momentum, eps, group_splits,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
     CHUNK: tl.constexpr, FINALIZE: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr, CUMULATIVE: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
 ):
-    """Partial moments per (split, channel); with FINALIZE, the last program of each channel block
-    to finish also merges the block's partials (finalize.finalized_statistics)."""
+    """Partial moments per (split, channel); with FINALIZE, the last programs of each channel block
+    to finish also merge the block's partials (finalize.finalize_statistics_of_group)."""
     cols, col_mask = _columns(C, BLOCK_C)
     row_begin, row_end = _program_rows(M, rows_per_program, OFFSET_64)
     shift = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(ACC)
@@ -214,12 +215,11 @@ def statistics_channels_last(
     tl.store(partial_mean_ptr + out, mean, mask=col_mask)
     tl.store(partial_m2_ptr + out, m2, mask=col_mask)
     if FINALIZE:
-        splits = tl.num_programs(0)
-        if last_of_group(counter_ptr, tl.program_id(1), splits):
-            finalized_statistics(cols, col_mask, partial_count_ptr, partial_mean_ptr, partial_m2_ptr, x_ptr, mean_ptr,
-                                 invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, splits, C, 1,
-                                 momentum, eps, HAS_RUNNING_STATS, CUMULATIVE, ACC, BLOCK_SPLITS, BLOCK_C)
-            tl.store(counter_ptr + tl.program_id(1), 0)
+        finalize_statistics_of_group(tl.program_id(0), tl.program_id(1), tl.num_programs(1), cols, col_mask,
+                                     partial_count_ptr, partial_mean_ptr, partial_m2_ptr, counter_ptr, x_ptr, mean_ptr,
+                                     invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
+                                     tl.num_programs(0), group_splits, C, 1, momentum, eps, HAS_RUNNING_STATS,
+                                     CUMULATIVE, ACC, BLOCK_SPLITS, BLOCK_C)
 
 
 @triton.jit
@@ -296,18 +296,18 @@ def gradient_sums_channels_last(
     invstd_ptr,              # (C,) invstd the forward normalized with, when RELU or FINALIZE
     weight_ptr,              # (C,) scale, when RELU and HAS_WEIGHT
     bias_ptr,                # (C,) shift, when RELU and HAS_BIAS
-    partial_sum_dy_ptr,      # (splits, C) sum of dy over the program's rows
+    partial_sum_dy_ptr,      # (splits, C) sum of dy over the program's rows (+ split groups rows: FINALIZE)
     partial_sum_dy_xmu_ptr,  # (splits, C) sum of dy * (x - mean)
-    counter_ptr,             # (channel blocks,) int32 zeros when FINALIZE: programs of each block done so far
+    counter_ptr,             # int32 zeros when FINALIZE: see finalize.finalize_gradients_of_group
     total_dy_ptr, total_dy_xmu_ptr,  # (C,) when FINALIZE: see finalize.finalize_gradients (sum_dy_ptr, ...)
     grad_weight_ptr, grad_bias_ptr,  # (C,) when FINALIZE: see finalize.store_gradients
-    M, C, dy_stride_m, x_stride_m, rows_per_program,
+    M, C, dy_stride_m, x_stride_m, rows_per_program, group_splits,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
     FINALIZE: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
 ):
-    """Partial sums per (split, channel); with FINALIZE, the last program of each channel block to
-    finish also writes the block's totals, dweight and dbias (finalize.finalized_gradients)."""
+    """Partial sums per (split, channel); with FINALIZE, the last programs of each channel block to
+    finish also write the block's totals, dweight and dbias (finalize.finalize_gradients_of_group)."""
     cols, col_mask = _columns(C, BLOCK_C)
     row_begin, row_end = _program_rows(M, rows_per_program, OFFSET_64)
     mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(ACC)
@@ -322,11 +322,10 @@ def gradient_sums_channels_last(
     tl.store(partial_sum_dy_ptr + out, sum_dy, mask=col_mask)
     tl.store(partial_sum_dy_xmu_ptr + out, sum_dy_xmu, mask=col_mask)
     if FINALIZE:
-        splits = tl.num_programs(0)
-        if last_of_group(counter_ptr, tl.program_id(1), splits):
-            finalized_gradients(cols, col_mask, partial_sum_dy_ptr, partial_sum_dy_xmu_ptr, invstd_ptr, total_dy_ptr,
-                                total_dy_xmu_ptr, grad_weight_ptr, grad_bias_ptr, splits, C, ACC, BLOCK_SPLITS, BLOCK_C)
-            tl.store(counter_ptr + tl.program_id(1), 0)
+        finalize_gradients_of_group(tl.program_id(0), tl.program_id(1), tl.num_programs(1), cols, col_mask,
+                                    partial_sum_dy_ptr, partial_sum_dy_xmu_ptr, counter_ptr, invstd_ptr, total_dy_ptr,
+                                    total_dy_xmu_ptr, grad_weight_ptr, grad_bias_ptr, tl.num_programs(0), group_splits,
+                                    C, ACC, BLOCK_SPLITS, BLOCK_C)
 
 
 @triton.jit

@@ -13,11 +13,11 @@ The two helpers also serve the single-pass kernels of channels_first.py / channe
 programs own whole channels and need no partials.
 
 The split path's statistics and gradient-sums kernels can also finalize themselves, in the same
-launch (FINALIZE): each program counts itself done on a counter of its channel group
-(`last_of_group`), and the last one to finish merges the group's partials with the code of the
-finalize kernels below (`finalized_statistics`, `finalized_gradients`) -- the same fixed order, so
-bitwise the results of the separate launch -- then sets the counter back to zero for the next
-launch and for CUDA-graph replay.
+launch (FINALIZE): each program counts itself done (`last_of_group`), and the last programs to
+finish merge the partials in two levels (`finalize_statistics_of_group`,
+`finalize_gradients_of_group`, at the end of this file) with the code of the finalize kernels,
+in a fixed order, then set their counters back to zero for the next launch and for CUDA-graph
+replay.
 """
 import triton
 import triton.language as tl
@@ -82,15 +82,14 @@ def _split_tile(start, splits, cols, col_mask, C, BLOCK_SPLITS: tl.constexpr):
 
 
 @triton.jit
-def _merged_partials(
-    partial_count_ptr, partial_mean_ptr, partial_m2_ptr, shift_ptr,  # see finalize_statistics
-    cols, col_mask, splits, C, shift_stride,
+def _merged_shifted(
+    partial_count_ptr, partial_mean_ptr, partial_m2_ptr,  # see finalize_statistics
+    cols, col_mask, splits, C,
     ACC: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """(count, mean, m2) of each channel of cols, from its (splits, C) partials."""
+    """(count, mean less the shift, m2) of each channel of cols, from `splits` rows of partials."""
     # The partial means are relative to one shift per channel, so they stay small and exact when
-    # |mean| >> std; the shift comes back only in the final mean. M2 = sum(m2_i + n_i * delta_i^2)
-    # is Chan's formula for many partials at once.
+    # |mean| >> std. M2 = sum(m2_i + n_i * delta_i^2) is Chan's formula for many partials at once.
     count = tl.zeros([BLOCK_C], ACC)
     weighted = tl.zeros([BLOCK_C], ACC)
     for start in range(0, splits, BLOCK_SPLITS):
@@ -111,8 +110,37 @@ def _merged_partials(
         part_m2 = tl.load(partial_m2_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg").to(ACC)
         delta = part_mean - mean_shifted[None, :]
         m2 += tl.sum(tl.where(mask, part_m2 + part_count * delta * delta, 0.0), axis=0)
+    return count, mean_shifted, m2
+
+
+@triton.jit
+def _merged_partials(
+    partial_count_ptr, partial_mean_ptr, partial_m2_ptr, shift_ptr,  # see finalize_statistics
+    cols, col_mask, splits, C, shift_stride,
+    ACC: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """(count, mean, m2) of each channel of cols, from its (splits, C) partials."""
+    count, mean_shifted, m2 = _merged_shifted(partial_count_ptr, partial_mean_ptr, partial_m2_ptr, cols, col_mask,
+                                              splits, C, ACC, BLOCK_SPLITS, BLOCK_C)
     mean = tl.load(shift_ptr + cols * shift_stride, mask=col_mask, other=0.0).to(ACC) + mean_shifted
     return count, mean, m2
+
+
+@triton.jit
+def _summed(
+    first_ptr, second_ptr,    # (rows, C) partial sums
+    cols, col_mask, rows, C,
+    ACC: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The column sums of two (rows, C) matrices of partials, for the channels of cols."""
+    first = tl.zeros([BLOCK_C], ACC)
+    second = tl.zeros([BLOCK_C], ACC)
+    for start in range(0, rows, BLOCK_SPLITS):
+        offsets, mask = _split_tile(start, rows, cols, col_mask, C, BLOCK_SPLITS)
+        # .cg: see _merged_shifted.
+        first += tl.sum(tl.load(first_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg").to(ACC), axis=0)
+        second += tl.sum(tl.load(second_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg").to(ACC), axis=0)
+    return first, second
 
 
 @triton.jit
@@ -236,16 +264,87 @@ def finalized_gradients(
     ACC: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """finalize_gradients for the channels `cols`: the separate kernel and the fused finalize."""
-    sum_dy = tl.zeros([BLOCK_C], ACC)
-    sum_dy_xmu = tl.zeros([BLOCK_C], ACC)
-    for start in range(0, splits, BLOCK_SPLITS):
-        offsets, mask = _split_tile(start, splits, cols, col_mask, C, BLOCK_SPLITS)
-        # .cg: see _merged_partials.
-        sum_dy += tl.sum(tl.load(partial_sum_dy_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg").to(ACC),
-                         axis=0)
-        sum_dy_xmu += tl.sum(tl.load(partial_sum_dy_xmu_ptr + offsets, mask=mask, other=0.0,
-                                     cache_modifier=".cg").to(ACC), axis=0)
+    sum_dy, sum_dy_xmu = _summed(partial_sum_dy_ptr, partial_sum_dy_xmu_ptr, cols, col_mask, splits, C, ACC,
+                                 BLOCK_SPLITS, BLOCK_C)
     invstd = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     tl.store(sum_dy_ptr + cols, sum_dy, mask=col_mask)
     tl.store(sum_dy_xmu_ptr + cols, sum_dy_xmu, mask=col_mask)
     store_gradients(cols, col_mask, sum_dy, sum_dy_xmu, invstd, grad_weight_ptr, grad_bias_ptr)
+
+
+# ---- the fused finalize: the last programs of a reduction merge its partials --------------------
+# Two levels, so that no program merges many partials alone (64 channels x 500 splits would take
+# one program ~130 dependent tile loads): the `group_splits` programs of a split group are counted
+# on a counter of their own, and the last of them merges the group's rows into one row of level 2
+# (rows splits, splits + 1, ... of the same partials buffer); the last group to finish merges the
+# level-2 rows into the result. Both merges walk their rows in a fixed order: the same bits
+# whichever program finishes last. Counters: (channel groups, split groups) for level 1, then one
+# per channel group for level 2, each set back to zero by the program that took its last ticket.
+
+@triton.jit
+def _split_group(split, group_index, splits, group_splits):
+    """(split group, its first row, its rows, its level-1 counter) of this program."""
+    split_groups = tl.cdiv(splits, group_splits)
+    group = split // group_splits
+    first = group * group_splits
+    return group, first, tl.minimum(group_splits, splits - first), group_index * split_groups + group
+
+
+@triton.jit
+def finalize_statistics_of_group(
+    split, group_index, groups,  # this program's split and channel group; how many channel groups
+    cols, col_mask,           # the channel group's channels
+    partial_count_ptr, partial_mean_ptr, partial_m2_ptr,  # (splits + split groups, C): see finalize_statistics
+    counter_ptr,              # (groups * (split groups + 1),) int32 zeros
+    shift_ptr, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,  # see above
+    splits, group_splits, C, shift_stride, momentum, eps,
+    HAS_RUNNING_STATS: tl.constexpr, CUMULATIVE: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Called by every program after storing its partials (row `split`)."""
+    split_groups = tl.cdiv(splits, group_splits)
+    group, first, rows, level_1 = _split_group(split, group_index, splits, group_splits)
+    if last_of_group(counter_ptr, level_1, rows):
+        count, mean_shifted, m2 = _merged_shifted(partial_count_ptr + first * C, partial_mean_ptr + first * C,
+                                                  partial_m2_ptr + first * C, cols, col_mask, rows, C, ACC,
+                                                  BLOCK_SPLITS, BLOCK_C)
+        out = (splits + group) * C + cols
+        tl.store(partial_count_ptr + out, count, mask=col_mask)
+        tl.store(partial_mean_ptr + out, mean_shifted, mask=col_mask)
+        tl.store(partial_m2_ptr + out, m2, mask=col_mask)
+        tl.store(counter_ptr + level_1, 0)
+        level_2 = groups * split_groups + group_index
+        if last_of_group(counter_ptr, level_2, split_groups):
+            finalized_statistics(cols, col_mask, partial_count_ptr + splits * C, partial_mean_ptr + splits * C,
+                                 partial_m2_ptr + splits * C, shift_ptr, mean_ptr, invstd_ptr, running_mean_ptr,
+                                 running_var_ptr, num_batches_tracked_ptr, split_groups, C, shift_stride, momentum,
+                                 eps, HAS_RUNNING_STATS, CUMULATIVE, ACC, BLOCK_SPLITS, BLOCK_C)
+            tl.store(counter_ptr + level_2, 0)
+
+
+@triton.jit
+def finalize_gradients_of_group(
+    split, group_index, groups,  # this program's split and channel group; how many channel groups
+    cols, col_mask,           # the channel group's channels
+    partial_sum_dy_ptr, partial_sum_dy_xmu_ptr,  # (splits + split groups, C): see finalize_gradients
+    counter_ptr,              # (groups * (split groups + 1),) int32 zeros
+    invstd_ptr, sum_dy_ptr, sum_dy_xmu_ptr, grad_weight_ptr, grad_bias_ptr,  # see finalize_gradients
+    splits, group_splits, C,
+    ACC: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Called by every program after storing its partial sums (row `split`)."""
+    split_groups = tl.cdiv(splits, group_splits)
+    group, first, rows, level_1 = _split_group(split, group_index, splits, group_splits)
+    if last_of_group(counter_ptr, level_1, rows):
+        sum_dy, sum_dy_xmu = _summed(partial_sum_dy_ptr + first * C, partial_sum_dy_xmu_ptr + first * C, cols,
+                                     col_mask, rows, C, ACC, BLOCK_SPLITS, BLOCK_C)
+        out = (splits + group) * C + cols
+        tl.store(partial_sum_dy_ptr + out, sum_dy, mask=col_mask)
+        tl.store(partial_sum_dy_xmu_ptr + out, sum_dy_xmu, mask=col_mask)
+        tl.store(counter_ptr + level_1, 0)
+        level_2 = groups * split_groups + group_index
+        if last_of_group(counter_ptr, level_2, split_groups):
+            finalized_gradients(cols, col_mask, partial_sum_dy_ptr + splits * C, partial_sum_dy_xmu_ptr + splits * C,
+                                invstd_ptr, sum_dy_ptr, sum_dy_xmu_ptr, grad_weight_ptr, grad_bias_ptr, split_groups, C,
+                                ACC, BLOCK_SPLITS, BLOCK_C)
+            tl.store(counter_ptr + level_2, 0)

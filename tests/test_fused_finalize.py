@@ -1,8 +1,9 @@
-"""The split path's finalize, done by the last program of each channel group to finish (Triton):
-the separate finalize kernel's results to the last bits of a sum (its tiles of partials have
-another shape, so another summation tree), the same bits call after call (a fixed merge order,
-whichever program is last), and its counters left at zero -- after a call, after two, and after a
-call that raised -- so the next call and a CUDA-graph replay start from zero."""
+"""The split path's finalize, done by the last programs of each channel group to finish (Triton,
+in two levels: kernels/finalize.py): the separate finalize kernel's results to the last bits of a
+sum (another grouping of the partials, so another summation tree), the same bits call after call
+(a fixed merge order, whichever program is last), and its counters left at zero -- after a call,
+after two, and after a call that raised -- so the next call and a CUDA-graph replay start from
+zero."""
 import pytest
 import torch
 
@@ -58,6 +59,9 @@ def test_fused_finalize_matches_the_separate_one(poisoned, shape, layout, relu):
     dy = make_input(shape, layout=layout, mean=0.0, std=1.0, seed=5)
     g = triton_backend.KERNELS.geometry(x, dy)
     assert g.plan.splits > 1 and not g.single_pass
+    # Both levels of the merge have several members, and the last group fewer than the others.
+    assert g.finalize.group_splits > 1 and g.finalize.split_groups > 1
+    assert g.plan.splits % g.finalize.group_splits != 0
     fused = _step(triton_backend.KERNELS, x, dy, relu)
     separate = _step(SeparateFinalize(), x, dy, relu)
     for a, b in zip(fused, separate):

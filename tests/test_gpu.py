@@ -77,10 +77,13 @@ def test_modules_match_torch_cudnn_on_gpu(backend, layout):
 
 
 @pytest.mark.parametrize("backend", gpu_backends())
-def test_training_step_captures_into_a_cuda_graph(backend):
-    """No host synchronization on the training path: the forward + backward capture and replay."""
+@pytest.mark.parametrize("shape, layout", [((4, 8, 6, 6), "contiguous"), ((32, 8, 64, 64), "contiguous"),
+                                           ((32, 8, 64, 64), "channels_last")], ids=str)
+def test_training_step_captures_into_a_cuda_graph(backend, shape, layout):
+    """No host synchronization on the training path: the forward + backward capture and replay --
+    on the split path too, where the Triton reductions' counters must be zero at every replay."""
     bn = bn_gpu.BatchNorm2d(8, momentum=None, backend=backend).cuda()
-    static_x = make_input((4, 8, 6, 6), device="cuda").requires_grad_()
+    static_x = make_input(shape, layout=layout, device="cuda").requires_grad_()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -92,7 +95,7 @@ def test_training_step_captures_into_a_cuda_graph(backend):
         static_y = bn(static_x)
         static_y.sum().backward()
     for step in range(3):
-        x = make_input((4, 8, 6, 6), device="cuda", seed=10 + step)
+        x = make_input(shape, layout=layout, device="cuda", seed=10 + step)
         static_x.data.copy_(x)
         graph.replay()
         torch.testing.assert_close(static_y, reference(x), atol=1e-5, rtol=1e-5)
