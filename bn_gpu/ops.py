@@ -425,17 +425,16 @@ def _eager_function(run, training: bool):
     return EagerFunction
 
 
-def _plain_backward(*tensors) -> bool:
+def _plain_backward(grad_output, saved_mean, *others) -> bool:
     """Whether the backward of a forward that took the eager fast path may call the op's kernel
     directly. plain_eager's dispatch-TLS comparison does not hold there: on CUDA the autograd
     engine runs backward on its device thread, whose TLS differs from the caller's; what can have
     changed since the forward -- a mode, a transform, compiled autograd, a tensor subclass, a
     gradient batched by the legacy vmap that gradcheck uses (its dispatch keys differ from those of
     the saved mean) -- is checked instead."""
-    grad_output, saved_mean = tensors[:2]
     return (not torch.compiler.is_compiling() and not torch._C._is_torch_function_mode_enabled()
             and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active()
-            and all(t is None or type(t) in _PLAIN_TYPES for t in tensors)
+            and all(t is None or type(t) in _PLAIN_TYPES for t in (grad_output, saved_mean, *others))
             and torch._C._dispatch_keys(grad_output) == torch._C._dispatch_keys(saved_mean))
 
 

@@ -42,8 +42,8 @@ class KernelTable(Protocol):
     def statistics_finalized(self, g: Geometry, x, partials, counters, mean, invstd, running_mean, running_var,
                              counter, momentum: float | None, eps: float) -> None:
         """statistics, then finalize_statistics, in one launch where the backend can: the last
-        programs to finish merge the partials (two levels: rows g.plan.splits on of partials, its
-        g.partial_rows, take the second). counters: int32 zeros, g.finalize_counters of them
+        programs to finish merge the partials in two levels. partials has g.partial_rows rows: one
+        per split, then the second level's. counters: int32 zeros, g.finalize_counters of them
         (finalize_counters), left at zero."""
 
     def normalize(self, g: Geometry, x, y, mean, invstd, weight, bias, counter, eps: float,
