@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.resources
+import itertools
 import warnings
 
 import numpy as np
@@ -33,6 +34,9 @@ VECTORIZED = ("statistics", "normalize", "single_pass_forward", "gradient_sums",
 # Kernels instantiated without and with the epilogue (FUSED: + residual and ReLU forward, the
 # ReLU's mask backward), a compile-time choice so that the plain kernels carry none of it.
 FUSABLE = ("normalize", "single_pass_forward", "gradient_sums", "input_gradient", "single_pass_backward")
+# Split reductions instantiated without and with their own finalize (FINALIZE: the last blocks to
+# finish merge the partials; SyncBatchNorm's local moments use the plain statistics kernel).
+FINALIZING = ("statistics", "gradient_sums")
 
 _INSTALL_HINT = "pip install -e .[cupy] (installs cupy-cuda12x; use the cupy wheel matching your CUDA)"
 
@@ -75,11 +79,11 @@ def _vector_width(T: str) -> int:
 
 def kernel_names(T: str, W: str, R: str, A: str) -> dict:
     """{role: name expression} of one type combination. A role is the kernel's name, with the
-    vector width appended for the channels-first elementwise kernels, and "_fused" for the
-    instantiation with the epilogue."""
+    vector width appended for the channels-first elementwise kernels, "_fused" for the
+    instantiation with the epilogue and "_finalized" for the one with its own finalize."""
     templates = {
-        "statistics_channels_first": f"<{T}, {A}, VEC>",
-        "statistics_channels_last": f"<{T}, {A}>",
+        "statistics_channels_first": f"<{T}, {A}, {R}, VEC>",
+        "statistics_channels_last": f"<{T}, {A}, {R}>",
         "finalize_statistics": f"<{T}, {A}, {R}>",
         "finalize_moments": f"<{T}, {A}>",
         "merge_ranks": f"<{A}, {R}>",
@@ -100,12 +104,14 @@ def kernel_names(T: str, W: str, R: str, A: str) -> dict:
         variants = [(name, arguments)]
         if "VEC" in arguments:
             variants = [(f"{name}_{vec}", arguments.replace("VEC", str(vec))) for vec in sorted({1, _vector_width(T)})]
+        family = name.rsplit("_channels_", 1)[0]
+        # The boolean template parameters, in the source's order: (role suffix when true) per flag.
+        flags = [suffix for suffix, kinds in (("_fused", FUSABLE), ("_finalized", FINALIZING)) if family in kinds]
         for role, expression in variants:
-            if name.rsplit("_channels_", 1)[0] in FUSABLE:
-                names[role] = name + expression[:-1] + ", false>"
-                names[f"{role}_fused"] = name + expression[:-1] + ", true>"
-            else:
-                names[role] = name + expression
+            for values in itertools.product((False, True), repeat=len(flags)):
+                suffix = "".join(flag for flag, on in zip(flags, values) if on)
+                booleans = "".join(", true" if on else ", false" for on in values)
+                names[role + suffix] = name + expression[:-1] + booleans + ">"
     return names
 
 
@@ -216,17 +222,28 @@ class CudaKernels:
         return plans.geometry(x, grad_y, _tuning(plans.GPU_TUNING), plans.multiprocessors(device_index))
 
     @staticmethod
-    def _role(g, name: str, *tensors, fused: bool = False) -> str:
-        suffix = "_fused" if fused else ""
+    def _role(g, name: str, *tensors, fused: bool = False, finalized: bool = False) -> str:
+        suffix = ("_fused" if fused else "") + ("_finalized" if finalized else "")
         if g.channels_first:
             return (f"{name}_channels_first_{_vector_width_for(g, *tensors)}" if name in VECTORIZED
                     else f"{name}_channels_first") + suffix
         return f"{name}_channels_last" + suffix
 
     def statistics(self, g, x, partials):
-        count, mean, m2 = partials
-        _launch(g, None, None, self._role(g, "statistics", x), *_grid(g),
-                [_ptr(x), _ptr(count), _ptr(mean), _ptr(m2)] + _i64(*g.sizes, *g.x.strides) + _tiling(g))
+        self._statistics(g, x, partials)
+
+    def _statistics(self, g, x, partials, counters=None, mean=None, invstd=None, running_mean=None,
+                    running_var=None, counter=None, momentum=None, eps=0.0):
+        """The statistics kernel; with counters, its finalizing instantiation."""
+        count, part_mean, m2 = partials
+        tracked = running_mean is not None
+        cumulative = tracked and momentum is None
+        _launch(g, None, _dtype(running_mean), self._role(g, "statistics", x, finalized=counters is not None),
+                *_grid(g), [_ptr(x), _ptr(count), _ptr(part_mean), _ptr(m2), _ptr(counters), _ptr(mean),
+                            _ptr(invstd), _ptr(running_mean), _ptr(running_var), _ptr(counter if cumulative else None)]
+                + _i64(*g.sizes, *g.x.strides) + _tiling(g)
+                + [np.int64(g.finalize.group_splits), np.float32(0.0 if momentum is None else momentum),
+                   np.float32(eps), np.int32(tracked), np.int32(cumulative)])
 
     def finalize_statistics(self, g, x, partials, mean, invstd, running_mean, running_var, counter, momentum, eps):
         count, part_mean, m2 = partials
@@ -240,9 +257,7 @@ class CudaKernels:
 
     def statistics_finalized(self, g, x, partials, counters, mean, invstd, running_mean, running_var, counter,
                              momentum, eps):
-        # Two launches here: the CUDA C kernels do not finalize themselves yet (the Triton ones do).
-        self.statistics(g, x, partials)
-        self.finalize_statistics(g, x, partials, mean, invstd, running_mean, running_var, counter, momentum, eps)
+        self._statistics(g, x, partials, counters, mean, invstd, running_mean, running_var, counter, momentum, eps)
 
     def normalize(self, g, x, y, mean, invstd, weight, bias, counter, eps, running_mean=None, running_var=None,
                   residual=None, relu=False):
@@ -271,18 +286,27 @@ class CudaKernels:
             + [np.int32(tracked), np.int32(cumulative), np.int32(count_batch), np.int32(relu)])
 
     def gradient_sums(self, g, grad_y, x, mean, partials, invstd=None, weight=None, bias=None, relu=False):
-        sum_dy, sum_dy_xmu = partials
-        masking = [invstd, weight, _as_w(bias, _param_dtype(weight, bias))] if relu else [None, None, None]
-        role = self._role(g, "gradient_sums", grad_y, x, fused=relu)
-        _launch(g, _param_dtype(*masking[1:]), None, role, *_grid(g),
-                [_ptr(grad_y), _ptr(x), _ptr(mean), *map(_ptr, masking), _ptr(sum_dy), _ptr(sum_dy_xmu)]
-                + _i64(*g.sizes, *g.grad_y.strides, *g.x.strides) + _tiling(g) + [np.int32(relu)])
+        self._gradient_sums(g, grad_y, x, mean, partials, invstd, weight, bias, relu)
 
     def gradient_sums_finalized(self, g, grad_y, x, mean, partials, counters, invstd, totals, grad_weight, grad_bias,
                                 weight=None, bias=None, relu=False):
-        # Two launches here, as statistics_finalized.
-        self.gradient_sums(g, grad_y, x, mean, partials, invstd, weight, bias, relu)
-        self.finalize_gradients(g, partials, invstd, totals, grad_weight, grad_bias)
+        self._gradient_sums(g, grad_y, x, mean, partials, invstd, weight, bias, relu, counters, totals, grad_weight,
+                            grad_bias)
+
+    def _gradient_sums(self, g, grad_y, x, mean, partials, invstd, weight, bias, relu, counters=None, totals=(None, None),
+                       grad_weight=None, grad_bias=None):
+        """The gradient-sums kernel; with counters, its finalizing instantiation, which writes the
+        parameter gradients in W (so W is their dtype: the weight's, or the accumulation dtype)."""
+        sum_dy, sum_dy_xmu = partials
+        w_dtype = grad_weight.dtype if grad_weight is not None else _param_dtype(weight, bias) if relu else None
+        masking = [weight, _as_w(bias, w_dtype)] if relu else [None, None]
+        role = self._role(g, "gradient_sums", grad_y, x, fused=relu, finalized=counters is not None)
+        _launch(g, w_dtype, None, role, *_grid(g),
+                [_ptr(grad_y), _ptr(x), _ptr(mean), _ptr(invstd if relu or counters is not None else None),
+                 *map(_ptr, masking), _ptr(sum_dy), _ptr(sum_dy_xmu), _ptr(counters), *map(_ptr, totals),
+                 _ptr(grad_weight), _ptr(grad_bias)]
+                + _i64(*g.sizes, *g.grad_y.strides, *g.x.strides) + _tiling(g)
+                + [np.int64(g.finalize.group_splits), np.int32(relu)])
 
     def finalize_gradients(self, g, partials, invstd, totals, grad_weight, grad_bias):
         sum_dy, sum_dy_xmu = partials

@@ -153,13 +153,22 @@ def _width(opcode: str) -> int:
 class LoopStats:
     instructions: int        # SASS instructions in one iteration of the loop (NOPs excluded)
     load_bits: list          # widths of the global loads of one iteration
+    streamed_bits: int       # bits of those loads that stream the kernel's data (see _streams)
     store_bits: list
     barriers: int            # BAR instructions per iteration
 
 
+def _streams(ins: Instruction) -> bool:
+    """A global load of the data a kernel streams: not a coherent (.STRONG) load, which only the
+    fused finalize makes (partials written by other programs of the launch, read through L2)."""
+    return ins.opcode.startswith("LDG") and ".STRONG" not in ins.opcode
+
+
 def main_loops(instructions: list[Instruction]) -> list[LoopStats]:
     """The loops with global loads: every backward branch closes a loop [target, branch]; nested
-    loops count in their own body only. Sorted by bytes loaded per iteration, largest first."""
+    loops count in their own body only. Sorted by bytes streamed per iteration (`_streams`), then
+    by bytes loaded, largest first: a fused finalize's loops over partials come after the
+    streaming loop, however much they load."""
     loops = []
     for i, ins in enumerate(instructions):
         if not ins.opcode.startswith("BRA"):
@@ -179,6 +188,7 @@ def main_loops(instructions: list[Instruction]) -> list[LoopStats]:
             continue
         stats.append(LoopStats(instructions=sum(1 for ins in body if ins.opcode != "NOP"),
                                load_bits=loads,
+                               streamed_bits=sum(_width(ins.opcode) for ins in body if _streams(ins)),
                                store_bits=[_width(ins.opcode) for ins in body if ins.opcode.startswith("STG")],
                                barriers=sum(1 for ins in body if ins.opcode.startswith("BAR"))))
     if not stats:  # no loop (a tile covers everything): the whole function is one iteration
@@ -186,10 +196,11 @@ def main_loops(instructions: list[Instruction]) -> list[LoopStats]:
         if loads:
             stats.append(LoopStats(instructions=sum(1 for ins in instructions if ins.opcode != "NOP"),
                                    load_bits=loads,
+                                   streamed_bits=sum(_width(ins.opcode) for ins in instructions if _streams(ins)),
                                    store_bits=[_width(ins.opcode) for ins in instructions
                                                if ins.opcode.startswith("STG")],
                                    barriers=sum(1 for ins in instructions if ins.opcode.startswith("BAR"))))
-    return sorted(stats, key=lambda s: -sum(s.load_bits))
+    return sorted(stats, key=lambda s: (-s.streamed_bits, -sum(s.load_bits)))
 
 
 _RESOURCES = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
@@ -558,7 +569,8 @@ def header_markdown(target: Target, versions: dict) -> str:
         "How each figure is computed: launches and grids are recorded from the backends' own orchestration "
         "on meta tensors; registers, spills and shared memory come from `cuobjdump --dump-resource-usage` of "
         "each kernel compiled for the target as it launches; loop figures from its SASS (the loop with the "
-        "largest global loads per iteration: its instructions, load/store widths, barriers); instructions per "
+        "largest streaming global loads per iteration -- not the fused finalize's coherent loads of partials: "
+        "its instructions, load/store widths, barriers); instructions per "
         "element = loop instructions / elements loaded per iteration. DRAM bytes: each kernel's streams "
         "(x, dy read; y/dx written), a second read counted as an L2 hit only when what it re-reads fits the "
         "assumed reusable L2. bound % floor = floor bytes / modelled DRAM bytes (the best the plan can reach at "

@@ -3,11 +3,13 @@
 //
 // The same kernels, under the same names, as the Triton backend (kernels/channels_first.py,
 // channels_last.py, finalize.py), on the same split plan (bn_gpu/plan.py):
-//   statistics_channels_first / _last            partial (count, mean - shift, M2) per (split, channel)
+//   statistics_channels_first / _last            partial (count, mean - shift, M2) per (split, channel);
+//                                                FINALIZE: its last blocks merge them (finalize_statistics)
 //   finalize_statistics                          merge partials (Chan), mean, invstd, running stats
 //   finalize_moments, merge_ranks                SyncBatchNorm: one process's moments; every rank's merged
 //   normalize_channels_first / _last             y = (x - mean) * invstd * weight + bias (train, eval)
-//   gradient_sums_channels_first / _last         partial sums of dy and dy * (x - mean)
+//   gradient_sums_channels_first / _last         partial sums of dy and dy * (x - mean);
+//                                                FINALIZE: its last blocks sum them (finalize_gradients)
 //   finalize_gradients                           totals, dweight, dbias
 //   input_gradient_channels_first / _last        dx from dy, x and the totals
 //   single_pass_forward_channels_first / _last   single pass when one block owns whole channels
@@ -19,7 +21,10 @@
 // (T, or float for 16-bit inputs). Offsets are 64-bit throughout. Channels-first elementwise passes
 // load VEC values at once (16 bytes) where the host found every row start aligned, with a scalar
 // tail where a row's length is not a multiple of VEC; else VEC = 1.
-// No atomics: every reduction has a fixed order, so results are bitwise reproducible.
+// FINALIZE, on the two split reductions, compiles in their own finalize: the last blocks to finish
+// merge the partials (in two levels, as kernels/finalize.py), so the split path takes 2 launches.
+// No atomics on values: every reduction has a fixed order, so results are bitwise reproducible; the
+// only atomic is the fused finalize's integer ticket.
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -192,23 +197,6 @@ __device__ Moments<A> block_moments(const Tiles& t, i64 first, i64 last, const T
     return block_merge(moments.merged);
 }
 
-template <typename T, typename A, int VEC>
-__global__ void statistics_channels_first(
-    const T* __restrict__ x,   // input (N, C, S)
-    A* part_count, A* part_mean, A* part_m2,   // (splits, C); part_mean is relative to x[0, c, 0]
-    i64 N, i64 C, i64 S, i64 stride_n, i64 stride_c,
-    i64 s_blocks, i64 total_tiles, i64 tiles_per_program, int rows, int block_s) {
-    i64 c = blockIdx.x;
-    const T* xc = x + c * stride_c;
-    A shift = cvt<A>(xc[0]);
-    Tiles t = program_tiles(N, S, s_blocks, total_tiles, tiles_per_program, rows, block_s);
-    Moments<A> m = block_moments<T, A, VEC>(t, t.first, t.last, xc, stride_n, shift);
-    if (threadIdx.x == 0) {
-        i64 out = (i64)blockIdx.y * C + c;
-        part_count[out] = m.count; part_mean[out] = m.mean; part_m2[out] = m.m2;
-    }
-}
-
 // Channels-last blocks are (CHANNEL_THREADS, ROW_THREADS): threadIdx.x walks consecutive channels
 // (coalesced), threadIdx.y interleaved rows of the block's row range. Both sizes come from the host
 // (bn_gpu/cupy_backend.py, COMPILE_OPTIONS), which launches the blocks.
@@ -249,21 +237,78 @@ __device__ Moments<A> column_moments(const T* x, i64 stride_m, i64 c, A shift, i
     return moments.merged;
 }
 
-template <typename T, typename A>
-__global__ void statistics_channels_last(
-    const T* __restrict__ x,   // input (M, C)
-    A* part_count, A* part_mean, A* part_m2,   // (splits, C); part_mean is relative to x[0, c]
-    i64 M, i64 C, i64 stride_m, i64 rows_per_program) {
-    i64 c = (i64)blockIdx.y * CHANNEL_THREADS + threadIdx.x;
-    i64 row_begin = (i64)blockIdx.x * rows_per_program;
-    i64 row_end = min(row_begin + rows_per_program, M);
-    Moments<A> m = {A(0), A(0), A(0)};
-    if (c < C) m = column_moments(x, stride_m, c, cvt<A>(x[c]), row_begin, row_end);
-    m = column_merge(m);
-    if (threadIdx.y == 0 && c < C) {
-        i64 out = (i64)blockIdx.x * C + c;
-        part_count[out] = m.count; part_mean[out] = m.mean; part_m2[out] = m.m2;
+// ---- finalize: merging the partials of the split reductions -------------------------------------
+// The separate finalize kernels (one 1-D block per channel) and the fused finalize (the last blocks
+// of a split reduction, with its block shape) share these merges. COLUMNS: a channels-last block,
+// whose threadIdx.x is the channel and whose ROW_THREADS threads of a column share its rows; else a
+// 1-D block sharing one channel's rows. Partials are read with __ldcg (L2): in a fused finalize
+// other blocks of the same launch wrote them, and L1 is not coherent with their stores.
+
+template <bool COLUMNS> __device__ __forceinline__ bool leads() { return COLUMNS ? threadIdx.y == 0 : threadIdx.x == 0; }
+
+// a and b summed over the threads sharing a channel, valid where leads<COLUMNS>().
+template <bool COLUMNS, typename A> __device__ __forceinline__ void sum_pair(A& a, A& b) {
+    if constexpr (COLUMNS) {
+        column_sums(a, b);
+    } else {
+        a = block_sum<A, 0>(a);
+        b = block_sum<A, 1>(b);
     }
+}
+
+// a summed over the threads sharing a channel, valid where leads<COLUMNS>().
+template <bool COLUMNS, typename A> __device__ __forceinline__ A summed(A a) {
+    if constexpr (COLUMNS) {
+        A unused = A(0);
+        column_sums(a, unused);
+        return a;
+    } else {
+        return block_sum<A, 2>(a);
+    }
+}
+
+// (count, mean less the channel's shift, M2) of channel c from `rows` rows of (.., C) partials,
+// valid where leads<COLUMNS>(). Chan's formula for many partials: M2 = sum(m2_i + n_i * (mean_i -
+// mean)^2), the partial means relative to one shift per channel, so they stay small and exact when
+// |mean| >> std.
+template <bool COLUMNS, typename A>
+__device__ Moments<A> merged_rows(const A* part_count, const A* part_mean, const A* part_m2, i64 rows, i64 C, i64 c) {
+    __shared__ A mean_of[COLUMNS ? CHANNEL_THREADS : 1];
+    const int lane = COLUMNS ? threadIdx.y : threadIdx.x, lanes = COLUMNS ? ROW_THREADS : blockDim.x;
+    const int column = COLUMNS ? threadIdx.x : 0;
+    A count = A(0), weighted = A(0);
+    if (c < C)
+        for (i64 i = lane; i < rows; i += lanes) {
+            A n = __ldcg(part_count + i * C + c);
+            count += n;
+            weighted += n * __ldcg(part_mean + i * C + c);
+        }
+    sum_pair<COLUMNS>(count, weighted);
+    if (leads<COLUMNS>()) mean_of[column] = count > A(0) ? weighted / count : A(0);
+    __syncthreads();
+    A mean_shifted = mean_of[column];
+    A m2 = A(0);
+    if (c < C)
+        for (i64 i = lane; i < rows; i += lanes) {
+            A delta = __ldcg(part_mean + i * C + c) - mean_shifted;
+            m2 += __ldcg(part_m2 + i * C + c) + __ldcg(part_count + i * C + c) * delta * delta;
+        }
+    m2 = summed<COLUMNS>(m2);
+    Moments<A> m = {count, mean_shifted, m2};
+    return m;
+}
+
+// The column sums of two (rows, C) matrices of partial sums for channel c, valid where leads<COLUMNS>().
+template <bool COLUMNS, typename A>
+__device__ void summed_rows(const A* first, const A* second, i64 rows, i64 C, i64 c, A& a, A& b) {
+    const int lane = COLUMNS ? threadIdx.y : threadIdx.x, lanes = COLUMNS ? ROW_THREADS : blockDim.x;
+    a = A(0); b = A(0);
+    if (c < C)
+        for (i64 i = lane; i < rows; i += lanes) {
+            a += __ldcg(first + i * C + c);
+            b += __ldcg(second + i * C + c);
+        }
+    sum_pair<COLUMNS>(a, b);
 }
 
 // Writes channel c's mean and invstd and updates its running statistics; returns invstd.
@@ -286,37 +331,175 @@ __device__ A store_statistics(
     return invstd;
 }
 
-// Channel blockIdx.x's (count, mean, M2) from its (splits, C) partials, valid in thread 0.
+template <typename A, typename W>
+__device__ __forceinline__ void store_gradients(i64 c, A sum_dy, A sum_dy_xmu, A invstd, W* grad_weight, W* grad_bias) {
+    grad_weight[c] = cvt<W>(sum_dy_xmu * invstd);
+    grad_bias[c] = cvt<W>(sum_dy);
+}
+
+// ---- the fused finalize: the last blocks of a split reduction merge its partials -----------------
+// As kernels/finalize.py, on the same counters and rows (bn_gpu/plan.py): the group_splits blocks of
+// a split group of one channel group (a channel channels-first, the CHANNEL_THREADS channels of a
+// block channels-last) count themselves done on a counter of their own, and the last of them merges
+// the group's rows into row splits + group of the partials; the last group to finish merges those
+// split_groups rows into the result. Two levels of about sqrt(splits) rows, so that no block merges
+// 500 splits alone; fixed orders of summation, so the same bits whichever block is last. Each
+// counter is set back to zero by the block that took its last ticket: ready for the next launch and
+// for a CUDA-graph replay.
+
+struct SplitGroup {
+    i64 group, first, rows;   // this block's split group: its index, first row, rows (the last may be short)
+    i64 split_groups;         // rows of the second level
+    i64 level_1, level_2;     // the counters of the group and of the channel group
+};
+
+__device__ __forceinline__ SplitGroup split_group(i64 split, i64 group_index, i64 groups, i64 splits, i64 group_splits) {
+    SplitGroup s;
+    s.split_groups = (splits + group_splits - 1) / group_splits;
+    s.group = split / group_splits;
+    s.first = s.group * group_splits;
+    s.rows = min(group_splits, splits - s.first);
+    s.level_1 = group_index * s.split_groups + s.group;
+    s.level_2 = groups * s.split_groups + group_index;
+    return s;
+}
+
+// Whether this block is the last of `members` blocks to count itself done on counters[index] (the
+// last resets it). The stores every thread made before the call are visible to the last block's
+// loads after it: each thread fences, the barrier puts the fences before thread 0's atomic, and the
+// last block's thread 0 fences again before the barrier that releases its threads (the CUDA
+// samples' threadFenceReduction).
+__device__ bool last_block_of(int* counters, i64 index, i64 members) {
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0 && threadIdx.y == 0) {
+        last = atomicAdd(counters + index, 1) == members - 1;
+        if (last) {
+            counters[index] = 0;
+            __threadfence();
+        }
+    }
+    __syncthreads();
+    return last;
+}
+
+// Called by every block of the statistics kernel after storing its partials (row `split`).
+template <bool COLUMNS, typename A, typename R>
+__device__ void finalize_statistics_of_group(
+    A* part_count, A* part_mean, A* part_m2,   // (splits + split groups, C)
+    int* counters,   // (groups * (split groups + 1),) int32 zeros
+    i64 c, A shift, i64 split, i64 group_index, i64 groups, i64 splits, i64 group_splits, i64 C,
+    A* mean_out, A* invstd_out, R* running_mean, R* running_var, const i64* num_batches_tracked,   // see store_statistics
+    float momentum, float eps, int has_running_stats, int cumulative) {
+    SplitGroup s = split_group(split, group_index, groups, splits, group_splits);
+    if (!last_block_of(counters, s.level_1, s.rows)) return;
+    Moments<A> m = merged_rows<COLUMNS>(part_count + s.first * C, part_mean + s.first * C, part_m2 + s.first * C,
+                                        s.rows, C, c);
+    if (leads<COLUMNS>() && c < C) {
+        i64 out = (splits + s.group) * C + c;
+        part_count[out] = m.count; part_mean[out] = m.mean; part_m2[out] = m.m2;
+    }
+    if (!last_block_of(counters, s.level_2, s.split_groups)) return;
+    m = merged_rows<COLUMNS>(part_count + splits * C, part_mean + splits * C, part_m2 + splits * C, s.split_groups,
+                             C, c);
+    if (leads<COLUMNS>() && c < C)
+        store_statistics(c, m.count, shift + m.mean, m.m2, mean_out, invstd_out, running_mean, running_var,
+                         num_batches_tracked, momentum, eps, has_running_stats, cumulative);
+}
+
+// Called by every block of the gradient-sums kernel after storing its partial sums (row `split`).
+template <bool COLUMNS, typename A, typename W>
+__device__ void finalize_gradients_of_group(
+    A* part_sum_dy, A* part_sum_dy_xmu,   // (splits + split groups, C)
+    int* counters,   // (groups * (split groups + 1),) int32 zeros
+    i64 c, i64 split, i64 group_index, i64 groups, i64 splits, i64 group_splits, i64 C,
+    const A* invstd_in, A* sum_dy_out, A* sum_dy_xmu_out, W* grad_weight, W* grad_bias) {   // see finalize_gradients
+    SplitGroup s = split_group(split, group_index, groups, splits, group_splits);
+    if (!last_block_of(counters, s.level_1, s.rows)) return;
+    A sum_dy, sum_dy_xmu;
+    summed_rows<COLUMNS>(part_sum_dy + s.first * C, part_sum_dy_xmu + s.first * C, s.rows, C, c, sum_dy, sum_dy_xmu);
+    if (leads<COLUMNS>() && c < C) {
+        i64 out = (splits + s.group) * C + c;
+        part_sum_dy[out] = sum_dy;
+        part_sum_dy_xmu[out] = sum_dy_xmu;
+    }
+    if (!last_block_of(counters, s.level_2, s.split_groups)) return;
+    summed_rows<COLUMNS>(part_sum_dy + splits * C, part_sum_dy_xmu + splits * C, s.split_groups, C, c, sum_dy,
+                         sum_dy_xmu);
+    if (leads<COLUMNS>() && c < C) {
+        sum_dy_out[c] = sum_dy;
+        sum_dy_xmu_out[c] = sum_dy_xmu;
+        store_gradients(c, sum_dy, sum_dy_xmu, invstd_in[c], grad_weight, grad_bias);
+    }
+}
+
+// ---- statistics: partial moments per (split, channel) -------------------------------------------
+
+template <typename T, typename A, typename R, int VEC, bool FINALIZE>
+__global__ void statistics_channels_first(
+    const T* __restrict__ x,   // input (N, C, S)
+    A* part_count, A* part_mean, A* part_m2,   // (splits, C), FINALIZE (splits + split groups, C); part_mean is relative to x[0, c, 0]
+    int* counters,   // FINALIZE: the fused finalize's int32 zeros, left at zero; else null
+    A* mean_out, A* invstd_out, R* running_mean, R* running_var,   // FINALIZE: see store_statistics
+    const i64* num_batches_tracked,
+    i64 N, i64 C, i64 S, i64 stride_n, i64 stride_c,
+    i64 s_blocks, i64 total_tiles, i64 tiles_per_program, int rows, int block_s,
+    i64 group_splits, float momentum, float eps, int has_running_stats, int cumulative) {
+    i64 c = blockIdx.x;
+    const T* xc = x + c * stride_c;
+    A shift = cvt<A>(xc[0]);
+    Tiles t = program_tiles(N, S, s_blocks, total_tiles, tiles_per_program, rows, block_s);
+    Moments<A> m = block_moments<T, A, VEC>(t, t.first, t.last, xc, stride_n, shift);
+    if (threadIdx.x == 0) {
+        i64 out = (i64)blockIdx.y * C + c;
+        part_count[out] = m.count; part_mean[out] = m.mean; part_m2[out] = m.m2;
+    }
+    if constexpr (FINALIZE)
+        finalize_statistics_of_group<false>(part_count, part_mean, part_m2, counters, c, shift, blockIdx.y, c,
+                                            gridDim.x, gridDim.y, group_splits, C, mean_out, invstd_out, running_mean,
+                                            running_var, num_batches_tracked, momentum, eps, has_running_stats,
+                                            cumulative);
+}
+
+template <typename T, typename A, typename R, bool FINALIZE>
+__global__ void statistics_channels_last(
+    const T* __restrict__ x,   // input (M, C)
+    A* part_count, A* part_mean, A* part_m2,   // (splits, C), FINALIZE (splits + split groups, C); part_mean is relative to x[0, c]
+    int* counters,   // FINALIZE: the fused finalize's int32 zeros, left at zero; else null
+    A* mean_out, A* invstd_out, R* running_mean, R* running_var,   // FINALIZE: see store_statistics
+    const i64* num_batches_tracked,
+    i64 M, i64 C, i64 stride_m, i64 rows_per_program,
+    i64 group_splits, float momentum, float eps, int has_running_stats, int cumulative) {
+    i64 c = (i64)blockIdx.y * CHANNEL_THREADS + threadIdx.x;
+    i64 row_begin = (i64)blockIdx.x * rows_per_program;
+    i64 row_end = min(row_begin + rows_per_program, M);
+    Moments<A> m = {A(0), A(0), A(0)};
+    A shift = c < C ? cvt<A>(x[c]) : A(0);
+    if (c < C) m = column_moments(x, stride_m, c, shift, row_begin, row_end);
+    m = column_merge(m);
+    if (threadIdx.y == 0 && c < C) {
+        i64 out = (i64)blockIdx.x * C + c;
+        part_count[out] = m.count; part_mean[out] = m.mean; part_m2[out] = m.m2;
+    }
+    if constexpr (FINALIZE)
+        finalize_statistics_of_group<true>(part_count, part_mean, part_m2, counters, c, shift, blockIdx.x, blockIdx.y,
+                                           gridDim.y, gridDim.x, group_splits, C, mean_out, invstd_out, running_mean,
+                                           running_var, num_batches_tracked, momentum, eps, has_running_stats,
+                                           cumulative);
+}
+
+// ---- the separate finalize and SyncBatchNorm's merges ---------------------------------------------
+
+// Channel blockIdx.x's (count, mean, M2) from its (splits, C) partials, valid in thread 0 of a 1-D block.
 // shift_stride: distance between the first values of consecutive channels.
 template <typename T, typename A>
 __device__ Moments<A> merged_partials(
     const A* part_count, const A* part_mean, const A* part_m2,   // (splits, C)
     const T* __restrict__ x, i64 shift_stride, i64 splits, i64 C) {
     i64 c = blockIdx.x;
-    A count = A(0), weighted = A(0);
-    for (i64 i = threadIdx.x; i < splits; i += blockDim.x) {
-        A n = part_count[i * C + c];
-        count += n;
-        weighted += n * part_mean[i * C + c];
-    }
-    __shared__ A broadcast[2];
-    count = block_sum<A, 0>(count);
-    weighted = block_sum<A, 1>(weighted);
-    if (threadIdx.x == 0) { broadcast[0] = count; broadcast[1] = weighted / count; }
-    __syncthreads();
-    count = broadcast[0];
-    A mean_shifted = broadcast[1];
-    // Chan's formula for many partials: M2 = sum(m2_i + n_i * (mean_i - mean)^2).
-    A m2 = A(0);
-    for (i64 i = threadIdx.x; i < splits; i += blockDim.x) {
-        A delta = part_mean[i * C + c] - mean_shifted;
-        m2 += part_m2[i * C + c] + part_count[i * C + c] * delta * delta;
-    }
-    m2 = block_sum<A, 2>(m2);
-    Moments<A> m;
-    m.count = count;
-    m.mean = cvt<A>(x[c * shift_stride]) + mean_shifted;
-    m.m2 = m2;
+    Moments<A> m = merged_rows<false>(part_count, part_mean, part_m2, splits, C, c);
+    if (threadIdx.x == 0) m.mean += cvt<A>(x[c * shift_stride]);
     return m;
 }
 
@@ -552,13 +735,16 @@ __device__ void block_gradient_sums(const Tiles& t, i64 first, i64 last, const T
     sum_dy_xmu = block_sum<A, 1>(sum_dy_xmu);
 }
 
-template <typename T, typename W, typename A, int VEC, bool FUSED>
+template <typename T, typename W, typename A, int VEC, bool FUSED, bool FINALIZE>
 __global__ void gradient_sums_channels_first(
     const T* __restrict__ dy, const T* __restrict__ x, const A* mean_in,
-    const A* invstd_in, const W* weight, const W* bias,   // read for the ReLU's mask when relu
-    A* part_sum_dy, A* part_sum_dy_xmu,   // (splits, C)
+    const A* invstd_in,   // read for the ReLU's mask when relu, and by FINALIZE
+    const W* weight, const W* bias,   // read for the ReLU's mask when relu
+    A* part_sum_dy, A* part_sum_dy_xmu,   // (splits, C), FINALIZE (splits + split groups, C)
+    int* counters,   // FINALIZE: the fused finalize's int32 zeros, left at zero; else null
+    A* sum_dy_out, A* sum_dy_xmu_out, W* grad_weight, W* grad_bias,   // FINALIZE: see finalize_gradients
     i64 N, i64 C, i64 S, i64 dy_stride_n, i64 dy_stride_c, i64 x_stride_n, i64 x_stride_c,
-    i64 s_blocks, i64 total_tiles, i64 tiles_per_program, int rows, int block_s, int relu) {
+    i64 s_blocks, i64 total_tiles, i64 tiles_per_program, int rows, int block_s, i64 group_splits, int relu) {
     i64 c = blockIdx.x;
     A mean = mean_in[c];
     ReluMask<A> mask = relu_mask(c, relu, mean_in, invstd_in, weight, bias);
@@ -573,6 +759,10 @@ __global__ void gradient_sums_channels_first(
         part_sum_dy[out] = sum_dy;
         part_sum_dy_xmu[out] = sum_dy_xmu;
     }
+    if constexpr (FINALIZE)
+        finalize_gradients_of_group<false>(part_sum_dy, part_sum_dy_xmu, counters, c, blockIdx.y, c, gridDim.x,
+                                           gridDim.y, group_splits, C, invstd_in, sum_dy_out, sum_dy_xmu_out,
+                                           grad_weight, grad_bias);
 }
 
 // This thread's share of sum(dy) and sum(dy * (x - mean)) over rows [row_begin, row_end) of channel c.
@@ -595,12 +785,15 @@ __device__ void column_gradient_sums(const T* dy, const T* x, i64 dy_stride_m, i
     }
 }
 
-template <typename T, typename W, typename A, bool FUSED>
+template <typename T, typename W, typename A, bool FUSED, bool FINALIZE>
 __global__ void gradient_sums_channels_last(
     const T* __restrict__ dy, const T* __restrict__ x, const A* mean_in,
-    const A* invstd_in, const W* weight, const W* bias,   // read for the ReLU's mask when relu
-    A* part_sum_dy, A* part_sum_dy_xmu,   // (splits, C)
-    i64 M, i64 C, i64 dy_stride_m, i64 x_stride_m, i64 rows_per_program, int relu) {
+    const A* invstd_in,   // read for the ReLU's mask when relu, and by FINALIZE
+    const W* weight, const W* bias,   // read for the ReLU's mask when relu
+    A* part_sum_dy, A* part_sum_dy_xmu,   // (splits, C), FINALIZE (splits + split groups, C)
+    int* counters,   // FINALIZE: the fused finalize's int32 zeros, left at zero; else null
+    A* sum_dy_out, A* sum_dy_xmu_out, W* grad_weight, W* grad_bias,   // FINALIZE: see finalize_gradients
+    i64 M, i64 C, i64 dy_stride_m, i64 x_stride_m, i64 rows_per_program, i64 group_splits, int relu) {
     i64 c = (i64)blockIdx.y * CHANNEL_THREADS + threadIdx.x;
     i64 row_begin = (i64)blockIdx.x * rows_per_program;
     i64 row_end = min(row_begin + rows_per_program, M);
@@ -615,12 +808,10 @@ __global__ void gradient_sums_channels_last(
         part_sum_dy[out] = sum_dy;
         part_sum_dy_xmu[out] = sum_dy_xmu;
     }
-}
-
-template <typename A, typename W>
-__device__ __forceinline__ void store_gradients(i64 c, A sum_dy, A sum_dy_xmu, A invstd, W* grad_weight, W* grad_bias) {
-    grad_weight[c] = cvt<W>(sum_dy_xmu * invstd);
-    grad_bias[c] = cvt<W>(sum_dy);
+    if constexpr (FINALIZE)
+        finalize_gradients_of_group<true>(part_sum_dy, part_sum_dy_xmu, counters, c, blockIdx.x, blockIdx.y, gridDim.y,
+                                          gridDim.x, group_splits, C, invstd_in, sum_dy_out, sum_dy_xmu_out,
+                                          grad_weight, grad_bias);
 }
 
 // One block per channel.
@@ -632,13 +823,8 @@ __global__ void finalize_gradients(
     W* grad_weight, W* grad_bias,   // (C,)
     i64 splits, i64 C) {
     i64 c = blockIdx.x;
-    A sum_dy = A(0), sum_dy_xmu = A(0);
-    for (i64 i = threadIdx.x; i < splits; i += blockDim.x) {
-        sum_dy += part_sum_dy[i * C + c];
-        sum_dy_xmu += part_sum_dy_xmu[i * C + c];
-    }
-    sum_dy = block_sum<A, 0>(sum_dy);
-    sum_dy_xmu = block_sum<A, 1>(sum_dy_xmu);
+    A sum_dy, sum_dy_xmu;
+    summed_rows<false>(part_sum_dy, part_sum_dy_xmu, splits, C, c, sum_dy, sum_dy_xmu);
     if (threadIdx.x != 0) return;
     sum_dy_out[c] = sum_dy;
     sum_dy_xmu_out[c] = sum_dy_xmu;

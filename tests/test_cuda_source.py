@@ -160,9 +160,16 @@ def test_launch_arguments_match_the_kernel_signatures(fake_cupy, layout, dtype, 
     launched = [name.split("<")[0] for name, *_ in fake_cupy.launches]
     family = "first" if layout == "contiguous" else "last"
     if kernel_path == "split":
-        train_forward = [f"statistics_channels_{family}", "finalize_statistics", f"normalize_channels_{family}"]
-        train_backward = [f"gradient_sums_channels_{family}", "finalize_gradients",
-                          f"input_gradient_channels_{family}"]
+        # 2 launches each way: the reductions' finalizing instantiations, with the counters buffer.
+        train_forward = [f"statistics_channels_{family}", f"normalize_channels_{family}"]
+        train_backward = [f"gradient_sums_channels_{family}", f"input_gradient_channels_{family}"]
+        reductions = [(name, args) for name, _, _, args in fake_cupy.launches
+                      if name.startswith(("statistics", "gradient_sums"))]
+        assert len(reductions) == 2
+        for name, args in reductions:
+            assert name.endswith(", true>"), name
+            counters = args[4] if name.startswith("statistics") else args[8]
+            assert counters != 0
     else:
         train_forward = [f"single_pass_forward_channels_{family}"]
         train_backward = [f"single_pass_backward_channels_{family}"]
@@ -189,7 +196,9 @@ def test_sync_batch_norm_launch_arguments_match_the_kernel_signatures(fake_cupy,
     family = "first" if layout == "contiguous" else "last"
     assert [name.split("<")[0] for name, *_ in fake_cupy.launches] == [
         f"statistics_channels_{family}", "finalize_moments", "merge_ranks", f"normalize_channels_{family}",
-        f"gradient_sums_channels_{family}", "finalize_gradients", f"input_gradient_channels_{family}"]
+        f"gradient_sums_channels_{family}", f"input_gradient_channels_{family}"]
+    # The local moments come from the plain statistics kernel, the local gradient sums finalize themselves.
+    assert fake_cupy.launches[0][0].endswith(", false>") and fake_cupy.launches[4][0].endswith(", true>")
     _check_arguments(fake_cupy.launches, dtype)
 
 

@@ -1,110 +1,151 @@
-"""The split path's finalize, done by the last programs of each channel group to finish (Triton,
-in two levels: kernels/finalize.py): the separate finalize kernel's results to the last bits of a
-sum (another grouping of the partials, so another summation tree), the same bits call after call
-(a fixed merge order, whichever program is last), and its counters left at zero -- after a call,
-after two, and after a call that raised -- so the next call and a CUDA-graph replay start from
-zero."""
+"""The split path's finalize, done by the last programs of each channel group to finish, in two
+levels (Triton: kernels/finalize.py; CUDA C: the FINALIZE instantiations of kernels/batch_norm.cu):
+the separate finalize kernel's results to the last bits of a sum (another grouping of the partials,
+so another summation tree), the same bits call after call (a fixed merge order, whichever program
+is last), and its counters left at zero -- after a call, after two, and after a call that raised --
+so the next call and a CUDA-graph replay start from zero. On the CPU the Triton kernels run in the
+interpreter; on a GPU (marker `gpu`) both backends run, on shapes whose GPU plans split."""
+import dataclasses
+
 import pytest
 import torch
 
-from bn_gpu import orchestration, reference, triton_backend
-from support import make_input, make_params
+from bn_gpu import cupy_backend, orchestration, reference, triton_backend
+from support import make_input, make_params, requires_cupy
 
-pytestmark = pytest.mark.usefixtures("split_path")
-SHAPES = [((5, 6, 9, 11), "contiguous"), ((5, 6, 9, 11), "channels_last"), ((300, 7), "contiguous")]
+# Every case: several splits per channel group, both levels of the merge with several members, and
+# a last group shorter than the others (checked in each test). The interpreter's plans split small
+# inputs (with more programs per SM); a GPU's (132 SMs) need larger ones.
+INTERPRETER_SHAPES = [((5, 6, 9, 11), "contiguous"), ((5, 6, 9, 11), "channels_last"), ((300, 7), "contiguous")]
+GPU_SHAPES = [((29, 8, 64, 64), "contiguous"), ((29, 8, 64, 64), "channels_last"), ((2500, 7), "contiguous"),
+              ((5, 40, 60, 60), "channels_last")]  # 40 channels: two channel blocks of CUDA C
+
+
+def _separate(table_class):
+    """A backend's kernel table with the finalize in a launch of its own (the previous plan)."""
+
+    class SeparateFinalize(table_class):
+        def statistics_finalized(self, g, x, partials, counters, *finalize_args):
+            self.statistics(g, x, partials)
+            self.finalize_statistics(g, x, partials, *finalize_args)
+
+        def gradient_sums_finalized(self, g, grad_y, x, mean, partials, counters, invstd, totals, grad_weight,
+                                    grad_bias, weight=None, bias=None, relu=False):
+            self.gradient_sums(g, grad_y, x, mean, partials, invstd, weight, bias, relu)
+            self.finalize_gradients(g, partials, invstd, totals, grad_weight, grad_bias)
+
+    return SeparateFinalize()
+
+
+@dataclasses.dataclass
+class Target:
+    table_class: type
+    device: str
+
+    @property
+    def kernels(self):
+        return self.table_class()
+
+
+TARGETS = [
+    pytest.param(Target(triton_backend.TritonKernels, "cpu"), id="triton-interpreter"),
+    pytest.param(Target(triton_backend.TritonKernels, "cuda"), id="triton-cuda", marks=pytest.mark.gpu),
+    pytest.param(Target(cupy_backend.CudaKernels, "cuda"), id="cupy-cuda", marks=[pytest.mark.gpu, requires_cupy]),
+]
+
+
+def _target_cases():
+    for param in TARGETS:
+        target = param.values[0]
+        for shape, layout in INTERPRETER_SHAPES if target.device == "cpu" else GPU_SHAPES:
+            yield pytest.param(target, shape, layout, id=f"{param.id}-{'x'.join(map(str, shape))}-{layout}",
+                               marks=param.marks)
+
+
+CASES = list(_target_cases())
+pytestmark = pytest.mark.usefixtures("interpreter_splits")
 
 
 @pytest.fixture
-def split_path(monkeypatch):
-    """Many programs per channel group, so every group is finalized by one program of several."""
-    import dataclasses
-
+def interpreter_splits(monkeypatch):
+    """Many programs per channel group in the interpreter's plans (see INTERPRETER_SHAPES)."""
     import bn_gpu.plan
-    for name in ("INTERPRETER_TUNING", "GPU_TUNING"):
-        monkeypatch.setattr(bn_gpu.plan, name, dataclasses.replace(getattr(bn_gpu.plan, name), programs_per_sm=64))
+    tuning = dataclasses.replace(bn_gpu.plan.INTERPRETER_TUNING, programs_per_sm=64)
+    monkeypatch.setattr(bn_gpu.plan, "INTERPRETER_TUNING", tuning)
 
 
-class SeparateFinalize(triton_backend.TritonKernels):
-    """The Triton kernels with the finalize in a launch of its own (the previous plan)."""
-
-    def statistics_finalized(self, g, x, partials, counters, *finalize_args):
-        self.statistics(g, x, partials)
-        self.finalize_statistics(g, x, partials, *finalize_args)
-
-    def gradient_sums_finalized(self, g, grad_y, x, mean, partials, counters, invstd, totals, grad_weight, grad_bias,
-                                weight=None, bias=None, relu=False):
-        self.gradient_sums(g, grad_y, x, mean, partials, invstd, weight, bias, relu)
-        self.finalize_gradients(g, partials, invstd, totals, grad_weight, grad_bias)
+def _inputs(target, shape, layout):
+    x = make_input(shape, layout=layout, device=target.device)
+    dy = make_input(shape, layout=layout, device=target.device, mean=0.0, std=1.0, seed=5)
+    g = target.kernels.geometry(x, dy)
+    assert g.plan.splits > 1 and not g.single_pass
+    # Both levels of the merge have several members, and the last group fewer than the others.
+    assert g.finalize.group_splits > 1 and g.finalize.split_groups > 1
+    assert g.plan.splits % g.finalize.group_splits != 0
+    return x, dy
 
 
 def _step(kernels, x, dy, relu=False):
     """Forward (with running statistics, cumulative average) and backward; every output."""
     C = x.shape[1]
-    weight, bias, running_mean, running_var = make_params(C)
-    tracked = torch.tensor(3)
+    weight, bias, running_mean, running_var = make_params(C, device=x.device)
+    tracked = torch.tensor(3, device=x.device)
     y, mean, invstd = orchestration.forward_train(kernels, x, weight, bias, running_mean, running_var, tracked, None,
                                                   1e-5, relu=relu)
     grads = orchestration.backward(kernels, dy, x, weight, mean, invstd, True, True, True, bias=bias, relu=relu)
     return [y, mean, invstd, running_mean, running_var, tracked, *grads]
 
 
-def _counters_are_zero(device=torch.device("cpu")):
+def _counters_are_zero(device):
     return all(not counters.any() for (d, _), counters in orchestration._COUNTERS.items() if d == device)
 
 
-@pytest.mark.parametrize("shape, layout", SHAPES, ids=str)
+@pytest.mark.parametrize("target, shape, layout", CASES)
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
-def test_fused_finalize_matches_the_separate_one(poisoned, shape, layout, relu):
-    x = make_input(shape, layout=layout)
-    dy = make_input(shape, layout=layout, mean=0.0, std=1.0, seed=5)
-    g = triton_backend.KERNELS.geometry(x, dy)
-    assert g.plan.splits > 1 and not g.single_pass
-    # Both levels of the merge have several members, and the last group fewer than the others.
-    assert g.finalize.group_splits > 1 and g.finalize.split_groups > 1
-    assert g.plan.splits % g.finalize.group_splits != 0
-    fused = _step(triton_backend.KERNELS, x, dy, relu)
-    separate = _step(SeparateFinalize(), x, dy, relu)
+def test_fused_finalize_matches_the_separate_one(poisoned, target, shape, layout, relu):
+    x, dy = _inputs(target, shape, layout)
+    fused = _step(target.kernels, x, dy, relu)
+    separate = _step(_separate(target.table_class), x, dy, relu)
     for a, b in zip(fused, separate):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     # And right: the float64 reference.
-    weight, bias = make_params(shape[1])[:2]
+    weight, bias = make_params(shape[1], device=x.device)[:2]
     expected_y, expected_mean, _, expected_invstd = reference.forward_train(x, weight, bias)
     if relu:
         expected_y = expected_y.clamp_min(0)
     torch.testing.assert_close(fused[0].double(), expected_y, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused[1].double(), expected_mean, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused[2].double(), expected_invstd, atol=1e-5, rtol=1e-5)
-    assert _counters_are_zero()
+    assert _counters_are_zero(x.device)
 
 
-@pytest.mark.parametrize("shape, layout", SHAPES, ids=str)
-def test_two_calls_give_the_same_bits_and_leave_the_counters_at_zero(shape, layout):
-    x = make_input(shape, layout=layout)
-    dy = make_input(shape, layout=layout, mean=0.0, std=1.0, seed=5)
-    first = _step(triton_backend.KERNELS, x, dy)
-    assert _counters_are_zero()
-    second = _step(triton_backend.KERNELS, x, dy)
-    assert _counters_are_zero()
+@pytest.mark.parametrize("target, shape, layout", CASES)
+def test_two_calls_give_the_same_bits_and_leave_the_counters_at_zero(target, shape, layout):
+    x, dy = _inputs(target, shape, layout)
+    first = _step(target.kernels, x, dy)
+    assert _counters_are_zero(x.device)
+    second = _step(target.kernels, x, dy)
+    assert _counters_are_zero(x.device)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
 
-def test_a_call_after_one_that_raised_is_right(monkeypatch):
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_call_after_one_that_raised_is_right(target):
     """The statistics kernel ran (and finalized) before the step raised: the next call starts from
     zeroed counters and gives the bits of a call before the failure."""
-    shape, layout = SHAPES[0]
-    x = make_input(shape, layout=layout)
-    dy = make_input(shape, layout=layout, mean=0.0, std=1.0, seed=5)
-    expected = _step(triton_backend.KERNELS, x, dy)
+    shape, layout = (INTERPRETER_SHAPES if target.device == "cpu" else GPU_SHAPES)[0]
+    x, dy = _inputs(target, shape, layout)
+    expected = _step(target.kernels, x, dy)
 
-    class Failing(triton_backend.TritonKernels):
+    class Failing(target.table_class):
         def normalize(self, *args, **kwargs):
             raise RuntimeError("a failure after the statistics kernel")
 
     with pytest.raises(RuntimeError, match="after the statistics"):
         _step(Failing(), x, dy)
-    assert _counters_are_zero()
-    for a, b in zip(_step(triton_backend.KERNELS, x, dy), expected):
+    assert _counters_are_zero(x.device)
+    for a, b in zip(_step(target.kernels, x, dy), expected):
         assert torch.equal(a, b)
 
 
