@@ -273,14 +273,15 @@ class CudaKernels:
                 + [np.int32(from_running), np.int32(relu)])
 
     def single_pass_forward(self, g, x, y, mean, invstd, weight, bias, running_mean, running_var, counter,
-                            momentum, eps, count_batch, residual=None, relu=False):
+                            momentum, eps, count_batch, residual=None, relu=False, counters=None):
         tracked = running_mean is not None
         cumulative = tracked and momentum is None
         bias = _as_w(bias, _param_dtype(weight, bias))
         role = self._role(g, "single_pass_forward", x, y, residual, fused=residual is not None or relu)
         _launch(g, _param_dtype(weight, bias), _dtype(running_mean), role, *_grid(g), [
             _ptr(x), _ptr(y), _ptr(residual), _ptr(mean), _ptr(invstd), _ptr(running_mean), _ptr(running_var),
-            _ptr(counter if cumulative or count_batch else None), _ptr(weight), _ptr(bias)]
+            _ptr(counter if cumulative or count_batch else None),
+            _ptr(counters if cumulative and count_batch else None), _ptr(weight), _ptr(bias)]
             + _i64(*g.sizes, *g.x.strides, *g.out.strides)
             + [np.float32(0.0 if momentum is None else momentum), np.float32(eps)] + _tiling(g, single_pass=True)
             + [np.int32(tracked), np.int32(cumulative), np.int32(count_batch), np.int32(relu)])

@@ -54,9 +54,11 @@ class KernelTable(Protocol):
 
     def single_pass_forward(self, g: Geometry, x, y, mean, invstd, weight, bias, running_mean, running_var,
                             counter, momentum: float | None, eps: float, count_batch: bool, residual=None,
-                            relu: bool = False) -> None:
+                            relu: bool = False, counters=None) -> None:
         """statistics + finalize + normalize (with normalize's epilogue) in one launch (one
-        program per channel block)."""
+        program per channel block); counter += 1 when count_batch. With a cumulative average every
+        program reads the counter first, so the last program to finish counts the batch, found with
+        a ticket on counters (int32 zeros, finalize_counters, left at zero)."""
 
     def gradient_sums(self, g: Geometry, grad_y, x, mean, partials, invstd=None, weight=None, bias=None,
                       relu: bool = False) -> None:
@@ -147,12 +149,10 @@ def forward_train(kernels: KernelTable, x, weight, bias, running_mean, running_v
     mean, invstd = empty(g.C, g.stat_dtype, x.device), empty(g.C, g.stat_dtype, x.device)
     cumulative = running_mean is not None and momentum is None
     if g.single_pass:
-        # With a cumulative average every program reads the counter: it is counted after the kernel.
+        counting_last = cumulative and counter is not None
         kernels.single_pass_forward(g, x, y, mean, invstd, weight, bias, running_mean, running_var, counter,
-                                    momentum, eps, count_batch=counter is not None and not cumulative,
-                                    residual=residual, relu=relu)
-        if cumulative and counter is not None:
-            counter.add_(1)
+                                    momentum, eps, count_batch=counter is not None, residual=residual, relu=relu,
+                                    counters=finalize_counters(x.device, 1) if counting_last else None)
         return y, mean, invstd
     partials = empty((3, g.partial_rows, g.C), g.stat_dtype, x.device)
     kernels.statistics_finalized(g, x, partials, finalize_counters(x.device, g.finalize_counters), mean, invstd,

@@ -186,13 +186,13 @@ class TritonKernels:
                     COUNT_BATCH=counter is not None, HAS_RESIDUAL=residual is not None, RELU=relu, **meta))
 
     def single_pass_forward(self, g, x, y, mean, invstd, weight, bias, running_mean, running_var, counter,
-                            momentum, eps, count_batch, residual=None, relu=False):
+                            momentum, eps, count_batch, residual=None, relu=False, counters=None):
         kernel, grid, meta = _config(g, "single_pass_forward")
         tracked = running_mean is not None
         cumulative = tracked and momentum is None
         launch(kernel, grid,
                [x, y, residual, mean, invstd, running_mean, running_var, counter if cumulative or count_batch else None,
-                weight, bias, *g.sizes, *g.x.strides, *g.out.strides, 0.0 if momentum is None else float(momentum),
+                counters if cumulative and count_batch else None, weight, bias, *g.sizes, *g.x.strides, *g.out.strides, 0.0 if momentum is None else float(momentum),
                 float(eps), *g.single_pass_tiling],
                dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING_STATS=tracked,
                     CUMULATIVE=cumulative, COUNT_BATCH=count_batch, HAS_RESIDUAL=residual is not None, RELU=relu,

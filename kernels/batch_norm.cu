@@ -592,6 +592,15 @@ __device__ __forceinline__ void count_batch(i64* num_batches_tracked, bool first
     if (num_batches_tracked && first) num_batches_tracked[0] += 1;
 }
 
+// num_batches_tracked += 1 in a single-pass forward (every thread of every block calls it). With a
+// cumulative average every block reads the count first (store_statistics), so the last block to
+// get here counts the batch (last_block_of, on counters[0]); else block 0 does.
+__device__ void count_batch_after_every_read(i64* num_batches_tracked, int* counters, int cumulative) {
+    bool first_block = blockIdx.x == 0 && blockIdx.y == 0;
+    bool counts = cumulative ? last_block_of(counters, 0, (i64)gridDim.x * gridDim.y) : first_block;
+    if (threadIdx.x == 0 && threadIdx.y == 0) count_batch(num_batches_tracked, counts);
+}
+
 // y = (x - mean) * scale + shift on V values of one row.
 // The epilogue: + residual (laid out as the output; null: none), then ReLU when relu. Fused, it
 // costs the residual's read; as separate ops each would read and write the activation again.
@@ -950,7 +959,8 @@ __global__ void single_pass_forward_channels_first(
     const T* __restrict__ x, T* __restrict__ y,   // (N, C, S), each with its own strides
     const T* __restrict__ residual,   // (N, C, S) with y's strides, or null
     A* mean_out, A* invstd_out, R* running_mean, R* running_var,   // see store_statistics
-    i64* num_batches_tracked,   // read when cumulative; incremented by block 0 when count_batch_here
+    i64* num_batches_tracked,   // read when cumulative; incremented when count_batch_here (count_batch_after_every_read)
+    int* counters,   // (1,) int32 zero when count_batch_here and cumulative, left at zero; else null
     const W* weight, const W* bias,   // (C,) or null
     i64 N, i64 C, i64 S, i64 x_stride_n, i64 x_stride_c, i64 y_stride_n, i64 y_stride_c, float momentum, float eps,
     i64 s_blocks, i64 total_tiles, int rows, int block_s, int has_running_stats, int cumulative, int count_batch_here,
@@ -965,9 +975,8 @@ __global__ void single_pass_forward_channels_first(
         channel[0] = shift + m.mean;
         channel[1] = store_statistics(c, m.count, channel[0], m.m2, mean_out, invstd_out, running_mean, running_var,
                                       num_batches_tracked, momentum, eps, has_running_stats, cumulative);
-        // Never with cumulative: other blocks read the count in store_statistics.
-        if (count_batch_here) count_batch(num_batches_tracked, c == 0);
     }
+    if (count_batch_here) count_batch_after_every_read(num_batches_tracked, counters, cumulative);
     __syncthreads();
     A scale, bias_c;
     affine_from(c, channel[1], weight, bias, scale, bias_c);
@@ -981,6 +990,7 @@ __global__ void single_pass_forward_channels_last(
     const T* __restrict__ x, T* __restrict__ y,   // (M, C), each with its own row stride
     const T* __restrict__ residual,   // (M, C) with y's row stride, or null
     A* mean_out, A* invstd_out, R* running_mean, R* running_var, i64* num_batches_tracked,
+    int* counters,   // see single_pass_forward_channels_first
     const W* weight, const W* bias,
     i64 M, i64 C, i64 x_stride_m, i64 y_stride_m, float momentum, float eps,
     int has_running_stats, int cumulative, int count_batch_here, int relu) {
@@ -996,7 +1006,7 @@ __global__ void single_pass_forward_channels_last(
                                                        running_mean, running_var, num_batches_tracked, momentum, eps,
                                                        has_running_stats, cumulative);
     }
-    if (count_batch_here && threadIdx.x == 0 && threadIdx.y == 0) count_batch(num_batches_tracked, blockIdx.y == 0);
+    if (count_batch_here) count_batch_after_every_read(num_batches_tracked, counters, cumulative);
     __syncthreads();
     if (c >= C) return;
     A scale, bias_c;

@@ -21,7 +21,7 @@ their own (SyncBatchNorm's local moments).
 import triton
 import triton.language as tl
 
-from .batch_counter import count_batch
+from .batch_counter import count_batch, count_batch_after_every_read
 from .finalize import finalize_gradients_of_group, finalize_statistics_of_group, store_gradients, store_statistics
 from .moments import merge_moments
 
@@ -264,6 +264,7 @@ def single_pass_forward_channels_first(
     y_ptr,           # output (N, C, S), in the input's dtype; strides may differ from x
     residual_ptr,    # (N, C, S) added before the activation when HAS_RESIDUAL; the output's strides
     mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,  # see store_statistics
+    counter_ptr,     # (1,) int32 zero when COUNT_BATCH and CUMULATIVE: see count_batch_after_every_read
     weight_ptr,      # (C,) scale, when HAS_WEIGHT
     bias_ptr,        # (C,) shift, when HAS_BIAS
     N, C, S, x_stride_n, x_stride_c, y_stride_n, y_stride_c, momentum, eps,
@@ -282,8 +283,11 @@ def single_pass_forward_channels_first(
     mean = shift + mean_shifted
     invstd = store_statistics(c, c < C, count, mean, m2, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr,
                               num_batches_tracked_ptr, momentum, eps, HAS_RUNNING_STATS, CUMULATIVE, ACC)
-    if COUNT_BATCH:  # never with CUMULATIVE: other programs read the count in store_statistics
-        count_batch(num_batches_tracked_ptr, c == 0)
+    if COUNT_BATCH:
+        if CUMULATIVE:  # every program reads the count in store_statistics: the last counts the batch
+            count_batch_after_every_read(num_batches_tracked_ptr, counter_ptr)
+        else:
+            count_batch(num_batches_tracked_ptr, c == 0)
     scale, bias = _affine(c, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC)
     if HAS_RESIDUAL:
         residual_ptr += c * y_stride_c

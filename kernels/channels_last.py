@@ -20,7 +20,7 @@ launch of their own (SyncBatchNorm's local moments).
 import triton
 import triton.language as tl
 
-from .batch_counter import count_batch
+from .batch_counter import count_batch, count_batch_after_every_read
 from .finalize import finalize_gradients_of_group, finalize_statistics_of_group, store_gradients, store_statistics
 from .moments import merge_moments
 
@@ -264,6 +264,7 @@ def single_pass_forward_channels_last(
     y_ptr,           # output (M, C), in the input's dtype; row stride may differ from x
     residual_ptr,    # (M, C) added before the activation when HAS_RESIDUAL; the output's row stride
     mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,  # see store_statistics
+    counter_ptr,     # (1,) int32 zero when COUNT_BATCH and CUMULATIVE: see count_batch_after_every_read
     weight_ptr,      # (C,) scale, when HAS_WEIGHT
     bias_ptr,        # (C,) shift, when HAS_BIAS
     M, C, x_stride_m, y_stride_m, momentum, eps,
@@ -281,8 +282,11 @@ def single_pass_forward_channels_last(
     invstd = store_statistics(cols, col_mask, count, mean, m2, mean_ptr, invstd_ptr, running_mean_ptr,
                               running_var_ptr, num_batches_tracked_ptr, momentum, eps,
                               HAS_RUNNING_STATS, CUMULATIVE, ACC)
-    if COUNT_BATCH:  # never with CUMULATIVE: other programs read the count in store_statistics
-        count_batch(num_batches_tracked_ptr, tl.program_id(1) == 0)
+    if COUNT_BATCH:
+        if CUMULATIVE:  # every program reads the count in store_statistics: the last counts the batch
+            count_batch_after_every_read(num_batches_tracked_ptr, counter_ptr)
+        else:
+            count_batch(num_batches_tracked_ptr, tl.program_id(1) == 0)
     scale, bias = _affine(cols, col_mask, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC, BLOCK_C)
     _normalize(x_ptr, y_ptr, residual_ptr, x_stride_m, y_stride_m, cols, col_mask, mean, scale, bias, 0, M,
                HAS_RESIDUAL, RELU, ACC, BLOCK_M, OFFSET_64)

@@ -156,3 +156,31 @@ def test_counter_buffers_grow_and_are_kept_per_device_and_stream():
     large = orchestration.finalize_counters(torch.device("cpu"), small.numel() + 1)
     assert large.numel() > small.numel() and not large.any()
     assert orchestration.finalize_counters(torch.device("cpu"), 3) is large
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_cumulative_single_pass_counts_each_batch_once(monkeypatch, target, layout):
+    """The single-pass forward with momentum=None: every program reads num_batches_tracked for its
+    factor 1 / (count + 1), and the last program to finish counts the batch (the same ticket), in
+    the one launch. Three steps against torch.nn.BatchNorm2d(momentum=None)."""
+    import bn_gpu.plan
+    for name in ("INTERPRETER_TUNING", "GPU_TUNING"):  # one program per channel (block): single pass
+        monkeypatch.setattr(bn_gpu.plan, name, dataclasses.replace(getattr(bn_gpu.plan, name), programs_per_sm=0))
+    C = 160  # several programs in every plan: channels-last, 2 Triton and 5 CUDA C channel blocks on a GPU
+    theirs = torch.nn.BatchNorm2d(C, momentum=None)
+    weight, bias, running_mean, running_var = make_params(C, device=target.device)
+    tracked = torch.tensor(2, device=target.device)
+    theirs.running_mean.copy_(running_mean.cpu())
+    theirs.running_var.copy_(running_var.cpu())
+    theirs.num_batches_tracked.fill_(2)
+    for step in range(3):
+        x = make_input((3, C, 5, 4), layout=layout, device=target.device, seed=step)
+        g = target.kernels.geometry(x)
+        assert g.single_pass and g.finalize_groups > 1
+        orchestration.forward_train(target.kernels, x, weight, bias, running_mean, running_var, tracked, None, 1e-5)
+        theirs(x.cpu())
+        assert tracked.item() == theirs.num_batches_tracked.item() == 3 + step
+        torch.testing.assert_close(running_mean.cpu(), theirs.running_mean, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(running_var.cpu(), theirs.running_var, atol=1e-6, rtol=1e-5)
+    assert _counters_are_zero(x.device)
