@@ -22,15 +22,13 @@ from . import layout, orchestration
 from . import plan as plans
 
 C_TYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16", torch.float64: "double"}
-THREADS = 256            # 1-D blocks: channels-first kernels and the finalize kernels
-CHANNEL_THREADS = 32     # channels-last blocks are (CHANNEL_THREADS, ROW_THREADS): channels along x
-ROW_THREADS = 8
+THREADS = 256            # threads per block: 1-D channels-first and finalize blocks, 2-D channels-last ones
+CHANNEL_THREADS = 32     # channels-last blocks: at most a warp's width of threads across channels, each
+                         # with VECTOR_BYTES of consecutive channels; the rest of THREADS walk rows
 VECTOR_BYTES = 16
+MAX_BLOCK_C = CHANNEL_THREADS * VECTOR_BYTES // 2  # channels of a channels-last block, at most (16-bit inputs)
 # The source's compile-time constants, from here.
-COMPILE_OPTIONS = ("-std=c++17", f"-DCHANNEL_THREADS={CHANNEL_THREADS}", f"-DROW_THREADS={ROW_THREADS}")
-# Channels-first elementwise kernels, instantiated for scalar and for 16-byte vector access.
-VECTORIZED = ("statistics", "normalize", "single_pass_forward", "gradient_sums", "input_gradient",
-              "single_pass_backward")
+COMPILE_OPTIONS = ("-std=c++17", f"-DCL_THREADS={THREADS}", f"-DCL_MAX_CHANNELS={MAX_BLOCK_C}")
 # Kernels instantiated without and with the epilogue (FUSED: + residual and ReLU forward, the
 # ReLU's mask backward), a compile-time choice so that the plain kernels carry none of it.
 FUSABLE = ("normalize", "single_pass_forward", "gradient_sums", "input_gradient", "single_pass_backward")
@@ -57,10 +55,10 @@ def check_available(device: torch.device) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _tuning(tuning: plans.Tuning) -> plans.Tuning:
-    """The GPU tuning with channels-last blocks of CHANNEL_THREADS channels, as the CUDA kernels
-    have them (max_block_c does not enter channels-first plans)."""
-    return dataclasses.replace(tuning, max_block_c=CHANNEL_THREADS)
+def _tuning(tuning: plans.Tuning, itemsize: int) -> plans.Tuning:
+    """The GPU tuning with channels-last blocks of at most CHANNEL_THREADS threads of 16 bytes of
+    channels each, as the CUDA kernels have them (max_block_c does not enter channels-first plans)."""
+    return dataclasses.replace(tuning, max_block_c=CHANNEL_THREADS * (VECTOR_BYTES // itemsize))
 
 
 # ---- kernel names and compilation ------------------------------------------------------------
@@ -83,21 +81,21 @@ def kernel_names(T: str, W: str, R: str, A: str) -> dict:
     instantiation with the epilogue and "_finalized" for the one with its own finalize."""
     templates = {
         "statistics_channels_first": f"<{T}, {A}, {R}, VEC>",
-        "statistics_channels_last": f"<{T}, {A}, {R}>",
+        "statistics_channels_last": f"<{T}, {A}, {R}, VEC>",
         "finalize_statistics": f"<{T}, {A}, {R}>",
         "finalize_moments": f"<{T}, {A}>",
         "merge_ranks": f"<{A}, {R}>",
         "normalize_channels_first": f"<{T}, {W}, {R}, {A}, VEC>",
-        "normalize_channels_last": f"<{T}, {W}, {R}, {A}>",
+        "normalize_channels_last": f"<{T}, {W}, {R}, {A}, VEC>",
         "single_pass_forward_channels_first": f"<{T}, {W}, {R}, {A}, VEC>",
-        "single_pass_forward_channels_last": f"<{T}, {W}, {R}, {A}>",
+        "single_pass_forward_channels_last": f"<{T}, {W}, {R}, {A}, VEC>",
         "gradient_sums_channels_first": f"<{T}, {W}, {A}, VEC>",
-        "gradient_sums_channels_last": f"<{T}, {W}, {A}>",
+        "gradient_sums_channels_last": f"<{T}, {W}, {A}, VEC>",
         "finalize_gradients": f"<{A}, {W}>",
         "input_gradient_channels_first": f"<{T}, {W}, {A}, VEC>",
-        "input_gradient_channels_last": f"<{T}, {W}, {A}>",
+        "input_gradient_channels_last": f"<{T}, {W}, {A}, VEC>",
         "single_pass_backward_channels_first": f"<{T}, {W}, {A}, VEC>",
-        "single_pass_backward_channels_last": f"<{T}, {W}, {A}>",
+        "single_pass_backward_channels_last": f"<{T}, {W}, {A}, VEC>",
     }
     names = {}
     for name, arguments in templates.items():
@@ -172,10 +170,13 @@ def _as_w(t: torch.Tensor | None, w_dtype) -> torch.Tensor | None:
     return t if t is None or w_dtype is None or t.dtype == w_dtype else t.to(w_dtype)
 
 
-def _grid(g: plans.Geometry):
+def _shape(g: plans.Geometry, vec: int):
+    """(grid, block) of a streaming kernel: channels-first (channels, splits) of 1-D blocks;
+    channels-last (splits, channel blocks) of blocks with block_c / vec threads across channels."""
     if g.channels_first:
         return (g.C, g.plan.splits), (THREADS,)
-    return (g.plan.splits, -(-g.C // CHANNEL_THREADS)), (CHANNEL_THREADS, ROW_THREADS)
+    channel_threads = g.plan.block_c // vec
+    return (g.plan.splits, g.plan.c_blocks), (channel_threads, THREADS // channel_threads)
 
 
 def _tiling(g: plans.Geometry, single_pass: bool = False) -> list:
@@ -184,16 +185,19 @@ def _tiling(g: plans.Geometry, single_pass: bool = False) -> list:
 
 
 def _vector_width_for(g: plans.Geometry, *tensors) -> int:
-    """16-byte accesses where every row of every tensor starts aligned (the kernels finish a row
-    whose length is not a multiple of the width value by value), else 1."""
+    """16-byte accesses where every tensor's pointer and strides allow them, else 1. Channels-first
+    along each row of S values (a row whose length is not a multiple of the width is finished value
+    by value); channels-last across consecutive channels, so C must be a multiple of the width."""
     vec = VECTOR_BYTES // tensors[0].element_size()
-    if g.plan.block_s % vec:
+    if (g.plan.block_s if g.channels_first else g.C) % vec:
         return 1
     for t in tensors:
         if t is None:
             continue
-        view = layout.channels_first_view(t)
-        if t.data_ptr() % VECTOR_BYTES or view.stride_n % vec or view.stride_c % vec:
+        if t.data_ptr() % VECTOR_BYTES:
+            return 1
+        strides = layout.channels_first_view(t).strides if g.channels_first else layout.channels_last_view(t).strides
+        if any(stride % vec for stride in strides):
             return 1
     return vec
 
@@ -219,15 +223,16 @@ class CudaKernels:
 
     def geometry(self, x: torch.Tensor, grad_y: torch.Tensor | None = None) -> plans.Geometry:
         device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        return plans.geometry(x, grad_y, _tuning(plans.GPU_TUNING), plans.multiprocessors(device_index))
+        return plans.geometry(x, grad_y, _tuning(plans.GPU_TUNING, x.element_size()),
+                              plans.multiprocessors(device_index))
 
     @staticmethod
-    def _role(g, name: str, *tensors, fused: bool = False, finalized: bool = False) -> str:
+    def _streaming(g, name: str, *tensors, fused: bool = False, finalized: bool = False):
+        """(role, grid, block) of the streaming kernel `name` on the tensors it reads and writes."""
+        vec = _vector_width_for(g, *tensors)
         suffix = ("_fused" if fused else "") + ("_finalized" if finalized else "")
-        if g.channels_first:
-            return (f"{name}_channels_first_{_vector_width_for(g, *tensors)}" if name in VECTORIZED
-                    else f"{name}_channels_first") + suffix
-        return f"{name}_channels_last" + suffix
+        family = "first" if g.channels_first else "last"
+        return (f"{name}_channels_{family}_{vec}{suffix}", *_shape(g, vec))
 
     def statistics(self, g, x, partials):
         self._statistics(g, x, partials)
@@ -238,8 +243,8 @@ class CudaKernels:
         count, part_mean, m2 = partials
         tracked = running_mean is not None
         cumulative = tracked and momentum is None
-        _launch(g, None, _dtype(running_mean), self._role(g, "statistics", x, finalized=counters is not None),
-                *_grid(g), [_ptr(x), _ptr(count), _ptr(part_mean), _ptr(m2), _ptr(counters), _ptr(mean),
+        _launch(g, None, _dtype(running_mean), *self._streaming(g, "statistics", x, finalized=counters is not None),
+                [_ptr(x), _ptr(count), _ptr(part_mean), _ptr(m2), _ptr(counters), _ptr(mean),
                             _ptr(invstd), _ptr(running_mean), _ptr(running_var), _ptr(counter if cumulative else None)]
                 + _i64(*g.sizes, *g.x.strides) + _tiling(g)
                 + [np.int64(g.finalize.group_splits), np.float32(0.0 if momentum is None else momentum),
@@ -266,8 +271,8 @@ class CudaKernels:
         statistics = [None, None, running_mean, running_var, mean, invstd] if from_running else \
             [mean, invstd, None, None, None, None]
         bias = _as_w(bias, _param_dtype(weight, bias))
-        role = self._role(g, "normalize", x, y, residual, fused=residual is not None or relu)
-        _launch(g, _param_dtype(weight, bias), _dtype(running_mean), role, *_grid(g),
+        shape = self._streaming(g, "normalize", x, y, residual, fused=residual is not None or relu)
+        _launch(g, _param_dtype(weight, bias), _dtype(running_mean), *shape,
                 [_ptr(x), _ptr(y), _ptr(residual), *map(_ptr, statistics), _ptr(weight), _ptr(bias), _ptr(counter)]
                 + _i64(*g.sizes, *g.x.strides, *g.out.strides) + [np.float32(eps)] + _tiling(g)
                 + [np.int32(from_running), np.int32(relu)])
@@ -277,8 +282,8 @@ class CudaKernels:
         tracked = running_mean is not None
         cumulative = tracked and momentum is None
         bias = _as_w(bias, _param_dtype(weight, bias))
-        role = self._role(g, "single_pass_forward", x, y, residual, fused=residual is not None or relu)
-        _launch(g, _param_dtype(weight, bias), _dtype(running_mean), role, *_grid(g), [
+        shape = self._streaming(g, "single_pass_forward", x, y, residual, fused=residual is not None or relu)
+        _launch(g, _param_dtype(weight, bias), _dtype(running_mean), *shape, [
             _ptr(x), _ptr(y), _ptr(residual), _ptr(mean), _ptr(invstd), _ptr(running_mean), _ptr(running_var),
             _ptr(counter if cumulative or count_batch else None),
             _ptr(counters if cumulative and count_batch else None), _ptr(weight), _ptr(bias)]
@@ -301,8 +306,8 @@ class CudaKernels:
         sum_dy, sum_dy_xmu = partials
         w_dtype = grad_weight.dtype if grad_weight is not None else _param_dtype(weight, bias) if relu else None
         masking = [weight, _as_w(bias, w_dtype)] if relu else [None, None]
-        role = self._role(g, "gradient_sums", grad_y, x, fused=relu, finalized=counters is not None)
-        _launch(g, w_dtype, None, role, *_grid(g),
+        shape = self._streaming(g, "gradient_sums", grad_y, x, fused=relu, finalized=counters is not None)
+        _launch(g, w_dtype, None, *shape,
                 [_ptr(grad_y), _ptr(x), _ptr(mean), _ptr(invstd if relu or counters is not None else None),
                  *map(_ptr, masking), _ptr(sum_dy), _ptr(sum_dy_xmu), _ptr(counters), *map(_ptr, totals),
                  _ptr(grad_weight), _ptr(grad_bias)]
@@ -320,8 +325,8 @@ class CudaKernels:
     def input_gradient(self, g, grad_y, x, grad_x, mean, invstd, weight, totals, training, bias=None, relu=False):
         total_dy, total_dy_xmu = totals if training else (None, None)
         bias = _as_w(bias, _param_dtype(weight, bias)) if relu else None
-        role = self._role(g, "input_gradient", grad_y, x, grad_x, fused=relu)
-        _launch(g, _param_dtype(weight, bias), None, role, *_grid(g), [
+        shape = self._streaming(g, "input_gradient", grad_y, x, grad_x, fused=relu)
+        _launch(g, _param_dtype(weight, bias), None, *shape, [
             _ptr(grad_y), _ptr(x), _ptr(grad_x), _ptr(mean), _ptr(invstd), _ptr(weight), _ptr(bias), _ptr(total_dy),
             _ptr(total_dy_xmu)] + _i64(*g.sizes, *g.grad_y.strides, *g.x.strides, *g.out.strides)
             + [_accumulate(g, 1.0 / g.count)] + _tiling(g) + [np.int32(training), np.int32(relu)])
@@ -330,8 +335,8 @@ class CudaKernels:
                              bias=None, relu=False):
         # The gradients are written in W: the weight's dtype (the accumulation dtype without one).
         bias = _as_w(bias, grad_weight.dtype) if relu else None
-        role = self._role(g, "single_pass_backward", grad_y, x, grad_x, fused=relu)
-        _launch(g, grad_weight.dtype, None, role, *_grid(g), [
+        shape = self._streaming(g, "single_pass_backward", grad_y, x, grad_x, fused=relu)
+        _launch(g, grad_weight.dtype, None, *shape, [
             _ptr(grad_y), _ptr(x), _ptr(grad_x), _ptr(mean), _ptr(invstd), _ptr(weight), _ptr(bias),
             _ptr(grad_weight), _ptr(grad_bias)] + _i64(*g.sizes, *g.grad_y.strides, *g.x.strides, *g.out.strides)
             + [_accumulate(g, 1.0 / g.count)] + _tiling(g, single_pass=True)

@@ -18,9 +18,10 @@
 // ReLU; in the backward the ReLU's mask) -- a compile-time choice, so that the plain kernels are
 // the same code as without it. T the input dtype (float, __half, __nv_bfloat16, double), A the accumulation dtype
 // (float; double for double input), W the weight/bias dtype and R the running-statistics dtype
-// (T, or float for 16-bit inputs). Offsets are 64-bit throughout. Channels-first elementwise passes
-// load VEC values at once (16 bytes) where the host found every row start aligned, with a scalar
-// tail where a row's length is not a multiple of VEC; else VEC = 1.
+// (T, or float for 16-bit inputs). Offsets are 64-bit throughout. Every streaming kernel loads VEC
+// values at once (16 bytes) where the host found the data aligned, else VEC = 1: channels-first along
+// a row of S values (a scalar tail where S is not a multiple of VEC), channels-last across VEC
+// consecutive channels of a row (C a multiple of VEC).
 // FINALIZE, on the two split reductions, compiles in their own finalize: the last blocks to finish
 // merge the partials (in two levels, as kernels/finalize.py), so the split path takes 2 launches.
 // No atomics on values: every reduction has a fixed order, so results are bitwise reproducible; the
@@ -197,51 +198,153 @@ __device__ Moments<A> block_moments(const Tiles& t, i64 first, i64 last, const T
     return block_merge(moments.merged);
 }
 
-// Channels-last blocks are (CHANNEL_THREADS, ROW_THREADS): threadIdx.x walks consecutive channels
-// (coalesced), threadIdx.y interleaved rows of the block's row range. Both sizes come from the host
-// (bn_gpu/cupy_backend.py, COMPILE_OPTIONS), which launches the blocks.
-#if !defined(CHANNEL_THREADS) || !defined(ROW_THREADS)
-#error "compile with -DCHANNEL_THREADS=... -DROW_THREADS=... (bn_gpu.cupy_backend.COMPILE_OPTIONS)"
+// ---- channels-last (M, C) -------------------------------------------------------------------------
+// Blocks of at most CL_THREADS threads, shaped (channel threads, row threads) by the host
+// (bn_gpu/cupy_backend.py): threadIdx.x owns VEC consecutive channels from c0 = (blockIdx.y *
+// blockDim.x + threadIdx.x) * VEC, read with one 16-byte access per row when VEC > 1 -- the host
+// chooses VEC > 1 only where C, every row stride and every pointer are multiples of VEC values, so a
+// thread has all its VEC channels or none -- and threadIdx.y walks rows threadIdx.y, + blockDim.y,
+// ... of the block's range. A block has at most CL_MAX_CHANNELS channels.
+#if !defined(CL_THREADS) || !defined(CL_MAX_CHANNELS)
+#error "compile with -DCL_THREADS=... -DCL_MAX_CHANNELS=... (bn_gpu.cupy_backend.COMPILE_OPTIONS)"
 #endif
 
-// The moments of a channel-column's ROW_THREADS threads merged, valid where threadIdx.y == 0.
+// VEC per-channel values of one thread (a struct, so that it stays in registers when passed on).
+template <typename A, int VEC> struct Values { A v[VEC]; };
+
+template <typename A, int VEC> __device__ __forceinline__ Values<A, VEC> zeros() {
+    Values<A, VEC> z;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) z.v[k] = A(0);
+    return z;
+}
+
+template <int VEC> __device__ __forceinline__ i64 first_channel() {
+    return ((i64)blockIdx.y * blockDim.x + threadIdx.x) * VEC;
+}
+
+// How many of rows [first, end) a thread visits stepping by blockDim.y from `first`: the loops below
+// count rows and step pointers, which the compiler unrolls (a loop on the row index did not).
+__device__ __forceinline__ i64 rows_from(i64 first, i64 end) {
+    return first < end ? (end - first + blockDim.y - 1) / blockDim.y : 0;
+}
+
+template <int VEC, typename T> __device__ __forceinline__ Pack<T, VEC> load_pack(const T* p) {
+    return *reinterpret_cast<const Pack<T, VEC>*>(p);
+}
+
+template <int VEC, typename T> __device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& values) {
+    *reinterpret_cast<Pack<T, VEC>*>(p) = values;
+}
+
+// The moments of a channel column's threads merged in row-thread order, valid where threadIdx.y == 0.
+// Called once per channel of a thread, one call after another.
 template <typename A> __device__ Moments<A> column_merge(Moments<A> m) {
-    __shared__ A counts[ROW_THREADS][CHANNEL_THREADS], means[ROW_THREADS][CHANNEL_THREADS], m2s[ROW_THREADS][CHANNEL_THREADS];
-    counts[threadIdx.y][threadIdx.x] = m.count; means[threadIdx.y][threadIdx.x] = m.mean; m2s[threadIdx.y][threadIdx.x] = m.m2;
+    __shared__ A counts[CL_THREADS], means[CL_THREADS], m2s[CL_THREADS];
+    const int i = threadIdx.y * blockDim.x + threadIdx.x;
+    __syncthreads();  // the previous call's reads are done
+    counts[i] = m.count; means[i] = m.mean; m2s[i] = m.m2;
     __syncthreads();
     if (threadIdx.y == 0)
-        for (int j = 1; j < ROW_THREADS; ++j) merge(m, counts[j][threadIdx.x], means[j][threadIdx.x], m2s[j][threadIdx.x]);
+        for (int j = 1; j < blockDim.y; ++j) {
+            const int other = j * blockDim.x + threadIdx.x;
+            merge(m, counts[other], means[other], m2s[other]);
+        }
     return m;
 }
 
-// Two sums of a channel-column's ROW_THREADS threads, valid where threadIdx.y == 0.
+// Two sums over a channel column's threads, valid where threadIdx.y == 0 (as column_merge).
 template <typename A> __device__ void column_sums(A& a, A& b) {
-    __shared__ A as[ROW_THREADS][CHANNEL_THREADS], bs[ROW_THREADS][CHANNEL_THREADS];
-    as[threadIdx.y][threadIdx.x] = a; bs[threadIdx.y][threadIdx.x] = b;
+    __shared__ A as[CL_THREADS], bs[CL_THREADS];
+    const int i = threadIdx.y * blockDim.x + threadIdx.x;
+    __syncthreads();
+    as[i] = a; bs[i] = b;
     __syncthreads();
     if (threadIdx.y == 0)
-        for (int j = 1; j < ROW_THREADS; ++j) { a += as[j][threadIdx.x]; b += bs[j][threadIdx.x]; }
+        for (int j = 1; j < blockDim.y; ++j) {
+            const int other = j * blockDim.x + threadIdx.x;
+            a += as[other];
+            b += bs[other];
+        }
 }
 
-// Moments of x - shift over rows [row_begin, row_end) of channel c, this thread's share of them,
+// RunningMoments for the VEC channels of a thread, which share their rows and so their count.
+template <typename A, int VEC> struct ColumnMoments {
+    A count; Values<A, VEC> mean, m2;           // merged
+    A n; Values<A, VEC> sum, squares;           // the open run
+    __device__ __forceinline__ void add(const Values<A, VEC>& values) {
+        n += A(1);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) { sum.v[k] += values.v[k]; squares.v[k] += values.v[k] * values.v[k]; }
+    }
+    // Chan's merge of the run into the moments, as merge() does for one channel.
+    __device__ __forceinline__ void close() {
+        if (n == A(0)) return;
+        A total = count + n;
+        A weight = n / total;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            A run_mean = sum.v[k] / n;
+            A delta = run_mean - mean.v[k];
+            mean.v[k] += delta * weight;
+            m2.v[k] += (squares.v[k] - sum.v[k] * run_mean) + delta * delta * count * weight;
+            sum.v[k] = A(0);
+            squares.v[k] = A(0);
+        }
+        count = total;
+        n = A(0);
+    }
+};
+
+template <typename A, int VEC> __device__ __forceinline__ ColumnMoments<A, VEC> no_column_moments() {
+    ColumnMoments<A, VEC> m;
+    m.count = A(0); m.n = A(0);
+    m.mean = zeros<A, VEC>(); m.m2 = zeros<A, VEC>(); m.sum = zeros<A, VEC>(); m.squares = zeros<A, VEC>();
+    return m;
+}
+
+// The first row's values of channels c0.. : each channel's shift.
+template <int VEC, typename T, typename A>
+__device__ __forceinline__ Values<A, VEC> first_row(const T* x, i64 c0, bool active) {
+    Values<A, VEC> shift = zeros<A, VEC>();
+    if (active) {
+        Pack<T, VEC> in = load_pack<VEC>(x + c0);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) shift.v[k] = cvt<A>(in.v[k]);
+    }
+    return shift;
+}
+
+// Moments of x - shift over rows [row_begin, row_end) of channels c0.., this thread's share of them,
 // the run of sums closed every 64 rows of the thread.
-template <typename T, typename A>
-__device__ Moments<A> column_moments(const T* x, i64 stride_m, i64 c, A shift, i64 row_begin, i64 row_end) {
-    RunningMoments<A> moments = no_moments<A>();
-    const i64 run = 64 * ROW_THREADS;
+template <int VEC, typename T, typename A>
+__device__ __forceinline__ ColumnMoments<A, VEC> column_moments(const T* x, i64 stride_m, i64 c0,
+                                                                 const Values<A, VEC>& shift, i64 row_begin,
+                                                                 i64 row_end) {
+    ColumnMoments<A, VEC> moments = no_column_moments<A, VEC>();
+    const i64 run = 64 * (i64)blockDim.y, step = blockDim.y * stride_m;
     for (i64 run_begin = row_begin + threadIdx.y; run_begin < row_end; run_begin += run) {
         i64 run_end = min(run_begin + run, row_end);
-        for (i64 r = run_begin; r < run_end; r += ROW_THREADS) moments.add(cvt<A>(x[r * stride_m + c]) - shift);
+        const T* row = x + run_begin * stride_m + c0;
+        const i64 rows = rows_from(run_begin, run_end);
+#pragma unroll 4
+        for (i64 i = 0; i < rows; ++i, row += step) {
+            Pack<T, VEC> in = load_pack<VEC>(row);
+            Values<A, VEC> values;
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) values.v[k] = cvt<A>(in.v[k]) - shift.v[k];
+            moments.add(values);
+        }
         moments.close();
     }
-    return moments.merged;
+    return moments;
 }
 
 // ---- finalize: merging the partials of the split reductions -------------------------------------
 // The separate finalize kernels (one 1-D block per channel) and the fused finalize (the last blocks
-// of a split reduction, with its block shape) share these merges. COLUMNS: a channels-last block,
-// whose threadIdx.x is the channel and whose ROW_THREADS threads of a column share its rows; else a
-// 1-D block sharing one channel's rows. Partials are read with __ldcg (L2): in a fused finalize
+// of a split reduction, with its block shape) share these merges, one channel at a time. COLUMNS: a
+// channels-last block, whose blockDim.y threads of a column share the rows of the column's channels;
+// else a 1-D block sharing one channel's rows. Partials are read with __ldcg (L2): in a fused finalize
 // other blocks of the same launch wrote them, and L1 is not coherent with their stores.
 
 template <bool COLUMNS> __device__ __forceinline__ bool leads() { return COLUMNS ? threadIdx.y == 0 : threadIdx.x == 0; }
@@ -273,8 +376,8 @@ template <bool COLUMNS, typename A> __device__ __forceinline__ A summed(A a) {
 // |mean| >> std.
 template <bool COLUMNS, typename A>
 __device__ Moments<A> merged_rows(const A* part_count, const A* part_mean, const A* part_m2, i64 rows, i64 C, i64 c) {
-    __shared__ A mean_of[COLUMNS ? CHANNEL_THREADS : 1];
-    const int lane = COLUMNS ? threadIdx.y : threadIdx.x, lanes = COLUMNS ? ROW_THREADS : blockDim.x;
+    __shared__ A mean_of[COLUMNS ? CL_THREADS : 1];
+    const int lane = COLUMNS ? threadIdx.y : threadIdx.x, lanes = COLUMNS ? blockDim.y : blockDim.x;
     const int column = COLUMNS ? threadIdx.x : 0;
     A count = A(0), weighted = A(0);
     if (c < C)
@@ -301,7 +404,7 @@ __device__ Moments<A> merged_rows(const A* part_count, const A* part_mean, const
 // The column sums of two (rows, C) matrices of partial sums for channel c, valid where leads<COLUMNS>().
 template <bool COLUMNS, typename A>
 __device__ void summed_rows(const A* first, const A* second, i64 rows, i64 C, i64 c, A& a, A& b) {
-    const int lane = COLUMNS ? threadIdx.y : threadIdx.x, lanes = COLUMNS ? ROW_THREADS : blockDim.x;
+    const int lane = COLUMNS ? threadIdx.y : threadIdx.x, lanes = COLUMNS ? blockDim.y : blockDim.x;
     a = A(0); b = A(0);
     if (c < C)
         for (i64 i = lane; i < rows; i += lanes) {
@@ -339,8 +442,8 @@ __device__ __forceinline__ void store_gradients(i64 c, A sum_dy, A sum_dy_xmu, A
 
 // ---- the fused finalize: the last blocks of a split reduction merge its partials -----------------
 // As kernels/finalize.py, on the same counters and rows (bn_gpu/plan.py): the group_splits blocks of
-// a split group of one channel group (a channel channels-first, the CHANNEL_THREADS channels of a
-// block channels-last) count themselves done on a counter of their own, and the last of them merges
+// a split group of one channel group (a channel channels-first, the channels of a block
+// channels-last) count themselves done on a counter of their own, and the last of them merges
 // the group's rows into row splits + group of the partials; the last group to finish merges those
 // split_groups rows into the result. Two levels of about sqrt(splits) rows, so that no block merges
 // 500 splits alone; fixed orders of summation, so the same bits whichever block is last. Each
@@ -384,53 +487,73 @@ __device__ bool last_block_of(int* counters, i64 index, i64 members) {
     return last;
 }
 
-// Called by every block of the statistics kernel after storing its partials (row `split`).
-template <bool COLUMNS, typename A, typename R>
-__device__ void finalize_statistics_of_group(
+// Called by every block of the statistics kernel after storing its partials (row `split`); this
+// thread's channels are c0 .. c0 + VEC - 1 (channels-first: VEC = 1), their shifts in `shift`.
+template <bool COLUMNS, int VEC, typename A, typename R>
+__device__ __forceinline__ void finalize_statistics_of_group(
     A* part_count, A* part_mean, A* part_m2,   // (splits + split groups, C)
     int* counters,   // (groups * (split groups + 1),) int32 zeros
-    i64 c, A shift, i64 split, i64 group_index, i64 groups, i64 splits, i64 group_splits, i64 C,
+    i64 c0, const Values<A, VEC>& shift, i64 split, i64 group_index, i64 groups, i64 splits, i64 group_splits, i64 C,
     A* mean_out, A* invstd_out, R* running_mean, R* running_var, const i64* num_batches_tracked,   // see store_statistics
     float momentum, float eps, int has_running_stats, int cumulative) {
     SplitGroup s = split_group(split, group_index, groups, splits, group_splits);
     if (!last_block_of(counters, s.level_1, s.rows)) return;
-    Moments<A> m = merged_rows<COLUMNS>(part_count + s.first * C, part_mean + s.first * C, part_m2 + s.first * C,
-                                        s.rows, C, c);
-    if (leads<COLUMNS>() && c < C) {
-        i64 out = (splits + s.group) * C + c;
-        part_count[out] = m.count; part_mean[out] = m.mean; part_m2[out] = m.m2;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+        const i64 c = c0 + k;
+        Moments<A> m = merged_rows<COLUMNS>(part_count + s.first * C, part_mean + s.first * C,
+                                            part_m2 + s.first * C, s.rows, C, c);
+        if (leads<COLUMNS>() && c < C) {
+            i64 out = (splits + s.group) * C + c;
+            part_count[out] = m.count; part_mean[out] = m.mean; part_m2[out] = m.m2;
+        }
     }
     if (!last_block_of(counters, s.level_2, s.split_groups)) return;
-    m = merged_rows<COLUMNS>(part_count + splits * C, part_mean + splits * C, part_m2 + splits * C, s.split_groups,
-                             C, c);
-    if (leads<COLUMNS>() && c < C)
-        store_statistics(c, m.count, shift + m.mean, m.m2, mean_out, invstd_out, running_mean, running_var,
-                         num_batches_tracked, momentum, eps, has_running_stats, cumulative);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+        const i64 c = c0 + k;
+        Moments<A> m = merged_rows<COLUMNS>(part_count + splits * C, part_mean + splits * C, part_m2 + splits * C,
+                                            s.split_groups, C, c);
+        if (leads<COLUMNS>() && c < C)
+            store_statistics(c, m.count, shift.v[k] + m.mean, m.m2, mean_out, invstd_out, running_mean, running_var,
+                             num_batches_tracked, momentum, eps, has_running_stats, cumulative);
+    }
 }
 
-// Called by every block of the gradient-sums kernel after storing its partial sums (row `split`).
-template <bool COLUMNS, typename A, typename W>
-__device__ void finalize_gradients_of_group(
+// Called by every block of the gradient-sums kernel after storing its partial sums (row `split`);
+// this thread's channels are c0 .. c0 + VEC - 1.
+template <bool COLUMNS, int VEC, typename A, typename W>
+__device__ __forceinline__ void finalize_gradients_of_group(
     A* part_sum_dy, A* part_sum_dy_xmu,   // (splits + split groups, C)
     int* counters,   // (groups * (split groups + 1),) int32 zeros
-    i64 c, i64 split, i64 group_index, i64 groups, i64 splits, i64 group_splits, i64 C,
+    i64 c0, i64 split, i64 group_index, i64 groups, i64 splits, i64 group_splits, i64 C,
     const A* invstd_in, A* sum_dy_out, A* sum_dy_xmu_out, W* grad_weight, W* grad_bias) {   // see finalize_gradients
     SplitGroup s = split_group(split, group_index, groups, splits, group_splits);
     if (!last_block_of(counters, s.level_1, s.rows)) return;
-    A sum_dy, sum_dy_xmu;
-    summed_rows<COLUMNS>(part_sum_dy + s.first * C, part_sum_dy_xmu + s.first * C, s.rows, C, c, sum_dy, sum_dy_xmu);
-    if (leads<COLUMNS>() && c < C) {
-        i64 out = (splits + s.group) * C + c;
-        part_sum_dy[out] = sum_dy;
-        part_sum_dy_xmu[out] = sum_dy_xmu;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+        const i64 c = c0 + k;
+        A sum_dy, sum_dy_xmu;
+        summed_rows<COLUMNS>(part_sum_dy + s.first * C, part_sum_dy_xmu + s.first * C, s.rows, C, c, sum_dy,
+                             sum_dy_xmu);
+        if (leads<COLUMNS>() && c < C) {
+            i64 out = (splits + s.group) * C + c;
+            part_sum_dy[out] = sum_dy;
+            part_sum_dy_xmu[out] = sum_dy_xmu;
+        }
     }
     if (!last_block_of(counters, s.level_2, s.split_groups)) return;
-    summed_rows<COLUMNS>(part_sum_dy + splits * C, part_sum_dy_xmu + splits * C, s.split_groups, C, c, sum_dy,
-                         sum_dy_xmu);
-    if (leads<COLUMNS>() && c < C) {
-        sum_dy_out[c] = sum_dy;
-        sum_dy_xmu_out[c] = sum_dy_xmu;
-        store_gradients(c, sum_dy, sum_dy_xmu, invstd_in[c], grad_weight, grad_bias);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+        const i64 c = c0 + k;
+        A sum_dy, sum_dy_xmu;
+        summed_rows<COLUMNS>(part_sum_dy + splits * C, part_sum_dy_xmu + splits * C, s.split_groups, C, c, sum_dy,
+                             sum_dy_xmu);
+        if (leads<COLUMNS>() && c < C) {
+            sum_dy_out[c] = sum_dy;
+            sum_dy_xmu_out[c] = sum_dy_xmu;
+            store_gradients(c, sum_dy, sum_dy_xmu, invstd_in[c], grad_weight, grad_bias);
+        }
     }
 }
 
@@ -456,13 +579,13 @@ __global__ void statistics_channels_first(
         part_count[out] = m.count; part_mean[out] = m.mean; part_m2[out] = m.m2;
     }
     if constexpr (FINALIZE)
-        finalize_statistics_of_group<false>(part_count, part_mean, part_m2, counters, c, shift, blockIdx.y, c,
-                                            gridDim.x, gridDim.y, group_splits, C, mean_out, invstd_out, running_mean,
-                                            running_var, num_batches_tracked, momentum, eps, has_running_stats,
-                                            cumulative);
+        finalize_statistics_of_group<false, 1>(part_count, part_mean, part_m2, counters, c, Values<A, 1>{{shift}},
+                                               blockIdx.y, c, gridDim.x, gridDim.y, group_splits, C, mean_out,
+                                               invstd_out, running_mean, running_var, num_batches_tracked, momentum,
+                                               eps, has_running_stats, cumulative);
 }
 
-template <typename T, typename A, typename R, bool FINALIZE>
+template <typename T, typename A, typename R, int VEC, bool FINALIZE>
 __global__ void statistics_channels_last(
     const T* __restrict__ x,   // input (M, C)
     A* part_count, A* part_mean, A* part_m2,   // (splits, C), FINALIZE (splits + split groups, C); part_mean is relative to x[0, c]
@@ -471,22 +594,27 @@ __global__ void statistics_channels_last(
     const i64* num_batches_tracked,
     i64 M, i64 C, i64 stride_m, i64 rows_per_program,
     i64 group_splits, float momentum, float eps, int has_running_stats, int cumulative) {
-    i64 c = (i64)blockIdx.y * CHANNEL_THREADS + threadIdx.x;
-    i64 row_begin = (i64)blockIdx.x * rows_per_program;
-    i64 row_end = min(row_begin + rows_per_program, M);
-    Moments<A> m = {A(0), A(0), A(0)};
-    A shift = c < C ? cvt<A>(x[c]) : A(0);
-    if (c < C) m = column_moments(x, stride_m, c, shift, row_begin, row_end);
-    m = column_merge(m);
-    if (threadIdx.y == 0 && c < C) {
-        i64 out = (i64)blockIdx.x * C + c;
-        part_count[out] = m.count; part_mean[out] = m.mean; part_m2[out] = m.m2;
+    const i64 c0 = first_channel<VEC>();
+    const bool active = c0 < C;
+    const i64 row_begin = (i64)blockIdx.x * rows_per_program;
+    const i64 row_end = min(row_begin + rows_per_program, M);
+    const Values<A, VEC> shift = first_row<VEC, T, A>(x, c0, active);
+    ColumnMoments<A, VEC> moments = no_column_moments<A, VEC>();
+    if (active) moments = column_moments<VEC>(x, stride_m, c0, shift, row_begin, row_end);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+        Moments<A> m = {moments.count, moments.mean.v[k], moments.m2.v[k]};
+        m = column_merge(m);
+        if (threadIdx.y == 0 && active) {
+            i64 out = (i64)blockIdx.x * C + c0 + k;
+            part_count[out] = m.count; part_mean[out] = m.mean; part_m2[out] = m.m2;
+        }
     }
     if constexpr (FINALIZE)
-        finalize_statistics_of_group<true>(part_count, part_mean, part_m2, counters, c, shift, blockIdx.x, blockIdx.y,
-                                           gridDim.y, gridDim.x, group_splits, C, mean_out, invstd_out, running_mean,
-                                           running_var, num_batches_tracked, momentum, eps, has_running_stats,
-                                           cumulative);
+        finalize_statistics_of_group<true, VEC>(part_count, part_mean, part_m2, counters, c0, shift, blockIdx.x,
+                                                blockIdx.y, gridDim.y, gridDim.x, group_splits, C, mean_out, invstd_out,
+                                                running_mean, running_var, num_batches_tracked, momentum, eps,
+                                                has_running_stats, cumulative);
 }
 
 // ---- the separate finalize and SyncBatchNorm's merges ---------------------------------------------
@@ -592,9 +720,10 @@ __device__ __forceinline__ void count_batch(i64* num_batches_tracked, bool first
     if (num_batches_tracked && first) num_batches_tracked[0] += 1;
 }
 
-// num_batches_tracked += 1 in a single-pass forward (every thread of every block calls it). With a
-// cumulative average every block reads the count first (store_statistics), so the last block to
-// get here counts the batch (last_block_of, on counters[0]); else block 0 does.
+// num_batches_tracked += 1 in a single-pass forward (every thread of every block calls it, at its
+// end). With a cumulative average every block reads the count (store_statistics) before it gets
+// here, so the last block to get here counts the batch (last_block_of, on counters[0]); else block
+// 0 does.
 __device__ void count_batch_after_every_read(i64* num_batches_tracked, int* counters, int cumulative) {
     bool first_block = blockIdx.x == 0 && blockIdx.y == 0;
     bool counts = cumulative ? last_block_of(counters, 0, (i64)gridDim.x * gridDim.y) : first_block;
@@ -653,22 +782,40 @@ __global__ void normalize_channels_first(
     for (i64 tile = t.first; tile < t.last; ++tile) for_each_group_in_tile<VEC>(t, tile, op);
 }
 
-// y = epilogue((x - mean) * scale + shift) over this thread's share of rows [row_begin, row_end) of channel c.
-template <typename T, typename A, bool FUSED>
-__device__ void column_normalize(const T* x, T* y, const T* residual, i64 x_stride_m, i64 y_stride_m, i64 c, A mean,
-                                 A scale, A shift, int relu, i64 row_begin, i64 row_end) {
-    if constexpr (!FUSED) {
-        for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS)
-            y[r * y_stride_m + c] = cvt<T>((cvt<A>(x[r * x_stride_m + c]) - mean) * scale + shift);
-    } else {
-        for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS) {
-            A add = residual ? cvt<A>(residual[r * y_stride_m + c]) : A(0);
-            y[r * y_stride_m + c] = cvt<T>(epilogue((cvt<A>(x[r * x_stride_m + c]) - mean) * scale + shift, add, relu));
+// y = epilogue((x - mean) * scale + shift) over this thread's rows [row_begin, row_end) of channels c0..
+template <int VEC, bool FUSED, typename T, typename A>
+__device__ __forceinline__ void column_normalize(const T* x, T* y, const T* residual, i64 x_stride_m, i64 y_stride_m,
+                                                 i64 c0, const Values<A, VEC>& mean, const Values<A, VEC>& scale,
+                                                 const Values<A, VEC>& shift, int relu, i64 row_begin, i64 row_end) {
+    const i64 first = row_begin + threadIdx.y, x_step = blockDim.y * x_stride_m, y_step = blockDim.y * y_stride_m;
+    const T* x_row = x + first * x_stride_m + c0;
+    const T* residual_row = residual ? residual + first * y_stride_m + c0 : nullptr;
+    T* y_row = y + first * y_stride_m + c0;
+#pragma unroll 2
+    for (i64 i = rows_from(first, row_end); i > 0; --i, x_row += x_step, y_row += y_step) {
+        Pack<T, VEC> in = load_pack<VEC>(x_row);
+        Values<A, VEC> value;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) value.v[k] = (cvt<A>(in.v[k]) - mean.v[k]) * scale.v[k] + shift.v[k];
+        if constexpr (FUSED) {
+            Values<A, VEC> add = zeros<A, VEC>();
+            if (residual) {
+                Pack<T, VEC> res = load_pack<VEC>(residual_row);
+                residual_row += y_step;
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) add.v[k] = cvt<A>(res.v[k]);
+            }
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) value.v[k] = epilogue(value.v[k], add.v[k], relu);
         }
+        Pack<T, VEC> out;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) out.v[k] = cvt<T>(value.v[k]);
+        store_pack<VEC>(y_row, out);
     }
 }
 
-template <typename T, typename W, typename R, typename A, bool FUSED>
+template <typename T, typename W, typename R, typename A, int VEC, bool FUSED>
 __global__ void normalize_channels_last(
     const T* __restrict__ x, T* __restrict__ y,   // (M, C), each with its own row stride
     const T* __restrict__ residual,   // (M, C) with y's row stride, or null
@@ -676,15 +823,18 @@ __global__ void normalize_channels_last(
     A* saved_mean, A* saved_invstd, const W* weight, const W* bias, i64* num_batches_tracked,
     i64 M, i64 C, i64 x_stride_m, i64 y_stride_m, float eps, i64 rows_per_program, int from_running_stats,
     int relu) {
-    i64 c = (i64)blockIdx.y * CHANNEL_THREADS + threadIdx.x;
+    const i64 c0 = first_channel<VEC>();
     if (threadIdx.x == 0 && threadIdx.y == 0) count_batch(num_batches_tracked, blockIdx.x == 0 && blockIdx.y == 0);
-    if (c >= C) return;
-    A mean, scale, shift;
-    channel_affine(c, blockIdx.x == 0 && threadIdx.y == 0, mean_in, invstd_in, running_mean, running_var,
-                   saved_mean, saved_invstd, weight, bias, eps, from_running_stats, mean, scale, shift);
-    i64 row_begin = (i64)blockIdx.x * rows_per_program;
-    column_normalize<T, A, FUSED>(x, y, residual, x_stride_m, y_stride_m, c, mean, scale, shift, relu, row_begin,
-                     min(row_begin + rows_per_program, M));
+    if (c0 >= C) return;
+    Values<A, VEC> mean, scale, shift;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k)
+        channel_affine(c0 + k, blockIdx.x == 0 && threadIdx.y == 0, mean_in, invstd_in, running_mean, running_var,
+                       saved_mean, saved_invstd, weight, bias, eps, from_running_stats, mean.v[k], scale.v[k],
+                       shift.v[k]);
+    const i64 row_begin = (i64)blockIdx.x * rows_per_program;
+    column_normalize<VEC, FUSED>(x, y, residual, x_stride_m, y_stride_m, c0, mean, scale, shift, relu, row_begin,
+                                 min(row_begin + rows_per_program, M));
 }
 
 // ---- backward ---------------------------------------------------------------------------------
@@ -769,32 +919,46 @@ __global__ void gradient_sums_channels_first(
         part_sum_dy_xmu[out] = sum_dy_xmu;
     }
     if constexpr (FINALIZE)
-        finalize_gradients_of_group<false>(part_sum_dy, part_sum_dy_xmu, counters, c, blockIdx.y, c, gridDim.x,
-                                           gridDim.y, group_splits, C, invstd_in, sum_dy_out, sum_dy_xmu_out,
-                                           grad_weight, grad_bias);
+        finalize_gradients_of_group<false, 1>(part_sum_dy, part_sum_dy_xmu, counters, c, blockIdx.y, c, gridDim.x,
+                                              gridDim.y, group_splits, C, invstd_in, sum_dy_out, sum_dy_xmu_out,
+                                              grad_weight, grad_bias);
 }
 
-// This thread's share of sum(dy) and sum(dy * (x - mean)) over rows [row_begin, row_end) of channel c.
-template <typename T, typename A, bool FUSED>
-__device__ void column_gradient_sums(const T* dy, const T* x, i64 dy_stride_m, i64 x_stride_m, i64 c, A mean,
-                                     const ReluMask<A>& relu, i64 row_begin, i64 row_end, A& sum_dy, A& sum_dy_xmu) {
-    if constexpr (!FUSED) {
-        for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS) {
-            A g = cvt<A>(dy[r * dy_stride_m + c]);
-            sum_dy += g;
-            sum_dy_xmu += g * (cvt<A>(x[r * x_stride_m + c]) - mean);
-        }
-    } else {
-        for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS) {
-            A xv = cvt<A>(x[r * x_stride_m + c]);
-            A g = relu.apply(cvt<A>(dy[r * dy_stride_m + c]), xv);
-            sum_dy += g;
-            sum_dy_xmu += g * (xv - mean);
+// The ReLU masks of channels c0.. (see relu_mask).
+template <int VEC, typename W, typename A>
+__device__ __forceinline__ Values<ReluMask<A>, VEC> relu_masks(i64 c0, int on, const A* mean, const A* invstd,
+                                                                const W* weight, const W* bias) {
+    Values<ReluMask<A>, VEC> masks;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) masks.v[k] = relu_mask(c0 + k, on, mean, invstd, weight, bias);
+    return masks;
+}
+
+// This thread's share of sum(dy) and sum(dy * (x - mean)) over rows [row_begin, row_end) of channels c0..
+template <int VEC, bool FUSED, typename T, typename A>
+__device__ __forceinline__ void column_gradient_sums(const T* dy, const T* x, i64 dy_stride_m, i64 x_stride_m, i64 c0,
+                                                     const Values<A, VEC>& mean, const Values<ReluMask<A>, VEC>& relu,
+                                                     i64 row_begin, i64 row_end, Values<A, VEC>& sum_dy,
+                                                     Values<A, VEC>& sum_dy_xmu) {
+    const i64 first = row_begin + threadIdx.y, dy_step = blockDim.y * dy_stride_m, x_step = blockDim.y * x_stride_m;
+    const T* dy_row = dy + first * dy_stride_m + c0;
+    const T* x_row = x + first * x_stride_m + c0;
+#pragma unroll 2
+    for (i64 i = rows_from(first, row_end); i > 0; --i, dy_row += dy_step, x_row += x_step) {
+        Pack<T, VEC> g = load_pack<VEC>(dy_row);
+        Pack<T, VEC> in = load_pack<VEC>(x_row);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            A xv = cvt<A>(in.v[k]);
+            A d = cvt<A>(g.v[k]);
+            if constexpr (FUSED) d = relu.v[k].apply(d, xv);
+            sum_dy.v[k] += d;
+            sum_dy_xmu.v[k] += d * (xv - mean.v[k]);
         }
     }
 }
 
-template <typename T, typename W, typename A, bool FUSED, bool FINALIZE>
+template <typename T, typename W, typename A, int VEC, bool FUSED, bool FINALIZE>
 __global__ void gradient_sums_channels_last(
     const T* __restrict__ dy, const T* __restrict__ x, const A* mean_in,
     const A* invstd_in,   // read for the ReLU's mask when relu, and by FINALIZE
@@ -803,24 +967,33 @@ __global__ void gradient_sums_channels_last(
     int* counters,   // FINALIZE: the fused finalize's int32 zeros, left at zero; else null
     A* sum_dy_out, A* sum_dy_xmu_out, W* grad_weight, W* grad_bias,   // FINALIZE: see finalize_gradients
     i64 M, i64 C, i64 dy_stride_m, i64 x_stride_m, i64 rows_per_program, i64 group_splits, int relu) {
-    i64 c = (i64)blockIdx.y * CHANNEL_THREADS + threadIdx.x;
-    i64 row_begin = (i64)blockIdx.x * rows_per_program;
-    i64 row_end = min(row_begin + rows_per_program, M);
-    A sum_dy = A(0), sum_dy_xmu = A(0);
-    if (c < C)
-        column_gradient_sums<T, A, FUSED>(dy, x, dy_stride_m, x_stride_m, c, mean_in[c],
-                             relu_mask(c, relu, mean_in, invstd_in, weight, bias), row_begin, row_end, sum_dy,
-                             sum_dy_xmu);
-    column_sums(sum_dy, sum_dy_xmu);
-    if (threadIdx.y == 0 && c < C) {
-        i64 out = (i64)blockIdx.x * C + c;
-        part_sum_dy[out] = sum_dy;
-        part_sum_dy_xmu[out] = sum_dy_xmu;
+    const i64 c0 = first_channel<VEC>();
+    const bool active = c0 < C;
+    const i64 row_begin = (i64)blockIdx.x * rows_per_program;
+    const i64 row_end = min(row_begin + rows_per_program, M);
+    Values<A, VEC> sum_dy = zeros<A, VEC>(), sum_dy_xmu = zeros<A, VEC>();
+    if (active) {
+        Values<A, VEC> mean;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) mean.v[k] = mean_in[c0 + k];
+        column_gradient_sums<VEC, FUSED>(dy, x, dy_stride_m, x_stride_m, c0, mean,
+                                         relu_masks<VEC>(c0, relu, mean_in, invstd_in, weight, bias), row_begin,
+                                         row_end, sum_dy, sum_dy_xmu);
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+        A total_dy = sum_dy.v[k], total_dy_xmu = sum_dy_xmu.v[k];
+        column_sums(total_dy, total_dy_xmu);
+        if (threadIdx.y == 0 && active) {
+            i64 out = (i64)blockIdx.x * C + c0 + k;
+            part_sum_dy[out] = total_dy;
+            part_sum_dy_xmu[out] = total_dy_xmu;
+        }
     }
     if constexpr (FINALIZE)
-        finalize_gradients_of_group<true>(part_sum_dy, part_sum_dy_xmu, counters, c, blockIdx.x, blockIdx.y, gridDim.y,
-                                          gridDim.x, group_splits, C, invstd_in, sum_dy_out, sum_dy_xmu_out,
-                                          grad_weight, grad_bias);
+        finalize_gradients_of_group<true, VEC>(part_sum_dy, part_sum_dy_xmu, counters, c0, blockIdx.x, blockIdx.y,
+                                               gridDim.y, gridDim.x, group_splits, C, invstd_in, sum_dy_out,
+                                               sum_dy_xmu_out, grad_weight, grad_bias);
 }
 
 // One block per channel.
@@ -911,27 +1084,48 @@ __global__ void input_gradient_channels_first(
     for (i64 tile = t.first; tile < t.last; ++tile) for_each_group_in_tile<VEC>(t, tile, op);
 }
 
-// dx over this thread's share of rows [row_begin, row_end) of channel c.
-template <typename T, typename A, bool FUSED>
-__device__ void column_input_gradient(const T* dy, const T* x, T* dx, i64 dy_stride_m, i64 x_stride_m, i64 dx_stride_m,
-                                      i64 c, A mean, A scale, A mean_dy, A projection, int training,
-                                      const ReluMask<A>& relu, i64 row_begin, i64 row_end) {
-    if constexpr (!FUSED) {
-        for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS) {
-            A g = cvt<A>(dy[r * dy_stride_m + c]);
-            A value = training ? scale * (g - mean_dy - (cvt<A>(x[r * x_stride_m + c]) - mean) * projection) : scale * g;
-            dx[r * dx_stride_m + c] = cvt<T>(value);
+// dx over this thread's rows [row_begin, row_end) of channels c0.. (x read in training, or for the ReLU's mask).
+template <int VEC, bool FUSED, typename T, typename A>
+__device__ __forceinline__ void column_input_gradient(const T* dy, const T* x, T* dx, i64 dy_stride_m, i64 x_stride_m,
+                                                      i64 dx_stride_m, i64 c0, const Values<A, VEC>& mean,
+                                                      const Values<A, VEC>& scale, const Values<A, VEC>& mean_dy,
+                                                      const Values<A, VEC>& projection, int training,
+                                                      const Values<ReluMask<A>, VEC>& relu, i64 row_begin,
+                                                      i64 row_end) {
+    const i64 first = row_begin + threadIdx.y, dy_step = blockDim.y * dy_stride_m, x_step = blockDim.y * x_stride_m;
+    const i64 dx_step = blockDim.y * dx_stride_m;
+    const T* dy_row = dy + first * dy_stride_m + c0;
+    T* dx_row = dx + first * dx_stride_m + c0;
+    if (FUSED || training) {
+        const T* x_row = x + first * x_stride_m + c0;
+#pragma unroll 2
+        for (i64 i = rows_from(first, row_end); i > 0; --i, dy_row += dy_step, x_row += x_step, dx_row += dx_step) {
+            Pack<T, VEC> g = load_pack<VEC>(dy_row);
+            Pack<T, VEC> in = load_pack<VEC>(x_row);
+            Pack<T, VEC> out;
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                A xv = cvt<A>(in.v[k]);
+                A d = cvt<A>(g.v[k]);
+                if constexpr (FUSED) d = relu.v[k].apply(d, xv);
+                out.v[k] = cvt<T>(training ? scale.v[k] * (d - mean_dy.v[k] - (xv - mean.v[k]) * projection.v[k])
+                                           : scale.v[k] * d);
+            }
+            store_pack<VEC>(dx_row, out);
         }
     } else {
-        for (i64 r = row_begin + threadIdx.y; r < row_end; r += ROW_THREADS) {
-            A xv = cvt<A>(x[r * x_stride_m + c]);
-            A g = relu.apply(cvt<A>(dy[r * dy_stride_m + c]), xv);
-            dx[r * dx_stride_m + c] = cvt<T>(training ? scale * (g - mean_dy - (xv - mean) * projection) : scale * g);
+#pragma unroll 2
+        for (i64 i = rows_from(first, row_end); i > 0; --i, dy_row += dy_step, dx_row += dx_step) {
+            Pack<T, VEC> g = load_pack<VEC>(dy_row);
+            Pack<T, VEC> out;
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) out.v[k] = cvt<T>(scale.v[k] * cvt<A>(g.v[k]));
+            store_pack<VEC>(dx_row, out);
         }
     }
 }
 
-template <typename T, typename W, typename A, bool FUSED>
+template <typename T, typename W, typename A, int VEC, bool FUSED>
 __global__ void input_gradient_channels_last(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,   // (M, C)
     const A* mean_in, const A* invstd_in, const W* weight,
@@ -939,15 +1133,17 @@ __global__ void input_gradient_channels_last(
     const A* sum_dy, const A* sum_dy_xmu,
     i64 M, i64 C, i64 dy_stride_m, i64 x_stride_m, i64 dx_stride_m, A inv_count, i64 rows_per_program,
     int training, int relu) {
-    i64 c = (i64)blockIdx.y * CHANNEL_THREADS + threadIdx.x;
-    if (c >= C) return;
-    A mean, scale, mean_dy, projection;
-    dx_coefficients_at(c, mean_in, invstd_in, weight, sum_dy, sum_dy_xmu, inv_count, training, mean, scale, mean_dy, projection);
-    i64 row_begin = (i64)blockIdx.x * rows_per_program;
-    column_input_gradient<T, A, FUSED>(dy, x, dx, dy_stride_m, x_stride_m, dx_stride_m, c, mean, scale, mean_dy,
-                                       projection,
-                          training, relu_mask(c, relu, mean_in, invstd_in, weight, bias), row_begin,
-                          min(row_begin + rows_per_program, M));
+    const i64 c0 = first_channel<VEC>();
+    if (c0 >= C) return;
+    Values<A, VEC> mean, scale, mean_dy, projection;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k)
+        dx_coefficients_at(c0 + k, mean_in, invstd_in, weight, sum_dy, sum_dy_xmu, inv_count, training, mean.v[k],
+                           scale.v[k], mean_dy.v[k], projection.v[k]);
+    const i64 row_begin = (i64)blockIdx.x * rows_per_program;
+    column_input_gradient<VEC, FUSED>(dy, x, dx, dy_stride_m, x_stride_m, dx_stride_m, c0, mean, scale, mean_dy,
+                                      projection, training, relu_masks<VEC>(c0, relu, mean_in, invstd_in, weight, bias),
+                                      row_begin, min(row_begin + rows_per_program, M));
 }
 
 // ---- single pass: one block owns whole channels (the launch plan has one split) ------------------
@@ -976,16 +1172,18 @@ __global__ void single_pass_forward_channels_first(
         channel[1] = store_statistics(c, m.count, channel[0], m.m2, mean_out, invstd_out, running_mean, running_var,
                                       num_batches_tracked, momentum, eps, has_running_stats, cumulative);
     }
-    if (count_batch_here) count_batch_after_every_read(num_batches_tracked, counters, cumulative);
     __syncthreads();
     A scale, bias_c;
     affine_from(c, channel[1], weight, bias, scale, bias_c);
     NormalizeRow<T, A, FUSED> op = {xc, y + c * y_stride_c, residual ? residual + c * y_stride_c : nullptr, x_stride_n,
                              y_stride_n, channel[0], scale, bias_c, relu};
     for (i64 tile = 0; tile < total_tiles; ++tile) for_each_group_in_tile<VEC>(t, tile, op);
+    // Last: the block has read the count long before (store_statistics), and the loops above keep
+    // the code they have without the ticket.
+    if (count_batch_here) count_batch_after_every_read(num_batches_tracked, counters, cumulative);
 }
 
-template <typename T, typename W, typename R, typename A, bool FUSED>
+template <typename T, typename W, typename R, typename A, int VEC, bool FUSED>
 __global__ void single_pass_forward_channels_last(
     const T* __restrict__ x, T* __restrict__ y,   // (M, C), each with its own row stride
     const T* __restrict__ residual,   // (M, C) with y's row stride, or null
@@ -994,26 +1192,38 @@ __global__ void single_pass_forward_channels_last(
     const W* weight, const W* bias,
     i64 M, i64 C, i64 x_stride_m, i64 y_stride_m, float momentum, float eps,
     int has_running_stats, int cumulative, int count_batch_here, int relu) {
-    __shared__ A channel_mean[CHANNEL_THREADS], channel_invstd[CHANNEL_THREADS];
-    i64 c = (i64)blockIdx.y * CHANNEL_THREADS + threadIdx.x;
-    Moments<A> m = {A(0), A(0), A(0)};
-    A shift = c < C ? cvt<A>(x[c]) : A(0);
-    if (c < C) m = column_moments(x, x_stride_m, c, shift, 0, M);
-    m = column_merge(m);
-    if (threadIdx.y == 0 && c < C) {
-        channel_mean[threadIdx.x] = shift + m.mean;
-        channel_invstd[threadIdx.x] = store_statistics(c, m.count, channel_mean[threadIdx.x], m.m2, mean_out, invstd_out,
-                                                       running_mean, running_var, num_batches_tracked, momentum, eps,
-                                                       has_running_stats, cumulative);
+    __shared__ A channel_mean[CL_MAX_CHANNELS], channel_invstd[CL_MAX_CHANNELS];
+    const i64 c0 = first_channel<VEC>();
+    const bool active = c0 < C;
+    const Values<A, VEC> shift = first_row<VEC, T, A>(x, c0, active);
+    ColumnMoments<A, VEC> moments = no_column_moments<A, VEC>();
+    if (active) moments = column_moments<VEC>(x, x_stride_m, c0, shift, i64(0), M);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+        Moments<A> m = {moments.count, moments.mean.v[k], moments.m2.v[k]};
+        m = column_merge(m);
+        if (threadIdx.y == 0 && active) {
+            const int slot = threadIdx.x * VEC + k;
+            channel_mean[slot] = shift.v[k] + m.mean;
+            channel_invstd[slot] = store_statistics(c0 + k, m.count, channel_mean[slot], m.m2, mean_out, invstd_out,
+                                                    running_mean, running_var, num_batches_tracked, momentum, eps,
+                                                    has_running_stats, cumulative);
+        }
     }
-    if (count_batch_here) count_batch_after_every_read(num_batches_tracked, counters, cumulative);
     __syncthreads();
-    if (c >= C) return;
-    A scale, bias_c;
-    affine_from(c, channel_invstd[threadIdx.x], weight, bias, scale, bias_c);
-    column_normalize<T, A, FUSED>(x, y, residual, x_stride_m, y_stride_m, c, channel_mean[threadIdx.x], scale, bias_c,
-                                  relu, i64(0),
-                     M);
+    if (active) {
+        Values<A, VEC> mean, scale, bias_c;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            const int slot = threadIdx.x * VEC + k;
+            mean.v[k] = channel_mean[slot];
+            affine_from(c0 + k, channel_invstd[slot], weight, bias, scale.v[k], bias_c.v[k]);
+        }
+        column_normalize<VEC, FUSED>(x, y, residual, x_stride_m, y_stride_m, c0, mean, scale, bias_c, relu, i64(0),
+                                     M);
+    }
+    // Last, as in single_pass_forward_channels_first (every thread of the block gets here).
+    if (count_batch_here) count_batch_after_every_read(num_batches_tracked, counters, cumulative);
 }
 
 template <typename T, typename W, typename A, int VEC, bool FUSED>
@@ -1049,7 +1259,7 @@ __global__ void single_pass_backward_channels_first(
     for (i64 tile = 0; tile < total_tiles; ++tile) for_each_group_in_tile<VEC>(t, tile, op);
 }
 
-template <typename T, typename W, typename A, bool FUSED>
+template <typename T, typename W, typename A, int VEC, bool FUSED>
 __global__ void single_pass_backward_channels_last(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,   // (M, C); dx when need_input_grad
     const A* mean_in, const A* invstd_in, const W* weight,
@@ -1057,25 +1267,37 @@ __global__ void single_pass_backward_channels_last(
     W* grad_weight, W* grad_bias,
     i64 M, i64 C, i64 dy_stride_m, i64 x_stride_m, i64 dx_stride_m, A inv_count, int training, int need_input_grad,
     int relu) {
-    __shared__ A totals[2][CHANNEL_THREADS];
-    i64 c = (i64)blockIdx.y * CHANNEL_THREADS + threadIdx.x;
-    A mean = c < C ? mean_in[c] : A(0), invstd = c < C ? invstd_in[c] : A(0);
-    A sum_dy = A(0), sum_dy_xmu = A(0);
-    ReluMask<A> mask = relu_mask(c, relu && c < C, mean_in, invstd_in, weight, bias);
-    if (c < C)
-        column_gradient_sums<T, A, FUSED>(dy, x, dy_stride_m, x_stride_m, c, mean, mask, i64(0), M, sum_dy, sum_dy_xmu);
-    column_sums(sum_dy, sum_dy_xmu);
-    if (threadIdx.y == 0 && c < C) {
-        store_gradients(c, sum_dy, sum_dy_xmu, invstd, grad_weight, grad_bias);
-        totals[0][threadIdx.x] = sum_dy;
-        totals[1][threadIdx.x] = sum_dy_xmu;
+    __shared__ A totals[2][CL_MAX_CHANNELS];
+    const i64 c0 = first_channel<VEC>();
+    const bool active = c0 < C;
+    Values<A, VEC> mean = zeros<A, VEC>(), invstd = zeros<A, VEC>();
+    if (active) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) { mean.v[k] = mean_in[c0 + k]; invstd.v[k] = invstd_in[c0 + k]; }
+    }
+    const Values<ReluMask<A>, VEC> masks = relu_masks<VEC>(c0, relu && active, mean_in, invstd_in, weight, bias);
+    Values<A, VEC> sum_dy = zeros<A, VEC>(), sum_dy_xmu = zeros<A, VEC>();
+    if (active)
+        column_gradient_sums<VEC, FUSED>(dy, x, dy_stride_m, x_stride_m, c0, mean, masks, i64(0), M, sum_dy,
+                                         sum_dy_xmu);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+        A total_dy = sum_dy.v[k], total_dy_xmu = sum_dy_xmu.v[k];
+        column_sums(total_dy, total_dy_xmu);
+        if (threadIdx.y == 0 && active) {
+            store_gradients(c0 + k, total_dy, total_dy_xmu, invstd.v[k], grad_weight, grad_bias);
+            totals[0][threadIdx.x * VEC + k] = total_dy;
+            totals[1][threadIdx.x * VEC + k] = total_dy_xmu;
+        }
     }
     __syncthreads();
-    if (!need_input_grad || c >= C) return;
-    A mean_x, scale, mean_dy, projection;
-    dx_coefficients(c, mean, invstd, weight, totals[0][threadIdx.x], totals[1][threadIdx.x], inv_count, training,
-                    mean_x, scale, mean_dy, projection);
-    column_input_gradient<T, A, FUSED>(dy, x, dx, dy_stride_m, x_stride_m, dx_stride_m, c, mean_x, scale, mean_dy,
-                                       projection,
-                          training, mask, i64(0), M);
+    if (!need_input_grad || !active) return;
+    Values<A, VEC> mean_x, scale, mean_dy, projection;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k)
+        dx_coefficients(c0 + k, mean.v[k], invstd.v[k], weight, totals[0][threadIdx.x * VEC + k],
+                        totals[1][threadIdx.x * VEC + k], inv_count, training, mean_x.v[k], scale.v[k], mean_dy.v[k],
+                        projection.v[k]);
+    column_input_gradient<VEC, FUSED>(dy, x, dx, dy_stride_m, x_stride_m, dx_stride_m, c0, mean_x, scale, mean_dy,
+                                      projection, training, masks, i64(0), M);
 }

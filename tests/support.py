@@ -55,6 +55,7 @@ LAYOUT_CASES = [
     ((2, 3, 3, 4, 5), "contiguous"),
     ((2, 3, 3, 4, 5), "channels_last"),
     ((9, 70, 2, 3), "channels_last"),  # C over one channel block, N * S over several splits
+    ((3, 16, 5, 6), "channels_last"),  # C a multiple of 16 bytes of values: CUDA C's vector accesses
     ((2, 2, 33, 35), "contiguous"),   # spatial extent not a multiple of any block
 ]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]

@@ -1,5 +1,6 @@
 """The CuPy backend without a GPU: its CUDA C source compiles with nvcc for sm_80 and sm_90 in every
 type instantiation the backend asks NVRTC for, and missing pieces give errors that say what to do."""
+import math
 import os
 import shutil
 import subprocess
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import bn_gpu
-from bn_gpu import cupy_backend
+from bn_gpu import cupy_backend, plan
 from bn_gpu.dtypes import stat_dtype
 from support import has_cupy
 
@@ -141,7 +142,7 @@ def _check_arguments(launches, dtype) -> None:
         for arg, c_type in zip(args, params):
             assert type(arg) is _expected_numpy_type(c_type.replace("const ", "").replace("__restrict__", "").strip()
                                                      if "*" not in c_type else "*", accumulate), (name, c_type, arg)
-        assert all(g > 0 for g in grid) and block in ((256,), (32, 8))
+        assert all(g > 0 for g in grid) and math.prod(block) == cupy_backend.THREADS and block[0] <= 256
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -245,3 +246,28 @@ def test_nvrtc_compiles_every_name_expression():
     for name in names:
         lowered = ctypes.c_char_p()
         assert lib.nvrtcGetLoweredName(program, name.encode(), ctypes.byref(lowered)) == 0 and lowered.value
+
+
+@pytest.mark.parametrize("dtype, channels, vec", [(torch.bfloat16, 16, 8), (torch.float32, 16, 4), (torch.float64, 6, 2),
+                                                  (torch.bfloat16, 12, 1), (torch.float32, 6, 1)], ids=str)
+def test_channels_last_kernels_read_16_bytes_of_channels_where_c_allows(fake_cupy, dtype, channels, vec):
+    """A channels-last thread owns 16 bytes of consecutive channels when C is a multiple of that many
+    values (else one channel, VEC = 1); a block has block_c / VEC threads across channels and the
+    rest of its 256 along rows."""
+    from support import make_input, make_params
+
+    x = make_input((4, channels, 8, 8), dtype, "channels_last")
+    weight, bias, running_mean, running_var = make_params(channels, torch.float32 if dtype == torch.bfloat16 else dtype)
+    cupy_backend.forward_train(x, weight, bias, running_mean, running_var, torch.tensor(3), 0.1, 1e-5)
+    g = cupy_backend.KERNELS.geometry(x)
+    assert g.plan.block_c == min(plan.next_power_of_2(channels), 32 * 16 // x.element_size())
+    for name, grid, block, _ in fake_cupy.launches:
+        assert f", {vec}, " in name or name.endswith(f", {vec}>"), name
+        assert block == (g.plan.block_c // vec, 256 // (g.plan.block_c // vec)) and grid[1] == g.plan.c_blocks
+    # A view whose rows start one value in (not 16 bytes) takes the scalar kernels.
+    fake_cupy.launches.clear()
+    offset = make_input((4, channels + 1, 8, 8), dtype, "channels_last")[:, 1:]
+    assert offset.stride()[1] == 1 and (vec == 1 or offset.data_ptr() % 16)
+    cupy_backend.forward_train(offset, weight, bias, running_mean, running_var, torch.tensor(3), 0.1, 1e-5)
+    assert all(", 1, " in name or name.endswith(", 1>") for name, *_ in fake_cupy.launches)
+    _check_arguments(fake_cupy.launches, dtype)
