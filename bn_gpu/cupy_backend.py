@@ -36,6 +36,11 @@ FUSABLE = ("normalize", "single_pass_forward", "gradient_sums", "input_gradient"
 # finish merge the partials; SyncBatchNorm's local moments use the plain statistics kernel).
 FINALIZING = ("statistics", "gradient_sums")
 
+# The normalize and input-gradient passes walk their tiles (channels-last: rows) in the reverse of
+# the order the statistics (gradient sums) read them, so they start with what is still in L2 (the
+# static model counts it).
+SECOND_PASS_REVERSED = True
+
 _INSTALL_HINT = "pip install -e .[cupy] (installs cupy-cuda12x; use the cupy wheel matching your CUDA)"
 
 

@@ -779,20 +779,24 @@ __global__ void normalize_channels_first(
     NormalizeRow<T, A, FUSED> op = {x + c * x_stride_c, y + c * y_stride_c, residual ? residual + c * y_stride_c : nullptr,
                              x_stride_n, y_stride_n, mean, scale, shift, relu};
     Tiles t = program_tiles(N, S, s_blocks, total_tiles, tiles_per_program, rows, block_s);
-    for (i64 tile = t.first; tile < t.last; ++tile) for_each_group_in_tile<VEC>(t, tile, op);
+    for (i64 tile = t.last - 1; tile >= t.first; --tile) for_each_group_in_tile<VEC>(t, tile, op);  // reversed
 }
 
-// y = epilogue((x - mean) * scale + shift) over this thread's rows [row_begin, row_end) of channels c0..
+// y = epilogue((x - mean) * scale + shift) over this thread's rows [row_begin, row_end) of channels c0..,
+// walked from the last: a second pass over what a reduction read first to last starts with what is
+// still in L2 (the same for the dx pass and the channels-first tiles below).
 template <int VEC, bool FUSED, typename T, typename A>
 __device__ __forceinline__ void column_normalize(const T* x, T* y, const T* residual, i64 x_stride_m, i64 y_stride_m,
                                                  i64 c0, const Values<A, VEC>& mean, const Values<A, VEC>& scale,
                                                  const Values<A, VEC>& shift, int relu, i64 row_begin, i64 row_end) {
-    const i64 first = row_begin + threadIdx.y, x_step = blockDim.y * x_stride_m, y_step = blockDim.y * y_stride_m;
-    const T* x_row = x + first * x_stride_m + c0;
-    const T* residual_row = residual ? residual + first * y_stride_m + c0 : nullptr;
-    T* y_row = y + first * y_stride_m + c0;
+    // The thread's rows from its last (reversed): negative steps.
+    const i64 rows = rows_from(row_begin + threadIdx.y, row_end), last = row_begin + threadIdx.y + (rows - 1) * blockDim.y;
+    const i64 x_step = -(i64)blockDim.y * x_stride_m, y_step = -(i64)blockDim.y * y_stride_m;
+    const T* x_row = x + last * x_stride_m + c0;
+    const T* residual_row = residual ? residual + last * y_stride_m + c0 : nullptr;
+    T* y_row = y + last * y_stride_m + c0;
 #pragma unroll 2
-    for (i64 i = rows_from(first, row_end); i > 0; --i, x_row += x_step, y_row += y_step) {
+    for (i64 i = rows; i > 0; --i, x_row += x_step, y_row += y_step) {
         Pack<T, VEC> in = load_pack<VEC>(x_row);
         Values<A, VEC> value;
 #pragma unroll
@@ -1081,7 +1085,7 @@ __global__ void input_gradient_channels_first(
                                  dy_stride_n, x_stride_n, dx_stride_n, mean, scale, mean_dy, projection, training,
                                  relu_mask(c, relu, mean_in, invstd_in, weight, bias)};
     Tiles t = program_tiles(N, S, s_blocks, total_tiles, tiles_per_program, rows, block_s);
-    for (i64 tile = t.first; tile < t.last; ++tile) for_each_group_in_tile<VEC>(t, tile, op);
+    for (i64 tile = t.last - 1; tile >= t.first; --tile) for_each_group_in_tile<VEC>(t, tile, op);  // reversed
 }
 
 // dx over this thread's rows [row_begin, row_end) of channels c0.. (x read in training, or for the ReLU's mask).
@@ -1092,14 +1096,16 @@ __device__ __forceinline__ void column_input_gradient(const T* dy, const T* x, T
                                                       const Values<A, VEC>& projection, int training,
                                                       const Values<ReluMask<A>, VEC>& relu, i64 row_begin,
                                                       i64 row_end) {
-    const i64 first = row_begin + threadIdx.y, dy_step = blockDim.y * dy_stride_m, x_step = blockDim.y * x_stride_m;
-    const i64 dx_step = blockDim.y * dx_stride_m;
-    const T* dy_row = dy + first * dy_stride_m + c0;
-    T* dx_row = dx + first * dx_stride_m + c0;
+    // The thread's rows from its last (reversed): negative steps.
+    const i64 rows = rows_from(row_begin + threadIdx.y, row_end), last = row_begin + threadIdx.y + (rows - 1) * blockDim.y;
+    const i64 dy_step = -(i64)blockDim.y * dy_stride_m, x_step = -(i64)blockDim.y * x_stride_m;
+    const i64 dx_step = -(i64)blockDim.y * dx_stride_m;
+    const T* dy_row = dy + last * dy_stride_m + c0;
+    T* dx_row = dx + last * dx_stride_m + c0;
     if (FUSED || training) {
-        const T* x_row = x + first * x_stride_m + c0;
+        const T* x_row = x + last * x_stride_m + c0;
 #pragma unroll 2
-        for (i64 i = rows_from(first, row_end); i > 0; --i, dy_row += dy_step, x_row += x_step, dx_row += dx_step) {
+        for (i64 i = rows; i > 0; --i, dy_row += dy_step, x_row += x_step, dx_row += dx_step) {
             Pack<T, VEC> g = load_pack<VEC>(dy_row);
             Pack<T, VEC> in = load_pack<VEC>(x_row);
             Pack<T, VEC> out;
@@ -1115,7 +1121,7 @@ __device__ __forceinline__ void column_input_gradient(const T* dy, const T* x, T
         }
     } else {
 #pragma unroll 2
-        for (i64 i = rows_from(first, row_end); i > 0; --i, dy_row += dy_step, dx_row += dx_step) {
+        for (i64 i = rows; i > 0; --i, dy_row += dy_step, dx_row += dx_step) {
             Pack<T, VEC> g = load_pack<VEC>(dy_row);
             Pack<T, VEC> out;
 #pragma unroll
@@ -1177,7 +1183,7 @@ __global__ void single_pass_forward_channels_first(
     affine_from(c, channel[1], weight, bias, scale, bias_c);
     NormalizeRow<T, A, FUSED> op = {xc, y + c * y_stride_c, residual ? residual + c * y_stride_c : nullptr, x_stride_n,
                              y_stride_n, channel[0], scale, bias_c, relu};
-    for (i64 tile = 0; tile < total_tiles; ++tile) for_each_group_in_tile<VEC>(t, tile, op);
+    for (i64 tile = total_tiles - 1; tile >= 0; --tile) for_each_group_in_tile<VEC>(t, tile, op);  // reversed
     // Last: the block has read the count long before (store_statistics), and the loops above keep
     // the code they have without the ticket.
     if (count_batch_here) count_batch_after_every_read(num_batches_tracked, counters, cumulative);
@@ -1256,7 +1262,7 @@ __global__ void single_pass_backward_channels_first(
     dx_coefficients(c, mean, invstd, weight, totals[0], totals[1], inv_count, training, mean_x, scale, mean_dy, projection);
     InputGradientRow<T, A, FUSED> op = {dyc, xc, dx + c * dx_stride_c, dy_stride_n, x_stride_n, dx_stride_n,
                                  mean_x, scale, mean_dy, projection, training, mask};
-    for (i64 tile = 0; tile < total_tiles; ++tile) for_each_group_in_tile<VEC>(t, tile, op);
+    for (i64 tile = total_tiles - 1; tile >= 0; --tile) for_each_group_in_tile<VEC>(t, tile, op);  // reversed
 }
 
 template <typename T, typename W, typename A, int VEC, bool FUSED>

@@ -75,21 +75,26 @@ def test_resource_parsing_and_occupancy():
     assert model.occupancy(heavy, 256, h200) == 1  # 255 -> 256 registers: 8 warps x 8192
 
 
-def test_traffic_of_a_known_split_plan():
+def test_traffic_of_a_known_split_plan(monkeypatch):
     """64x64x112x112 fp32 contiguous, split path: statistics reads x; normalize reads x again and
-    writes y. Walked in the statistics' order (CUDA C), the second read of 205 MB misses the L2
-    entirely: 3|x| for a 2|x| floor; walked in reverse (Triton), its first 40 MB (the reusable L2
-    assumed) are hits."""
+    writes y. Walked in reverse (both backends), the second read's first 40 MB (the reusable L2
+    assumed) are hits; walked in the statistics' order, the second read of 205 MB would miss the L2
+    entirely: 3|x| for a 2|x| floor."""
+    from bn_gpu import cupy_backend
     h200 = model.TARGETS["h200"]
     shape = (64, 64, 112, 112)
     size = math.prod(shape) * 4
     case = (shape, torch.float32, "contiguous", "train_fwd")
-    for backend, second_read in (("cupy", size), ("triton", size - h200.l2_reuse_mb * 1e6)):
+    for backend in ("cupy", "triton"):
         recorded = launches.record(backend, "train_fwd", shape, torch.float32, "contiguous", sms=h200.sms)
         # The statistics finalized by the kernel's last programs.
         assert [l.name for l in recorded] == ["statistics_channels_first", "normalize_channels_first"]
         assert model.dram_bytes(recorded[0], case, h200, per_sm=8) == size
+        second_read = size - h200.l2_reuse_mb * 1e6
         assert model.dram_bytes(recorded[-1], case, h200, per_sm=8) == pytest.approx(second_read + size)
+    monkeypatch.setattr(cupy_backend, "SECOND_PASS_REVERSED", False)
+    recorded = launches.record("cupy", "train_fwd", shape, torch.float32, "contiguous", sms=h200.sms)
+    assert model.dram_bytes(recorded[-1], case, h200, per_sm=8) == pytest.approx(2 * size)
     # The same input at 5 MB fits the L2: the second read is a hit.
     small = (8, 64, 56, 56)
     recorded = launches.record("triton", "train_fwd", small, torch.float32, "contiguous", sms=h200.sms)

@@ -172,8 +172,9 @@ def test_bitwise_deterministic(backend, device, monkeypatch):
 
 def test_no_kernel_accumulates_through_atomics():
     """The reductions have a fixed order: no kernel accumulates values through atomics, whose order
-    depends on scheduling. The one atomic is the integer ticket of finalize.last_of_group, which
-    picks the program that merges the partials -- in a fixed order."""
+    depends on scheduling. The one atomic of each backend is the integer ticket that picks the
+    program that merges the partials -- in a fixed order (Triton: finalize.last_of_group; CUDA C:
+    last_block_of)."""
     import importlib.resources
     import re
     sources = {name: importlib.resources.files("bn_gpu.kernels").joinpath(name).read_text()
@@ -183,4 +184,5 @@ def test_no_kernel_accumulates_through_atomics():
     for name, text in sources.items():
         code = "\n".join(line.split("#")[0].split("//")[0] for line in text.splitlines())  # comments aside
         calls += [(name, call) for call in re.findall(r"[\w.]*atomic\w*\([^,]*,[^,)]*", code, flags=re.IGNORECASE)]
-    assert calls == [("finalize.py", "tl.atomic_add(counter_ptr + group, 1")], calls
+    assert calls == [("finalize.py", "tl.atomic_add(counter_ptr + group, 1"),
+                     ("batch_norm.cu", "atomicAdd(counters + index, 1")], calls
