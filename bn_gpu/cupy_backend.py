@@ -82,8 +82,8 @@ def _vector_width(T: str) -> int:
 
 def kernel_names(T: str, W: str, R: str, A: str) -> dict:
     """{role: name expression} of one type combination. A role is the kernel's name, with the
-    vector width appended for the channels-first elementwise kernels, "_fused" for the
-    instantiation with the epilogue and "_finalized" for the one with its own finalize."""
+    vector width appended for the streaming kernels (1, and the width of 16 bytes), "_fused" for
+    the instantiation with the epilogue and "_finalized" for the one with its own finalize."""
     templates = {
         "statistics_channels_first": f"<{T}, {A}, {R}, VEC>",
         "statistics_channels_last": f"<{T}, {A}, {R}, VEC>",
@@ -248,9 +248,10 @@ class CudaKernels:
         count, part_mean, m2 = partials
         tracked = running_mean is not None
         cumulative = tracked and momentum is None
-        _launch(g, None, _dtype(running_mean), *self._streaming(g, "statistics", x, finalized=counters is not None),
-                [_ptr(x), _ptr(count), _ptr(part_mean), _ptr(m2), _ptr(counters), _ptr(mean),
-                            _ptr(invstd), _ptr(running_mean), _ptr(running_var), _ptr(counter if cumulative else None)]
+        shape = self._streaming(g, "statistics", x, finalized=counters is not None)
+        _launch(g, None, _dtype(running_mean), *shape,
+                [_ptr(x), _ptr(count), _ptr(part_mean), _ptr(m2), _ptr(counters), _ptr(mean), _ptr(invstd),
+                 _ptr(running_mean), _ptr(running_var), _ptr(counter if cumulative else None)]
                 + _i64(*g.sizes, *g.x.strides) + _tiling(g)
                 + [np.int64(g.finalize.group_splits), np.float32(0.0 if momentum is None else momentum),
                    np.float32(eps), np.int32(tracked), np.int32(cumulative)])
@@ -304,8 +305,8 @@ class CudaKernels:
         self._gradient_sums(g, grad_y, x, mean, partials, invstd, weight, bias, relu, counters, totals, grad_weight,
                             grad_bias)
 
-    def _gradient_sums(self, g, grad_y, x, mean, partials, invstd, weight, bias, relu, counters=None, totals=(None, None),
-                       grad_weight=None, grad_bias=None):
+    def _gradient_sums(self, g, grad_y, x, mean, partials, invstd, weight, bias, relu, counters=None,
+                       totals=(None, None), grad_weight=None, grad_bias=None):
         """The gradient-sums kernel; with counters, its finalizing instantiation, which writes the
         parameter gradients in W (so W is their dtype: the weight's, or the accumulation dtype)."""
         sum_dy, sum_dy_xmu = partials

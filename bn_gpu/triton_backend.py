@@ -192,8 +192,8 @@ class TritonKernels:
         cumulative = tracked and momentum is None
         launch(kernel, grid,
                [x, y, residual, mean, invstd, running_mean, running_var, counter if cumulative or count_batch else None,
-                counters if cumulative and count_batch else None, weight, bias, *g.sizes, *g.x.strides, *g.out.strides, 0.0 if momentum is None else float(momentum),
-                float(eps), *g.single_pass_tiling],
+                counters if cumulative and count_batch else None, weight, bias, *g.sizes, *g.x.strides,
+                *g.out.strides, 0.0 if momentum is None else float(momentum), float(eps), *g.single_pass_tiling],
                dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING_STATS=tracked,
                     CUMULATIVE=cumulative, COUNT_BATCH=count_batch, HAS_RESIDUAL=residual is not None, RELU=relu,
                     **meta))

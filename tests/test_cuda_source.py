@@ -248,8 +248,9 @@ def test_nvrtc_compiles_every_name_expression():
         assert lib.nvrtcGetLoweredName(program, name.encode(), ctypes.byref(lowered)) == 0 and lowered.value
 
 
-@pytest.mark.parametrize("dtype, channels, vec", [(torch.bfloat16, 16, 8), (torch.float32, 16, 4), (torch.float64, 6, 2),
-                                                  (torch.bfloat16, 12, 1), (torch.float32, 6, 1)], ids=str)
+@pytest.mark.parametrize("dtype, channels, vec", [(torch.bfloat16, 16, 8), (torch.float32, 16, 4),
+                                                  (torch.float64, 6, 2), (torch.bfloat16, 12, 1),
+                                                  (torch.float32, 6, 1)], ids=str)
 def test_channels_last_kernels_read_16_bytes_of_channels_where_c_allows(fake_cupy, dtype, channels, vec):
     """A channels-last thread owns 16 bytes of consecutive channels when C is a multiple of that many
     values (else one channel, VEC = 1); a block has block_c / VEC threads across channels and the
