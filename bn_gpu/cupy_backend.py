@@ -35,6 +35,10 @@ FUSABLE = ("normalize", "single_pass_forward", "gradient_sums", "input_gradient"
 # Split reductions instantiated without and with their own finalize (FINALIZE: the last blocks to
 # finish merge the partials; SyncBatchNorm's local moments use the plain statistics kernel).
 FINALIZING = ("statistics", "gradient_sums")
+# Channels-first kernels instantiated without and with channel groups (GROUPED: a block owns the
+# adjacent channels of bn_gpu.plan.channel_group, whose rows together start on 16 bytes).
+GROUPABLE = ("statistics", "normalize", "single_pass_forward", "gradient_sums", "input_gradient",
+             "single_pass_backward")
 
 # The normalize and input-gradient passes walk their tiles (channels-last: rows) in the reverse of
 # the order the statistics (gradient sums) read them, so they start with what is still in L2 (the
@@ -83,7 +87,8 @@ def _vector_width(T: str) -> int:
 def kernel_names(T: str, W: str, R: str, A: str) -> dict:
     """{role: name expression} of one type combination. A role is the kernel's name, with the
     vector width appended for the streaming kernels (1, and the width of 16 bytes), "_fused" for
-    the instantiation with the epilogue and "_finalized" for the one with its own finalize."""
+    the instantiation with the epilogue, "_finalized" for the one with its own finalize and
+    "_grouped" for the channels-first one with channel groups."""
     templates = {
         "statistics_channels_first": f"<{T}, {A}, {R}, VEC>",
         "statistics_channels_last": f"<{T}, {A}, {R}, VEC>",
@@ -107,9 +112,11 @@ def kernel_names(T: str, W: str, R: str, A: str) -> dict:
         variants = [(name, arguments)]
         if "VEC" in arguments:
             variants = [(f"{name}_{vec}", arguments.replace("VEC", str(vec))) for vec in sorted({1, _vector_width(T)})]
-        family = name.rsplit("_channels_", 1)[0]
+        family, _, layout_family = name.partition("_channels_")
+        groupable = GROUPABLE if layout_family == "first" else ()
         # The boolean template parameters, in the source's order: (role suffix when true) per flag.
-        flags = [suffix for suffix, kinds in (("_fused", FUSABLE), ("_finalized", FINALIZING)) if family in kinds]
+        flags = [suffix for suffix, kinds in (("_fused", FUSABLE), ("_finalized", FINALIZING), ("_grouped", groupable))
+                 if family in kinds]
         for role, expression in variants:
             for values in itertools.product((False, True), repeat=len(flags)):
                 suffix = "".join(flag for flag, on in zip(flags, values) if on)
@@ -176,10 +183,10 @@ def _as_w(t: torch.Tensor | None, w_dtype) -> torch.Tensor | None:
 
 
 def _shape(g: plans.Geometry, vec: int):
-    """(grid, block) of a streaming kernel: channels-first (channels, splits) of 1-D blocks;
-    channels-last (splits, channel blocks) of blocks with block_c / vec threads across channels."""
+    """(grid, block) of a streaming kernel: channels-first (channels or channel groups, splits) of
+    1-D blocks; channels-last (splits, channel blocks) of blocks with block_c / vec threads across channels."""
     if g.channels_first:
-        return (g.C, g.plan.splits), (THREADS,)
+        return g.plan.grid(g.C), (THREADS,)
     channel_threads = g.plan.block_c // vec
     return (g.plan.splits, g.plan.c_blocks), (channel_threads, THREADS // channel_threads)
 
@@ -192,7 +199,9 @@ def _tiling(g: plans.Geometry, single_pass: bool = False) -> list:
 def _vector_width_for(g: plans.Geometry, *tensors) -> int:
     """16-byte accesses where every tensor's pointer and strides allow them, else 1. Channels-first
     along each row of S values (a row whose length is not a multiple of the width is finished value
-    by value); channels-last across consecutive channels, so C must be a multiple of the width."""
+    by value); with channel groups along each row's run of the group's channels, whose start the
+    plan made a multiple of the width (stride_c = S, group x S a multiple), so only the row stride
+    counts; channels-last across consecutive channels, so C must be a multiple of the width."""
     vec = VECTOR_BYTES // tensors[0].element_size()
     if (g.plan.block_s if g.channels_first else g.C) % vec:
         return 1
@@ -202,6 +211,8 @@ def _vector_width_for(g: plans.Geometry, *tensors) -> int:
         if t.data_ptr() % VECTOR_BYTES:
             return 1
         strides = layout.channels_first_view(t).strides if g.channels_first else layout.channels_last_view(t).strides
+        if g.channels_first and g.plan.group > 1:
+            strides = strides[:1]  # stride_n
         if any(stride % vec for stride in strides):
             return 1
     return vec
@@ -235,7 +246,8 @@ class CudaKernels:
     def _streaming(g, name: str, *tensors, fused: bool = False, finalized: bool = False):
         """(role, grid, block) of the streaming kernel `name` on the tensors it reads and writes."""
         vec = _vector_width_for(g, *tensors)
-        suffix = ("_fused" if fused else "") + ("_finalized" if finalized else "")
+        grouped = g.channels_first and g.plan.group > 1
+        suffix = ("_fused" if fused else "") + ("_finalized" if finalized else "") + ("_grouped" if grouped else "")
         family = "first" if g.channels_first else "last"
         return (f"{name}_channels_{family}_{vec}{suffix}", *_shape(g, vec))
 

@@ -162,7 +162,7 @@ def triton_compile_inputs(launch: Launch) -> tuple[dict, dict, dict, dict]:
             constexprs[(index,)] = value
         elif attribute == "D":
             attrs[(index,)] = [["tt.divisibility", 16]]
-    options = {k: v for k, v in launch.meta.items() if k in ("num_warps", "num_stages")}
+    options = {k: v for k, v in launch.meta.items() if k in ("num_warps", "num_stages", "maxnreg")}
     return signature, constexprs, attrs, options
 
 

@@ -164,19 +164,37 @@ def _streams(ins: Instruction) -> bool:
     return ins.opcode.startswith("LDG") and ".STRONG" not in ins.opcode
 
 
+def _branch_target(ins: Instruction) -> int | None:
+    match = re.search(r"0x([0-9a-f]+)", ins.operands)
+    return int(match.group(1), 16) if match else None
+
+
+def _divergence_returns(instructions: list[Instruction]) -> set:
+    """Addresses of the branches that end a warp-divergence fallback: nvcc places the path a
+    BRA.DIV takes when a warp is not converged (shuffles one lane at a time) after the function's
+    body, and its closing BRA jumps back to where the converged path resumes -- backwards, but no loop."""
+    targets = {_branch_target(ins) for ins in instructions if ins.opcode.startswith("BRA.DIV")}
+    returns = set()
+    for target in targets - {None}:
+        returns.update(next(([ins.address] for ins in instructions
+                             if ins.address >= target and ins.opcode.startswith("BRA")), []))
+    return returns
+
+
 def main_loops(instructions: list[Instruction]) -> list[LoopStats]:
-    """The loops with global loads: every backward branch closes a loop [target, branch]; nested
-    loops count in their own body only. Sorted by bytes streamed per iteration (`_streams`), then
-    by bytes loaded, largest first: a fused finalize's loops over partials come after the
-    streaming loop, however much they load."""
+    """The loops with global loads: every backward branch closes a loop [target, branch] (except
+    the return of a divergence fallback, `_divergence_returns`); nested loops count in their own
+    body only. Sorted by bytes streamed per iteration (`_streams`), then by bytes loaded, largest
+    first: a fused finalize's loops over partials come after the streaming loop, however much
+    they load."""
     loops = []
-    for i, ins in enumerate(instructions):
-        if not ins.opcode.startswith("BRA"):
+    not_loops = _divergence_returns(instructions)
+    for ins in instructions:
+        if not ins.opcode.startswith("BRA") or ins.address in not_loops:
             continue
-        match = re.search(r"0x([0-9a-f]+)", ins.operands)
-        if not match or int(match.group(1), 16) >= ins.address:
+        start = _branch_target(ins)
+        if start is None or start >= ins.address:
             continue
-        start = int(match.group(1), 16)
         loops.append((start, ins.address))
     stats = []
     for start, end in loops:
@@ -265,7 +283,8 @@ class Compiler:
             dtype = next((a.dtype for a in launch.args if isinstance(a, torch.Tensor)), None)
             flags = ",".join(k for k, v in sorted(launch.meta.items()) if v is True)
             label = (f"{name} {str(dtype).replace('torch.', '')} "
-                     + " ".join(f"{k}={v}" for k, v in sorted(launch.meta.items()) if k.startswith(("BLOCK", "ROWS")))
+                     + " ".join(f"{k}={v}" for k, v in sorted(launch.meta.items())
+                                if k.startswith(("BLOCK", "ROWS")) or (k == "GROUP" and v > 1))
                      + f" warps={launch.meta.get('num_warps', 4)}" + (f" [{flags}]" if flags else ""))
             self.cache[key] = Compiled("triton", label, usage["registers"], usage["stack"] + usage["local"],
                                        shared, main_loops(sass.get(name) or next(iter(sass.values()))))
@@ -569,8 +588,9 @@ def header_markdown(target: Target, versions: dict) -> str:
         "How each figure is computed: launches and grids are recorded from the backends' own orchestration "
         "on meta tensors; registers, spills and shared memory come from `cuobjdump --dump-resource-usage` of "
         "each kernel compiled for the target as it launches; loop figures from its SASS (the loop with the "
-        "largest streaming global loads per iteration -- not the fused finalize's coherent loads of partials: "
-        "its instructions, load/store widths, barriers); instructions per "
+        "largest streaming global loads per iteration -- not the fused finalize's coherent loads of partials, "
+        "and a warp-divergence fallback's jump back is no loop: its instructions, load/store widths, "
+        "barriers); instructions per "
         "element = loop instructions / elements loaded per iteration. DRAM bytes: each kernel's streams "
         "(x, dy read; y/dx written), a second read counted as an L2 hit only when what it re-reads fits the "
         "assumed reusable L2. bound % floor = floor bytes / modelled DRAM bytes (the best the plan can reach at "

@@ -29,6 +29,8 @@ class Tuning:
     finalize_tile: int     # partials per finalize tile
     num_warps: int
     chunk_tiles: int       # tiles a lane sums before the statistics are reduced and merged (Chan)
+    channel_groups: bool = True  # channels-first: adjacent channels per program where rows of S values
+                                 # cannot start on 16 bytes (see channel_group)
 
     def tile_elements(self, itemsize: int) -> int:
         return max(1, self.tile_bytes // itemsize)
@@ -89,15 +91,17 @@ def tuning_and_sms(device: torch.device) -> tuple[Tuning, int]:
 class ChannelsFirstPlan:
     rows: int              # batch rows per tile (power of two)
     block_s: int           # spatial positions per tile (power of two)
-    s_blocks: int          # tiles across S
-    total_tiles: int       # tiles per channel
+    s_blocks: int          # tiles across S (GROUP x S when channels are grouped)
+    total_tiles: int       # tiles per channel (group)
     tiles_per_program: int
-    splits: int            # programs per channel (grid axis 1)
+    splits: int            # programs per channel (group) (grid axis 1)
     num_warps: int
     chunk_tiles: int
+    group: int = 1         # adjacent channels per program (see channel_group)
+    align: int = 1         # the group's run of group x S values is a multiple of this many values
 
     def grid(self, C: int) -> tuple[int, int]:
-        return (C, self.splits)
+        return (cdiv(C, self.group), self.splits)
 
 
 @dataclass(frozen=True)
@@ -153,16 +157,47 @@ def _splits_wanted(tuning: Tuning, sms: int, blocks: int) -> int:
     return max(1, cdiv(tuning.programs_per_sm * sms, blocks))
 
 
+VECTOR_BYTES = 16  # the widest global load and store
+# The longest run of a channel group: 256 places of 16 bytes, so that each thread of a 256-thread
+# CUDA C block keeps one place of the run for every row (kernels/batch_norm.cu, "channel groups").
+MAX_GROUP_RUN_BYTES = 256 * VECTOR_BYTES
+
+
+def channel_group(C: int, S: int, itemsize: int, tile: int, channels_adjacent: bool) -> int:
+    """Adjacent channels per channels-first program: 1, or the fewest channels whose rows of S
+    values together span whole 16-byte words (a 7x7 plane: 4 fp32 or 8 bf16 channels, 196 or 392
+    values), so that the kernels load and store 16 bytes where single rows cannot start on 16
+    bytes. Only where that is possible and cheap: the channels lie back to back (stride_c == S in x,
+    dy and the output), C is a multiple of the group, and the group's run fits one tile and
+    MAX_GROUP_RUN_BYTES (each lane, or CUDA C thread, then stays in one place of the run, hence in
+    one channel, which keeps the per-channel bookkeeping out of the loops)."""
+    vector = max(1, VECTOR_BYTES // itemsize)
+    group = vector // math.gcd(S, vector)
+    run = group * S
+    if group == 1 or S == 1 or not channels_adjacent or C % group or run > tile or run * itemsize > MAX_GROUP_RUN_BYTES:
+        return 1
+    return group
+
+
 @functools.lru_cache(maxsize=1024)
-def channels_first_plan(N: int, C: int, S: int, itemsize: int, tuning: Tuning, sms: int) -> ChannelsFirstPlan:
+def channels_first_plan(N: int, C: int, S: int, itemsize: int, tuning: Tuning, sms: int,
+                        channels_adjacent: bool = False) -> ChannelsFirstPlan:
     tile = tuning.tile_elements(itemsize)
-    block_s = _spatial_block(S, tile)
+    group = channel_group(C, S, itemsize, tile, channels_adjacent) if tuning.channel_groups else 1
+    run = group * S
+    # A group's run is one tile wide (next_power_of_2(run) <= tile, both powers of two).
+    block_s = next_power_of_2(run) if group > 1 else _spatial_block(S, tile)
     rows = min(tile // block_s, next_power_of_2(N))
-    s_blocks = cdiv(S, block_s)
+    s_blocks = cdiv(run, block_s)
     total_tiles = cdiv(N, rows) * s_blocks
-    tiles_per_program, splits = _splits(total_tiles, _splits_wanted(tuning, sms, C))
+    # Channels enough to fill the GPU one program each keep the single pass when grouped: fewer,
+    # larger programs (2048 7x7 channels: 256 groups of 8 bf16 channels), but x is read once from
+    # DRAM and the second pass finds it on chip. (Static model, H200 target: 64x2048x7x7 fp32
+    # backward at 100% of floor single-pass, 87% split; see profiling/MODEL.md.)
+    wanted = 1 if _splits_wanted(tuning, sms, C) == 1 else _splits_wanted(tuning, sms, cdiv(C, group))
+    tiles_per_program, splits = _splits(total_tiles, wanted)
     return ChannelsFirstPlan(rows, block_s, s_blocks, total_tiles, tiles_per_program, splits, tuning.num_warps,
-                             tuning.chunk_tiles)
+                             tuning.chunk_tiles, group, VECTOR_BYTES // itemsize if group > 1 else 1)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -235,9 +270,9 @@ class Geometry:
 
     @functools.cached_property
     def finalize_groups(self) -> int:
-        """Programs of the split reductions that share a fused finalize: one group per channel
+        """Programs of the split reductions that share a fused finalize: one group per channel (group)
         channels-first, per channel block channels-last."""
-        return self.C if self.channels_first else self.plan.c_blocks
+        return self.plan.grid(self.C)[0] if self.channels_first else self.plan.c_blocks
 
     @functools.cached_property
     def finalize_counters(self) -> int:
@@ -305,14 +340,15 @@ def _cached_geometry(shape, x_strides, dtype, grad_strides, tuning: Tuning, sms:
     view = channels_first_view if family == CHANNELS_FIRST else channels_last_view
     N, C, S = shape[0], shape[1], spatial_size(shape)
     itemsize = x.element_size()
+    tensors = [t for t in (x_read, grad_y, out) if t is not None]
     if family == CHANNELS_FIRST:
-        plan = channels_first_plan(N, C, S, itemsize, tuning, sms)
+        adjacent = all(view(t).stride_c == S for t in tensors)
+        plan = channels_first_plan(N, C, S, itemsize, tuning, sms, adjacent)
     else:
         plan = channels_last_plan(N * S, C, itemsize, tuning, sms)
-    tensors = [t for t in (x_read, grad_y, out) if t is not None]
     return Geometry(
         family=family, N=N, C=C, S=S, dtype=dtype, stat_dtype=stat_dtype(dtype), plan=plan,
-        finalize=finalize_plan(plan.splits, C, tuning, sms, 1 if family == CHANNELS_FIRST else plan.block_c),
+        finalize=finalize_plan(plan.splits, C, tuning, sms, plan.group if family == CHANNELS_FIRST else plan.block_c),
         x=view(x_read), out=view(out),
         grad_y=None if grad_y is None else view(grad_y), out_strides=out.stride(),
         copy_input=x_read is not x, copy_grad_y=grad_y is not None and grad_y.stride() != grad_strides,

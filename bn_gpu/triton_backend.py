@@ -110,16 +110,25 @@ launch = Launcher()
 
 # ---- the kernel table -------------------------------------------------------------------------
 
+MAX_REGISTERS = 128  # per thread: 2 programs of 256 threads per SM
+
+
 @functools.lru_cache(maxsize=4096)
 def _config(g: Geometry, job: str) -> tuple:
     """(kernel, grid, constexprs and warps) of a streaming kernel for one geometry."""
     p = g.plan
     family = "channels_first" if g.channels_first else "channels_last"
     kernel = getattr(cf if g.channels_first else cl, f"{job}_{family}")
-    blocks = dict(ROWS=p.rows, BLOCK_S=p.block_s) if g.channels_first else dict(BLOCK_M=p.block_m, BLOCK_C=p.block_c)
+    blocks = dict(ROWS=p.rows, BLOCK_S=p.block_s, GROUP=p.group, ALIGN=p.align) if g.channels_first else \
+        dict(BLOCK_M=p.block_m, BLOCK_C=p.block_c)
     meta = dict(ACC=_accumulation(g), OFFSET_64=g.offset_64, num_warps=p.num_warps, **blocks)
     if job in ("statistics", "single_pass_forward"):
         meta["CHUNK"] = p.chunk_tiles
+    if g.channels_first and p.group > 1 and job == "single_pass_forward":
+        # 32 values a thread (8 bf16 channels of 7x7, 16 rows) took 141-161 registers: 1 program per
+        # SM and 16 KB of loads in flight. Capped, 2 per SM and 32 KB, without spills (static model,
+        # H200 target, Triton 3.9; the single-pass backward spills under the cap and keeps 32 KB without it).
+        meta["maxnreg"] = MAX_REGISTERS
     return kernel, p.grid(g.C), meta
 
 

@@ -24,6 +24,8 @@
 // consecutive channels of a row (C a multiple of VEC).
 // FINALIZE, on the two split reductions, compiles in their own finalize: the last blocks to finish
 // merge the partials (in two levels, as kernels/finalize.py), so the split path takes 2 launches.
+// GROUPED, on the channels-first kernels, compiles the channel-group version (see "channel groups"):
+// a block owns several adjacent channels whose rows together start on 16 bytes (7x7 planes).
 // No atomics on values: every reduction has a fixed order, so results are bitwise reproducible; the
 // only atomic is the fused finalize's integer ticket.
 
@@ -340,6 +342,141 @@ __device__ __forceinline__ ColumnMoments<A, VEC> column_moments(const T* x, i64 
     return moments;
 }
 
+// ---- channel groups (channels-first, GROUPED) ---------------------------------------------------
+// Where rows of S values cannot start on 16 bytes (S = 49), a block owns `group` adjacent channels
+// instead, c0 = blockIdx.x * group .. (bn_gpu/plan.py channel_group; the grid has C / group blocks
+// across C), whose group x S values are one run of each row: a multiple of 16 bytes, starting on 16
+// bytes. A thread keeps one place of the run for every row it visits, WIDE values (16 bytes: read
+// with one access when VEC == WIDE, value by value when the host found a pointer or stride
+// misaligned): the plan keeps the run within blockDim.x places, so the thread's place is threadIdx.x
+// % places, its rows start at threadIdx.x / places and step by blockDim.x / places, and each of its
+// values stays in one channel, found once. Per-channel values are gathered per value once; the
+// sums are split by channel once, at the end (one block reduction per channel).
+
+template <typename T> struct Wide { static constexpr int values = 16 / (int)sizeof(T); };
+
+template <int WIDE> struct GroupPlace {
+    i64 c0, group;          // the block's first channel, its number of channels
+    i64 s;                  // the thread's first value in the run
+    i64 first_row, row_step;
+    bool active;            // whether the thread has a place in the run (the last places may not)
+    int channel[WIDE];      // the channel of each of its values, less c0
+};
+
+template <int WIDE> __device__ __forceinline__ GroupPlace<WIDE> group_place(i64 C, i64 S, int block_s) {
+    GroupPlace<WIDE> p;
+    p.group = C / gridDim.x;
+    p.c0 = (i64)blockIdx.x * p.group;
+    const int places = block_s / WIDE;   // a power of two, at most blockDim.x (the plan)
+    p.s = (i64)(threadIdx.x % places) * WIDE;
+    p.first_row = threadIdx.x / places;
+    p.row_step = blockDim.x / places;
+    p.active = p.s < p.group * S;
+#pragma unroll
+    for (int k = 0; k < WIDE; ++k) p.channel[k] = p.active ? (int)((p.s + k) / S) : 0;
+    return p;
+}
+
+// The WIDE values of a place: one 16-byte access when VEC == WIDE, else value by value.
+template <int VEC, int WIDE, typename T> __device__ __forceinline__ Pack<T, WIDE> read_place(const T* p) {
+    if constexpr (VEC == WIDE) {
+        return load_pack<WIDE>(p);
+    } else {
+        Pack<T, WIDE> values;
+#pragma unroll
+        for (int k = 0; k < WIDE; ++k) values.v[k] = p[k];
+        return values;
+    }
+}
+
+// One 16-byte store of a place, through __stwb (st.global.wb.v4: the default caching): stored as a
+// Pack, nvcc split it into four 32-bit stores here (it did not keep the alignment of the cast).
+template <int VEC, int WIDE, typename T>
+__device__ __forceinline__ void write_place(T* p, const Pack<T, WIDE>& values) {
+    if constexpr (VEC == WIDE) {
+        __stwb(reinterpret_cast<uint4*>(p), *reinterpret_cast<const uint4*>(&values));
+    } else {
+#pragma unroll
+        for (int k = 0; k < WIDE; ++k) p[k] = values.v[k];
+    }
+}
+
+// The rows [row_begin, row_end) a thread visits: `count` of them, from `first` by `step`.
+struct PlaceRows { i64 first, count, step; };
+
+template <int WIDE>
+__device__ __forceinline__ PlaceRows place_rows(const GroupPlace<WIDE>& p, i64 row_begin, i64 row_end) {
+    PlaceRows r;
+    r.first = row_begin + p.first_row;
+    r.step = p.row_step;
+    r.count = p.active && r.first < row_end ? (row_end - r.first + r.step - 1) / r.step : 0;
+    return r;
+}
+
+// Each value's channel's first value x[0, c, 0] (x at the group's first channel): its shift.
+template <int WIDE, typename T, typename A>
+__device__ __forceinline__ Values<A, WIDE> place_shifts(const T* x, i64 stride_c, const GroupPlace<WIDE>& p) {
+    Values<A, WIDE> shift;
+#pragma unroll
+    for (int k = 0; k < WIDE; ++k) shift.v[k] = cvt<A>(x[p.channel[k] * stride_c]);
+    return shift;
+}
+
+// The same per channel of the group (for the finalize), channel j in slot j.
+template <int WIDE, typename T, typename A>
+__device__ __forceinline__ Values<A, WIDE> channel_shifts(const T* x, i64 stride_c, i64 group) {
+    Values<A, WIDE> shift = zeros<A, WIDE>();
+#pragma unroll
+    for (int j = 0; j < WIDE; ++j)
+        if (j < group) shift.v[j] = cvt<A>(x[j * stride_c]);
+    return shift;
+}
+
+// Moments of x - shift over the thread's rows of [row_begin, row_end) at its place, the run of sums
+// closed every 64 rows of the thread (as column_moments).
+template <int VEC, int WIDE, typename T, typename A>
+__device__ __forceinline__ ColumnMoments<A, WIDE> place_moments(const T* x, i64 stride_n, const GroupPlace<WIDE>& p,
+                                                                const Values<A, WIDE>& shift, i64 row_begin,
+                                                                i64 row_end) {
+    ColumnMoments<A, WIDE> moments = no_column_moments<A, WIDE>();
+    const PlaceRows r = place_rows(p, row_begin, row_end);
+    const T* row = x + r.first * stride_n + p.s;
+    const i64 step = r.step * stride_n;
+    for (i64 done = 0; done < r.count; done += 64) {
+        const i64 rows = min(r.count - done, i64(64));
+#pragma unroll 4
+        for (i64 i = 0; i < rows; ++i, row += step) {
+            Pack<T, WIDE> in = read_place<VEC, WIDE>(row);
+            Values<A, WIDE> values;
+#pragma unroll
+            for (int k = 0; k < WIDE; ++k) values.v[k] = cvt<A>(in.v[k]) - shift.v[k];
+            moments.add(values);
+        }
+        moments.close();
+    }
+    return moments;
+}
+
+// Channel j's moments of a thread's values: those of its slots in channel j, which share j's shift.
+template <int WIDE, typename A>
+__device__ __forceinline__ Moments<A> channel_moments(const ColumnMoments<A, WIDE>& m, const GroupPlace<WIDE>& p,
+                                                      int j) {
+    Moments<A> part = {A(0), A(0), A(0)};
+#pragma unroll
+    for (int k = 0; k < WIDE; ++k)
+        if (p.active && p.channel[k] == j) merge(part, m.count, m.mean.v[k], m.m2.v[k]);
+    return part;
+}
+
+template <int WIDE, typename A>
+__device__ __forceinline__ A channel_sum(const Values<A, WIDE>& v, const GroupPlace<WIDE>& p, int j) {
+    A sum = A(0);
+#pragma unroll
+    for (int k = 0; k < WIDE; ++k)
+        if (p.active && p.channel[k] == j) sum += v.v[k];
+    return sum;
+}
+
 // ---- finalize: merging the partials of the split reductions -------------------------------------
 // The separate finalize kernels (one 1-D block per channel) and the fused finalize (the last blocks
 // of a split reduction, with its block shape) share these merges, one channel at a time. COLUMNS: a
@@ -488,18 +625,21 @@ __device__ bool last_block_of(int* counters, i64 index, i64 members) {
 }
 
 // Called by every block of the statistics kernel after storing its partials (row `split`); this
-// thread's channels are c0 .. c0 + VEC - 1 (channels-first: VEC = 1), their shifts in `shift`.
+// thread's channels are c0 .. c0 + channels - 1 (channels-first: 1; a channel group: its channels),
+// their shifts in `shift`.
 template <bool COLUMNS, int VEC, typename A, typename R>
 __device__ __forceinline__ void finalize_statistics_of_group(
     A* part_count, A* part_mean, A* part_m2,   // (splits + split groups, C)
     int* counters,   // (groups * (split groups + 1),) int32 zeros
     i64 c0, const Values<A, VEC>& shift, i64 split, i64 group_index, i64 groups, i64 splits, i64 group_splits, i64 C,
     A* mean_out, A* invstd_out, R* running_mean, R* running_var, const i64* num_batches_tracked,   // see store_statistics
-    float momentum, float eps, int has_running_stats, int cumulative) {
+    float momentum, float eps, int has_running_stats, int cumulative,
+    int channels = VEC) {   // of the thread (channels-last) or block (channel groups): c0 .. c0 + channels - 1
     SplitGroup s = split_group(split, group_index, groups, splits, group_splits);
     if (!last_block_of(counters, s.level_1, s.rows)) return;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
+        if (k >= channels) break;
         const i64 c = c0 + k;
         Moments<A> m = merged_rows<COLUMNS>(part_count + s.first * C, part_mean + s.first * C,
                                             part_m2 + s.first * C, s.rows, C, c);
@@ -511,6 +651,7 @@ __device__ __forceinline__ void finalize_statistics_of_group(
     if (!last_block_of(counters, s.level_2, s.split_groups)) return;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
+        if (k >= channels) break;
         const i64 c = c0 + k;
         Moments<A> m = merged_rows<COLUMNS>(part_count + splits * C, part_mean + splits * C, part_m2 + splits * C,
                                             s.split_groups, C, c);
@@ -527,11 +668,13 @@ __device__ __forceinline__ void finalize_gradients_of_group(
     A* part_sum_dy, A* part_sum_dy_xmu,   // (splits + split groups, C)
     int* counters,   // (groups * (split groups + 1),) int32 zeros
     i64 c0, i64 split, i64 group_index, i64 groups, i64 splits, i64 group_splits, i64 C,
-    const A* invstd_in, A* sum_dy_out, A* sum_dy_xmu_out, W* grad_weight, W* grad_bias) {   // see finalize_gradients
+    const A* invstd_in, A* sum_dy_out, A* sum_dy_xmu_out, W* grad_weight, W* grad_bias,   // see finalize_gradients
+    int channels = VEC) {   // as in finalize_statistics_of_group
     SplitGroup s = split_group(split, group_index, groups, splits, group_splits);
     if (!last_block_of(counters, s.level_1, s.rows)) return;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
+        if (k >= channels) break;
         const i64 c = c0 + k;
         A sum_dy, sum_dy_xmu;
         summed_rows<COLUMNS>(part_sum_dy + s.first * C, part_sum_dy_xmu + s.first * C, s.rows, C, c, sum_dy,
@@ -545,6 +688,7 @@ __device__ __forceinline__ void finalize_gradients_of_group(
     if (!last_block_of(counters, s.level_2, s.split_groups)) return;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
+        if (k >= channels) break;
         const i64 c = c0 + k;
         A sum_dy, sum_dy_xmu;
         summed_rows<COLUMNS>(part_sum_dy + splits * C, part_sum_dy_xmu + splits * C, s.split_groups, C, c, sum_dy,
@@ -559,7 +703,37 @@ __device__ __forceinline__ void finalize_gradients_of_group(
 
 // ---- statistics: partial moments per (split, channel) -------------------------------------------
 
+// statistics_channels_first for a channel group (GROUPED; see "channel groups").
 template <typename T, typename A, typename R, int VEC, bool FINALIZE>
+__device__ __forceinline__ void group_statistics(
+    const T* __restrict__ x, A* part_count, A* part_mean, A* part_m2, int* counters, A* mean_out, A* invstd_out,
+    R* running_mean, R* running_var, const i64* num_batches_tracked, i64 N, i64 C, i64 S, i64 stride_n, i64 stride_c,
+    i64 total_tiles, i64 tiles_per_program, int rows, int block_s, i64 group_splits, float momentum, float eps,
+    int has_running_stats, int cumulative) {
+    constexpr int WIDE = Wide<T>::values;
+    const GroupPlace<WIDE> p = group_place<WIDE>(C, S, block_s);
+    const T* xg = x + p.c0 * stride_c;
+    const i64 first = (i64)blockIdx.y * tiles_per_program, last = min(first + tiles_per_program, total_tiles);
+    const Values<A, WIDE> shift = place_shifts<WIDE, T, A>(xg, stride_c, p);
+    const ColumnMoments<A, WIDE> moments = place_moments<VEC, WIDE>(xg, stride_n, p, shift, first * rows,
+                                                                    min(last * rows, N));
+    for (int j = 0; j < p.group; ++j) {
+        __syncthreads();  // the previous channel's block_merge has read its shared memory
+        const Moments<A> m = block_merge(channel_moments(moments, p, j));
+        if (threadIdx.x == 0) {
+            const i64 out = (i64)blockIdx.y * C + p.c0 + j;
+            part_count[out] = m.count; part_mean[out] = m.mean; part_m2[out] = m.m2;
+        }
+    }
+    if constexpr (FINALIZE)
+        finalize_statistics_of_group<false, WIDE>(part_count, part_mean, part_m2, counters, p.c0,
+                                                  channel_shifts<WIDE, T, A>(xg, stride_c, p.group), blockIdx.y,
+                                                  blockIdx.x, gridDim.x, gridDim.y, group_splits, C, mean_out,
+                                                  invstd_out, running_mean, running_var, num_batches_tracked, momentum,
+                                                  eps, has_running_stats, cumulative, (int)p.group);
+}
+
+template <typename T, typename A, typename R, int VEC, bool FINALIZE, bool GROUPED>
 __global__ void statistics_channels_first(
     const T* __restrict__ x,   // input (N, C, S)
     A* part_count, A* part_mean, A* part_m2,   // (splits, C), FINALIZE (splits + split groups, C); part_mean is relative to x[0, c, 0]
@@ -569,6 +743,13 @@ __global__ void statistics_channels_first(
     i64 N, i64 C, i64 S, i64 stride_n, i64 stride_c,
     i64 s_blocks, i64 total_tiles, i64 tiles_per_program, int rows, int block_s,
     i64 group_splits, float momentum, float eps, int has_running_stats, int cumulative) {
+    if constexpr (GROUPED) {
+        group_statistics<T, A, R, VEC, FINALIZE>(x, part_count, part_mean, part_m2, counters, mean_out, invstd_out,
+                                                 running_mean, running_var, num_batches_tracked, N, C, S, stride_n,
+                                                 stride_c, total_tiles, tiles_per_program, rows, block_s,
+                                                 group_splits, momentum, eps, has_running_stats, cumulative);
+        return;
+    }
     i64 c = blockIdx.x;
     const T* xc = x + c * stride_c;
     A shift = cvt<A>(xc[0]);
@@ -760,7 +941,61 @@ template <typename T, typename A, bool FUSED> struct NormalizeRow {
     }
 };
 
+// y = epilogue((x - mean) * scale + shift) at a thread's place, over its rows of [row_begin, row_end)
+// from the last (a second pass: see column_normalize).
+template <int VEC, int WIDE, bool FUSED, typename T, typename A>
+__device__ __forceinline__ void place_normalize(const T* x, T* y, const T* residual, i64 x_stride_n, i64 y_stride_n,
+                                                const GroupPlace<WIDE>& p, const Values<A, WIDE>& mean,
+                                                const Values<A, WIDE>& scale, const Values<A, WIDE>& shift, int relu,
+                                                i64 row_begin, i64 row_end) {
+    const PlaceRows r = place_rows(p, row_begin, row_end);
+#pragma unroll 4
+    for (i64 n = r.first + (r.count - 1) * r.step; n >= r.first; n -= r.step) {
+        Pack<T, WIDE> in = read_place<VEC, WIDE>(x + n * x_stride_n + p.s);
+        Pack<T, WIDE> out;
+        if constexpr (FUSED) {
+            Pack<T, WIDE> add;
+#pragma unroll
+            for (int k = 0; k < WIDE; ++k) add.v[k] = cvt<T>(A(0));
+            if (residual) add = read_place<VEC, WIDE>(residual + n * y_stride_n + p.s);
+#pragma unroll
+            for (int k = 0; k < WIDE; ++k)
+                out.v[k] = cvt<T>(epilogue((cvt<A>(in.v[k]) - mean.v[k]) * scale.v[k] + shift.v[k], cvt<A>(add.v[k]),
+                                           relu));
+        } else {
+#pragma unroll
+            for (int k = 0; k < WIDE; ++k) out.v[k] = cvt<T>((cvt<A>(in.v[k]) - mean.v[k]) * scale.v[k] + shift.v[k]);
+        }
+        write_place<VEC, WIDE>(y + n * y_stride_n + p.s, out);
+    }
+}
+
+// normalize_channels_first for a channel group (GROUPED).
 template <typename T, typename W, typename R, typename A, int VEC, bool FUSED>
+__device__ __forceinline__ void group_normalize(
+    const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ residual, const A* mean_in, const A* invstd_in,
+    const R* running_mean, const R* running_var, A* saved_mean, A* saved_invstd, const W* weight, const W* bias,
+    i64* num_batches_tracked, i64 N, i64 C, i64 S, i64 x_stride_n, i64 x_stride_c, i64 y_stride_n, i64 y_stride_c,
+    float eps, i64 total_tiles, i64 tiles_per_program, int rows, int block_s, int from_running_stats, int relu) {
+    constexpr int WIDE = Wide<T>::values;
+    const GroupPlace<WIDE> p = group_place<WIDE>(C, S, block_s);
+    if (threadIdx.x == 0) count_batch(num_batches_tracked, blockIdx.x == 0 && blockIdx.y == 0);
+    A unused_mean, unused_scale, unused_shift;
+    if (blockIdx.y == 0 && threadIdx.x < p.group)  // eval: split 0 saves each channel's statistics once
+        channel_affine(p.c0 + threadIdx.x, true, mean_in, invstd_in, running_mean, running_var, saved_mean,
+                       saved_invstd, weight, bias, eps, from_running_stats, unused_mean, unused_scale, unused_shift);
+    Values<A, WIDE> mean, scale, shift;
+#pragma unroll
+    for (int k = 0; k < WIDE; ++k)
+        channel_affine(p.c0 + p.channel[k], false, mean_in, invstd_in, running_mean, running_var, saved_mean,
+                       saved_invstd, weight, bias, eps, from_running_stats, mean.v[k], scale.v[k], shift.v[k]);
+    const i64 first = (i64)blockIdx.y * tiles_per_program, last = min(first + tiles_per_program, total_tiles);
+    place_normalize<VEC, WIDE, FUSED>(x + p.c0 * x_stride_c, y + p.c0 * y_stride_c,
+                                      residual ? residual + p.c0 * y_stride_c : nullptr, x_stride_n, y_stride_n, p,
+                                      mean, scale, shift, relu, first * rows, min(last * rows, N));
+}
+
+template <typename T, typename W, typename R, typename A, int VEC, bool FUSED, bool GROUPED>
 __global__ void normalize_channels_first(
     const T* __restrict__ x, T* __restrict__ y,   // (N, C, S), each with its own strides
     const T* __restrict__ residual,   // (N, C, S) with y's strides, or null
@@ -771,6 +1006,13 @@ __global__ void normalize_channels_first(
     i64* num_batches_tracked,   // incremented by block (0, 0), or null
     i64 N, i64 C, i64 S, i64 x_stride_n, i64 x_stride_c, i64 y_stride_n, i64 y_stride_c, float eps,
     i64 s_blocks, i64 total_tiles, i64 tiles_per_program, int rows, int block_s, int from_running_stats, int relu) {
+    if constexpr (GROUPED) {
+        group_normalize<T, W, R, A, VEC, FUSED>(x, y, residual, mean_in, invstd_in, running_mean, running_var,
+                                                saved_mean, saved_invstd, weight, bias, num_batches_tracked, N, C, S,
+                                                x_stride_n, x_stride_c, y_stride_n, y_stride_c, eps, total_tiles,
+                                                tiles_per_program, rows, block_s, from_running_stats, relu);
+        return;
+    }
     i64 c = blockIdx.x;
     A mean, scale, shift;
     channel_affine(c, blockIdx.y == 0 && threadIdx.x == 0, mean_in, invstd_in, running_mean, running_var,
@@ -898,7 +1140,83 @@ __device__ void block_gradient_sums(const Tiles& t, i64 first, i64 last, const T
     sum_dy_xmu = block_sum<A, 1>(sum_dy_xmu);
 }
 
+// The ReLU masks of a thread's values (see relu_mask), by their channels.
+template <int WIDE, typename W, typename A>
+__device__ __forceinline__ Values<ReluMask<A>, WIDE> place_relu_masks(const GroupPlace<WIDE>& p, int on,
+                                                                      const A* mean, const A* invstd,
+                                                                      const W* weight, const W* bias) {
+    Values<ReluMask<A>, WIDE> masks;
+#pragma unroll
+    for (int k = 0; k < WIDE; ++k) masks.v[k] = relu_mask(p.c0 + p.channel[k], on, mean, invstd, weight, bias);
+    return masks;
+}
+
+// This thread's share of sum(dy) and sum(dy * (x - mean)) at its place, over its rows of [row_begin, row_end).
+template <int VEC, int WIDE, bool FUSED, typename T, typename A>
+__device__ __forceinline__ void place_gradient_sums(const T* dy, const T* x, i64 dy_stride_n, i64 x_stride_n,
+                                                    const GroupPlace<WIDE>& p, const Values<A, WIDE>& mean,
+                                                    const Values<ReluMask<A>, WIDE>& relu, i64 row_begin, i64 row_end,
+                                                    Values<A, WIDE>& sum_dy, Values<A, WIDE>& sum_dy_xmu) {
+    const PlaceRows r = place_rows(p, row_begin, row_end);
+    const T* dy_row = dy + r.first * dy_stride_n + p.s;
+    const T* x_row = x + r.first * x_stride_n + p.s;
+    const i64 dy_step = r.step * dy_stride_n, x_step = r.step * x_stride_n;
+#pragma unroll 2
+    for (i64 i = r.count; i > 0; --i, dy_row += dy_step, x_row += x_step) {
+        Pack<T, WIDE> g = read_place<VEC, WIDE>(dy_row);
+        Pack<T, WIDE> in = read_place<VEC, WIDE>(x_row);
+#pragma unroll
+        for (int k = 0; k < WIDE; ++k) {
+            A xv = cvt<A>(in.v[k]);
+            A d = cvt<A>(g.v[k]);
+            if constexpr (FUSED) d = relu.v[k].apply(d, xv);
+            sum_dy.v[k] += d;
+            sum_dy_xmu.v[k] += d * (xv - mean.v[k]);
+        }
+    }
+}
+
+// Channel j's two sums over the block, valid in thread 0, for j = 0 .. group - 1 in turn.
+template <int WIDE, typename A>
+__device__ __forceinline__ void channel_sums(const Values<A, WIDE>& sum_dy, const Values<A, WIDE>& sum_dy_xmu,
+                                             const GroupPlace<WIDE>& p, int j, A& total_dy, A& total_dy_xmu) {
+    __syncthreads();  // the previous channel's block sums have read their shared memory
+    total_dy = block_sum<A, 0>(channel_sum(sum_dy, p, j));
+    total_dy_xmu = block_sum<A, 1>(channel_sum(sum_dy_xmu, p, j));
+}
+
+// gradient_sums_channels_first for a channel group (GROUPED).
 template <typename T, typename W, typename A, int VEC, bool FUSED, bool FINALIZE>
+__device__ __forceinline__ void group_gradient_sums(
+    const T* __restrict__ dy, const T* __restrict__ x, const A* mean_in, const A* invstd_in, const W* weight,
+    const W* bias, A* part_sum_dy, A* part_sum_dy_xmu, int* counters, A* sum_dy_out, A* sum_dy_xmu_out,
+    W* grad_weight, W* grad_bias, i64 N, i64 C, i64 S, i64 dy_stride_n, i64 dy_stride_c, i64 x_stride_n,
+    i64 x_stride_c, i64 total_tiles, i64 tiles_per_program, int rows, int block_s, i64 group_splits, int relu) {
+    constexpr int WIDE = Wide<T>::values;
+    const GroupPlace<WIDE> p = group_place<WIDE>(C, S, block_s);
+    Values<A, WIDE> mean, sum_dy = zeros<A, WIDE>(), sum_dy_xmu = zeros<A, WIDE>();
+#pragma unroll
+    for (int k = 0; k < WIDE; ++k) mean.v[k] = mean_in[p.c0 + p.channel[k]];
+    const i64 first = (i64)blockIdx.y * tiles_per_program, last = min(first + tiles_per_program, total_tiles);
+    place_gradient_sums<VEC, WIDE, FUSED>(dy + p.c0 * dy_stride_c, x + p.c0 * x_stride_c, dy_stride_n, x_stride_n, p,
+                                          mean, place_relu_masks(p, relu, mean_in, invstd_in, weight, bias),
+                                          first * rows, min(last * rows, N), sum_dy, sum_dy_xmu);
+    for (int j = 0; j < p.group; ++j) {
+        A total_dy, total_dy_xmu;
+        channel_sums(sum_dy, sum_dy_xmu, p, j, total_dy, total_dy_xmu);
+        if (threadIdx.x == 0) {
+            const i64 out = (i64)blockIdx.y * C + p.c0 + j;
+            part_sum_dy[out] = total_dy;
+            part_sum_dy_xmu[out] = total_dy_xmu;
+        }
+    }
+    if constexpr (FINALIZE)
+        finalize_gradients_of_group<false, WIDE>(part_sum_dy, part_sum_dy_xmu, counters, p.c0, blockIdx.y, blockIdx.x,
+                                                 gridDim.x, gridDim.y, group_splits, C, invstd_in, sum_dy_out,
+                                                 sum_dy_xmu_out, grad_weight, grad_bias, (int)p.group);
+}
+
+template <typename T, typename W, typename A, int VEC, bool FUSED, bool FINALIZE, bool GROUPED>
 __global__ void gradient_sums_channels_first(
     const T* __restrict__ dy, const T* __restrict__ x, const A* mean_in,
     const A* invstd_in,   // read for the ReLU's mask when relu, and by FINALIZE
@@ -908,6 +1226,14 @@ __global__ void gradient_sums_channels_first(
     A* sum_dy_out, A* sum_dy_xmu_out, W* grad_weight, W* grad_bias,   // FINALIZE: see finalize_gradients
     i64 N, i64 C, i64 S, i64 dy_stride_n, i64 dy_stride_c, i64 x_stride_n, i64 x_stride_c,
     i64 s_blocks, i64 total_tiles, i64 tiles_per_program, int rows, int block_s, i64 group_splits, int relu) {
+    if constexpr (GROUPED) {
+        group_gradient_sums<T, W, A, VEC, FUSED, FINALIZE>(dy, x, mean_in, invstd_in, weight, bias, part_sum_dy,
+                                                           part_sum_dy_xmu, counters, sum_dy_out, sum_dy_xmu_out,
+                                                           grad_weight, grad_bias, N, C, S, dy_stride_n, dy_stride_c,
+                                                           x_stride_n, x_stride_c, total_tiles, tiles_per_program,
+                                                           rows, block_s, group_splits, relu);
+        return;
+    }
     i64 c = blockIdx.x;
     A mean = mean_in[c];
     ReluMask<A> mask = relu_mask(c, relu, mean_in, invstd_in, weight, bias);
@@ -1069,7 +1395,65 @@ template <typename T, typename A, bool FUSED> struct InputGradientRow {
     }
 };
 
+// dx at a thread's place over its rows of [row_begin, row_end), from the last (a second pass).
+template <int VEC, int WIDE, bool FUSED, typename T, typename A>
+__device__ __forceinline__ void place_input_gradient(const T* dy, const T* x, T* dx, i64 dy_stride_n, i64 x_stride_n,
+                                                     i64 dx_stride_n, const GroupPlace<WIDE>& p,
+                                                     const Values<A, WIDE>& mean, const Values<A, WIDE>& scale,
+                                                     const Values<A, WIDE>& mean_dy,
+                                                     const Values<A, WIDE>& projection, int training,
+                                                     const Values<ReluMask<A>, WIDE>& relu, i64 row_begin,
+                                                     i64 row_end) {
+    const PlaceRows r = place_rows(p, row_begin, row_end);
+#pragma unroll 2
+    for (i64 n = r.first + (r.count - 1) * r.step; n >= r.first; n -= r.step) {
+        Pack<T, WIDE> g = read_place<VEC, WIDE>(dy + n * dy_stride_n + p.s);
+        Pack<T, WIDE> out;
+        if constexpr (FUSED) {
+            Pack<T, WIDE> in = read_place<VEC, WIDE>(x + n * x_stride_n + p.s);
+#pragma unroll
+            for (int k = 0; k < WIDE; ++k) {
+                A xv = cvt<A>(in.v[k]);
+                A d = relu.v[k].apply(cvt<A>(g.v[k]), xv);
+                out.v[k] = cvt<T>(training ? scale.v[k] * (d - mean_dy.v[k] - (xv - mean.v[k]) * projection.v[k])
+                                           : scale.v[k] * d);
+            }
+        } else if (training) {
+            Pack<T, WIDE> in = read_place<VEC, WIDE>(x + n * x_stride_n + p.s);
+#pragma unroll
+            for (int k = 0; k < WIDE; ++k)
+                out.v[k] = cvt<T>(scale.v[k] * (cvt<A>(g.v[k]) - mean_dy.v[k] - (cvt<A>(in.v[k]) - mean.v[k]) *
+                                                projection.v[k]));
+        } else {
+#pragma unroll
+            for (int k = 0; k < WIDE; ++k) out.v[k] = cvt<T>(scale.v[k] * cvt<A>(g.v[k]));
+        }
+        write_place<VEC, WIDE>(dx + n * dx_stride_n + p.s, out);
+    }
+}
+
+// input_gradient_channels_first for a channel group (GROUPED).
 template <typename T, typename W, typename A, int VEC, bool FUSED>
+__device__ __forceinline__ void group_input_gradient(
+    const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, const A* mean_in, const A* invstd_in,
+    const W* weight, const W* bias, const A* sum_dy, const A* sum_dy_xmu, i64 N, i64 C, i64 S, i64 dy_stride_n,
+    i64 dy_stride_c, i64 x_stride_n, i64 x_stride_c, i64 dx_stride_n, i64 dx_stride_c, A inv_count,
+    i64 total_tiles, i64 tiles_per_program, int rows, int block_s, int training, int relu) {
+    constexpr int WIDE = Wide<T>::values;
+    const GroupPlace<WIDE> p = group_place<WIDE>(C, S, block_s);
+    Values<A, WIDE> mean, scale, mean_dy, projection;
+#pragma unroll
+    for (int k = 0; k < WIDE; ++k)
+        dx_coefficients_at(p.c0 + p.channel[k], mean_in, invstd_in, weight, sum_dy, sum_dy_xmu, inv_count, training,
+                           mean.v[k], scale.v[k], mean_dy.v[k], projection.v[k]);
+    const i64 first = (i64)blockIdx.y * tiles_per_program, last = min(first + tiles_per_program, total_tiles);
+    place_input_gradient<VEC, WIDE, FUSED>(dy + p.c0 * dy_stride_c, x + p.c0 * x_stride_c, dx + p.c0 * dx_stride_c,
+                                           dy_stride_n, x_stride_n, dx_stride_n, p, mean, scale, mean_dy, projection,
+                                           training, place_relu_masks(p, relu, mean_in, invstd_in, weight, bias),
+                                           first * rows, min(last * rows, N));
+}
+
+template <typename T, typename W, typename A, int VEC, bool FUSED, bool GROUPED>
 __global__ void input_gradient_channels_first(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,   // (N, C, S)
     const A* mean_in, const A* invstd_in, const W* weight,
@@ -1078,6 +1462,13 @@ __global__ void input_gradient_channels_first(
     i64 N, i64 C, i64 S, i64 dy_stride_n, i64 dy_stride_c, i64 x_stride_n, i64 x_stride_c,
     i64 dx_stride_n, i64 dx_stride_c, A inv_count,
     i64 s_blocks, i64 total_tiles, i64 tiles_per_program, int rows, int block_s, int training, int relu) {
+    if constexpr (GROUPED) {
+        group_input_gradient<T, W, A, VEC, FUSED>(dy, x, dx, mean_in, invstd_in, weight, bias, sum_dy, sum_dy_xmu, N,
+                                                  C, S, dy_stride_n, dy_stride_c, x_stride_n, x_stride_c, dx_stride_n,
+                                                  dx_stride_c, inv_count, total_tiles, tiles_per_program, rows,
+                                                  block_s, training, relu);
+        return;
+    }
     i64 c = blockIdx.x;
     A mean, scale, mean_dy, projection;
     dx_coefficients_at(c, mean_in, invstd_in, weight, sum_dy, sum_dy_xmu, inv_count, training, mean, scale, mean_dy, projection);
@@ -1156,7 +1547,45 @@ __global__ void input_gradient_channels_last(
 // Statistics (or gradient sums), then the elementwise pass in the same launch; the second read of
 // the block's channels comes from cache.
 
+// single_pass_forward_channels_first for a channel group (GROUPED).
 template <typename T, typename W, typename R, typename A, int VEC, bool FUSED>
+__device__ __forceinline__ void group_single_pass_forward(
+    const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ residual, A* mean_out, A* invstd_out,
+    R* running_mean, R* running_var, i64* num_batches_tracked, int* counters, const W* weight, const W* bias,
+    i64 N, i64 C, i64 S, i64 x_stride_n, i64 x_stride_c, i64 y_stride_n, i64 y_stride_c, float momentum, float eps,
+    int block_s, int has_running_stats, int cumulative, int count_batch_here, int relu) {
+    constexpr int WIDE = Wide<T>::values;
+    __shared__ A channel_count[WIDE], channel_mean[WIDE], channel_m2[WIDE], channel_invstd[WIDE];
+    const GroupPlace<WIDE> p = group_place<WIDE>(C, S, block_s);
+    const T* xg = x + p.c0 * x_stride_c;
+    const Values<A, WIDE> shift = place_shifts<WIDE, T, A>(xg, x_stride_c, p);
+    const ColumnMoments<A, WIDE> moments = place_moments<VEC, WIDE>(xg, x_stride_n, p, shift, i64(0), N);
+    for (int j = 0; j < p.group; ++j) {
+        __syncthreads();  // the previous channel's block_merge has read its shared memory
+        const Moments<A> m = block_merge(channel_moments(moments, p, j));
+        if (threadIdx.x == 0) { channel_count[j] = m.count; channel_mean[j] = m.mean; channel_m2[j] = m.m2; }
+    }
+    __syncthreads();
+    if (threadIdx.x < p.group) {  // thread j writes channel j's statistics
+        const int j = threadIdx.x;
+        channel_mean[j] += cvt<A>(xg[j * x_stride_c]);
+        channel_invstd[j] = store_statistics(p.c0 + j, channel_count[j], channel_mean[j], channel_m2[j], mean_out,
+                                             invstd_out, running_mean, running_var, num_batches_tracked, momentum,
+                                             eps, has_running_stats, cumulative);
+    }
+    __syncthreads();
+    Values<A, WIDE> mean, scale, bias_c;
+#pragma unroll
+    for (int k = 0; k < WIDE; ++k) {
+        mean.v[k] = channel_mean[p.channel[k]];
+        affine_from(p.c0 + p.channel[k], channel_invstd[p.channel[k]], weight, bias, scale.v[k], bias_c.v[k]);
+    }
+    place_normalize<VEC, WIDE, FUSED>(xg, y + p.c0 * y_stride_c, residual ? residual + p.c0 * y_stride_c : nullptr,
+                                      x_stride_n, y_stride_n, p, mean, scale, bias_c, relu, i64(0), N);
+    if (count_batch_here) count_batch_after_every_read(num_batches_tracked, counters, cumulative);
+}
+
+template <typename T, typename W, typename R, typename A, int VEC, bool FUSED, bool GROUPED>
 __global__ void single_pass_forward_channels_first(
     const T* __restrict__ x, T* __restrict__ y,   // (N, C, S), each with its own strides
     const T* __restrict__ residual,   // (N, C, S) with y's strides, or null
@@ -1167,6 +1596,14 @@ __global__ void single_pass_forward_channels_first(
     i64 N, i64 C, i64 S, i64 x_stride_n, i64 x_stride_c, i64 y_stride_n, i64 y_stride_c, float momentum, float eps,
     i64 s_blocks, i64 total_tiles, int rows, int block_s, int has_running_stats, int cumulative, int count_batch_here,
     int relu) {
+    if constexpr (GROUPED) {
+        group_single_pass_forward<T, W, R, A, VEC, FUSED>(x, y, residual, mean_out, invstd_out, running_mean,
+                                                          running_var, num_batches_tracked, counters, weight, bias, N,
+                                                          C, S, x_stride_n, x_stride_c, y_stride_n, y_stride_c,
+                                                          momentum, eps, block_s, has_running_stats, cumulative,
+                                                          count_batch_here, relu);
+        return;
+    }
     __shared__ A channel[2];
     i64 c = blockIdx.x;
     const T* xc = x + c * x_stride_c;
@@ -1232,7 +1669,46 @@ __global__ void single_pass_forward_channels_last(
     if (count_batch_here) count_batch_after_every_read(num_batches_tracked, counters, cumulative);
 }
 
+// single_pass_backward_channels_first for a channel group (GROUPED).
 template <typename T, typename W, typename A, int VEC, bool FUSED>
+__device__ __forceinline__ void group_single_pass_backward(
+    const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, const A* mean_in, const A* invstd_in,
+    const W* weight, const W* bias, W* grad_weight, W* grad_bias, i64 N, i64 C, i64 S, i64 dy_stride_n,
+    i64 dy_stride_c, i64 x_stride_n, i64 x_stride_c, i64 dx_stride_n, i64 dx_stride_c, A inv_count, int block_s,
+    int training, int need_input_grad, int relu) {
+    constexpr int WIDE = Wide<T>::values;
+    __shared__ A totals[2][WIDE];
+    const GroupPlace<WIDE> p = group_place<WIDE>(C, S, block_s);
+    const T* dyg = dy + p.c0 * dy_stride_c;
+    const T* xg = x + p.c0 * x_stride_c;
+    Values<A, WIDE> mean, sum_dy = zeros<A, WIDE>(), sum_dy_xmu = zeros<A, WIDE>();
+#pragma unroll
+    for (int k = 0; k < WIDE; ++k) mean.v[k] = mean_in[p.c0 + p.channel[k]];
+    const Values<ReluMask<A>, WIDE> masks = place_relu_masks(p, relu, mean_in, invstd_in, weight, bias);
+    place_gradient_sums<VEC, WIDE, FUSED>(dyg, xg, dy_stride_n, x_stride_n, p, mean, masks, i64(0), N, sum_dy,
+                                          sum_dy_xmu);
+    for (int j = 0; j < p.group; ++j) {
+        A total_dy, total_dy_xmu;
+        channel_sums(sum_dy, sum_dy_xmu, p, j, total_dy, total_dy_xmu);
+        if (threadIdx.x == 0) { totals[0][j] = total_dy; totals[1][j] = total_dy_xmu; }
+    }
+    __syncthreads();
+    if (threadIdx.x < p.group)  // thread j writes channel j's gradients
+        store_gradients(p.c0 + threadIdx.x, totals[0][threadIdx.x], totals[1][threadIdx.x],
+                        invstd_in[p.c0 + threadIdx.x], grad_weight, grad_bias);
+    if (!need_input_grad) return;
+    Values<A, WIDE> mean_x, scale, mean_dy, projection;
+#pragma unroll
+    for (int k = 0; k < WIDE; ++k) {
+        const int j = p.channel[k];
+        dx_coefficients(p.c0 + j, mean.v[k], invstd_in[p.c0 + j], weight, totals[0][j], totals[1][j], inv_count,
+                        training, mean_x.v[k], scale.v[k], mean_dy.v[k], projection.v[k]);
+    }
+    place_input_gradient<VEC, WIDE, FUSED>(dyg, xg, dx + p.c0 * dx_stride_c, dy_stride_n, x_stride_n, dx_stride_n, p,
+                                           mean_x, scale, mean_dy, projection, training, masks, i64(0), N);
+}
+
+template <typename T, typename W, typename A, int VEC, bool FUSED, bool GROUPED>
 __global__ void single_pass_backward_channels_first(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,   // (N, C, S); dx when need_input_grad
     const A* mean_in, const A* invstd_in, const W* weight,
@@ -1241,6 +1717,13 @@ __global__ void single_pass_backward_channels_first(
     i64 N, i64 C, i64 S, i64 dy_stride_n, i64 dy_stride_c, i64 x_stride_n, i64 x_stride_c,
     i64 dx_stride_n, i64 dx_stride_c, A inv_count,
     i64 s_blocks, i64 total_tiles, int rows, int block_s, int training, int need_input_grad, int relu) {
+    if constexpr (GROUPED) {
+        group_single_pass_backward<T, W, A, VEC, FUSED>(dy, x, dx, mean_in, invstd_in, weight, bias, grad_weight,
+                                                        grad_bias, N, C, S, dy_stride_n, dy_stride_c, x_stride_n,
+                                                        x_stride_c, dx_stride_n, dx_stride_c, inv_count, block_s,
+                                                        training, need_input_grad, relu);
+        return;
+    }
     __shared__ A totals[2];
     i64 c = blockIdx.x;
     const T* dyc = dy + c * dy_stride_c;

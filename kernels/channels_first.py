@@ -6,6 +6,13 @@ batch rows by BLOCK_S spatial positions, so a channel with a 7x7 plane still fil
 (ROWS > 1) while a 112x112 plane is split across many programs: the grid fills the GPU for C = 3
 and C = 2048 alike. Every kernel of this file walks the same tiles, so one launch plan serves all.
 
+Channel groups (GROUP > 1): where a row of S values cannot start on 16 bytes (S = 49 of a 7x7
+plane), a program owns GROUP adjacent channels instead, whose GROUP x S values are one run of each
+row that can (196 fp32 or 392 bf16 values: 16-byte loads and stores). Grid axis 0 then counts
+channel groups, and a tile covers the whole run (the plan makes the run fit BLOCK_S). Each lane
+keeps its position across tiles, so it belongs to one channel throughout: per-channel values are
+gathered per lane once per program, and a lane's sums are split by channel once, at the end.
+
 Split path (several programs per channel), in the order a training step runs them:
     statistics_channels_first           partial (count, mean, M2) per (split, channel)
     normalize_channels_first            y = (x - mean) * invstd * weight + bias (train and eval)
@@ -52,29 +59,103 @@ def _program_tiles(split, tiles_per_program, total_tiles):
 
 
 @triton.jit
-def _channel(OFFSET_64: tl.constexpr):
-    c = tl.program_id(0)
+def _group(OFFSET_64: tl.constexpr):
+    """This program's channel (channel group when GROUP > 1)."""
+    group = tl.program_id(0)
     if OFFSET_64:
-        c = c.to(tl.int64)
-    return c
+        group = group.to(tl.int64)
+    return group
 
 
 @triton.jit
 def _reversed_program(OFFSET_64: tl.constexpr):
-    """(channel, split) of this program, counted from the end of the grid: GPUs start programs
+    """(channel group, split) of this program, counted from the end of the grid: GPUs start programs
     roughly in launch order, so a second pass over x starts with what the first pass read last --
     the part still in L2."""
-    c = tl.num_programs(0) - 1 - tl.program_id(0)
+    group = tl.num_programs(0) - 1 - tl.program_id(0)
     if OFFSET_64:
-        c = c.to(tl.int64)
-    return c, tl.num_programs(1) - 1 - tl.program_id(1)
+        group = group.to(tl.int64)
+    return group, tl.num_programs(1) - 1 - tl.program_id(1)
+
+
+@triton.jit
+def _channels(group, S, BLOCK_S: tl.constexpr, GROUP: tl.constexpr):
+    """(first channel c0, each lane's channel, the program's channels) of a channel group. One
+    channel: all three are that scalar channel. GROUP > 1: the lanes' channels are a [1, BLOCK_S]
+    row (lanes past the run take the last channel; they are masked wherever values are read) and
+    the program's channels a [GROUP] vector."""
+    c0 = group * GROUP
+    if GROUP == 1:
+        lanes = c0
+        cols = c0
+    else:
+        lanes = (c0 + tl.minimum(tl.arange(0, BLOCK_S) // S, GROUP - 1))[None, :]
+        cols = c0 + tl.arange(0, GROUP)
+    return c0, lanes, cols
+
+
+@triton.jit
+def _run(S, GROUP: tl.constexpr, ALIGN: tl.constexpr):
+    """Values of each row a program reads: S, or GROUP x S (a multiple of ALIGN values: the plan
+    chose GROUP so that the run fills whole 16-byte words)."""
+    if GROUP == 1:
+        run = S
+    else:
+        run = tl.multiple_of(S * GROUP, ALIGN)
+    return run
+
+
+@triton.jit
+def _offset(c0, stride_c, ALIGN: tl.constexpr):
+    """Offset of channel c0 in a tensor; a multiple of ALIGN values when GROUP > 1 (the plan groups
+    only channels laid out back to back, stride_c == S), which is what lets Triton load 16 bytes."""
+    offset = c0 * stride_c
+    if ALIGN > 1:
+        offset = tl.multiple_of(offset, ALIGN)
+    return offset
+
+
+@triton.jit
+def _per_channel(lane_sums, run, BLOCK_S: tl.constexpr, GROUP: tl.constexpr):
+    """The sum of a [ROWS, BLOCK_S] array of lane sums per channel of the program: a scalar, or a
+    [GROUP] vector. The lanes' channels are found here, after the loops, rather than kept in
+    registers through them."""
+    if GROUP == 1:
+        total = tl.sum(tl.sum(lane_sums, axis=1), axis=0)
+    else:
+        by_lane = tl.sum(lane_sums, axis=0)[None, :]
+        lane_channel = tl.minimum(tl.arange(0, BLOCK_S) // (run // GROUP), GROUP - 1)[None, :]
+        mine = lane_channel == tl.arange(0, GROUP)[:, None]
+        total = tl.sum(tl.where(mine, by_lane, 0.0), axis=1)
+    return total
+
+
+@triton.jit
+def _to_lanes(values, lane_channel, GROUP: tl.constexpr):
+    """Per-channel values (a scalar, or [GROUP]) spread to the lanes of their channels ([1, BLOCK_S])."""
+    if GROUP == 1:
+        spread = values
+    else:
+        mine = lane_channel == tl.arange(0, GROUP)[:, None]
+        spread = tl.sum(tl.where(mine, values[:, None], 0.0), axis=0)[None, :]
+    return spread
+
+
+@triton.jit
+def _per_channel_zeros(ACC: tl.constexpr, GROUP: tl.constexpr):
+    if GROUP == 1:
+        zeros = tl.zeros([], ACC)
+    else:
+        zeros = tl.zeros([GROUP], ACC)
+    return zeros
 
 
 @triton.jit
 def _moments(x_ptr, stride_n, shift, first_tile, last_tile, s_blocks, N, S,
              ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
-             CHUNK: tl.constexpr):
-    """(count, mean - shift, M2) of one channel over tiles [first_tile, last_tile).
+             CHUNK: tl.constexpr, GROUP: tl.constexpr):
+    """(count, mean - shift, M2) of one channel (of each of GROUP channels: S is then their run and
+    shift is per lane) over tiles [first_tile, last_tile).
 
     Moments are taken of x - shift, a value of the channel, which lies near the mean: the
     subtraction keeps the low bits when |mean| >> std, and the squares of x - shift do not cancel.
@@ -83,9 +164,9 @@ def _moments(x_ptr, stride_n, shift, first_tile, last_tile, s_blocks, N, S,
     merged into the running moments with Chan's formula, so no sum runs over more than CHUNK values
     of a lane.
     """
-    count = tl.zeros([], ACC)
-    mean = tl.zeros([], ACC)
-    m2 = tl.zeros([], ACC)
+    count = _per_channel_zeros(ACC, GROUP)
+    mean = _per_channel_zeros(ACC, GROUP)
+    m2 = _per_channel_zeros(ACC, GROUP)
     for chunk in range(first_tile, last_tile, CHUNK):
         chunk_end = tl.minimum(chunk + CHUNK, last_tile)
         total = tl.zeros([ROWS, BLOCK_S], ACC)
@@ -98,9 +179,11 @@ def _moments(x_ptr, stride_n, shift, first_tile, last_tile, s_blocks, N, S,
             total += shifted
             squares += shifted * shifted
             chunk_count += tile_count.to(ACC)
-        chunk_sum = tl.sum(tl.sum(total, axis=1), axis=0)
+        if GROUP > 1:
+            chunk_count = chunk_count / GROUP  # exact (a power of two): each channel has S of the run's values
+        chunk_sum = _per_channel(total, S, BLOCK_S, GROUP)
         chunk_mean = chunk_sum / chunk_count
-        chunk_m2 = tl.sum(tl.sum(squares, axis=1), axis=0) - chunk_sum * chunk_mean
+        chunk_m2 = _per_channel(squares, S, BLOCK_S, GROUP) - chunk_sum * chunk_mean
         count, mean, m2 = merge_moments(count, mean, m2, chunk_count, chunk_mean, chunk_m2)
     return count, mean, m2
 
@@ -141,9 +224,10 @@ def _normalize(x_ptr, y_ptr, residual_ptr, x_stride_n, y_stride_n, mean, scale, 
 
 
 @triton.jit
-def _gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, scale, shift, first_tile, last_tile, s_blocks, N, S,
-                   RELU: tl.constexpr,
-                   ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr):
+def _gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, scale, shift, first_tile, last_tile,
+                   s_blocks, N, S, RELU: tl.constexpr,
+                   ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
+                   GROUP: tl.constexpr):
     """(sum of dy, sum of dy * (x - mean)) over tiles [first_tile, last_tile). RELU: dy through the
     forward's ReLU, its mask recomputed from x ((x - mean) * scale + shift > 0, as the forward
     computed it) rather than read from memory."""
@@ -158,7 +242,7 @@ def _gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, scale, shift, f
             dy = tl.where((x - mean) * scale + shift > 0.0, dy, 0.0)
         sum_dy += dy
         sum_dy_xmu += dy * (x - mean)
-    return tl.sum(tl.sum(sum_dy, axis=1), axis=0), tl.sum(tl.sum(sum_dy_xmu, axis=1), axis=0)
+    return _per_channel(sum_dy, S, BLOCK_S, GROUP), _per_channel(sum_dy_xmu, S, BLOCK_S, GROUP)
 
 
 @triton.jit
@@ -196,27 +280,48 @@ def statistics_channels_first(
     N, C, S, stride_n, stride_c,
     s_blocks, total_tiles, tiles_per_program, momentum, eps, group_splits,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
+    GROUP: tl.constexpr, ALIGN: tl.constexpr,
     CHUNK: tl.constexpr, FINALIZE: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr, CUMULATIVE: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
 ):
-    """Partial moments per (split, channel); with FINALIZE, the last programs of each channel to
-    finish also merge that channel's partials (finalize.finalize_statistics_of_group)."""
-    c = _channel(OFFSET_64)
+    """Partial moments per (split, channel); with FINALIZE, the last programs of each channel group
+    to finish also merge its partials (finalize.finalize_statistics_of_group)."""
+    group = _group(OFFSET_64)
     split = tl.program_id(1)
-    channel_ptr = x_ptr + c * stride_c
+    c0, c, cols = _channels(group, S, BLOCK_S, GROUP)
     first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
-    count, mean, m2 = _moments(channel_ptr, stride_n, tl.load(channel_ptr).to(ACC), first_tile, last_tile, s_blocks,
-                               N, S, ACC, ROWS, BLOCK_S, OFFSET_64, CHUNK)
-    out = split * C + c
+    count, mean, m2 = _moments(x_ptr + _offset(c0, stride_c, ALIGN), stride_n, tl.load(x_ptr + c * stride_c).to(ACC),
+                               first_tile, last_tile, s_blocks, N, _run(S, GROUP, ALIGN),
+                               ACC, ROWS, BLOCK_S, OFFSET_64, CHUNK, GROUP)
+    out = split * C + cols
     tl.store(partial_count_ptr + out, count)
     tl.store(partial_mean_ptr + out, mean)
     tl.store(partial_m2_ptr + out, m2)
     if FINALIZE:
-        cols = c + tl.arange(0, 1)
-        finalize_statistics_of_group(split, c, C, cols, cols < C, partial_count_ptr, partial_mean_ptr, partial_m2_ptr,
-                                     counter_ptr, x_ptr, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr,
-                                     num_batches_tracked_ptr, tl.num_programs(1), group_splits, C, stride_c, momentum,
-                                     eps, HAS_RUNNING_STATS, CUMULATIVE, ACC, BLOCK_SPLITS, 1)
+        group_cols = c0 + tl.arange(0, GROUP)
+        finalize_statistics_of_group(split, group, tl.cdiv(C, GROUP), group_cols, group_cols < C, partial_count_ptr,
+                                     partial_mean_ptr, partial_m2_ptr, counter_ptr, x_ptr, mean_ptr, invstd_ptr,
+                                     running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, tl.num_programs(1),
+                                     group_splits, C, stride_c, momentum, eps, HAS_RUNNING_STATS, CUMULATIVE, ACC,
+                                     BLOCK_SPLITS, GROUP)
+
+
+@triton.jit
+def _statistics_from_running(mean_ptr, var_ptr, saved_mean_ptr, invstd_ptr, c, cols, C, split, eps,
+                             ACC: tl.constexpr, GROUP: tl.constexpr):
+    """Eval: (mean, invstd) of each lane's channel from the running statistics; split 0 also writes
+    mean and invstd of the program's channels for the backward."""
+    mean = tl.load(mean_ptr + c).to(ACC)
+    invstd = 1.0 / tl.sqrt(tl.load(var_ptr + c).to(ACC) + eps)
+    if GROUP == 1:
+        tl.store(saved_mean_ptr + c, mean, mask=split == 0)
+        tl.store(invstd_ptr + c, invstd, mask=split == 0)
+    else:  # once per channel, not once per lane
+        first = (cols < C) & (split + tl.zeros([GROUP], tl.int32) == 0)  # (the interpreter's masks are not
+                                                                           # broadcast from a scalar)
+        tl.store(saved_mean_ptr + cols, tl.load(mean_ptr + cols).to(ACC), mask=first)
+        tl.store(invstd_ptr + cols, 1.0 / tl.sqrt(tl.load(var_ptr + cols).to(ACC) + eps), mask=first)
+    return mean, invstd
 
 
 @triton.jit
@@ -236,25 +341,27 @@ def normalize_channels_first(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FROM_RUNNING_STATS: tl.constexpr,
     COUNT_BATCH: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
+    GROUP: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    c, split = _reversed_program(OFFSET_64)
+    group, split = _reversed_program(OFFSET_64)
+    c0, c, cols = _channels(group, S, BLOCK_S, GROUP)
     if COUNT_BATCH:
         # Here, not in the finalize kernel: every finalize program reads the count before this
         # kernel starts (stream order), so the increment cannot race with those reads.
-        count_batch(num_batches_tracked_ptr, (c + split) == 0)
-    mean = tl.load(mean_ptr + c).to(ACC)
+        count_batch(num_batches_tracked_ptr, (group + split) == 0)
     if FROM_RUNNING_STATS:
-        invstd = 1.0 / tl.sqrt(tl.load(var_ptr + c).to(ACC) + eps)
-        tl.store(saved_mean_ptr + c, mean, mask=split == 0)
-        tl.store(invstd_ptr + c, invstd, mask=split == 0)
+        mean, invstd = _statistics_from_running(mean_ptr, var_ptr, saved_mean_ptr, invstd_ptr, c, cols, C, split, eps,
+                                                ACC, GROUP)
     else:
+        mean = tl.load(mean_ptr + c).to(ACC)
         invstd = tl.load(invstd_ptr + c).to(ACC)
     scale, bias = _affine(c, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC)
     first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
+    y_offset = _offset(c0, y_stride_c, ALIGN)
     if HAS_RESIDUAL:
-        residual_ptr += c * y_stride_c
-    _normalize(x_ptr + c * x_stride_c, y_ptr + c * y_stride_c, residual_ptr, x_stride_n, y_stride_n,
-               mean, scale, bias, first_tile, last_tile, s_blocks, N, S, HAS_RESIDUAL, RELU,
+        residual_ptr += y_offset
+    _normalize(x_ptr + _offset(c0, x_stride_c, ALIGN), y_ptr + y_offset, residual_ptr, x_stride_n, y_stride_n,
+               mean, scale, bias, first_tile, last_tile, s_blocks, N, _run(S, GROUP, ALIGN), HAS_RESIDUAL, RELU,
                ACC, ROWS, BLOCK_S, OFFSET_64)
 
 
@@ -272,27 +379,35 @@ def single_pass_forward_channels_first(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr,
     CUMULATIVE: tl.constexpr, COUNT_BATCH: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
+    GROUP: tl.constexpr, ALIGN: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
-    # One program per channel reads the channel twice: the second pass finds it in cache.
-    c = _channel(OFFSET_64)
-    x_ptr += c * x_stride_c
-    shift = tl.load(x_ptr).to(ACC)
-    count, mean_shifted, m2 = _moments(x_ptr, x_stride_n, shift, 0, total_tiles, s_blocks, N, S,
-                                       ACC, ROWS, BLOCK_S, OFFSET_64, CHUNK)
-    mean = shift + mean_shifted
-    invstd = store_statistics(c, c < C, count, mean, m2, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr,
-                              num_batches_tracked_ptr, momentum, eps, HAS_RUNNING_STATS, CUMULATIVE, ACC)
+    # One program per channel (group) reads it twice: the second pass finds it in cache.
+    group = _group(OFFSET_64)
+    c0, c, cols = _channels(group, S, BLOCK_S, GROUP)
+    run = _run(S, GROUP, ALIGN)
+    lane_shift = tl.load(x_ptr + c * x_stride_c).to(ACC)
+    count, mean_shifted, m2 = _moments(x_ptr + _offset(c0, x_stride_c, ALIGN), x_stride_n, lane_shift,
+                                       0, total_tiles, s_blocks, N, run, ACC, ROWS, BLOCK_S, OFFSET_64, CHUNK, GROUP)
+    if GROUP == 1:
+        mean = lane_shift + mean_shifted
+    else:
+        mean = tl.load(x_ptr + cols * x_stride_c).to(ACC) + mean_shifted
+    invstd = store_statistics(cols, cols < C, count, mean, m2, mean_ptr, invstd_ptr, running_mean_ptr,
+                              running_var_ptr, num_batches_tracked_ptr, momentum, eps, HAS_RUNNING_STATS, CUMULATIVE,
+                              ACC)
     if COUNT_BATCH:
         if CUMULATIVE:  # every program reads the count in store_statistics: the last counts the batch
             count_batch_after_every_read(num_batches_tracked_ptr, counter_ptr)
         else:
-            count_batch(num_batches_tracked_ptr, c == 0)
-    scale, bias = _affine(c, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC)
+            count_batch(num_batches_tracked_ptr, group == 0)
+    scale, bias = _affine(c, _to_lanes(invstd, c - c0, GROUP), weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC)
+    y_offset = _offset(c0, y_stride_c, ALIGN)
     if HAS_RESIDUAL:
-        residual_ptr += c * y_stride_c
-    _normalize(x_ptr, y_ptr + c * y_stride_c, residual_ptr, x_stride_n, y_stride_n, mean, scale,
-               bias, 0, total_tiles, s_blocks, N, S, HAS_RESIDUAL, RELU, ACC, ROWS, BLOCK_S, OFFSET_64)
+        residual_ptr += y_offset
+    _normalize(x_ptr + _offset(c0, x_stride_c, ALIGN), y_ptr + y_offset, residual_ptr, x_stride_n, y_stride_n,
+               _to_lanes(mean, c - c0, GROUP), scale, bias, 0, total_tiles, s_blocks, N, run, HAS_RESIDUAL, RELU,
+               ACC, ROWS, BLOCK_S, OFFSET_64)
 
 
 @triton.jit
@@ -312,28 +427,32 @@ def gradient_sums_channels_first(
     s_blocks, total_tiles, tiles_per_program, group_splits,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
+    GROUP: tl.constexpr, ALIGN: tl.constexpr,
     FINALIZE: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
 ):
-    """Partial sums per (split, channel); with FINALIZE, the last programs of each channel to finish
-    also write its totals, dweight and dbias (finalize.finalize_gradients_of_group)."""
-    c = _channel(OFFSET_64)
+    """Partial sums per (split, channel); with FINALIZE, the last programs of each channel group to
+    finish also write its totals, dweight and dbias (finalize.finalize_gradients_of_group)."""
+    group = _group(OFFSET_64)
     split = tl.program_id(1)
+    c0, c, cols = _channels(group, S, BLOCK_S, GROUP)
     first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
     scale = tl.zeros([], ACC)
     shift = tl.zeros([], ACC)
     if RELU:
         scale, shift = _affine(c, tl.load(invstd_ptr + c).to(ACC), weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC)
-    sum_dy, sum_dy_xmu = _gradient_sums(dy_ptr + c * dy_stride_c, x_ptr + c * x_stride_c, dy_stride_n, x_stride_n,
+    sum_dy, sum_dy_xmu = _gradient_sums(dy_ptr + _offset(c0, dy_stride_c, ALIGN),
+                                        x_ptr + _offset(c0, x_stride_c, ALIGN), dy_stride_n, x_stride_n,
                                         tl.load(mean_ptr + c).to(ACC), scale, shift, first_tile, last_tile,
-                                        s_blocks, N, S, RELU, ACC, ROWS, BLOCK_S, OFFSET_64)
-    out = split * C + c
+                                        s_blocks, N, _run(S, GROUP, ALIGN), RELU, ACC, ROWS, BLOCK_S, OFFSET_64, GROUP)
+    out = split * C + cols
     tl.store(partial_sum_dy_ptr + out, sum_dy)
     tl.store(partial_sum_dy_xmu_ptr + out, sum_dy_xmu)
     if FINALIZE:
-        cols = c + tl.arange(0, 1)
-        finalize_gradients_of_group(split, c, C, cols, cols < C, partial_sum_dy_ptr, partial_sum_dy_xmu_ptr,
-                                    counter_ptr, invstd_ptr, total_dy_ptr, total_dy_xmu_ptr, grad_weight_ptr,
-                                    grad_bias_ptr, tl.num_programs(1), group_splits, C, ACC, BLOCK_SPLITS, 1)
+        group_cols = c0 + tl.arange(0, GROUP)
+        finalize_gradients_of_group(split, group, tl.cdiv(C, GROUP), group_cols, group_cols < C, partial_sum_dy_ptr,
+                                    partial_sum_dy_xmu_ptr, counter_ptr, invstd_ptr, total_dy_ptr, total_dy_xmu_ptr,
+                                    grad_weight_ptr, grad_bias_ptr, tl.num_programs(1), group_splits, C, ACC,
+                                    BLOCK_SPLITS, GROUP)
 
 
 @triton.jit
@@ -352,8 +471,10 @@ def input_gradient_channels_first(
     s_blocks, total_tiles, tiles_per_program,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
+    GROUP: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    c, split = _reversed_program(OFFSET_64)
+    group, split = _reversed_program(OFFSET_64)
+    c0, c, _ = _channels(group, S, BLOCK_S, GROUP)
     invstd = tl.load(invstd_ptr + c).to(ACC)
     scale, shift = _affine(c, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS and RELU, ACC)
     mean = tl.zeros([], ACC)
@@ -366,9 +487,10 @@ def input_gradient_channels_first(
         mean_dy = tl.load(sum_dy_ptr + c).to(ACC) * inv_count
         projection = tl.load(sum_dy_xmu_ptr + c).to(ACC) * invstd * invstd * inv_count
     first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
-    _input_gradient(dy_ptr + c * dy_stride_c, x_ptr + c * x_stride_c, dx_ptr + c * dx_stride_c,
-                    dy_stride_n, x_stride_n, dx_stride_n, scale, shift, mean, mean_dy, projection,
-                    first_tile, last_tile, s_blocks, N, S, TRAINING, RELU, ACC, ROWS, BLOCK_S, OFFSET_64)
+    _input_gradient(dy_ptr + _offset(c0, dy_stride_c, ALIGN), x_ptr + _offset(c0, x_stride_c, ALIGN),
+                    dx_ptr + _offset(c0, dx_stride_c, ALIGN), dy_stride_n, x_stride_n, dx_stride_n, scale, shift,
+                    mean, mean_dy, projection, first_tile, last_tile, s_blocks, N, _run(S, GROUP, ALIGN),
+                    TRAINING, RELU, ACC, ROWS, BLOCK_S, OFFSET_64)
 
 
 @triton.jit
@@ -387,20 +509,27 @@ def single_pass_backward_channels_first(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr, NEED_INPUT_GRAD: tl.constexpr,
     RELU: tl.constexpr,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
+    GROUP: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    # One program per channel: the sums, then dx from a second pass that finds dy and x in cache.
-    c = _channel(OFFSET_64)
-    dy_ptr += c * dy_stride_c
-    x_ptr += c * x_stride_c
+    # One program per channel (group): the sums, then dx from a second pass that finds dy and x in cache.
+    group = _group(OFFSET_64)
+    c0, c, cols = _channels(group, S, BLOCK_S, GROUP)
+    run = _run(S, GROUP, ALIGN)
+    dy_ptr += _offset(c0, dy_stride_c, ALIGN)
+    x_ptr += _offset(c0, x_stride_c, ALIGN)
     mean = tl.load(mean_ptr + c).to(ACC)
     invstd = tl.load(invstd_ptr + c).to(ACC)
     scale, shift = _affine(c, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS and RELU, ACC)
-    sum_dy, sum_dy_xmu = _gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, scale, shift, 0, total_tiles,
-                                        s_blocks, N, S, RELU, ACC, ROWS, BLOCK_S, OFFSET_64)
-    store_gradients(c, c < C, sum_dy, sum_dy_xmu, invstd, grad_weight_ptr, grad_bias_ptr)
+    sum_dy, sum_dy_xmu = _gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, scale, shift,
+                                        0, total_tiles, s_blocks, N, run, RELU, ACC, ROWS, BLOCK_S, OFFSET_64, GROUP)
+    if GROUP == 1:
+        store_gradients(c, c < C, sum_dy, sum_dy_xmu, invstd, grad_weight_ptr, grad_bias_ptr)
+    else:
+        store_gradients(cols, cols < C, sum_dy, sum_dy_xmu, tl.load(invstd_ptr + cols).to(ACC), grad_weight_ptr,
+                        grad_bias_ptr)
     if NEED_INPUT_GRAD:
-        mean_dy = sum_dy * inv_count
-        projection = sum_dy_xmu * invstd * invstd * inv_count
-        _input_gradient(dy_ptr, x_ptr, dx_ptr + c * dx_stride_c, dy_stride_n, x_stride_n, dx_stride_n,
-                        scale, shift, mean, mean_dy, projection, 0, total_tiles, s_blocks, N, S, TRAINING, RELU,
-                        ACC, ROWS, BLOCK_S, OFFSET_64)
+        mean_dy = _to_lanes(sum_dy, c - c0, GROUP) * inv_count
+        projection = _to_lanes(sum_dy_xmu, c - c0, GROUP) * invstd * invstd * inv_count
+        _input_gradient(dy_ptr, x_ptr, dx_ptr + _offset(c0, dx_stride_c, ALIGN), dy_stride_n, x_stride_n,
+                        dx_stride_n, scale, shift, mean, mean_dy, projection, 0, total_tiles, s_blocks, N, run,
+                        TRAINING, RELU, ACC, ROWS, BLOCK_S, OFFSET_64)

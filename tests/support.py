@@ -41,6 +41,8 @@ STAT_TOLERANCE = {torch.float64: (1e-7, 1e-7)}
 DEFAULT_STAT_TOLERANCE = (1e-5, 1e-5)
 
 
+# 9-value rows, which cannot start on 16 bytes: programs own 2-8 adjacent channels (channel groups).
+CHANNEL_GROUP_CASE = ((5, 8, 3, 3), "contiguous")
 LAYOUT_CASES = [
     ((6, 3), "contiguous"),
     ((6, 3), "transposed"),       # column-major (N, C): read natively, channel by channel
@@ -56,6 +58,7 @@ LAYOUT_CASES = [
     ((2, 3, 3, 4, 5), "channels_last"),
     ((9, 70, 2, 3), "channels_last"),  # C over one channel block, N * S over several splits
     ((3, 16, 5, 6), "channels_last"),  # C a multiple of 16 bytes of values: CUDA C's vector accesses
+    CHANNEL_GROUP_CASE,
     ((2, 2, 33, 35), "contiguous"),   # spatial extent not a multiple of any block
 ]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]

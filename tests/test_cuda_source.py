@@ -132,6 +132,13 @@ def fake_cupy(monkeypatch):
     cupy_backend._kernels.cache_clear()
 
 
+def _finalizing(name: str) -> bool:
+    """Whether a launched statistics or gradient-sums instantiation has FINALIZE set (the last
+    boolean template argument, before GROUPED on the channels-first kernels)."""
+    arguments = name[name.index("<") + 1:-1].split(", ")
+    return arguments[-2 if "_channels_first" in name else -1] == "true"
+
+
 def _check_arguments(launches, dtype) -> None:
     import numpy as np
     signatures = _kernel_parameters()
@@ -168,7 +175,7 @@ def test_launch_arguments_match_the_kernel_signatures(fake_cupy, layout, dtype, 
                       if name.startswith(("statistics", "gradient_sums"))]
         assert len(reductions) == 2
         for name, args in reductions:
-            assert name.endswith(", true>"), name
+            assert _finalizing(name), name
             counters = args[4] if name.startswith("statistics") else args[8]
             assert counters != 0
     else:
@@ -199,7 +206,7 @@ def test_sync_batch_norm_launch_arguments_match_the_kernel_signatures(fake_cupy,
         f"statistics_channels_{family}", "finalize_moments", "merge_ranks", f"normalize_channels_{family}",
         f"gradient_sums_channels_{family}", f"input_gradient_channels_{family}"]
     # The local moments come from the plain statistics kernel, the local gradient sums finalize themselves.
-    assert fake_cupy.launches[0][0].endswith(", false>") and fake_cupy.launches[4][0].endswith(", true>")
+    assert not _finalizing(fake_cupy.launches[0][0]) and _finalizing(fake_cupy.launches[4][0])
     _check_arguments(fake_cupy.launches, dtype)
 
 
@@ -271,4 +278,39 @@ def test_channels_last_kernels_read_16_bytes_of_channels_where_c_allows(fake_cup
     assert offset.stride()[1] == 1 and (vec == 1 or offset.data_ptr() % 16)
     cupy_backend.forward_train(offset, weight, bias, running_mean, running_var, torch.tensor(3), 0.1, 1e-5)
     assert all(", 1, " in name or name.endswith(", 1>") for name, *_ in fake_cupy.launches)
+    _check_arguments(fake_cupy.launches, dtype)
+
+
+@pytest.mark.parametrize("dtype, group, vec", [(torch.bfloat16, 8, 8), (torch.float32, 4, 4), (torch.float64, 2, 2)],
+                         ids=str)
+def test_channels_first_blocks_own_channel_groups_where_rows_cannot_start_on_16_bytes(fake_cupy, dtype, group, vec,
+                                                                                     kernel_path):
+    """7x7 planes: a block owns `group` adjacent channels, whose rows together start on 16 bytes, and
+    reads them 16 bytes at a time; a misaligned view still takes the grouped kernels, value by value."""
+    from support import make_input, make_params
+
+    C = 16
+    x = make_input((64, C, 7, 7), dtype, "contiguous")
+    weight, bias, running_mean, running_var = make_params(C, torch.float32 if dtype == torch.bfloat16 else dtype)
+    mean, invstd = torch.zeros(C, dtype=stat_dtype(dtype)), torch.ones(C, dtype=stat_dtype(dtype))
+
+    def launch_all(x):
+        cupy_backend.forward_train(x, weight, bias, running_mean, running_var, torch.tensor(3), 0.1, 1e-5)
+        cupy_backend.forward_eval(x, weight, bias, running_mean, running_var, 1e-5, residual=x, relu=True)
+        cupy_backend.backward(x, x, weight, mean, invstd, True, True, True)
+
+    launch_all(x)
+    g = cupy_backend.KERNELS.geometry(x)
+    assert g.plan.group == group and g.plan.block_s >= group * 49
+    assert len(fake_cupy.launches) == (5 if kernel_path == "split" else 3)
+    for name, grid, block, _ in fake_cupy.launches:
+        assert "_channels_first<" in name and name.endswith(", true>"), name  # GROUPED
+        assert f", {vec}, " in name, name
+        assert grid == (C // group, g.plan.splits) and block == (256,)
+    _check_arguments(fake_cupy.launches, dtype)
+    fake_cupy.launches.clear()
+    offset = make_input((64 * C * 49 + 1,), dtype, "contiguous")[1:].view(64, C, 7, 7)  # 2-8 bytes off 16
+    assert offset.data_ptr() % 16
+    launch_all(offset)
+    assert all(name.endswith(", true>") and ", 1, " in name for name, *_ in fake_cupy.launches)
     _check_arguments(fake_cupy.launches, dtype)

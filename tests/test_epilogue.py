@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import bn_gpu
 from bn_gpu import reference as ref
-from support import (LAYOUT_CASES, arrange, assert_close, backend_devices, case_id, make_input, make_params)
+from support import (CHANNEL_GROUP_CASE, LAYOUT_CASES, arrange, assert_close, backend_devices, case_id, make_input,
+                     make_params)
 
 EPILOGUES = [("relu", False), ("relu", True), (None, True)]
 EPILOGUE_IDS = ["relu", "add-relu", "add"]
@@ -21,7 +22,7 @@ def _scaled(grad, grad_y, C):
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())
-@pytest.mark.parametrize("case", LAYOUT_CASES[::2], ids=case_id)
+@pytest.mark.parametrize("case", LAYOUT_CASES[::2] + [CHANNEL_GROUP_CASE], ids=case_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("activation,with_residual", EPILOGUES, ids=EPILOGUE_IDS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

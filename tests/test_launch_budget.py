@@ -1,6 +1,8 @@
 """Launch plans fill the GPU, and the launch budget holds: at most 2 launches for a training
 forward (statistics finalized by its last programs, normalize), 2 for a backward and 1 for eval,
 1 for each on the single-pass path, counting torch glue operations as launches."""
+import dataclasses
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -30,6 +32,41 @@ def test_plans_fill_the_gpu(shape):
     # Every tile of a channel belongs to exactly one program.
     assert (first.splits - 1) * first.tiles_per_program < first.total_tiles <= first.splits * first.tiles_per_program
     assert (last.splits - 1) * last.rows_per_program < N * S <= last.splits * last.rows_per_program
+
+
+@pytest.mark.parametrize("C, S, itemsize, adjacent, group", [
+    (2048, 49, 4, True, 4),    # 7x7: 4 fp32 rows of 49 values make 196, 49 16-byte words
+    (2048, 49, 2, True, 8),    # 8 bf16 rows: 392 values
+    (2048, 196, 2, True, 2),   # 14x14 bf16: rows of 196 values start on 8 bytes; two make 392
+    (2048, 196, 4, True, 1),   # 14x14 fp32: rows already start on 16 bytes
+    (2048, 49, 8, True, 2),    # fp64: 2 values per 16 bytes
+    (2050, 49, 4, True, 1),    # C not a multiple of the group
+    (2048, 49, 4, False, 1),   # channels not back to back (stride_c != S somewhere)
+    (64, 12321, 4, True, 1),   # 111x111: 4 rows would not fit one tile
+    (64, 625, 4, True, 1),     # 25x25: 4 rows (10 KB) would not fit 256 places of 16 bytes
+    (64, 1, 4, True, 1),
+], ids=str)
+def test_channel_groups_where_rows_cannot_start_on_16_bytes(C, S, itemsize, adjacent, group):
+    tile = plan.GPU_TUNING.tile_elements(itemsize)
+    assert plan.channel_group(C, S, itemsize, tile, adjacent) == group
+    p = plan.channels_first_plan(64, C, S, itemsize, plan.GPU_TUNING, SMS, adjacent)
+    assert p.group == group and p.grid(C)[0] == -(-C // group)
+    if group > 1:  # the group's run is one tile row, a multiple of 16 bytes
+        assert p.s_blocks == 1 and group * S <= p.block_s and (group * S * itemsize) % 16 == 0
+        assert p.align * itemsize == 16
+
+
+def test_the_geometry_groups_channels_only_where_every_tensor_has_them_back_to_back():
+    x = torch.empty(64, 2048, 7, 7, device="meta")
+    assert plan.geometry(x, None, plan.GPU_TUNING, SMS).plan.group == 4
+    assert plan.geometry(x, x, plan.GPU_TUNING, SMS).plan.group == 4
+    grad = torch.empty(64, 7, 7, 2048, device="meta").permute(0, 3, 1, 2)  # channels-last dy: copied to x's family
+    assert plan.geometry(x, grad, plan.GPU_TUNING, SMS).plan.group == 4
+    every_other = torch.empty(64, 4096, 7, 7, device="meta")[:, ::2]  # stride_c = 2 S
+    assert plan.geometry(every_other, None, plan.GPU_TUNING, SMS).plan.group == 1
+    g = plan.geometry(x, None, plan.GPU_TUNING, SMS)
+    assert g.finalize_groups == 512 and g.finalize_counters == 512 * (g.finalize.split_groups + 1)
+    assert plan.geometry(x, None, dataclasses.replace(plan.GPU_TUNING, channel_groups=False), SMS).plan.group == 1
 
 
 class _Count(TorchDispatchMode):

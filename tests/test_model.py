@@ -1,5 +1,6 @@
 """The static model (python -m bn_gpu model): its SASS and resource parsing on known snippets, its
 traffic model on known plans, and one end-to-end run where the tools are present."""
+import json
 import math
 import os
 import subprocess
@@ -64,6 +65,30 @@ def test_the_streaming_loop_is_found_behind_a_fused_finalize():
     assert loops[0].instructions == 3
 
 
+DIVERGENCE_SASS = """
+        Function : reduce_then_normalize
+        /*0000*/                   LDG.E.128.CONSTANT R4, desc[UR4][R2.64] ;
+        /*0010*/                   FADD R2, R4, R2 ;
+        /*0020*/               @P1 BRA 0x0 ;
+        /*0030*/                   BRA.DIV UR4, 0x0100 ;
+        /*0040*/                   SHFL.DOWN PT, R5, R2, 0x1, 0x1f ;
+        /*0050*/                   LDG.E R6, desc[UR4][R8.64] ;
+        /*0060*/                   LDG.E R7, desc[UR4][R8.64+0x4] ;
+        /*0070*/                   LDG.E.64 R10, desc[UR4][R8.64+0x8] ;
+        /*0080*/                   EXIT ;
+        /*0100*/                   WARPSYNC.COLLECTIVE R2, 0x120 ;
+        /*0110*/                   SHFL.DOWN P2, R5, R2, R3, R4 ;
+        /*0120*/                   BRA 0x50 ;
+"""
+
+
+def test_a_divergence_fallback_jumping_back_is_no_loop():
+    """nvcc puts the path a BRA.DIV takes for an unconverged warp after the body, ending in a jump
+    back: not a loop, and its span (here the per-channel parameter loads) is not the main loop."""
+    loops = model.main_loops(model.parse_sass(DIVERGENCE_SASS)["reduce_then_normalize"])
+    assert [loop.load_bits for loop in loops] == [[128]]
+
+
 def test_resource_parsing_and_occupancy():
     usage = model.parse_resources(RESOURCES)["toy_kernel"]
     assert usage == dict(registers=40, stack=8, shared=1024, local=16)
@@ -115,7 +140,7 @@ def test_launch_counts_of_both_backends():
 def test_model_runs_end_to_end(tmp_path):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    result = subprocess.run([sys.executable, "-m", "bn_gpu", "model", "--shapes", "64x256x56x56", "5x3",
+    result = subprocess.run([sys.executable, "-m", "bn_gpu", "model", "--shapes", "64x256x56x56", "64x2048x7x7", "5x3",
                              "--dtypes", "bfloat16", "--out", str(tmp_path)], env=env, capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -126,3 +151,10 @@ def test_model_runs_end_to_end(tmp_path):
             assert f"| {backend} | 64x256x56x56 | bfloat16 | channels_last | {op} |" in text
     assert "<__nv_bfloat16, float" in text  # the CUDA C kernels were compiled too
     assert list(tmp_path.glob("model-h200-*.json")) and list(tmp_path.glob("model-h200-*.md"))
+    # 7x7 channels-first planes: rows of 49 values cannot start on 16 bytes, so a Triton program owns
+    # 8 adjacent bf16 channels (392 values a row) and every streaming loop loads 16 bytes at a time.
+    (report,) = tmp_path.glob("model-h200-*.json")
+    planes = [case for case in json.loads(report.read_text())["cases"]
+              if case["backend"] == "triton" and case["shape"] == "64x2048x7x7" and case["layout"] == "contiguous"]
+    assert planes and all(kernel["load_widths"] == "128" for case in planes for kernel in case["kernels"]), planes
+    assert "GROUP=8" in text
