@@ -21,13 +21,29 @@ KERNELS = {f"{job}_{family}" for job in ("statistics", "normalize", "single_pass
 # gradient-sums kernels finalize themselves (FINALIZE).
 
 
-@pytest.mark.parametrize("capability", [80, 90], ids=lambda c: f"sm_{c}")
-def test_every_launched_kernel_variant_compiles_for_gpu(capability):
+CAPABILITIES = [80, 90]
+
+
+@pytest.fixture(scope="module")
+def compile_runs():
+    """One compiling process per target, started together (each is single-threaded: side by side
+    they take half the wall time on a 2-core CI machine). {capability: process}."""
     env = dict(os.environ, TRITON_INTERPRET="0")
-    result = subprocess.run([sys.executable, str(SCRIPT), str(capability)], env=env,
-                            capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stdout + result.stderr
-    match = re.search(r"compiled (\d+) kernel variants of (\d+) kernels for sm_\d+ with triton \S+: (.*)", result.stdout)
-    assert match, result.stdout
+    runs = {capability: subprocess.Popen([sys.executable, str(SCRIPT), str(capability)], env=env,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for capability in CAPABILITIES}
+    yield runs
+    for process in runs.values():
+        if process.poll() is None:
+            process.kill()
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES, ids=lambda c: f"sm_{c}")
+def test_every_launched_kernel_variant_compiles_for_gpu(compile_runs, capability):
+    process = compile_runs[capability]
+    stdout, stderr = process.communicate(timeout=1200)
+    assert process.returncode == 0, stdout + stderr
+    match = re.search(r"compiled (\d+) kernel variants of (\d+) kernels for sm_\d+ with triton \S+: (.*)", stdout)
+    assert match, stdout
     assert set(match.group(3).split(", ")) == KERNELS
     assert int(match.group(1)) > 2 * len(KERNELS)  # dtypes, flags and tiles give several variants each
