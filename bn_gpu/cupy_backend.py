@@ -25,7 +25,7 @@ C_TYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__n
 THREADS = 256            # threads per block: 1-D channels-first and finalize blocks, 2-D channels-last ones
 CHANNEL_THREADS = 32     # channels-last blocks: at most a warp's width of threads across channels, each
                          # with VECTOR_BYTES of consecutive channels; the rest of THREADS walk rows
-VECTOR_BYTES = 16
+VECTOR_BYTES = plans.VECTOR_BYTES
 MAX_BLOCK_C = CHANNEL_THREADS * VECTOR_BYTES // 2  # channels of a channels-last block, at most (16-bit inputs)
 # The source's compile-time constants, from here.
 COMPILE_OPTIONS = ("-std=c++17", f"-DCL_THREADS={THREADS}", f"-DCL_MAX_CHANNELS={MAX_BLOCK_C}")
@@ -211,7 +211,7 @@ def _vector_width_for(g: plans.Geometry, *tensors) -> int:
         if t.data_ptr() % VECTOR_BYTES:
             return 1
         strides = layout.channels_first_view(t).strides if g.channels_first else layout.channels_last_view(t).strides
-        if g.channels_first and g.plan.group > 1:
+        if g.channel_groups:
             strides = strides[:1]  # stride_n
         if any(stride % vec for stride in strides):
             return 1
@@ -246,8 +246,8 @@ class CudaKernels:
     def _streaming(g, name: str, *tensors, fused: bool = False, finalized: bool = False):
         """(role, grid, block) of the streaming kernel `name` on the tensors it reads and writes."""
         vec = _vector_width_for(g, *tensors)
-        grouped = g.channels_first and g.plan.group > 1
-        suffix = ("_fused" if fused else "") + ("_finalized" if finalized else "") + ("_grouped" if grouped else "")
+        suffix = (("_fused" if fused else "") + ("_finalized" if finalized else "")
+                  + ("_grouped" if g.channel_groups else ""))
         family = "first" if g.channels_first else "last"
         return (f"{name}_channels_{family}_{vec}{suffix}", *_shape(g, vec))
 

@@ -285,6 +285,11 @@ class Geometry:
         return self.plan.splits + self.finalize.split_groups
 
     @functools.cached_property
+    def channel_groups(self) -> bool:
+        """Channels-first programs own several adjacent channels (see channel_group)."""
+        return self.channels_first and self.plan.group > 1
+
+    @functools.cached_property
     def single_pass(self) -> bool:
         """One program per channel (block): statistics and elementwise pass in one launch."""
         return self.plan.splits == 1
