@@ -35,20 +35,29 @@ def _op_call(op: str, backend: str, x, dy):
     return lambda: ops.backward(dy, x, w, mean, invstd, True, True, True, backend)
 
 
-def kernel_us(fn, iters: int, flush: torch.Tensor) -> dict:
-    """{kernel name: device µs per call of fn}, the L2 flushed before each call."""
+def flusher(how: str):
+    """What runs before each timed call to empty the L2 of the op's data. "write" (as
+    triton.testing.do_bench does) leaves the L2 full of dirty lines, which the op's first kernel pays
+    to write back; "read" leaves it full of clean lines; "none" leaves the previous call's data."""
+    buffer = torch.empty(64 << 20, dtype=torch.int32, device="cuda")  # 256 MB: more than the L2
+    sink = torch.empty((), dtype=torch.int32, device="cuda")
+    return {"write": buffer.zero_, "read": lambda: torch.amax(buffer, dim=0, out=sink), "none": lambda: None}[how]
+
+
+def kernel_us(fn, iters: int, flush) -> dict:
+    """{kernel name: device µs per call of fn}, flush() before each call."""
     from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
-            flush.zero_()
+            flush()
             fn()
         torch.cuda.synchronize()
     times = {}
     for event in prof.key_averages():
         total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
-        if total and "fill" not in event.key.lower() and event.key != "Memset (Device)":
+        if total and not any(word in event.key.lower() for word in ("fill", "memset", "reduce_kernel")):
             times[event.key] = total / iters
     return times
 
@@ -71,21 +80,9 @@ def copy_gbps() -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
-def main() -> None:
-    import bn_gpu  # noqa: F401  (registers the ops)
+def _cases(args):
+    """(label, op, backend, x, dy) for every case the arguments name."""
     from bn_gpu.layout import arranged
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shapes", nargs="+", default=["64x64x112x112", "64x256x56x56", "64x2048x7x7", "16384x2048"])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--layouts", nargs="+", default=["contiguous", "channels_last"])
-    parser.add_argument("--backends", nargs="+", default=["triton", "cupy"])
-    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
-    parser.add_argument("--iters", type=int, default=10)
-    args = parser.parse_args()
-    copy = copy_gbps()
-    flush = torch.empty(64 << 20, dtype=torch.int32, device="cuda")  # 256 MB: more than the L2
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, copy {copy:.0f} GB/s; "
-          "per op: kernel µs per call (% of copy bandwidth for the op's floor bytes), wall µs per call")
     for shape_text in args.shapes:
         shape = tuple(int(v) for v in shape_text.split("x"))
         for dtype_name in args.dtypes:
@@ -96,20 +93,54 @@ def main() -> None:
                 dy = arranged(torch.randn(shape, generator=g, device="cuda").to(dtype), layout)
                 for backend in args.backends:
                     for op in args.ops:
-                        label = f"{shape_text} {dtype_name} {layout} {backend} {op}"
-                        try:
-                            fn = _op_call(op, backend, x, dy)
-                            kernels = kernel_us(fn, args.iters, flush)
-                            wall = wall_us(fn)
-                        except Exception as error:  # report, go on
-                            print(f"{label}: {type(error).__name__}: {error}"[:300])
-                            continue
-                        total = sum(kernels.values())
-                        floor = FLOOR_PASSES[op] * x.numel() * x.element_size()
-                        pct = 100 * floor / (total * 1e-6) / 1e9 / copy if total else float("nan")
-                        print(f"{label}: kernels {total:.1f} µs ({pct:.0f}%), wall {wall:.1f} µs")
-                        for name, us in sorted(kernels.items(), key=lambda kv: -kv[1]):
-                            print(f"    {us:9.1f} µs  {name[:110]}")
+                        yield f"{shape_text} {dtype_name} {layout} {backend} {op}", op, backend, x, dy
+
+
+def run_for_profiler(args, flush) -> None:
+    for label, op, backend, x, dy in _cases(args):
+        fn = _op_call(op, backend, x, dy)
+        for _ in range(args.iters):
+            flush()
+            fn()
+        torch.cuda.synchronize()
+        print(label, "ran", args.iters, "times", flush=True)
+
+
+def main() -> None:
+    import bn_gpu  # noqa: F401  (registers the ops)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", nargs="+", default=["64x64x112x112", "64x256x56x56", "64x2048x7x7", "16384x2048"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--layouts", nargs="+", default=["contiguous", "channels_last"])
+    parser.add_argument("--backends", nargs="+", default=["triton", "cupy"])
+    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--flush", choices=("write", "read", "none"), default="write",
+                        help="how the L2 is emptied before each call (see flusher)")
+    parser.add_argument("--for-profiler", action="store_true",
+                        help="only run each op --iters times (flushed), untimed: for a run under ncu")
+    args = parser.parse_args()
+    flush = flusher(args.flush)
+    if args.for_profiler:
+        run_for_profiler(args, flush)
+        return
+    copy = copy_gbps()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, copy {copy:.0f} GB/s; "
+          "per op: kernel µs per call (% of copy bandwidth for the op's floor bytes), wall µs per call")
+    for label, op, backend, x, dy in _cases(args):
+        try:
+            fn = _op_call(op, backend, x, dy)
+            kernels = kernel_us(fn, args.iters, flush)
+            wall = wall_us(fn)
+        except Exception as error:  # report, go on
+            print(f"{label}: {type(error).__name__}: {error}"[:300])
+            continue
+        total = sum(kernels.values())
+        floor = FLOOR_PASSES[op] * x.numel() * x.element_size()
+        pct = 100 * floor / (total * 1e-6) / 1e9 / copy if total else float("nan")
+        print(f"{label}: kernels {total:.1f} µs ({pct:.0f}%), wall {wall:.1f} µs")
+        for name, us in sorted(kernels.items(), key=lambda kv: -kv[1]):
+            print(f"    {us:9.1f} µs  {name[:110]}")
 
 
 if __name__ == "__main__":

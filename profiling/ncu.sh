@@ -16,6 +16,6 @@ impl=${4:-bn_gpu-triton}
 shift $(( $# < 4 ? $# : 4 ))
 mkdir -p profiling/results
 out="profiling/results/ncu-${impl}-${shape}-${dtype}-${mode}"
-exec ncu --target-processes all --launch-skip 50 --launch-count 10 --export "$out" --force-overwrite "$@" \
+exec ncu --clock-control none --target-processes all --launch-skip 50 --launch-count 10 --export "$out" --force-overwrite "$@" \
     python -m bn_gpu bench --shapes "$shape" --dtypes "$dtype" --modes "$mode" --impls "$impl" \
     --out profiling/results/ncu-runs

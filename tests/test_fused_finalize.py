@@ -1,10 +1,11 @@
 """The split path's finalize, done by the last programs of each channel group to finish, in two
 levels (Triton: kernels/finalize.py; CUDA C: the FINALIZE instantiations of kernels/batch_norm.cu):
 the separate finalize kernel's results to the last bits of a sum (another grouping of the partials,
-so another summation tree), the same bits call after call (a fixed merge order, whichever program
-is last), and its counters left at zero -- after a call, after two, and after a call that raised --
-so the next call and a CUDA-graph replay start from zero. On the CPU the Triton kernels run in the
-interpreter; on a GPU (marker `gpu`) both backends run, on shapes whose GPU plans split."""
+so another summation tree; for the cancelling gradient sums, bits of their terms' magnitudes), the
+same bits call after call (a fixed merge order, whichever program is last), and its counters left at
+zero -- after a call, after two, and after a call that raised -- so the next call and a CUDA-graph
+replay start from zero. On the CPU the Triton kernels run in the interpreter; on a GPU (marker
+`gpu`) both backends run, on shapes whose GPU plans split."""
 import dataclasses
 
 import pytest
@@ -85,8 +86,12 @@ def _inputs(target, shape, layout):
     return x, dy
 
 
+OUTPUTS = ("y", "mean", "invstd", "running_mean", "running_var", "num_batches_tracked", "grad_x", "grad_weight",
+           "grad_bias")
+
+
 def _step(kernels, x, dy, relu=False):
-    """Forward (with running statistics, cumulative average) and backward; every output."""
+    """Forward (with running statistics, cumulative average) and backward; every output (OUTPUTS)."""
     C = x.shape[1]
     weight, bias, running_mean, running_var = make_params(C, device=x.device)
     tracked = torch.tensor(3, device=x.device)
@@ -94,6 +99,27 @@ def _step(kernels, x, dy, relu=False):
                                                   1e-5, relu=relu)
     grads = orchestration.backward(kernels, dy, x, weight, mean, invstd, True, True, True, bias=bias, relu=relu)
     return [y, mean, invstd, running_mean, running_var, tracked, *grads]
+
+
+def _gradient_sum_scales(x, dy):
+    """Per channel, the sum of the terms' magnitudes of grad_weight (dy * x_hat) and grad_bias (dy),
+    ReLU mask or not: the scale of a float32 sum's rounding, whatever its order. dy has mean 0, so
+    these sums cancel: a channel's result can be far smaller than its rounding (seen on an H200:
+    grad_bias of 2.0 differing by 4.6e-5 between the two summation trees, 3e-9 of this scale)."""
+    dims = [d for d in range(x.dim()) if d != 1]
+    x64, dy64 = x.double(), dy.double()
+    x_hat = (x64 - x64.mean(dims, keepdim=True)) / x64.std(dims, correction=0, keepdim=True)
+    return {"grad_weight": (dy64 * x_hat).abs().sum(dims), "grad_bias": dy64.abs().sum(dims)}
+
+
+def _assert_same_up_to_the_summation_tree(fused, separate, x, dy):
+    scales = _gradient_sum_scales(x, dy)
+    for name, a, b in zip(OUTPUTS, fused, separate):
+        if name in scales:
+            excess = (a.double() - b.double()).abs() - 1e-6 * scales[name]
+            assert (excess <= 0).all(), f"{name}: {a.tolist()} against {b.tolist()}"
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda message, name=name: f"{name}: {message}")
 
 
 def _counters_are_zero(device):
@@ -106,8 +132,7 @@ def test_fused_finalize_matches_the_separate_one(poisoned, target, shape, layout
     x, dy = _inputs(target, shape, layout)
     fused = _step(target.kernels, x, dy, relu)
     separate = _step(_separate(target.table_class), x, dy, relu)
-    for a, b in zip(fused, separate):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    _assert_same_up_to_the_summation_tree(fused, separate, x, dy)
     # And right: the float64 reference.
     weight, bias = make_params(shape[1], device=x.device)[:2]
     expected_y, expected_mean, _, expected_invstd = reference.forward_train(x, weight, bias)
