@@ -371,6 +371,7 @@ class KernelFigures:
     dram_bytes: float
     memory_us: float
     issue_us: float
+    tail_factor: float       # ceil(waves) / waves above one wave: the partial last wave runs as long as a full one
 
 
 def _threads(launch) -> int:
@@ -419,7 +420,16 @@ def kernel_figures(launch, compiled: Compiled, case, target: Target) -> KernelFi
         load_widths=widths(main.load_bits) if main else "-", store_widths=widths(main.store_bits) if main else "-",
         barriers_per_iteration=main.barriers if main else 0,
         instructions_per_element=round(instructions_per_element, 2) if not math.isnan(instructions_per_element)
-        else math.nan, bytes_in_flight_per_sm=in_flight, dram_bytes=dram, memory_us=memory_us, issue_us=issue_us)
+        else math.nan, bytes_in_flight_per_sm=in_flight, dram_bytes=dram, memory_us=memory_us, issue_us=issue_us,
+        tail_factor=round(tail_factor(waves), 3))
+
+
+def tail_factor(waves: float) -> float:
+    """How much longer than its share of bandwidth a launch of equal programs takes when its last
+    wave is partial: 1.09 waves run as 2 (H200, 2026-11-26: Nsight Compute measured such a
+    statistics kernel at 51% of DRAM bandwidth, and "up to 50%" lost to the partial wave). Below one
+    wave every program runs at once."""
+    return math.ceil(waves) / waves if waves > 1 else 1.0
 
 
 def dram_bytes(launch, case, target: Target, per_sm: int) -> float:
@@ -485,6 +495,7 @@ class CaseFigures:
     floor_bytes: int
     dram_bytes: float
     floor_pct_bound: float       # floor bytes / modelled DRAM bytes: the best this plan can reach
+    wave_pct_bound: float        # the same with each kernel's DRAM time stretched by its partial last wave
     issue_headroom: float        # min over streaming kernels of memory time / issue time
     min_bytes_in_flight_kb: float
     needed_in_flight_kb: float
@@ -505,6 +516,7 @@ def model_case(backend: str, shape, dtype: torch.dtype, layout: str, op: str, ta
     size = torch.empty((), dtype=dtype).element_size()
     floor = FLOOR_PASSES[op] * numel * size
     dram = sum(f.dram_bytes for f in figures)
+    waved_dram = sum(f.dram_bytes * f.tail_factor for f in figures)
     streaming = [f for f in figures if _job(f.name) in STREAMS]
     headroom = min((f.memory_us / f.issue_us for f in streaming if f.issue_us > 0), default=math.inf)
     in_flight = min((f.bytes_in_flight_per_sm for f in streaming), default=0.0)
@@ -512,7 +524,8 @@ def model_case(backend: str, shape, dtype: torch.dtype, layout: str, op: str, ta
     return CaseFigures(
         backend=backend, shape="x".join(map(str, shape)), dtype=str(dtype).replace("torch.", ""), layout=layout,
         op=op, launches=len(launches), kernels=figures, floor_bytes=floor, dram_bytes=dram,
-        floor_pct_bound=100.0 * floor / dram if dram else math.nan, issue_headroom=headroom,
+        floor_pct_bound=100.0 * floor / dram if dram else math.nan,
+        wave_pct_bound=100.0 * floor / waved_dram if waved_dram else math.nan, issue_headroom=headroom,
         min_bytes_in_flight_kb=in_flight / 1024, needed_in_flight_kb=needed / 1024,
         host_us=len(launches) * target.host_us_per_launch,
         kernel_us=sum(max(f.memory_us, f.issue_us) for f in figures))
@@ -528,13 +541,13 @@ def _fmt(value, spec: str) -> str:
 
 def cases_markdown(cases: list[CaseFigures]) -> str:
     lines = ["| backend | shape | dtype | layout | op | launches | grid (programs/SM, waves) | DRAM / floor bytes | "
-             "bound % floor | issue headroom | min in flight KB/SM | host µs (assumed) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "bound % floor | with partial waves | issue headroom | min in flight KB/SM | host µs (assumed) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cases:
         grids = "; ".join(f"{'x'.join(map(str, k.grid))} ({k.per_sm}, {k.waves:g})" for k in c.kernels)
         lines.append(f"| {c.backend} | {c.shape} | {c.dtype} | {c.layout} | {c.op} | {c.launches} | {grids} | "
                      f"{c.dram_bytes / c.floor_bytes:.2f} | {_fmt(c.floor_pct_bound, '.0f')}% | "
-                     f"{_fmt(c.issue_headroom, '.1f')}× | {c.min_bytes_in_flight_kb:.1f} / {c.needed_in_flight_kb:.1f} | "
+                     f"{_fmt(c.wave_pct_bound, '.0f')}% | {_fmt(c.issue_headroom, '.1f')}× | {c.min_bytes_in_flight_kb:.1f} / {c.needed_in_flight_kb:.1f} | "
                      f"{c.host_us:.0f} |")
     return "\n".join(lines)
 
@@ -594,8 +607,9 @@ def header_markdown(target: Target, versions: dict) -> str:
         "element = loop instructions / elements loaded per iteration. DRAM bytes: each kernel's streams "
         "(x, dy read; y/dx written), a second read counted as an L2 hit only when what it re-reads fits the "
         "assumed reusable L2. bound % floor = floor bytes / modelled DRAM bytes (the best the plan can reach at "
-        "copy bandwidth). issue headroom = memory time / issue time at 128 thread-instructions per clock per SM "
-        "(≥ 2 leaves margin). In flight = bytes of global loads per loop iteration × threads × resident programs, "
+        "copy bandwidth); with partial waves: the same with each kernel's DRAM time × ceil(waves) / waves above "
+        "one wave (its last, partial wave runs as long as a full one). issue headroom = memory time / issue "
+        "time at 128 thread-instructions per clock per SM (≥ 2 leaves margin). In flight = bytes of global loads per loop iteration × threads × resident programs, "
         "against bandwidth per SM × latency.",
     ])
 

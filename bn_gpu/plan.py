@@ -31,6 +31,9 @@ class Tuning:
     chunk_tiles: int       # tiles a lane sums before the statistics are reduced and merged (Chan)
     channel_groups: bool = True  # channels-first: adjacent channels per program where rows of S values
                                  # cannot start on 16 bytes (see channel_group)
+    split_max_registers: int = 0  # Triton: a register cap on the split reductions (statistics, gradient
+                                  # sums), 0 for none; 64 holds 4 programs of 8 warps per SM (an
+                                  # experiment for a GPU: MODEL.md, "Partial waves")
 
     def tile_elements(self, itemsize: int) -> int:
         return max(1, self.tile_bytes // itemsize)
@@ -99,6 +102,7 @@ class ChannelsFirstPlan:
     chunk_tiles: int
     group: int = 1         # adjacent channels per program (see channel_group)
     align: int = 1         # the group's run of group x S values is a multiple of this many values
+    split_max_registers: int = 0  # Tuning.split_max_registers
 
     def grid(self, C: int) -> tuple[int, int]:
         return (cdiv(C, self.group), self.splits)
@@ -113,6 +117,7 @@ class ChannelsLastPlan:
     splits: int            # programs across M (grid axis 0)
     num_warps: int
     chunk_tiles: int
+    split_max_registers: int = 0  # Tuning.split_max_registers
 
     def grid(self, C: int) -> tuple[int, int]:
         return (self.splits, self.c_blocks)
@@ -150,11 +155,14 @@ def _splits(total_tiles: int, wanted: int) -> tuple[int, int]:
 
 
 def _splits_wanted(tuning: Tuning, sms: int, blocks: int) -> int:
-    """Programs per channel (block): about programs_per_sm x sms programs in all. (H200,
-    2026-11-26, 16 KB tiles over 8 warps: 4 per SM, rounded up -- 576 programs for 64 channels --
-    measured better than 2 per SM rounded down to one wave -- 256 programs: fewer warps in flight
-    cost more than the partial wave saved; profiling/RESULTS.md.)"""
-    return max(1, cdiv(tuning.programs_per_sm * sms, blocks))
+    """Programs per channel (block): 1 where the blocks alone fill programs_per_sm x sms programs,
+    else as many as fit in that many, rounded down to whole waves (at least 2). Rounded up, 64
+    channels took 9 splits: 576 programs where 4 per SM hold 528, and the 48 of the partial wave
+    doubled the statistics kernel's time (H200, 2026-11-26, Nsight Compute: 1.09 waves, 51% of
+    DRAM bandwidth). Half the programs (2 per SM, 256 for 64 channels) was measured slower still:
+    fewer warps in flight (profiling/RESULTS.md)."""
+    slots = tuning.programs_per_sm * sms
+    return 1 if blocks >= slots else max(2, slots // blocks)
 
 
 VECTOR_BYTES = 16  # the widest global load and store
@@ -197,7 +205,8 @@ def channels_first_plan(N: int, C: int, S: int, itemsize: int, tuning: Tuning, s
     wanted = 1 if _splits_wanted(tuning, sms, C) == 1 else _splits_wanted(tuning, sms, cdiv(C, group))
     tiles_per_program, splits = _splits(total_tiles, wanted)
     return ChannelsFirstPlan(rows, block_s, s_blocks, total_tiles, tiles_per_program, splits, tuning.num_warps,
-                             tuning.chunk_tiles, group, VECTOR_BYTES // itemsize if group > 1 else 1)
+                             tuning.chunk_tiles, group, VECTOR_BYTES // itemsize if group > 1 else 1,
+                             tuning.split_max_registers)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -208,7 +217,7 @@ def channels_last_plan(M: int, C: int, itemsize: int, tuning: Tuning, sms: int) 
     tiles_per_program, _ = _splits(cdiv(M, block_m), _splits_wanted(tuning, sms, c_blocks))
     rows_per_program = tiles_per_program * block_m
     return ChannelsLastPlan(block_m, block_c, c_blocks, rows_per_program, cdiv(M, rows_per_program),
-                            tuning.num_warps, tuning.chunk_tiles)
+                            tuning.num_warps, tuning.chunk_tiles, tuning.split_max_registers)
 
 
 # A fused finalize shares the reduction kernel's registers, so its tiles of partials stay small:

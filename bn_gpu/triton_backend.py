@@ -129,6 +129,8 @@ def _config(g: Geometry, job: str) -> tuple:
         # SM and 16 KB of loads in flight. Capped, 2 per SM and 32 KB, without spills (static model,
         # H200 target, Triton 3.9; the single-pass backward spills under the cap and keeps 32 KB without it).
         meta["maxnreg"] = MAX_REGISTERS
+    if p.split_max_registers and job in ("statistics", "gradient_sums") and p.splits > 1:
+        meta["maxnreg"] = p.split_max_registers
     return kernel, p.grid(g.C), meta
 
 

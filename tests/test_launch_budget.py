@@ -34,6 +34,32 @@ def test_plans_fill_the_gpu(shape):
     assert (last.splits - 1) * last.rows_per_program < N * S <= last.splits * last.rows_per_program
 
 
+@pytest.mark.parametrize("C, splits", [(64, 8), (256, 2), (100, 5), (300, 2), (527, 2), (528, 1), (2048, 1)])
+def test_split_grids_end_on_a_whole_wave(C, splits):
+    """4 programs per SM on 132 SMs hold 528: the splits per channel round down to fit them (64
+    channels: 8 splits, 512 programs, not 9 and a partial wave of 48), but never to 1, which is the
+    single pass: that needs C >= 528 (channels-last: channel blocks)."""
+    first = plan.channels_first_plan(64, C, 12544, 4, plan.GPU_TUNING, SMS)
+    assert first.splits == splits
+    assert splits <= 2 or C * splits <= 528
+    last = plan.channels_last_plan(64 * 12544, C * plan.GPU_TUNING.max_block_c, 4, plan.GPU_TUNING, SMS)
+    assert last.splits == splits and last.c_blocks == C
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 112, 112), (16384, 2048)], ids=str)
+def test_a_register_cap_on_the_split_reductions_reaches_their_launches_only(shape):
+    """Tuning.split_max_registers (BN_GPU_TUNING=split_max_registers=64, a GPU experiment): the
+    Triton statistics and gradient-sums kernels of a split plan get maxnreg, the passes after them
+    do not."""
+    x = torch.empty(shape, device="meta")
+    capped = plan.geometry(x, x, dataclasses.replace(plan.GPU_TUNING, split_max_registers=64), SMS)
+    assert capped.plan.splits > 1
+    for job, cap in (("statistics", 64), ("gradient_sums", 64), ("normalize", None), ("input_gradient", None)):
+        assert triton_backend._config(capped, job)[2].get("maxnreg") == cap, job
+    default = plan.geometry(x, x, plan.GPU_TUNING, SMS)
+    assert "maxnreg" not in triton_backend._config(default, "statistics")[2]
+
+
 @pytest.mark.parametrize("C, S, itemsize, adjacent, group", [
     (2048, 49, 4, True, 4),    # 7x7: 4 fp32 rows of 49 values make 196, 49 16-byte words
     (2048, 49, 2, True, 8),    # 8 bf16 rows: 392 values

@@ -100,6 +100,13 @@ def test_resource_parsing_and_occupancy():
     assert model.occupancy(heavy, 256, h200) == 1  # 255 -> 256 registers: 8 warps x 8192
 
 
+def test_a_partial_last_wave_runs_as_long_as_a_full_one():
+    assert model.tail_factor(0.73) == 1.0  # every program resident at once
+    assert model.tail_factor(1.0) == 1.0
+    assert model.tail_factor(576 / 528) == pytest.approx(2 * 528 / 576)  # 1.09 waves run as 2
+    assert model.tail_factor(1.98) == pytest.approx(2 / 1.98)
+
+
 def test_traffic_of_a_known_split_plan(monkeypatch):
     """64x64x112x112 fp32 contiguous, split path: statistics reads x; normalize reads x again and
     writes y. Walked in reverse (both backends), the second read's first 40 MB (the reusable L2
