@@ -239,37 +239,6 @@ template <int VEC, typename T> __device__ __forceinline__ void store_pack(T* p, 
     *reinterpret_cast<Pack<T, VEC>*>(p) = values;
 }
 
-// The moments of a channel column's threads merged in row-thread order, valid where threadIdx.y == 0.
-// Called once per channel of a thread, one call after another.
-template <typename A> __device__ Moments<A> column_merge(Moments<A> m) {
-    __shared__ A counts[CL_THREADS], means[CL_THREADS], m2s[CL_THREADS];
-    const int i = threadIdx.y * blockDim.x + threadIdx.x;
-    __syncthreads();  // the previous call's reads are done
-    counts[i] = m.count; means[i] = m.mean; m2s[i] = m.m2;
-    __syncthreads();
-    if (threadIdx.y == 0)
-        for (int j = 1; j < blockDim.y; ++j) {
-            const int other = j * blockDim.x + threadIdx.x;
-            merge(m, counts[other], means[other], m2s[other]);
-        }
-    return m;
-}
-
-// Two sums over a channel column's threads, valid where threadIdx.y == 0 (as column_merge).
-template <typename A> __device__ void column_sums(A& a, A& b) {
-    __shared__ A as[CL_THREADS], bs[CL_THREADS];
-    const int i = threadIdx.y * blockDim.x + threadIdx.x;
-    __syncthreads();
-    as[i] = a; bs[i] = b;
-    __syncthreads();
-    if (threadIdx.y == 0)
-        for (int j = 1; j < blockDim.y; ++j) {
-            const int other = j * blockDim.x + threadIdx.x;
-            a += as[other];
-            b += bs[other];
-        }
-}
-
 // RunningMoments for the VEC channels of a thread, which share their rows and so their count.
 template <typename A, int VEC> struct ColumnMoments {
     A count; Values<A, VEC> mean, m2;           // merged
@@ -303,6 +272,66 @@ template <typename A, int VEC> __device__ __forceinline__ ColumnMoments<A, VEC> 
     m.count = A(0); m.n = A(0);
     m.mean = zeros<A, VEC>(); m.m2 = zeros<A, VEC>(); m.sum = zeros<A, VEC>(); m.squares = zeros<A, VEC>();
     return m;
+}
+
+// The row threads of a channel column: each level of the trees below pairs the lower half with the
+// upper one (of a power of two at least blockDim.y), in a fixed order, so results stay bitwise
+// deterministic. A chain in the first row of threads, one channel after another -- 8 x 31
+// dependent merges for bf16 -- kept the other warps waiting at its barriers: the CUDA C bf16
+// channels-last statistics kernel took 156 us where the normalize pass over the same x took 54
+// (H200, 2026-11-26, Nsight Compute: 43% of warp cycles stalled at a barrier).
+__device__ __forceinline__ int column_tree_half() {
+    int half = 1;
+    while (2 * half < (int)blockDim.y) half *= 2;
+    return half;
+}
+
+// The merged moments (count, mean, m2) of every channel of a thread over its column's row threads,
+// all VEC channels at once (they share their rows, so their count), valid where threadIdx.y == 0.
+// The open runs are closed (column_moments ends with one).
+template <typename A, int VEC> __device__ void column_merge_tree(ColumnMoments<A, VEC>& m) {
+    __shared__ A counts[CL_THREADS], means[VEC][CL_THREADS], m2s[VEC][CL_THREADS];
+    const int i = threadIdx.y * blockDim.x + threadIdx.x;
+    for (int half = column_tree_half(); half > 0; half /= 2) {
+        __syncthreads();  // the previous level's reads are done
+        if (threadIdx.y >= half && threadIdx.y < 2 * half) {
+            counts[i] = m.count;
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) { means[k][i] = m.mean.v[k]; m2s[k][i] = m.m2.v[k]; }
+        }
+        __syncthreads();
+        const int other = i + half * blockDim.x;
+        if (threadIdx.y < half && threadIdx.y + half < blockDim.y && counts[other] != A(0)) {
+            const A count = counts[other], total = m.count + count, weight = count / total;
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                const A delta = means[k][other] - m.mean.v[k];
+                m.mean.v[k] += delta * weight;
+                m.m2.v[k] += m2s[k][other] + delta * delta * m.count * weight;
+            }
+            m.count = total;
+        }
+    }
+}
+
+// a and b, VEC channels each, summed over a channel column's row threads, valid where
+// threadIdx.y == 0 (as column_merge_tree).
+template <typename A, int VEC> __device__ void column_sums_tree(Values<A, VEC>& a, Values<A, VEC>& b) {
+    __shared__ A as[VEC][CL_THREADS], bs[VEC][CL_THREADS];
+    const int i = threadIdx.y * blockDim.x + threadIdx.x;
+    for (int half = column_tree_half(); half > 0; half /= 2) {
+        __syncthreads();
+        if (threadIdx.y >= half && threadIdx.y < 2 * half) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) { as[k][i] = a.v[k]; bs[k][i] = b.v[k]; }
+        }
+        __syncthreads();
+        const int other = i + half * blockDim.x;
+        if (threadIdx.y < half && threadIdx.y + half < blockDim.y) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) { a.v[k] += as[k][other]; b.v[k] += bs[k][other]; }
+        }
+    }
 }
 
 // The first row's values of channels c0.. : each channel's shift.
@@ -478,77 +507,111 @@ __device__ __forceinline__ A channel_sum(const Values<A, WIDE>& v, const GroupPl
 }
 
 // ---- finalize: merging the partials of the split reductions -------------------------------------
-// The separate finalize kernels (one 1-D block per channel) and the fused finalize (the last blocks
-// of a split reduction, with its block shape) share these merges, one channel at a time. COLUMNS: a
-// channels-last block, whose blockDim.y threads of a column share the rows of the column's channels;
-// else a 1-D block sharing one channel's rows. Partials are read with __ldcg (L2): in a fused finalize
-// other blocks of the same launch wrote them, and L1 is not coherent with their stores.
-
-template <bool COLUMNS> __device__ __forceinline__ bool leads() { return COLUMNS ? threadIdx.y == 0 : threadIdx.x == 0; }
-
-// a and b summed over the threads sharing a channel, valid where leads<COLUMNS>().
-template <bool COLUMNS, typename A> __device__ __forceinline__ void sum_pair(A& a, A& b) {
-    if constexpr (COLUMNS) {
-        column_sums(a, b);
-    } else {
-        a = block_sum<A, 0>(a);
-        b = block_sum<A, 1>(b);
-    }
-}
-
-// a summed over the threads sharing a channel, valid where leads<COLUMNS>().
-template <bool COLUMNS, typename A> __device__ __forceinline__ A summed(A a) {
-    if constexpr (COLUMNS) {
-        A unused = A(0);
-        column_sums(a, unused);
-        return a;
-    } else {
-        return block_sum<A, 2>(a);
-    }
-}
+// The separate finalize kernels (one 1-D block per channel) and the fused finalize of channels-first
+// reductions (the last 1-D blocks to finish) merge one channel at a time with block-wide sums; the
+// fused finalize of channels-last reductions merges the VEC channels of each column of its block at
+// once, with the column trees. Partials are read with __ldcg (L2): in a fused finalize other blocks
+// of the same launch wrote them, and L1 is not coherent with their stores.
 
 // (count, mean less the channel's shift, M2) of channel c from `rows` rows of (.., C) partials,
-// valid where leads<COLUMNS>(). Chan's formula for many partials: M2 = sum(m2_i + n_i * (mean_i -
-// mean)^2), the partial means relative to one shift per channel, so they stay small and exact when
-// |mean| >> std.
-template <bool COLUMNS, typename A>
+// valid in thread 0 of a 1-D block. Chan's formula for many partials: M2 = sum(m2_i + n_i *
+// (mean_i - mean)^2), the partial means relative to one shift per channel, so they stay small and
+// exact when |mean| >> std.
+template <typename A>
 __device__ Moments<A> merged_rows(const A* part_count, const A* part_mean, const A* part_m2, i64 rows, i64 C, i64 c) {
-    __shared__ A mean_of[COLUMNS ? CL_THREADS : 1];
-    const int lane = COLUMNS ? threadIdx.y : threadIdx.x, lanes = COLUMNS ? blockDim.y : blockDim.x;
-    const int column = COLUMNS ? threadIdx.x : 0;
+    __shared__ A mean_of;
     A count = A(0), weighted = A(0);
     if (c < C)
-        for (i64 i = lane; i < rows; i += lanes) {
+        for (i64 i = threadIdx.x; i < rows; i += blockDim.x) {
             A n = __ldcg(part_count + i * C + c);
             count += n;
             weighted += n * __ldcg(part_mean + i * C + c);
         }
-    sum_pair<COLUMNS>(count, weighted);
-    if (leads<COLUMNS>()) mean_of[column] = count > A(0) ? weighted / count : A(0);
+    count = block_sum<A, 0>(count);
+    weighted = block_sum<A, 1>(weighted);
+    if (threadIdx.x == 0) mean_of = count > A(0) ? weighted / count : A(0);
     __syncthreads();
-    A mean_shifted = mean_of[column];
+    A mean_shifted = mean_of;
     A m2 = A(0);
     if (c < C)
-        for (i64 i = lane; i < rows; i += lanes) {
+        for (i64 i = threadIdx.x; i < rows; i += blockDim.x) {
             A delta = __ldcg(part_mean + i * C + c) - mean_shifted;
             m2 += __ldcg(part_m2 + i * C + c) + __ldcg(part_count + i * C + c) * delta * delta;
         }
-    m2 = summed<COLUMNS>(m2);
+    m2 = block_sum<A, 2>(m2);
     Moments<A> m = {count, mean_shifted, m2};
     return m;
 }
 
-// The column sums of two (rows, C) matrices of partial sums for channel c, valid where leads<COLUMNS>().
-template <bool COLUMNS, typename A>
+// The column sums of two (rows, C) matrices of partial sums for channel c, valid in thread 0 of a 1-D block.
+template <typename A>
 __device__ void summed_rows(const A* first, const A* second, i64 rows, i64 C, i64 c, A& a, A& b) {
-    const int lane = COLUMNS ? threadIdx.y : threadIdx.x, lanes = COLUMNS ? blockDim.y : blockDim.x;
     a = A(0); b = A(0);
     if (c < C)
-        for (i64 i = lane; i < rows; i += lanes) {
+        for (i64 i = threadIdx.x; i < rows; i += blockDim.x) {
             a += __ldcg(first + i * C + c);
             b += __ldcg(second + i * C + c);
         }
-    sum_pair<COLUMNS>(a, b);
+    a = block_sum<A, 0>(a);
+    b = block_sum<A, 1>(b);
+}
+
+// merged_rows for the VEC channels c0.. of a channels-last thread at once, its column's row threads
+// sharing the rows: (count, mean less the shift, M2) per channel, valid where threadIdx.y == 0. (One
+// channel at a time, with a chain of sums in the first row of threads, the last block of a bf16
+// reduction merged 8 channels x 3 chains of 31 sums at each level.)
+template <int VEC, typename A>
+__device__ void merged_columns(const A* part_count, const A* part_mean, const A* part_m2, i64 rows, i64 C, i64 c0,
+                               Values<A, VEC>& count, Values<A, VEC>& mean, Values<A, VEC>& m2) {
+    __shared__ A mean_of[VEC][CL_THREADS];
+    const bool active = c0 < C;  // all VEC channels or none (see the channels-last kernels)
+    Values<A, VEC> weighted = zeros<A, VEC>();
+    count = zeros<A, VEC>();
+    if (active)
+        for (i64 i = threadIdx.y; i < rows; i += blockDim.y) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                A n = __ldcg(part_count + i * C + c0 + k);
+                count.v[k] += n;
+                weighted.v[k] += n * __ldcg(part_mean + i * C + c0 + k);
+            }
+        }
+    column_sums_tree(count, weighted);
+    if (threadIdx.y == 0) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k)
+            mean_of[k][threadIdx.x] = count.v[k] > A(0) ? weighted.v[k] / count.v[k] : A(0);
+    }
+    __syncthreads();
+    Values<A, VEC> unused = zeros<A, VEC>();
+    m2 = zeros<A, VEC>();
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) mean.v[k] = mean_of[k][threadIdx.x];
+    if (active)
+        for (i64 i = threadIdx.y; i < rows; i += blockDim.y) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                A delta = __ldcg(part_mean + i * C + c0 + k) - mean.v[k];
+                m2.v[k] += __ldcg(part_m2 + i * C + c0 + k) + __ldcg(part_count + i * C + c0 + k) * delta * delta;
+            }
+        }
+    column_sums_tree(m2, unused);
+}
+
+// summed_rows for the VEC channels c0.. of a channels-last thread at once, valid where threadIdx.y == 0.
+template <int VEC, typename A>
+__device__ void summed_columns(const A* first, const A* second, i64 rows, i64 C, i64 c0, Values<A, VEC>& a,
+                               Values<A, VEC>& b) {
+    a = zeros<A, VEC>(); b = zeros<A, VEC>();
+    if (c0 < C)
+        for (i64 i = threadIdx.y; i < rows; i += blockDim.y) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                a.v[k] += __ldcg(first + i * C + c0 + k);
+                b.v[k] += __ldcg(second + i * C + c0 + k);
+            }
+        }
+    column_sums_tree(a, b);
 }
 
 // Writes channel c's mean and invstd and updates its running statistics; returns invstd.
@@ -626,7 +689,8 @@ __device__ bool last_block_of(int* counters, i64 index, i64 members) {
 
 // Called by every block of the statistics kernel after storing its partials (row `split`); this
 // thread's channels are c0 .. c0 + channels - 1 (channels-first: 1; a channel group: its channels),
-// their shifts in `shift`.
+// their shifts in `shift`. COLUMNS: a channels-last block, whose columns of row threads each merge
+// their VEC channels at once (merged_columns); else a 1-D block, one channel at a time.
 template <bool COLUMNS, int VEC, typename A, typename R>
 __device__ __forceinline__ void finalize_statistics_of_group(
     A* part_count, A* part_mean, A* part_m2,   // (splits + split groups, C)
@@ -637,27 +701,53 @@ __device__ __forceinline__ void finalize_statistics_of_group(
     int channels = VEC) {   // of the thread (channels-last) or block (channel groups): c0 .. c0 + channels - 1
     SplitGroup s = split_group(split, group_index, groups, splits, group_splits);
     if (!last_block_of(counters, s.level_1, s.rows)) return;
+    if constexpr (COLUMNS) {
+        Values<A, VEC> count, mean, m2;
+        merged_columns<VEC>(part_count + s.first * C, part_mean + s.first * C, part_m2 + s.first * C, s.rows, C, c0,
+                            count, mean, m2);
+        if (threadIdx.y == 0 && c0 < C) {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-        if (k >= channels) break;
-        const i64 c = c0 + k;
-        Moments<A> m = merged_rows<COLUMNS>(part_count + s.first * C, part_mean + s.first * C,
-                                            part_m2 + s.first * C, s.rows, C, c);
-        if (leads<COLUMNS>() && c < C) {
-            i64 out = (splits + s.group) * C + c;
-            part_count[out] = m.count; part_mean[out] = m.mean; part_m2[out] = m.m2;
+            for (int k = 0; k < VEC; ++k) {
+                i64 out = (splits + s.group) * C + c0 + k;
+                part_count[out] = count.v[k]; part_mean[out] = mean.v[k]; part_m2[out] = m2.v[k];
+            }
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            if (k >= channels) break;
+            const i64 c = c0 + k;
+            Moments<A> m = merged_rows(part_count + s.first * C, part_mean + s.first * C, part_m2 + s.first * C,
+                                       s.rows, C, c);
+            if (threadIdx.x == 0 && c < C) {
+                i64 out = (splits + s.group) * C + c;
+                part_count[out] = m.count; part_mean[out] = m.mean; part_m2[out] = m.m2;
+            }
         }
     }
     if (!last_block_of(counters, s.level_2, s.split_groups)) return;
+    if constexpr (COLUMNS) {
+        Values<A, VEC> count, mean, m2;
+        merged_columns<VEC>(part_count + splits * C, part_mean + splits * C, part_m2 + splits * C, s.split_groups, C,
+                            c0, count, mean, m2);
+        if (threadIdx.y == 0 && c0 < C) {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-        if (k >= channels) break;
-        const i64 c = c0 + k;
-        Moments<A> m = merged_rows<COLUMNS>(part_count + splits * C, part_mean + splits * C, part_m2 + splits * C,
-                                            s.split_groups, C, c);
-        if (leads<COLUMNS>() && c < C)
-            store_statistics(c, m.count, shift.v[k] + m.mean, m.m2, mean_out, invstd_out, running_mean, running_var,
-                             num_batches_tracked, momentum, eps, has_running_stats, cumulative);
+            for (int k = 0; k < VEC; ++k)
+                store_statistics(c0 + k, count.v[k], shift.v[k] + mean.v[k], m2.v[k], mean_out, invstd_out,
+                                 running_mean, running_var, num_batches_tracked, momentum, eps, has_running_stats,
+                                 cumulative);
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            if (k >= channels) break;
+            const i64 c = c0 + k;
+            Moments<A> m = merged_rows(part_count + splits * C, part_mean + splits * C, part_m2 + splits * C,
+                                       s.split_groups, C, c);
+            if (threadIdx.x == 0 && c < C)
+                store_statistics(c, m.count, shift.v[k] + m.mean, m.m2, mean_out, invstd_out, running_mean,
+                                 running_var, num_batches_tracked, momentum, eps, has_running_stats, cumulative);
+        }
     }
 }
 
@@ -672,31 +762,59 @@ __device__ __forceinline__ void finalize_gradients_of_group(
     int channels = VEC) {   // as in finalize_statistics_of_group
     SplitGroup s = split_group(split, group_index, groups, splits, group_splits);
     if (!last_block_of(counters, s.level_1, s.rows)) return;
+    if constexpr (COLUMNS) {
+        Values<A, VEC> sum_dy, sum_dy_xmu;
+        summed_columns<VEC>(part_sum_dy + s.first * C, part_sum_dy_xmu + s.first * C, s.rows, C, c0, sum_dy,
+                            sum_dy_xmu);
+        if (threadIdx.y == 0 && c0 < C) {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-        if (k >= channels) break;
-        const i64 c = c0 + k;
-        A sum_dy, sum_dy_xmu;
-        summed_rows<COLUMNS>(part_sum_dy + s.first * C, part_sum_dy_xmu + s.first * C, s.rows, C, c, sum_dy,
-                             sum_dy_xmu);
-        if (leads<COLUMNS>() && c < C) {
-            i64 out = (splits + s.group) * C + c;
-            part_sum_dy[out] = sum_dy;
-            part_sum_dy_xmu[out] = sum_dy_xmu;
+            for (int k = 0; k < VEC; ++k) {
+                i64 out = (splits + s.group) * C + c0 + k;
+                part_sum_dy[out] = sum_dy.v[k];
+                part_sum_dy_xmu[out] = sum_dy_xmu.v[k];
+            }
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            if (k >= channels) break;
+            const i64 c = c0 + k;
+            A sum_dy, sum_dy_xmu;
+            summed_rows(part_sum_dy + s.first * C, part_sum_dy_xmu + s.first * C, s.rows, C, c, sum_dy, sum_dy_xmu);
+            if (threadIdx.x == 0 && c < C) {
+                i64 out = (splits + s.group) * C + c;
+                part_sum_dy[out] = sum_dy;
+                part_sum_dy_xmu[out] = sum_dy_xmu;
+            }
         }
     }
     if (!last_block_of(counters, s.level_2, s.split_groups)) return;
+    if constexpr (COLUMNS) {
+        Values<A, VEC> sum_dy, sum_dy_xmu;
+        summed_columns<VEC>(part_sum_dy + splits * C, part_sum_dy_xmu + splits * C, s.split_groups, C, c0, sum_dy,
+                            sum_dy_xmu);
+        if (threadIdx.y == 0 && c0 < C) {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-        if (k >= channels) break;
-        const i64 c = c0 + k;
-        A sum_dy, sum_dy_xmu;
-        summed_rows<COLUMNS>(part_sum_dy + splits * C, part_sum_dy_xmu + splits * C, s.split_groups, C, c, sum_dy,
-                             sum_dy_xmu);
-        if (leads<COLUMNS>() && c < C) {
-            sum_dy_out[c] = sum_dy;
-            sum_dy_xmu_out[c] = sum_dy_xmu;
-            store_gradients(c, sum_dy, sum_dy_xmu, invstd_in[c], grad_weight, grad_bias);
+            for (int k = 0; k < VEC; ++k) {
+                const i64 c = c0 + k;
+                sum_dy_out[c] = sum_dy.v[k];
+                sum_dy_xmu_out[c] = sum_dy_xmu.v[k];
+                store_gradients(c, sum_dy.v[k], sum_dy_xmu.v[k], invstd_in[c], grad_weight, grad_bias);
+            }
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            if (k >= channels) break;
+            const i64 c = c0 + k;
+            A sum_dy, sum_dy_xmu;
+            summed_rows(part_sum_dy + splits * C, part_sum_dy_xmu + splits * C, s.split_groups, C, c, sum_dy,
+                        sum_dy_xmu);
+            if (threadIdx.x == 0 && c < C) {
+                sum_dy_out[c] = sum_dy;
+                sum_dy_xmu_out[c] = sum_dy_xmu;
+                store_gradients(c, sum_dy, sum_dy_xmu, invstd_in[c], grad_weight, grad_bias);
+            }
         }
     }
 }
@@ -782,13 +900,12 @@ __global__ void statistics_channels_last(
     const Values<A, VEC> shift = first_row<VEC, T, A>(x, c0, active);
     ColumnMoments<A, VEC> moments = no_column_moments<A, VEC>();
     if (active) moments = column_moments<VEC>(x, stride_m, c0, shift, row_begin, row_end);
+    column_merge_tree(moments);
+    if (threadIdx.y == 0 && active) {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-        Moments<A> m = {moments.count, moments.mean.v[k], moments.m2.v[k]};
-        m = column_merge(m);
-        if (threadIdx.y == 0 && active) {
+        for (int k = 0; k < VEC; ++k) {
             i64 out = (i64)blockIdx.x * C + c0 + k;
-            part_count[out] = m.count; part_mean[out] = m.mean; part_m2[out] = m.m2;
+            part_count[out] = moments.count; part_mean[out] = moments.mean.v[k]; part_m2[out] = moments.m2.v[k];
         }
     }
     if constexpr (FINALIZE)
@@ -807,7 +924,7 @@ __device__ Moments<A> merged_partials(
     const A* part_count, const A* part_mean, const A* part_m2,   // (splits, C)
     const T* __restrict__ x, i64 shift_stride, i64 splits, i64 C) {
     i64 c = blockIdx.x;
-    Moments<A> m = merged_rows<false>(part_count, part_mean, part_m2, splits, C, c);
+    Moments<A> m = merged_rows(part_count, part_mean, part_m2, splits, C, c);
     if (threadIdx.x == 0) m.mean += cvt<A>(x[c * shift_stride]);
     return m;
 }
@@ -1310,14 +1427,13 @@ __global__ void gradient_sums_channels_last(
                                          relu_masks<VEC>(c0, relu, mean_in, invstd_in, weight, bias), row_begin,
                                          row_end, sum_dy, sum_dy_xmu);
     }
+    column_sums_tree(sum_dy, sum_dy_xmu);
+    if (threadIdx.y == 0 && active) {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-        A total_dy = sum_dy.v[k], total_dy_xmu = sum_dy_xmu.v[k];
-        column_sums(total_dy, total_dy_xmu);
-        if (threadIdx.y == 0 && active) {
+        for (int k = 0; k < VEC; ++k) {
             i64 out = (i64)blockIdx.x * C + c0 + k;
-            part_sum_dy[out] = total_dy;
-            part_sum_dy_xmu[out] = total_dy_xmu;
+            part_sum_dy[out] = sum_dy.v[k];
+            part_sum_dy_xmu[out] = sum_dy_xmu.v[k];
         }
     }
     if constexpr (FINALIZE)
@@ -1336,7 +1452,7 @@ __global__ void finalize_gradients(
     i64 splits, i64 C) {
     i64 c = blockIdx.x;
     A sum_dy, sum_dy_xmu;
-    summed_rows<false>(part_sum_dy, part_sum_dy_xmu, splits, C, c, sum_dy, sum_dy_xmu);
+    summed_rows(part_sum_dy, part_sum_dy_xmu, splits, C, c, sum_dy, sum_dy_xmu);
     if (threadIdx.x != 0) return;
     sum_dy_out[c] = sum_dy;
     sum_dy_xmu_out[c] = sum_dy_xmu;
@@ -1641,16 +1757,15 @@ __global__ void single_pass_forward_channels_last(
     const Values<A, VEC> shift = first_row<VEC, T, A>(x, c0, active);
     ColumnMoments<A, VEC> moments = no_column_moments<A, VEC>();
     if (active) moments = column_moments<VEC>(x, x_stride_m, c0, shift, i64(0), M);
+    column_merge_tree(moments);
+    if (threadIdx.y == 0 && active) {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-        Moments<A> m = {moments.count, moments.mean.v[k], moments.m2.v[k]};
-        m = column_merge(m);
-        if (threadIdx.y == 0 && active) {
+        for (int k = 0; k < VEC; ++k) {
             const int slot = threadIdx.x * VEC + k;
-            channel_mean[slot] = shift.v[k] + m.mean;
-            channel_invstd[slot] = store_statistics(c0 + k, m.count, channel_mean[slot], m.m2, mean_out, invstd_out,
-                                                    running_mean, running_var, num_batches_tracked, momentum, eps,
-                                                    has_running_stats, cumulative);
+            channel_mean[slot] = shift.v[k] + moments.mean.v[k];
+            channel_invstd[slot] = store_statistics(c0 + k, moments.count, channel_mean[slot], moments.m2.v[k],
+                                                    mean_out, invstd_out, running_mean, running_var,
+                                                    num_batches_tracked, momentum, eps, has_running_stats, cumulative);
         }
     }
     __syncthreads();
@@ -1769,14 +1884,13 @@ __global__ void single_pass_backward_channels_last(
     if (active)
         column_gradient_sums<VEC, FUSED>(dy, x, dy_stride_m, x_stride_m, c0, mean, masks, i64(0), M, sum_dy,
                                          sum_dy_xmu);
+    column_sums_tree(sum_dy, sum_dy_xmu);
+    if (threadIdx.y == 0 && active) {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-        A total_dy = sum_dy.v[k], total_dy_xmu = sum_dy_xmu.v[k];
-        column_sums(total_dy, total_dy_xmu);
-        if (threadIdx.y == 0 && active) {
-            store_gradients(c0 + k, total_dy, total_dy_xmu, invstd.v[k], grad_weight, grad_bias);
-            totals[0][threadIdx.x * VEC + k] = total_dy;
-            totals[1][threadIdx.x * VEC + k] = total_dy_xmu;
+        for (int k = 0; k < VEC; ++k) {
+            store_gradients(c0 + k, sum_dy.v[k], sum_dy_xmu.v[k], invstd.v[k], grad_weight, grad_bias);
+            totals[0][threadIdx.x * VEC + k] = sum_dy.v[k];
+            totals[1][threadIdx.x * VEC + k] = sum_dy_xmu.v[k];
         }
     }
     __syncthreads();
