@@ -6,6 +6,10 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
+# pytest-xdist workers for `make test`: CI's machines have 2 cores. --dist loadgroup hands tests out
+# one by one, except each xdist_group (the nvcc and Triton AOT compile modules), which one worker runs,
+# so their module fixtures start once.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test bench smoke model clean
 
@@ -24,7 +28,7 @@ demo: $(VENV)/.base
 
 # -rs: one line per reason a test was skipped (GPU tests on a machine without a GPU, ...)
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -rs tests
+	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup tests
 
 bench: $(VENV)/.installed
 	$(PY) -m bn_gpu bench
