@@ -614,6 +614,41 @@ __device__ void summed_columns(const A* first, const A* second, i64 rows, i64 C,
     column_sums_tree(a, b);
 }
 
+// One level of the fused finalize for this thread's channels c0 .. c0 + channels - 1: COLUMNS, a
+// channels-last block, its column's VEC channels at once; else a 1-D block, one channel at a time.
+// Valid where leads<COLUMNS>().
+template <bool COLUMNS> __device__ __forceinline__ bool leads() { return COLUMNS ? threadIdx.y == 0 : threadIdx.x == 0; }
+
+template <bool COLUMNS, int VEC, typename A>
+__device__ __forceinline__ void level_moments(const A* part_count, const A* part_mean, const A* part_m2, i64 rows,
+                                              i64 C, i64 c0, int channels, Values<A, VEC>& count,
+                                              Values<A, VEC>& mean, Values<A, VEC>& m2) {
+    if constexpr (COLUMNS) {
+        merged_columns<VEC>(part_count, part_mean, part_m2, rows, C, c0, count, mean, m2);
+    } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            if (k >= channels) break;
+            const Moments<A> m = merged_rows(part_count, part_mean, part_m2, rows, C, c0 + k);
+            count.v[k] = m.count; mean.v[k] = m.mean; m2.v[k] = m.m2;
+        }
+    }
+}
+
+template <bool COLUMNS, int VEC, typename A>
+__device__ __forceinline__ void level_sums(const A* first, const A* second, i64 rows, i64 C, i64 c0, int channels,
+                                           Values<A, VEC>& a, Values<A, VEC>& b) {
+    if constexpr (COLUMNS) {
+        summed_columns<VEC>(first, second, rows, C, c0, a, b);
+    } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            if (k >= channels) break;
+            summed_rows(first, second, rows, C, c0 + k, a.v[k], b.v[k]);
+        }
+    }
+}
+
 // Writes channel c's mean and invstd and updates its running statistics; returns invstd.
 template <typename A, typename R>
 __device__ A store_statistics(
@@ -701,52 +736,26 @@ __device__ __forceinline__ void finalize_statistics_of_group(
     int channels = VEC) {   // of the thread (channels-last) or block (channel groups): c0 .. c0 + channels - 1
     SplitGroup s = split_group(split, group_index, groups, splits, group_splits);
     if (!last_block_of(counters, s.level_1, s.rows)) return;
-    if constexpr (COLUMNS) {
-        Values<A, VEC> count, mean, m2;
-        merged_columns<VEC>(part_count + s.first * C, part_mean + s.first * C, part_m2 + s.first * C, s.rows, C, c0,
-                            count, mean, m2);
-        if (threadIdx.y == 0 && c0 < C) {
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) {
-                i64 out = (splits + s.group) * C + c0 + k;
-                part_count[out] = count.v[k]; part_mean[out] = mean.v[k]; part_m2[out] = m2.v[k];
-            }
-        }
-    } else {
+    Values<A, VEC> count, mean, m2;
+    level_moments<COLUMNS, VEC>(part_count + s.first * C, part_mean + s.first * C, part_m2 + s.first * C, s.rows, C,
+                                c0, channels, count, mean, m2);
+    if (leads<COLUMNS>()) {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-            if (k >= channels) break;
-            const i64 c = c0 + k;
-            Moments<A> m = merged_rows(part_count + s.first * C, part_mean + s.first * C, part_m2 + s.first * C,
-                                       s.rows, C, c);
-            if (threadIdx.x == 0 && c < C) {
-                i64 out = (splits + s.group) * C + c;
-                part_count[out] = m.count; part_mean[out] = m.mean; part_m2[out] = m.m2;
-            }
+            if (k >= channels || c0 + k >= C) break;
+            i64 out = (splits + s.group) * C + c0 + k;
+            part_count[out] = count.v[k]; part_mean[out] = mean.v[k]; part_m2[out] = m2.v[k];
         }
     }
     if (!last_block_of(counters, s.level_2, s.split_groups)) return;
-    if constexpr (COLUMNS) {
-        Values<A, VEC> count, mean, m2;
-        merged_columns<VEC>(part_count + splits * C, part_mean + splits * C, part_m2 + splits * C, s.split_groups, C,
-                            c0, count, mean, m2);
-        if (threadIdx.y == 0 && c0 < C) {
-#pragma unroll
-            for (int k = 0; k < VEC; ++k)
-                store_statistics(c0 + k, count.v[k], shift.v[k] + mean.v[k], m2.v[k], mean_out, invstd_out,
-                                 running_mean, running_var, num_batches_tracked, momentum, eps, has_running_stats,
-                                 cumulative);
-        }
-    } else {
+    level_moments<COLUMNS, VEC>(part_count + splits * C, part_mean + splits * C, part_m2 + splits * C, s.split_groups,
+                                C, c0, channels, count, mean, m2);
+    if (leads<COLUMNS>()) {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-            if (k >= channels) break;
-            const i64 c = c0 + k;
-            Moments<A> m = merged_rows(part_count + splits * C, part_mean + splits * C, part_m2 + splits * C,
-                                       s.split_groups, C, c);
-            if (threadIdx.x == 0 && c < C)
-                store_statistics(c, m.count, shift.v[k] + m.mean, m.m2, mean_out, invstd_out, running_mean,
-                                 running_var, num_batches_tracked, momentum, eps, has_running_stats, cumulative);
+            if (k >= channels || c0 + k >= C) break;
+            store_statistics(c0 + k, count.v[k], shift.v[k] + mean.v[k], m2.v[k], mean_out, invstd_out, running_mean,
+                             running_var, num_batches_tracked, momentum, eps, has_running_stats, cumulative);
         }
     }
 }
@@ -762,59 +771,29 @@ __device__ __forceinline__ void finalize_gradients_of_group(
     int channels = VEC) {   // as in finalize_statistics_of_group
     SplitGroup s = split_group(split, group_index, groups, splits, group_splits);
     if (!last_block_of(counters, s.level_1, s.rows)) return;
-    if constexpr (COLUMNS) {
-        Values<A, VEC> sum_dy, sum_dy_xmu;
-        summed_columns<VEC>(part_sum_dy + s.first * C, part_sum_dy_xmu + s.first * C, s.rows, C, c0, sum_dy,
-                            sum_dy_xmu);
-        if (threadIdx.y == 0 && c0 < C) {
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) {
-                i64 out = (splits + s.group) * C + c0 + k;
-                part_sum_dy[out] = sum_dy.v[k];
-                part_sum_dy_xmu[out] = sum_dy_xmu.v[k];
-            }
-        }
-    } else {
+    Values<A, VEC> sum_dy, sum_dy_xmu;
+    level_sums<COLUMNS, VEC>(part_sum_dy + s.first * C, part_sum_dy_xmu + s.first * C, s.rows, C, c0, channels, sum_dy,
+                             sum_dy_xmu);
+    if (leads<COLUMNS>()) {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-            if (k >= channels) break;
-            const i64 c = c0 + k;
-            A sum_dy, sum_dy_xmu;
-            summed_rows(part_sum_dy + s.first * C, part_sum_dy_xmu + s.first * C, s.rows, C, c, sum_dy, sum_dy_xmu);
-            if (threadIdx.x == 0 && c < C) {
-                i64 out = (splits + s.group) * C + c;
-                part_sum_dy[out] = sum_dy;
-                part_sum_dy_xmu[out] = sum_dy_xmu;
-            }
+            if (k >= channels || c0 + k >= C) break;
+            i64 out = (splits + s.group) * C + c0 + k;
+            part_sum_dy[out] = sum_dy.v[k];
+            part_sum_dy_xmu[out] = sum_dy_xmu.v[k];
         }
     }
     if (!last_block_of(counters, s.level_2, s.split_groups)) return;
-    if constexpr (COLUMNS) {
-        Values<A, VEC> sum_dy, sum_dy_xmu;
-        summed_columns<VEC>(part_sum_dy + splits * C, part_sum_dy_xmu + splits * C, s.split_groups, C, c0, sum_dy,
-                            sum_dy_xmu);
-        if (threadIdx.y == 0 && c0 < C) {
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) {
-                const i64 c = c0 + k;
-                sum_dy_out[c] = sum_dy.v[k];
-                sum_dy_xmu_out[c] = sum_dy_xmu.v[k];
-                store_gradients(c, sum_dy.v[k], sum_dy_xmu.v[k], invstd_in[c], grad_weight, grad_bias);
-            }
-        }
-    } else {
+    level_sums<COLUMNS, VEC>(part_sum_dy + splits * C, part_sum_dy_xmu + splits * C, s.split_groups, C, c0, channels,
+                             sum_dy, sum_dy_xmu);
+    if (leads<COLUMNS>()) {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-            if (k >= channels) break;
+            if (k >= channels || c0 + k >= C) break;
             const i64 c = c0 + k;
-            A sum_dy, sum_dy_xmu;
-            summed_rows(part_sum_dy + splits * C, part_sum_dy_xmu + splits * C, s.split_groups, C, c, sum_dy,
-                        sum_dy_xmu);
-            if (threadIdx.x == 0 && c < C) {
-                sum_dy_out[c] = sum_dy;
-                sum_dy_xmu_out[c] = sum_dy_xmu;
-                store_gradients(c, sum_dy, sum_dy_xmu, invstd_in[c], grad_weight, grad_bias);
-            }
+            sum_dy_out[c] = sum_dy.v[k];
+            sum_dy_xmu_out[c] = sum_dy_xmu.v[k];
+            store_gradients(c, sum_dy.v[k], sum_dy_xmu.v[k], invstd_in[c], grad_weight, grad_bias);
         }
     }
 }
