@@ -547,7 +547,8 @@ def cases_markdown(cases: list[CaseFigures]) -> str:
         grids = "; ".join(f"{'x'.join(map(str, k.grid))} ({k.per_sm}, {k.waves:g})" for k in c.kernels)
         lines.append(f"| {c.backend} | {c.shape} | {c.dtype} | {c.layout} | {c.op} | {c.launches} | {grids} | "
                      f"{c.dram_bytes / c.floor_bytes:.2f} | {_fmt(c.floor_pct_bound, '.0f')}% | "
-                     f"{_fmt(c.wave_pct_bound, '.0f')}% | {_fmt(c.issue_headroom, '.1f')}× | {c.min_bytes_in_flight_kb:.1f} / {c.needed_in_flight_kb:.1f} | "
+                     f"{_fmt(c.wave_pct_bound, '.0f')}% | {_fmt(c.issue_headroom, '.1f')}× | "
+                     f"{c.min_bytes_in_flight_kb:.1f} / {c.needed_in_flight_kb:.1f} | "
                      f"{c.host_us:.0f} |")
     return "\n".join(lines)
 
@@ -609,8 +610,8 @@ def header_markdown(target: Target, versions: dict) -> str:
         "assumed reusable L2. bound % floor = floor bytes / modelled DRAM bytes (the best the plan can reach at "
         "copy bandwidth); with partial waves: the same with each kernel's DRAM time × ceil(waves) / waves above "
         "one wave (its last, partial wave runs as long as a full one). issue headroom = memory time / issue "
-        "time at 128 thread-instructions per clock per SM (≥ 2 leaves margin). In flight = bytes of global loads per loop iteration × threads × resident programs, "
-        "against bandwidth per SM × latency.",
+        "time at 128 thread-instructions per clock per SM (≥ 2 leaves margin). In flight = bytes of global "
+        "loads per loop iteration × threads × resident programs, against bandwidth per SM × latency.",
     ])
 
 

@@ -57,6 +57,7 @@ def kernel_us(fn, iters: int, flush) -> dict:
     times = {}
     for event in prof.key_averages():
         total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+        # The flushes' own kernels: a fill or memset (write), torch's reduction kernel (read).
         if total and not any(word in event.key.lower() for word in ("fill", "memset", "reduce_kernel")):
             times[event.key] = total / iters
     return times
