@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One time-boxed call on a lent GPU machine (no network; torch, triton and CuPy already there):
-# install bn_gpu, a preflight of every kernel, the GPU tests, the benchmark and the host overhead,
-# each step under its own timeout inside one budget of wall time (default 480 s).
+# install bn_gpu, a preflight of every kernel, the GPU tests, the host overhead, every kernel's time
+# per op and the benchmark, each step under its own timeout inside one budget of wall time (default
+# 480 s).
 #
 #   profiling/gpu_check.sh [--budget-s 480] [--out DIR] [--rehearse] [--skip-preflight] [-- bench options...]
 #
@@ -85,6 +86,8 @@ else
   step host-overhead 30 30 "$PY" profiling/host_overhead.py --calls 1000 --profile "bn_gpu module, fwd+bwd"
   # The same with every Triton launch through the JIT (BN_GPU_DIRECT_LAUNCH=0), for comparison.
   BN_GPU_DIRECT_LAUNCH=0 step host-overhead-jit 30 25 "$PY" profiling/host_overhead.py --calls 1000
+  # Every kernel's time per op on the large shapes: where the GPU time goes (run 6: ~25 s).
+  step kernel-times 60 20 "$PY" profiling/kernel_times.py --ops train_fwd backward
   if [ $# -eq 0 ]; then
     set -- --shapes 64x64x112x112 64x256x56x56 64x2048x7x7 16384x2048 8x64x16x56x56 5x3 --dtypes float32 bfloat16
   fi
@@ -110,5 +113,12 @@ count() { local n; n=$(grep -c "$1" "$2" 2>/dev/null); echo "${n:-0}"; }
   echo '```'
   cat "$out/host-overhead.log" "$out/host-overhead-jit.log" 2>/dev/null
   echo '```'
+  if [ -s "$out/kernel-times.log" ]; then
+    echo
+    echo "Kernel time per op, L2 flushed (profiling/kernel_times.py; every kernel in kernel-times.log):"
+    echo '```'
+    grep -h ': kernels' "$out/kernel-times.log"
+    echo '```'
+  fi
 } >> "$summary"
 cat "$summary"
