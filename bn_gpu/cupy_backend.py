@@ -198,12 +198,15 @@ def _tiling(g: plans.Geometry, single_pass: bool = False) -> list:
 
 def _vector_width_for(g: plans.Geometry, *tensors) -> int:
     """16-byte accesses where every tensor's pointer and strides allow them, else 1. Channels-first
-    along each row of S values (a row whose length is not a multiple of the width is finished value
-    by value); with channel groups along each row's run of the group's channels, whose start the
-    plan made a multiple of the width (stride_c = S, group x S a multiple), so only the row stride
-    counts; channels-last across consecutive channels, so C must be a multiple of the width."""
+    along each row of S values, so S must be a multiple of the width too (the kernels have no
+    value-by-value tail: a sliced view whose rows end mid-group is read value by value); with channel
+    groups along each row's run of the group's channels, whose start the plan made a multiple of the
+    width (stride_c = S, group x S a multiple), so only the row stride counts; channels-last across
+    consecutive channels, so C must be a multiple of the width."""
     vec = VECTOR_BYTES // tensors[0].element_size()
     if (g.plan.block_s if g.channels_first else g.C) % vec:
+        return 1
+    if g.channels_first and not g.channel_groups and g.S % vec:
         return 1
     for t in tensors:
         if t is None:

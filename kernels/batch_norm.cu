@@ -65,13 +65,17 @@ template <typename A> __device__ __forceinline__ void merge(Moments<A>& a, A cou
 }
 
 // Moments of shifted values, accumulated as a short run of plain sums (one add and one fma per
-// value) that is folded into the running moments with Chan's formula when closed: a sum never runs
-// over more than one tile's share of a thread, so it stays exact enough in fp32, and the division
-// of the merge is paid once per run, not per value.
+// value, the count once per group of values) that is folded into the running moments with Chan's
+// formula when closed: a sum never runs over more than one tile's share of a thread, so it stays
+// exact enough in fp32, and the division of the merge is paid once per run, not per value.
 template <typename A> struct RunningMoments {
     Moments<A> merged;
     A n, sum, squares;   // the open run
-    __device__ __forceinline__ void add(A value) { n += A(1); sum += value; squares += value * value; }
+    template <int V> __device__ __forceinline__ void add(const A (&values)[V]) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) { sum += values[k]; squares += values[k] * values[k]; }
+        n += A(V);
+    }
     __device__ __forceinline__ void close() {
         if (n == A(0)) return;
         A mean = sum / n;
@@ -146,31 +150,68 @@ __device__ __forceinline__ Tiles program_tiles(i64 N, i64 S, i64 s_blocks, i64 t
     return t;
 }
 
-// Calls op.template apply<VEC>(n, s) for the VEC-wide groups of this thread in tile `tile` (s is the
-// first of VEC positions), and op.template apply<1>(n, s) value by value for a group cut by the end
-// of the row. The thread's (row, group) is found once per tile and then stepped with a carry: no
-// integer division per group. (A functor rather than a generic lambda: NVRTC takes generic lambdas
-// for host code.)
-template <int VEC, typename Op> __device__ __forceinline__ void for_each_group_in_tile(const Tiles& t, i64 tile, const Op& op) {
-    i64 n_block = tile / t.s_blocks;
-    i64 s_block = tile - n_block * t.s_blocks;
-    int groups_per_row = t.block_s / VEC;
-    int step_rows = blockDim.x / groups_per_row, step_groups = blockDim.x % groups_per_row;
-    int row = threadIdx.x / groups_per_row, group = threadIdx.x % groups_per_row;
-    i64 n0 = n_block * t.rows, s0 = s_block * t.block_s;
-    while (row < t.rows) {
-        i64 n = n0 + row;
-        i64 s = s0 + group * VEC;
-        if (n < t.N && s < t.S) {
-            if (VEC == 1 || s + VEC <= t.S) {
-                op.template apply<VEC>(n, s);
-            } else {
-                for (i64 tail = s; tail < t.S; ++tail) op.template apply<1>(n, tail);  // scalar tail
+// A thread's part of every tile. block_s and blockDim.x are powers of two (the plan, THREADS), so a
+// tile row of block_s / VEC groups either spans several threads' turns -- `across`: each thread
+// takes every blockDim.x-th group of every row -- or a whole number of rows share one turn: each
+// thread keeps one group and takes every step-th row. Found once per program; the steps are
+// powers of two, so the loops below count their iterations with a shift.
+struct TileWalk {
+    bool across;
+    int row, group;      // the thread's first row and group of a tile
+    int step_log2;       // across: log2(blockDim.x * VEC) values along a row; else log2 of the row step
+};
+
+__device__ __forceinline__ int log2_of(int power_of_two) { return __ffs(power_of_two) - 1; }
+
+template <int VEC> __device__ __forceinline__ TileWalk tile_walk(int block_s) {
+    const int groups_per_row = block_s / VEC;
+    if (groups_per_row >= (int)blockDim.x) return {true, 0, (int)threadIdx.x, log2_of((int)blockDim.x * VEC)};
+    return {false, (int)threadIdx.x / groups_per_row, (int)threadIdx.x % groups_per_row,
+            log2_of((int)blockDim.x / groups_per_row)};
+}
+
+// How many of [first, end) a walk from `first` by 2**step_log2 visits.
+__device__ __forceinline__ i64 visits(i64 first, i64 end, int step_log2) {
+    return first < end ? ((end - first - 1) >> step_log2) + 1 : 0;
+}
+
+// Calls op.template apply<VEC>(n, s) for this thread's VEC-wide groups of tiles [first, last) (s is
+// the first of VEC positions), and op.end_tile() after each tile; REVERSED walks the tiles from the
+// last (a second pass: what a reduction read last is still in L2). The host takes VEC > 1 only where
+// S is a multiple of VEC (bn_gpu/cupy_backend.py _vector_width_for), so a group never crosses the
+// end of a row. The tile's (row block, s block) is stepped with a carry: one division per program.
+// The inner loops run a counted number of times, which nvcc unrolls into unguarded copies whose
+// loads are all in flight at once (on a bound such as s < end it kept a branch between the copies,
+// and each load waited for the one before).
+template <int VEC, bool REVERSED, int UNROLL = 4, typename Op>
+__device__ __forceinline__ void for_each_group(const Tiles& t, i64 first, i64 last, Op& op) {
+    if (first >= last) return;
+    const TileWalk w = tile_walk<VEC>(t.block_s);
+    const i64 tile = REVERSED ? last - 1 : first;
+    i64 n_block = tile / t.s_blocks, s_block = tile - n_block * t.s_blocks;
+    for (i64 left = last - first; left > 0; --left) {
+        const i64 n0 = n_block * t.rows, s0 = s_block * t.block_s;
+        const i64 n_end = min(n0 + t.rows, t.N), s_end = min(s0 + t.block_s, t.S);
+        const i64 s_first = s0 + (i64)w.group * VEC;
+        if (w.across) {
+            const i64 count = visits(s_first, s_end, w.step_log2), s_step = i64(1) << w.step_log2;
+            for (i64 n = n0; n < n_end; ++n) {
+                i64 s = s_first;
+#pragma unroll UNROLL
+                for (i64 i = 0; i < count; ++i, s += s_step) op.template apply<VEC>(n, s);
             }
+        } else if (s_first < s_end) {
+            i64 n = n0 + w.row;
+            const i64 count = visits(n, n_end, w.step_log2), n_step = i64(1) << w.step_log2;
+#pragma unroll UNROLL
+            for (i64 i = 0; i < count; ++i, n += n_step) op.template apply<VEC>(n, s_first);
         }
-        row += step_rows;
-        group += step_groups;
-        if (group >= groups_per_row) { group -= groups_per_row; ++row; }
+        op.end_tile();
+        if (REVERSED) {
+            if (s_block-- == 0) { s_block = t.s_blocks - 1; --n_block; }
+        } else if (++s_block == t.s_blocks) {
+            s_block = 0; ++n_block;
+        }
     }
 }
 
@@ -181,9 +222,12 @@ template <typename T, typename A> struct MomentsRow {
     const T* x; i64 stride_n; A shift; RunningMoments<A>* moments;
     template <int V> __device__ __forceinline__ void apply(i64 n, i64 s) const {
         Pack<T, V> in = *reinterpret_cast<const Pack<T, V>*>(x + n * stride_n + s);
+        A values[V];
 #pragma unroll
-        for (int k = 0; k < V; ++k) moments->add(cvt<A>(in.v[k]) - shift);
+        for (int k = 0; k < V; ++k) values[k] = cvt<A>(in.v[k]) - shift;
+        moments->add(values);
     }
+    __device__ __forceinline__ void end_tile() const { moments->close(); }
 };
 
 // Moments of x - shift of one channel over tiles [first, last), valid in thread 0. The shift, a value
@@ -193,10 +237,7 @@ template <typename T, typename A, int VEC>
 __device__ Moments<A> block_moments(const Tiles& t, i64 first, i64 last, const T* xc, i64 stride_n, A shift) {
     RunningMoments<A> moments = no_moments<A>();
     MomentsRow<T, A> op = {xc, stride_n, shift, &moments};
-    for (i64 tile = first; tile < last; ++tile) {
-        for_each_group_in_tile<VEC>(t, tile, op);
-        moments.close();
-    }
+    for_each_group<VEC, false>(t, first, last, op);
     return block_merge(moments.merged);
 }
 
@@ -237,6 +278,16 @@ template <int VEC, typename T> __device__ __forceinline__ Pack<T, VEC> load_pack
 
 template <int VEC, typename T> __device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& values) {
     *reinterpret_cast<Pack<T, VEC>*>(p) = values;
+}
+
+// A 16-byte group stored with one access, through __stwb (st.global.wb.v4: the default caching):
+// stored as a Pack from the channels-first row functors, nvcc split it into four 32-bit stores.
+template <int V, typename T> __device__ __forceinline__ void store_group(T* p, const Pack<T, V>& values) {
+    if constexpr (V * sizeof(T) == 16) {
+        __stwb(reinterpret_cast<uint4*>(p), *reinterpret_cast<const uint4*>(&values));
+    } else {
+        *reinterpret_cast<Pack<T, V>*>(p) = values;
+    }
 }
 
 // RunningMoments for the VEC channels of a thread, which share their rows and so their count.
@@ -1033,8 +1084,9 @@ template <typename T, typename A, bool FUSED> struct NormalizeRow {
 #pragma unroll
             for (int k = 0; k < V; ++k) out.v[k] = cvt<T>((cvt<A>(in.v[k]) - mean) * scale + shift);
         }
-        *reinterpret_cast<Pack<T, V>*>(y + n * y_stride_n + s) = out;
+        store_group<V>(y + n * y_stride_n + s, out);
     }
+    __device__ __forceinline__ void end_tile() const {}
 };
 
 // y = epilogue((x - mean) * scale + shift) at a thread's place, over its rows of [row_begin, row_end)
@@ -1117,7 +1169,7 @@ __global__ void normalize_channels_first(
     NormalizeRow<T, A, FUSED> op = {x + c * x_stride_c, y + c * y_stride_c, residual ? residual + c * y_stride_c : nullptr,
                              x_stride_n, y_stride_n, mean, scale, shift, relu};
     Tiles t = program_tiles(N, S, s_blocks, total_tiles, tiles_per_program, rows, block_s);
-    for (i64 tile = t.last - 1; tile >= t.first; --tile) for_each_group_in_tile<VEC>(t, tile, op);  // reversed
+    for_each_group<VEC, true>(t, t.first, t.last, op);
 }
 
 // y = epilogue((x - mean) * scale + shift) over this thread's rows [row_begin, row_end) of channels c0..,
@@ -1133,7 +1185,9 @@ __device__ __forceinline__ void column_normalize(const T* x, T* y, const T* resi
     const T* x_row = x + last * x_stride_m + c0;
     const T* residual_row = residual ? residual + last * y_stride_m + c0 : nullptr;
     T* y_row = y + last * y_stride_m + c0;
-#pragma unroll 2
+    // Four rows' loads in flight a thread: a grid of few blocks (64x2048x7x7: 392, ~3 an SM) still
+    // keeps 48 KB in flight per SM (24 KB unrolled by 2).
+#pragma unroll 4
     for (i64 i = rows; i > 0; --i, x_row += x_step, y_row += y_step) {
         Pack<T, VEC> in = load_pack<VEC>(x_row);
         Values<A, VEC> value;
@@ -1223,6 +1277,7 @@ template <typename T, typename A, bool FUSED> struct GradientSumsRow {
             }
         }
     }
+    __device__ __forceinline__ void end_tile() const {}
 };
 
 // sum(dy) and sum(dy * (x - mean)) of one channel over tiles [first, last), valid in thread 0.
@@ -1231,7 +1286,7 @@ __device__ void block_gradient_sums(const Tiles& t, i64 first, i64 last, const T
                                     i64 dy_stride_n, i64 x_stride_n, A mean, const ReluMask<A>& relu, A& sum_dy,
                                     A& sum_dy_xmu) {
     GradientSumsRow<T, A, FUSED> op = {dyc, xc, dy_stride_n, x_stride_n, mean, &sum_dy, &sum_dy_xmu, relu};
-    for (i64 tile = first; tile < last; ++tile) for_each_group_in_tile<VEC>(t, tile, op);
+    for_each_group<VEC, false>(t, first, last, op);
     sum_dy = block_sum<A, 0>(sum_dy);
     sum_dy_xmu = block_sum<A, 1>(sum_dy_xmu);
 }
@@ -1462,10 +1517,11 @@ __device__ __forceinline__ void dx_coefficients_at(
                     training ? sum_dy_xmu[c] : A(0), inv_count, training, mean, scale, mean_dy, projection);
 }
 
-// dx on V values of one row (x is read in training, or for the ReLU's mask).
-template <typename T, typename A, bool FUSED> struct InputGradientRow {
+// dx on V values of one row (x is read in training, or for the ReLU's mask). TRAINING is a template
+// argument, so that the loops of for_each_group hold no branch on it (see input_gradient_tiles).
+template <typename T, typename A, bool FUSED, bool TRAINING> struct InputGradientRow {
     const T* dy; const T* x; T* dx; i64 dy_stride_n, x_stride_n, dx_stride_n;
-    A mean, scale, mean_dy, projection; int training; ReluMask<A> relu;
+    A mean, scale, mean_dy, projection; ReluMask<A> relu;
     template <int V> __device__ __forceinline__ void apply(i64 n, i64 s) const {
         Pack<T, V> g = *reinterpret_cast<const Pack<T, V>*>(dy + n * dy_stride_n + s);
         Pack<T, V> out;
@@ -1475,9 +1531,9 @@ template <typename T, typename A, bool FUSED> struct InputGradientRow {
             for (int k = 0; k < V; ++k) {
                 A xv = cvt<A>(in.v[k]);
                 A d = relu.apply(cvt<A>(g.v[k]), xv);
-                out.v[k] = cvt<T>(training ? scale * (d - mean_dy - (xv - mean) * projection) : scale * d);
+                out.v[k] = cvt<T>(TRAINING ? scale * (d - mean_dy - (xv - mean) * projection) : scale * d);
             }
-        } else if (training) {
+        } else if constexpr (TRAINING) {
             Pack<T, V> in = *reinterpret_cast<const Pack<T, V>*>(x + n * x_stride_n + s);
 #pragma unroll
             for (int k = 0; k < V; ++k)
@@ -1486,9 +1542,27 @@ template <typename T, typename A, bool FUSED> struct InputGradientRow {
 #pragma unroll
             for (int k = 0; k < V; ++k) out.v[k] = cvt<T>(scale * cvt<A>(g.v[k]));
         }
-        *reinterpret_cast<Pack<T, V>*>(dx + n * dx_stride_n + s) = out;
+        store_group<V>(dx + n * dx_stride_n + s, out);
     }
+    __device__ __forceinline__ void end_tile() const {}
 };
+
+// dx over tiles [first, last), from the last (a second pass), one instantiation per `training`.
+template <int VEC, bool FUSED, typename T, typename A>
+__device__ __forceinline__ void input_gradient_tiles(const Tiles& t, i64 first, i64 last, const T* dy, const T* x,
+                                                     T* dx, i64 dy_stride_n, i64 x_stride_n, i64 dx_stride_n, A mean,
+                                                     A scale, A mean_dy, A projection, int training,
+                                                     const ReluMask<A>& relu) {
+    if (training) {
+        InputGradientRow<T, A, FUSED, true> op = {dy, x, dx, dy_stride_n, x_stride_n, dx_stride_n, mean, scale,
+                                                  mean_dy, projection, relu};
+        for_each_group<VEC, true, 2>(t, first, last, op);
+    } else {
+        InputGradientRow<T, A, FUSED, false> op = {dy, x, dx, dy_stride_n, x_stride_n, dx_stride_n, mean, scale,
+                                                   mean_dy, projection, relu};
+        for_each_group<VEC, true, 2>(t, first, last, op);
+    }
+}
 
 // dx at a thread's place over its rows of [row_begin, row_end), from the last (a second pass).
 template <int VEC, int WIDE, bool FUSED, typename T, typename A>
@@ -1567,11 +1641,10 @@ __global__ void input_gradient_channels_first(
     i64 c = blockIdx.x;
     A mean, scale, mean_dy, projection;
     dx_coefficients_at(c, mean_in, invstd_in, weight, sum_dy, sum_dy_xmu, inv_count, training, mean, scale, mean_dy, projection);
-    InputGradientRow<T, A, FUSED> op = {dy + c * dy_stride_c, x + c * x_stride_c, dx + c * dx_stride_c,
-                                 dy_stride_n, x_stride_n, dx_stride_n, mean, scale, mean_dy, projection, training,
-                                 relu_mask(c, relu, mean_in, invstd_in, weight, bias)};
     Tiles t = program_tiles(N, S, s_blocks, total_tiles, tiles_per_program, rows, block_s);
-    for (i64 tile = t.last - 1; tile >= t.first; --tile) for_each_group_in_tile<VEC>(t, tile, op);  // reversed
+    input_gradient_tiles<VEC, FUSED>(t, t.first, t.last, dy + c * dy_stride_c, x + c * x_stride_c,
+                                     dx + c * dx_stride_c, dy_stride_n, x_stride_n, dx_stride_n, mean, scale, mean_dy,
+                                     projection, training, relu_mask(c, relu, mean_in, invstd_in, weight, bias));
 }
 
 // dx over this thread's rows [row_begin, row_end) of channels c0.. (x read in training, or for the ReLU's mask).
@@ -1715,7 +1788,7 @@ __global__ void single_pass_forward_channels_first(
     affine_from(c, channel[1], weight, bias, scale, bias_c);
     NormalizeRow<T, A, FUSED> op = {xc, y + c * y_stride_c, residual ? residual + c * y_stride_c : nullptr, x_stride_n,
                              y_stride_n, channel[0], scale, bias_c, relu};
-    for (i64 tile = total_tiles - 1; tile >= 0; --tile) for_each_group_in_tile<VEC>(t, tile, op);  // reversed
+    for_each_group<VEC, true>(t, i64(0), total_tiles, op);
     // Last: the block has read the count long before (store_statistics), and the loops above keep
     // the code they have without the ticket.
     if (count_batch_here) count_batch_after_every_read(num_batches_tracked, counters, cumulative);
@@ -1837,9 +1910,8 @@ __global__ void single_pass_backward_channels_first(
     if (!need_input_grad) return;
     A mean_x, scale, mean_dy, projection;
     dx_coefficients(c, mean, invstd, weight, totals[0], totals[1], inv_count, training, mean_x, scale, mean_dy, projection);
-    InputGradientRow<T, A, FUSED> op = {dyc, xc, dx + c * dx_stride_c, dy_stride_n, x_stride_n, dx_stride_n,
-                                 mean_x, scale, mean_dy, projection, training, mask};
-    for (i64 tile = total_tiles - 1; tile >= 0; --tile) for_each_group_in_tile<VEC>(t, tile, op);  // reversed
+    input_gradient_tiles<VEC, FUSED>(t, i64(0), total_tiles, dyc, xc, dx + c * dx_stride_c, dy_stride_n, x_stride_n,
+                                     dx_stride_n, mean_x, scale, mean_dy, projection, training, mask);
 }
 
 template <typename T, typename W, typename A, int VEC, bool FUSED>

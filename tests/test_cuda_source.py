@@ -335,3 +335,31 @@ def test_channels_first_blocks_own_channel_groups_where_rows_cannot_start_on_16_
     launch_all(offset)
     assert all(name.endswith(", true>") and ", 1, " in name for name, *_ in fake_cupy.launches)
     _check_arguments(fake_cupy.launches, dtype)
+
+
+@pytest.mark.parametrize("dtype, vec", [(torch.bfloat16, 8), (torch.float32, 4)], ids=str)
+def test_channels_first_kernels_read_16_bytes_only_where_rows_hold_whole_groups(fake_cupy, dtype, vec,
+                                                                                kernel_path):
+    """The channels-first kernels have no value-by-value tail: they take 16-byte groups where S is a
+    multiple of the width (as well as the strides and pointers), and a sliced view whose rows end
+    mid-group, its pointer and strides aligned, is read value by value -- the statistics kernel too,
+    the one launch whose only tensor is x."""
+    from support import make_input, make_params
+
+    C = 3
+    weight, bias, running_mean, running_var = make_params(C, torch.float32 if dtype == torch.bfloat16 else dtype)
+    whole = make_input((256, C, 64), dtype, "contiguous")
+    cupy_backend.forward_train(whole, weight, bias, running_mean, running_var, torch.tensor(3), 0.1, 1e-5)
+    names = [name for name, *_ in fake_cupy.launches]
+    assert any(name.startswith("statistics_" if kernel_path == "split" else "single_pass_") for name in names)
+    assert all(f", {vec}, " in name for name in names if "finalize" not in name), names
+    assert not cupy_backend.KERNELS.geometry(whole).channel_groups
+    fake_cupy.launches.clear()
+    sliced = whole[..., :62]  # rows of 62 values, 64 apart: row and channel strides of 16-byte multiples
+    assert all(stride % vec == 0 for stride in sliced.stride()[:2]) and sliced.data_ptr() % 16 == 0
+    cupy_backend.forward_train(sliced, weight, bias, running_mean, running_var, torch.tensor(3), 0.1, 1e-5)
+    g = cupy_backend.KERNELS.geometry(sliced)
+    assert not g.channel_groups and not g.copy_input and g.S == 62
+    names = [name for name, *_ in fake_cupy.launches]
+    assert names and all(", 1, " in name for name in names if "finalize" not in name), names
+    _check_arguments(fake_cupy.launches, dtype)
