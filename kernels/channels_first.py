@@ -153,7 +153,7 @@ def _per_channel_zeros(ACC: tl.constexpr, GROUP: tl.constexpr):
 @triton.jit
 def _moments(x_ptr, stride_n, shift, first_tile, last_tile, s_blocks, N, S,
              ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
-             CHUNK: tl.constexpr, GROUP: tl.constexpr):
+             CHUNK: tl.constexpr, GROUP: tl.constexpr, PAIRS: tl.constexpr):
     """(count, mean - shift, M2) of one channel (of each of GROUP channels: S is then their run and
     shift is per lane) over tiles [first_tile, last_tile).
 
@@ -167,23 +167,40 @@ def _moments(x_ptr, stride_n, shift, first_tile, last_tile, s_blocks, N, S,
     count = _per_channel_zeros(ACC, GROUP)
     mean = _per_channel_zeros(ACC, GROUP)
     m2 = _per_channel_zeros(ACC, GROUP)
+    # One channel: masked lanes load the shift itself (a value of x, so exact in x's dtype), and
+    # x - shift is then 0 there without a select per value. (Channel groups keep the select: their
+    # per-lane shifts held in x's dtype as well made the bf16 single pass spill under its cap.)
+    masked_value = shift.to(x_ptr.dtype.element_ty) if GROUP == 1 else 0.0
+    # PAIRS: a lane sums its values two at a time, so its sums take half the registers of one per
+    # value (see pairs_of_values in bn_gpu/triton_backend.py).
+    LANES: tl.constexpr = BLOCK_S // 2 if PAIRS else BLOCK_S
     for chunk in range(first_tile, last_tile, CHUNK):
         chunk_end = tl.minimum(chunk + CHUNK, last_tile)
-        total = tl.zeros([ROWS, BLOCK_S], ACC)
-        squares = tl.zeros([ROWS, BLOCK_S], ACC)
+        total = tl.zeros([ROWS, LANES], ACC)
+        squares = tl.zeros([ROWS, LANES], ACC)
         chunk_count = tl.zeros([], ACC)
         for tile in range(chunk, chunk_end):
             n, s, mask, tile_count = _tile(tile, s_blocks, N, S, ROWS, BLOCK_S, OFFSET_64)
-            x = tl.load(x_ptr + _offsets(n, s, stride_n), mask=mask, other=0.0).to(ACC)
-            shifted = tl.where(mask, x - shift, 0.0)
-            total += shifted
-            squares += shifted * shifted
+            x = tl.load(x_ptr + _offsets(n, s, stride_n), mask=mask, other=masked_value).to(ACC)
+            if GROUP == 1:
+                shifted = x - shift
+            else:
+                shifted = tl.where(mask, x - shift, 0.0)
+            if PAIRS:
+                even, odd = tl.split(tl.reshape(shifted, [ROWS, LANES, 2]))
+                total += even
+                total += odd
+                squares += even * even
+                squares += odd * odd
+            else:
+                total += shifted
+                squares += shifted * shifted
             chunk_count += tile_count.to(ACC)
         if GROUP > 1:
             chunk_count = chunk_count / GROUP  # exact (a power of two): each channel has S of the run's values
-        chunk_sum = _per_channel(total, S, BLOCK_S, GROUP)
+        chunk_sum = _per_channel(total, S, LANES, GROUP)
         chunk_mean = chunk_sum / chunk_count
-        chunk_m2 = _per_channel(squares, S, BLOCK_S, GROUP) - chunk_sum * chunk_mean
+        chunk_m2 = _per_channel(squares, S, LANES, GROUP) - chunk_sum * chunk_mean
         count, mean, m2 = merge_moments(count, mean, m2, chunk_count, chunk_mean, chunk_m2)
     return count, mean, m2
 
@@ -227,22 +244,33 @@ def _normalize(x_ptr, y_ptr, residual_ptr, x_stride_n, y_stride_n, mean, scale, 
 def _gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, scale, shift, first_tile, last_tile,
                    s_blocks, N, S, RELU: tl.constexpr,
                    ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
-                   GROUP: tl.constexpr):
+                   GROUP: tl.constexpr, PAIRS: tl.constexpr):
     """(sum of dy, sum of dy * (x - mean)) over tiles [first_tile, last_tile). RELU: dy through the
     forward's ReLU, its mask recomputed from x ((x - mean) * scale + shift > 0, as the forward
     computed it) rather than read from memory."""
-    # Lane-wise sums across tiles, one tree reduction at the end.
-    sum_dy = tl.zeros([ROWS, BLOCK_S], ACC)
-    sum_dy_xmu = tl.zeros([ROWS, BLOCK_S], ACC)
+    # Lane-wise sums across tiles, one tree reduction at the end; two values at a time with PAIRS,
+    # as _moments.
+    LANES: tl.constexpr = BLOCK_S // 2 if PAIRS else BLOCK_S
+    sum_dy = tl.zeros([ROWS, LANES], ACC)
+    sum_dy_xmu = tl.zeros([ROWS, LANES], ACC)
     for tile in range(first_tile, last_tile):
         n, s, mask, _ = _tile(tile, s_blocks, N, S, ROWS, BLOCK_S, OFFSET_64)
         dy = tl.load(dy_ptr + _offsets(n, s, dy_stride_n), mask=mask, other=0.0).to(ACC)
         x = tl.load(x_ptr + _offsets(n, s, x_stride_n), mask=mask, other=0.0).to(ACC)
         if RELU:
             dy = tl.where((x - mean) * scale + shift > 0.0, dy, 0.0)
-        sum_dy += dy
-        sum_dy_xmu += dy * (x - mean)
-    return _per_channel(sum_dy, S, BLOCK_S, GROUP), _per_channel(sum_dy_xmu, S, BLOCK_S, GROUP)
+        centered = x - mean
+        if PAIRS:
+            dy_even, dy_odd = tl.split(tl.reshape(dy, [ROWS, LANES, 2]))
+            centered_even, centered_odd = tl.split(tl.reshape(centered, [ROWS, LANES, 2]))
+            sum_dy += dy_even
+            sum_dy += dy_odd
+            sum_dy_xmu += dy_even * centered_even
+            sum_dy_xmu += dy_odd * centered_odd
+        else:
+            sum_dy += dy
+            sum_dy_xmu += dy * centered
+    return _per_channel(sum_dy, S, LANES, GROUP), _per_channel(sum_dy_xmu, S, LANES, GROUP)
 
 
 @triton.jit
@@ -280,7 +308,7 @@ def statistics_channels_first(
     N, C, S, stride_n, stride_c,
     s_blocks, total_tiles, tiles_per_program, momentum, eps, group_splits,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
-    GROUP: tl.constexpr, ALIGN: tl.constexpr,
+    GROUP: tl.constexpr, ALIGN: tl.constexpr, PAIRS: tl.constexpr,
     CHUNK: tl.constexpr, FINALIZE: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr, CUMULATIVE: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
 ):
@@ -292,7 +320,7 @@ def statistics_channels_first(
     first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
     count, mean, m2 = _moments(x_ptr + _offset(c0, stride_c, ALIGN), stride_n, tl.load(x_ptr + c * stride_c).to(ACC),
                                first_tile, last_tile, s_blocks, N, _run(S, GROUP, ALIGN),
-                               ACC, ROWS, BLOCK_S, OFFSET_64, CHUNK, GROUP)
+                               ACC, ROWS, BLOCK_S, OFFSET_64, CHUNK, GROUP, PAIRS)
     out = split * C + cols
     tl.store(partial_count_ptr + out, count)
     tl.store(partial_mean_ptr + out, mean)
@@ -379,7 +407,7 @@ def single_pass_forward_channels_first(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr,
     CUMULATIVE: tl.constexpr, COUNT_BATCH: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
-    GROUP: tl.constexpr, ALIGN: tl.constexpr,
+    GROUP: tl.constexpr, ALIGN: tl.constexpr, PAIRS: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
     # One program per channel (group) reads it twice: the second pass finds it in cache.
@@ -388,7 +416,8 @@ def single_pass_forward_channels_first(
     run = _run(S, GROUP, ALIGN)
     lane_shift = tl.load(x_ptr + c * x_stride_c).to(ACC)
     count, mean_shifted, m2 = _moments(x_ptr + _offset(c0, x_stride_c, ALIGN), x_stride_n, lane_shift,
-                                       0, total_tiles, s_blocks, N, run, ACC, ROWS, BLOCK_S, OFFSET_64, CHUNK, GROUP)
+                                       0, total_tiles, s_blocks, N, run, ACC, ROWS, BLOCK_S, OFFSET_64, CHUNK, GROUP,
+                                       PAIRS)
     if GROUP == 1:
         mean = lane_shift + mean_shifted
     else:
@@ -427,7 +456,7 @@ def gradient_sums_channels_first(
     s_blocks, total_tiles, tiles_per_program, group_splits,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
-    GROUP: tl.constexpr, ALIGN: tl.constexpr,
+    GROUP: tl.constexpr, ALIGN: tl.constexpr, PAIRS: tl.constexpr,
     FINALIZE: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
 ):
     """Partial sums per (split, channel); with FINALIZE, the last programs of each channel group to
@@ -443,7 +472,8 @@ def gradient_sums_channels_first(
     sum_dy, sum_dy_xmu = _gradient_sums(dy_ptr + _offset(c0, dy_stride_c, ALIGN),
                                         x_ptr + _offset(c0, x_stride_c, ALIGN), dy_stride_n, x_stride_n,
                                         tl.load(mean_ptr + c).to(ACC), scale, shift, first_tile, last_tile,
-                                        s_blocks, N, _run(S, GROUP, ALIGN), RELU, ACC, ROWS, BLOCK_S, OFFSET_64, GROUP)
+                                        s_blocks, N, _run(S, GROUP, ALIGN), RELU, ACC, ROWS, BLOCK_S, OFFSET_64, GROUP,
+                                        PAIRS)
     out = split * C + cols
     tl.store(partial_sum_dy_ptr + out, sum_dy)
     tl.store(partial_sum_dy_xmu_ptr + out, sum_dy_xmu)
@@ -509,7 +539,7 @@ def single_pass_backward_channels_first(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr, NEED_INPUT_GRAD: tl.constexpr,
     RELU: tl.constexpr,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
-    GROUP: tl.constexpr, ALIGN: tl.constexpr,
+    GROUP: tl.constexpr, ALIGN: tl.constexpr, PAIRS: tl.constexpr,
 ):
     # One program per channel (group): the sums, then dx from a second pass that finds dy and x in cache.
     group = _group(OFFSET_64)
@@ -521,7 +551,8 @@ def single_pass_backward_channels_first(
     invstd = tl.load(invstd_ptr + c).to(ACC)
     scale, shift = _affine(c, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS and RELU, ACC)
     sum_dy, sum_dy_xmu = _gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, scale, shift,
-                                        0, total_tiles, s_blocks, N, run, RELU, ACC, ROWS, BLOCK_S, OFFSET_64, GROUP)
+                                        0, total_tiles, s_blocks, N, run, RELU, ACC, ROWS, BLOCK_S, OFFSET_64, GROUP,
+                                        PAIRS)
     if GROUP == 1:
         store_gradients(c, c < C, sum_dy, sum_dy_xmu, invstd, grad_weight_ptr, grad_bias_ptr)
     else:

@@ -60,6 +60,7 @@ LAYOUT_CASES = [
     ((3, 16, 5, 6), "channels_last"),  # C a multiple of 16 bytes of values: CUDA C's vector accesses
     CHANNEL_GROUP_CASE,
     ((2, 2, 33, 35), "contiguous"),   # spatial extent not a multiple of any block
+    ((3, 2, 8, 8), "contiguous"),     # rows of whole 16-byte groups: 16-bit Triton reductions sum pairs (PAIRS)
 ]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 

@@ -60,6 +60,28 @@ def test_a_register_cap_on_the_split_reductions_reaches_their_launches_only(shap
     assert "maxnreg" not in triton_backend._config(default, "statistics")[2]
 
 
+@pytest.mark.parametrize("shape, dtype, pairs", [
+    ((64, 64, 112, 112), torch.bfloat16, True),
+    ((8, 64, 16, 56, 56), torch.float16, True),
+    ((64, 64, 112, 112), torch.float32, False),   # 32-bit values: one sum per value
+    ((64, 2048, 7, 7), torch.bfloat16, False),    # channel groups: a pair may straddle two channels
+    ((64, 64, 9, 9), torch.bfloat16, False),      # rows of 81 values: Triton cannot give a thread 8 of them
+    ((16384, 2048), torch.bfloat16, False),       # channels-last: no channels-first reduction
+], ids=str)
+def test_16_bit_channels_first_reductions_sum_pairs_where_threads_hold_whole_groups(shape, dtype, pairs):
+    """PAIRS (triton_backend.pairs_of_values): only the channels-first reductions get it, and only
+    for 16-bit inputs of one channel a program whose rows hold whole 16-byte groups."""
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    g = plan.geometry(x, x, plan.GPU_TUNING, SMS)
+    assert triton_backend.pairs_of_values(g) == (pairs and g.channels_first)
+    for job in ("statistics", "single_pass_forward", "gradient_sums", "single_pass_backward"):
+        meta = triton_backend._config(g, job)[2]
+        assert meta.get("PAIRS", False) == pairs, job
+        assert g.channels_first == ("PAIRS" in meta), job
+    for job in ("normalize", "input_gradient"):
+        assert "PAIRS" not in triton_backend._config(g, job)[2], job
+
+
 @pytest.mark.parametrize("C, S, itemsize, adjacent, group", [
     (2048, 49, 4, True, 4),    # 7x7: 4 fp32 rows of 49 values make 196, 49 16-byte words
     (2048, 49, 2, True, 8),    # 8 bf16 rows: 392 values
