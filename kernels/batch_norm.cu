@@ -175,6 +175,35 @@ __device__ __forceinline__ i64 visits(i64 first, i64 end, int step_log2) {
     return first < end ? ((end - first - 1) >> step_log2) + 1 : 0;
 }
 
+// `count` groups from (n, s), stepping along the row (ALONG: s += step) or down (n += step). An op
+// with BATCHED (the reductions) has its loads and its arithmetic apart, `load` and `use`, and UNROLL
+// groups are loaded before the first is used: left to the unroll, nvcc used each group before it
+// loaded the next, one load in flight a thread. The other ops are `apply`d, unrolled by UNROLL.
+template <int VEC, int UNROLL, bool ALONG, typename Op>
+__device__ __forceinline__ void walk(Op& op, i64 count, i64 n, i64 s, i64 step) {
+    if constexpr (Op::BATCHED) {
+        for (; count >= UNROLL; count -= UNROLL) {
+            typename Op::template Loaded<VEC> in[UNROLL];
+#pragma unroll
+            for (int b = 0; b < UNROLL; ++b)
+                in[b] = ALONG ? op.template load<VEC>(n, s + b * step) : op.template load<VEC>(n + b * step, s);
+#pragma unroll
+            for (int b = 0; b < UNROLL; ++b) op.template use<VEC>(in[b]);
+            if (ALONG) s += UNROLL * step; else n += UNROLL * step;
+        }
+        for (; count > 0; --count) {
+            op.template use<VEC>(op.template load<VEC>(n, s));
+            if (ALONG) s += step; else n += step;
+        }
+    } else if constexpr (ALONG) {
+#pragma unroll UNROLL
+        for (i64 i = 0; i < count; ++i, s += step) op.template apply<VEC>(n, s);
+    } else {
+#pragma unroll UNROLL
+        for (i64 i = 0; i < count; ++i, n += step) op.template apply<VEC>(n, s);
+    }
+}
+
 // Calls op.template apply<VEC>(n, s) for this thread's VEC-wide groups of tiles [first, last) (s is
 // the first of VEC positions), and op.end_tile() after each tile; REVERSED walks the tiles from the
 // last (a second pass: what a reduction read last is still in L2). The host takes VEC > 1 only where
@@ -194,17 +223,11 @@ __device__ __forceinline__ void for_each_group(const Tiles& t, i64 first, i64 la
         const i64 n_end = min(n0 + t.rows, t.N), s_end = min(s0 + t.block_s, t.S);
         const i64 s_first = s0 + (i64)w.group * VEC;
         if (w.across) {
-            const i64 count = visits(s_first, s_end, w.step_log2), s_step = i64(1) << w.step_log2;
-            for (i64 n = n0; n < n_end; ++n) {
-                i64 s = s_first;
-#pragma unroll UNROLL
-                for (i64 i = 0; i < count; ++i, s += s_step) op.template apply<VEC>(n, s);
-            }
+            const i64 count = visits(s_first, s_end, w.step_log2);
+            for (i64 n = n0; n < n_end; ++n) walk<VEC, UNROLL, true>(op, count, n, s_first, i64(1) << w.step_log2);
         } else if (s_first < s_end) {
-            i64 n = n0 + w.row;
-            const i64 count = visits(n, n_end, w.step_log2), n_step = i64(1) << w.step_log2;
-#pragma unroll UNROLL
-            for (i64 i = 0; i < count; ++i, n += n_step) op.template apply<VEC>(n, s_first);
+            walk<VEC, UNROLL, false>(op, visits(n0 + w.row, n_end, w.step_log2), n0 + w.row, s_first,
+                                     i64(1) << w.step_log2);
         }
         op.end_tile();
         if (REVERSED) {
@@ -219,9 +242,13 @@ __device__ __forceinline__ void for_each_group(const Tiles& t, i64 first, i64 la
 
 // Adds V shifted values of one row to a thread's running moments.
 template <typename T, typename A> struct MomentsRow {
+    static constexpr bool BATCHED = true;
     const T* x; i64 stride_n; A shift; RunningMoments<A>* moments;
-    template <int V> __device__ __forceinline__ void apply(i64 n, i64 s) const {
-        Pack<T, V> in = *reinterpret_cast<const Pack<T, V>*>(x + n * stride_n + s);
+    template <int V> using Loaded = Pack<T, V>;
+    template <int V> __device__ __forceinline__ Loaded<V> load(i64 n, i64 s) const {
+        return *reinterpret_cast<const Pack<T, V>*>(x + n * stride_n + s);
+    }
+    template <int V> __device__ __forceinline__ void use(const Loaded<V>& in) const {
         A values[V];
 #pragma unroll
         for (int k = 0; k < V; ++k) values[k] = cvt<A>(in.v[k]) - shift;
@@ -397,6 +424,14 @@ __device__ __forceinline__ Values<A, VEC> first_row(const T* x, i64 c0, bool act
     return shift;
 }
 
+template <int VEC, typename T, typename A>
+__device__ __forceinline__ Values<A, VEC> shifted(const Pack<T, VEC>& in, const Values<A, VEC>& shift) {
+    Values<A, VEC> values;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) values.v[k] = cvt<A>(in.v[k]) - shift.v[k];
+    return values;
+}
+
 // Moments of x - shift over rows [row_begin, row_end) of channels c0.., this thread's share of them,
 // the run of sums closed every 64 rows of the thread.
 template <int VEC, typename T, typename A>
@@ -409,14 +444,17 @@ __device__ __forceinline__ ColumnMoments<A, VEC> column_moments(const T* x, i64 
         i64 run_end = min(run_begin + run, row_end);
         const T* row = x + run_begin * stride_m + c0;
         const i64 rows = rows_from(run_begin, run_end);
-#pragma unroll 4
-        for (i64 i = 0; i < rows; ++i, row += step) {
-            Pack<T, VEC> in = load_pack<VEC>(row);
-            Values<A, VEC> values;
+        // Four rows loaded before the first is summed: left to the unroll, nvcc summed each row
+        // before loading the next, one 16-byte load in flight a thread.
+        i64 i = 0;
+        for (; i + 4 <= rows; i += 4, row += 4 * step) {
+            Pack<T, VEC> in[4];
 #pragma unroll
-            for (int k = 0; k < VEC; ++k) values.v[k] = cvt<A>(in.v[k]) - shift.v[k];
-            moments.add(values);
+            for (int b = 0; b < 4; ++b) in[b] = load_pack<VEC>(row + b * step);
+#pragma unroll
+            for (int b = 0; b < 4; ++b) moments.add(shifted(in[b], shift));
         }
+        for (; i < rows; ++i, row += step) moments.add(shifted(load_pack<VEC>(row), shift));
         moments.close();
     }
     return moments;
@@ -1067,6 +1105,7 @@ template <typename A> __device__ __forceinline__ A epilogue(A value, A residual,
 }
 
 template <typename T, typename A, bool FUSED> struct NormalizeRow {
+    static constexpr bool BATCHED = false;
     const T* x; T* y; const T* residual; i64 x_stride_n, y_stride_n; A mean, scale, shift; int relu;
     // FUSED (a compile-time choice): with the epilogue; without it the code is the plain pass.
     template <int V> __device__ __forceinline__ void apply(i64 n, i64 s) const {
@@ -1256,11 +1295,19 @@ __device__ __forceinline__ ReluMask<A> relu_mask(i64 c, int on, const A* mean, c
     return m;
 }
 
+template <typename T, int V> struct PackPair { Pack<T, V> g, in; };
+
 template <typename T, typename A, bool FUSED> struct GradientSumsRow {
+    static constexpr bool BATCHED = true;
     const T* dy; const T* x; i64 dy_stride_n, x_stride_n; A mean; A* sum_dy; A* sum_dy_xmu; ReluMask<A> relu;
-    template <int V> __device__ __forceinline__ void apply(i64 n, i64 s) const {
-        Pack<T, V> g = *reinterpret_cast<const Pack<T, V>*>(dy + n * dy_stride_n + s);
-        Pack<T, V> in = *reinterpret_cast<const Pack<T, V>*>(x + n * x_stride_n + s);
+    template <int V> using Loaded = PackPair<T, V>;
+    template <int V> __device__ __forceinline__ Loaded<V> load(i64 n, i64 s) const {
+        return {*reinterpret_cast<const Pack<T, V>*>(dy + n * dy_stride_n + s),
+                *reinterpret_cast<const Pack<T, V>*>(x + n * x_stride_n + s)};
+    }
+    template <int V> __device__ __forceinline__ void use(const Loaded<V>& loaded) const {
+        const Pack<T, V>& g = loaded.g;
+        const Pack<T, V>& in = loaded.in;
         if constexpr (FUSED) {
 #pragma unroll
             for (int k = 0; k < V; ++k) {
@@ -1520,6 +1567,7 @@ __device__ __forceinline__ void dx_coefficients_at(
 // dx on V values of one row (x is read in training, or for the ReLU's mask). TRAINING is a template
 // argument, so that the loops of for_each_group hold no branch on it (see input_gradient_tiles).
 template <typename T, typename A, bool FUSED, bool TRAINING> struct InputGradientRow {
+    static constexpr bool BATCHED = false;
     const T* dy; const T* x; T* dx; i64 dy_stride_n, x_stride_n, dx_stride_n;
     A mean, scale, mean_dy, projection; ReluMask<A> relu;
     template <int V> __device__ __forceinline__ void apply(i64 n, i64 s) const {
