@@ -156,6 +156,7 @@ class LoopStats:
     streamed_bits: int       # bits of those loads that stream the kernel's data (see _streams)
     store_bits: list
     barriers: int            # BAR instructions per iteration
+    loads_at_once_bits: int = 0  # the most bits of loads issued between two waits on a load (loads_at_once)
 
 
 def _streams(ins: Instruction) -> bool:
@@ -179,6 +180,36 @@ def _divergence_returns(instructions: list[Instruction]) -> set:
         returns.update(next(([ins.address] for ins in instructions
                              if ins.address >= target and ins.opcode.startswith("BRA")), []))
     return returns
+
+
+_REGISTER = re.compile(r"\bR(\d+)\b")
+
+
+def loads_at_once(body: list[Instruction]) -> int:
+    """The most bits of global loads one thread has in flight at once, in one in-order pass over a
+    loop body: a load's destination registers stay pending until an instruction reads one of them,
+    which waits -- and, loads taking about the same time, finds the loads issued before it done too.
+    So the loads between two such waits are the ones in flight together. A compiler that
+    interleaves each load with the arithmetic on the one before keeps one in flight, however many
+    the body holds; this is what the bytes-in-flight figure reads as the loads of an iteration."""
+    pending: set = set()
+    best = current = 0
+    for ins in body:
+        operands = [part.strip() for part in ins.operands.rstrip(" ;").split(",")]
+        is_store = ins.opcode.startswith(("STG", "STS", "ST.", "ATOM", "RED"))
+        sources = operands if is_store else operands[1:]
+        if any(int(r) in pending for part in sources for r in _REGISTER.findall(part)):
+            pending.clear()
+            current = 0
+        if ins.opcode.startswith("LDG"):
+            bits = _width(ins.opcode)
+            destination = _REGISTER.findall(operands[0]) if operands else []
+            if destination:
+                first = int(destination[0])
+                pending.update(range(first, first + max(1, bits // 32)))
+            current += bits
+            best = max(best, current)
+    return best
 
 
 def main_loops(instructions: list[Instruction]) -> list[LoopStats]:
@@ -208,7 +239,8 @@ def main_loops(instructions: list[Instruction]) -> list[LoopStats]:
                                load_bits=loads,
                                streamed_bits=sum(_width(ins.opcode) for ins in body if _streams(ins)),
                                store_bits=[_width(ins.opcode) for ins in body if ins.opcode.startswith("STG")],
-                               barriers=sum(1 for ins in body if ins.opcode.startswith("BAR"))))
+                               barriers=sum(1 for ins in body if ins.opcode.startswith("BAR")),
+                               loads_at_once_bits=loads_at_once(body)))
     if not stats:  # no loop (a tile covers everything): the whole function is one iteration
         loads = [_width(ins.opcode) for ins in instructions if ins.opcode.startswith("LDG")]
         if loads:
@@ -217,7 +249,8 @@ def main_loops(instructions: list[Instruction]) -> list[LoopStats]:
                                    streamed_bits=sum(_width(ins.opcode) for ins in instructions if _streams(ins)),
                                    store_bits=[_width(ins.opcode) for ins in instructions
                                                if ins.opcode.startswith("STG")],
-                                   barriers=sum(1 for ins in instructions if ins.opcode.startswith("BAR"))))
+                                   barriers=sum(1 for ins in instructions if ins.opcode.startswith("BAR")),
+                                   loads_at_once_bits=loads_at_once(instructions)))
     return sorted(stats, key=lambda s: (-s.streamed_bits, -sum(s.load_bits)))
 
 
@@ -364,10 +397,12 @@ class KernelFigures:
     spill_bytes: int
     shared_bytes: int
     load_widths: str
+    loads_at_once_bytes: int   # one thread's loads in flight together (loads_at_once)
     store_widths: str
     barriers_per_iteration: int
     instructions_per_element: float
     bytes_in_flight_per_sm: float
+    bytes_at_once_per_sm: float  # the same with the loads one thread has in flight at once (loads_at_once)
     dram_bytes: float
     memory_us: float
     issue_us: float
@@ -407,6 +442,7 @@ def kernel_figures(launch, compiled: Compiled, case, target: Target) -> KernelFi
     instructions_per_element = main.instructions / elements_per_iteration if elements_per_iteration else math.nan
     resident = min(per_sm, -(-programs // target.sms))
     in_flight = loaded_bytes * threads * resident
+    at_once = (main.loads_at_once_bits / 8 if main else 0.0) * threads * resident
     dram = dram_bytes(launch, case, target, per_sm)
     memory_us = dram / (target.bandwidth_tbs * 1e12) * 1e6
     streamed = numel if job in STREAMS else 0
@@ -417,11 +453,13 @@ def kernel_figures(launch, compiled: Compiled, case, target: Target) -> KernelFi
         backend=launch.backend, name=launch.name, variant=compiled.variant, grid=launch.grid, threads=threads,
         programs=programs, per_sm=per_sm, waves=round(waves, 2), registers=compiled.registers,
         spill_bytes=compiled.spill_bytes, shared_bytes=compiled.shared_bytes,
-        load_widths=widths(main.load_bits) if main else "-", store_widths=widths(main.store_bits) if main else "-",
+        load_widths=widths(main.load_bits) if main else "-",
+        loads_at_once_bytes=main.loads_at_once_bits // 8 if main else 0,
+        store_widths=widths(main.store_bits) if main else "-",
         barriers_per_iteration=main.barriers if main else 0,
         instructions_per_element=round(instructions_per_element, 2) if not math.isnan(instructions_per_element)
-        else math.nan, bytes_in_flight_per_sm=in_flight, dram_bytes=dram, memory_us=memory_us, issue_us=issue_us,
-        tail_factor=round(tail_factor(waves), 3))
+        else math.nan, bytes_in_flight_per_sm=in_flight, bytes_at_once_per_sm=at_once, dram_bytes=dram,
+        memory_us=memory_us, issue_us=issue_us, tail_factor=round(tail_factor(waves), 3))
 
 
 def tail_factor(waves: float) -> float:
@@ -498,6 +536,7 @@ class CaseFigures:
     wave_pct_bound: float        # the same with each kernel's DRAM time stretched by its partial last wave
     issue_headroom: float        # min over streaming kernels of memory time / issue time
     min_bytes_in_flight_kb: float
+    min_bytes_at_once_kb: float  # the same with the loads in flight at once (loads_at_once)
     needed_in_flight_kb: float
     host_us: float               # assumed host time of the launches
     kernel_us: float             # modelled: the larger of memory and issue time, summed over kernels
@@ -520,13 +559,15 @@ def model_case(backend: str, shape, dtype: torch.dtype, layout: str, op: str, ta
     streaming = [f for f in figures if _job(f.name) in STREAMS]
     headroom = min((f.memory_us / f.issue_us for f in streaming if f.issue_us > 0), default=math.inf)
     in_flight = min((f.bytes_in_flight_per_sm for f in streaming), default=0.0)
+    at_once = min((f.bytes_at_once_per_sm for f in streaming), default=0.0)
     needed = target.bandwidth_tbs * 1e12 / target.sms * target.latency_us * 1e-6
     return CaseFigures(
         backend=backend, shape="x".join(map(str, shape)), dtype=str(dtype).replace("torch.", ""), layout=layout,
         op=op, launches=len(launches), kernels=figures, floor_bytes=floor, dram_bytes=dram,
         floor_pct_bound=100.0 * floor / dram if dram else math.nan,
         wave_pct_bound=100.0 * floor / waved_dram if waved_dram else math.nan, issue_headroom=headroom,
-        min_bytes_in_flight_kb=in_flight / 1024, needed_in_flight_kb=needed / 1024,
+        min_bytes_in_flight_kb=in_flight / 1024, min_bytes_at_once_kb=at_once / 1024,
+        needed_in_flight_kb=needed / 1024,
         host_us=len(launches) * target.host_us_per_launch,
         kernel_us=sum(max(f.memory_us, f.issue_us) for f in figures))
 
@@ -541,14 +582,15 @@ def _fmt(value, spec: str) -> str:
 
 def cases_markdown(cases: list[CaseFigures]) -> str:
     lines = ["| backend | shape | dtype | layout | op | launches | grid (programs/SM, waves) | DRAM / floor bytes | "
-             "bound % floor | with partial waves | issue headroom | min in flight KB/SM | host µs (assumed) |",
+             "bound % floor | with partial waves | issue headroom | min in flight / at once / needed KB/SM | "
+             "host µs (assumed) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cases:
         grids = "; ".join(f"{'x'.join(map(str, k.grid))} ({k.per_sm}, {k.waves:g})" for k in c.kernels)
         lines.append(f"| {c.backend} | {c.shape} | {c.dtype} | {c.layout} | {c.op} | {c.launches} | {grids} | "
                      f"{c.dram_bytes / c.floor_bytes:.2f} | {_fmt(c.floor_pct_bound, '.0f')}% | "
                      f"{_fmt(c.wave_pct_bound, '.0f')}% | {_fmt(c.issue_headroom, '.1f')}× | "
-                     f"{c.min_bytes_in_flight_kb:.1f} / {c.needed_in_flight_kb:.1f} | "
+                     f"{c.min_bytes_in_flight_kb:.1f} / {c.min_bytes_at_once_kb:.1f} / {c.needed_in_flight_kb:.1f} | "
                      f"{c.host_us:.0f} |")
     return "\n".join(lines)
 
@@ -578,11 +620,12 @@ def kernels_markdown(cases: list[CaseFigures]) -> str:
         for k in c.kernels:
             seen.setdefault((k.backend, k.variant), k)
     lines = ["| backend | kernel variant | threads | registers | spills B | shared B | programs/SM | "
-             "loads (bits) | stores (bits) | barriers / iteration | SASS instr / element |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "loads (bits) | loads at once (bytes) | stores (bits) | barriers / iteration | SASS instr / element |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (backend, variant), k in sorted(seen.items()):
         lines.append(f"| {backend} | {variant} | {k.threads} | {k.registers} | {k.spill_bytes} | {k.shared_bytes} | "
-                     f"{k.per_sm} | {k.load_widths} | {k.store_widths} | {k.barriers_per_iteration} | "
+                     f"{k.per_sm} | {k.load_widths} | {k.loads_at_once_bytes} | {k.store_widths} | "
+                     f"{k.barriers_per_iteration} | "
                      f"{_fmt(k.instructions_per_element, '.1f')} |")
     return "\n".join(lines)
 

@@ -165,3 +165,34 @@ def test_model_runs_end_to_end(tmp_path):
               if case["backend"] == "triton" and case["shape"] == "64x2048x7x7" and case["layout"] == "contiguous"]
     assert planes and all(kernel["load_widths"] == "128" for case in planes for kernel in case["kernels"]), planes
     assert "GROUP=8" in text
+
+
+INTERLEAVED_SASS = """
+        Function : interleaved
+        /*0000*/                   LDG.E.128.CONSTANT R4, desc[UR4][R2.64] ;
+        /*0010*/                   FADD R20, R4, R20 ;
+        /*0020*/                   LDG.E.128.CONSTANT R8, desc[UR4][R2.64+0x10] ;
+        /*0030*/                   FADD R20, R8, R20 ;
+        /*0040*/               @P0 BRA 0x0 ;
+        /*0050*/                   EXIT ;
+        Function : batched
+        /*0000*/                   LDG.E.128.CONSTANT R4, desc[UR4][R2.64] ;
+        /*0010*/                   LDG.E.128.CONSTANT R8, desc[UR4][R2.64+0x10] ;
+        /*0020*/                   IADD3 R2, P1, R2, 0x20, RZ ;
+        /*0030*/                   FADD R20, R4, R20 ;
+        /*0040*/                   FADD R20, R11, R20 ;
+        /*0050*/                   STG.E.128 desc[UR4][R12.64], R8 ;
+        /*0060*/               @P0 BRA 0x0 ;
+        /*0070*/                   EXIT ;
+"""
+
+
+def test_loads_in_flight_at_once_end_at_the_first_use_of_a_pending_load():
+    """Each load used before the next is issued keeps one in flight; loads issued before the first
+    use of either are in flight together (a .128 load's four destination registers all count)."""
+    functions = model.parse_sass(INTERLEAVED_SASS)
+    (interleaved,) = model.main_loops(functions["interleaved"])
+    (batched,) = model.main_loops(functions["batched"])
+    assert sum(interleaved.load_bits) == sum(batched.load_bits) == 256
+    assert interleaved.loads_at_once_bits == 128
+    assert batched.loads_at_once_bits == 256
