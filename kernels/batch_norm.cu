@@ -204,14 +204,14 @@ __device__ __forceinline__ void walk(Op& op, i64 count, i64 n, i64 s, i64 step) 
     }
 }
 
-// Calls op.template apply<VEC>(n, s) for this thread's VEC-wide groups of tiles [first, last) (s is
-// the first of VEC positions), and op.end_tile() after each tile; REVERSED walks the tiles from the
-// last (a second pass: what a reduction read last is still in L2). The host takes VEC > 1 only where
-// S is a multiple of VEC (bn_gpu/cupy_backend.py _vector_width_for), so a group never crosses the
-// end of a row. The tile's (row block, s block) is stepped with a carry: one division per program.
-// The inner loops run a counted number of times, which nvcc unrolls into unguarded copies whose
-// loads are all in flight at once (on a bound such as s < end it kept a branch between the copies,
-// and each load waited for the one before).
+// Walks this thread's VEC-wide groups of tiles [first, last) with `walk` (n the row, s the first of
+// VEC positions), and calls op.end_tile() after each tile; REVERSED walks the tiles from the last
+// (a second pass: what a reduction read last is still in L2). The host takes VEC > 1 only where S
+// is a multiple of VEC (bn_gpu/cupy_backend.py _vector_width_for), so a group never crosses the end
+// of a row. The tile's (row block, s block) is stepped with a carry: one division per program. The
+// inner loops run a counted number of times, which nvcc unrolls into copies without a branch
+// between them (on a bound such as s < end it kept a branch after each copy, and each load waited
+// for the one before).
 template <int VEC, bool REVERSED, int UNROLL = 4, typename Op>
 __device__ __forceinline__ void for_each_group(const Tiles& t, i64 first, i64 last, Op& op) {
     if (first >= last) return;
@@ -308,7 +308,7 @@ template <int VEC, typename T> __device__ __forceinline__ void store_pack(T* p, 
 }
 
 // A 16-byte group stored with one access, through __stwb (st.global.wb.v4: the default caching):
-// stored as a Pack from the channels-first row functors, nvcc split it into four 32-bit stores.
+// stored as a Pack, nvcc split it into four 32-bit stores (it did not keep the alignment of the cast).
 template <int V, typename T> __device__ __forceinline__ void store_group(T* p, const Pack<T, V>& values) {
     if constexpr (V * sizeof(T) == 16) {
         __stwb(reinterpret_cast<uint4*>(p), *reinterpret_cast<const uint4*>(&values));
@@ -507,12 +507,11 @@ template <int VEC, int WIDE, typename T> __device__ __forceinline__ Pack<T, WIDE
     }
 }
 
-// One 16-byte store of a place, through __stwb (st.global.wb.v4: the default caching): stored as a
-// Pack, nvcc split it into four 32-bit stores here (it did not keep the alignment of the cast).
+// The WIDE values of a place: one 16-byte store when VEC == WIDE (store_group), else value by value.
 template <int VEC, int WIDE, typename T>
 __device__ __forceinline__ void write_place(T* p, const Pack<T, WIDE>& values) {
     if constexpr (VEC == WIDE) {
-        __stwb(reinterpret_cast<uint4*>(p), *reinterpret_cast<const uint4*>(&values));
+        store_group<WIDE>(p, values);
     } else {
 #pragma unroll
         for (int k = 0; k < WIDE; ++k) p[k] = values.v[k];
@@ -563,13 +562,7 @@ __device__ __forceinline__ ColumnMoments<A, WIDE> place_moments(const T* x, i64 
     for (i64 done = 0; done < r.count; done += 64) {
         const i64 rows = min(r.count - done, i64(64));
 #pragma unroll 4
-        for (i64 i = 0; i < rows; ++i, row += step) {
-            Pack<T, WIDE> in = read_place<VEC, WIDE>(row);
-            Values<A, WIDE> values;
-#pragma unroll
-            for (int k = 0; k < WIDE; ++k) values.v[k] = cvt<A>(in.v[k]) - shift.v[k];
-            moments.add(values);
-        }
+        for (i64 i = 0; i < rows; ++i, row += step) moments.add(shifted(read_place<VEC, WIDE>(row), shift));
         moments.close();
     }
     return moments;
