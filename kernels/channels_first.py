@@ -151,6 +151,23 @@ def _per_channel_zeros(ACC: tl.constexpr, GROUP: tl.constexpr):
 
 
 @triton.jit
+def _add_sums(total, products, a, b, PAIRS: tl.constexpr, ROWS: tl.constexpr, LANES: tl.constexpr):
+    """total + a and products + a * b, lane by lane; with PAIRS, a lane's two neighbouring values
+    of a row go into one sum (LANES = half the tile's width)."""
+    if PAIRS:
+        a_even, a_odd = tl.split(tl.reshape(a, [ROWS, LANES, 2]))
+        b_even, b_odd = tl.split(tl.reshape(b, [ROWS, LANES, 2]))
+        total += a_even
+        total += a_odd
+        products += a_even * b_even
+        products += a_odd * b_odd
+    else:
+        total += a
+        products += a * b
+    return total, products
+
+
+@triton.jit
 def _moments(x_ptr, stride_n, shift, first_tile, last_tile, s_blocks, N, S,
              ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
              CHUNK: tl.constexpr, GROUP: tl.constexpr, PAIRS: tl.constexpr):
@@ -186,15 +203,7 @@ def _moments(x_ptr, stride_n, shift, first_tile, last_tile, s_blocks, N, S,
                 shifted = x - shift
             else:
                 shifted = tl.where(mask, x - shift, 0.0)
-            if PAIRS:
-                even, odd = tl.split(tl.reshape(shifted, [ROWS, LANES, 2]))
-                total += even
-                total += odd
-                squares += even * even
-                squares += odd * odd
-            else:
-                total += shifted
-                squares += shifted * shifted
+            total, squares = _add_sums(total, squares, shifted, shifted, PAIRS, ROWS, LANES)
             chunk_count += tile_count.to(ACC)
         if GROUP > 1:
             chunk_count = chunk_count / GROUP  # exact (a power of two): each channel has S of the run's values
@@ -259,17 +268,7 @@ def _gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, scale, shift, f
         x = tl.load(x_ptr + _offsets(n, s, x_stride_n), mask=mask, other=0.0).to(ACC)
         if RELU:
             dy = tl.where((x - mean) * scale + shift > 0.0, dy, 0.0)
-        centered = x - mean
-        if PAIRS:
-            dy_even, dy_odd = tl.split(tl.reshape(dy, [ROWS, LANES, 2]))
-            centered_even, centered_odd = tl.split(tl.reshape(centered, [ROWS, LANES, 2]))
-            sum_dy += dy_even
-            sum_dy += dy_odd
-            sum_dy_xmu += dy_even * centered_even
-            sum_dy_xmu += dy_odd * centered_odd
-        else:
-            sum_dy += dy
-            sum_dy_xmu += dy * centered
+        sum_dy, sum_dy_xmu = _add_sums(sum_dy, sum_dy_xmu, dy, x - mean, PAIRS, ROWS, LANES)
     return _per_channel(sum_dy, S, LANES, GROUP), _per_channel(sum_dy_xmu, S, LANES, GROUP)
 
 
