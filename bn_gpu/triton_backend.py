@@ -27,7 +27,7 @@ from . import orchestration
 from .kernels import channels_first as cf
 from .kernels import channels_last as cl
 from .kernels import finalize as fin
-from .plan import Geometry, cdiv, geometry, interpreting, next_power_of_2, tuning_and_sms
+from .plan import VECTOR_BYTES, Geometry, cdiv, geometry, interpreting, next_power_of_2, tuning_and_sms
 
 
 def check_available(device: torch.device) -> None:
@@ -120,8 +120,9 @@ def pairs_of_values(g: Geometry) -> bool:
     the bf16 statistics kernel from 95 to 64 registers, 2 to 4 programs per SM, and the gradient sums
     from 120 to 72, 2 to 3 (static model, H200 target, Triton 3.9). Numerics are unchanged in kind:
     each sum still runs over at most CHUNK tiles' values of a lane."""
-    return (g.channels_first and g.dtype.itemsize == 2 and g.plan.group == 1 and g.plan.block_s >= 8
-            and g.S % 8 == 0)
+    group = VECTOR_BYTES // 2  # 16-bit values in 16 bytes
+    return (g.channels_first and g.dtype.itemsize == 2 and g.plan.group == 1 and g.plan.block_s >= group
+            and g.S % group == 0)
 
 
 @functools.lru_cache(maxsize=4096)
