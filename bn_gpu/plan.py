@@ -31,9 +31,9 @@ class Tuning:
     chunk_tiles: int       # tiles a lane sums before the statistics are reduced and merged (Chan)
     channel_groups: bool = True  # channels-first: adjacent channels per program where rows of S values
                                  # cannot start on 16 bytes (see channel_group)
-    split_max_registers: int = 0  # Triton: a register cap on the split reductions (statistics, gradient
-                                  # sums), 0 for none; 64 holds 4 programs of 8 warps per SM (an
-                                  # experiment for a GPU: MODEL.md, "Partial waves")
+    split_max_registers: int = 0  # Triton: a register cap on the split reductions where it measured
+                                  # faster (triton_backend.split_register_cap), 0 for none; 64 holds
+                                  # 4 programs of 8 warps per SM
 
     def tile_elements(self, itemsize: int) -> int:
         return max(1, self.tile_bytes // itemsize)
@@ -59,7 +59,8 @@ def _tuning_from_environment(default: Tuning) -> Tuning:
 # bf16 kernels at 39-77% of the copy rate; 16 KB / 8 warps moved them to 49-85%,
 # profiling/RESULTS.md.)
 GPU_TUNING = _tuning_from_environment(
-    Tuning(tile_bytes=16384, programs_per_sm=4, max_block_c=128, finalize_tile=4096, num_warps=8, chunk_tiles=8))
+    Tuning(tile_bytes=16384, programs_per_sm=4, max_block_c=128, finalize_tile=4096, num_warps=8, chunk_tiles=8,
+           split_max_registers=64))
 # In the Triton interpreter: small tiles and few programs, so that tests on small shapes still
 # walk several tiles and chunks per program, several splits per channel and several finalize chunks.
 INTERPRETER_TUNING = Tuning(tile_bytes=256, programs_per_sm=2, max_block_c=4, finalize_tile=8, num_warps=1,

@@ -125,6 +125,24 @@ def pairs_of_values(g: Geometry) -> bool:
             and g.S % group == 0)
 
 
+def split_register_cap(g: Geometry, job: str) -> int:
+    """maxnreg of a split reduction's kernel, 0 for none. A cap of 64 (Tuning.split_max_registers)
+    holds 4 programs of 8 warps per SM, so the whole-wave grids run in one wave. Measured per training
+    step (H200, triton 3.6, run 7 in profiling/RESULTS.md): the statistics kernels got faster in fp32
+    and in 16-bit channels-first (forward 5-13%), the fp32 channels-last gradient sums too (backward
+    7%); 16-bit channels-last reductions got 30-40% slower and the fp32 channels-first gradient sums
+    up to 5%, so those stay uncapped."""
+    cap = g.plan.split_max_registers
+    if not cap or g.plan.splits <= 1:
+        return 0
+    fp32 = g.dtype == torch.float32
+    if job == "statistics" and (fp32 or g.channels_first):
+        return cap
+    if job == "gradient_sums" and fp32 and not g.channels_first:
+        return cap
+    return 0
+
+
 @functools.lru_cache(maxsize=4096)
 def _config(g: Geometry, job: str) -> tuple:
     """(kernel, grid, constexprs and warps) of a streaming kernel for one geometry."""
@@ -143,8 +161,9 @@ def _config(g: Geometry, job: str) -> tuple:
         # SM and 16 KB of loads in flight. Capped, 2 per SM and 32 KB, without spills (static model,
         # H200 target, Triton 3.9; the single-pass backward spills under the cap and keeps 32 KB without it).
         meta["maxnreg"] = MAX_REGISTERS
-    if p.split_max_registers and job in ("statistics", "gradient_sums") and p.splits > 1:
-        meta["maxnreg"] = p.split_max_registers
+    cap = split_register_cap(g, job)
+    if cap:
+        meta["maxnreg"] = cap
     return kernel, p.grid(g.C), meta
 
 

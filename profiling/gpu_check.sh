@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One time-boxed call on a lent GPU machine (no network; torch, triton and CuPy already there):
-# install bn_gpu, a preflight of every kernel, the GPU tests, the host overhead, every kernel's time
-# per op and the benchmark, each step under its own timeout inside one budget of wall time (default
-# 480 s).
+# install bn_gpu, compile the CuPy modules, the GPU tests (and a preflight of every kernel where they
+# fail), the host overhead, every kernel's time per op and the benchmark, each step under its own
+# timeout inside one budget of wall time (default 480 s).
 #
 #   profiling/gpu_check.sh [--budget-s 480] [--out DIR] [--rehearse] [--skip-preflight] [-- bench options...]
 #
@@ -32,6 +32,18 @@ mkdir -p "$out/bench"
 summary="$out/summary.md"
 start=$SECONDS
 PY=${PYTHON:-python3}
+compile_cupy='
+import concurrent.futures, multiprocessing
+from bn_gpu import cupy_backend
+def compile_one(types):
+    cupy_backend._kernels(0, *types)
+    return types
+if __name__ == "__main__":
+    pool = concurrent.futures.ProcessPoolExecutor(mp_context=multiprocessing.get_context("fork"))
+    for types in pool.map(compile_one, cupy_backend.type_combinations()):
+        print("compiled", *types, flush=True)
+'
+
 : > "$summary"
 
 # Seconds left in the budget, less a reserve of PERCENT of the budget for the steps after this one.
@@ -65,6 +77,7 @@ if [ $rehearse -eq 1 ]; then
     > "$out/env.log" 2>&1
   echo "- install: skipped (rehearsal)" >> "$summary"
   step preflight 30 40 "$PY" -m bn_gpu preflight
+  echo "- cupy-compile: skipped (rehearsal: no CuPy)" >> "$summary"
   step gpu-tests 20 40 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider -rfE
   bench_limit=$(left 15)
   step bench "$bench_limit" 15 "$PY" -m bn_gpu bench --smoke --out "$out/bench" --budget-s $(( bench_limit - 10 )) "$@"
@@ -74,14 +87,20 @@ else
   { nvidia-smi; "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())";
     "$PY" -c "import cupy; print('cupy', cupy.__version__)"; } > "$out/env.log" 2>&1
   step install 60 80 "$PY" -m pip install --no-deps --no-build-isolation -e .
-  if [ $preflight -eq 1 ]; then
-    step preflight 60 70 "$PY" -m bn_gpu preflight
-  else
-    echo "- preflight: skipped (--skip-preflight)" >> "$summary"
-  fi
+  # Every CuPy module (one per type combination) compiled once, side by side, into CuPy's disk
+  # cache: otherwise each test worker compiles the ones it needs itself (70-80 s a worker in run 7).
+  step cupy-compile 90 60 "$PY" -c "$compile_cupy"
   workers=()
   "$PY" -c "import xdist" 2>/dev/null && workers=(-n 12)
-  BN_GPU_REQUIRE_GPU=1 step gpu-tests 200 40 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider -rfE "${workers[@]}"
+  BN_GPU_REQUIRE_GPU=1 step gpu-tests 240 35 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider -rfE \
+    --durations=10 "${workers[@]}"
+  # The preflight (one line per kernel family and dtype) only where the tests failed: a failure's
+  # first reading. It repeats what the tests check, so a green run skips it.
+  if [ $preflight -eq 1 ] && grep -q -E '^(FAILED|ERROR) |[0-9]+ (failed|error)' "$out/gpu-tests.log"; then
+    step preflight 90 30 "$PY" -m bn_gpu preflight
+  else
+    echo "- preflight: skipped ($([ $preflight -eq 1 ] && echo 'the GPU tests passed' || echo '--skip-preflight'))" >> "$summary"
+  fi
   # Host time per call, and where a training step's host time goes (cProfile of forward+backward).
   step host-overhead 30 30 "$PY" profiling/host_overhead.py --calls 1000 --profile "bn_gpu module, fwd+bwd"
   # The same with every Triton launch through the JIT (BN_GPU_DIRECT_LAUNCH=0), for comparison.
@@ -101,9 +120,11 @@ count() { local n; n=$(grep -c "$1" "$2" 2>/dev/null); echo "${n:-0}"; }
   echo
   echo "## gpu_check.sh, $(date -u +%Y-%m-%dT%H:%MZ), ${device}, budget ${budget} s, took $(( SECONDS - start )) s"
   grep -h -E "^torch|^cupy" "$out/env.log" | sed 's/^/- /'
-  echo "- preflight: $(count '^ok' "$out/preflight.log") ok, $(count '^FAIL' "$out/preflight.log") failed"
+  [ -s "$out/preflight.log" ] && echo "- preflight: $(count '^ok' "$out/preflight.log") ok, $(count '^FAIL' "$out/preflight.log") failed"
   grep -h '^FAIL' "$out/preflight.log" 2>/dev/null | sed 's/^/  - /'
   echo "- GPU tests: $(grep -E '(passed|failed|error|skipped|no tests ran)' "$out/gpu-tests.log" 2>/dev/null | tail -1)"
+  grep -q KeyboardInterrupt "$out/gpu-tests.log" 2>/dev/null && \
+    echo "  - **interrupted at the step's limit: the counts are of the tests that finished, not of all**"
   grep -h -E '^(FAILED|ERROR) ' "$out/gpu-tests.log" 2>/dev/null | head -40 | cut -c1-300 | sed 's/^/  - /'
   echo
   bench_md=$(ls -t "$out"/bench/*.md 2>/dev/null | head -1)

@@ -17,9 +17,9 @@ import subprocess
 import sys
 
 LINE = re.compile(r"^(?P<case>.+?): kernels (?P<us>[0-9.]+) µs \((?P<pct>[0-9na]+)%\)")
-# The open questions of run 6 (profiling/RESULTS.md): a register cap that gives the fp32 reductions
-# 4 programs per SM, grids in whole waves at 2, 3, 4 and 6 programs per SM, more bytes in flight.
-DEFAULT_VARIANTS = ["", "split_max_registers=64", "programs_per_sm=12", "tile_bytes=32768", "num_warps=4"]
+# The open questions after run 7 (profiling/RESULTS.md): the register cap off (run 7 adopted it where
+# it measured faster), more bytes per tile, fewer warps per program.
+DEFAULT_VARIANTS = ["", "split_max_registers=0", "tile_bytes=32768", "num_warps=4"]
 
 
 def measure(variant: str, kernel_times_args: list[str]) -> dict:
