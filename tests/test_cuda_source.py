@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import bn_gpu
-from bn_gpu import cupy_backend, plan
+from bn_gpu import cupy_backend, model, plan
 from bn_gpu.dtypes import stat_dtype
 from support import has_cupy
 
@@ -363,3 +363,20 @@ def test_channels_first_kernels_read_16_bytes_only_where_rows_hold_whole_groups(
     names = [name for name, *_ in fake_cupy.launches]
     assert names and all(", 1, " in name for name in names if "finalize" not in name), names
     _check_arguments(fake_cupy.launches, dtype)
+
+
+@pytest.mark.skipif(NVCC is None or model.tool("cuobjdump") is None, reason="needs nvcc and cuobjdump")
+@pytest.mark.parametrize("mangled_prefix", ["_Z24normalize_channels_firstIffffLi4ELb0ELb0EE",
+                                            "_Z24normalize_channels_firstI13__nv_bfloat16fffLi8ELb0ELb0EE"])
+def test_channels_first_normalize_loads_four_groups_before_it_stores(nvcc_runs, mangled_prefix):
+    """Normalize loads 4 groups of 16 bytes (through the read-only path) before it stores the first:
+    through plain loads nvcc kept each load behind the store before it (y might have been x), so a
+    thread had one load in flight (run 7 on an H200: the fp32 pass at 66% of its floor on 64x256x56x56)."""
+    process, _ = nvcc_runs["sm_90"]
+    _, stderr = process.communicate(timeout=900)
+    assert process.returncode == 0, stderr[-4000:]
+    obj = process.args[process.args.index("-o") + 1]
+    sass = subprocess.run([model.tool("cuobjdump"), "-sass", obj], capture_output=True, text=True, check=True).stdout
+    (name,) = [name for name in model.parse_sass(sass) if name.startswith(mangled_prefix)]
+    streaming = model.main_loops(model.parse_sass(sass)[name])[0]
+    assert streaming.loads_at_once_bits >= 4 * 128, streaming
