@@ -133,7 +133,8 @@ def split_register_cap(g: Geometry, job: str) -> int:
     7%); 16-bit channels-last reductions got 30-50% slower, the fp32 channels-first gradient sums up
     to 5% and the channels-last statistics of 128 channels a program 1-3%, so those stay uncapped.
     The fp32 channels-last statistics of 64 channels a program spill 16 bytes under the cap (static
-    model) and still measured 9-14% faster."""
+    model) and still measured 9-14% faster. The gradient-sums launch drops the cap with the ReLU's
+    mask (TritonKernels._gradient_sums), which this geometry-keyed choice cannot see."""
     cap = g.plan.split_max_registers
     if not cap or g.plan.splits <= 1:
         return 0
