@@ -53,6 +53,14 @@ def nvcc_runs(tmp_path_factory):
             process.kill()
 
 
+def _finished(process) -> str:
+    """The nvcc run's stderr, waited for once: two tests read the same run, and a second
+    communicate() would return nothing, which a test for warnings would pass."""
+    if not hasattr(process, "stderr_text"):
+        _, process.stderr_text = process.communicate(timeout=900)
+    return process.stderr_text
+
+
 @pytest.mark.skipif(NVCC is None, reason="no CUDA compiler (nvcc) found")
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cuda_source_compiles_for_every_instantiation(nvcc_runs, arch):
@@ -62,7 +70,7 @@ def test_cuda_source_compiles_for_every_instantiation(nvcc_runs, arch):
                          "normalize_channels_first", "normalize_channels_last", "gradient_sums_channels_first",
                          "gradient_sums_channels_last", "input_gradient_channels_first", "input_gradient_channels_last"):
             assert any(n.startswith(f"{template}<{T},") for n in names), (template, T)
-    _, stderr = process.communicate(timeout=900)
+    stderr = _finished(process)
     assert process.returncode == 0, stderr[-4000:]
     assert "warning" not in stderr.lower(), stderr[-4000:]
 
@@ -373,10 +381,11 @@ def test_channels_first_normalize_loads_four_groups_before_it_stores(nvcc_runs, 
     through plain loads nvcc kept each load behind the store before it (y might have been x), so a
     thread had one load in flight (run 7 on an H200: the fp32 pass at 66% of its floor on 64x256x56x56)."""
     process, _ = nvcc_runs["sm_90"]
-    _, stderr = process.communicate(timeout=900)
+    stderr = _finished(process)
     assert process.returncode == 0, stderr[-4000:]
     obj = process.args[process.args.index("-o") + 1]
     sass = subprocess.run([model.tool("cuobjdump"), "-sass", obj], capture_output=True, text=True, check=True).stdout
-    (name,) = [name for name in model.parse_sass(sass) if name.startswith(mangled_prefix)]
-    streaming = model.main_loops(model.parse_sass(sass)[name])[0]
+    functions = model.parse_sass(sass)
+    (name,) = [name for name in functions if name.startswith(mangled_prefix)]
+    streaming = model.main_loops(functions[name])[0]
     assert streaming.loads_at_once_bits >= 4 * 128, streaming
