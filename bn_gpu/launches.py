@@ -11,6 +11,7 @@ flags or specialization reaches both as it will run.
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +27,7 @@ class Launch:
     name: str                 # kernel name (Triton function or CUDA C template, without arguments)
     grid: tuple
     args: list                # as passed: meta tensors, ints, floats, None
-    meta: dict = field(default_factory=dict)   # Triton: constexprs and num_warps
+    meta: dict = field(default_factory=dict)   # Triton: constexprs and num_warps; CUDA C: the tile walk
     kernel: object = None     # Triton: the JITFunction; CUDA C: the name expression
     block: tuple = ()         # CUDA C: threads per block
 
@@ -54,23 +55,40 @@ def _recording_triton(sms: int, launches: list):
         triton_backend.launch, triton_backend.tuning_and_sms = saved
 
 
+_WALKED_ROLE = re.compile(r"_channels_first_(\d+)")
+
+
+def _tile_walk(g, role: str) -> dict:
+    """What the static model needs to count a CUDA C channels-first thread's walk over its tiles
+    (kernels/batch_norm.cu, for_each_group): the plan's tile, the sizes and the vector width. Empty
+    for the other kernels (channels-last, channel groups, finalize)."""
+    match = _WALKED_ROLE.search(role)
+    if not match or not g.channels_first or g.channel_groups:
+        return {}
+    return {"tile_walk": {"rows": g.plan.rows, "block_s": g.plan.block_s, "N": g.N, "S": g.S,
+                          "vec": int(match.group(1))}}
+
+
 @contextlib.contextmanager
 def _recording_cuda(sms: int, launches: list):
     from . import cupy_backend, plan
 
-    def record(dtype, weight_dtype, running_dtype, role, grid, block, args):
+    def record_types(dtype, weight_dtype, running_dtype, role, grid, block, args, meta=None):
         names = cupy_backend.kernel_names(*cupy_backend._types(dtype, weight_dtype, running_dtype))
-        launches.append(Launch("cupy", names[role].split("<")[0], tuple(grid), list(args), kernel=names[role],
-                               block=tuple(block)))
+        launches.append(Launch("cupy", names[role].split("<")[0], tuple(grid), list(args), dict(meta or {}),
+                               kernel=names[role], block=tuple(block)))
 
-    saved = cupy_backend._launch_types, plan.multiprocessors, torch.cuda.current_device
-    cupy_backend._launch_types = record
+    def record(g, weight_dtype, running_dtype, role, grid, block, args):
+        record_types(g.dtype, weight_dtype, running_dtype, role, grid, block, args, _tile_walk(g, role))
+
+    saved = cupy_backend._launch, cupy_backend._launch_types, plan.multiprocessors, torch.cuda.current_device
+    cupy_backend._launch, cupy_backend._launch_types = record, record_types
     plan.multiprocessors = lambda index: sms
     torch.cuda.current_device = lambda: 0
     try:
         yield
     finally:
-        cupy_backend._launch_types, plan.multiprocessors, torch.cuda.current_device = saved
+        cupy_backend._launch, cupy_backend._launch_types, plan.multiprocessors, torch.cuda.current_device = saved
 
 
 def record(backend: str, op: str, shape, dtype: torch.dtype, layout: str = "contiguous", *, sms: int = 132,

@@ -402,7 +402,9 @@ class KernelFigures:
     barriers_per_iteration: int
     instructions_per_element: float
     bytes_in_flight_per_sm: float
-    bytes_at_once_per_sm: float  # the same with the loads one thread has in flight at once (loads_at_once)
+    bytes_at_once_per_sm: float  # the same with the loads one thread has in flight at once (loads_at_once),
+                                 # fewer where its walk gives a thread fewer groups than a batch (walk_trips)
+    groups_per_trip: float   # CUDA C channels-first: a thread's groups per wait on memory (walk_trips); else nan
     dram_bytes: float
     memory_us: float
     issue_us: float
@@ -442,7 +444,14 @@ def kernel_figures(launch, compiled: Compiled, case, target: Target) -> KernelFi
     instructions_per_element = main.instructions / elements_per_iteration if elements_per_iteration else math.nan
     resident = min(per_sm, -(-programs // target.sms))
     in_flight = loaded_bytes * threads * resident
-    at_once = (main.loads_at_once_bits / 8 if main else 0.0) * threads * resident
+    at_once_bits = main.loads_at_once_bits if main else 0
+    groups_per_trip = math.nan
+    if main and "tile_walk" in launch.meta:
+        unroll = WALK_UNROLL.get(job, 4)
+        groups_per_trip = walk_trips(threads=threads, unroll=unroll, **launch.meta["tile_walk"])
+        # The loop's body holds `unroll` groups; a thread with fewer left in a walk loads them one by one.
+        at_once_bits = min(at_once_bits, sum(main.load_bits) / unroll * groups_per_trip)
+    at_once = at_once_bits / 8 * threads * resident
     dram = dram_bytes(launch, case, target, per_sm)
     memory_us = dram / (target.bandwidth_tbs * 1e12) * 1e6
     streamed = numel if job in STREAMS else 0
@@ -458,8 +467,41 @@ def kernel_figures(launch, compiled: Compiled, case, target: Target) -> KernelFi
         store_widths=widths(main.store_bits) if main else "-",
         barriers_per_iteration=main.barriers if main else 0,
         instructions_per_element=round(instructions_per_element, 2) if not math.isnan(instructions_per_element)
-        else math.nan, bytes_in_flight_per_sm=in_flight, bytes_at_once_per_sm=at_once, dram_bytes=dram,
+        else math.nan, bytes_in_flight_per_sm=in_flight, bytes_at_once_per_sm=at_once,
+        groups_per_trip=round(groups_per_trip, 2), dram_bytes=dram,
         memory_us=memory_us, issue_us=issue_us, tail_factor=round(tail_factor(waves), 3))
+
+
+# The groups a CUDA C channels-first kernel's `walk` loads before it uses the first (kernels/batch_norm.cu:
+# for_each_group's UNROLL; dx is unrolled by 2 and not batched).
+WALK_UNROLL = {"input_gradient": 2}
+
+
+@functools.lru_cache(maxsize=None)
+def walk_trips(rows: int, block_s: int, N: int, S: int, vec: int, threads: int, unroll: int) -> float:
+    """A CUDA C channels-first thread's groups of VEC values per wait on memory, over the tiles of
+    one row block (kernels/batch_norm.cu, tile_walk and walk): a walk of `count` groups loads them
+    `unroll` at a time, then the rest one by one, so it waits count // unroll + count % unroll
+    times. A tile row of more groups than the block has threads is walked along each row ("across",
+    one walk a row), else a thread keeps one group and walks down the tile's rows. The main loop's
+    loads at once count only where every walk has `unroll` groups or more."""
+    groups_per_row = block_s // vec
+    tile_rows = min(rows, N)
+    groups = trips = 0
+    for s0 in range(0, S, block_s):
+        s_end = min(s0 + block_s, S)
+        for thread in range(threads):
+            if groups_per_row > threads:
+                first, step, walks = s0 + thread * vec, threads * vec, tile_rows
+                count = max(0, -(-(s_end - first) // step))
+            else:
+                row, group = divmod(thread, groups_per_row)
+                step = threads // groups_per_row
+                walks = 1 if s0 + group * vec < s_end else 0
+                count = max(0, -(-(tile_rows - row) // step))
+            groups += walks * count
+            trips += walks * (count // unroll + count % unroll)
+    return groups / trips if trips else 0.0
 
 
 def tail_factor(waves: float) -> float:

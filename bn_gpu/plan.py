@@ -34,6 +34,8 @@ class Tuning:
     split_max_registers: int = 0  # Triton: a register cap on the split reductions where it measured
                                   # faster (triton_backend.split_register_cap), 0 for none; 64 holds
                                   # 4 programs of 8 warps per SM
+    max_block_s: int = 0  # channels-first: spatial positions per tile at most, 0 for the tile's (the
+                          # CUDA C backend's: one turn of its block, see cupy_backend._tuning)
 
     def tile_elements(self, itemsize: int) -> int:
         return max(1, self.tile_bytes // itemsize)
@@ -195,7 +197,7 @@ def channels_first_plan(N: int, C: int, S: int, itemsize: int, tuning: Tuning, s
     group = channel_group(C, S, itemsize, tile, channels_adjacent) if tuning.channel_groups else 1
     run = group * S
     # A group's run is one tile wide (next_power_of_2(run) <= tile, both powers of two).
-    block_s = next_power_of_2(run) if group > 1 else _spatial_block(S, tile)
+    block_s = next_power_of_2(run) if group > 1 else _spatial_block(S, min(tile, tuning.max_block_s or tile))
     rows = min(tile // block_s, next_power_of_2(N))
     s_blocks = cdiv(run, block_s)
     total_tiles = cdiv(N, rows) * s_blocks

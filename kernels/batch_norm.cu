@@ -175,7 +175,10 @@ __device__ __forceinline__ Tiles program_tiles(i64 N, i64 S, i64 s_blocks, i64 t
 // tile row of block_s / VEC groups either spans several threads' turns -- `across`: each thread
 // takes every blockDim.x-th group of every row -- or a whole number of rows share one turn: each
 // thread keeps one group and takes every step-th row. Found once per program; the steps are
-// powers of two, so the loops below count their iterations with a shift.
+// powers of two, so the loops below count their iterations with a shift. The host plans tiles of
+// at most one turn a row (bn_gpu/cupy_backend.py _tuning), so that a thread walks down the tile and
+// finds in one walk all its groups of the tile (4 in full tiles), which `walk` loads at once: along
+// rows of 1-3 groups a thread, most loads went one at a time (static model, walk_trips).
 struct TileWalk {
     bool across;
     int row, group;      // the thread's first row and group of a tile
@@ -186,7 +189,7 @@ __device__ __forceinline__ int log2_of(int power_of_two) { return __ffs(power_of
 
 template <int VEC> __device__ __forceinline__ TileWalk tile_walk(int block_s) {
     const int groups_per_row = block_s / VEC;
-    if (groups_per_row >= (int)blockDim.x) return {true, 0, (int)threadIdx.x, log2_of((int)blockDim.x * VEC)};
+    if (groups_per_row > (int)blockDim.x) return {true, 0, (int)threadIdx.x, log2_of((int)blockDim.x * VEC)};
     return {false, (int)threadIdx.x / groups_per_row, (int)threadIdx.x % groups_per_row,
             log2_of((int)blockDim.x / groups_per_row)};
 }

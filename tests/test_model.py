@@ -196,3 +196,34 @@ def test_loads_in_flight_at_once_end_at_the_first_use_of_a_pending_load():
     assert sum(interleaved.load_bits) == sum(batched.load_bits) == 256
     assert interleaved.loads_at_once_bits == 128
     assert batched.loads_at_once_bits == 256
+
+
+def test_a_walk_of_fewer_groups_than_a_batch_loads_them_one_by_one():
+    """walk_trips mirrors kernels/batch_norm.cu's tile_walk and walk: a thread's groups per wait."""
+    def trips(rows, block_s, S, vec=4, threads=256, unroll=4, N=64):
+        return model.walk_trips(rows=rows, block_s=block_s, N=N, S=S, vec=vec, threads=threads, unroll=unroll)
+    assert trips(rows=2, block_s=2048, S=4096) == 1.0   # along rows of 2 groups a thread: one by one
+    assert trips(rows=4, block_s=1024, S=4096) == 4.0   # one turn a row: down 4 rows, loaded at once
+    assert trips(rows=16, block_s=256, S=4096) == 4.0   # 4 rows a turn, every 4th row
+    assert trips(rows=1, block_s=8192, S=5120) == 2.5   # 5 groups: a batch of 4, then 1
+    assert trips(rows=4, block_s=1024, S=4096, N=2) == 1.0  # N = 2: two rows, fewer than a batch
+    assert trips(rows=4, block_s=1024, S=4096, unroll=2) == 2.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_channels_first_plans_give_every_walk_a_whole_batch(dtype):
+    """The CUDA C channels-first plans of the benchmark shapes give each thread, in each walk of a
+    full tile, the groups its loop loads at once (4; dx 2 a batch): tiles of at most one turn a row."""
+    walked = 0
+    for shape in ("64x64x112x112", "64x256x56x56", "8x64x16x56x56", "64x2048x7x7"):
+        for op in ("train_fwd", "train_bwd"):
+            sizes = tuple(int(size) for size in shape.split("x"))
+            for launch in launches.record("cupy", op, sizes, dtype, "contiguous"):
+                if "tile_walk" not in launch.meta:
+                    continue
+                job = model._job(launch.name)
+                unroll = model.WALK_UNROLL.get(job, 4)
+                figure = model.walk_trips(threads=math.prod(launch.block), unroll=unroll, **launch.meta["tile_walk"])
+                assert figure == unroll, (shape, op, launch.name, launch.meta)
+                walked += 1
+    assert walked == 12  # 3 shapes x (statistics, normalize, gradient sums, dx); 7x7 planes are grouped
