@@ -141,8 +141,14 @@ def parse_sass(text: str) -> dict[str, list[Instruction]]:
     return functions
 
 
+def _global_load(opcode: str) -> bool:
+    """A load from global memory: LDG into registers, or LDGSTS, an asynchronous copy into shared
+    memory (Triton's software pipeline); not LDGDEPBAR, which closes a group of such copies."""
+    return opcode.startswith("LDG") and not opcode.startswith("LDGDEPBAR")
+
+
 def _width(opcode: str) -> int:
-    """Bits moved by one LDG/STG."""
+    """Bits moved by one LDG/LDGSTS/STG."""
     for suffix, bits in ((".128", 128), (".64", 64), (".U16", 16), (".S16", 16), (".U8", 8), (".S8", 8)):
         if suffix in opcode:
             return bits
@@ -157,12 +163,13 @@ class LoopStats:
     store_bits: list
     barriers: int            # BAR instructions per iteration
     loads_at_once_bits: int = 0  # the most bits of loads issued between two waits on a load (loads_at_once)
+    pipelined: bool = False      # asynchronous copies, waited on with some left in flight (_pipelined)
 
 
 def _streams(ins: Instruction) -> bool:
     """A global load of the data a kernel streams: not a coherent (.STRONG) load, which only the
     fused finalize makes (partials written by other programs of the launch, read through L2)."""
-    return ins.opcode.startswith("LDG") and ".STRONG" not in ins.opcode
+    return _global_load(ins.opcode) and ".STRONG" not in ins.opcode
 
 
 def _branch_target(ins: Instruction) -> int | None:
@@ -183,6 +190,7 @@ def _divergence_returns(instructions: list[Instruction]) -> set:
 
 
 _REGISTER = re.compile(r"\bR(\d+)\b")
+_GROUPS_LEFT = re.compile(r"SB0,\s*0x([0-9a-f]+)")
 
 
 def loads_at_once(body: list[Instruction]) -> int:
@@ -191,9 +199,18 @@ def loads_at_once(body: list[Instruction]) -> int:
     which waits -- and, loads taking about the same time, finds the loads issued before it done too.
     So the loads between two such waits are the ones in flight together. A compiler that
     interleaves each load with the arithmetic on the one before keeps one in flight, however many
-    the body holds; this is what the bytes-in-flight figure reads as the loads of an iteration."""
+    the body holds; this is what the bytes-in-flight figure reads as the loads of an iteration.
+    Asynchronous copies into shared memory (LDGSTS: a Triton loop pipelined with
+    tl.range(num_stages=...)) are waited on by group instead: `DEPBAR.LE SB0, n` waits until n
+    groups are left, so a loop that issues one group an iteration has n + 1 of them in flight when
+    it waits."""
     pending: set = set()
     best = current = 0
+    copies = sum(_width(ins.opcode) for ins in body if ins.opcode.startswith("LDGSTS"))
+    if copies:
+        left = [n for n in map(_groups_left, body) if n is not None]
+        best = copies * (max(left, default=0) + 1)
+    plain = 0
     for ins in body:
         operands = [part.strip() for part in ins.operands.rstrip(" ;").split(",")]
         is_store = ins.opcode.startswith(("STG", "STS", "ST.", "ATOM", "RED"))
@@ -201,15 +218,27 @@ def loads_at_once(body: list[Instruction]) -> int:
         if any(int(r) in pending for part in sources for r in _REGISTER.findall(part)):
             pending.clear()
             current = 0
-        if ins.opcode.startswith("LDG"):
+        if _global_load(ins.opcode) and not ins.opcode.startswith("LDGSTS"):
             bits = _width(ins.opcode)
             destination = _REGISTER.findall(operands[0]) if operands else []
             if destination:
                 first = int(destination[0])
                 pending.update(range(first, first + max(1, bits // 32)))
             current += bits
-            best = max(best, current)
-    return best
+            plain = max(plain, current)
+    return best + plain
+
+
+def _groups_left(ins: Instruction) -> int | None:
+    """n of a `DEPBAR.LE SB0, n`: the groups of asynchronous copies it leaves in flight."""
+    match = _GROUPS_LEFT.search(ins.operands) if ins.opcode.startswith("DEPBAR") else None
+    return int(match.group(1), 16) if match else None
+
+
+def _pipelined(body: list[Instruction]) -> bool:
+    """A loop that copies into shared memory asynchronously and waits with copies left in flight."""
+    return (any(ins.opcode.startswith("LDGSTS") for ins in body)
+            and any((_groups_left(ins) or 0) > 0 for ins in body))
 
 
 def main_loops(instructions: list[Instruction]) -> list[LoopStats]:
@@ -217,7 +246,9 @@ def main_loops(instructions: list[Instruction]) -> list[LoopStats]:
     the return of a divergence fallback, `_divergence_returns`); nested loops count in their own
     body only. Sorted by bytes streamed per iteration (`_streams`), then by bytes loaded, largest
     first: a fused finalize's loops over partials come after the streaming loop, however much
-    they load."""
+    they load. A software-pipelined loop (one that waits with copies left in flight, `_pipelined`)
+    comes first: the loop around it holds the pipeline's prologue, which copies several tiles ahead
+    once per trip of the inner loop, not once per tile."""
     loops = []
     not_loops = _divergence_returns(instructions)
     for ins in instructions:
@@ -232,7 +263,7 @@ def main_loops(instructions: list[Instruction]) -> list[LoopStats]:
         inner = [(s, e) for s, e in loops if start < s and e < end]
         body = [ins for ins in instructions
                 if start <= ins.address <= end and not any(s <= ins.address <= e for s, e in inner)]
-        loads = [_width(ins.opcode) for ins in body if ins.opcode.startswith("LDG")]
+        loads = [_width(ins.opcode) for ins in body if _global_load(ins.opcode)]
         if not loads:
             continue
         stats.append(LoopStats(instructions=sum(1 for ins in body if ins.opcode != "NOP"),
@@ -240,9 +271,9 @@ def main_loops(instructions: list[Instruction]) -> list[LoopStats]:
                                streamed_bits=sum(_width(ins.opcode) for ins in body if _streams(ins)),
                                store_bits=[_width(ins.opcode) for ins in body if ins.opcode.startswith("STG")],
                                barriers=sum(1 for ins in body if ins.opcode.startswith("BAR")),
-                               loads_at_once_bits=loads_at_once(body)))
+                               loads_at_once_bits=loads_at_once(body), pipelined=_pipelined(body)))
     if not stats:  # no loop (a tile covers everything): the whole function is one iteration
-        loads = [_width(ins.opcode) for ins in instructions if ins.opcode.startswith("LDG")]
+        loads = [_width(ins.opcode) for ins in instructions if _global_load(ins.opcode)]
         if loads:
             stats.append(LoopStats(instructions=sum(1 for ins in instructions if ins.opcode != "NOP"),
                                    load_bits=loads,
@@ -251,7 +282,7 @@ def main_loops(instructions: list[Instruction]) -> list[LoopStats]:
                                                if ins.opcode.startswith("STG")],
                                    barriers=sum(1 for ins in instructions if ins.opcode.startswith("BAR")),
                                    loads_at_once_bits=loads_at_once(instructions)))
-    return sorted(stats, key=lambda s: (-s.streamed_bits, -sum(s.load_bits)))
+    return sorted(stats, key=lambda s: (not s.pipelined, -s.streamed_bits, -sum(s.load_bits)))
 
 
 _RESOURCES = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
@@ -688,15 +719,18 @@ def header_markdown(target: Target, versions: dict) -> str:
         "on meta tensors; registers, spills and shared memory come from `cuobjdump --dump-resource-usage` of "
         "each kernel compiled for the target as it launches; loop figures from its SASS (the loop with the "
         "largest streaming global loads per iteration -- not the fused finalize's coherent loads of partials, "
-        "and a warp-divergence fallback's jump back is no loop: its instructions, load/store widths, "
-        "barriers); instructions per "
+        "and a warp-divergence fallback's jump back is no loop; a software-pipelined loop before the loop "
+        "holding its prologue: its instructions, load/store widths, barriers); instructions per "
         "element = loop instructions / elements loaded per iteration. DRAM bytes: each kernel's streams "
         "(x, dy read; y/dx written), a second read counted as an L2 hit only when what it re-reads fits the "
         "assumed reusable L2. bound % floor = floor bytes / modelled DRAM bytes (the best the plan can reach at "
         "copy bandwidth); with partial waves: the same with each kernel's DRAM time × ceil(waves) / waves above "
         "one wave (its last, partial wave runs as long as a full one). issue headroom = memory time / issue "
         "time at 128 thread-instructions per clock per SM (≥ 2 leaves margin). In flight = bytes of global "
-        "loads per loop iteration × threads × resident programs, against bandwidth per SM × latency.",
+        "loads per loop iteration × threads × resident programs, against bandwidth per SM × latency. At once = "
+        "the same with the loads a thread issues before it waits on one (asynchronous copies: by group), and "
+        "for the CUDA C channels-first walks no more than its groups per trip to memory from the plan "
+        "(`walk_trips`).",
     ])
 
 

@@ -34,6 +34,9 @@ class Tuning:
     split_max_registers: int = 0  # Triton: a register cap on the split reductions where it measured
                                   # faster (triton_backend.split_register_cap), 0 for none; 64 holds
                                   # 4 programs of 8 warps per SM
+    load_stages: int = 0  # Triton channels-last statistics: a software pipeline of this many stages
+                          # (tl.range(num_stages=...): tiles copied ahead into shared memory, of half
+                          # the rows), 0 for the plain loop. Off until measured (profiling/MODEL.md)
     max_block_s: int = 0  # channels-first: spatial positions per tile at most, 0 for the tile's (the
                           # CUDA C backend's: one turn of its block, see cupy_backend._tuning)
 
@@ -121,6 +124,7 @@ class ChannelsLastPlan:
     num_warps: int
     chunk_tiles: int
     split_max_registers: int = 0  # Tuning.split_max_registers
+    load_stages: int = 0          # Tuning.load_stages
 
     def grid(self, C: int) -> tuple[int, int]:
         return (self.splits, self.c_blocks)
@@ -220,7 +224,7 @@ def channels_last_plan(M: int, C: int, itemsize: int, tuning: Tuning, sms: int) 
     tiles_per_program, _ = _splits(cdiv(M, block_m), _splits_wanted(tuning, sms, c_blocks))
     rows_per_program = tiles_per_program * block_m
     return ChannelsLastPlan(block_m, block_c, c_blocks, rows_per_program, cdiv(M, rows_per_program),
-                            tuning.num_warps, tuning.chunk_tiles, tuning.split_max_registers)
+                            tuning.num_warps, tuning.chunk_tiles, tuning.split_max_registers, tuning.load_stages)
 
 
 # A fused finalize shares the reduction kernel's registers, so its tiles of partials stay small:

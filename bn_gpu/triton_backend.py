@@ -159,6 +159,12 @@ def _config(g: Geometry, job: str) -> tuple:
     meta = dict(ACC=_accumulation(g), OFFSET_64=g.offset_64, num_warps=p.num_warps, **blocks)
     if job in ("statistics", "single_pass_forward"):
         meta["CHUNK"] = p.chunk_tiles
+        if not g.channels_first:
+            meta["STAGES"] = p.load_stages
+            if p.load_stages > 1 and job == "statistics":
+                # The stages keep the bytes in flight; tiles of half the rows halve the lanes' sums:
+                # 16-bit 170 -> 96-108 registers, 1 -> 2 programs per SM (static model, H200 target).
+                meta["BLOCK_M"] = max(1, p.block_m // 2)
     if g.channels_first and job in ("statistics", "single_pass_forward", "gradient_sums", "single_pass_backward"):
         meta["PAIRS"] = pairs_of_values(g)
     if g.channels_first and p.group > 1 and job == "single_pass_forward":

@@ -76,9 +76,19 @@ def _offsets(rows, cols, stride_m):
 
 
 @triton.jit
+def _add_shifted_tile(x_ptr, stride_m, cols, col_mask, shift, start, row_end, total, squares,
+                      ACC: tl.constexpr, BLOCK_M: tl.constexpr, OFFSET_64: tl.constexpr):
+    """A lane's sums of x - shift and of its square, with the tile at `start` added."""
+    rows, mask = _tile(start, row_end, col_mask, BLOCK_M, OFFSET_64)
+    x = tl.load(x_ptr + _offsets(rows, cols, stride_m), mask=mask, other=0.0).to(ACC)
+    shifted = tl.where(mask, x - shift[None, :], 0.0)
+    return total + shifted, squares + shifted * shifted
+
+
+@triton.jit
 def _moments(x_ptr, stride_m, cols, col_mask, shift, row_begin, row_end,
              ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
-             CHUNK: tl.constexpr):
+             CHUNK: tl.constexpr, STAGES: tl.constexpr):
     """(count, mean - shift, M2) per channel over rows [row_begin, row_end).
 
     Moments are taken of x - shift, a row of x, which lies near the mean: the subtraction keeps the
@@ -86,6 +96,12 @@ def _moments(x_ptr, stride_m, cols, col_mask, shift, row_begin, row_end,
     and its square over CHUNK tiles without talking to the other lanes; only then are the rows
     reduced (one reduction per chunk, not per tile) and the chunk merged into the running moments
     with Chan's formula, so no sum runs over more than CHUNK values of a lane.
+
+    STAGES > 1 software-pipelines the tile loop (tl.range(num_stages=STAGES)): Triton copies the
+    next STAGES - 1 tiles into shared memory (cp.async) while the lanes add this one, so a program
+    keeps that many tiles of loads in flight without registers to hold them. The plain loop keeps
+    one tile's loads at once: 8-16 KB per SM by the static model, and the kernel measured at 38% of
+    the copy rate (H200, run 7 in profiling/RESULTS.md).
     """
     count = tl.zeros([], ACC)
     mean = tl.zeros([BLOCK_C], ACC)
@@ -94,12 +110,14 @@ def _moments(x_ptr, stride_m, cols, col_mask, shift, row_begin, row_end,
         chunk_end = tl.minimum(chunk + CHUNK * BLOCK_M, row_end)
         total = tl.zeros([BLOCK_M, BLOCK_C], ACC)
         squares = tl.zeros([BLOCK_M, BLOCK_C], ACC)
-        for start in range(chunk, chunk_end, BLOCK_M):
-            rows, mask = _tile(start, chunk_end, col_mask, BLOCK_M, OFFSET_64)
-            x = tl.load(x_ptr + _offsets(rows, cols, stride_m), mask=mask, other=0.0).to(ACC)
-            shifted = tl.where(mask, x - shift[None, :], 0.0)
-            total += shifted
-            squares += shifted * shifted
+        if STAGES > 1:  # software-pipelined: tiles copied ahead into shared memory (see Tuning.load_stages)
+            for start in tl.range(chunk, chunk_end, BLOCK_M, num_stages=STAGES):
+                total, squares = _add_shifted_tile(x_ptr, stride_m, cols, col_mask, shift, start, chunk_end, total,
+                                                   squares, ACC, BLOCK_M, OFFSET_64)
+        else:
+            for start in range(chunk, chunk_end, BLOCK_M):
+                total, squares = _add_shifted_tile(x_ptr, stride_m, cols, col_mask, shift, start, chunk_end, total,
+                                                   squares, ACC, BLOCK_M, OFFSET_64)
         chunk_count = (chunk_end - chunk).to(ACC)
         chunk_sum = tl.sum(total, axis=0)
         chunk_mean = chunk_sum / chunk_count
@@ -201,7 +219,7 @@ def statistics_channels_last(
     M, C, stride_m, rows_per_program, momentum, eps, group_splits,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
     CHUNK: tl.constexpr, FINALIZE: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr, CUMULATIVE: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Partial moments per (split, channel); with FINALIZE, the last programs of each channel block
     to finish also merge the block's partials (finalize.finalize_statistics_of_group)."""
@@ -209,7 +227,7 @@ def statistics_channels_last(
     row_begin, row_end = _program_rows(M, rows_per_program, OFFSET_64)
     shift = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     count, mean, m2 = _moments(x_ptr, stride_m, cols, col_mask, shift, row_begin, row_end,
-                               ACC, BLOCK_M, BLOCK_C, OFFSET_64, CHUNK)
+                               ACC, BLOCK_M, BLOCK_C, OFFSET_64, CHUNK, STAGES)
     out = tl.program_id(0) * C + cols
     tl.store(partial_count_ptr + out, tl.zeros([BLOCK_C], ACC) + count, mask=col_mask)
     tl.store(partial_mean_ptr + out, mean, mask=col_mask)
@@ -271,13 +289,13 @@ def single_pass_forward_channels_last(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr,
     CUMULATIVE: tl.constexpr, COUNT_BATCH: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
-    CHUNK: tl.constexpr,
+    CHUNK: tl.constexpr, STAGES: tl.constexpr,
 ):
     # One program per channel block reads its columns twice: the second pass finds them in cache.
     cols, col_mask = _columns(C, BLOCK_C)
     shift = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     count, mean_shifted, m2 = _moments(x_ptr, x_stride_m, cols, col_mask, shift, 0, M,
-                                       ACC, BLOCK_M, BLOCK_C, OFFSET_64, CHUNK)
+                                       ACC, BLOCK_M, BLOCK_C, OFFSET_64, CHUNK, STAGES)
     mean = shift + mean_shifted
     invstd = store_statistics(cols, col_mask, count, mean, m2, mean_ptr, invstd_ptr, running_mean_ptr,
                               running_var_ptr, num_batches_tracked_ptr, momentum, eps,

@@ -17,9 +17,24 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 OPTIONS = [(True, True, 0.1, False), (False, False, 0.1, False), (True, True, None, False), (True, True, 0.1, True)]
 
 
+# Tunings off by default that profiling/tuning_sweep.py measures and that change the compiled code:
+# (fields, layouts, ops) -- the software-pipelined channels-last statistics.
+SWEPT = [({"load_stages": 3}, ["channels_last"], ["train_fwd"])]
+
+
+def _add(found: dict, launch) -> None:
+    from bn_gpu import launches
+    signature, constexprs, attrs, options = launches.triton_compile_inputs(launch)
+    key = (launch.name, tuple(signature.items()), repr(sorted(constexprs.items())), repr(sorted(attrs.items())),
+           tuple(options.items()))
+    found.setdefault(key, launch)
+
+
 def variants(sms: int = 132) -> dict:
     """{specialization key: recorded launch}, each distinct compile once."""
-    from bn_gpu import launches
+    import dataclasses
+
+    from bn_gpu import launches, plan
     found = {}
     for shape in SHAPES:
         for dtype in DTYPES:
@@ -28,10 +43,19 @@ def variants(sms: int = 132) -> dict:
                     for op in launches.OPS + launches.SYNC_OPS:
                         for launch in launches.record("triton", op, shape, dtype, layout, sms=sms, affine=affine,
                                                       running=running, momentum=momentum, epilogue=epilogue):
-                            signature, constexprs, attrs, options = launches.triton_compile_inputs(launch)
-                            key = (launch.name, tuple(signature.items()), repr(sorted(constexprs.items())),
-                                   repr(sorted(attrs.items())), tuple(options.items()))
-                            found.setdefault(key, launch)
+                            _add(found, launch)
+    default = plan.GPU_TUNING
+    for fields, layouts, ops in SWEPT:
+        plan.GPU_TUNING = dataclasses.replace(default, **fields)
+        try:
+            for shape in SHAPES:
+                for dtype in DTYPES:
+                    for layout in (layouts if len(shape) > 2 else ["contiguous"]):
+                        for op in ops:
+                            for launch in launches.record("triton", op, shape, dtype, layout, sms=sms):
+                                _add(found, launch)
+        finally:
+            plan.GPU_TUNING = default
     return found
 
 

@@ -120,3 +120,30 @@ def test_mixed_precision_parameters(backend, device, dtype, kernel_path):
     rm_ref, rv_ref = ref.update_running_stats(rm0, rv0, mean_ref, var_ref, 100, 0.1)
     assert_close(running_mean, rm_ref, torch.float32, "running_mean")
     assert_close(running_var, rv_ref, torch.float32, "running_var")
+
+
+TRITON_DEVICES = [pair for pair in backend_devices() if pair.values[0] == "triton"]
+
+
+@pytest.mark.parametrize("backend,device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_pipelined_channels_last_statistics(backend, device, dtype, kernel_path, monkeypatch):
+    """Tuning.load_stages: the channels-last statistics loop copies tiles of half the plan's rows
+    ahead into shared memory (tl.range(num_stages=3)); the forward matches the float64 reference and,
+    within rounding, the plain loop."""
+    import dataclasses
+
+    import bn_gpu.plan
+    shape = (4, 6, 5, 7)
+    x = make_input(shape, dtype, "channels_last", device)
+    weight, bias, _, _ = make_params(shape[1], dtype, device)
+    outputs = []
+    for stages in (0, 3):
+        for name in ("INTERPRETER_TUNING", "GPU_TUNING"):
+            monkeypatch.setattr(bn_gpu.plan, name, dataclasses.replace(getattr(bn_gpu.plan, name), load_stages=stages))
+        outputs.append(torch.ops.bn_gpu.forward_train(x, weight, bias, None, None, None, 0.1, 1e-5, backend))
+    y_ref, mean_ref, _, invstd_ref = ref.forward_train(x, weight, bias, 1e-5)
+    assert_close(outputs[1][0], y_ref, dtype, "output")
+    assert_stats_close(outputs[1][1], mean_ref, dtype, "mean")
+    assert_stats_close(outputs[1][2], invstd_ref, dtype, "invstd")
+    assert_stats_close(outputs[1][1], outputs[0][1].double(), dtype, "mean against the plain loop")

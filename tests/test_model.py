@@ -227,3 +227,41 @@ def test_cuda_channels_first_plans_give_every_walk_a_whole_batch(dtype):
                 assert figure == unroll, (shape, op, launch.name, launch.meta)
                 walked += 1
     assert walked == 12  # 3 shapes x (statistics, normalize, gradient sums, dx); 7x7 planes are grouped
+
+
+PIPELINED_SASS = """
+        Function : pipelined
+        /*0000*/                   LDGSTS.E.BYPASS.128 [R6], desc[UR12][R10.64], P2 ;
+        /*0010*/                   LDGSTS.E.BYPASS.128 [R6+0x1000], desc[UR12][R2.64], P3 ;
+        /*0020*/                   LDGDEPBAR ;
+        /*0030*/                   LDGSTS.E.BYPASS.128 [R6+0x2000], desc[UR12][R12.64], P2 ;
+        /*0040*/                   LDGSTS.E.BYPASS.128 [R6+0x3000], desc[UR12][R10.64], P1 ;
+        /*0050*/                   LDGDEPBAR ;
+        /*0060*/                   DEPBAR.LE SB0, 0x1 ;
+        /*0070*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0080*/                   LDS.128 R20, [R51] ;
+        /*0090*/                   LDS.128 R24, [R51+0x1000] ;
+        /*00a0*/                   FADD R40, R20, R40 ;
+        /*00b0*/                   FADD R41, R24, R41 ;
+        /*00c0*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*00d0*/                   LDGSTS.E.BYPASS.128 [R51], desc[UR12][R22.64], P6 ;
+        /*00e0*/                   LDGSTS.E.BYPASS.128 [R51+0x1000], desc[UR12][R22.64], P6 ;
+        /*00f0*/                   LDGDEPBAR ;
+        /*0100*/               @P5 BRA 0x60 ;
+        /*0110*/                   DEPBAR.LE SB0, 0x0 ;
+        /*0120*/               @P4 BRA 0x0 ;
+        /*0130*/                   EXIT ;
+"""
+
+
+def test_a_software_pipelined_loop_keeps_its_copies_in_flight_by_group():
+    """Asynchronous copies (LDGSTS) are waited on by group: DEPBAR.LE SB0, 1 leaves one group in
+    flight, so the loop that issues a group of 2 x 16 bytes an iteration has 2 groups, 64 bytes, at
+    once. It is the main loop, not the loop around it that holds the pipeline's prologue (more
+    copies, no group left in flight); LDGDEPBAR is no load."""
+    (function,) = model.parse_sass(PIPELINED_SASS).values()
+    loops = model.main_loops(function)
+    assert [loop.pipelined for loop in loops] == [True, False]
+    assert loops[0].load_bits == [128, 128] and loops[0].loads_at_once_bits == 2 * 256
+    assert loops[0].barriers == 2
+    assert loops[1].load_bits == [128] * 4 and loops[1].loads_at_once_bits == 4 * 128
