@@ -532,6 +532,17 @@ template <int VEC, int WIDE, typename T> __device__ __forceinline__ Pack<T, WIDE
     }
 }
 
+// The same through the read-only path (load_pack_readonly): for the passes that store, so that
+// their loads may be issued above the stores before them.
+template <int VEC, int WIDE, typename T> __device__ __forceinline__ Pack<T, WIDE> read_place_readonly(const T* p) {
+    if constexpr (VEC == WIDE) return load_pack_readonly<WIDE>(p);
+    else return read_place<VEC, WIDE>(p);
+}
+
+// A thread walks its place down the rows 4 at a time where it has 4 left, loading all 4 before it
+// uses the first (as `walk`: unrolled alone, nvcc used each row before it loaded the next).
+constexpr int PLACE_BATCH = 4;
+
 // The WIDE values of a place: one 16-byte store when VEC == WIDE (store_group), else value by value.
 template <int VEC, int WIDE, typename T>
 __device__ __forceinline__ void write_place(T* p, const Pack<T, WIDE>& values) {
@@ -585,9 +596,15 @@ __device__ __forceinline__ ColumnMoments<A, WIDE> place_moments(const T* x, i64 
     const T* row = x + r.first * stride_n + p.s;
     const i64 step = r.step * stride_n;
     for (i64 done = 0; done < r.count; done += 64) {
-        const i64 rows = min(r.count - done, i64(64));
-#pragma unroll 4
-        for (i64 i = 0; i < rows; ++i, row += step) moments.add(shifted(read_place<VEC, WIDE>(row), shift));
+        i64 rows = min(r.count - done, i64(64));
+        for (; rows >= PLACE_BATCH; rows -= PLACE_BATCH, row += PLACE_BATCH * step) {
+            Pack<T, WIDE> in[PLACE_BATCH];
+#pragma unroll
+            for (int b = 0; b < PLACE_BATCH; ++b) in[b] = read_place<VEC, WIDE>(row + b * step);
+#pragma unroll
+            for (int b = 0; b < PLACE_BATCH; ++b) moments.add(shifted(in[b], shift));
+        }
+        for (; rows > 0; --rows, row += step) moments.add(shifted(read_place<VEC, WIDE>(row), shift));
         moments.close();
     }
     return moments;
@@ -1163,15 +1180,17 @@ __device__ __forceinline__ void place_normalize(const T* x, T* y, const T* resid
                                                 const Values<A, WIDE>& scale, const Values<A, WIDE>& shift, int relu,
                                                 i64 row_begin, i64 row_end) {
     const PlaceRows r = place_rows(p, row_begin, row_end);
-#pragma unroll 4
-    for (i64 n = r.first + (r.count - 1) * r.step; n >= r.first; n -= r.step) {
-        Pack<T, WIDE> in = read_place<VEC, WIDE>(x + n * x_stride_n + p.s);
-        Pack<T, WIDE> out;
+    auto load = [&](i64 n, Pack<T, WIDE>& in, Pack<T, WIDE>& add) {
+        in = read_place_readonly<VEC, WIDE>(x + n * x_stride_n + p.s);
         if constexpr (FUSED) {
-            Pack<T, WIDE> add;
 #pragma unroll
             for (int k = 0; k < WIDE; ++k) add.v[k] = cvt<T>(A(0));
-            if (residual) add = read_place<VEC, WIDE>(residual + n * y_stride_n + p.s);
+            if (residual) add = read_place_readonly<VEC, WIDE>(residual + n * y_stride_n + p.s);
+        }
+    };
+    auto use = [&](i64 n, const Pack<T, WIDE>& in, const Pack<T, WIDE>& add) {
+        Pack<T, WIDE> out;
+        if constexpr (FUSED) {
 #pragma unroll
             for (int k = 0; k < WIDE; ++k)
                 out.v[k] = cvt<T>(epilogue((cvt<A>(in.v[k]) - mean.v[k]) * scale.v[k] + shift.v[k], cvt<A>(add.v[k]),
@@ -1181,6 +1200,20 @@ __device__ __forceinline__ void place_normalize(const T* x, T* y, const T* resid
             for (int k = 0; k < WIDE; ++k) out.v[k] = cvt<T>((cvt<A>(in.v[k]) - mean.v[k]) * scale.v[k] + shift.v[k]);
         }
         write_place<VEC, WIDE>(y + n * y_stride_n + p.s, out);
+    };
+    i64 n = r.first + (r.count - 1) * r.step;
+    i64 left = r.count;
+    for (; left >= PLACE_BATCH; left -= PLACE_BATCH, n -= PLACE_BATCH * r.step) {
+        Pack<T, WIDE> in[PLACE_BATCH], add[PLACE_BATCH];
+#pragma unroll
+        for (int b = 0; b < PLACE_BATCH; ++b) load(n - b * r.step, in[b], add[b]);
+#pragma unroll
+        for (int b = 0; b < PLACE_BATCH; ++b) use(n - b * r.step, in[b], add[b]);
+    }
+    for (; left > 0; --left, n -= r.step) {
+        Pack<T, WIDE> in, add;
+        load(n, in, add);
+        use(n, in, add);
     }
 }
 
