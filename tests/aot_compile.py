@@ -18,16 +18,24 @@ OPTIONS = [(True, True, 0.1, False), (False, False, 0.1, False), (True, True, No
 
 
 # Tunings off by default that profiling/tuning_sweep.py measures and that change the compiled code:
-# (fields, layouts, ops) -- the software-pipelined channels-last statistics.
-SWEPT = [({"load_stages": 3}, ["channels_last"], ["train_fwd"])]
+# (fields, layouts, ops, options) -- the software-pipelined channels-last statistics.
+SWEPT = [({"load_stages": 3}, ["channels_last"], ["train_fwd"], OPTIONS[:1])]
 
 
-def _add(found: dict, launch) -> None:
+def _record(found: dict, layouts, ops, options, sms: int) -> None:
+    """Adds the launches of every shape and dtype in these layouts, ops and options to found."""
     from bn_gpu import launches
-    signature, constexprs, attrs, options = launches.triton_compile_inputs(launch)
-    key = (launch.name, tuple(signature.items()), repr(sorted(constexprs.items())), repr(sorted(attrs.items())),
-           tuple(options.items()))
-    found.setdefault(key, launch)
+    for shape in SHAPES:
+        for dtype in DTYPES:
+            for layout in (layouts if len(shape) > 2 else ["contiguous"]):
+                for affine, running, momentum, epilogue in options:
+                    for op in ops:
+                        for launch in launches.record("triton", op, shape, dtype, layout, sms=sms, affine=affine,
+                                                      running=running, momentum=momentum, epilogue=epilogue):
+                            signature, constexprs, attrs, compile_options = launches.triton_compile_inputs(launch)
+                            key = (launch.name, tuple(signature.items()), repr(sorted(constexprs.items())),
+                                   repr(sorted(attrs.items())), tuple(compile_options.items()))
+                            found.setdefault(key, launch)
 
 
 def variants(sms: int = 132) -> dict:
@@ -36,24 +44,12 @@ def variants(sms: int = 132) -> dict:
 
     from bn_gpu import launches, plan
     found = {}
-    for shape in SHAPES:
-        for dtype in DTYPES:
-            for layout in (["contiguous", "channels_last"] if len(shape) > 2 else ["contiguous"]):
-                for affine, running, momentum, epilogue in OPTIONS:
-                    for op in launches.OPS + launches.SYNC_OPS:
-                        for launch in launches.record("triton", op, shape, dtype, layout, sms=sms, affine=affine,
-                                                      running=running, momentum=momentum, epilogue=epilogue):
-                            _add(found, launch)
+    _record(found, ["contiguous", "channels_last"], launches.OPS + launches.SYNC_OPS, OPTIONS, sms)
     default = plan.GPU_TUNING
-    for fields, layouts, ops in SWEPT:
+    for fields, layouts, ops, options in SWEPT:
         plan.GPU_TUNING = dataclasses.replace(default, **fields)
         try:
-            for shape in SHAPES:
-                for dtype in DTYPES:
-                    for layout in (layouts if len(shape) > 2 else ["contiguous"]):
-                        for op in ops:
-                            for launch in launches.record("triton", op, shape, dtype, layout, sms=sms):
-                                _add(found, launch)
+            _record(found, layouts, ops, options, sms)
         finally:
             plan.GPU_TUNING = default
     return found
