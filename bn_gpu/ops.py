@@ -311,6 +311,8 @@ def _function(run, training: bool):
             x, weight, bias = inputs[:3]
             y, mean, invstd = output
             ctx.mark_non_differentiable(mean, invstd)
+            # mean and invstd never get a gradient: no zero tensors (fill kernels on a GPU) for them.
+            ctx.set_materialize_grads(False)
             ctx.residual_index = eps_index + 2
             ctx.has_residual = len(inputs) > ctx.residual_index and inputs[ctx.residual_index] is not None
             ctx.relu = len(inputs) > eps_index + 3 and bool(inputs[eps_index + 3])
@@ -441,6 +443,19 @@ def _plain_backward(grad_output, saved_mean, *others) -> bool:
 _DIRECT = {True: _eager_function(_forward_train, training=True),
            False: _eager_function(_forward_eval, training=False)}
 
+# autograd.Function.apply's Python layer, for the eager fast path: what it does there -- no
+# setup_context to bind arguments for, no transform active -- is unwrapping tensors that a finished
+# torch.func transform left wrapped, which _apply_eager does for the tensor arguments alone; the
+# C apply beneath it (torch._C._FunctionBase.apply, private) then runs forward. ~5 us a call on a
+# CPU host (profiling/RESULTS.md). Checked with torch 2.11 and 2.13.
+_C_APPLY = {training: torch._C._FunctionBase.__dict__["apply"].__get__(None, function)
+            for training, function in _DIRECT.items()}
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+
+
+def _apply_eager(training: bool, args: tuple):
+    return _C_APPLY[training](*[a if a is None or type(a) not in _PLAIN_TYPES else _unwrap_if_dead(a) for a in args])
+
 
 def _in_torch_func_transform() -> bool:
     return torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()
@@ -454,7 +469,7 @@ def forward_train(input, weight, bias, running_mean, running_var, num_batches_tr
     if plain_eager(input, weight, bias, running_mean, running_var, num_batches_tracked, residual):
         if _differentiating(input, weight, bias, residual):
             _refuse_running_stat_tangents(running_mean, running_var)
-            return _DIRECT[True].apply(*args)
+            return _apply_eager(True, args)
         return _forward_train(*args)
     if _in_torch_func_transform():
         _refuse_running_stat_tangents(running_mean, running_var)
@@ -468,7 +483,7 @@ def forward_eval(input, weight, bias, running_mean, running_var, eps, backend, r
     if plain_eager(input, weight, bias, running_mean, running_var, residual):
         if _differentiating(input, weight, bias, residual):
             _refuse_running_stat_tangents(running_mean, running_var)
-            return _DIRECT[False].apply(*args)
+            return _apply_eager(False, args)
         return _forward_eval(*args)
     if _in_torch_func_transform():
         _refuse_running_stat_tangents(running_mean, running_var)

@@ -62,24 +62,47 @@ def _current_stream() -> int:
     return triton.runtime.driver.active.get_current_stream(torch.cuda.current_device())
 
 
+def _argument_kinds(args: list) -> tuple:
+    """(pointers, float positions) of a kernel's runtime arguments: the leading tensors (or None)
+    -- every launch of this module passes its pointers first -- and the positions among the rest
+    that hold floats."""
+    pointers = 0
+    while pointers < len(args) and (args[pointers] is None or isinstance(args[pointers], torch.Tensor)):
+        pointers += 1
+    return pointers, tuple(i for i, a in enumerate(args[pointers:]) if type(a) is float)
+
+
 class Launcher:
     """Launches JIT kernels, reusing the compiled kernel of a specialization once the JIT made it."""
 
     def __init__(self, direct: bool | None = None):
         self.compiled = {}    # specialization key -> (compiled kernel, constexpr values in order)
+        self.kinds = {}       # kernel -> _argument_kinds of its launches
         if direct is None:
             direct = os.environ.get("BN_GPU_DIRECT_LAUNCH", "1") != "0"
         self.direct = direct and not interpreting()
 
+    def _key(self, kernel, grid, args: list, meta: dict) -> tuple:
+        """What the JIT specializes a compiled kernel on: a pointer's dtype and 16-byte alignment
+        (or None), an integer's value (== 1, divisibility by 16, width), a float's type; and the
+        constexprs and the grid. It runs for every launch, over ~30 arguments: the kinds of a
+        kernel's arguments are found once, so only its pointers are looked at (5 us a launch less
+        than testing every argument's type, on a CPU host: profiling/RESULTS.md)."""
+        kinds = self.kinds.get(kernel)
+        if kinds is None:
+            kinds = self.kinds[kernel] = _argument_kinds(args)
+        pointers, floats = kinds
+        scalars = args[pointers:]
+        for i in floats:
+            if type(scalars[i]) is float:
+                scalars[i] = float
+        return (kernel, grid, *meta.items(), *scalars,
+                *[None if a is None else (a.dtype, a.data_ptr() % 16 == 0) for a in args[:pointers]])
+
     def __call__(self, kernel, grid, args: list, meta: dict) -> None:
         key = None
         if self.direct and _no_launch_hooks():
-            # What the JIT specializes a compiled kernel on, per argument: a tensor's dtype and
-            # 16-byte alignment, an integer's value (== 1, divisibility by 16, width), a float's
-            # type. Inlined: it runs for every launch, over ~30 arguments.
-            key = (kernel, grid, *meta.items(),
-                   *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else
-                     float if isinstance(a, float) else a for a in args])
+            key = self._key(kernel, grid, args, meta)
             entry = self.compiled.get(key)
             if entry is not None:
                 compiled, constexprs = entry
@@ -91,7 +114,8 @@ class Launcher:
                     self.direct = False
                     self.compiled.clear()
         compiled = kernel[grid](*args, **meta)
-        if key is not None and self.direct:
+        if key is not None and self.direct and not any(isinstance(a, torch.Tensor) for a in key):
+            # (a tensor past the leading pointers would make the key unique to this launch)
             self._remember(key, kernel, compiled, len(args), meta)
 
     def _remember(self, key, kernel, compiled, runtime_args: int, meta: dict) -> None:

@@ -7,7 +7,8 @@ Wall time over many calls, synchronized once at the end: on a small layer this i
 (Python, dispatcher, launches), whatever the kernels cost. On CUDA, bn_gpu uses its default
 backend (Triton). On CPU it uses the "cpu" backend, whose torch operations dominate; with
 --stub-kernels it runs the Triton backend's host path instead, with every kernel launch replaced
-by a no-op: what bn_gpu's own Python costs per call, before the launches. --profile runs one case
+by a no-op at the last step (bn_gpu's launcher still builds each launch's key and finds the
+kernel compiled): what bn_gpu's own Python costs per call. --profile runs one case
 under cProfile afterwards and prints where its host time goes.
 """
 from __future__ import annotations
@@ -16,13 +17,30 @@ import argparse
 import cProfile
 import os
 import pstats
+import types
+
+
+class _EveryKeyCompiled(dict):
+    """A launcher cache in which every specialization is found compiled, to a kernel whose launch
+    does nothing."""
+
+    def get(self, key, default=None):
+        return _NO_OP_KERNEL, ()
+
+
+_NO_OP_KERNEL = types.SimpleNamespace(run=lambda *args: None, function=None, packed_metadata=None)
 
 
 def _stub_triton_launches() -> None:
-    """Replace every Triton kernel launch of the Triton backend by a no-op."""
+    """The Triton backend with every compiled kernel's launch a no-op: bn_gpu's launcher still
+    builds each launch's specialization key, as on a GPU, but finds every kernel compiled."""
     os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors are accepted by the backend
     from bn_gpu import triton_backend
-    triton_backend.launch = lambda kernel, grid, args, meta: None
+    launcher = triton_backend.Launcher(direct=True)
+    launcher.direct = True  # the interpreter turned it off
+    launcher.compiled = _EveryKeyCompiled()
+    triton_backend._current_stream = lambda: 0
+    triton_backend.launch = launcher
 
 
 def ours_step(module, x, dy):

@@ -127,3 +127,31 @@ def test_a_launcher_that_refuses_the_arguments_falls_back_to_the_jit(launcher):
     for _ in range(3):
         launcher(kernel, (1,), [x], dict(BLOCK=4))
     assert len(kernel.jit_launches) == 3 and launcher.direct is False
+
+
+def test_pointers_floats_and_integers_in_the_key(launcher):
+    """The key looks at the leading pointers (a tensor's dtype and alignment, or None) and takes the
+    rest as they are, floats by type: a launch with other floats reuses the compiled kernel, one
+    with a pointer given where it was None (or the reverse) or another integer does not."""
+    kernel = FakeKernel(["x_ptr", "w_ptr", "n", "eps", "stride", "momentum", "BLOCK"], {"BLOCK"})
+    x, w = torch.zeros(64), torch.zeros(8)
+    meta = dict(BLOCK=64)
+    launcher(kernel, (2,), [x, None, 64, 1e-5, 8, 0.1], meta)
+    launcher(kernel, (2,), [x, None, 64, 1e-3, 8, 0.5], meta)
+    assert len(kernel.jit_launches) == 1 and len(kernel.compiled.runs) == 1
+    launcher(kernel, (2,), [x, w, 64, 1e-5, 8, 0.1], meta)
+    launcher(kernel, (2,), [x, None, 64, 1e-5, 16, 0.1], meta)
+    assert len(kernel.jit_launches) == 3
+    launcher(kernel, (2,), [x, w, 64, 0.25, 8, 0.0], meta)
+    assert len(kernel.jit_launches) == 3 and len(kernel.compiled.runs) == 2
+    assert kernel.compiled.runs[-1][9:] == (x, w, 64, 0.25, 8, 0.0, 64)
+
+
+def test_a_tensor_past_the_pointers_is_never_kept_in_a_key(launcher):
+    """The kinds of a kernel's arguments come from its first launch; a launch that breaks them (a
+    tensor where that one had an integer) goes through the JIT and leaves no key holding the tensor."""
+    kernel = FakeKernel(["x_ptr", "n", "BLOCK"], {"BLOCK"})
+    launcher(kernel, (1,), [torch.zeros(4), 4], dict(BLOCK=4))
+    for _ in range(2):
+        launcher(kernel, (1,), [torch.zeros(4), torch.zeros(4)], dict(BLOCK=4))
+    assert len(kernel.jit_launches) == 3 and len(launcher.compiled) == 1
