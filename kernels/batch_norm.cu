@@ -1616,6 +1616,19 @@ __device__ __forceinline__ void dx_coefficients(
     }
 }
 
+// dx of one value in training: scale * (dy - mean_dy - (x - mean) * projection). For 16-bit inputs
+// uncentered, two FMAs over per-channel terms that the loops hoist: scale * dy + (-scale * projection)
+// * x + scale * (projection * mean - mean_dy) -- 2 floating-point operations a value instead of 4,
+// which the 16-bit dx passes need to stay issue-bound at 2x (profiling/MODEL.md). Its rounding, a few
+// ulp_fp32(scale * projection * mean), is of the order of that of the saved fp32 mean itself (the
+// bound of tests/test_numerics.py) and far below the 16-bit input's own (2^-8 or 2^-11 of |x|).
+// fp32 and fp64 inputs keep the centered form.
+template <typename T, typename A>
+__device__ __forceinline__ A dx_value(A dy, A x, A mean, A scale, A mean_dy, A projection) {
+    if constexpr (sizeof(T) == 2) return fma(scale, dy, fma(-scale * projection, x, scale * (projection * mean - mean_dy)));
+    else return scale * (dy - mean_dy - (x - mean) * projection);
+}
+
 // The same from the per-channel arrays (the totals are not read in eval).
 template <typename W, typename A>
 __device__ __forceinline__ void dx_coefficients_at(
@@ -1640,13 +1653,13 @@ template <typename T, typename A, bool FUSED, bool TRAINING> struct InputGradien
             for (int k = 0; k < V; ++k) {
                 A xv = cvt<A>(in.v[k]);
                 A d = relu.apply(cvt<A>(g.v[k]), xv);
-                out.v[k] = cvt<T>(TRAINING ? scale * (d - mean_dy - (xv - mean) * projection) : scale * d);
+                out.v[k] = cvt<T>(TRAINING ? dx_value<T>(d, xv, mean, scale, mean_dy, projection) : scale * d);
             }
         } else if constexpr (TRAINING) {
             Pack<T, V> in = load_pack<V>(x + n * x_stride_n + s);
 #pragma unroll
             for (int k = 0; k < V; ++k)
-                out.v[k] = cvt<T>(scale * (cvt<A>(g.v[k]) - mean_dy - (cvt<A>(in.v[k]) - mean) * projection));
+                out.v[k] = cvt<T>(dx_value<T>(cvt<A>(g.v[k]), cvt<A>(in.v[k]), mean, scale, mean_dy, projection));
         } else {
 #pragma unroll
             for (int k = 0; k < V; ++k) out.v[k] = cvt<T>(scale * cvt<A>(g.v[k]));
@@ -1693,14 +1706,14 @@ __device__ __forceinline__ void place_input_gradient(const T* dy, const T* x, T*
             for (int k = 0; k < WIDE; ++k) {
                 A xv = cvt<A>(in.v[k]);
                 A d = relu.v[k].apply(cvt<A>(g.v[k]), xv);
-                out.v[k] = cvt<T>(training ? scale.v[k] * (d - mean_dy.v[k] - (xv - mean.v[k]) * projection.v[k])
+                out.v[k] = cvt<T>(training ? dx_value<T>(d, xv, mean.v[k], scale.v[k], mean_dy.v[k], projection.v[k])
                                            : scale.v[k] * d);
             }
         } else if (training) {
             Pack<T, WIDE> in = read_place<VEC, WIDE>(x + n * x_stride_n + p.s);
 #pragma unroll
             for (int k = 0; k < WIDE; ++k)
-                out.v[k] = cvt<T>(scale.v[k] * (cvt<A>(g.v[k]) - mean_dy.v[k] - (cvt<A>(in.v[k]) - mean.v[k]) *
+                out.v[k] = cvt<T>(dx_value<T>(cvt<A>(g.v[k]), cvt<A>(in.v[k]), mean.v[k], scale.v[k], mean_dy.v[k],
                                                 projection.v[k]));
         } else {
 #pragma unroll
@@ -1784,7 +1797,7 @@ __device__ __forceinline__ void column_input_gradient(const T* dy, const T* x, T
                 A xv = cvt<A>(in.v[k]);
                 A d = cvt<A>(g.v[k]);
                 if constexpr (FUSED) d = relu.v[k].apply(d, xv);
-                out.v[k] = cvt<T>(training ? scale.v[k] * (d - mean_dy.v[k] - (xv - mean.v[k]) * projection.v[k])
+                out.v[k] = cvt<T>(training ? dx_value<T>(d, xv, mean.v[k], scale.v[k], mean_dy.v[k], projection.v[k])
                                            : scale.v[k] * d);
             }
             store_pack<VEC>(dx_row, out);

@@ -278,7 +278,13 @@ def _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_n, x_stride_n, dx_stride_n,
                     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr):
     """dx = scale * (dy - mean(dy) - (x - mean) * projection) in training, scale * dy in eval, with
     dy through the ReLU's recomputed mask when RELU (see _gradient_sums).
-    Tiles in reverse and evict-first, as _normalize: the second pass over dy and x."""
+    Tiles in reverse and evict-first, as _normalize: the second pass over dy and x.
+    16-bit inputs take the uncentered form, two FMAs a value over terms computed once: see dx_value in
+    kernels/batch_norm.cu (its rounding is of the order of the saved fp32 mean's, far below the input's);
+    not with the ReLU's mask, which has x - mean anyway (uncentered, it halved the loads at once by the
+    static model)."""
+    x_coefficient = -scale * projection
+    constant = scale * (projection * mean - mean_dy)
     for i in range(first_tile, last_tile):
         tile = first_tile + last_tile - 1 - i
         n, s, mask, _ = _tile(tile, s_blocks, N, S, ROWS, BLOCK_S, OFFSET_64)
@@ -289,7 +295,10 @@ def _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_n, x_stride_n, dx_stride_n,
         if RELU:
             dy = tl.where((x - mean) * scale + shift > 0.0, dy, 0.0)
         if TRAINING:
-            dx = scale * (dy - mean_dy - (x - mean) * projection)
+            if dy_ptr.dtype.element_ty.primitive_bitwidth == 16 and not RELU:
+                dx = tl.fma(scale, dy, tl.fma(x_coefficient, x, constant))
+            else:
+                dx = scale * (dy - mean_dy - (x - mean) * projection)
         else:
             dx = scale * dy
         tl.store(dx_ptr + _offsets(n, s, dx_stride_n), dx.to(dx_ptr.dtype.element_ty), mask=mask,

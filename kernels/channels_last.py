@@ -189,7 +189,13 @@ def _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_m, x_stride_m, dx_stride_m,
                     RELU: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, OFFSET_64: tl.constexpr):
     """dx = scale * (dy - mean(dy) - (x - mean) * projection) in training, scale * dy in eval, with
     dy through the ReLU's recomputed mask when RELU (see _gradient_sums).
-    Tiles in reverse and evict-first, as _normalize: the second pass over dy and x."""
+    Tiles in reverse and evict-first, as _normalize: the second pass over dy and x.
+    16-bit inputs take the uncentered form, two FMAs a value over terms computed once: see dx_value in
+    kernels/batch_norm.cu (its rounding is of the order of the saved fp32 mean's, far below the input's);
+    not with the ReLU's mask, which has x - mean anyway (uncentered, it halved the loads at once by the
+    static model)."""
+    x_coefficient = -scale * projection
+    constant = scale * (projection * mean - mean_dy)
     for start in range(row_begin, row_end, BLOCK_M):
         rows, mask = _tile(_reversed_tile_start(start, row_begin, row_end, BLOCK_M), row_end, col_mask, BLOCK_M,
                            OFFSET_64)
@@ -201,7 +207,10 @@ def _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_m, x_stride_m, dx_stride_m,
         if RELU:
             dy = tl.where((x - mean[None, :]) * scale[None, :] + shift[None, :] > 0.0, dy, 0.0)
         if TRAINING:
-            dx = scale[None, :] * (dy - mean_dy[None, :] - (x - mean[None, :]) * projection[None, :])
+            if dy_ptr.dtype.element_ty.primitive_bitwidth == 16 and not RELU:
+                dx = tl.fma(scale[None, :], dy, tl.fma(x_coefficient[None, :], x, constant[None, :]))
+            else:
+                dx = scale[None, :] * (dy - mean_dy[None, :] - (x - mean[None, :]) * projection[None, :])
         else:
             dx = scale[None, :] * dy
         tl.store(dx_ptr + _offsets(rows, cols, dx_stride_m), dx.to(dx_ptr.dtype.element_ty), mask=mask,

@@ -45,6 +45,33 @@ def test_large_offset_small_spread(backend, device, layout, dtype, offset, std):
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype,offset,std", OFFSET_CASES, ids=lambda v: str(v))
+def test_large_offset_small_spread_backward(backend, device, layout, dtype, offset, std):
+    """The backward at |mean| >> std (16-bit dx in the uncentered form, fp32 centered): within the
+    dtype's tolerance plus what the saved fp32 mean's rounding carries, ulp_fp32(|mean|) through
+    xhat's projection for dx (|weight| * invstd^2 * max|dy| of it) and through xhat for grad_weight
+    (sum |dy| * invstd of it)."""
+    x = make_input((8, 3, 9, 11), dtype, layout, device, mean=offset, std=std, seed=4)
+    grad_y = make_input((8, 3, 9, 11), dtype, layout, device, mean=0.5, std=1.0, seed=5)
+    weight, bias, running_mean, running_var = make_params(3, torch.float32, device)
+    _, mean, invstd = torch.ops.bn_gpu.forward_train(x, weight, bias, running_mean, running_var, None, 0.1, 1e-5,
+                                                     backend)
+    grad_x, grad_weight, grad_bias = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, True, True, True,
+                                                               backend)
+    dx_ref, dw_ref, db_ref = ref.backward_train(grad_y, x, weight)
+    invstd_ref = ref.batch_stats(x.double().cpu())[1].add(1e-5).rsqrt().max().item()
+    mean_rounding = float(fp32_spacing(torch.tensor(offset)))
+    dy = grad_y.double().cpu()
+    atol, rtol = TOLERANCES[dtype]
+    dx_bound = float(weight.abs().max()) * invstd_ref ** 2 * dy.abs().max().item() * mean_rounding + atol
+    torch.testing.assert_close(grad_x.double().cpu(), dx_ref.cpu(), atol=dx_bound, rtol=rtol)
+    dw_bound = dy.abs().sum(dim=[0, 2, 3]).max().item() * invstd_ref * mean_rounding + atol
+    torch.testing.assert_close(grad_weight.double().cpu(), dw_ref.cpu(), atol=dw_bound, rtol=rtol)
+    assert_close(grad_bias, db_ref, torch.float32, "grad_bias")
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_nan_or_inf_stays_in_its_channel(backend, device, bad, layout):
