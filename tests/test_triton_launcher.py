@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from bn_gpu import triton_backend
+from bn_gpu import launches, triton_backend
 
 
 class FakeCompiled:
@@ -155,3 +155,19 @@ def test_a_tensor_past_the_pointers_is_never_kept_in_a_key(launcher):
     for _ in range(2):
         launcher(kernel, (1,), [torch.zeros(4), torch.zeros(4)], dict(BLOCK=4))
     assert len(kernel.jit_launches) == 3 and len(launcher.compiled) == 1
+
+
+@pytest.mark.parametrize("op", launches.OPS + launches.SYNC_OPS)
+@pytest.mark.parametrize("shape,layout", [((64, 64, 56, 56), "contiguous"), ((64, 64, 56, 56), "channels_last"),
+                                          ((64, 2048, 7, 7), "contiguous"), ((5, 3), "contiguous")])
+def test_every_launch_passes_its_pointers_first(op, shape, layout):
+    """What the key relies on: in every Triton launch the backend makes (recorded on meta tensors,
+    both paths, with and without the epilogue), no tensor comes after the first scalar."""
+    for epilogue in (False, True):
+        if epilogue and op in launches.SYNC_OPS:
+            continue
+        recorded = launches.record("triton", op, shape, torch.bfloat16, layout, epilogue=epilogue)
+        assert recorded
+        for launch in recorded:
+            pointers, _ = triton_backend._argument_kinds(launch.args)
+            assert not any(isinstance(a, torch.Tensor) for a in launch.args[pointers:]), launch.name
