@@ -47,11 +47,12 @@ def test_large_offset_small_spread(backend, device, layout, dtype, offset, std):
 @pytest.mark.parametrize("backend,device", backend_devices())
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype,offset,std", OFFSET_CASES, ids=lambda v: str(v))
-def test_large_offset_small_spread_backward(backend, device, layout, dtype, offset, std):
+def test_large_offset_small_spread_backward(backend, device, layout, dtype, offset, std, kernel_path, poisoned):
     """The backward at |mean| >> std (16-bit dx in the uncentered form, fp32 centered): within the
     dtype's tolerance plus what the saved fp32 mean's rounding carries, ulp_fp32(|mean|) through
     xhat's projection for dx (|weight| * invstd^2 * max|dy| of it) and through xhat for grad_weight
-    (sum |dy| * invstd of it)."""
+    (sum |dy| * invstd of it). Both kernel paths (the split dx kernels and the single pass), outputs
+    poisoned with NaN before the kernels write them."""
     x = make_input((8, 3, 9, 11), dtype, layout, device, mean=offset, std=std, seed=4)
     grad_y = make_input((8, 3, 9, 11), dtype, layout, device, mean=0.5, std=1.0, seed=5)
     weight, bias, running_mean, running_var = make_params(3, torch.float32, device)
