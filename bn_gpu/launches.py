@@ -43,8 +43,9 @@ class Launch:
 def _recording_triton(sms: int, launches: list):
     from . import plan, triton_backend
 
-    def record(kernel, grid, args, meta):
-        launches.append(Launch("triton", kernel.__name__, tuple(grid), list(args), dict(meta), kernel))
+    def record(site, pointers, floats=()):
+        launches.append(Launch("triton", site.kernel.__name__, tuple(site.grid), site.args(pointers, floats),
+                               dict(site.meta), site.kernel))
 
     saved = triton_backend.launch, triton_backend.tuning_and_sms
     triton_backend.launch = record

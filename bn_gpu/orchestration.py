@@ -132,7 +132,7 @@ def _on_input_device(op):
 
 def _laid_out_as(residual, y):
     """residual with y's strides: the kernels index both with one set of offsets."""
-    if residual is None or residual.stride() == y.stride():
+    if residual.stride() == y.stride():
         return residual
     return empty(y.shape, y.dtype, y.device, y.stride()).copy_(residual)
 
@@ -144,15 +144,17 @@ def forward_train(kernels: KernelTable, x, weight, bias, running_mean, running_v
     counts the batch in counter."""
     g = kernels.geometry(x)
     x = g.read(x)
-    y = empty(x.shape, x.dtype, x.device, g.out_strides)
-    residual = _laid_out_as(residual, y)
-    mean, invstd = empty(g.C, g.stat_dtype, x.device), empty(g.C, g.stat_dtype, x.device)
+    device = x.device
+    y = empty(x.shape, x.dtype, device, g.out_strides)
+    if residual is not None:
+        residual = _laid_out_as(residual, y)
+    mean, invstd = empty(g.C, g.stat_dtype, device), empty(g.C, g.stat_dtype, device)
     cumulative = running_mean is not None and momentum is None
     if g.single_pass:
         counting_last = cumulative and counter is not None
         kernels.single_pass_forward(g, x, y, mean, invstd, weight, bias, running_mean, running_var, counter,
-                                    momentum, eps, count_batch=counter is not None, residual=residual, relu=relu,
-                                    counters=finalize_counters(x.device, 1) if counting_last else None)
+                                    momentum, eps, counter is not None, residual, relu,
+                                    finalize_counters(device, 1) if counting_last else None)
         return y, mean, invstd
     partials = empty((3, g.partial_rows, g.C), g.stat_dtype, x.device)
     kernels.statistics_finalized(g, x, partials, finalize_counters(x.device, g.finalize_counters), mean, invstd,
@@ -167,11 +169,12 @@ def forward_eval(kernels: KernelTable, x, weight, bias, running_mean, running_va
     """(y, mean, invstd) with mean/invstd taken from the running statistics, for the backward."""
     g = kernels.geometry(x)
     x = g.read(x)
-    y = empty(x.shape, x.dtype, x.device, g.out_strides)
-    residual = _laid_out_as(residual, y)
-    mean, invstd = empty(g.C, g.stat_dtype, x.device), empty(g.C, g.stat_dtype, x.device)
-    kernels.normalize(g, x, y, mean, invstd, weight, bias, None, eps, running_mean, running_var, residual=residual,
-                      relu=relu)
+    device = x.device
+    y = empty(x.shape, x.dtype, device, g.out_strides)
+    if residual is not None:
+        residual = _laid_out_as(residual, y)
+    mean, invstd = empty(g.C, g.stat_dtype, device), empty(g.C, g.stat_dtype, device)
+    kernels.normalize(g, x, y, mean, invstd, weight, bias, None, eps, running_mean, running_var, residual, relu)
     return y, mean, invstd
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -50,83 +51,87 @@ SECOND_PASS_REVERSED = True
 
 def _no_launch_hooks() -> bool:
     """Whether no Triton launch hook (profilers set them) is registered. Recent Triton keeps each
-    hook as a HookChain, empty by default; older ones keep None."""
+    hook as a HookChain, empty by default (its `calls`); older ones keep None or the function."""
     try:
-        hooks = (triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook)
+        runtime = triton.knobs.runtime
+        enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
     except AttributeError:  # a Triton without knobs: its launcher API may differ, use the JIT
         return False
-    return all(hook is None or (hasattr(hook, "calls") and not hook.calls) for hook in hooks)
+    return not (getattr(enter, "calls", enter) or getattr(leave, "calls", leave))
 
 
 def _current_stream() -> int:
     return triton.runtime.driver.active.get_current_stream(torch.cuda.current_device())
 
 
-def _argument_kinds(args: list) -> tuple:
-    """(pointers, float positions) of a kernel's runtime arguments: the leading tensors (or None)
-    -- every launch of this module passes its pointers first -- and the positions among the rest
-    that hold floats."""
-    pointers = 0
-    while pointers < len(args) and (args[pointers] is None or isinstance(args[pointers], torch.Tensor)):
-        pointers += 1
-    return pointers, tuple(i for i, a in enumerate(args[pointers:]) if type(a) is float)
+@dataclass(frozen=True, eq=False)
+class Site:
+    """One kernel's launch for one geometry and one set of flags: everything but its tensors and
+    its floats, built once per geometry (the lru_cached *_site functions below), so that a launch
+    only gathers those. Compared by identity: a site is the fixed part of the launcher's key."""
+    kernel: object
+    grid: tuple
+    meta: dict        # constexprs, num_warps, maxnreg
+    head: tuple       # the integer arguments between the pointers and the floats
+    tail: tuple = ()  # the integer arguments after the floats
+
+    def args(self, pointers: tuple, floats: tuple) -> list:
+        """The kernel's runtime arguments in parameter order: pointers, head, floats, tail."""
+        return [*pointers, *self.head, *floats, *self.tail]
+
+
+MAX_REMEMBERED = 8192  # compiled specializations kept for direct launches (a site each, at least)
 
 
 class Launcher:
     """Launches JIT kernels, reusing the compiled kernel of a specialization once the JIT made it."""
 
     def __init__(self, direct: bool | None = None):
-        self.compiled = {}    # specialization key -> (compiled kernel, constexpr values in order)
-        self.kinds = {}       # kernel -> _argument_kinds of its launches
+        self.compiled = {}    # specialization key -> (compiled kernel, grid dims, constexpr values in order)
+        self.replays = {}     # a forward call's signature -> its bn_gpu.replay.Replay (or why there is none)
         if direct is None:
             direct = os.environ.get("BN_GPU_DIRECT_LAUNCH", "1") != "0"
         self.direct = direct and not interpreting()
 
-    def _key(self, kernel, grid, args: list, meta: dict) -> tuple:
+    @staticmethod
+    def key(site: Site, pointers: tuple) -> tuple:
         """What the JIT specializes a compiled kernel on: a pointer's dtype and 16-byte alignment
-        (or None), an integer's value (== 1, divisibility by 16, width), a float's type; and the
-        constexprs and the grid. It runs for every launch, over ~30 arguments: the kinds of a
-        kernel's arguments are found once, so only its pointers are looked at (2.4-3.5 us a launch
-        less than testing every argument's type, on a CPU host: profiling/RESULTS.md)."""
-        kinds = self.kinds.get(kernel)
-        if kinds is None:
-            kinds = self.kinds[kernel] = _argument_kinds(args)
-        pointers, floats = kinds
-        scalars = args[pointers:]
-        for i in floats:
-            if type(scalars[i]) is float:
-                scalars[i] = float
-        return (kernel, grid, *meta.items(), *scalars,
-                *[None if a is None else (a.dtype, a.data_ptr() % 16 == 0) for a in args[:pointers]])
+        (or None); the site holds the rest (constexprs, grid, the integers' values), and no float
+        is specialized on. Built on every launch, so from the pointers alone."""
+        return (site, *[None if a is None else (a.dtype, a.data_ptr() % 16 == 0) for a in pointers])
 
-    def __call__(self, kernel, grid, args: list, meta: dict) -> None:
+    def __call__(self, site: Site, pointers: tuple, floats: tuple = ()) -> None:
+        """Launch site's kernel on these tensors (or None) and Python floats."""
         key = None
         if self.direct and _no_launch_hooks():
-            key = self._key(kernel, grid, args, meta)
+            key = self.key(site, pointers)
             entry = self.compiled.get(key)
             if entry is not None:
-                compiled, constexprs = entry
+                compiled, dims, constexprs = entry
                 try:
-                    compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, 1, _current_stream(), compiled.function,
-                                 compiled.packed_metadata, None, None, None, *args, *constexprs)
+                    compiled.run(*dims, _current_stream(), compiled.function, compiled.packed_metadata, None, None,
+                                 None, *pointers, *site.head, *floats, *site.tail, *constexprs)
                     return
                 except (TypeError, AttributeError):  # a launcher API other than the one this knows
                     self.direct = False
                     self.compiled.clear()
-        compiled = kernel[grid](*args, **meta)
-        if key is not None and self.direct and not any(isinstance(a, torch.Tensor) for a in key):
-            # (a tensor past the leading pointers would make the key unique to this launch)
-            self._remember(key, kernel, compiled, len(args), meta)
+        compiled = site.kernel[site.grid](*site.args(pointers, floats), **site.meta)
+        if key is not None and self.direct:
+            self._remember(key, site, compiled, len(pointers) + len(site.head) + len(floats) + len(site.tail))
 
-    def _remember(self, key, kernel, compiled, runtime_args: int, meta: dict) -> None:
+    def _remember(self, key, site: Site, compiled, runtime_args: int) -> None:
         """Keep the compiled kernel for direct launches when it has the launcher API this uses."""
-        params = kernel.params[runtime_args:]
-        if not all(p.is_constexpr and p.name in meta for p in params):
+        params = site.kernel.params[runtime_args:]
+        if not all(p.is_constexpr and p.name in site.meta for p in params):
             return
         if not all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata")):
             self.direct = False
             return
-        self.compiled[key] = (compiled, [meta[p.name] for p in params])
+        if len(self.compiled) >= MAX_REMEMBERED:  # shapes without end (a dynamic batch): start again
+            self.compiled.clear()
+        grid = site.grid
+        dims = (grid[0], grid[1] if len(grid) > 1 else 1, 1)
+        self.compiled[key] = (compiled, dims, [site.meta[p.name] for p in params])
 
 
 launch = Launcher()
@@ -213,8 +218,98 @@ def _accumulation(g: Geometry):
     return tl.float64 if g.stat_dtype == torch.float64 else tl.float32
 
 
+# ---- launch sites: one per kernel, geometry and set of flags ------------------------------------
+
+@functools.lru_cache(maxsize=4096)
+def _statistics_site(g: Geometry, finalize: bool, tracked: bool, cumulative: bool) -> Site:
+    kernel, grid, meta = _config(g, "statistics")
+    return Site(kernel, grid, dict(FINALIZE=finalize, HAS_RUNNING_STATS=tracked, CUMULATIVE=cumulative,
+                                   BLOCK_SPLITS=g.finalize.fused_block_splits, **meta),
+                head=(*g.sizes, *g.x.strides, *g.tiling), tail=(g.finalize.group_splits,))
+
+
+@functools.lru_cache(maxsize=4096)
+def _finalize_statistics_site(g: Geometry, tracked: bool, cumulative: bool) -> Site:
+    grid, meta = _finalize_config(g)
+    return Site(fin.finalize_statistics, grid, dict(HAS_RUNNING_STATS=tracked, CUMULATIVE=cumulative, **meta),
+                head=(g.plan.splits, g.C, g.shift_stride))
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalize_site(g: Geometry, has_weight: bool, has_bias: bool, from_running: bool, count_batch: bool,
+                    has_residual: bool, relu: bool) -> Site:
+    kernel, grid, meta = _config(g, "normalize")
+    return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, FROM_RUNNING_STATS=from_running,
+                                   COUNT_BATCH=count_batch, HAS_RESIDUAL=has_residual, RELU=relu, **meta),
+                head=(*g.sizes, *g.x.strides, *g.out.strides), tail=g.tiling)
+
+
+@functools.lru_cache(maxsize=4096)
+def _single_pass_forward_site(g: Geometry, has_weight: bool, has_bias: bool, tracked: bool, cumulative: bool,
+                              count_batch: bool, has_residual: bool, relu: bool) -> Site:
+    kernel, grid, meta = _config(g, "single_pass_forward")
+    return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_RUNNING_STATS=tracked,
+                                   CUMULATIVE=cumulative, COUNT_BATCH=count_batch, HAS_RESIDUAL=has_residual,
+                                   RELU=relu, **meta),
+                head=(*g.sizes, *g.x.strides, *g.out.strides), tail=g.single_pass_tiling)
+
+
+@functools.lru_cache(maxsize=4096)
+def _gradient_sums_site(g: Geometry, relu: bool, has_weight: bool, has_bias: bool, finalize: bool) -> Site:
+    kernel, grid, meta = _config(g, "gradient_sums")
+    if relu and "maxnreg" in meta:
+        # With the ReLU's mask the kernel takes 80 registers: under the cap it spilled 56-64 bytes
+        # (static model, H200 target), and run 7 measured the cap on the plain kernel only.
+        meta = {key: value for key, value in meta.items() if key != "maxnreg"}
+    return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, RELU=relu, FINALIZE=finalize,
+                                   BLOCK_SPLITS=g.finalize.fused_block_splits, **meta),
+                head=(*g.sizes, *g.grad_y.strides, *g.x.strides, *g.tiling, g.finalize.group_splits))
+
+
+@functools.lru_cache(maxsize=4096)
+def _finalize_gradients_site(g: Geometry) -> Site:
+    grid, meta = _finalize_config(g)
+    return Site(fin.finalize_gradients, grid, meta, head=(g.plan.splits, g.C))
+
+
+@functools.lru_cache(maxsize=4096)
+def _input_gradient_site(g: Geometry, has_weight: bool, has_bias: bool, training: bool, relu: bool) -> Site:
+    kernel, grid, meta = _config(g, "input_gradient")
+    return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, TRAINING=training, RELU=relu, **meta),
+                head=(*g.sizes, *g.grad_y.strides, *g.x.strides, *g.out.strides), tail=g.tiling)
+
+
+@functools.lru_cache(maxsize=4096)
+def _single_pass_backward_site(g: Geometry, has_weight: bool, has_bias: bool, training: bool, need_input_grad: bool,
+                               relu: bool) -> Site:
+    kernel, grid, meta = _config(g, "single_pass_backward")
+    return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, TRAINING=training,
+                                   NEED_INPUT_GRAD=need_input_grad, RELU=relu, **meta),
+                head=(*g.sizes, *g.grad_y.strides, *g.x.strides, *g.out.strides), tail=g.single_pass_tiling)
+
+
+@functools.lru_cache(maxsize=4096)
+def _finalize_moments_site(g: Geometry) -> Site:
+    grid, meta = _finalize_config(g)
+    return Site(fin.finalize_moments, grid, meta, head=(g.plan.splits, g.C, g.shift_stride))
+
+
+@functools.lru_cache(maxsize=1024)
+def _merge_ranks_site(ranks: int, C: int, tracked: bool, cumulative: bool, float64: bool) -> Site:
+    block_c = min(next_power_of_2(C), 8 if interpreting() else 128)
+    return Site(fin.merge_ranks, (cdiv(C, block_c),),
+                dict(HAS_RUNNING_STATS=tracked, CUMULATIVE=cumulative, ACC=tl.float64 if float64 else tl.float32,
+                     BLOCK_C=block_c),
+                head=(ranks, C))
+
+
+def _momentum_and_eps(momentum, eps) -> tuple:
+    return 0.0 if momentum is None else float(momentum), float(eps)
+
+
 class TritonKernels:
-    """The kernel table of bn_gpu.orchestration for Triton."""
+    """The kernel table of bn_gpu.orchestration for Triton: each method gathers one kernel's tensors
+    and floats in parameter order and launches them at its site."""
 
     def geometry(self, x: torch.Tensor, grad_y: torch.Tensor | None = None) -> Geometry:
         tuning, sms = tuning_and_sms(x.device)
@@ -230,52 +325,41 @@ class TritonKernels:
     def _statistics(self, g, x, partials, counters=None, mean=None, invstd=None, running_mean=None, running_var=None,
                     counter=None, momentum=None, eps=0.0):
         """The statistics kernel; with counters, finalizing in the same launch."""
-        kernel, grid, meta = _config(g, "statistics")
         part_count, part_mean, m2 = partials
-        finalize = counters is not None
         tracked = running_mean is not None
         cumulative = tracked and momentum is None
-        launch(kernel, grid,
-               [x, part_count, part_mean, m2, counters, mean, invstd, running_mean, running_var,
-                counter if cumulative else None, *g.sizes, *g.x.strides, *g.tiling,
-                0.0 if momentum is None else float(momentum), float(eps), g.finalize.group_splits],
-               dict(FINALIZE=finalize, HAS_RUNNING_STATS=tracked, CUMULATIVE=cumulative,
-                    BLOCK_SPLITS=g.finalize.fused_block_splits, **meta))
+        launch(_statistics_site(g, counters is not None, tracked, cumulative),
+               (x, part_count, part_mean, m2, counters, mean, invstd, running_mean, running_var,
+                counter if cumulative else None),
+               _momentum_and_eps(momentum, eps))
 
     def finalize_statistics(self, g, x, partials, mean, invstd, running_mean, running_var, counter, momentum, eps):
-        grid, meta = _finalize_config(g)
         count, part_mean, m2 = partials
         tracked = running_mean is not None
         cumulative = tracked and momentum is None
-        launch(fin.finalize_statistics, grid,
-               [count, part_mean, m2, x, mean, invstd, running_mean, running_var, counter if cumulative else None,
-                g.plan.splits, g.C, g.shift_stride, 0.0 if momentum is None else float(momentum), float(eps)],
-               dict(HAS_RUNNING_STATS=tracked, CUMULATIVE=cumulative, **meta))
+        launch(_finalize_statistics_site(g, tracked, cumulative),
+               (count, part_mean, m2, x, mean, invstd, running_mean, running_var, counter if cumulative else None),
+               _momentum_and_eps(momentum, eps))
 
     def normalize(self, g, x, y, mean, invstd, weight, bias, counter, eps, running_mean=None, running_var=None,
                   residual=None, relu=False):
-        kernel, grid, meta = _config(g, "normalize")
         from_running = running_mean is not None
         # Eval reads the running statistics and writes mean and invstd for the backward.
-        pointers = [running_mean, running_var, invstd, mean] if from_running else [mean, None, invstd, None]
-        launch(kernel, grid,
-               [x, y, residual, *pointers, weight, bias, counter, *g.sizes, *g.x.strides, *g.out.strides, float(eps),
-                *g.tiling],
-               dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, FROM_RUNNING_STATS=from_running,
-                    COUNT_BATCH=counter is not None, HAS_RESIDUAL=residual is not None, RELU=relu, **meta))
+        statistics = (running_mean, running_var, invstd, mean) if from_running else (mean, None, invstd, None)
+        launch(_normalize_site(g, weight is not None, bias is not None, from_running, counter is not None,
+                               residual is not None, relu),
+               (x, y, residual, *statistics, weight, bias, counter), (float(eps),))
 
     def single_pass_forward(self, g, x, y, mean, invstd, weight, bias, running_mean, running_var, counter,
                             momentum, eps, count_batch, residual=None, relu=False, counters=None):
-        kernel, grid, meta = _config(g, "single_pass_forward")
         tracked = running_mean is not None
         cumulative = tracked and momentum is None
-        launch(kernel, grid,
-               [x, y, residual, mean, invstd, running_mean, running_var, counter if cumulative or count_batch else None,
-                counters if cumulative and count_batch else None, weight, bias, *g.sizes, *g.x.strides,
-                *g.out.strides, 0.0 if momentum is None else float(momentum), float(eps), *g.single_pass_tiling],
-               dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING_STATS=tracked,
-                    CUMULATIVE=cumulative, COUNT_BATCH=count_batch, HAS_RESIDUAL=residual is not None, RELU=relu,
-                    **meta))
+        launch(_single_pass_forward_site(g, weight is not None, bias is not None, tracked, cumulative, count_batch,
+                                         residual is not None, relu),
+               (x, y, residual, mean, invstd, running_mean, running_var,
+                counter if cumulative or count_batch else None, counters if cumulative and count_batch else None,
+                weight, bias),
+               _momentum_and_eps(momentum, eps))
 
     def gradient_sums(self, g, grad_y, x, mean, partials, invstd=None, weight=None, bias=None, relu=False):
         self._gradient_sums(g, grad_y, x, mean, partials, invstd, weight, bias, relu)
@@ -288,63 +372,42 @@ class TritonKernels:
     def _gradient_sums(self, g, grad_y, x, mean, partials, invstd, weight, bias, relu, counters=None, totals=None,
                        grad_weight=None, grad_bias=None):
         """The gradient-sums kernel; with counters, finalizing in the same launch."""
-        kernel, grid, meta = _config(g, "gradient_sums")
-        if relu and "maxnreg" in meta:
-            # With the ReLU's mask the kernel takes 80 registers: under the cap it spilled 56-64 bytes
-            # (static model, H200 target), and run 7 measured the cap on the plain kernel only.
-            meta = {key: value for key, value in meta.items() if key != "maxnreg"}
         sum_dy, sum_dy_xmu = partials
         finalize = counters is not None
         total_dy, total_dy_xmu = totals if finalize else (None, None)
-        launch(kernel, grid,
-               [grad_y, x, mean, invstd if relu or finalize else None, weight if relu else None,
-                bias if relu else None, sum_dy, sum_dy_xmu, counters, total_dy, total_dy_xmu, grad_weight, grad_bias,
-                *g.sizes, *g.grad_y.strides, *g.x.strides, *g.tiling, g.finalize.group_splits],
-               dict(HAS_WEIGHT=relu and weight is not None, HAS_BIAS=relu and bias is not None, RELU=relu,
-                    FINALIZE=finalize, BLOCK_SPLITS=g.finalize.fused_block_splits, **meta))
+        launch(_gradient_sums_site(g, relu, relu and weight is not None, relu and bias is not None, finalize),
+               (grad_y, x, mean, invstd if relu or finalize else None, weight if relu else None,
+                bias if relu else None, sum_dy, sum_dy_xmu, counters, total_dy, total_dy_xmu, grad_weight, grad_bias))
 
     def finalize_gradients(self, g, partials, invstd, totals, grad_weight, grad_bias):
-        grid, meta = _finalize_config(g)
         sum_dy, sum_dy_xmu = partials
         total_dy, total_dy_xmu = totals
-        launch(fin.finalize_gradients, grid,
-               [sum_dy, sum_dy_xmu, invstd, total_dy, total_dy_xmu, grad_weight, grad_bias, g.plan.splits, g.C],
-               meta)
+        launch(_finalize_gradients_site(g), (sum_dy, sum_dy_xmu, invstd, total_dy, total_dy_xmu, grad_weight, grad_bias))
 
     def input_gradient(self, g, grad_y, x, grad_x, mean, invstd, weight, totals, training, bias=None, relu=False):
-        kernel, grid, meta = _config(g, "input_gradient")
         total_dy, total_dy_xmu = totals if training else (None, None)
-        launch(kernel, grid,
-               [grad_y, x, grad_x, mean, invstd, weight, bias if relu else None, total_dy, total_dy_xmu, *g.sizes,
-                *g.grad_y.strides, *g.x.strides, *g.out.strides, 1.0 / g.count, *g.tiling],
-               dict(HAS_WEIGHT=weight is not None, HAS_BIAS=relu and bias is not None, TRAINING=training, RELU=relu,
-                    **meta))
+        launch(_input_gradient_site(g, weight is not None, relu and bias is not None, training, relu),
+               (grad_y, x, grad_x, mean, invstd, weight, bias if relu else None, total_dy, total_dy_xmu),
+               (1.0 / g.count,))
 
     def single_pass_backward(self, g, grad_y, x, grad_x, mean, invstd, weight, grad_weight, grad_bias, training,
                              bias=None, relu=False):
-        kernel, grid, meta = _config(g, "single_pass_backward")
-        launch(kernel, grid,
-               [grad_y, x, grad_x, mean, invstd, weight, bias if relu else None, grad_weight, grad_bias, *g.sizes,
-                *g.grad_y.strides, *g.x.strides, *g.out.strides, 1.0 / g.count, *g.single_pass_tiling],
-               dict(HAS_WEIGHT=weight is not None, HAS_BIAS=relu and bias is not None, TRAINING=training,
-                    NEED_INPUT_GRAD=grad_x is not None, RELU=relu, **meta))
+        launch(_single_pass_backward_site(g, weight is not None, relu and bias is not None, training,
+                                          grad_x is not None, relu),
+               (grad_y, x, grad_x, mean, invstd, weight, bias if relu else None, grad_weight, grad_bias),
+               (1.0 / g.count,))
 
     def finalize_moments(self, g, x, partials, moments):
-        grid, meta = _finalize_config(g)
         count, part_mean, m2 = partials
-        launch(fin.finalize_moments, grid, [count, part_mean, m2, x, moments, g.plan.splits, g.C, g.shift_stride],
-               meta)
+        launch(_finalize_moments_site(g), (count, part_mean, m2, x, moments))
 
     def merge_ranks(self, dtype, moments, mean, invstd, running_mean, running_var, counter, momentum, eps):
         ranks, C = moments.shape[0], (moments.shape[1] - 1) // 2
-        block_c = min(next_power_of_2(C), 8 if interpreting() else 128)
         tracked = running_mean is not None
         cumulative = tracked and momentum is None
-        launch(fin.merge_ranks, (cdiv(C, block_c),),
-               [moments, mean, invstd, running_mean, running_var, counter if cumulative else None, ranks, C,
-                0.0 if momentum is None else float(momentum), float(eps)],
-               dict(HAS_RUNNING_STATS=tracked, CUMULATIVE=cumulative,
-                    ACC=tl.float64 if moments.dtype == torch.float64 else tl.float32, BLOCK_C=block_c))
+        launch(_merge_ranks_site(ranks, C, tracked, cumulative, moments.dtype == torch.float64),
+               (moments, mean, invstd, running_mean, running_var, counter if cumulative else None),
+               _momentum_and_eps(momentum, eps))
 
 
 KERNELS = TritonKernels()

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import bn_gpu
 from bn_gpu import reference as ref
+from bn_gpu import replay
 from support import assert_close, assert_stats_close, gpu_backends, make_input, make_params, requires_cupy
 
 pytestmark = pytest.mark.gpu
@@ -217,5 +218,7 @@ def test_direct_launches_match_the_jit(monkeypatch):
     monkeypatch.setattr(triton_backend, "launch", direct)
     actual = run_all()
     assert direct.direct and direct.compiled, "no launch went through the compiled launcher"
+    # The third call of each forward signature replays the second's recording (bn_gpu.replay).
+    assert sum(type(found) is replay.Replay for found in direct.replays.values()) == 2 * len(cases)
     for a, e in zip(actual, expected):
         assert torch.equal(a, e)

@@ -152,8 +152,8 @@ def launches(monkeypatch):
     """Counts Triton launches (replaced by no-ops) and torch operations of the Triton backend."""
     counted = []
     monkeypatch.setattr(triton_backend, "launch",
-                        lambda kernel, grid, args, meta: counted.append(kernel.__name__.replace("_channels_first", "")
-                                                                        .replace("_channels_last", "")))
+                        lambda site, pointers, floats=(): counted.append(
+                            site.kernel.__name__.replace("_channels_first", "").replace("_channels_last", "")))
 
     def run(fn):
         counted.clear()

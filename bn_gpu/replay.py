@@ -1,0 +1,227 @@
+"""Replayed forward calls: the host path of a call whose signature was seen before.
+
+A training or eval forward on the Triton backend spends its host time validating, looking up the
+geometry, choosing the path and building each launch's specialization key -- all decided by the
+call's signature: every tensor argument's shape, strides, dtype, device and 16-byte alignment,
+momentum and eps (values and types), relu, backend. The first calls of a signature run that host
+path (bn_gpu.orchestration, unchanged) and record what it did: the buffers it allocated (through
+orchestration.empty), the finalize counters it took, and each launch's compiled kernel with its
+arguments, every tensor argument traced back to a call argument, a buffer or one row of a buffer.
+Later calls with the same signature allocate the same buffers and call the same compiled kernels
+with the same arguments, skipping everything else.
+
+A signature is recorded only when its host path is nothing but those steps: all its launches went
+through the compiled launchers (not the JIT: a first launch is never recorded, the next call is),
+every tensor a launch got is accounted for (a copy made on the way -- of an input in a layout the
+kernels do not read, of a strided weight -- is not, and refuses the recording), and no argument is
+passed twice. Calls with a residual are not replayed (its relayout copy would go unseen).
+Replays apply only where the launcher calls compiled kernels directly and no Triton launch hook is
+registered; otherwise every call takes the full path. Each Launcher keeps its own replays, so a
+new launcher starts afresh.
+"""
+from __future__ import annotations
+
+import operator
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from . import orchestration
+
+MAX_SIGNATURES = 1024   # replays kept per launcher; a new signature past that starts again
+_ATTEMPTS = 3           # recordings tried per signature before it is left to the full path
+_REFUSED = "refused"    # a signature that is never replayed
+
+_triton_backend = None
+_recording_lock = threading.Lock()
+
+
+def launcher(backend: str):
+    """The Triton launcher when forward calls on `backend` may be replayed now, else None."""
+    global _triton_backend
+    if backend != "triton":
+        return None
+    if _triton_backend is None:
+        import sys
+        _triton_backend = sys.modules.get("bn_gpu.triton_backend")  # loaded by the first Triton call
+        if _triton_backend is None:
+            return None
+    launch = _triton_backend.launch
+    if not isinstance(launch, _triton_backend.Launcher) or not launch.direct or not _triton_backend._no_launch_hooks():
+        return None
+    return launch
+
+
+def train_key(x, weight, bias, running_mean, running_var, counter, momentum, eps, relu) -> tuple:
+    """Everything a training forward's host path decides from (the validation included); the
+    address's remainder mod 16 stands for the alignment the JIT specializes on."""
+    return (True, relu, momentum, eps, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
+            *[None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15)
+              for t in (weight, bias, running_mean, running_var, counter)])
+
+
+def eval_key(x, weight, bias, running_mean, running_var, eps, relu) -> tuple:
+    """Everything an eval forward's host path decides from (the validation included)."""
+    return (False, relu, eps, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
+            *[None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15)
+              for t in (weight, bias, running_mean, running_var)])
+
+
+@dataclass(frozen=True, eq=False)
+class Replay:
+    """One signature's host path as recorded. Its pool of tensors, in order: the call's tensor
+    arguments, the buffers, rows of buffers, the finalize counters (or None), None."""
+    buffers: tuple   # (shape, dtype, strides or None) of each orchestration.empty
+    rows: tuple      # (buffer, row): buffers[buffer][row], a view a launch took
+    counter_groups: int  # finalize_counters' groups, 0 when none were taken
+    steps: tuple     # (compiled kernel, grid dims, its pointers from the pool, its scalars then constexprs)
+    outputs: operator.itemgetter  # the returned tensors from the pool
+
+    def run(self, inputs: tuple, device=None) -> tuple:
+        """The recorded host path on these arguments (in the op's order)."""
+        if device is None:
+            device = inputs[0].device
+            if device.type == "cuda" and device.index != torch.cuda.current_device():
+                with torch.cuda.device(device):
+                    return self.run(inputs, device)
+        empty = orchestration.empty
+        buffers = [empty(shape, dtype, device, strides) for shape, dtype, strides in self.buffers]
+        pool = [*inputs, *buffers]
+        if self.rows:
+            pool += [buffers[b][r] for b, r in self.rows]
+        pool += (orchestration.finalize_counters(device, self.counter_groups) if self.counter_groups else None, None)
+        stream = _triton_backend._current_stream()
+        for compiled, dims, pointers, arguments in self.steps:
+            compiled.run(*dims, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                         *pointers(pool), *arguments)
+        return self.outputs(pool)
+
+
+def _picker(indices: list):
+    """A function of the pool giving the tuple of its items at `indices` (operator.itemgetter,
+    which gives the item itself for one index)."""
+    pick = operator.itemgetter(*indices)
+    return pick if len(indices) > 1 else lambda pool: (pick(pool),)
+
+
+class _Refused(Exception):
+    """The recorded host path did something a replay would not repeat."""
+
+
+class _Recording:
+    """Watches one call's host path: orchestration.empty, orchestration.finalize_counters and the
+    Triton launches, on the recording thread only (other threads pass through)."""
+
+    def __init__(self, launch, inputs: tuple):
+        self.launch, self.inputs = launch, inputs
+        self.thread = threading.get_ident()
+        self.buffers, self.launches = [], []
+        self.counters = None      # (tensor, groups)
+        self.complete = True      # every launch found its compiled kernel before it ran
+
+    def __enter__(self):
+        self.saved = orchestration.empty, orchestration.finalize_counters, _triton_backend.launch
+        empty, finalize_counters, launch = self.saved
+
+        def recorded_empty(shape, dtype, device, strides=None):
+            t = empty(shape, dtype, device, strides)
+            if threading.get_ident() == self.thread:
+                self.buffers.append((t, (shape, dtype, strides)))
+            return t
+
+        def recorded_counters(device, groups):
+            t = finalize_counters(device, groups)
+            if threading.get_ident() == self.thread:
+                self.counters = (t, groups)
+            return t
+
+        def recorded_launch(site, pointers, floats=()):
+            mine = threading.get_ident() == self.thread
+            entry = launch.compiled.get(launch.key(site, pointers)) if mine else None
+            launch(site, pointers, floats)
+            if mine:
+                self.complete = self.complete and entry is not None and launch.direct
+                self.launches.append((entry, tuple(pointers), (*site.head, *floats, *site.tail)))
+
+        orchestration.empty, orchestration.finalize_counters = recorded_empty, recorded_counters
+        _triton_backend.launch = recorded_launch
+        return self
+
+    def __exit__(self, *exc):
+        orchestration.empty, orchestration.finalize_counters, _triton_backend.launch = self.saved
+
+    def _source(self, t, buffers: list, counters) -> tuple:
+        """Where a launch's tensor comes from: ("input", i), ("buffer", i), ("row", (buffer, row)),
+        ("counters",) or ("none",)."""
+        if t is None:
+            return ("none",)
+        for i, known in enumerate(self.inputs):
+            if t is known:
+                return ("input", i)
+        for i, known in enumerate(buffers):
+            if t is known:
+                return ("buffer", i)
+        if t is counters:
+            return ("counters",)
+        for b, buffer in enumerate(buffers):
+            if t._base is buffer and buffer.dim() > 1:
+                for r in range(buffer.shape[0]):
+                    row = buffer[r]
+                    if (row.data_ptr(), row.shape, row.stride()) == (t.data_ptr(), t.shape, t.stride()):
+                        return ("row", (b, r))
+        raise _Refused("a tensor that is neither an argument, a buffer, a row of one nor the counters")
+
+    def replay(self, outputs: tuple) -> Replay:
+        """The Replay of what was seen; _Refused when something is not accounted for."""
+        if not self.complete:
+            raise _Refused("a launch went through the JIT")
+        present = [t for t in self.inputs if t is not None]
+        if len({id(t) for t in present}) != len(present):
+            raise _Refused("an argument passed twice")
+        buffers = [t for t, _ in self.buffers]
+        counters = self.counters[0] if self.counters else None
+        launches = [(entry, [self._source(t, buffers, counters) for t in pointers], scalars)
+                    for entry, pointers, scalars in self.launches]
+        returned = [self._source(t, buffers, counters) for t in outputs]
+        every_source = [*(s for _, sources, _ in launches for s in sources), *returned]
+        rows = list(dict.fromkeys(s[1] for s in every_source if s[0] == "row"))
+        first_row = len(self.inputs) + len(buffers)
+        offsets = {"input": 0, "buffer": len(self.inputs)}
+
+        def index(source: tuple) -> int:
+            kind = source[0]
+            if kind == "row":
+                return first_row + rows.index(source[1])
+            if kind == "counters":
+                return first_row + len(rows)
+            if kind == "none":
+                return first_row + len(rows) + 1
+            return offsets[kind] + source[1]
+
+        steps = tuple((compiled, dims, _picker([index(s) for s in sources]), (*scalars, *constexprs))
+                      for (compiled, dims, constexprs), sources, scalars in launches)
+        return Replay(buffers=tuple(shape for _, shape in self.buffers), rows=tuple(rows),
+                      counter_groups=self.counters[1] if self.counters else 0, steps=steps,
+                      outputs=_picker([index(s) for s in returned]))
+
+
+def recorded(launch, key: tuple, found, inputs: tuple, full_path, *args) -> tuple:
+    """full_path(*args) -- a forward op's validation and orchestration, for a signature `key` that
+    has no Replay on this launcher (`found`: what it has instead) -- recorded where it qualifies.
+    inputs: the call's tensor arguments, in the op's order (a Replay runs on them)."""
+    if found is _REFUSED:
+        return full_path(*args)
+    with _recording_lock:  # None, or the recordings tried so far
+        with _Recording(launch, inputs) as recording:
+            outputs = full_path(*args)
+        try:
+            result = recording.replay(outputs)
+        except _Refused:
+            attempts = (found or 0) + 1
+            # Only a launch that went through the JIT (a first one) is worth another recording.
+            result = _REFUSED if attempts >= _ATTEMPTS or recording.complete else attempts
+        if len(launch.replays) >= MAX_SIGNATURES:
+            launch.replays.clear()
+        launch.replays[key] = result
+    return outputs
