@@ -145,6 +145,22 @@ def _full_forward_eval(input, weight, bias, running_mean, running_var, eps, back
 
 def _backward(grad_output, input, weight, mean, invstd, training, need_input_grad, need_weight_grad, backend,
               bias=None, relu=False):
+    launch = replay.launcher(backend)
+    if launch is not None:
+        key = replay.backward_key(grad_output, input, weight, mean, invstd, bias, training, need_input_grad,
+                                  need_weight_grad, relu)
+        inputs = (input, grad_output, weight, mean, invstd, bias)
+        found = launch.replays.get(key)
+        if type(found) is replay.Replay:
+            return found.run(inputs)
+        return replay.recorded(launch, key, found, inputs, _full_backward, grad_output, input, weight, mean, invstd,
+                               training, need_input_grad, need_weight_grad, backend, bias, relu)
+    return _full_backward(grad_output, input, weight, mean, invstd, training, need_input_grad, need_weight_grad,
+                          backend, bias, relu)
+
+
+def _full_backward(grad_output, input, weight, mean, invstd, training, need_input_grad, need_weight_grad, backend,
+                   bias=None, relu=False):
     check_input(input)
     if grad_output.shape != input.shape:
         raise RuntimeError(f"bn_gpu.backward: grad_output has shape {tuple(grad_output.shape)}, "

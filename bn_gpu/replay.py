@@ -1,9 +1,9 @@
-"""Replayed forward calls: the host path of a call whose signature was seen before.
+"""Replayed calls: the host path of an op call whose signature was seen before.
 
-A training or eval forward on the Triton backend spends its host time validating, looking up the
-geometry, choosing the path and building each launch's specialization key -- all decided by the
-call's signature: every tensor argument's shape, strides, dtype, device and 16-byte alignment,
-momentum and eps (values and types), relu, backend. The first calls of a signature run that host
+A training or eval forward (or a backward) on the Triton backend spends its host time validating,
+looking up the geometry, choosing the path and building each launch's specialization key -- all
+decided by the call's signature: every tensor argument's shape, strides, dtype, device and 16-byte
+alignment, momentum and eps, relu and the backward's flags. The first calls of a signature run that host
 path (bn_gpu.orchestration, unchanged) and record what it did: the buffers it allocated (through
 orchestration.empty), the finalize counters it took, and each launch's compiled kernel with its
 arguments, every tensor argument traced back to a call argument, a buffer or one row of a buffer.
@@ -14,7 +14,8 @@ A signature is recorded only when its host path is nothing but those steps: all 
 through the compiled launchers (not the JIT: a first launch is never recorded, the next call is),
 every tensor a launch got is accounted for (a copy made on the way -- of an input in a layout the
 kernels do not read, of a strided weight -- is not, and refuses the recording), and no argument is
-passed twice. Calls with a residual are not replayed (its relayout copy would go unseen).
+passed twice. Forward calls with a residual are not replayed (its relayout copy would go unseen),
+nor backward calls that leave a gradient out (their empty results are made outside the buffers).
 Replays apply only where the launcher calls compiled kernels directly and no Triton launch hook is
 registered; otherwise every call takes the full path. Each Launcher keeps its own replays, so a
 new launcher starts afresh.
@@ -38,7 +39,7 @@ _recording_lock = threading.Lock()
 
 
 def launcher(backend: str):
-    """The Triton launcher when forward calls on `backend` may be replayed now, else None."""
+    """The Triton launcher when calls on `backend` may be replayed now, else None."""
     global _triton_backend
     if backend != "triton":
         return None
@@ -53,19 +54,40 @@ def launcher(backend: str):
     return launch
 
 
+# The keys are spelled out tensor by tensor: a comprehension over the per-channel tensors cost
+# ~0.5 us more a call (CPU host). A tensor stands for its shape, strides, dtype, device and the
+# address's remainder mod 16 (the JIT specializes on 16-byte alignment); None for none.
+
 def train_key(x, weight, bias, running_mean, running_var, counter, momentum, eps, relu) -> tuple:
-    """Everything a training forward's host path decides from (the validation included); the
-    address's remainder mod 16 stands for the alignment the JIT specializes on."""
+    """Everything a training forward's host path decides from (the validation included)."""
+    w, b, m, v, c = weight, bias, running_mean, running_var, counter
     return (True, relu, momentum, eps, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
-            *[None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15)
-              for t in (weight, bias, running_mean, running_var, counter)])
+            None if w is None else (w.shape, w.stride(), w.dtype, w.device, w.data_ptr() & 15),
+            None if b is None else (b.shape, b.stride(), b.dtype, b.device, b.data_ptr() & 15),
+            None if m is None else (m.shape, m.stride(), m.dtype, m.device, m.data_ptr() & 15),
+            None if v is None else (v.shape, v.stride(), v.dtype, v.device, v.data_ptr() & 15),
+            None if c is None else (c.shape, c.stride(), c.dtype, c.device, c.data_ptr() & 15))
 
 
 def eval_key(x, weight, bias, running_mean, running_var, eps, relu) -> tuple:
     """Everything an eval forward's host path decides from (the validation included)."""
+    w, b, m, v = weight, bias, running_mean, running_var
     return (False, relu, eps, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
-            *[None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15)
-              for t in (weight, bias, running_mean, running_var)])
+            None if w is None else (w.shape, w.stride(), w.dtype, w.device, w.data_ptr() & 15),
+            None if b is None else (b.shape, b.stride(), b.dtype, b.device, b.data_ptr() & 15),
+            None if m is None else (m.shape, m.stride(), m.dtype, m.device, m.data_ptr() & 15),
+            None if v is None else (v.shape, v.stride(), v.dtype, v.device, v.data_ptr() & 15))
+
+
+def backward_key(grad_y, x, weight, mean, invstd, bias, training, need_input_grad, need_weight_grad, relu) -> tuple:
+    """Everything a backward's host path decides from."""
+    w, m, i, b = weight, mean, invstd, bias
+    return (training, need_input_grad, need_weight_grad, relu, grad_y.shape, grad_y.stride(), grad_y.dtype,
+            grad_y.device, grad_y.data_ptr() & 15, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
+            None if w is None else (w.shape, w.stride(), w.dtype, w.device, w.data_ptr() & 15),
+            (m.shape, m.stride(), m.dtype, m.device, m.data_ptr() & 15),
+            (i.shape, i.stride(), i.dtype, i.device, i.data_ptr() & 15),
+            None if b is None else (b.shape, b.stride(), b.dtype, b.device, b.data_ptr() & 15))
 
 
 @dataclass(frozen=True, eq=False)
@@ -207,7 +229,7 @@ class _Recording:
 
 
 def recorded(launch, key: tuple, found, inputs: tuple, full_path, *args) -> tuple:
-    """full_path(*args) -- a forward op's validation and orchestration, for a signature `key` that
+    """full_path(*args) -- an op's validation and orchestration, for a signature `key` that
     has no Replay on this launcher (`found`: what it has instead) -- recorded where it qualifies.
     inputs: the call's tensor arguments, in the op's order (a Replay runs on them)."""
     if found is _REFUSED:

@@ -193,3 +193,36 @@ def test_launch_hooks_turn_replays_off(launcher):
     finally:
         hook.remove(print)
     assert replay.launcher("triton") is launcher and replay.launcher("cupy") is None
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_replayed_backward_is_the_full_path_bit_for_bit(launcher, poisoned, kernel_path, layout, dtype):
+    """The backward's host path replayed as the forward's: the split path takes rows of its partials
+    and totals buffers and the finalize counters."""
+    shape = (6, 5, 7, 9)
+    x = make_input(shape, dtype, layout)
+    grad_y = make_input(shape, dtype, layout, mean=0.0, std=1.0, seed=5)
+    weight, bias, _, _ = make_params(5)
+    results = []
+    for call in range(3):
+        _, mean, invstd = train(x, (weight, bias, None, None))
+        results.append(torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, True, True, True, "triton"))
+        assert launcher.counts.get("replayed", 0) == (2 if call == 2 else 0)  # forward and backward
+    for recorded, replayed in zip(results[1], results[2]):
+        assert torch.equal(recorded, replayed)
+    grad_x, grad_weight, grad_bias = reference.backward_train(grad_y, x, weight, 1e-5)
+    assert_close(results[2][0], grad_x, dtype, "grad_x")
+    assert_stats_close(results[2][1], grad_weight, dtype, "grad_weight")
+    assert_stats_close(results[2][2], grad_bias, dtype, "grad_bias")
+
+
+def test_a_backward_that_leaves_a_gradient_out_is_never_replayed(launcher):
+    """Without grad_weight the op returns empty tensors made outside the recorded buffers."""
+    x, grad_y = make_input((8, 5, 6)), make_input((8, 5, 6), mean=0.0, std=1.0, seed=5)
+    weight = make_params(5)[0]
+    for _ in range(3):
+        _, mean, invstd = train(x, (weight, None, None, None))
+        grad_x = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, True, True, False, "triton")[0]
+        assert_close(grad_x, reference.backward_train(grad_y, x, weight, 1e-5)[0], torch.float32, "grad_x")
+    assert launcher.counts.get("replayed", 0) == 1  # the forward
