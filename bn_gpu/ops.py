@@ -306,7 +306,7 @@ def _differentiating(x, weight, bias, residual=None) -> bool:
                                     or (bias is not None and bias.requires_grad)
                                     or (residual is not None and residual.requires_grad)):
         return True
-    return _forward_ad_active()
+    return _forward_ad._current_level >= 0 and torch._C._is_fwd_grad_enabled()  # _forward_ad_active, inlined
 
 
 def _gradients(ctx, needs, grad_output) -> tuple:

@@ -52,12 +52,13 @@ SECOND_PASS_REVERSED = True
 def _no_launch_hooks() -> bool:
     """Whether no Triton launch hook (profilers set them) is registered. Recent Triton keeps each
     hook as a HookChain, empty by default (its `calls`); older ones keep None or the function."""
-    try:
-        runtime = triton.knobs.runtime
-        enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
-    except AttributeError:  # a Triton without knobs: its launcher API may differ, use the JIT
+    if _RUNTIME_KNOBS is None:  # a Triton without knobs: its launcher API may differ, use the JIT
         return False
+    enter, leave = _RUNTIME_KNOBS.launch_enter_hook, _RUNTIME_KNOBS.launch_exit_hook
     return not (getattr(enter, "calls", enter) or getattr(leave, "calls", leave))
+
+
+_RUNTIME_KNOBS = getattr(getattr(triton, "knobs", None), "runtime", None)  # one object, its hooks set on it
 
 
 def _current_stream() -> int:

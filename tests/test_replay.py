@@ -118,13 +118,18 @@ def test_a_replayed_training_forward_is_the_full_path_bit_for_bit(launcher, pois
 
 
 @pytest.mark.parametrize("relu", [False, True])
-def test_a_replayed_eval_forward_is_the_full_path_bit_for_bit(launcher, poisoned, relu):
+@pytest.mark.parametrize("poison", [True, False])
+def test_a_replayed_eval_forward_is_the_full_path_bit_for_bit(launcher, request, relu, poison):
+    """Also without the poisoning fixture: the replay then allocates through torch directly."""
+    if poison:
+        request.getfixturevalue("poisoned")
     x = make_input((4, 6, 5, 5), layout="channels_last")
     params = make_params(6)
     results = [evaluate(x, params, relu) for _ in range(3)]
     assert len(replays(launcher)) == 1 and launcher.counts["replayed"] == 1
     for recorded, replayed in zip(results[1], results[2]):
         assert torch.equal(recorded, replayed)
+    assert results[2][0].stride() == x.stride()
     weight, bias, running_mean, running_var = params
     expected = reference.forward_eval(x, running_mean, running_var, weight, bias, 1e-5)
     assert_close(results[2][0], expected.clamp_min(0) if relu else expected, torch.float32, "y")
