@@ -62,7 +62,7 @@ def launcher(backend: str):
 def train_key(x, weight, bias, running_mean, running_var, counter, momentum, eps, relu) -> tuple:
     """Everything a training forward's host path decides from (the validation included)."""
     w, b, m, v, c = weight, bias, running_mean, running_var, counter
-    return (True, relu, momentum, eps, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
+    return ("train", relu, momentum, eps, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
             None if w is None else (w.shape, w.stride(), w.dtype, w.device, w.data_ptr() & 15),
             None if b is None else (b.shape, b.stride(), b.dtype, b.device, b.data_ptr() & 15),
             None if m is None else (m.shape, m.stride(), m.dtype, m.device, m.data_ptr() & 15),
@@ -73,7 +73,7 @@ def train_key(x, weight, bias, running_mean, running_var, counter, momentum, eps
 def eval_key(x, weight, bias, running_mean, running_var, eps, relu) -> tuple:
     """Everything an eval forward's host path decides from (the validation included)."""
     w, b, m, v = weight, bias, running_mean, running_var
-    return (False, relu, eps, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
+    return ("eval", relu, eps, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
             None if w is None else (w.shape, w.stride(), w.dtype, w.device, w.data_ptr() & 15),
             None if b is None else (b.shape, b.stride(), b.dtype, b.device, b.data_ptr() & 15),
             None if m is None else (m.shape, m.stride(), m.dtype, m.device, m.data_ptr() & 15),
@@ -83,7 +83,7 @@ def eval_key(x, weight, bias, running_mean, running_var, eps, relu) -> tuple:
 def backward_key(grad_y, x, weight, mean, invstd, bias, training, need_input_grad, need_weight_grad, relu) -> tuple:
     """Everything a backward's host path decides from."""
     w, m, i, b = weight, mean, invstd, bias
-    return (training, need_input_grad, need_weight_grad, relu, grad_y.shape, grad_y.stride(), grad_y.dtype,
+    return ("backward", training, need_input_grad, need_weight_grad, relu, grad_y.shape, grad_y.stride(), grad_y.dtype,
             grad_y.device, grad_y.data_ptr() & 15, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
             None if w is None else (w.shape, w.stride(), w.dtype, w.device, w.data_ptr() & 15),
             (m.shape, m.stride(), m.dtype, m.device, m.data_ptr() & 15),

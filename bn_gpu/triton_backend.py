@@ -383,7 +383,8 @@ class TritonKernels:
     def finalize_gradients(self, g, partials, invstd, totals, grad_weight, grad_bias):
         sum_dy, sum_dy_xmu = partials
         total_dy, total_dy_xmu = totals
-        launch(_finalize_gradients_site(g), (sum_dy, sum_dy_xmu, invstd, total_dy, total_dy_xmu, grad_weight, grad_bias))
+        launch(_finalize_gradients_site(g),
+               (sum_dy, sum_dy_xmu, invstd, total_dy, total_dy_xmu, grad_weight, grad_bias))
 
     def input_gradient(self, g, grad_y, x, grad_x, mean, invstd, weight, totals, training, bias=None, relu=False):
         total_dy, total_dy_xmu = totals if training else (None, None)

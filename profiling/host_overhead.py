@@ -118,10 +118,13 @@ def main() -> None:
         profile.runcall(host_us, fn, device, args.calls)
         print(f"cProfile of {args.profile!r}, {args.calls} calls (times include the profiler's own cost):")
         pstats.Stats(profile).sort_stats("tottime").print_stats(25)
-    if device.type == "cuda" and name == "triton":
+    if name == "triton" and (device.type == "cuda" or args.stub_kernels):
+        from bn_gpu import replay
         from bn_gpu.triton_backend import launch
+        replayed = sum(type(found) is replay.Replay for found in launch.replays.values())
         print(f"  Triton launches through the compiled launcher: {'yes' if launch.direct else 'no (JIT)'}, "
-              f"{len(launch.compiled)} specializations")
+              f"{len(launch.compiled)} specializations; {replayed} of {len(launch.replays)} call signatures "
+              "replayed (bn_gpu/replay.py)")
 
 
 if __name__ == "__main__":
