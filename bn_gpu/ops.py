@@ -80,6 +80,9 @@ def _all_dense(*tensors) -> bool:
     return all(t is None or t.is_contiguous() for t in tensors)
 
 
+# Each op's kernel first looks for a replay of its signature (bn_gpu/replay.py), written out in each:
+# a shared helper would cost the replayed call one more Python frame.
+
 def _forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, backend,
                    residual=None, relu=False):
     launch = replay.launcher(backend)

@@ -156,8 +156,8 @@ def forward_train(kernels: KernelTable, x, weight, bias, running_mean, running_v
                                     momentum, eps, counter is not None, residual, relu,
                                     finalize_counters(device, 1) if counting_last else None)
         return y, mean, invstd
-    partials = empty((3, g.partial_rows, g.C), g.stat_dtype, x.device)
-    kernels.statistics_finalized(g, x, partials, finalize_counters(x.device, g.finalize_counters), mean, invstd,
+    partials = empty((3, g.partial_rows, g.C), g.stat_dtype, device)
+    kernels.statistics_finalized(g, x, partials, finalize_counters(device, g.finalize_counters), mean, invstd,
                                  running_mean, running_var, counter, momentum, eps)
     # The batch is counted by the last kernel: every finalizing program has read the counter by then.
     kernels.normalize(g, x, y, mean, invstd, weight, bias, counter, eps, residual=residual, relu=relu)

@@ -1,8 +1,10 @@
 """The Triton backend: its kernel table for bn_gpu.orchestration, which owns the control flow.
 
 Each method marshals the arguments of one kernel of bn_gpu.kernels (channels-first or
-channels-last by the geometry's family) in the kernel's parameter order and launches it. Arguments
-a kernel does not read under its flags are passed as None.
+channels-last by the geometry's family) in the kernel's parameter order and launches it at its
+`Site` -- the kernel, grid, constexprs and integer arguments of one geometry and set of flags,
+built once -- with the call's tensors and floats. Arguments a kernel does not read under its flags
+are passed as None.
 
 The first launch of each specialization goes through Triton's JIT (which compiles and caches);
 later launches with the same specialization call the compiled kernel's launcher directly (as
