@@ -1,4 +1,4 @@
-"""Replayed forward calls (bn_gpu.replay) without a GPU: a launcher whose "compiled kernels" run
+"""Replayed calls (bn_gpu.replay) without a GPU: a launcher whose "compiled kernels" run
 the Triton kernels in the interpreter with exactly the arguments a direct launch passes them, so a
 replay's buffers, pointers, scalars and constexprs are checked by the kernels' results -- against
 the full host path bit for bit, and against the float64 reference."""
@@ -48,9 +48,9 @@ def launcher(monkeypatch):
     monkeypatch.setattr(triton_backend, "launch", result)
     run = replay.Replay.run
 
-    def counted_run(self, inputs):
+    def counted_run(self, inputs, *args, **kwargs):
         result.counts["replayed"] = result.counts.get("replayed", 0) + 1
-        return run(self, inputs)
+        return run(self, inputs, *args, **kwargs)
 
     monkeypatch.setattr(replay.Replay, "run", counted_run)
     monkeypatch.setattr(triton_backend, "_current_stream", lambda: 0)
