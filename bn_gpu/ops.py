@@ -295,7 +295,7 @@ def _forward_ad_active() -> bool:
 
 def _refuse_running_stat_tangents(running_mean, running_var) -> None:
     if _forward_ad._current_level < 0 and not torch._C._are_functorch_transforms_active():
-        return  # no dual level open, no transform: no tangent anywhere (and unpack_dual costs ~1 us a call)
+        return  # no dual level open, no transform: no tangent anywhere (two unpack_dual calls: ~0.6 us)
     for t in (running_mean, running_var):
         if t is not None and _forward_ad.unpack_dual(t).tangent is not None:
             raise RuntimeError("batch_norm is not differentiable wrt running_mean and running_var, "

@@ -43,15 +43,6 @@ class Tuning:
     def tile_elements(self, itemsize: int) -> int:
         return max(1, self.tile_bytes // itemsize)
 
-    @functools.cached_property
-    def _hash(self) -> int:
-        return hash(dataclasses.astuple(self))
-
-    def __hash__(self) -> int:
-        # Every geometry lookup hashes the tuning (an lru_cache key): the generated hash of ten
-        # fields cost ~0.6 us a call on a CPU host, this one ~0.1.
-        return self._hash
-
 
 def _tuning_from_environment(default: Tuning) -> Tuning:
     """`default` with the fields that BN_GPU_TUNING overrides ("tile_bytes=32768,num_warps=8"):
