@@ -76,10 +76,6 @@ def _check_residual(input, residual) -> None:
                            f"{input.device}; got shape {tuple(residual.shape)}, {residual.dtype} on {residual.device}")
 
 
-def _all_dense(*tensors) -> bool:
-    return all(t is None or t.is_contiguous() for t in tensors)
-
-
 # Each op's kernel first looks for a replay of its signature (bn_gpu/replay.py), written out in each:
 # a shared helper would cost the replayed call one more Python frame.
 
@@ -109,9 +105,6 @@ def _full_forward_train(input, weight, bias, running_mean, running_var, num_batc
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         return _forward_outputs(input, input.new_zeros)
-    if _all_dense(weight, bias, running_mean, running_var):  # the common case, without the copies' bookkeeping
-        return impl.forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                                  residual, relu)
     dense_mean, dense_var = _dense(running_mean), _dense(running_var)
     outputs = impl.forward_train(input, _dense(weight), _dense(bias), dense_mean, dense_var, num_batches_tracked,
                                  momentum, eps, residual, relu)
@@ -140,8 +133,6 @@ def _full_forward_eval(input, weight, bias, running_mean, running_var, eps, back
     impl = backends.implementation(backend, input.device)
     if input.numel() == 0:
         return _forward_outputs(input, input.new_zeros)
-    if _all_dense(weight, bias, running_mean, running_var):
-        return impl.forward_eval(input, weight, bias, running_mean, running_var, eps, residual, relu)
     return impl.forward_eval(input, _dense(weight), _dense(bias), _dense(running_mean), _dense(running_var), eps,
                              residual, relu)
 
@@ -286,13 +277,6 @@ def _backward_vmap(info, in_dims, grad_output, input, weight, mean, invstd, trai
 # create_graph=True and forward-mode AD take the torch-op formulas of bn_gpu.derivatives instead,
 # so gradients of gradients and tangents are right; the fast kernels stay on the first-order path.
 
-def _forward_ad_active() -> bool:
-    """A dual level is open (torch.autograd.forward_ad or torch.func.jvp) and forward grad enabled
-    (autograd.Function.forward disables it, so the op called inside is not wrapped twice).
-    forward_ad._current_level is private torch API: checked with torch 2.11 and 2.13."""
-    return _forward_ad._current_level >= 0 and torch._C._is_fwd_grad_enabled()
-
-
 def _refuse_running_stat_tangents(running_mean, running_var) -> None:
     if _forward_ad._current_level < 0 and not torch._C._are_functorch_transforms_active():
         return  # no dual level open, no transform: no tangent anywhere (two unpack_dual calls: ~0.6 us)
@@ -304,12 +288,15 @@ def _refuse_running_stat_tangents(running_mean, running_var) -> None:
 
 def _differentiating(x, weight, bias, residual=None) -> bool:
     """Whether a derivative is wanted: only input, weight, bias and residual carry gradients (the
-    running statistics and the counter never do), or a forward-mode dual level is open."""
+    running statistics and the counter never do); or a dual level is open (torch.autograd.forward_ad
+    or torch.func.jvp) with forward grad enabled (autograd.Function.forward disables it, so the op
+    called inside is not wrapped twice). forward_ad._current_level is private torch API: checked
+    with torch 2.11 and 2.13."""
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)
                                     or (residual is not None and residual.requires_grad)):
         return True
-    return _forward_ad._current_level >= 0 and torch._C._is_fwd_grad_enabled()  # _forward_ad_active, inlined
+    return _forward_ad._current_level >= 0 and torch._C._is_fwd_grad_enabled()
 
 
 def _gradients(ctx, needs, grad_output) -> tuple:
