@@ -19,8 +19,6 @@ from .dtypes import stat_dtype
 from .layout import per_channel, reduce_dims
 
 
-
-
 def _scale(invstd: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     return invstd if weight is None else invstd * weight.to(invstd.dtype)
 
@@ -32,6 +30,9 @@ def differentiable_gradients(grad_output, x, weight, mean, invstd, training: boo
     carry no history), so the second derivative includes their dependence on x. grad_weight and
     grad_bias are in the statistics dtype; the caller casts them.
     """
+    if x.dim() < 2:  # the empty 1-D input (0,): no channel, nothing to differentiate
+        empty = x.new_zeros(0, dtype=stat_dtype(x.dtype))
+        return torch.zeros_like(x), empty, empty
     dims = reduce_dims(x)
     xf = x.to(stat_dtype(x.dtype))
     if training:
@@ -62,6 +63,8 @@ def through_relu(grad_output, x, weight, bias, mean, invstd):
 
 def output_tangent(x, weight, mean, invstd, training: bool, x_tangent, weight_tangent, bias_tangent):
     """The forward-mode derivative of the output, given the tangents of x, weight and bias (None: zero)."""
+    if x.dim() < 2:  # the empty 1-D input (0,): an empty tangent
+        return torch.zeros_like(x)
     dims = reduce_dims(x)
     xhat = (x.to(mean.dtype) - per_channel(mean, x)) * per_channel(invstd, x)
     tangent = torch.zeros_like(xhat)

@@ -5,6 +5,7 @@ import torch
 
 from .backends import check_name
 from .functional import batch_norm
+from .validation import check_renorm_limits
 
 
 class _BatchNormMixin:
@@ -240,6 +241,7 @@ class _BatchRenorm(_BatchNormMixin, torch.nn.modules.batchnorm._BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, backend=backend)
         if momentum is None:
             raise ValueError("BatchRenorm needs a momentum (the running statistics are its reference)")
+        check_renorm_limits(r_max, d_max, warmup_steps)
         self.r_max, self.d_max, self.warmup_steps = r_max, d_max, warmup_steps
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

@@ -277,13 +277,28 @@ def _backward_vmap(info, in_dims, grad_output, input, weight, mean, invstd, trai
 # create_graph=True and forward-mode AD take the torch-op formulas of bn_gpu.derivatives instead,
 # so gradients of gradients and tangents are right; the fast kernels stay on the first-order path.
 
-def _refuse_running_stat_tangents(running_mean, running_var) -> None:
+def _has_tangent(t) -> bool:
+    return t is not None and _forward_ad.unpack_dual(t).tangent is not None
+
+
+def _without_running_stat_tangents(args: tuple, training: bool) -> tuple:
+    """The op's arguments, checked for tangents on the running statistics (args[3] and args[4]).
+    As PyTorch: they are refused in eval when input, weight, bias or residual has a tangent too; an
+    eval call where only the running statistics have one runs on their primal values, and its output
+    has no tangent. In training they are refused (PyTorch would carry them into the updated running
+    statistics, which bn_gpu's kernels write in place)."""
     if _forward_ad._current_level < 0 and not torch._C._are_functorch_transforms_active():
-        return  # no dual level open, no transform: no tangent anywhere (two unpack_dual calls: ~0.6 us)
-    for t in (running_mean, running_var):
-        if t is not None and _forward_ad.unpack_dual(t).tangent is not None:
-            raise RuntimeError("batch_norm is not differentiable wrt running_mean and running_var, "
-                               "they cannot have forward grad defined")
+        return args  # no dual level open, no transform: no tangent anywhere (two unpack_dual calls: ~0.6 us)
+    running_mean, running_var = args[3], args[4]
+    if not (_has_tangent(running_mean) or _has_tangent(running_var)):
+        return args
+    residual_index = (7 if training else 5) + 2
+    others = (*args[:3], args[residual_index] if len(args) > residual_index else None)
+    if training or any(_has_tangent(t) for t in others):
+        raise RuntimeError("batch_norm is not differentiable wrt running_mean and running_var, "
+                           "they cannot have forward grad defined")
+    return (*args[:3], _forward_ad.unpack_dual(running_mean).primal, _forward_ad.unpack_dual(running_var).primal,
+            *args[5:])
 
 
 def _differentiating(x, weight, bias, residual=None) -> bool:
@@ -416,8 +431,7 @@ def _autograd_kernel(op, training: bool):
     def kernel(keyset, *args):
         residual_index = (7 if training else 5) + 2
         if _differentiating(*args[:3], args[residual_index] if len(args) > residual_index else None):
-            _refuse_running_stat_tangents(args[3], args[4])
-            return function.apply(*args)
+            return function.apply(*_without_running_stat_tangents(args, training))
         return _below_autograd(op, keyset, args)
 
     return kernel
@@ -518,11 +532,9 @@ def forward_train(input, weight, bias, running_mean, running_var, num_batches_tr
     args = (input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, backend, residual,
             relu)
     if plain:
-        _refuse_running_stat_tangents(running_mean, running_var)
-        return _apply_eager(True, args)
+        return _apply_eager(True, _without_running_stat_tangents(args, True))
     if _in_torch_func_transform():
-        _refuse_running_stat_tangents(running_mean, running_var)
-        return _THROUGH_OPS[True].apply(*args)
+        return _THROUGH_OPS[True].apply(*_without_running_stat_tangents(args, True))
     return torch.ops.bn_gpu.forward_train(*args)
 
 
@@ -533,9 +545,7 @@ def forward_eval(input, weight, bias, running_mean, running_var, eps, backend, r
         return _forward_eval(input, weight, bias, running_mean, running_var, eps, backend, residual, relu)
     args = (input, weight, bias, running_mean, running_var, eps, backend, residual, relu)
     if plain:
-        _refuse_running_stat_tangents(running_mean, running_var)
-        return _apply_eager(False, args)
+        return _apply_eager(False, _without_running_stat_tangents(args, False))
     if _in_torch_func_transform():
-        _refuse_running_stat_tangents(running_mean, running_var)
-        return _THROUGH_OPS[False].apply(*args)
+        return _THROUGH_OPS[False].apply(*_without_running_stat_tangents(args, False))
     return torch.ops.bn_gpu.forward_eval(*args)

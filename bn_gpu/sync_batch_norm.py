@@ -44,6 +44,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         gathered = moments.new_empty(world_size * (2 * C + 1))  # flat: gloo takes no stacked output
         _all_gather_single(gathered, moments, group=group)
         gathered = gathered.view(world_size, 2 * C + 1)
+        if x.numel() <= C:
+            _check_global_count(x, gathered)
         cumulative = running_mean is not None and momentum is None
         dense_mean, dense_var = _dense(running_mean), _dense(running_var)
         mean, invstd = impl.merge_ranks(x, gathered, dense_mean, dense_var, counter if cumulative else None,
@@ -87,6 +89,18 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 grad_bias if ctx.needs_input_grad[2] else None) + (None,) * 8
 
 
+def _check_global_count(x, gathered) -> None:
+    """Refuse a global batch of one value per channel, before any buffer is written. Only a rank
+    with at most one value per channel can be part of one, and only such a rank reads the global
+    count back (a host synchronization); every rank of such a batch does, so all of them raise.
+    Inside CUDA-graph capture nothing can be read back, and the check is left out."""
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    if int(gathered[:, 0].sum()) == 1:
+        raise ValueError("Expected more than 1 value per channel when training: the global batch of every rank "
+                         f"has one value per channel (this rank's input size {tuple(x.shape)})")
+
+
 def _world(process_group) -> tuple:
     """(group, world size), or (None, 1) where nothing is to be synchronized."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -115,8 +129,9 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.modules.batchnorm._BatchNorm):
     """torch.nn.SyncBatchNorm on bn_gpu kernels: same constructor and state_dict, plus backend="auto".
 
     Beyond PyTorch's: runs on CPU tensors (gloo), a rank with an empty batch gives no NaN, no step
-    synchronizes with the host (CUDA-graph safe, momentum=None included), and channels_last is read
-    natively. Not a subclass of torch.nn.SyncBatchNorm: DDP refuses those on CPU, and torch's
+    synchronizes with the host (CUDA-graph safe, momentum=None included) -- but on a rank with at most
+    one value per channel, which reads the global count back to refuse a global batch of one value
+    per channel, as PyTorch does -- and channels_last is read natively. Not a subclass of torch.nn.SyncBatchNorm: DDP refuses those on CPU, and torch's
     converters would rebuild it as torch's.
     """
 

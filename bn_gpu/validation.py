@@ -6,6 +6,8 @@ and wording follow PyTorch where PyTorch has them.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .dtypes import SUPPORTED_DTYPES
@@ -110,3 +112,12 @@ def _check_batch_norm_args(x, running_mean, running_var, weight, bias, training:
             raise RuntimeError("Expected all tensors to be on the same device, but found at least two devices, "
                                f"{x.device} and {num_batches_tracked.device}! (batch_norm: input and num_batches_tracked)")
 
+
+
+def check_renorm_limits(r_max, d_max, warmup_steps) -> None:
+    """Batch Renormalization's clipping limits: r is clipped to [1/r_max, r_max] and d to
+    [-d_max, d_max], empty ranges unless r_max >= 1 and d_max >= 0."""
+    if not (r_max >= 1 and d_max >= 0):
+        raise ValueError(f"batch_renorm: r_max must be >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) or warmup_steps < 0:
+        raise ValueError(f"batch_renorm: warmup_steps must be a non-negative integer, got {warmup_steps!r}")

@@ -20,7 +20,7 @@ from .dtypes import stat_dtype
 from .functional import batch_norm
 from .layout import per_channel
 from .ops import _dense, _write_back
-from .validation import check_batch_norm_args
+from .validation import check_batch_norm_args, check_renorm_limits
 
 
 def frozen_batch_norm(input, weight, bias, running_mean, running_var, eps: float = 1e-5, *,
@@ -97,8 +97,7 @@ def batch_renorm(input, running_mean, running_var, weight=None, bias=None, train
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps, backend=name)
     if running_mean is None or running_var is None:
         raise ValueError("batch_renorm: training needs running_mean and running_var (r and d are taken against them)")
-    if not (r_max >= 1 and d_max >= 0):
-        raise ValueError(f"batch_renorm: r_max must be >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
+    check_renorm_limits(r_max, d_max, warmup_steps)
     if warmup_steps and num_batches_tracked is None:
         raise ValueError("batch_renorm: warmup_steps needs num_batches_tracked to count the steps")
     check_batch_norm_args(input, running_mean, running_var, weight, bias, True, momentum, eps, num_batches_tracked)
@@ -164,9 +163,11 @@ def ghost_batch_norm(input, running_mean, running_var, weight=None, bias=None, t
                           num_batches_tracked=num_batches_tracked)
     N, C = input.shape[:2]
     spatial = input.numel() // (N * C)
-    if N % virtual_batch_size == 1 and spatial == 1:
-        raise ValueError(f"ghost_batch_norm: the last virtual batch has one value per channel "
-                         f"(N={N}, virtual_batch_size={virtual_batch_size})")
+    if spatial == 1 and 1 in (virtual_batch_size, N % virtual_batch_size):
+        # A virtual batch of one row of (N, C) values: one value per channel, a variance of 0/0.
+        which = "every virtual batch has" if virtual_batch_size == 1 else "the last virtual batch has"
+        raise ValueError(f"Expected more than 1 value per channel when training: {which} one value per channel "
+                         f"(input size {tuple(input.shape)}, virtual_batch_size={virtual_batch_size})")
     mean, var, rows = _chunk_statistics(input, virtual_batch_size)
     invstd = torch.rsqrt(var + eps)
     chunk_of_row = torch.arange(N, device=input.device) // virtual_batch_size

@@ -108,6 +108,28 @@ def test_running_statistics_with_a_tangent_are_refused(backend, device, training
         torch.testing.assert_close(fwAD.unpack_dual(stats[name]).primal, before[name], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend, device", backend_devices())
+@pytest.mark.parametrize("which", ["running_mean", "running_var"])
+def test_running_statistics_alone_with_a_tangent_in_eval_as_torch(backend, device, which):
+    """Accepted, as F.batch_norm accepts it: the output as without the tangent, and no tangent on it."""
+    x, weight, bias, running_mean, running_var = (t.detach() for t in _case(device))
+    outputs = []
+    for fn in (lambda *a: bn_gpu.batch_norm(*a, training=False, backend=backend),
+               lambda *a: F.batch_norm(*a, training=False)):
+        stats = {"running_mean": running_mean.clone(), "running_var": running_var.clone()}
+        with fwAD.dual_level():
+            stats[which] = fwAD.make_dual(stats[which], torch.ones_like(stats[which]))
+            y = fn(x, stats["running_mean"], stats["running_var"], weight, bias)
+            primal, tangent = fwAD.unpack_dual(y)
+            assert tangent is None
+            outputs.append(primal)
+    torch.testing.assert_close(*outputs)
+    with fwAD.dual_level():  # in training the tangent would reach the updated statistics: refused
+        dual = fwAD.make_dual(running_mean.clone(), torch.ones_like(running_mean))
+        with pytest.raises(RuntimeError, match="not differentiable wrt running_mean and running_var"):
+            bn_gpu.batch_norm(x, dual, running_var.clone(), weight, bias, training=True, backend=backend)
+
+
 def _cnn():
     torch.manual_seed(0)
     return torch.nn.Sequential(

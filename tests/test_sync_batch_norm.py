@@ -167,6 +167,36 @@ def test_an_empty_rank_takes_part_and_gets_zero_gradients(backend, tmp_path):
     _spawn(_graph_free_worker, 2, tmp_path, backend)
 
 
+def _one_value_worker(rank, world_size, backend, sizes):
+    """A global batch of one value per channel is refused on every rank, every buffer untouched."""
+    sync = bn_gpu.SyncBatchNorm(C, momentum=None, backend=backend)
+    before = copy.deepcopy(sync.state_dict())
+    x, _ = _global_batch(sizes, torch.float32, "contiguous", seed=1, spatial=())
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        sync(_share(x, sizes, rank))
+    for name, value in sync.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_a_global_batch_of_one_value_per_channel_is_refused(backend, tmp_path):
+    _spawn(_one_value_worker, 2, tmp_path, backend, [0, 1])
+
+
+def _two_values_worker(rank, world_size, backend):
+    """One value per channel on each rank is two on the global batch: normalized, no error."""
+    sync = bn_gpu.SyncBatchNorm(C, eps=1e-12, backend=backend)
+    x, _ = _global_batch([1, 1], torch.float32, "contiguous", seed=1, spatial=())
+    y = sync(_share(x, [1, 1], rank))
+    _close(y.abs(), torch.ones_like(y), "output of a two-value batch")  # (x - mean) / std is +-1
+    assert torch.isfinite(sync.running_var).all()
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_one_value_per_channel_on_each_of_two_ranks_is_a_batch(backend, tmp_path):
+    _spawn(_two_values_worker, 2, tmp_path, backend)
+
+
 # ---- one process -----------------------------------------------------------------------------
 
 def test_without_a_process_group_sync_batch_norm_is_batch_norm():

@@ -191,6 +191,7 @@ def test_ghost_batch_norm_as_the_chunked_batch_norm(backend, device, shape, virt
     y_ref.backward(grad)
     torch.testing.assert_close(x.grad, x_ref.grad)
     torch.testing.assert_close(ghost.weight.grad, chunked.weight.grad)
+    torch.testing.assert_close(ghost.bias.grad, chunked.bias.grad)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(ghost, name), getattr(chunked, name))
     y64, _, _ = reference.ghost_batch_norm_train(x.detach(), chunked.weight, chunked.bias, chunked.running_mean,
@@ -210,6 +211,69 @@ def test_ghost_batch_norm_keeps_dtype_and_layout(dtype):
         ghost(torch.randn(9, 3))
     assert set(ghost.state_dict()) == set(torch.nn.BatchNorm1d(3).state_dict())
     copy.deepcopy(ghost).eval()(torch.randn(9, 3))
+
+
+# ---- one value per channel, or none ---------------------------------------------------------------
+
+_ONE_VALUE_CASES = {
+    # name: (module, input) where a training statistic would have one value per channel
+    "ghost-every-chunk": (lambda: bn_gpu.GhostBatchNorm1d(8, virtual_batch_size=1), (4, 8)),
+    "ghost-last-chunk": (lambda: bn_gpu.GhostBatchNorm1d(8, virtual_batch_size=4), (9, 8)),
+    "ghost-whole-batch": (lambda: bn_gpu.GhostBatchNorm1d(8, virtual_batch_size=4), (1, 8)),
+    "ghost-1x1-planes": (lambda: bn_gpu.GhostBatchNorm2d(8, virtual_batch_size=1), (3, 8, 1, 1)),
+    "renorm": (lambda: bn_gpu.BatchRenorm1d(8), (1, 8)),
+    "renorm-warmup": (lambda: bn_gpu.BatchRenorm2d(8, warmup_steps=2), (1, 8, 1, 1)),
+    "batch-norm-relu": (lambda: bn_gpu.BatchNormReLU1d(8), (1, 8)),
+    "batch-norm-relu-residual": (lambda: bn_gpu.BatchNormReLU2d(8), (1, 8, 1, 1)),
+}
+
+
+@pytest.mark.parametrize("case", list(_ONE_VALUE_CASES))
+def test_one_value_per_channel_in_training_is_refused_and_changes_nothing(case):
+    make, shape = _ONE_VALUE_CASES[case]
+    module = make()
+    with torch.no_grad():
+        module.running_mean.uniform_()
+        module.running_var.uniform_(1, 2)
+    before = copy.deepcopy(module.state_dict())
+    x = torch.randn(shape)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        module(x, x.clone()) if case.endswith("residual") else module(x)
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+@pytest.mark.parametrize("make", [lambda: bn_gpu.GhostBatchNorm1d(3, virtual_batch_size=1),
+                                  lambda: bn_gpu.BatchRenorm1d(3), lambda: bn_gpu.BatchNormReLU1d(3),
+                                  lambda: bn_gpu.FrozenBatchNorm1d(3)], ids=["ghost", "renorm", "relu", "frozen"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_empty_batches_and_single_values_where_they_are_fine(make, training):
+    """An empty batch gives an empty output (and counts as a batch in training, as BatchNorm's);
+    one value per channel is fine in eval, where no statistic is taken; FrozenBatchNorm never
+    takes one. Nothing here is NaN."""
+    module = make().train(training)
+    counted = getattr(module, "num_batches_tracked", None)
+    start = int(counted) if counted is not None else 0
+    y = module(torch.randn(0, 3))
+    assert y.shape == (0, 3)
+    if counted is not None:
+        assert int(module.num_batches_tracked) == start + (1 if training else 0)
+    for name, value in module.state_dict().items():
+        assert not value.is_floating_point() or torch.isfinite(value).all(), name
+    if not training or isinstance(module, bn_gpu.FrozenBatchNorm1d):
+        x = torch.randn(1, 3)
+        y = module(x)
+        assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("settings, message", [({"r_max": 0.5}, "r_max must be >= 1"),
+                                               ({"d_max": -1.0}, "d_max >= 0"),
+                                               ({"r_max": float("nan")}, "r_max must be >= 1"),
+                                               ({"warmup_steps": -1}, "warmup_steps must be a non-negative"),
+                                               ({"warmup_steps": 1.5}, "warmup_steps must be a non-negative")])
+def test_batch_renorm_refuses_bad_limits_at_construction(settings, message):
+    with pytest.raises(ValueError, match=message):
+        bn_gpu.BatchRenorm2d(3, **settings)
 
 
 @pytest.mark.parametrize("make", [lambda: bn_gpu.FrozenBatchNorm2d(3), lambda: bn_gpu.BatchRenorm2d(3),
