@@ -17,23 +17,35 @@ _GPU_BACKENDS = ("triton", "cupy")
 _MODULES = {"triton": "bn_gpu.triton_backend", "cupy": "bn_gpu.cupy_backend", "cpu": "bn_gpu.cpu_backend"}
 
 
-def _checked(name: str, allowed) -> str:
-    if name not in allowed:
-        raise ValueError(f"bn_gpu: unknown backend {name!r}; choose one of {', '.join(allowed)}")
-    return name
+def _checked(name, allowed, what: str = "backend") -> str:
+    """name, lower-cased, if it is one of `allowed`; else a ValueError naming `what` was given."""
+    if isinstance(name, str) and name.lower() in allowed:
+        return name.lower()
+    raise ValueError(f"bn_gpu: unknown {what} {name!r}; choose one of {', '.join(map(repr, allowed))}")
 
 
-_default_gpu_backend = _checked(os.environ.get("BN_GPU_BACKEND", "triton"), _GPU_BACKENDS)
+def _default_from_environment() -> str:
+    """BN_GPU_BACKEND: "triton" (the default) or "cupy", in any case. Checked at import: a bad value
+    stops `import bn_gpu` with one message naming the variable."""
+    value = os.environ.get("BN_GPU_BACKEND", "triton")
+    return _checked(value.strip(), _GPU_BACKENDS, "BN_GPU_BACKEND value (the default backend for CUDA tensors)")
+
+
+_default_gpu_backend = _default_from_environment()
 
 
 def check_name(name: str) -> str:
-    """A backend a module or call may ask for: "auto" or one of BACKENDS."""
+    """A backend a module or call may ask for: "auto" or one of BACKENDS (in any case)."""
     return _checked(name, ("auto", *BACKENDS))
 
 
 def set_backend(name: str) -> None:
-    """Process-wide backend that backend="auto" uses for CUDA tensors: "triton" or "cupy"."""
+    """Process-wide backend that backend="auto" uses for CUDA tensors: "triton" or "cupy". ("cpu" runs
+    CPU tensors only, which "auto" gives them already: it is refused here, with that reason.)"""
     global _default_gpu_backend
+    if isinstance(name, str) and name.lower() == "cpu":
+        raise ValueError("bn_gpu.set_backend: 'cpu' is not a backend for CUDA tensors; backend='auto' already "
+                         "runs CPU tensors on it. For CUDA tensors choose 'triton' or 'cupy'")
     _default_gpu_backend = _checked(name, _GPU_BACKENDS)
 
 
@@ -45,7 +57,10 @@ def resolve(name: str, device: torch.device) -> str:
     """The concrete backend for a call on tensors of `device`."""
     if name == "auto":
         return _default_gpu_backend if device.type == "cuda" else "cpu"
-    return _checked(name, BACKENDS)
+    if name in BACKENDS:
+        return name
+    name = check_name(name)
+    return resolve(name, device)
 
 
 _checked_modules: dict = {}

@@ -23,10 +23,44 @@ def test_environment_sets_the_process_default():
     assert _in_fresh_process(code, BN_GPU_BACKEND="cupy").stdout.split() == ["cupy", "cupy"]
 
 
-def test_environment_with_an_unknown_backend_names_the_choices():
-    result = _in_fresh_process("import bn_gpu", BN_GPU_BACKEND="cuda")
+def test_environment_names_are_case_insensitive():
+    code = "import bn_gpu; print(bn_gpu.get_backend())"
+    assert _in_fresh_process(code, BN_GPU_BACKEND="CuPy").stdout.split() == ["cupy"]
+    assert _in_fresh_process(code, BN_GPU_BACKEND="TRITON").stdout.split() == ["triton"]
+
+
+@pytest.mark.parametrize("value", ["cuda", "cpu", ""])
+def test_environment_with_an_unknown_backend_names_the_variable_and_the_choices(value):
+    result = _in_fresh_process("import bn_gpu", BN_GPU_BACKEND=value)
     assert result.returncode != 0
-    assert "unknown backend 'cuda'" in result.stderr and "triton, cupy" in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert "BN_GPU_BACKEND" in last_line and f"{value!r}" in last_line, last_line
+    assert "'triton', 'cupy'" in last_line, last_line
+
+
+def test_names_are_case_insensitive_everywhere():
+    previous = bn_gpu.get_backend()
+    try:
+        bn_gpu.set_backend("CuPy")
+        assert bn_gpu.get_backend() == "cupy"
+    finally:
+        bn_gpu.set_backend(previous)
+    assert bn_gpu.BatchNorm1d(3, backend="CPU").backend == "cpu"
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(bn_gpu.batch_norm(x, None, None, training=True, backend="Cpu"),
+                               torch.nn.functional.batch_norm(x, None, None, training=True))
+
+
+def test_set_backend_cpu_says_why_it_is_not_a_process_default():
+    with pytest.raises(ValueError, match="'cpu' is not a backend for CUDA tensors.*'auto' already runs CPU tensors"):
+        bn_gpu.set_backend("cpu")
+
+
+def test_unknown_backend_message_names_every_choice():
+    with pytest.raises(ValueError, match="choose one of 'auto', 'triton', 'cupy', 'cpu'"):
+        bn_gpu.batch_norm(torch.randn(4, 3), None, None, training=True, backend="cuda")
+    with pytest.raises(ValueError, match="choose one of 'auto', 'triton', 'cupy', 'cpu'"):
+        bn_gpu.BatchNorm2d(3, backend="gpu")
 
 
 def test_set_backend():
