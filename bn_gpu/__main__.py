@@ -6,17 +6,14 @@ import logging
 import os
 import sys
 
-
-def _program_name() -> str:
-    invoked = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    return "python -m bn_gpu" if invoked in ("__main__.py", "-m", "") else invoked
+from .cli import DefaultsFormatter, Parser, program_name
 
 
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
-    formatter = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog=_program_name(), formatter_class=formatter,
-                                     description="BatchNorm for PyTorch on NVIDIA GPUs: Triton and CUDA C kernels.")
+    formatter = DefaultsFormatter
+    parser = Parser(prog=program_name(), formatter_class=formatter,
+                    description="BatchNorm for PyTorch on NVIDIA GPUs: Triton and CUDA C kernels.")
     parser.add_argument("--version", action="version", version=f"bn_gpu {__version__}")
     parser.add_argument("--quiet", action="store_true", help="only warnings and errors on stderr")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -44,7 +41,7 @@ def _plot(path: str) -> int:
     try:
         rows, meta = load(path)
     except (OSError, ValueError, KeyError, TypeError) as error:
-        print(f"{_program_name()} plot: {path} is not a results file of the bench command "
+        print(f"{program_name()} plot: {path} is not a results file of the bench command "
               f"({type(error).__name__}: {error})", file=sys.stderr)
         return 2
     stem = path[:-5] if path.endswith(".json") else path

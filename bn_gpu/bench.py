@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from . import cli
 from .layout import arranged
 from .report import EPILOGUE_SUFFIX, MODES, Row, fill_metrics, plot, save
 
@@ -34,10 +35,6 @@ IMPLS = ["bn_gpu-triton", "bn_gpu-cupy", "torch-cudnn", "torch-native", "torch-i
 SMALL_NUMEL = 1 << 16  # CUDA-graph and host-time measurements below this size
 # Output tolerance of the correctness check (sums over up to 800k values in the backward).
 CHECK_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 6e-2, torch.float16: 2e-2}
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.lower().split("x"))
 
 
 def layouts_for(shape) -> list[str]:
@@ -304,7 +301,9 @@ def _save_rows(stem: str, rows: list, copy: float, meta: dict) -> dict:
     return save(stem, rows, meta)
 
 
-def run(args) -> dict:
+def run(args, clock=time.monotonic) -> dict:
+    """Measure every job of args in turn, writing the results after each. clock: the seconds that
+    --budget-s is counted in (a test passes its own)."""
     smoke = args.smoke
     if smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -312,26 +311,27 @@ def run(args) -> dict:
         raise SystemExit("python -m bn_gpu bench needs a CUDA GPU and none is present; "
                          "--smoke runs the whole path on a CPU (Triton interpreter, timings not meaningful)")
     device = torch.device("cpu" if smoke else "cuda")
-    shapes = [parse_shape(s) for s in (args.shapes or (SMOKE_SHAPES if smoke else DEFAULT_SHAPES))]
+    shapes = args.shapes or [cli.shape(s) for s in (SMOKE_SHAPES if smoke else DEFAULT_SHAPES)]
     dtypes = [DTYPES[d] for d in (args.dtypes or (["float32", "bfloat16"] if smoke else list(DTYPES)))]
     modes = args.modes or list(MODES)
     impls = available_impls(device, args.impls or IMPLS)
     jobs = [(name, factory, shape, dtype, layout, mode)
             for shape in shapes for dtype in dtypes for layout in layouts_for(shape)
             for mode in modes for name, factory in impls.items()]
-    start = time.monotonic()
+    start = clock()
     jobs, dropped = fit_budget(jobs, args.budget_s)
     copy = copy_gbps(device, smoke)
     meta = metadata(device, smoke, copy)
     meta["budget_s"] = args.budget_s
     meta["dropped"] = [job_label(job) + " (over the budget)" for job in dropped]
-    os.makedirs(args.out, exist_ok=True)
+    out = args.out or default_results_folder()
+    os.makedirs(out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    tag = "smoke" if smoke else results_tag(meta["device"])
-    stem = os.path.join(args.out, f"{'smoke' if smoke else 'bench'}-{stamp}-{tag}")
+    stem = os.path.join(out, f"smoke-{stamp}" if smoke else f"bench-{stamp}-{results_tag(meta['device'])}")
+    log.info("%d jobs; results in %s as each job ends", len(jobs), os.path.abspath(out))
     rows = []
     for i, job in enumerate(jobs):
-        if args.budget_s is not None and time.monotonic() - start > args.budget_s:
+        if args.budget_s is not None and clock() - start > args.budget_s:
             meta["dropped"] += [job_label(j) + " (out of time)" for j in jobs[i:]]
             break
         name, factory, shape, dtype, layout, mode = job
@@ -339,9 +339,9 @@ def run(args) -> dict:
         rows.append(row)
         verdict = "ok" if row.correct else ("ERROR " + row.note if row.note else f"WRONG ({row.max_error:.1e})")
         log.info("[%d/%d] %s: %.1f us %s", i + 1, len(jobs), job_label(job), row.us, verdict)
-        meta["elapsed_s"] = round(time.monotonic() - start, 1)
+        meta["elapsed_s"] = round(clock() - start, 1)
         paths = _save_rows(stem, rows, copy, meta)
-    meta["elapsed_s"] = round(time.monotonic() - start, 1)
+    meta["elapsed_s"] = round(clock() - start, 1)
     paths = _save_rows(stem, rows, copy, meta)
     for label in meta["dropped"]:
         log.info("dropped: %s", label)
@@ -354,13 +354,30 @@ def run(args) -> dict:
     return paths
 
 
+def default_results_folder() -> str:
+    """profiling/results of the source tree bn_gpu runs from, when it runs from one; else
+    bn_gpu-results in the current directory."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    profiling = os.path.join(os.path.dirname(package), "profiling")
+    return os.path.join(profiling, "results") if os.path.isdir(profiling) else "bn_gpu-results"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes in the Triton interpreter on CPU (CI)")
-    parser.add_argument("--shapes", nargs="+", help=f"e.g. 64x64x112x112 16384x2048 (default: {' '.join(DEFAULT_SHAPES)})")
-    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES))
-    parser.add_argument("--modes", nargs="+", choices=list(MODES))
-    parser.add_argument("--impls", nargs="+", choices=IMPLS)
-    parser.add_argument("--out", default=os.path.join("profiling", "results"), help="folder for the results files")
+    parser.add_argument("--shapes", nargs="+", type=cli.shape, metavar="SHAPE",
+                        help=f"shapes N x C x spatial... (default: {' '.join(DEFAULT_SHAPES)}; "
+                             f"with --smoke: {' '.join(SMOKE_SHAPES)})")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES),
+                        help="input dtypes (default: all three; with --smoke: float32 bfloat16)")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES),
+                        help="what is timed: training forward, eval forward, training forward + backward, and the "
+                             "fused epilogue relu(bn(x) + residual) forward and forward + backward (default: all)")
+    parser.add_argument("--impls", nargs="+", choices=IMPLS,
+                        help="implementations compared; those that cannot run here (CuPy not installed, "
+                             "torch.compile on a CPU) are left out (default: all)")
+    parser.add_argument("--out", default=None,
+                        help="folder for the results files (default: profiling/results of the source tree bn_gpu "
+                             "runs from, else ./bn_gpu-results)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="fit the run into this many seconds: torch.compile jobs are dropped first, then "
                              "the last jobs; the dropped ones are listed (results are written after every job)")

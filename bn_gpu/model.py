@@ -30,10 +30,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 
 import torch
 
+from . import cli
 from . import launches as recorded
 
 # ---- targets ----------------------------------------------------------------------------------
@@ -750,15 +752,19 @@ def _versions() -> dict:
                 nvcc=nvcc_version)
 
 
-def run_model(target: Target, shapes, dtypes, layouts, ops, backends, workdir: str) -> list[CaseFigures]:
+def run_model(target: Target, shapes, dtypes, layouts, ops, backends, workdir: str,
+              progress=None) -> list[CaseFigures]:
+    """The figures of every case; progress(done, total, label), if given, after each."""
     compiler = Compiler(target, workdir)
+    jobs = [(backend, shape, dtype, layout, op)
+            for shape in shapes for dtype in dtypes for layout in (layouts if len(shape) > 2 else ["contiguous"])
+            for op in ops for backend in backends]
     cases = []
-    for shape in shapes:
-        for dtype in dtypes:
-            for layout in (layouts if len(shape) > 2 else ["contiguous"]):
-                for op in ops:
-                    for backend in backends:
-                        cases.append(model_case(backend, shape, dtype, layout, op, target, compiler))
+    for backend, shape, dtype, layout, op in jobs:
+        cases.append(model_case(backend, shape, dtype, layout, op, target, compiler))
+        if progress is not None:
+            label = f"{backend} {'x'.join(map(str, shape))} {str(dtype).replace('torch.', '')} {layout} {op}"
+            progress(len(cases), len(jobs), label)
     return cases
 
 
@@ -781,16 +787,20 @@ def run(args) -> int:
         print(f"bn_gpu model: needs {', '.join(missing)} (Triton's NVIDIA backend ships cuobjdump; nvcc comes "
               "with the CUDA toolkit)", file=sys.stderr)
         return 2
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     dtypes = [DTYPES[d] for d in args.dtypes]
+    started = time.monotonic()
+
+    def progress(done, total, label):
+        print(f"[{done}/{total}] {label} ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
+
     with tempfile.TemporaryDirectory() as workdir:
-        cases = run_model(target, shapes, dtypes, args.layouts, args.ops, args.backends, workdir)
+        cases = run_model(target, args.shapes, dtypes, args.layouts, args.ops, args.backends, workdir, progress)
     versions = _versions()
     text = (header_markdown(target, versions) + "\n\n## Cases\n\n" + cases_markdown(cases)
             + "\n\n## Fused epilogue against the unfused sequence\n\n" + fused_markdown(cases)
             + "\n\n## Kernel variants\n\n" + kernels_markdown(cases) + "\n")
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"model-{args.target}-{versions['date']}")
+    stem = unused_stem(os.path.join(args.out, f"model-{args.target}-{datetime.datetime.now():%Y%m%d-%H%M%S}"))
     with open(stem + ".md", "w") as f:
         f.write(text)
     with open(stem + ".json", "w") as f:
@@ -800,19 +810,43 @@ def run(args) -> int:
         with open(args.write_model_md, "w") as f:
             f.write(text)
     print(text)
-    print(f"md: {stem}.md\njson: {stem}.json", file=sys.stderr)
+    written = [stem + ".md", stem + ".json"] + ([args.write_model_md] if args.write_model_md else [])
+    print("written: " + ", ".join(os.path.abspath(path) for path in written), file=sys.stderr)
     return 0
+
+
+def unused_stem(stem: str) -> str:
+    """stem, or stem-2, stem-3, ...: the first whose .md and .json do not exist (a run never
+    overwrites an earlier one's files)."""
+    candidate, n = stem, 1
+    while os.path.exists(candidate + ".md") or os.path.exists(candidate + ".json"):
+        n += 1
+        candidate = f"{stem}-{n}"
+    return candidate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", choices=sorted(TARGETS), default="h200", help="the GPU the model describes")
-    parser.add_argument("--sms", type=int, default=None, help="override the target's multiprocessor count")
-    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES)
-    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--sms", type=_positive_int, default=None, help="override the target's multiprocessor count")
+    parser.add_argument("--shapes", nargs="+", type=cli.shape, default=[cli.shape(s) for s in DEFAULT_SHAPES],
+                        metavar="SHAPE", help=f"shapes N x C x spatial... (default: {' '.join(DEFAULT_SHAPES)})")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES), help="input dtypes")
     parser.add_argument("--layouts", nargs="+", choices=["contiguous", "channels_last"],
-                        default=["contiguous", "channels_last"])
-    parser.add_argument("--ops", nargs="+", choices=list(OPS), default=list(OPS))
-    parser.add_argument("--backends", nargs="+", choices=["triton", "cupy"], default=["triton", "cupy"])
-    parser.add_argument("--out", default=os.path.join("profiling", "results"), help="folder for the .md and .json")
+                        default=["contiguous", "channels_last"], help="memory layouts of the 3-D and wider shapes")
+    parser.add_argument("--ops", nargs="+", choices=list(OPS), default=list(OPS), help="the ops modelled")
+    parser.add_argument("--backends", nargs="+", choices=["triton", "cupy"], default=["triton", "cupy"],
+                        help="whose kernels are compiled and modelled")
+    parser.add_argument("--out", default=os.path.join("profiling", "results"),
+                        help="folder for the .md and .json, named by target and time (never overwritten)")
     parser.add_argument("--write-model-md", default=None, metavar="PATH",
                         help="also write the tables to PATH (make model: profiling/MODEL.md)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value

@@ -9,6 +9,9 @@
 # --rehearse  on a CPU machine: the same steps and budget logic with the GPU steps stubbed (the
 #             preflight in the Triton interpreter, the benchmark as --smoke, no install), to check
 #             that the budget holds and that results are written as the run goes.
+# For tests of the budget logic, two variables replace what takes real time: GPU_CHECK_CLOCK, a file
+# holding the seconds elapsed (read instead of bash's SECONDS), and GPU_CHECK_STUB, a command run as
+# `STUB NAME LIMIT` in place of each step's command (its exit status is the step's).
 # Every step writes its log as it runs, and the benchmark rewrites its JSON/CSV/Markdown after
 # every job, so a step cut off by its timeout loses nothing already measured. The last lines
 # printed (also DIR/summary.md) are what to paste into profiling/RESULTS.md.
@@ -30,7 +33,9 @@ while [ $# -gt 0 ]; do
 done
 mkdir -p "$out/bench"
 summary="$out/summary.md"
-start=$SECONDS
+# Seconds since some fixed point: bash's SECONDS, or the test clock's file.
+now() { if [ -n "${GPU_CHECK_CLOCK:-}" ]; then cat "$GPU_CHECK_CLOCK"; else echo "$SECONDS"; fi; }
+start=$(now)
 PY=${PYTHON:-python3}
 compile_cupy='
 import concurrent.futures, multiprocessing
@@ -47,7 +52,7 @@ if __name__ == "__main__":
 : > "$summary"
 
 # Seconds left in the budget, less a reserve of PERCENT of the budget for the steps after this one.
-left() { echo $(( budget - (SECONDS - start) - budget * ${1:-0} / 100 )); }
+left() { echo $(( budget - ($(now) - start) - budget * ${1:-0} / 100 )); }
 
 # step NAME MAX_SECONDS RESERVE_PERCENT COMMAND...: run COMMAND with a timeout of MAX_SECONDS or
 # what the budget leaves after its reserve for later steps, whichever is less; log to $out/NAME.log.
@@ -61,13 +66,18 @@ step() {
     echo "- $name: not run (budget spent)" >> "$summary"
     return
   fi
-  local t0=$SECONDS
-  # SIGINT first: pytest and the benchmark print what they have before they stop.
-  timeout -s INT -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
+  local t0
+  t0=$(now)
+  if [ -n "${GPU_CHECK_STUB:-}" ]; then
+    "$GPU_CHECK_STUB" "$name" "$limit" > "$out/$name.log" 2>&1
+  else
+    # SIGINT first: pytest and the benchmark print what they have before they stop.
+    timeout -s INT -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
+  fi
   local status=$?
   local verdict="exit $status"
   [ $status -eq 124 ] || [ $status -eq 130 ] && verdict="stopped at its ${limit} s limit (exit $status)"
-  echo "- $name: $verdict, $(( SECONDS - t0 )) s of ${limit} s" >> "$summary"
+  echo "- $name: $verdict, $(( $(now) - t0 )) s of ${limit} s" >> "$summary"
 }
 
 if [ $rehearse -eq 1 ]; then
@@ -118,7 +128,7 @@ fi
 count() { local n; n=$(grep -c "$1" "$2" 2>/dev/null); echo "${n:-0}"; }
 {
   echo
-  echo "## gpu_check.sh, $(date -u +%Y-%m-%dT%H:%MZ), ${device}, budget ${budget} s, took $(( SECONDS - start )) s"
+  echo "## gpu_check.sh, $(date -u +%Y-%m-%dT%H:%MZ), ${device}, budget ${budget} s, took $(( $(now) - start )) s"
   grep -h -E "^torch|^cupy" "$out/env.log" | sed 's/^/- /'
   [ -s "$out/preflight.log" ] && echo "- preflight: $(count '^ok' "$out/preflight.log") ok, $(count '^FAIL' "$out/preflight.log") failed"
   grep -h '^FAIL' "$out/preflight.log" 2>/dev/null | sed 's/^/  - /'

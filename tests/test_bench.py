@@ -2,9 +2,9 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -163,28 +163,32 @@ def test_results_are_written_after_every_job(tmp_path, monkeypatch):
     bench.run(_bench_args(tmp_path, budget_s=1000))
     jobs = 3 * 2 * 5  # 4x3x6x6 in two layouts and 5x3 in one, 2 impls, 5 modes (2 of them fused)
     assert rows_on_disk == list(range(jobs))
-    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    (results,) = tmp_path.glob("*.json")
+    assert re.fullmatch(r"smoke-\d{8}-\d{6}\.json", results.name), results.name  # the kind named once
+    data = json.loads(results.read_text())
     assert len(data["rows"]) == jobs and data["meta"]["dropped"] == []
 
 
 def test_a_run_out_of_time_stops_and_lists_what_it_dropped(tmp_path, monkeypatch):
-    def slow_measure(name, call, shape, dtype, layout, mode, device, smoke):
-        time.sleep(0.3)
+    """Each job takes 0.3 s of a clock the test keeps: a 1 s budget is crossed by the fourth job,
+    after which the run stops and lists the rest as dropped."""
+    elapsed = [0.0]
+
+    def measure(name, call, shape, dtype, layout, mode, device, smoke):
+        elapsed[0] += 0.3
         return Row(impl=name, shape="x".join(map(str, shape)), dtype="float32", layout=layout, mode=mode,
                    numel=12, itemsize=4, us=1.0, correct=True)
 
-    monkeypatch.setattr(bench, "measure_case", slow_measure)
+    monkeypatch.setattr(bench, "measure_case", measure)
     monkeypatch.setattr(bench, "plot", lambda rows, meta, path: path)
     monkeypatch.setattr(bench, "DEFAULT_JOB_COST_S", 0.01)  # the up-front estimate keeps every job
-    start = time.monotonic()
-    bench.run(_bench_args(tmp_path, budget_s=1.0))
-    assert time.monotonic() - start < 1.0 + 0.3 + 5  # stops after the job that crossed the budget
+    bench.run(_bench_args(tmp_path, budget_s=1.0), clock=lambda: elapsed[0])
     data = json.loads(next(tmp_path.glob("*.json")).read_text())
-    measured = len(data["rows"])
     jobs = 3 * 2 * 5  # as in test_results_are_written_after_every_job
-    assert 2 <= measured < jobs
-    assert len(data["meta"]["dropped"]) == jobs - measured
+    assert len(data["rows"]) == 4  # 0.3, 0.6, 0.9 within the budget; the fourth starts at 0.9 and ends at 1.2
+    assert len(data["meta"]["dropped"]) == jobs - 4
     assert all(d.endswith("(out of time)") for d in data["meta"]["dropped"])
+    assert data["meta"]["elapsed_s"] == 1.2
     assert "dropped to fit the budget" in next(tmp_path.glob("*.md")).read_text()
 
 
@@ -199,23 +203,62 @@ def test_bench_without_a_gpu_refuses_unless_smoke(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_gpu_check_rehearsal_keeps_its_budget(tmp_path):
-    """profiling/gpu_check.sh --rehearse: every step under the budget, results written, a summary."""
-    script = os.path.join(os.path.dirname(__file__), "..", "profiling", "gpu_check.sh")
-    env = dict(os.environ, PYTHON=sys.executable)
+_STUB_STEP = """#!/usr/bin/env bash
+# NAME LIMIT: record the step, then advance the test's clock by its cost (STUB_COSTS, default 1 s);
+# a cost over the limit is cut there, as timeout would cut it (exit 124).
+name=$1 limit=$2 cost=1
+for pair in $STUB_COSTS; do [ "${pair%%=*}" = "$name" ] && cost=${pair#*=}; done
+echo "$name $limit" >> "$STUB_RECORD"
+clock=$(cat "$GPU_CHECK_CLOCK")
+if [ "$cost" -gt "$limit" ]; then echo $(( clock + limit )) > "$GPU_CHECK_CLOCK"; exit 124; fi
+echo $(( clock + cost )) > "$GPU_CHECK_CLOCK"
+"""
+
+
+def _gpu_check(tmp_path, budget: int, costs: dict, *options) -> tuple[list, str]:
+    """profiling/gpu_check.sh with every step stubbed and a clock the test keeps: the (step, limit)
+    pairs it ran, in order, and its summary."""
+    stub, clock, record = tmp_path / "stub.sh", tmp_path / "clock", tmp_path / "steps"
+    stub.write_text(_STUB_STEP)
+    stub.chmod(0o755)
+    clock.write_text("0\n")
+    record.write_text("")
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_STUB=str(stub), GPU_CHECK_CLOCK=str(clock),
+               STUB_RECORD=str(record), STUB_COSTS=" ".join(f"{k}={v}" for k, v in costs.items()))
     env.pop("TRITON_INTERPRET", None)
-    budget = 60
-    start = time.monotonic()
-    result = subprocess.run(["bash", script, "--rehearse", "--budget-s", str(budget), "--out", str(tmp_path)],
-                            env=env, capture_output=True, text=True, timeout=budget + 60)
-    took = time.monotonic() - start
+    script = os.path.join(os.path.dirname(__file__), "..", "profiling", "gpu_check.sh")
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", script, *options, "--budget-s", str(budget), "--out", str(out)], env=env,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert took <= budget + 15, took  # each step's timeout is cut to what the budget leaves
-    summary = (tmp_path / "summary.md").read_text()
-    for step in ("preflight: exit 0", "gpu-tests:", "bench:", "host-overhead:"):
-        assert step in summary, summary
-    assert "0 failed" in summary and "## Summary: µs (% of floor)" in summary
-    assert list((tmp_path / "bench").glob("*.json"))
+    steps = [(name, int(limit)) for name, limit in (line.split() for line in record.read_text().splitlines())]
+    return steps, (out / "summary.md").read_text()
+
+
+def test_gpu_check_rehearsal_cuts_each_step_to_what_the_budget_leaves(tmp_path):
+    # preflight: min(30, 60 - 0 - 40% of 60) = 30; gpu-tests: min(20, 60 - 25 - 24) = 11, cut there;
+    # bench: what is left less 15% = 60 - 36 - 9 = 15; host-overhead: min(10, 60 - 37).
+    steps, summary = _gpu_check(tmp_path, 60, {"preflight": 25, "gpu-tests": 100}, "--rehearse")
+    assert steps == [("preflight", 30), ("gpu-tests", 11), ("bench", 15), ("host-overhead", 10)]
+    assert "- preflight: exit 0, 25 s of 30 s" in summary
+    assert "- gpu-tests: stopped at its 11 s limit (exit 124), 11 s of 11 s" in summary
+    assert "budget 60 s, took 38 s" in summary
+
+
+def test_gpu_check_skips_a_step_the_budget_cannot_hold(tmp_path):
+    # preflight uses all of its 24 s (40 - 40% of 40): nothing is left for gpu-tests before its reserve.
+    steps, summary = _gpu_check(tmp_path, 40, {"preflight": 24, "bench": 10}, "--rehearse")
+    assert steps == [("preflight", 24), ("bench", 10), ("host-overhead", 6)]
+    assert "- gpu-tests: not run (budget spent)" in summary
+    assert "budget 40 s, took 35 s" in summary
+
+
+def test_gpu_check_on_a_gpu_machine_keeps_its_budget(tmp_path):
+    steps, summary = _gpu_check(tmp_path, 480, {"gpu-tests": 300})
+    assert steps == [("install", 60), ("cupy-compile", 90), ("gpu-tests", 240), ("host-overhead", 30),
+                     ("host-overhead-jit", 30), ("kernel-times", 60), ("bench", 221)]
+    assert "- preflight: skipped (the GPU tests passed)" in summary
+    assert "budget 480 s, took 246 s" in summary
 
 
 def test_command_line_version_and_help():
@@ -225,7 +268,11 @@ def test_command_line_version_and_help():
     result = subprocess.run([sys.executable, "-m", "bn_gpu", "bench", "--help"], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and "python -m bn_gpu bench" in result.stdout
-    assert "(default: profiling/results)" in " ".join(result.stdout.split())  # defaults shown
+    help_text = " ".join(result.stdout.split())
+    assert "(default: None)" not in help_text
+    for option in ("--dtypes", "--modes", "--impls", "--out"):  # each explained, its default named
+        assert option in help_text
+    assert help_text.count("(default:") >= 5, help_text
 
 
 def test_plot_of_a_file_that_is_not_a_results_file_says_so(tmp_path):
