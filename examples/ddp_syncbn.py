@@ -33,6 +33,10 @@ def main() -> None:
     parser.add_argument("--batch-per-rank", type=int, default=8)
     parser.add_argument("--empty-last-rank", action="store_true", help="give the last rank no samples")
     args = parser.parse_args()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        print("ddp_syncbn.py: error: start it with torchrun, which sets RANK and WORLD_SIZE: "
+              "torchrun --nproc-per-node 2 examples/ddp_syncbn.py", file=sys.stderr)
+        raise SystemExit(2)
 
     use_cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if use_cuda else "gloo")

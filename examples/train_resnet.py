@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import copy
 import statistics
+import sys
 import time
 
 import torch
@@ -134,9 +135,22 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def check_setup(args) -> torch.device:
+    """The device and the bn_gpu backend, checked before any training: a one-line reason to stop."""
+    try:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda: no CUDA GPU is present here (use --device cpu)")
+        bn_gpu.backends.implementation(bn_gpu.backends.resolve(args.backend, device), device)
+    except (RuntimeError, ImportError) as error:
+        print(f"train_resnet.py: error: {str(error).splitlines()[0]}", file=sys.stderr)
+        raise SystemExit(2)
+    return device
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = check_setup(args)
     torch.manual_seed(args.seed)
     reference, description = build_model(args.model, args.num_classes)
     reference = reference.to(device)

@@ -56,3 +56,31 @@ def test_ddp_syncbn_example_runs_with_torchrun_on_two_cpu_processes(options):
     assert result.returncode == 0, result.stdout + result.stderr
     assert ("2 ranks on cpu (gloo): running statistics identical on every rank: True (largest difference 0.0e+00), "
             "all finite: True") in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("options, message", [
+    (("--device", "cpu", "--backend", "triton"), "backend='triton' needs CUDA tensors"),
+    (("--device", "cuda"), "no CUDA GPU is present"),
+], ids=["triton-on-cpu", "cuda-without-gpu"])
+def test_train_resnet_refuses_a_setup_that_cannot_run_before_any_training(options, message):
+    import os
+
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: both setups run")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(EXAMPLE), *options], capture_output=True, text=True, timeout=300,
+                            env=env, check=False)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+    assert result.stdout == ""  # nothing trained, nothing printed
+
+
+def test_ddp_syncbn_without_torchrun_says_how_to_launch_it():
+    script = pathlib.Path(__file__).resolve().parents[1] / "examples" / "ddp_syncbn.py"
+    import os
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env,
+                            check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "torchrun --nproc-per-node 2 examples/ddp_syncbn.py" in result.stderr
