@@ -23,14 +23,24 @@ class FoldReport:
     """What fold_batch_norms did: each BatchNorm folded (and into which layer) or left (and why)."""
     folded: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (batch norm, layer)
     left: list[tuple[str, str]] = dataclasses.field(default_factory=list)    # (batch norm, reason)
-    traced: bool = True  # False: the model could not be traced by torch.fx; nn.Sequential order was used
+    trace_error: str | None = None  # why torch.fx could not trace the model; nn.Sequential order was used
+
+    @property
+    def traced(self) -> bool:
+        return self.trace_error is None
 
     def __str__(self) -> str:
-        lines = [f"folded {len(self.folded)} BatchNorm(s), left {len(self.left)}"
-                 + ("" if self.traced else " (model not traceable by torch.fx: folded within nn.Sequential only)")]
+        lines = [f"folded {len(self.folded)} BatchNorm(s), left {len(self.left)}" + untraced_note(self.trace_error)]
         lines += [f"  folded {bn} into {layer}" for bn, layer in self.folded]
         lines += [f"  left   {bn}: {why}" for bn, why in self.left]
         return "\n".join(lines)
+
+
+def untraced_note(trace_error: str | None) -> str:
+    """What a report says of a model torch.fx could not trace (nothing for one it could)."""
+    if trace_error is None:
+        return ""
+    return f" (torch.fx could not trace the model, so only nn.Sequential containers were searched: {trace_error})"
 
 
 def _is_frozen_batch_norm(module) -> bool:
@@ -110,6 +120,27 @@ class _Tracer(torch.fx.Tracer):
         return _is_batch_norm(module) or super().is_leaf_module(module, qualname)
 
 
+def trace(model: torch.nn.Module) -> tuple[torch.fx.Graph | None, str | None]:
+    """(graph, None) from torch.fx with BatchNorms kept whole, or (None, why it could not trace)."""
+    try:
+        return _Tracer().trace(model), None
+    except Exception as error:  # noqa: BLE001 -- any tracing failure means: fall back to module order
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def sequential_neighbours(model: torch.nn.Module):
+    """(qualified name of a, a, qualified name of b, b, container) for each pair of neighbours a, b in
+    an nn.Sequential of `model` where both are used once in the model: there order is dataflow."""
+    uses = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    for prefix, container in list(model.named_modules()):
+        if not isinstance(container, torch.nn.Sequential):
+            continue
+        children = list(container.named_children())
+        for (a_name, a), (b_name, b) in zip(children, children[1:]):
+            if uses[id(a)] == 1 and uses[id(b)] == 1:
+                yield _qualified(prefix, a_name), a, _qualified(prefix, b_name), b, container
+
+
 def _fold_traced(model: torch.nn.Module, graph: torch.fx.Graph, report: FoldReport) -> torch.fx.GraphModule:
     module = torch.fx.GraphModule(model, graph)
     modules = dict(module.named_modules())
@@ -143,19 +174,13 @@ def _qualified(prefix: str, name: str) -> str:
 
 
 def _fold_in_sequentials(model: torch.nn.Module, report: FoldReport) -> torch.nn.Module:
-    uses = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     folded = set()
-    for prefix, container in list(model.named_modules()):
-        if not isinstance(container, torch.nn.Sequential):
-            continue
-        children = list(container.named_children())
-        for (layer_name, layer), (bn_name, bn) in zip(children, children[1:]):
-            if (_is_batch_norm(bn) and _why_not_pair(layer, bn) is None
-                    and uses[id(layer)] == 1 and uses[id(bn)] == 1):
-                _fold_into(layer, bn)
-                setattr(container, bn_name, torch.nn.Identity())
-                folded.add(id(bn))
-                report.folded.append((_qualified(prefix, bn_name), _qualified(prefix, layer_name)))
+    for layer_name, layer, bn_name, bn, container in sequential_neighbours(model):
+        if _is_batch_norm(bn) and _why_not_pair(layer, bn) is None:
+            _fold_into(layer, bn)
+            setattr(container, bn_name.rsplit(".", 1)[-1], torch.nn.Identity())
+            folded.add(id(bn))
+            report.folded.append((bn_name, layer_name))
     for name, module in model.named_modules():
         if _is_batch_norm(module) and id(module) not in folded:
             report.left.append((name, _why_not_foldable(module)
@@ -176,13 +201,8 @@ def fold_batch_norms(model: torch.nn.Module) -> tuple[torch.nn.Module, FoldRepor
     """
     _check_eval(model)
     model = copy.deepcopy(model)
-    report = FoldReport()
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as error:  # noqa: BLE001 -- any tracing failure means: fall back to module order
-        report.traced = False
-        report.left.append(("(trace)", f"torch.fx could not trace the model: {type(error).__name__}: {error}"))
-        result = _fold_in_sequentials(model, report)
-    else:
-        result = _fold_traced(model, graph, report)
-    return result, report
+    graph, trace_error = trace(model)
+    report = FoldReport(trace_error=trace_error)
+    if graph is None:
+        return _fold_in_sequentials(model, report), report
+    return _fold_traced(model, graph, report), report

@@ -13,7 +13,7 @@ import operator
 
 import torch
 
-from .folding import _Tracer
+from .folding import sequential_neighbours, trace, untraced_note
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d,
                       check_name)
 
@@ -29,9 +29,14 @@ class FusionReport:
     """What fuse_batch_norm_relu did: each BatchNorm fused (and with what) or left (and why)."""
     fused: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (batch norm, pattern)
     left: list[tuple[str, str]] = dataclasses.field(default_factory=list)   # (batch norm, reason)
+    trace_error: str | None = None  # why torch.fx could not trace the model; nn.Sequential order was used
+
+    @property
+    def traced(self) -> bool:
+        return self.trace_error is None
 
     def __str__(self) -> str:
-        lines = [f"fused {len(self.fused)} BatchNorm(s), left {len(self.left)}"]
+        lines = [f"fused {len(self.fused)} BatchNorm(s), left {len(self.left)}" + untraced_note(self.trace_error)]
         lines += [f"  fused {bn}: {pattern}" for bn, pattern in self.fused]
         lines += [f"  left  {bn}: {why}" for bn, why in self.left]
         return "\n".join(lines)
@@ -70,7 +75,18 @@ def _pattern(bn_node: torch.fx.Node, modules: dict):
         if relu is not None and _is_relu(relu, modules) and isinstance(other, torch.fx.Node) and other is not bn_node:
             return [bn_node, user, relu], other, "BatchNorm + add -> ReLU"
         return None, None, "followed by an add that no ReLU alone follows"
-    return None, None, f"followed by {user.op} {getattr(user.target, '__name__', user.target)}, not ReLU or add"
+    return None, None, f"followed by {_describe(user, modules)}, not a ReLU or an add"
+
+
+def _describe(node: torch.fx.Node, modules: dict) -> str:
+    """A node of the graph as a reader of the report knows it."""
+    if node.op == "output":
+        return "the model's output"
+    if node.op == "call_module":
+        return f"module {node.target} ({type(modules[node.target]).__name__})"
+    if node.op == "call_method":
+        return f"method .{node.target}()"
+    return f"function {getattr(node.target, '__name__', node.target)}"
 
 
 def _fused_module(bn, backend: str | None):
@@ -87,13 +103,16 @@ def fuse_batch_norm_relu(model: torch.nn.Module, backend: str | None = None) -> 
     relu(bn(x) + residual) in one pass, sharing the BatchNorm's parameters and buffers.
 
     Returns (fused model, FusionReport). The dataflow comes from torch.fx; a model it cannot trace
-    raises its error (fold nothing silently). backend: of the fused modules; None keeps a bn_gpu
-    module's and gives torch's "auto".
+    is searched within its nn.Sequential containers only, where order is dataflow (BatchNorm then
+    ReLU modules: an add is not a module there), and the report says so. backend: of the fused
+    modules; None keeps a bn_gpu module's and gives torch's "auto".
     """
     if backend is not None:
         check_name(backend)
     model = copy.deepcopy(model)
-    graph = _Tracer().trace(model)
+    graph, trace_error = trace(model)
+    if graph is None:
+        return _fuse_in_sequentials(model, FusionReport(trace_error=trace_error), backend)
     module = torch.fx.GraphModule(model, graph)
     modules = dict(module.named_modules())
     calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
@@ -120,3 +139,17 @@ def fuse_batch_norm_relu(model: torch.nn.Module, backend: str | None = None) -> 
     module.delete_all_unused_submodules()  # the ReLU modules fused away
     module.recompile()
     return module, report
+
+
+def _fuse_in_sequentials(model: torch.nn.Module, report: FusionReport, backend: str | None):
+    fused = set()
+    for bn_name, bn, relu_name, relu, container in sequential_neighbours(model):
+        if type(bn) in _FUSED and type(relu) is torch.nn.ReLU:
+            setattr(container, bn_name.rsplit(".", 1)[-1], _fused_module(bn, backend))
+            setattr(container, relu_name.rsplit(".", 1)[-1], torch.nn.Identity())
+            fused.add(id(bn))
+            report.fused.append((bn_name, "BatchNorm -> ReLU"))
+    for name, module in model.named_modules():
+        if type(module) in _FUSED and id(module) not in fused:
+            report.left.append((name, "not followed by a ReLU module in an nn.Sequential"))
+    return model, report

@@ -180,6 +180,46 @@ def test_fuse_batch_norm_relu_reports_and_computes_the_same(backend):
     torch.testing.assert_close(fused.bn1.running_mean, reference.bn1.running_mean)
 
 
+class _DataDependent(torch.nn.Module):
+    """A model torch.fx cannot trace (control flow on a value), with a BatchNorm -> ReLU in a
+    Sequential, one BatchNorm that no ReLU follows there, and one outside any Sequential."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                        torch.nn.BatchNorm2d(4))
+        self.head = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.body(x)
+        return torch.relu(self.head(y)) if bool(x.abs().sum() > 0) else y  # always true, but data-dependent
+
+
+def test_fuse_batch_norm_relu_on_an_untraceable_model_fuses_within_sequentials():
+    torch.manual_seed(0)
+    model = _DataDependent()
+    fused, report = bn_gpu.fuse_batch_norm_relu(model)
+    assert not report.traced and "TraceError" in report.trace_error
+    assert report.fused == [("body.1", "BatchNorm -> ReLU")]
+    assert dict(report.left).keys() == {"body.3", "head"}
+    assert str(report).startswith("fused 1 BatchNorm(s), left 2 (torch.fx could not trace the model")
+    assert type(fused.body[1]) is bn_gpu.BatchNormReLU2d and type(fused.body[2]) is torch.nn.Identity
+    assert type(model.body[1]) is torch.nn.BatchNorm2d  # the original is untouched
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(fused(x), model(x))
+    torch.testing.assert_close(fused.body[1].running_var, model.body[1].running_var)
+
+
+def test_fusion_report_names_what_follows_a_batch_norm():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Sigmoid(),
+                                torch.nn.BatchNorm2d(4))
+    _, report = bn_gpu.fuse_batch_norm_relu(model)
+    left = dict(report.left)
+    assert left["1"] == "followed by module 2 (Sigmoid), not a ReLU or an add"
+    assert left["3"] == "followed by the model's output, not a ReLU or an add"
+    assert "output output" not in str(report)
+
+
 def test_batch_norm_relu_under_torch_compile():
     torch.manual_seed(0)
     module = bn_gpu.BatchNormReLU2d(3)
