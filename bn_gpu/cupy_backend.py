@@ -45,7 +45,8 @@ GROUPABLE = ("statistics", "normalize", "single_pass_forward", "gradient_sums", 
 # static model counts it).
 SECOND_PASS_REVERSED = True
 
-_INSTALL_HINT = "pip install -e .[cupy] (installs cupy-cuda12x; use the cupy wheel matching your CUDA)"
+_INSTALL_HINT = ("pip install -e .[cupy-cuda13] for a torch built with CUDA 13.x, .[cupy-cuda12] for CUDA 12.x "
+                 "(torch.version.cuda tells)")
 
 
 def _import_cupy():

@@ -87,7 +87,7 @@ def has_cupy() -> bool:
     return True
 
 
-requires_cupy = pytest.mark.skipif(not has_cupy(), reason="CuPy is not installed (pip install -e .[cupy])")
+requires_cupy = pytest.mark.skipif(not has_cupy(), reason="CuPy is not installed (pip install -e .[cupy-cuda13] or .[cupy-cuda12])")
 
 
 def backend_devices():
