@@ -36,9 +36,20 @@ def _affine(x, mean, invstd, weight, bias, residual=None, relu=False):
     return _like_gpu_output(x, y)
 
 
+def _var_mean(x):
+    """(biased variance, mean) per channel in the statistics dtype. torch.var_mean's mean is NaN for
+    a channel holding an inf; the plain mean is that inf, as torch's batch_norm gives it."""
+    dims = reduce_dims(x)
+    xs = x.to(stat_dtype(x.dtype))
+    var, mean = torch.var_mean(xs, dim=dims, correction=0)
+    if not torch.isfinite(mean).all():
+        mean = torch.where(torch.isnan(mean), xs.mean(dim=dims), mean)
+    return var, mean
+
+
 def forward_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, residual=None,
                   relu=False):
-    var, mean = torch.var_mean(x.to(stat_dtype(x.dtype)), dim=reduce_dims(x), correction=0)
+    var, mean = _var_mean(x)
     invstd = torch.rsqrt(var + eps)
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
@@ -66,7 +77,7 @@ def backward(grad_y, x, weight, mean, invstd, training, need_input_grad, need_we
     scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
     if relu:  # through the forward's ReLU, its mask recomputed as the forward computed its input
         pre = xmu * per_channel(scale, x) + (per_channel(bias.to(mean.dtype), x) if bias is not None else 0)
-        dy = torch.where(pre > 0, dy, torch.zeros((), dtype=dy.dtype))
+        dy = torch.where(pre <= 0, torch.zeros((), dtype=dy.dtype), dy)  # NaN passes dy on, as torch's ReLU
     if training or need_weight_grad:
         sum_dy = dy.sum(dim=dims)
         sum_dy_xmu = (dy * xmu).sum(dim=dims)
@@ -91,7 +102,7 @@ def backward(grad_y, x, weight, mean, invstd, training, need_input_grad, need_we
 
 def local_moments(x):
     """(2C + 1,): this process's count, then each channel's mean and M2."""
-    var, mean = torch.var_mean(x.to(stat_dtype(x.dtype)), dim=reduce_dims(x), correction=0)
+    var, mean = _var_mean(x)
     count = x.numel() // x.shape[1]
     return torch.cat([mean.new_full((1,), count), mean, var * count])
 
@@ -105,7 +116,9 @@ def merge_ranks(x, moments, running_mean, running_var, counter, momentum, eps):
         total = count + rank_count
         weight = rank_count / total.clamp(min=1)
         delta = rank_mean - mean
-        mean = mean + delta * weight
+        # Chan's update; where delta is not finite (an inf among the values), the weighted mean (see
+        # kernels/moments.py: merged_mean).
+        mean = torch.where(torch.isfinite(delta), mean + delta * weight, mean * (1 - weight) + rank_mean * weight)
         m2 = m2 + rank_m2 + delta * delta * count * weight
         count = total
     if count == 0:  # a global batch with no values: as one process's empty batch

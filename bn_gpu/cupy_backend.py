@@ -274,8 +274,8 @@ class CudaKernels:
                 [_ptr(x), _ptr(count), _ptr(part_mean), _ptr(m2), _ptr(counters), _ptr(mean), _ptr(invstd),
                  _ptr(running_mean), _ptr(running_var), _ptr(counter if cumulative else None)]
                 + _i64(*g.sizes, *g.x.strides) + _tiling(g)
-                + [np.int64(g.finalize.group_splits), np.float32(0.0 if momentum is None else momentum),
-                   np.float32(eps), np.int32(tracked), np.int32(cumulative)])
+                + [np.int64(g.finalize.group_splits), np.float64(0.0 if momentum is None else momentum),
+                   np.float64(eps), np.int32(tracked), np.int32(cumulative)])
 
     def finalize_statistics(self, g, x, partials, mean, invstd, running_mean, running_var, counter, momentum, eps):
         count, part_mean, m2 = partials
@@ -284,7 +284,7 @@ class CudaKernels:
         _launch(g, None, _dtype(running_mean), "finalize_statistics", (g.C,), (THREADS,), [
             _ptr(count), _ptr(part_mean), _ptr(m2), _ptr(x), np.int64(g.shift_stride), _ptr(mean), _ptr(invstd),
             _ptr(running_mean), _ptr(running_var), _ptr(counter if cumulative else None), np.int64(g.plan.splits),
-            np.int64(g.C), np.float32(0.0 if momentum is None else momentum), np.float32(eps), np.int32(tracked),
+            np.int64(g.C), np.float64(0.0 if momentum is None else momentum), np.float64(eps), np.int32(tracked),
             np.int32(cumulative)])
 
     def statistics_finalized(self, g, x, partials, counters, mean, invstd, running_mean, running_var, counter,
@@ -301,7 +301,7 @@ class CudaKernels:
         shape = self._streaming(g, "normalize", x, y, residual, fused=residual is not None or relu)
         _launch(g, _param_dtype(weight, bias), _dtype(running_mean), *shape,
                 [_ptr(x), _ptr(y), _ptr(residual), *map(_ptr, statistics), _ptr(weight), _ptr(bias), _ptr(counter)]
-                + _i64(*g.sizes, *g.x.strides, *g.out.strides) + [np.float32(eps)] + _tiling(g)
+                + _i64(*g.sizes, *g.x.strides, *g.out.strides) + [np.float64(eps)] + _tiling(g)
                 + [np.int32(from_running), np.int32(relu)])
 
     def single_pass_forward(self, g, x, y, mean, invstd, weight, bias, running_mean, running_var, counter,
@@ -315,7 +315,7 @@ class CudaKernels:
             _ptr(counter if cumulative or count_batch else None),
             _ptr(counters if cumulative and count_batch else None), _ptr(weight), _ptr(bias)]
             + _i64(*g.sizes, *g.x.strides, *g.out.strides)
-            + [np.float32(0.0 if momentum is None else momentum), np.float32(eps)] + _tiling(g, single_pass=True)
+            + [np.float64(0.0 if momentum is None else momentum), np.float64(eps)] + _tiling(g, single_pass=True)
             + [np.int32(tracked), np.int32(cumulative), np.int32(count_batch), np.int32(relu)])
 
     def gradient_sums(self, g, grad_y, x, mean, partials, invstd=None, weight=None, bias=None, relu=False):
@@ -382,7 +382,7 @@ class CudaKernels:
         _launch_types(dtype, None, _dtype(running_mean), "merge_ranks", (-(-C // THREADS),), (THREADS,), [
             _ptr(moments), _ptr(mean), _ptr(invstd), _ptr(running_mean), _ptr(running_var),
             _ptr(counter if cumulative else None), np.int64(ranks), np.int64(C),
-            np.float32(0.0 if momentum is None else momentum), np.float32(eps), np.int32(tracked),
+            np.float64(0.0 if momentum is None else momentum), np.float64(eps), np.int32(tracked),
             np.int32(cumulative)])
 
 

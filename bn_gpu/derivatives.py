@@ -52,13 +52,14 @@ def differentiable_gradients(grad_output, x, weight, mean, invstd, training: boo
 
 
 def through_relu(grad_output, x, weight, bias, mean, invstd):
-    """grad_output where the forward's (x - mean) * invstd * weight + bias was positive: the
-    gradient through a ReLU that followed the BatchNorm, its mask a constant."""
+    """grad_output, zero where the forward's (x - mean) * invstd * weight + bias was <= 0: the
+    gradient through a ReLU that followed the BatchNorm, its mask a constant (a NaN passes it on,
+    as torch's ReLU)."""
     pre = (x.to(mean.dtype) - per_channel(mean, x)) * per_channel(_scale(invstd, weight), x)
     if bias is not None:
         pre = pre + per_channel(bias.to(mean.dtype), x)
-    return torch.where(pre.detach() > 0, grad_output, torch.zeros((), dtype=grad_output.dtype,
-                                                                  device=grad_output.device))
+    return torch.where(pre.detach() <= 0, torch.zeros((), dtype=grad_output.dtype, device=grad_output.device),
+                       grad_output)
 
 
 def output_tangent(x, weight, mean, invstd, training: bool, x_tangent, weight_tangent, bias_tangent):

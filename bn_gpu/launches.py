@@ -176,6 +176,9 @@ def triton_compile_inputs(launch: Launch) -> tuple[dict, dict, dict, dict]:
             constexprs[(index,)] = value
             continue
         kind, attribute = _specialize(value)
+        annotated = getattr(param, "annotation_type", "")
+        if annotated and isinstance(value, float):  # a typed float parameter (momentum, eps: fp64)
+            kind, attribute = annotated, None
         signature[param.name] = kind
         if kind == "constexpr":
             constexprs[(index,)] = value

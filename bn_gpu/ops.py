@@ -327,8 +327,8 @@ def _gradients(ctx, needs, grad_output) -> tuple:
     # kernels (relu_in_kernels), or here for a differentiable backward.
     relu_in_kernels = ctx.relu and not ctx.has_residual
     if ctx.relu and ctx.has_residual:
-        grad_output = torch.where(output > 0, grad_output, torch.zeros((), dtype=grad_output.dtype,
-                                                                       device=grad_output.device))
+        grad_output = torch.where(output <= 0, torch.zeros((), dtype=grad_output.dtype, device=grad_output.device),
+                                  grad_output)
     if residual_needed:
         grads[ctx.residual_index] = grad_output
     if not any(needs[:3]):
@@ -401,7 +401,7 @@ def _function(run, training: bool):
             if residual_tangent is not None:
                 tangent = tangent + residual_tangent
             if ctx.relu:
-                tangent = torch.where(output > 0, tangent, torch.zeros((), dtype=tangent.dtype, device=tangent.device))
+                tangent = torch.where(output <= 0, torch.zeros((), dtype=tangent.dtype, device=tangent.device), tangent)
             return tangent, None, None
 
     return Function

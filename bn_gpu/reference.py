@@ -175,4 +175,4 @@ def epilogue_backward(grad_y, output, relu: bool = False):
     """The gradient reaching the BatchNorm (and the residual) through the epilogue: dy where the
     ReLU's output is positive, float64."""
     grad_y = grad_y.double()
-    return torch.where(output.double() > 0, grad_y, torch.zeros_like(grad_y)) if relu else grad_y
+    return torch.where(output.double() <= 0, torch.zeros_like(grad_y), grad_y) if relu else grad_y

@@ -74,13 +74,26 @@ template <typename A> struct Moments {
     A count, mean, m2;
 };
 
+// The mean of two partials, b weighing `weight`: Chan's mean_a + delta * weight, or, where
+// delta = mean_b - mean_a is not finite (an inf among the values), the weighted mean -- that inf, or
+// NaN for +inf with -inf -- as the plain sum of the values gives it (and torch's mean).
+template <typename A> __device__ __forceinline__ A merged_mean(A mean_a, A mean_b, A delta, A weight) {
+    return delta - delta == A(0) ? mean_a + delta * weight : mean_a * (A(1) - weight) + mean_b * weight;
+}
+
+// A value of x as its channel's shift, or 0 where it is inf or NaN: moments of x - inf would make
+// every finite value -inf and the mean NaN, where a batch holding an inf has that inf as its mean.
+template <typename A> __device__ __forceinline__ A finite_shift(A value) {
+    return value - value == A(0) ? value : A(0);
+}
+
 // Chan's merge of partial moments; b may be empty.
 template <typename A> __device__ __forceinline__ void merge(Moments<A>& a, A count, A mean, A m2) {
     if (count == A(0)) return;
     A total = a.count + count;
     A delta = mean - a.mean;
     A weight = count / total;
-    a.mean += delta * weight;
+    a.mean = merged_mean(a.mean, mean, delta, weight);
     a.m2 += m2 + delta * delta * a.count * weight;
     a.count = total;
 }
@@ -360,7 +373,7 @@ template <typename A, int VEC> struct ColumnMoments {
         for (int k = 0; k < VEC; ++k) {
             A run_mean = sum.v[k] / n;
             A delta = run_mean - mean.v[k];
-            mean.v[k] += delta * weight;
+            mean.v[k] = merged_mean(mean.v[k], run_mean, delta, weight);
             m2.v[k] += (squares.v[k] - sum.v[k] * run_mean) + delta * delta * count * weight;
             sum.v[k] = A(0);
             squares.v[k] = A(0);
@@ -409,7 +422,7 @@ template <typename A, int VEC> __device__ void column_merge_tree(ColumnMoments<A
 #pragma unroll
             for (int k = 0; k < VEC; ++k) {
                 const A delta = means[k][other] - m.mean.v[k];
-                m.mean.v[k] += delta * weight;
+                m.mean.v[k] = merged_mean(m.mean.v[k], means[k][other], delta, weight);
                 m.m2.v[k] += m2s[k][other] + delta * delta * m.count * weight;
             }
             m.count = total;
@@ -444,7 +457,7 @@ __device__ __forceinline__ Values<A, VEC> first_row(const T* x, i64 c0, bool act
     if (active) {
         Pack<T, VEC> in = load_pack<VEC>(x + c0);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) shift.v[k] = cvt<A>(in.v[k]);
+        for (int k = 0; k < VEC; ++k) shift.v[k] = finite_shift(cvt<A>(in.v[k]));
     }
     return shift;
 }
@@ -571,7 +584,7 @@ template <int WIDE, typename T, typename A>
 __device__ __forceinline__ Values<A, WIDE> place_shifts(const T* x, i64 stride_c, const GroupPlace<WIDE>& p) {
     Values<A, WIDE> shift;
 #pragma unroll
-    for (int k = 0; k < WIDE; ++k) shift.v[k] = cvt<A>(x[p.channel[k] * stride_c]);
+    for (int k = 0; k < WIDE; ++k) shift.v[k] = finite_shift(cvt<A>(x[p.channel[k] * stride_c]));
     return shift;
 }
 
@@ -581,7 +594,7 @@ __device__ __forceinline__ Values<A, WIDE> channel_shifts(const T* x, i64 stride
     Values<A, WIDE> shift = zeros<A, WIDE>();
 #pragma unroll
     for (int j = 0; j < WIDE; ++j)
-        if (j < group) shift.v[j] = cvt<A>(x[j * stride_c]);
+        if (j < group) shift.v[j] = finite_shift(cvt<A>(x[j * stride_c]));
     return shift;
 }
 
@@ -782,7 +795,7 @@ __device__ A store_statistics(
     A* mean_out, A* invstd_out,   // (C,) saved for the backward
     R* running_mean, R* running_var,   // (C,) updated in place when has_running_stats
     const i64* num_batches_tracked,   // batches before this one, read when cumulative
-    float momentum, float eps, int has_running_stats, int cumulative) {
+    double momentum, double eps, int has_running_stats, int cumulative) {
     A invstd = inv_sqrt(m2 / count + A(eps));
     mean_out[c] = mean;
     invstd_out[c] = invstd;
@@ -858,7 +871,7 @@ __device__ __forceinline__ void finalize_statistics_of_group(
     int* counters,   // (groups * (split groups + 1),) int32 zeros
     i64 c0, const Values<A, VEC>& shift, i64 split, i64 group_index, i64 groups, i64 splits, i64 group_splits, i64 C,
     A* mean_out, A* invstd_out, R* running_mean, R* running_var, const i64* num_batches_tracked,   // see store_statistics
-    float momentum, float eps, int has_running_stats, int cumulative,
+    double momentum, double eps, int has_running_stats, int cumulative,
     int channels = VEC) {   // of the thread (channels-last) or block (channel groups): c0 .. c0 + channels - 1
     SplitGroup s = split_group(split, group_index, groups, splits, group_splits);
     if (!last_block_of(counters, s.level_1, s.rows)) return;
@@ -931,7 +944,7 @@ template <typename T, typename A, typename R, int VEC, bool FINALIZE>
 __device__ __forceinline__ void group_statistics(
     const T* __restrict__ x, A* part_count, A* part_mean, A* part_m2, int* counters, A* mean_out, A* invstd_out,
     R* running_mean, R* running_var, const i64* num_batches_tracked, i64 N, i64 C, i64 S, i64 stride_n, i64 stride_c,
-    i64 total_tiles, i64 tiles_per_program, int rows, int block_s, i64 group_splits, float momentum, float eps,
+    i64 total_tiles, i64 tiles_per_program, int rows, int block_s, i64 group_splits, double momentum, double eps,
     int has_running_stats, int cumulative) {
     constexpr int WIDE = Wide<T>::values;
     const GroupPlace<WIDE> p = group_place<WIDE>(C, S, block_s);
@@ -965,7 +978,7 @@ __global__ void statistics_channels_first(
     const i64* num_batches_tracked,
     i64 N, i64 C, i64 S, i64 stride_n, i64 stride_c,
     i64 s_blocks, i64 total_tiles, i64 tiles_per_program, int rows, int block_s,
-    i64 group_splits, float momentum, float eps, int has_running_stats, int cumulative) {
+    i64 group_splits, double momentum, double eps, int has_running_stats, int cumulative) {
     if constexpr (GROUPED) {
         group_statistics<T, A, R, VEC, FINALIZE>(x, part_count, part_mean, part_m2, counters, mean_out, invstd_out,
                                                  running_mean, running_var, num_batches_tracked, N, C, S, stride_n,
@@ -975,7 +988,7 @@ __global__ void statistics_channels_first(
     }
     i64 c = blockIdx.x;
     const T* xc = x + c * stride_c;
-    A shift = cvt<A>(xc[0]);
+    A shift = finite_shift(cvt<A>(xc[0]));
     Tiles t = program_tiles(N, S, s_blocks, total_tiles, tiles_per_program, rows, block_s);
     Moments<A> m = block_moments<T, A, VEC>(t, t.first, t.last, xc, stride_n, shift);
     if (threadIdx.x == 0) {
@@ -997,7 +1010,7 @@ __global__ void statistics_channels_last(
     A* mean_out, A* invstd_out, R* running_mean, R* running_var,   // FINALIZE: see store_statistics
     const i64* num_batches_tracked,
     i64 M, i64 C, i64 stride_m, i64 rows_per_program,
-    i64 group_splits, float momentum, float eps, int has_running_stats, int cumulative) {
+    i64 group_splits, double momentum, double eps, int has_running_stats, int cumulative) {
     const i64 c0 = first_channel<VEC>();
     const bool active = c0 < C;
     const i64 row_begin = (i64)blockIdx.x * rows_per_program;
@@ -1030,7 +1043,7 @@ __device__ Moments<A> merged_partials(
     const T* __restrict__ x, i64 shift_stride, i64 splits, i64 C) {
     i64 c = blockIdx.x;
     Moments<A> m = merged_rows(part_count, part_mean, part_m2, splits, C, c);
-    if (threadIdx.x == 0) m.mean += cvt<A>(x[c * shift_stride]);
+    if (threadIdx.x == 0) m.mean += finite_shift(cvt<A>(x[c * shift_stride]));
     return m;
 }
 
@@ -1042,7 +1055,7 @@ __global__ void finalize_statistics(
     A* mean_out, A* invstd_out,   // (C,) saved for the backward
     R* running_mean, R* running_var,   // (C,) updated in place when has_running_stats
     const i64* num_batches_tracked,   // batches before this one, when cumulative
-    i64 splits, i64 C, float momentum, float eps, int has_running_stats, int cumulative) {
+    i64 splits, i64 C, double momentum, double eps, int has_running_stats, int cumulative) {
     Moments<A> m = merged_partials(part_count, part_mean, part_m2, x, shift_stride, splits, C);
     if (threadIdx.x == 0)
         store_statistics(blockIdx.x, m.count, m.mean, m.m2, mean_out, invstd_out, running_mean, running_var,
@@ -1069,7 +1082,7 @@ __global__ void finalize_moments(
 template <typename A, typename R>
 __global__ void merge_ranks(
     const A* moments, A* mean_out, A* invstd_out, R* running_mean, R* running_var,
-    const i64* num_batches_tracked, i64 ranks, i64 C, float momentum, float eps, int has_running_stats,
+    const i64* num_batches_tracked, i64 ranks, i64 C, double momentum, double eps, int has_running_stats,
     int cumulative) {
     i64 c = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
@@ -1080,7 +1093,7 @@ __global__ void merge_ranks(
         A total = count + rank_count;
         A weight = rank_count / (total > A(1) ? total : A(1));
         A delta = row[1 + c] - mean;
-        mean += delta * weight;
+        mean = merged_mean(mean, row[1 + c], delta, weight);
         m2 += row[1 + C + c] + delta * delta * count * weight;
         count = total;
     }
@@ -1105,7 +1118,7 @@ __device__ __forceinline__ void affine_from(i64 c, A invstd, const W* weight, co
 template <typename W, typename R, typename A>
 __device__ __forceinline__ void channel_affine(
     i64 c, bool first_split, const A* mean_in, const A* invstd_in, const R* running_mean, const R* running_var,
-    A* saved_mean, A* saved_invstd, const W* weight, const W* bias, float eps, int from_running_stats,
+    A* saved_mean, A* saved_invstd, const W* weight, const W* bias, double eps, int from_running_stats,
     A& mean, A& scale, A& shift) {
     A invstd;
     if (from_running_stats) {
@@ -1225,7 +1238,7 @@ __device__ __forceinline__ void group_normalize(
     const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ residual, const A* mean_in, const A* invstd_in,
     const R* running_mean, const R* running_var, A* saved_mean, A* saved_invstd, const W* weight, const W* bias,
     i64* num_batches_tracked, i64 N, i64 C, i64 S, i64 x_stride_n, i64 x_stride_c, i64 y_stride_n, i64 y_stride_c,
-    float eps, i64 total_tiles, i64 tiles_per_program, int rows, int block_s, int from_running_stats, int relu) {
+    double eps, i64 total_tiles, i64 tiles_per_program, int rows, int block_s, int from_running_stats, int relu) {
     constexpr int WIDE = Wide<T>::values;
     const GroupPlace<WIDE> p = group_place<WIDE>(C, S, block_s);
     if (threadIdx.x == 0) count_batch(num_batches_tracked, blockIdx.x == 0 && blockIdx.y == 0);
@@ -1253,7 +1266,7 @@ __global__ void normalize_channels_first(
     A* saved_mean, A* saved_invstd,   // (C,) eval: written by split 0
     const W* weight, const W* bias,   // (C,) or null
     i64* num_batches_tracked,   // incremented by block (0, 0), or null
-    i64 N, i64 C, i64 S, i64 x_stride_n, i64 x_stride_c, i64 y_stride_n, i64 y_stride_c, float eps,
+    i64 N, i64 C, i64 S, i64 x_stride_n, i64 x_stride_c, i64 y_stride_n, i64 y_stride_c, double eps,
     i64 s_blocks, i64 total_tiles, i64 tiles_per_program, int rows, int block_s, int from_running_stats, int relu) {
     if constexpr (GROUPED) {
         group_normalize<T, W, R, A, VEC, FUSED>(x, y, residual, mean_in, invstd_in, running_mean, running_var,
@@ -1318,7 +1331,7 @@ __global__ void normalize_channels_last(
     const T* __restrict__ residual,   // (M, C) with y's row stride, or null
     const A* mean_in, const A* invstd_in, const R* running_mean, const R* running_var,
     A* saved_mean, A* saved_invstd, const W* weight, const W* bias, i64* num_batches_tracked,
-    i64 M, i64 C, i64 x_stride_m, i64 y_stride_m, float eps, i64 rows_per_program, int from_running_stats,
+    i64 M, i64 C, i64 x_stride_m, i64 y_stride_m, double eps, i64 rows_per_program, int from_running_stats,
     int relu) {
     const i64 c0 = first_channel<VEC>();
     if (threadIdx.x == 0 && threadIdx.y == 0) count_batch(num_batches_tracked, blockIdx.x == 0 && blockIdx.y == 0);
@@ -1342,7 +1355,7 @@ __global__ void normalize_channels_last(
 template <typename A> struct ReluMask {
     int on; A mean, scale, shift;
     __device__ __forceinline__ A apply(A dy, A x) const {
-        return on && !((x - mean) * scale + shift > A(0)) ? A(0) : dy;
+        return on && (x - mean) * scale + shift <= A(0) ? A(0) : dy;  // a NaN input passes dy on, as torch's ReLU
     }
 };
 
@@ -1617,15 +1630,16 @@ __device__ __forceinline__ void dx_coefficients(
 }
 
 // dx of one value in training: scale * (dy - mean_dy - (x - mean) * projection). For 16-bit inputs
-// uncentered, two FMAs over per-channel terms that the loops hoist: scale * dy + (-scale * projection)
-// * x + scale * (projection * mean - mean_dy) -- 2 floating-point operations a value instead of 4,
-// which the 16-bit dx passes need to stay issue-bound at 2x (profiling/MODEL.md). Its rounding, a few
-// ulp_fp32(scale * projection * mean), is of the order of that of the saved fp32 mean itself (the
-// bound of tests/test_numerics.py) and far below the 16-bit input's own (2^-8 or 2^-11 of |x|).
-// fp32 and fp64 inputs keep the centered form.
+// x uncentered, over per-channel terms that the loops hoist: scale * (dy - mean_dy) + (-scale *
+// projection) * x + scale * projection * mean -- 3 floating-point operations a value instead of 4.
+// Its rounding, a few ulp_fp32(scale * projection * mean), is of the order of that of the saved fp32
+// mean itself (the bound of tests/test_numerics.py) and far below the 16-bit input's own (2^-8 or
+// 2^-11 of |x|). dy - mean_dy stays centered: folded into the constant, its rounding,
+// ulp_fp32(scale * mean_dy), grows without bound with scale (a constant channel with a tiny eps) where
+// the exact dx is 0. fp32 and fp64 inputs keep the centered form.
 template <typename T, typename A>
 __device__ __forceinline__ A dx_value(A dy, A x, A mean, A scale, A mean_dy, A projection) {
-    if constexpr (sizeof(T) == 2) return fma(scale, dy, fma(-scale * projection, x, scale * (projection * mean - mean_dy)));
+    if constexpr (sizeof(T) == 2) return fma(scale, dy - mean_dy, fma(-scale * projection, x, scale * projection * mean));
     else return scale * (dy - mean_dy - (x - mean) * projection);
 }
 
@@ -1844,7 +1858,7 @@ template <typename T, typename W, typename R, typename A, int VEC, bool FUSED>
 __device__ __forceinline__ void group_single_pass_forward(
     const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ residual, A* mean_out, A* invstd_out,
     R* running_mean, R* running_var, i64* num_batches_tracked, int* counters, const W* weight, const W* bias,
-    i64 N, i64 C, i64 S, i64 x_stride_n, i64 x_stride_c, i64 y_stride_n, i64 y_stride_c, float momentum, float eps,
+    i64 N, i64 C, i64 S, i64 x_stride_n, i64 x_stride_c, i64 y_stride_n, i64 y_stride_c, double momentum, double eps,
     int block_s, int has_running_stats, int cumulative, int count_batch_here, int relu) {
     constexpr int WIDE = Wide<T>::values;
     __shared__ A channel_count[WIDE], channel_mean[WIDE], channel_m2[WIDE], channel_invstd[WIDE];
@@ -1885,7 +1899,7 @@ __global__ void single_pass_forward_channels_first(
     i64* num_batches_tracked,   // read when cumulative; incremented when count_batch_here (count_batch_after_every_read)
     int* counters,   // (1,) int32 zero when count_batch_here and cumulative, left at zero; else null
     const W* weight, const W* bias,   // (C,) or null
-    i64 N, i64 C, i64 S, i64 x_stride_n, i64 x_stride_c, i64 y_stride_n, i64 y_stride_c, float momentum, float eps,
+    i64 N, i64 C, i64 S, i64 x_stride_n, i64 x_stride_c, i64 y_stride_n, i64 y_stride_c, double momentum, double eps,
     i64 s_blocks, i64 total_tiles, int rows, int block_s, int has_running_stats, int cumulative, int count_batch_here,
     int relu) {
     if constexpr (GROUPED) {
@@ -1899,7 +1913,7 @@ __global__ void single_pass_forward_channels_first(
     __shared__ A channel[2];
     i64 c = blockIdx.x;
     const T* xc = x + c * x_stride_c;
-    A shift = cvt<A>(xc[0]);
+    A shift = finite_shift(cvt<A>(xc[0]));
     Tiles t = program_tiles(N, S, s_blocks, total_tiles, total_tiles, rows, block_s);
     Moments<A> m = block_moments<T, A, VEC>(t, i64(0), total_tiles, xc, x_stride_n, shift);
     if (threadIdx.x == 0) {
@@ -1925,7 +1939,7 @@ __global__ void single_pass_forward_channels_last(
     A* mean_out, A* invstd_out, R* running_mean, R* running_var, i64* num_batches_tracked,
     int* counters,   // see single_pass_forward_channels_first
     const W* weight, const W* bias,
-    i64 M, i64 C, i64 x_stride_m, i64 y_stride_m, float momentum, float eps,
+    i64 M, i64 C, i64 x_stride_m, i64 y_stride_m, double momentum, double eps,
     int has_running_stats, int cumulative, int count_batch_here, int relu) {
     __shared__ A channel_mean[CL_MAX_CHANNELS], channel_invstd[CL_MAX_CHANNELS];
     const i64 c0 = first_channel<VEC>();

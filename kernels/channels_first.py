@@ -29,8 +29,9 @@ import triton
 import triton.language as tl
 
 from .batch_counter import count_batch, count_batch_after_every_read
-from .finalize import finalize_gradients_of_group, finalize_statistics_of_group, store_gradients, store_statistics
-from .moments import merge_moments
+from .finalize import (finalize_gradients_of_group, finalize_statistics_of_group, in_dtype, store_gradients,
+                       store_statistics)
+from .moments import finite_shift, merge_moments
 
 
 @triton.jit
@@ -244,7 +245,7 @@ def _normalize(x_ptr, y_ptr, residual_ptr, x_stride_n, y_stride_n, mean, scale, 
             y += tl.load(residual_ptr + _offsets(n, s, y_stride_n), mask=mask, other=0.0,
                          eviction_policy="evict_first").to(ACC)
         if RELU:
-            y = tl.maximum(y, 0.0)
+            y = tl.where(y < 0.0, 0.0, y)  # not tl.maximum, which drops NaN: torch's ReLU keeps it
         tl.store(y_ptr + _offsets(n, s, y_stride_n), y.to(y_ptr.dtype.element_ty), mask=mask,
                  eviction_policy="evict_first")
 
@@ -255,8 +256,8 @@ def _gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, scale, shift, f
                    ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
                    GROUP: tl.constexpr, PAIRS: tl.constexpr):
     """(sum of dy, sum of dy * (x - mean)) over tiles [first_tile, last_tile). RELU: dy through the
-    forward's ReLU, its mask recomputed from x ((x - mean) * scale + shift > 0, as the forward
-    computed it) rather than read from memory."""
+    forward's ReLU, its mask recomputed from x (zero where (x - mean) * scale + shift <= 0, as the forward
+    computed it) rather than read from memory: as torch's ReLU, a NaN input passes its gradient on."""
     # Lane-wise sums across tiles, one tree reduction at the end; two values at a time with PAIRS,
     # as _moments.
     LANES: tl.constexpr = BLOCK_S // 2 if PAIRS else BLOCK_S
@@ -267,7 +268,7 @@ def _gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, scale, shift, f
         dy = tl.load(dy_ptr + _offsets(n, s, dy_stride_n), mask=mask, other=0.0).to(ACC)
         x = tl.load(x_ptr + _offsets(n, s, x_stride_n), mask=mask, other=0.0).to(ACC)
         if RELU:
-            dy = tl.where((x - mean) * scale + shift > 0.0, dy, 0.0)
+            dy = tl.where((x - mean) * scale + shift <= 0.0, 0.0, dy)
         sum_dy, sum_dy_xmu = _add_sums(sum_dy, sum_dy_xmu, dy, x - mean, PAIRS, ROWS, LANES)
     return _per_channel(sum_dy, S, LANES, GROUP), _per_channel(sum_dy_xmu, S, LANES, GROUP)
 
@@ -279,12 +280,13 @@ def _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_n, x_stride_n, dx_stride_n,
     """dx = scale * (dy - mean(dy) - (x - mean) * projection) in training, scale * dy in eval, with
     dy through the ReLU's recomputed mask when RELU (see _gradient_sums).
     Tiles in reverse and evict-first, as _normalize: the second pass over dy and x.
-    16-bit inputs take the uncentered form, two FMAs a value over terms computed once: see dx_value in
-    kernels/batch_norm.cu (its rounding is of the order of the saved fp32 mean's, far below the input's);
+    16-bit inputs take x uncentered, dy - mean(dy) then two FMAs a value over terms computed once: see
+    dx_value in kernels/batch_norm.cu (its rounding is of the order of the saved fp32 mean's, far below
+    the input's);
     not with the ReLU's mask, which has x - mean anyway (uncentered, it halved the loads at once by the
     static model)."""
     x_coefficient = -scale * projection
-    constant = scale * (projection * mean - mean_dy)
+    constant = scale * projection * mean
     for i in range(first_tile, last_tile):
         tile = first_tile + last_tile - 1 - i
         n, s, mask, _ = _tile(tile, s_blocks, N, S, ROWS, BLOCK_S, OFFSET_64)
@@ -293,10 +295,10 @@ def _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_n, x_stride_n, dx_stride_n,
             x = tl.load(x_ptr + _offsets(n, s, x_stride_n), mask=mask, other=0.0,
                         eviction_policy="evict_first").to(ACC)
         if RELU:
-            dy = tl.where((x - mean) * scale + shift > 0.0, dy, 0.0)
+            dy = tl.where((x - mean) * scale + shift <= 0.0, 0.0, dy)
         if TRAINING:
             if dy_ptr.dtype.element_ty.primitive_bitwidth == 16 and not RELU:
-                dx = tl.fma(scale, dy, tl.fma(x_coefficient, x, constant))
+                dx = tl.fma(scale, dy - mean_dy, tl.fma(x_coefficient, x, constant))
             else:
                 dx = scale * (dy - mean_dy - (x - mean) * projection)
         else:
@@ -314,7 +316,7 @@ def statistics_channels_first(
     counter_ptr,        # int32 zeros when FINALIZE: see finalize.finalize_statistics_of_group
     mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,  # FINALIZE: see store_statistics
     N, C, S, stride_n, stride_c,
-    s_blocks, total_tiles, tiles_per_program, momentum, eps, group_splits,
+    s_blocks, total_tiles, tiles_per_program, momentum: tl.float64, eps: tl.float64, group_splits,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
     GROUP: tl.constexpr, ALIGN: tl.constexpr, PAIRS: tl.constexpr,
     CHUNK: tl.constexpr, FINALIZE: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr, CUMULATIVE: tl.constexpr,
@@ -326,7 +328,8 @@ def statistics_channels_first(
     split = tl.program_id(1)
     c0, c, cols = _channels(group, S, BLOCK_S, GROUP)
     first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
-    count, mean, m2 = _moments(x_ptr + _offset(c0, stride_c, ALIGN), stride_n, tl.load(x_ptr + c * stride_c).to(ACC),
+    shift = finite_shift(tl.load(x_ptr + c * stride_c).to(ACC))
+    count, mean, m2 = _moments(x_ptr + _offset(c0, stride_c, ALIGN), stride_n, shift,
                                first_tile, last_tile, s_blocks, N, _run(S, GROUP, ALIGN),
                                ACC, ROWS, BLOCK_S, OFFSET_64, CHUNK, GROUP, PAIRS)
     out = split * C + cols
@@ -347,6 +350,7 @@ def _statistics_from_running(mean_ptr, var_ptr, saved_mean_ptr, invstd_ptr, c, c
                              ACC: tl.constexpr, GROUP: tl.constexpr):
     """Eval: (mean, invstd) of each lane's channel from the running statistics; split 0 also writes
     mean and invstd of the program's channels for the backward."""
+    eps = in_dtype(eps, ACC)
     mean = tl.load(mean_ptr + c).to(ACC)
     invstd = 1.0 / tl.sqrt(tl.load(var_ptr + c).to(ACC) + eps)
     if GROUP == 1:
@@ -372,7 +376,7 @@ def normalize_channels_first(
     weight_ptr,      # (C,) scale, when HAS_WEIGHT
     bias_ptr,        # (C,) shift, when HAS_BIAS
     num_batches_tracked_ptr,  # () int64, incremented by program (0, 0) when COUNT_BATCH
-    N, C, S, x_stride_n, x_stride_c, y_stride_n, y_stride_c, eps,
+    N, C, S, x_stride_n, x_stride_c, y_stride_n, y_stride_c, eps: tl.float64,
     s_blocks, total_tiles, tiles_per_program,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FROM_RUNNING_STATS: tl.constexpr,
     COUNT_BATCH: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
@@ -410,7 +414,7 @@ def single_pass_forward_channels_first(
     counter_ptr,     # (1,) int32 zero when COUNT_BATCH and CUMULATIVE: see count_batch_after_every_read
     weight_ptr,      # (C,) scale, when HAS_WEIGHT
     bias_ptr,        # (C,) shift, when HAS_BIAS
-    N, C, S, x_stride_n, x_stride_c, y_stride_n, y_stride_c, momentum, eps,
+    N, C, S, x_stride_n, x_stride_c, y_stride_n, y_stride_c, momentum: tl.float64, eps: tl.float64,
     s_blocks, total_tiles,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr,
     CUMULATIVE: tl.constexpr, COUNT_BATCH: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
@@ -422,14 +426,14 @@ def single_pass_forward_channels_first(
     group = _group(OFFSET_64)
     c0, c, cols = _channels(group, S, BLOCK_S, GROUP)
     run = _run(S, GROUP, ALIGN)
-    lane_shift = tl.load(x_ptr + c * x_stride_c).to(ACC)
+    lane_shift = finite_shift(tl.load(x_ptr + c * x_stride_c).to(ACC))
     count, mean_shifted, m2 = _moments(x_ptr + _offset(c0, x_stride_c, ALIGN), x_stride_n, lane_shift,
                                        0, total_tiles, s_blocks, N, run, ACC, ROWS, BLOCK_S, OFFSET_64, CHUNK, GROUP,
                                        PAIRS)
     if GROUP == 1:
         mean = lane_shift + mean_shifted
     else:
-        mean = tl.load(x_ptr + cols * x_stride_c).to(ACC) + mean_shifted
+        mean = finite_shift(tl.load(x_ptr + cols * x_stride_c).to(ACC)) + mean_shifted
     invstd = store_statistics(cols, cols < C, count, mean, m2, mean_ptr, invstd_ptr, running_mean_ptr,
                               running_var_ptr, num_batches_tracked_ptr, momentum, eps, HAS_RUNNING_STATS, CUMULATIVE,
                               ACC)

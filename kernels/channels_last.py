@@ -21,8 +21,9 @@ import triton
 import triton.language as tl
 
 from .batch_counter import count_batch, count_batch_after_every_read
-from .finalize import finalize_gradients_of_group, finalize_statistics_of_group, store_gradients, store_statistics
-from .moments import merge_moments
+from .finalize import (finalize_gradients_of_group, finalize_statistics_of_group, in_dtype, store_gradients,
+                       store_statistics)
+from .moments import finite_shift, merge_moments
 
 
 @triton.jit
@@ -157,7 +158,7 @@ def _normalize(x_ptr, y_ptr, residual_ptr, x_stride_m, y_stride_m, cols, col_mas
             y += tl.load(residual_ptr + _offsets(rows, cols, y_stride_m), mask=mask, other=0.0,
                          eviction_policy="evict_first").to(ACC)
         if RELU:
-            y = tl.maximum(y, 0.0)
+            y = tl.where(y < 0.0, 0.0, y)  # not tl.maximum, which drops NaN: torch's ReLU keeps it
         tl.store(y_ptr + _offsets(rows, cols, y_stride_m), y.to(y_ptr.dtype.element_ty), mask=mask,
                  eviction_policy="evict_first")
 
@@ -167,8 +168,8 @@ def _gradient_sums(dy_ptr, x_ptr, dy_stride_m, x_stride_m, cols, col_mask, mean,
                    RELU: tl.constexpr,
                    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr):
     """(sum of dy, sum of dy * (x - mean)) per channel over rows [row_begin, row_end). RELU: dy
-    through the forward's ReLU, its mask recomputed from x ((x - mean) * scale + shift > 0, as the
-    forward computed it) rather than read from memory."""
+    through the forward's ReLU, its mask recomputed from x (zero where (x - mean) * scale + shift <= 0,
+    as the forward computed it) rather than read from memory: a NaN input passes its gradient on."""
     # Lane-wise sums across tiles, one tree reduction at the end.
     sum_dy = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     sum_dy_xmu = tl.zeros([BLOCK_M, BLOCK_C], ACC)
@@ -177,7 +178,7 @@ def _gradient_sums(dy_ptr, x_ptr, dy_stride_m, x_stride_m, cols, col_mask, mean,
         dy = tl.load(dy_ptr + _offsets(rows, cols, dy_stride_m), mask=mask, other=0.0).to(ACC)
         x = tl.load(x_ptr + _offsets(rows, cols, x_stride_m), mask=mask, other=0.0).to(ACC)
         if RELU:
-            dy = tl.where((x - mean[None, :]) * scale[None, :] + shift[None, :] > 0.0, dy, 0.0)
+            dy = tl.where((x - mean[None, :]) * scale[None, :] + shift[None, :] <= 0.0, 0.0, dy)
         sum_dy += dy
         sum_dy_xmu += dy * (x - mean[None, :])
     return tl.sum(sum_dy, axis=0), tl.sum(sum_dy_xmu, axis=0)
@@ -190,10 +191,10 @@ def _input_gradient_tile(dy_ptrs, x_ptrs, dx_ptrs, mask, scale, shift, mean, mea
     if TRAINING or RELU:
         x = tl.load(x_ptrs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
     if RELU:
-        dy = tl.where((x - mean[None, :]) * scale[None, :] + shift[None, :] > 0.0, dy, 0.0)
+        dy = tl.where((x - mean[None, :]) * scale[None, :] + shift[None, :] <= 0.0, 0.0, dy)
     if TRAINING:
         if dy_ptrs.dtype.element_ty.primitive_bitwidth == 16 and not RELU:
-            dx = tl.fma(scale[None, :], dy, tl.fma(x_coefficient[None, :], x, constant[None, :]))
+            dx = tl.fma(scale[None, :], dy - mean_dy[None, :], tl.fma(x_coefficient[None, :], x, constant[None, :]))
         else:
             dx = scale[None, :] * (dy - mean_dy[None, :] - (x - mean[None, :]) * projection[None, :])
     else:
@@ -208,15 +209,16 @@ def _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_m, x_stride_m, dx_stride_m,
     """dx = scale * (dy - mean(dy) - (x - mean) * projection) in training, scale * dy in eval, with
     dy through the ReLU's recomputed mask when RELU (see _gradient_sums).
     Tiles in reverse and evict-first, as _normalize: the second pass over dy and x.
-    16-bit inputs take the uncentered form, two FMAs a value over terms computed once: see dx_value in
-    kernels/batch_norm.cu (its rounding is of the order of the saved fp32 mean's, far below the input's);
+    16-bit inputs take x uncentered, dy - mean(dy) then two FMAs a value over terms computed once: see
+    dx_value in kernels/batch_norm.cu (its rounding is of the order of the saved fp32 mean's, far below
+    the input's);
     not with the ReLU's mask, which has x - mean anyway (uncentered, it halved the loads at once by the
     static model).
     Without the mask the pointers step back a tile at a time instead of being recomputed from the
     rows: the 64-bit address arithmetic of the three tensors took ~2.4 SASS instructions a bf16 value;
     stepping, 1.8 (static model). With the mask, stepping took 10 more registers and halved the loads at once."""
     x_coefficient = -scale * projection
-    constant = scale * (projection * mean - mean_dy)
+    constant = scale * projection * mean
     if RELU:
         for start in range(row_begin, row_end, BLOCK_M):
             rows, mask = _tile(_reversed_tile_start(start, row_begin, row_end, BLOCK_M), row_end, col_mask, BLOCK_M,
@@ -248,7 +250,7 @@ def statistics_channels_last(
     partial_m2_ptr,     # (splits, C) their sum of squared deviations from that mean
     counter_ptr,        # int32 zeros when FINALIZE: see finalize.finalize_statistics_of_group
     mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,  # FINALIZE: see store_statistics
-    M, C, stride_m, rows_per_program, momentum, eps, group_splits,
+    M, C, stride_m, rows_per_program, momentum: tl.float64, eps: tl.float64, group_splits,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
     CHUNK: tl.constexpr, FINALIZE: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr, CUMULATIVE: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr, STAGES: tl.constexpr,
@@ -257,7 +259,7 @@ def statistics_channels_last(
     to finish also merge the block's partials (finalize.finalize_statistics_of_group)."""
     cols, col_mask = _columns(C, BLOCK_C)
     row_begin, row_end = _program_rows(M, rows_per_program, OFFSET_64)
-    shift = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+    shift = finite_shift(tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(ACC))
     count, mean, m2 = _moments(x_ptr, stride_m, cols, col_mask, shift, row_begin, row_end,
                                ACC, BLOCK_M, BLOCK_C, OFFSET_64, CHUNK, STAGES)
     out = tl.program_id(0) * C + cols
@@ -284,7 +286,7 @@ def normalize_channels_last(
     weight_ptr,      # (C,) scale, when HAS_WEIGHT
     bias_ptr,        # (C,) shift, when HAS_BIAS
     num_batches_tracked_ptr,  # () int64, incremented by program (0, 0) when COUNT_BATCH
-    M, C, x_stride_m, y_stride_m, eps, rows_per_program,
+    M, C, x_stride_m, y_stride_m, eps: tl.float64, rows_per_program,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FROM_RUNNING_STATS: tl.constexpr,
     COUNT_BATCH: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
@@ -297,7 +299,7 @@ def normalize_channels_last(
     mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     if FROM_RUNNING_STATS:
         var = tl.load(var_ptr + cols, mask=col_mask, other=1.0).to(ACC)
-        invstd = 1.0 / tl.sqrt(var + eps)
+        invstd = 1.0 / tl.sqrt(var + in_dtype(eps, ACC))
         first_split = col_mask & (tl.zeros([BLOCK_C], tl.int32) + tl.program_id(0) == 0)
         tl.store(saved_mean_ptr + cols, mean, mask=first_split)
         tl.store(invstd_ptr + cols, invstd, mask=first_split)
@@ -317,7 +319,7 @@ def single_pass_forward_channels_last(
     counter_ptr,     # (1,) int32 zero when COUNT_BATCH and CUMULATIVE: see count_batch_after_every_read
     weight_ptr,      # (C,) scale, when HAS_WEIGHT
     bias_ptr,        # (C,) shift, when HAS_BIAS
-    M, C, x_stride_m, y_stride_m, momentum, eps,
+    M, C, x_stride_m, y_stride_m, momentum: tl.float64, eps: tl.float64,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr,
     CUMULATIVE: tl.constexpr, COUNT_BATCH: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
@@ -325,7 +327,7 @@ def single_pass_forward_channels_last(
 ):
     # One program per channel block reads its columns twice: the second pass finds them in cache.
     cols, col_mask = _columns(C, BLOCK_C)
-    shift = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+    shift = finite_shift(tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(ACC))
     count, mean_shifted, m2 = _moments(x_ptr, x_stride_m, cols, col_mask, shift, 0, M,
                                        ACC, BLOCK_M, BLOCK_C, OFFSET_64, CHUNK, STAGES)
     mean = shift + mean_shifted

@@ -22,6 +22,17 @@ replay.
 import triton
 import triton.language as tl
 
+from .moments import finite_shift, merged_mean
+
+
+@triton.jit
+def in_dtype(value, ACC: tl.constexpr):
+    """A float argument of a kernel (momentum, eps: fp64 parameters, so that fp64 statistics get
+    them exactly) in the accumulation dtype: rounded once for fp32, as a Python float passed as fp32
+    would be. The sum with a zero of that dtype, not value.to(ACC): the interpreter passes plain
+    Python floats."""
+    return (value + tl.zeros([], ACC)).to(ACC)
+
 
 @triton.jit
 def store_statistics(
@@ -38,14 +49,14 @@ def store_statistics(
 ):
     """Write mean and invstd, update the running statistics; returns invstd."""
     var = m2 / count
-    invstd = 1.0 / tl.sqrt(var + eps)
+    invstd = 1.0 / tl.sqrt(var + in_dtype(eps, ACC))
     tl.store(mean_ptr + index, mean, mask=mask)
     tl.store(invstd_ptr + index, invstd, mask=mask)
     if HAS_RUNNING_STATS:
         if CUMULATIVE:
             factor = 1.0 / (tl.load(num_batches_tracked_ptr).to(ACC) + 1.0)
         else:
-            factor = momentum
+            factor = in_dtype(momentum, ACC)
         running_mean = tl.load(running_mean_ptr + index, mask=mask, other=0.0).to(ACC)
         running_var = tl.load(running_var_ptr + index, mask=mask, other=0.0).to(ACC)
         unbiased_var = m2 / (count - 1.0)
@@ -122,7 +133,7 @@ def _merged_partials(
     """(count, mean, m2) of each channel of cols, from its (splits, C) partials."""
     count, mean_shifted, m2 = _merged_shifted(partial_count_ptr, partial_mean_ptr, partial_m2_ptr, cols, col_mask,
                                               splits, C, ACC, BLOCK_SPLITS, BLOCK_C)
-    mean = tl.load(shift_ptr + cols * shift_stride, mask=col_mask, other=0.0).to(ACC) + mean_shifted
+    mean = finite_shift(tl.load(shift_ptr + cols * shift_stride, mask=col_mask, other=0.0).to(ACC)) + mean_shifted
     return count, mean, m2
 
 
@@ -179,7 +190,7 @@ def finalize_statistics(
     partial_m2_ptr,           # (splits, C) their sum of squared deviations from that mean
     shift_ptr,                # the input: channel c's shift (its first value) is at c * shift_stride
     mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,  # see store_statistics
-    splits, C, shift_stride, momentum, eps,
+    splits, C, shift_stride, momentum: tl.float64, eps: tl.float64,
     HAS_RUNNING_STATS: tl.constexpr, CUMULATIVE: tl.constexpr,
     ACC: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -209,7 +220,7 @@ def finalize_moments(
 def merge_ranks(
     moments_ptr,              # (ranks, 2C + 1) each rank's finalize_moments, in rank order
     mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,  # see store_statistics
-    ranks, C, momentum, eps,
+    ranks, C, momentum: tl.float64, eps: tl.float64,
     HAS_RUNNING_STATS: tl.constexpr, CUMULATIVE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """SyncBatchNorm's global statistics: the ranks' moments merged with Chan's formula in rank
@@ -227,7 +238,7 @@ def merge_ranks(
         total = count + rank_count
         weight = rank_count / tl.maximum(total, 1.0)
         delta = rank_mean - mean
-        mean += delta * weight
+        mean = merged_mean(mean, rank_mean, delta, weight)
         m2 += rank_m2 + delta * delta * count * weight
         count = total
     # A global batch with no values: zeros saved, running statistics untouched (as one process does).

@@ -13,7 +13,23 @@ def merge_moments(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     count = count_a + count_b
     delta = mean_b - mean_a
     weight_b = count_b / count
-    mean = mean_a + delta * weight_b
+    mean = merged_mean(mean_a, mean_b, delta, weight_b)
     m2 = m2_a + m2_b + delta * delta * count_a * weight_b
     return count, mean, m2
+
+
+@triton.jit
+def merged_mean(mean_a, mean_b, delta, weight_b):
+    """The mean of two partials, b weighing weight_b: mean_a + delta * weight_b (Chan), or, where
+    delta = mean_b - mean_a is not finite (an inf among the values), the weighted mean: that inf, or
+    NaN for +inf and -inf, as the plain sum of the values gives (and torch's mean)."""
+    return tl.where(delta - delta == 0.0, mean_a + delta * weight_b, mean_a * (1.0 - weight_b) + mean_b * weight_b)
+
+
+@triton.jit
+def finite_shift(value):
+    """A value of x as its channel's shift, or 0 where it is inf or NaN: moments of x - inf would
+    make every finite value -inf and the mean NaN, where a batch holding an inf has that inf as its
+    mean (as torch's)."""
+    return tl.where(value - value == 0.0, value, 0.0)
 

@@ -85,7 +85,7 @@ def test_every_kernel_of_the_source_is_used():
 
 @pytest.mark.skipif(has_cupy(), reason="checks the error shown when CuPy is not installed")
 def test_missing_cupy_names_the_install_command():
-    with pytest.raises(RuntimeError, match=r"needs CuPy, which is not installed: pip install -e \.\[cupy\]"):
+    with pytest.raises(RuntimeError, match=r"needs CuPy, which is not installed: pip install -e \.\[cupy-cuda13\]"):
         bn_gpu.batch_norm(torch.randn(4, 3), None, None, training=True, backend="cupy")
 
 
@@ -142,7 +142,7 @@ def _expected_numpy_type(c_type: str, accumulate):
     import numpy as np
     if "*" in c_type:
         return np.uint64
-    return {"i64": np.int64, "int": np.int32, "float": np.float32, "A": accumulate}[c_type]
+    return {"i64": np.int64, "int": np.int32, "float": np.float32, "double": np.float64, "A": accumulate}[c_type]
 
 
 @pytest.fixture

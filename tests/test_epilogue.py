@@ -3,6 +3,7 @@ reference and the unfused torch sequence F.relu(F.batch_norm(x) + residual)."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -51,20 +52,80 @@ def test_epilogue_as_reference(backend, device, case, dtype, activation, with_re
     grad_y = make_input(shape, dtype, layout, device, mean=0.0, std=1.0, seed=7)
     inputs = (x, weight, bias) + ((residual,) if with_residual else ())
     grads = torch.autograd.grad(y, inputs, grad_y)
-    grad_bn = ref.epilogue_backward(grad_y, y_ref, relu)
+    # bf16 outputs near 0 may round across the ReLU's kink: the reference takes the ReLU's mask from
+    # the kernels' own output (a positive fp32 value stays positive in bf16), so every gradient is
+    # compared everywhere; elsewhere the float64 output's.
+    grad_bn = ref.epilogue_backward(grad_y, y.detach() if dtype == torch.bfloat16 and relu else y_ref, relu)
     if training:
         grad_x_ref, grad_w_ref, grad_b_ref = ref.backward_train(grad_bn, x.detach(), weight.detach())
     else:
         grad_x_ref, grad_w_ref, grad_b_ref = ref.backward_eval(grad_bn, x.detach(), running_mean, running_var,
                                                                weight.detach())
-    # bf16 outputs near 0 may round across the ReLU's kink: compare where the reference is clear of it.
-    clear = (y_ref.abs() > 0.05).cpu() if dtype == torch.bfloat16 and relu else torch.ones(shape, dtype=torch.bool)
-    assert_close(grads[0].double().cpu()[clear], grad_x_ref.cpu()[clear], dtype, "grad_input")
-    if dtype != torch.bfloat16 or not relu:
-        assert_close(_scaled(grads[1], grad_y, C), _scaled(grad_w_ref, grad_y, C), dtype, "grad_weight")
-        assert_close(_scaled(grads[2], grad_y, C), _scaled(grad_b_ref, grad_y, C), dtype, "grad_bias")
+    assert_close(grads[0], grad_x_ref, dtype, "grad_input")
+    assert_close(_scaled(grads[1], grad_y, C), _scaled(grad_w_ref, grad_y, C), dtype, "grad_weight")
+    assert_close(_scaled(grads[2], grad_y, C), _scaled(grad_b_ref, grad_y, C), dtype, "grad_bias")
     if with_residual:
-        assert_close(grads[3].double().cpu()[clear], grad_bn.cpu()[clear], dtype, "grad_residual")
+        assert_close(grads[3], grad_bn, dtype, "grad_residual")
+
+
+def _torch_sequence(x, running_mean, running_var, weight, bias, training, residual):
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, training)
+    return F.relu(y if residual is None else y + residual)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("with_residual", [False, True], ids=["relu", "add-relu"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_relu_epilogue_at_an_exact_zero_as_torch(backend, device, with_residual, layout, kernel_path):
+    """Pre-activations exactly 0 get a zero gradient, as torch's ReLU gives them. Channel values
+    -1, 0, 1 repeated have mean 0 exactly; with bias 0 and residual 0 every 0 of x is an exact 0 of
+    the ReLU's input, in training and in eval (running_mean 0)."""
+    pattern = torch.tensor([-1.0, 0.0, 1.0, 0.0, 1.0, -1.0], dtype=torch.float64)
+    x64 = pattern.repeat(2 * 3 * 4).reshape(2, 3, 4, 6)[:, :, :4]  # each channel: 2 x 4 rows of the pattern
+    for training in (True, False):
+        x = arrange(x64.float().to(device), layout).requires_grad_()
+        weight = torch.tensor([0.5, 1.0, 2.0], device=device, requires_grad=True)
+        bias = torch.zeros(3, device=device, requires_grad=True)
+        residual = torch.zeros_like(x) if with_residual else None
+        stats = (torch.zeros(3, device=device), torch.ones(3, device=device))
+        y = bn_gpu.batch_norm(x, *(t.clone() for t in stats), weight, bias, training, backend=backend,
+                              activation="relu", residual=residual)
+        inputs = (x, weight, bias)
+        grad_y = make_input(tuple(x.shape), torch.float32, layout, device, mean=0.5, std=1.0, seed=3)
+        grads = torch.autograd.grad(y, inputs, grad_y)
+        expected_inputs = [t.detach().cpu().requires_grad_() for t in inputs]
+        expected = _torch_sequence(*expected_inputs[:1], *(t.cpu().clone() for t in stats), *expected_inputs[1:],
+                                   training, residual.cpu() if with_residual else None)
+        expected_grads = torch.autograd.grad(expected, expected_inputs, grad_y.cpu())
+        if not training:  # the exact zeros of x are the ReLU's: torch's gradient there is 0
+            assert (expected_grads[0][x64 == 0] == 0).all()
+        torch.testing.assert_close(y.cpu(), expected)
+        for name, grad, expected_grad in zip(("input", "weight", "bias"), grads, expected_grads):
+            torch.testing.assert_close(grad.cpu(), expected_grad, atol=1e-5, rtol=1e-5,
+                                       msg=lambda m: f"{'train' if training else 'eval'} grad_{name}: {m}")
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("with_residual", [False, True], ids=["relu", "add-relu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_relu_epilogue_keeps_nan_and_passes_its_gradient_as_torch(backend, device, with_residual, training):
+    """torch.relu(NaN) is NaN, and its backward zeroes the gradient only where the output is <= 0: a
+    NaN passes it on. A diverging model's NaN must not vanish under BatchNormReLU."""
+    x = torch.tensor([[math.nan, 1.0, -2.0], [2.0, 3.0, 0.5], [0.25, -1.0, 4.0]], device=device)
+    weight, bias = torch.tensor([1.0, 0.5, 2.0], device=device), torch.tensor([0.1, -0.2, 0.3], device=device)
+    running_mean, running_var = torch.tensor([0.0, 1.0, 0.5], device=device), torch.ones(3, device=device)
+    residual = torch.tensor([[0.5, math.nan, 0.0], [1.0, -1.0, 0.0], [0.0, 0.0, -9.0]], device=device) \
+        if with_residual else None
+    grad_y = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]], device=device)
+    results = []
+    for fn in (lambda *a: bn_gpu.batch_norm(*a[:6], backend=backend, activation="relu", residual=a[6]),
+               _torch_sequence):
+        inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        y = fn(inputs[0], running_mean.clone(), running_var.clone(), *inputs[1:], training, residual)
+        results.append((y, *torch.autograd.grad(y, inputs, grad_y)))
+    for what, actual, expected in zip(("output", "grad_input", "grad_weight", "grad_bias"), *results):
+        torch.testing.assert_close(actual.cpu(), expected.cpu(), equal_nan=True, msg=lambda m: f"{what}: {m}")
+    assert torch.isnan(results[0][0]).any()
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())

@@ -85,9 +85,60 @@ def test_affine_options(backend, device, with_weight, with_bias, kernel_path, po
     y, mean, invstd = torch.ops.bn_gpu.forward_train(x, weight, bias, None, None, None, 0.1, 1e-5, backend)
     assert_close(y, ref.forward_train(x, weight, bias)[0], torch.float32, "output")
     grad_y = make_input((5, 4, 6), device=device, seed=3)
-    grad_x, grad_w, _ = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, True, True, True, backend)
-    assert_close(grad_x, ref.backward_train(grad_y, x, weight)[0], torch.float32, "grad_input")
+    grad_x, grad_w, grad_b = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, True, True, True, backend)
+    grad_x_ref, grad_w_ref, grad_b_ref = ref.backward_train(grad_y, x, weight)
+    assert_close(grad_x, grad_x_ref, torch.float32, "grad_input")
     assert grad_w.dtype == torch.float32
+    # Sums over 30 values a channel: compared at the scale of |dy| summed over a channel.
+    scale = grad_y.double().abs().sum().item() / 4
+    assert_close(grad_w / scale, grad_w_ref / scale, torch.float32, "grad_weight")
+    assert_close(grad_b / scale, grad_b_ref / scale, torch.float32, "grad_bias")
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_eps_is_counted_once_in_every_dtype(backend, device, dtype, layout, kernel_path, poisoned):
+    """eps = 0.5 against a variance of ~1e-2 (std 0.1): eps carries 98% of var + eps, so invstd off by
+    eps counted twice (0.70x) or dropped (7x) is far outside every dtype's tolerance, in training
+    (the statistics), in eval (the running statistics) and in the backward."""
+    eps = 0.5
+    x = make_input((4, 3, 5, 6), dtype, layout, device, mean=1.0, std=0.1)
+    param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    weight, bias, running_mean, running_var = make_params(3, param_dtype, device)
+    running_var.fill_(0.01)
+    y, mean, invstd = torch.ops.bn_gpu.forward_train(x, weight, bias, None, None, None, 0.1, eps, backend)
+    y_ref, _, var_ref, invstd_ref = ref.forward_train(x, weight, bias, eps)
+    assert_close(y, y_ref, dtype, "training output")
+    assert_stats_close(invstd, invstd_ref, dtype, "invstd")
+    grad_y = make_input((4, 3, 5, 6), dtype, layout, device, mean=0.0, std=1.0, seed=3)
+    grad_x, _, _ = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, True, True, True, backend)
+    assert_close(grad_x, ref.backward_train(grad_y, x, weight, eps)[0], dtype, "grad_input")
+    y_eval, _, invstd_eval = torch.ops.bn_gpu.forward_eval(x, weight, bias, running_mean, running_var, eps, backend)
+    assert_close(y_eval, ref.forward_eval(x, running_mean, running_var, weight, bias, eps), dtype, "eval output")
+    assert_stats_close(invstd_eval, 1 / torch.sqrt(running_var.double() + eps), dtype, "eval invstd")
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_float64_statistics_are_float64_to_the_last_bits(backend, device, layout, momentum, kernel_path):
+    """float64 inputs: statistics computed and the running statistics updated in float64, momentum and
+    eps included (not rounded to fp32 on the way)."""
+    x = make_input((4, 3, 5), torch.float64, layout, device)
+    weight, bias, running_mean, running_var = make_params(3, torch.float64, device)
+    tracked = torch.tensor(4, device=device)
+    rm0, rv0 = running_mean.clone(), running_var.clone()
+    y, mean, invstd = torch.ops.bn_gpu.forward_train(x, weight, bias, running_mean, running_var, tracked, momentum,
+                                                     1e-5, backend)
+    y_ref, mean_ref, var_ref, invstd_ref = ref.forward_train(x, weight, bias, 1e-5)
+    rm_ref, rv_ref = ref.update_running_stats(rm0, rv0, mean_ref, var_ref, 20, ref.momentum_factor(momentum, 5))
+    for what, actual, expected in (("mean", mean, mean_ref), ("invstd", invstd, invstd_ref), ("output", y, y_ref),
+                                   ("running_mean", running_mean, rm_ref), ("running_var", running_var, rv_ref)):
+        torch.testing.assert_close(actual.cpu(), expected.cpu(), atol=1e-14, rtol=1e-13, msg=lambda m: f"{what}: {m}")
+    y_eval, _, _ = torch.ops.bn_gpu.forward_eval(x, weight, bias, rm0, rv0, 1e-5, backend)
+    torch.testing.assert_close(y_eval.cpu(), ref.forward_eval(x, rm0, rv0, weight, bias, 1e-5).cpu(), atol=1e-14,
+                               rtol=1e-13)
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())

@@ -95,6 +95,36 @@ def test_nan_or_inf_stays_in_its_channel(backend, device, bad, layout):
     assert not torch.isfinite(running_var[1])
 
 
+_NON_FINITE = {  # channel 1's values at (n, 1, h, w), set after the random fill
+    "inf": {(2, 3, 4): math.inf},
+    "-inf": {(2, 3, 4): -math.inf},
+    "inf-first-value": {(0, 0, 0): math.inf},  # the channel's shift
+    "two-inf": {(0, 0, 0): math.inf, (3, 4, 4): math.inf},
+    "inf-and-minus-inf": {(1, 1, 1): math.inf, (3, 2, 2): -math.inf},
+    "nan": {(2, 3, 4): math.nan},
+}
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("case", list(_NON_FINITE))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_non_finite_channel_as_torch(backend, device, case, layout, kernel_path, poisoned):
+    """A channel holding an inf has that inf as its batch mean and running_mean, NaN as its variance
+    (+inf with -inf: NaN), as torch's batch_norm; the other channels are untouched by it."""
+    x = make_input((4, 3, 5, 5), layout=layout, device=device)
+    for (n, h, w), value in _NON_FINITE[case].items():
+        x[n, 1, h, w] = value
+    weight, bias, running_mean, running_var = make_params(3, device=device)
+    expected_mean, expected_var = running_mean.cpu().clone(), running_var.cpu().clone()
+    expected_y = torch.nn.functional.batch_norm(x.cpu(), expected_mean, expected_var, weight.cpu(), bias.cpu(),
+                                                training=True)
+    y, mean, _ = torch.ops.bn_gpu.forward_train(x, weight, bias, running_mean, running_var, None, 0.1, 1e-5, backend)
+    torch.testing.assert_close(running_mean.cpu(), expected_mean, equal_nan=True)
+    torch.testing.assert_close(running_var.cpu(), expected_var, equal_nan=True)
+    torch.testing.assert_close(mean[1].cpu(), x[:, 1].cpu().double().mean().float(), equal_nan=True)  # inf, -inf or NaN
+    torch.testing.assert_close(y.cpu(), expected_y, equal_nan=True)
+
+
 @pytest.mark.parametrize("backend,device", backend_devices())
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_constant_channel_gives_bias(backend, device, layout):

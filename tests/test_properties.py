@@ -58,8 +58,8 @@ def test_matches_reference(backend, device, case):
         y_eval_ref = ref.forward_eval(x, running_mean, running_var, weight, bias, case["eps"])
         assert_close(y_eval, y_eval_ref, dtype, "eval")
     grad_y = make_input(shape, dtype, case["layout"], device, mean=0.0, std=1.0, seed=case["seed"] + 2)
-    grad_x, _, grad_b = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, True, True, True, backend)
-    grad_x_ref, _, grad_b_ref = ref.backward_train(grad_y, x, weight, case["eps"])
+    grad_x, grad_w, grad_b = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, True, True, True, backend)
+    grad_x_ref, grad_w_ref, grad_b_ref = ref.backward_train(grad_y, x, weight, case["eps"])
     # Compare the gradient relative to each channel's gain weight * invstd (see test_numerics): the
     # bracket it multiplies cancels among O(1) terms, with x_hat off by the mean's rounding.
     gain = invstd_ref if weight is None else weight.double() * invstd_ref
@@ -69,3 +69,7 @@ def test_matches_reference(backend, device, case):
                             4 * x_hat_rounding * float(grad_y.double().abs().max()), "grad_input")
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(grad_b.double().cpu(), grad_b_ref.cpu(), atol=atol * x.numel() / C, rtol=rtol)
+    # sum(dy * x_hat): each term off by the dtype's rounding and x_hat's, over m values a channel.
+    x_hat_slack = float(torch.as_tensor(x_hat_rounding).max()) * float(grad_y.double().abs().max())
+    torch.testing.assert_close(grad_w.double().cpu(), grad_w_ref.cpu(), atol=(atol + 4 * x_hat_slack) * x.numel() / C,
+                               rtol=rtol)

@@ -49,12 +49,18 @@ def test_frozen_batch_norm_as_reference_and_torchvision(backend, device, dtype, 
 
 def test_frozen_batch_norm_keeps_no_activation_for_the_backward():
     x = torch.randn(8, 4, 16, 16, requires_grad=True)
+    frozen = bn_gpu.FrozenBatchNorm2d(4)
+    weight, bias, running_mean, running_var = make_params(4)
+    for name, value in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        getattr(frozen, name).copy_(value)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-        y = bn_gpu.FrozenBatchNorm2d(4)(x)
+        y = frozen(x)
     assert all(shape.numel() <= 4 for shape in saved), saved  # per-channel vectors only
-    y.sum().backward()
-    assert x.grad is not None
+    grad = torch.randn(x.shape)
+    y.backward(grad)
+    scale = weight.double() / torch.sqrt(running_var.double() + 1e-5)
+    assert_close(x.grad, grad.double() * scale.reshape(1, -1, 1, 1), torch.float32, "grad_input")
 
 
 def test_frozen_batch_norm_loads_a_batch_norm_checkpoint_and_torchvisions():
