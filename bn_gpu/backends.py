@@ -55,12 +55,11 @@ def get_backend() -> str:
 
 def resolve(name: str, device: torch.device) -> str:
     """The concrete backend for a call on tensors of `device`."""
+    if name != "auto" and name not in BACKENDS:
+        name = check_name(name)  # another case of a name, or an error naming the choices
     if name == "auto":
         return _default_gpu_backend if device.type == "cuda" else "cpu"
-    if name in BACKENDS:
-        return name
-    name = check_name(name)
-    return resolve(name, device)
+    return name
 
 
 _checked_modules: dict = {}

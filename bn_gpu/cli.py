@@ -3,6 +3,8 @@ texts that show real defaults only, and the shape argument."""
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 
 
@@ -33,26 +35,19 @@ def shape(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in parts)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"shape {text!r}: write it as integers joined by 'x', e.g. 64x64x56x56")
+        raise argparse.ArgumentTypeError(f"shape {text!r}: write it as integers joined by 'x', e.g. 64x64x56x56") \
+            from None
     if not 2 <= len(values) <= 2 + MAX_SPATIAL_DIMS:
         raise argparse.ArgumentTypeError(f"shape {text!r}: expected N x C and up to {MAX_SPATIAL_DIMS} spatial sizes "
                                          f"(2 to {2 + MAX_SPATIAL_DIMS} numbers), got {len(values)}")
     if min(values) < 1:
         raise argparse.ArgumentTypeError(f"shape {text!r}: every size must be at least 1")
-    if values[0] * _product(values[2:]) < 2:
+    if values[0] * math.prod(values[2:]) < 2:
         raise argparse.ArgumentTypeError(f"shape {text!r}: training needs more than 1 value per channel "
                                          "(N x spatial sizes >= 2)")
     return values
 
 
-def _product(values) -> int:
-    result = 1
-    for v in values:
-        result *= v
-    return result
-
-
 def program_name() -> str:
-    import os
     invoked = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     return "python -m bn_gpu" if invoked in ("__main__.py", "-m", "") else invoked

@@ -129,10 +129,11 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.modules.batchnorm._BatchNorm):
     """torch.nn.SyncBatchNorm on bn_gpu kernels: same constructor and state_dict, plus backend="auto".
 
     Beyond PyTorch's: runs on CPU tensors (gloo), a rank with an empty batch gives no NaN, no step
-    synchronizes with the host (CUDA-graph safe, momentum=None included) -- but on a rank with at most
-    one value per channel, which reads the global count back to refuse a global batch of one value
-    per channel, as PyTorch does -- and channels_last is read natively. Not a subclass of torch.nn.SyncBatchNorm: DDP refuses those on CPU, and torch's
-    converters would rebuild it as torch's.
+    synchronizes with the host (CUDA-graph safe, momentum=None included) -- but on a rank with at
+    most one value per channel, which reads the global count back to refuse a global batch of one
+    value per channel, as PyTorch does -- and channels_last is read natively. Not a subclass of
+    torch.nn.SyncBatchNorm: DDP refuses those on CPU, and torch's converters would rebuild it as
+    torch's.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
