@@ -91,7 +91,8 @@ if [ $rehearse -eq 1 ]; then
   step gpu-tests 20 40 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider -rfE
   bench_limit=$(left 15)
   step bench "$bench_limit" 15 "$PY" -m bn_gpu bench --smoke --out "$out/bench" --budget-s $(( bench_limit - 10 )) "$@"
-  step host-overhead 10 0 "$PY" profiling/host_overhead.py --stub-kernels --calls 200
+  step host-overhead 10 10 "$PY" profiling/host_overhead.py --stub-kernels --calls 200
+  step train-step 15 0 "$PY" profiling/train_step.py --smoke --out "$out/train-step"
 else
   device=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)
   { nvidia-smi; "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())";
@@ -117,6 +118,14 @@ else
   BN_GPU_DIRECT_LAUNCH=0 step host-overhead-jit 30 25 "$PY" profiling/host_overhead.py --calls 1000
   # Every kernel's time per op on the large shapes: where the GPU time goes (run 6: ~25 s).
   step kernel-times 60 20 "$PY" profiling/kernel_times.py --ops train_fwd backward
+  # Whole-model training steps against torch.nn (profiling/train_step.py): channels_last bf16, every
+  # implementation eager, then under CUDA graphs, then torch.compile; rows are written as they end.
+  ts_limit=$(left 10)
+  [ "$ts_limit" -gt 120 ] && ts_limit=120
+  step train-step "$ts_limit" 10 "$PY" profiling/train_step.py --models resnet50 resnet18 --batch-sizes 32 256 \
+    --layouts channels_last --precisions bf16 --impls torch bn_gpu-triton bn_gpu-triton-fused \
+    --modes eager cudagraph compile --steps 10 --budget-s $(( ts_limit > 40 ? ts_limit - 30 : 10 )) \
+    --out "$out/train-step"
   if [ $# -eq 0 ]; then
     set -- --shapes 64x64x112x112 64x256x56x56 64x2048x7x7 16384x2048 8x64x16x56x56 5x3 --dtypes float32 bfloat16
   fi
@@ -144,6 +153,8 @@ count() { local n; n=$(grep -c "$1" "$2" 2>/dev/null); echo "${n:-0}"; }
   echo '```'
   cat "$out/host-overhead.log" "$out/host-overhead-jit.log" 2>/dev/null
   echo '```'
+  train_md=$(ls -t "$out"/train-step/*.md 2>/dev/null | head -1)
+  if [ -n "$train_md" ]; then echo; sed 's/^# /### /' "$train_md"; fi
   if [ -s "$out/kernel-times.log" ]; then
     echo
     echo "Kernel time per op, L2 flushed (profiling/kernel_times.py; every kernel in kernel-times.log):"

@@ -237,28 +237,30 @@ def _gpu_check(tmp_path, budget: int, costs: dict, *options) -> tuple[list, str]
 
 def test_gpu_check_rehearsal_cuts_each_step_to_what_the_budget_leaves(tmp_path):
     # preflight: min(30, 60 - 0 - 40% of 60) = 30; gpu-tests: min(20, 60 - 25 - 24) = 11, cut there;
-    # bench: what is left less 15% = 60 - 36 - 9 = 15; host-overhead: min(10, 60 - 37).
+    # bench: what is left less 15% = 60 - 36 - 9 = 15; host-overhead: min(10, 60 - 37 - 6);
+    # train-step: min(15, 60 - 38).
     steps, summary = _gpu_check(tmp_path, 60, {"preflight": 25, "gpu-tests": 100}, "--rehearse")
-    assert steps == [("preflight", 30), ("gpu-tests", 11), ("bench", 15), ("host-overhead", 10)]
+    assert steps == [("preflight", 30), ("gpu-tests", 11), ("bench", 15), ("host-overhead", 10), ("train-step", 15)]
     assert "- preflight: exit 0, 25 s of 30 s" in summary
     assert "- gpu-tests: stopped at its 11 s limit (exit 124), 11 s of 11 s" in summary
-    assert "budget 60 s, took 38 s" in summary
+    assert "budget 60 s, took 39 s" in summary
 
 
 def test_gpu_check_skips_a_step_the_budget_cannot_hold(tmp_path):
-    # preflight uses all of its 24 s (40 - 40% of 40): nothing is left for gpu-tests before its reserve.
+    # preflight uses all of its 24 s (40 - 40% of 40): nothing is left for gpu-tests before its reserve;
+    # after the bench's 10 s, host-overhead's 2 s past its reserve are too few; train-step takes the last 6.
     steps, summary = _gpu_check(tmp_path, 40, {"preflight": 24, "bench": 10}, "--rehearse")
-    assert steps == [("preflight", 24), ("bench", 10), ("host-overhead", 6)]
-    assert "- gpu-tests: not run (budget spent)" in summary
+    assert steps == [("preflight", 24), ("bench", 10), ("train-step", 6)]
+    assert "- gpu-tests: not run (budget spent)" in summary and "- host-overhead: not run (budget spent)" in summary
     assert "budget 40 s, took 35 s" in summary
 
 
 def test_gpu_check_on_a_gpu_machine_keeps_its_budget(tmp_path):
     steps, summary = _gpu_check(tmp_path, 480, {"gpu-tests": 300})
     assert steps == [("install", 60), ("cupy-compile", 90), ("gpu-tests", 240), ("host-overhead", 30),
-                     ("host-overhead-jit", 30), ("kernel-times", 60), ("bench", 221)]
+                     ("host-overhead-jit", 30), ("kernel-times", 60), ("train-step", 120), ("bench", 220)]
     assert "- preflight: skipped (the GPU tests passed)" in summary
-    assert "budget 480 s, took 246 s" in summary
+    assert "budget 480 s, took 247 s" in summary
 
 
 def test_command_line_version_and_help():
