@@ -117,3 +117,20 @@ def test_an_eager_backward_calls_the_kernels_below_the_dispatcher(monkeypatch):
     y = bn_gpu.batch_norm(x, None, None, weight, None, True, backend="cpu")
     torch.autograd.grad(y, (x, weight), torch.randn_like(y))
     assert len(calls) == 1
+
+
+def test_inductor_compiles_an_eval_model_where_the_ci_variable_is_set():
+    """Inductor refuses, where CI is set, a fallback for an op with a decomposition (the eval op has
+    one, for ONNX): a user's CI compiling an eval-mode model must still work. A fresh process, so
+    that no earlier compile has made the fallback."""
+    import subprocess
+    import sys
+    code = ("import torch, bn_gpu\n"
+            "m = bn_gpu.convert_model(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))).eval()\n"
+            "x = torch.randn(2, 3, 6, 6)\n"
+            "torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), m(x))\n"
+            "print('compiled')\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env["CI"] = "true"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-2000:]
