@@ -158,7 +158,7 @@ def _normalize(x_ptr, y_ptr, residual_ptr, x_stride_m, y_stride_m, cols, col_mas
             y += tl.load(residual_ptr + _offsets(rows, cols, y_stride_m), mask=mask, other=0.0,
                          eviction_policy="evict_first").to(ACC)
         if RELU:
-            y = tl.where(y < 0.0, 0.0, y)  # not tl.maximum, which drops NaN: torch's ReLU keeps it
+            y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN kept, as torch.relu keeps it
         tl.store(y_ptr + _offsets(rows, cols, y_stride_m), y.to(y_ptr.dtype.element_ty), mask=mask,
                  eviction_policy="evict_first")
 
