@@ -39,15 +39,18 @@ class Row:
     mode: str
     numel: int
     itemsize: int
-    us: float                       # median time per call (L2 flushed), microseconds
+    us: float                       # eager wall time per call (median, L2 flushed), microseconds
     correct: bool                   # output within tolerance of the float64 reference
     max_error: float = math.nan
-    graph_us: float = math.nan      # per call replayed from a CUDA graph (small shapes)
+    graph_us: float = math.nan      # per call replayed from a CUDA graph (NaN where it cannot be captured)
     host_us: float = math.nan       # wall time per call in a loop of eager calls (small shapes)
     gbps: float = math.nan
     pct_floor: float = math.nan
-    speedup: float = math.nan       # best correct torch time / this time
+    speedup: float = math.nan       # best correct torch time / this time (eager wall clock)
     note: str = ""
+    gpu_us: float = math.nan        # GPU time per call: graph_us, or the profiler's kernel sum where no graph
+    gpu_clock: str = ""             # "graph" or "kernels": which of the two gpu_us is
+    gpu_speedup: float = math.nan   # best correct torch GPU time / this GPU time
 
     @property
     def case(self) -> tuple:
@@ -55,12 +58,18 @@ class Row:
 
 
 def fill_metrics(rows: list[Row], copy_gbps: float) -> list[Row]:
-    """GB/s, % of floor and speed-up against the best correct torch implementation of each case."""
-    best_torch = {}
+    """GB/s, % of floor and speed-up against the best correct torch implementation of each case, by
+    both clocks: eager wall time (speedup) and GPU time (gpu_speedup)."""
+    best_torch, best_torch_gpu = {}, {}
     for row in rows:
-        if row.impl in TORCH_IMPLS and row.correct and not math.isnan(row.us):
-            best_torch[row.case] = min(best_torch.get(row.case, math.inf), row.us)
+        if row.impl in TORCH_IMPLS and row.correct:
+            if not math.isnan(row.us):
+                best_torch[row.case] = min(best_torch.get(row.case, math.inf), row.us)
+            if not math.isnan(row.gpu_us):
+                best_torch_gpu[row.case] = min(best_torch_gpu.get(row.case, math.inf), row.gpu_us)
     for row in rows:
+        if not math.isnan(row.gpu_us) and row.gpu_us > 0 and row.case in best_torch_gpu:
+            row.gpu_speedup = best_torch_gpu[row.case] / row.gpu_us
         if math.isnan(row.us) or row.us <= 0:
             continue
         moved = floor_bytes(row.numel, row.itemsize, row.mode)
@@ -81,8 +90,9 @@ def _fmt(value: float, spec: str) -> str:
 
 
 def markdown_table(rows: list[Row]) -> str:
-    lines = ["| shape | dtype | layout | mode | impl | µs | GB/s | % floor | vs best torch | graph µs | host µs/call | correct |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| shape | dtype | layout | mode | impl | µs | GB/s | % floor | vs best torch | GPU µs | vs best torch (GPU) "
+             "| host µs/call | correct |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.correct:
             correct = "yes"
@@ -92,8 +102,18 @@ def markdown_table(rows: list[Row]) -> str:
             correct = f"**WRONG** ({_fmt(r.max_error, '.1e')})"
         lines.append(f"| {r.shape} | {r.dtype} | {r.layout} | {r.mode} | {r.impl} | {_fmt(r.us, '.1f')} | "
                      f"{_fmt(r.gbps, '.0f')} | {_fmt(r.pct_floor, '.0f')} | {_fmt(r.speedup, '.2f')}× | "
-                     f"{_fmt(r.graph_us, '.1f')} | {_fmt(r.host_us, '.1f')} | {correct} |")
+                     f"{_gpu_cell(r)} | {_fmt(r.gpu_speedup, '.2f')}× | {_fmt(r.host_us, '.1f')} | {correct} |")
     return "\n".join(lines)
+
+
+def _gpu_cell(row: Row) -> str:
+    """GPU µs, marked † where it is the profiler's kernel sum rather than a CUDA-graph replay."""
+    return _fmt(row.gpu_us, ".1f") + ("†" if row.gpu_clock == "kernels" else "")
+
+
+def _best_speedup(rows: list[Row], field: str) -> str:
+    values = [getattr(r, field) for r in rows if not math.isnan(getattr(r, field))]
+    return f"{max(values):.2f}×" if values else "—"
 
 
 def compact_markdown(rows: list[Row]) -> str:
@@ -102,8 +122,8 @@ def compact_markdown(rows: list[Row]) -> str:
     cases = {}
     for r in rows:
         cases.setdefault(r.case, {})[r.impl] = r
-    lines = ["| shape | dtype | layout | mode | " + " | ".join(impls) + " | bn_gpu vs best torch |",
-             "|---|---|---|---|" + "---|" * (len(impls) + 1)]
+    lines = ["| shape | dtype | layout | mode | " + " | ".join(impls) + " | bn_gpu vs best torch, wall | GPU |",
+             "|---|---|---|---|" + "---|" * (len(impls) + 2)]
     for case, by_impl in cases.items():
         cells = []
         for impl in impls:
@@ -114,9 +134,9 @@ def compact_markdown(rows: list[Row]) -> str:
                 cells.append("**WRONG**" if not r.note else "**ERROR**")
             else:
                 cells.append(f"{_fmt(r.us, '.1f')} ({_fmt(r.pct_floor, '.0f')}%)")
-        ours = [r for r in by_impl.values() if r.impl in BN_GPU_IMPLS and r.correct and not math.isnan(r.us)]
-        best = f"{max(r.speedup for r in ours):.2f}×" if ours and not all(math.isnan(r.speedup) for r in ours) else "—"
-        lines.append("| " + " | ".join(case) + " | " + " | ".join(cells) + f" | {best} |")
+        ours = [r for r in by_impl.values() if r.impl in BN_GPU_IMPLS and r.correct]
+        lines.append("| " + " | ".join(case) + " | " + " | ".join(cells)
+                     + f" | {_best_speedup(ours, 'speedup')} | {_best_speedup(ours, 'gpu_speedup')} |")
     return "\n".join(lines)
 
 

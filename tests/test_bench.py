@@ -40,6 +40,24 @@ def test_metrics_against_the_best_correct_torch_implementation():
     assert not report.is_win(by["bn_gpu-cupy"])
 
 
+def test_both_clocks_against_the_best_torch_implementation():
+    """Eager wall time and GPU time each against torch's best by the same clock: a host-bound case
+    loses by the first and wins by the second."""
+    rows = [_row("torch-cudnn", 100.0), _row("torch-native", 120.0), _row("bn_gpu-triton", 200.0),
+            _row("bn_gpu-cupy", 150.0, correct=False)]
+    for row, gpu in zip(rows, (40.0, 30.0, 20.0, 10.0)):
+        row.gpu_us, row.gpu_clock = gpu, "graph"
+    rows[1].gpu_clock = "kernels"
+    report.fill_metrics(rows, copy_gbps=2.0)
+    by = {r.impl: r for r in rows}
+    assert by["bn_gpu-triton"].speedup == pytest.approx(0.5)       # 100 / 200 by the wall clock
+    assert by["bn_gpu-triton"].gpu_speedup == pytest.approx(1.5)   # 30 / 20 by GPU time (the wrong row is no baseline)
+    table = report.markdown_table(rows)
+    assert "| GPU µs | vs best torch (GPU) |" in table and "| 30.0† | 1.00× |" in table
+    compact = report.compact_markdown(rows)
+    assert "bn_gpu vs best torch, wall | GPU |" in compact and "| 0.50× | 1.50× |" in compact
+
+
 def test_target_gaps():
     rows = [_row("torch-cudnn", 10.0), _row("bn_gpu-triton", 12.0),
             _row("torch-cudnn", 10.0, shape="5x3", host_us=20.0), _row("bn_gpu-triton", 9.0, shape="5x3", host_us=35.0)]
