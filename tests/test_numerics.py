@@ -137,6 +137,23 @@ def test_constant_channel_gives_bias(backend, device, layout):
     torch.testing.assert_close(mean[1].item(), 7.25)
 
 
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_constant_channel_gradient_with_a_tiny_eps_as_torch(backend, device, dtype, layout, kernel_path):
+    """A constant channel (x - mean = 0) under a constant gradient: dx = scale * (dy - mean(dy)) is
+    exactly 0 however large scale = 1 / sqrt(eps) is, as torch gives it. Folding mean(dy) into a
+    per-channel constant left an fp32 rounding of scale * mean(dy) there: +-inf in fp16 at eps 1e-30."""
+    x = make_input((4, 3, 5, 5), dtype, layout, device)
+    x[:, 1] = 3.0
+    grad_y = torch.full(x.shape, 0.3, dtype=dtype, device=device)
+    for eps in (1e-10, 1e-30):
+        _, mean, invstd = torch.ops.bn_gpu.forward_train(x, None, None, None, None, None, 0.1, eps, backend)
+        grad_x, _, _ = torch.ops.bn_gpu.backward(grad_y, x, None, mean, invstd, True, True, False, backend)
+        assert torch.isfinite(grad_x).all(), eps
+        torch.testing.assert_close(grad_x[:, 1].cpu(), torch.zeros_like(grad_x[:, 1].cpu()), atol=0, rtol=0)
+
+
 SIZE_CASES = [
     (2, 3),              # m = 2
     (7, 1),              # C = 1
