@@ -48,6 +48,28 @@ def shape(text: str) -> tuple[int, ...]:
     return values
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type of a duration or a size."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
 def program_name() -> str:
     invoked = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     return "python -m bn_gpu" if invoked in ("__main__.py", "-m", "") else invoked

@@ -827,7 +827,7 @@ def unused_stem(stem: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", choices=sorted(TARGETS), default="h200", help="the GPU the model describes")
-    parser.add_argument("--sms", type=_positive_int, default=None, help="override the target's multiprocessor count")
+    parser.add_argument("--sms", type=cli.positive_int, default=None, help="override the target's multiprocessor count")
     parser.add_argument("--shapes", nargs="+", type=cli.shape, default=[cli.shape(s) for s in DEFAULT_SHAPES],
                         metavar="SHAPE", help=f"shapes N x C x spatial... (default: {' '.join(DEFAULT_SHAPES)})")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES), help="input dtypes")
@@ -840,13 +840,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder for the .md and .json, named by target and time (never overwritten)")
     parser.add_argument("--write-model-md", default=None, metavar="PATH",
                         help="also write the tables to PATH (make model: profiling/MODEL.md)")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value

@@ -27,7 +27,6 @@ Markdown, under --out.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import datetime
@@ -263,46 +262,26 @@ def _write(stem: str, rows: list[dict], meta: dict) -> None:
         f.write(_markdown(rows, meta))
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
-    return value
-
-
 def parse_args(argv=None):
     parser = cli.Parser(prog="train_step.py", description=__doc__.split("\n\n")[0],
                         formatter_class=cli.DefaultsFormatter)
     parser.add_argument("--smoke", action="store_true",
                         help="CPU, the tiny model, batch 4, 2 steps: the whole path in seconds (timings meaningless)")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(DEFAULT_MODELS))
-    parser.add_argument("--batch-sizes", nargs="+", type=_positive_int, default=[32, 256])
+    parser.add_argument("--batch-sizes", nargs="+", type=cli.positive_int, default=[32, 256])
     parser.add_argument("--layouts", nargs="+", choices=["contiguous", "channels_last"],
                         default=["contiguous", "channels_last"])
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
                         help="fp32, or bf16 autocast")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--steps", type=_positive_int, default=20, help="timed steps per row")
-    parser.add_argument("--warmup", type=_positive_int, default=3, help="steps before timing (compiles, captures)")
-    parser.add_argument("--image-size", type=_positive_int, default=224)
-    parser.add_argument("--num-classes", type=_positive_int, default=1000)
+    parser.add_argument("--steps", type=cli.positive_int, default=20, help="timed steps per row")
+    parser.add_argument("--warmup", type=cli.positive_int, default=3, help="steps before timing (compiles, captures)")
+    parser.add_argument("--image-size", type=cli.positive_int, default=224)
+    parser.add_argument("--num-classes", type=cli.positive_int, default=1000)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                         help="folder for train-step-<time>-<device>.{json,md}")
-    parser.add_argument("--budget-s", type=_positive_float, default=None,
+    parser.add_argument("--budget-s", type=cli.positive_float, default=None,
                         help="stop starting new rows after this many seconds (rows are written as they finish)")
     args = parser.parse_args(argv)
     if args.smoke:
