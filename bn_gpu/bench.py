@@ -145,7 +145,7 @@ def graph_us(fn) -> float:
 
 
 def kernel_sum_us(fn, calls: int = 10) -> float:
-    """The device time of every kernel one call launches, summed (torch.profiler): the GPU clock of a
+    """The GPU time of every kernel one call launches, summed (torch.profiler): the GPU clock of a
     call that cannot be captured into a CUDA graph."""
     from torch.profiler import ProfilerActivity, profile
     fn()
