@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 # so their module fixtures start once.
 TEST_WORKERS ?= 2
 
-.PHONY: demo test bench smoke model clean
+.PHONY: demo test test-fast bench smoke model clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -29,6 +29,11 @@ demo: $(VENV)/.base
 # -rs: one line per reason a test was skipped (GPU tests on a machine without a GPU, ...)
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup tests
+
+# The suite without the tests marked slow (the nvcc and Triton ahead-of-time compiles, the largest
+# interpreter cases): what to run between edits. CI runs `make test`.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup -m "not slow" tests
 
 bench: $(VENV)/.installed
 	$(PY) -m bn_gpu bench

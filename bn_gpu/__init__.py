@@ -14,16 +14,13 @@
 import importlib.metadata
 
 from . import ops  # noqa: F401  (registers torch.ops.bn_gpu)
-from . import export  # noqa: F401,I001  (registers the eval op's ONNX decomposition; needs ops first)
 from .backends import BACKENDS, get_backend, set_backend
-from .folding import FoldReport, fold_batch_norms
 from .functional import batch_norm
-from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d,
-                      BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, FrozenBatchNorm1d, FrozenBatchNorm2d,
-                      FrozenBatchNorm3d, GhostBatchNorm1d, GhostBatchNorm2d, convert_model, revert_model)
-from .fusion import FusionReport, fuse_batch_norm_relu
-from .variants import batch_renorm, frozen_batch_norm, ghost_batch_norm
-from .sync_batch_norm import SyncBatchNorm, convert_sync_batchnorm, sync_batch_norm
+from .nn import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d,
+                 BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d,
+                 GhostBatchNorm1d, GhostBatchNorm2d, SyncBatchNorm, batch_renorm, convert_model,
+                 convert_sync_batchnorm, frozen_batch_norm, ghost_batch_norm, revert_model, sync_batch_norm)
+from .transforms import FoldReport, FusionReport, fold_batch_norms, fuse_batch_norm_relu
 
 __all__ = ["BACKENDS", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLU1d", "BatchNormReLU2d",
            "BatchNormReLU3d", "FusionReport", "fuse_batch_norm_relu", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",

@@ -1,8 +1,8 @@
-"""Device code of bn_gpu: Triton kernels (and, for the CuPy backend, CUDA C sources).
+"""Device code of bn_gpu: Triton kernels, and the same kernels in CUDA C for the CuPy backend.
 
-Installed as ``bn_gpu.kernels``. Nothing here allocates or launches: ``bn_gpu.orchestration`` owns
-the control flow, ``bn_gpu.triton_backend`` and ``bn_gpu.cupy_backend`` marshal the arguments. One
-name per kernel in both languages: ``<job>_<layout>`` with jobs statistics, normalize,
+Installed as ``bn_gpu.kernels``. Nothing here allocates or launches: ``bn_gpu.backends.orchestration``
+owns the control flow, ``bn_gpu.backends.triton`` and ``bn_gpu.backends.cupy`` marshal the arguments.
+One name per kernel in both languages: ``<job>_<layout>`` with jobs statistics, normalize,
 single_pass_forward, gradient_sums, input_gradient, single_pass_backward, and finalize_statistics,
 finalize_gradients.
 
@@ -12,5 +12,6 @@ finalize_gradients.
     finalize.py        per-channel merges of the partials: mean, invstd, running stats, dweight, dbias
     moments.py         Chan's merge of (count, mean, M2) partials
     batch_counter.py   num_batches_tracked += 1 on the device
-    batch_norm.cu      all of the above in CUDA C, for the CuPy backend (compiled at run time by NVRTC)
+    cuda/              all of the above in CUDA C (compiled at run time by NVRTC): batch_norm.cu holds
+                       the kernels, the headers beside it their shared pieces
 """

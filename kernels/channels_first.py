@@ -190,7 +190,7 @@ def _moments(x_ptr, stride_n, shift, first_tile, last_tile, s_blocks, N, S,
     # per-lane shifts held in x's dtype as well made the bf16 single pass spill under its cap.)
     masked_value = shift.to(x_ptr.dtype.element_ty) if GROUP == 1 else 0.0
     # PAIRS: a lane sums its values two at a time, so its sums take half the registers of one per
-    # value (see pairs_of_values in bn_gpu/triton_backend.py).
+    # value (see pairs_of_values in bn_gpu/backends/triton/sites.py).
     LANES: tl.constexpr = BLOCK_S // 2 if PAIRS else BLOCK_S
     for chunk in range(first_tile, last_tile, CHUNK):
         chunk_end = tl.minimum(chunk + CHUNK, last_tile)
@@ -281,10 +281,9 @@ def _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_n, x_stride_n, dx_stride_n,
     dy through the ReLU's recomputed mask when RELU (see _gradient_sums).
     Tiles in reverse and evict-first, as _normalize: the second pass over dy and x.
     16-bit inputs take x uncentered, dy - mean(dy) then two FMAs a value over terms computed once: see
-    dx_value in kernels/batch_norm.cu (its rounding is of the order of the saved fp32 mean's, far below
+    dx_value in kernels/cuda/backward.cuh (its rounding is of the order of the saved fp32 mean's, far below
     the input's);
-    not with the ReLU's mask, which has x - mean anyway (uncentered, it halved the loads at once by the
-    static model)."""
+    not with the ReLU's mask, which has x - mean anyway (uncentered, it would cost loads in flight)."""
     x_coefficient = -scale * projection
     constant = scale * projection * mean
     for i in range(first_tile, last_tile):

@@ -101,8 +101,8 @@ def _moments(x_ptr, stride_m, cols, col_mask, shift, row_begin, row_end,
     STAGES > 1 software-pipelines the tile loop (tl.range(num_stages=STAGES)): Triton copies the
     next STAGES - 1 tiles into shared memory (cp.async) while the lanes add this one, so a program
     keeps that many tiles of loads in flight without registers to hold them. The plain loop keeps
-    one tile's loads at once: 8-16 KB per SM by the static model, and the kernel measured at 38% of
-    the copy rate (H200, run 7 in profiling/RESULTS.md).
+    one tile's loads at once, too few bytes in flight per SM to reach the copy rate (the static
+    model's figures: profiling/MODEL.md).
     """
     count = tl.zeros([], ACC)
     mean = tl.zeros([BLOCK_C], ACC)
@@ -210,13 +210,12 @@ def _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_m, x_stride_m, dx_stride_m,
     dy through the ReLU's recomputed mask when RELU (see _gradient_sums).
     Tiles in reverse and evict-first, as _normalize: the second pass over dy and x.
     16-bit inputs take x uncentered, dy - mean(dy) then two FMAs a value over terms computed once: see
-    dx_value in kernels/batch_norm.cu (its rounding is of the order of the saved fp32 mean's, far below
+    dx_value in kernels/cuda/backward.cuh (its rounding is of the order of the saved fp32 mean's, far below
     the input's);
-    not with the ReLU's mask, which has x - mean anyway (uncentered, it halved the loads at once by the
-    static model).
+    not with the ReLU's mask, which has x - mean anyway (uncentered, it would cost loads in flight).
     Without the mask the pointers step back a tile at a time instead of being recomputed from the
-    rows: the 64-bit address arithmetic of the three tensors took ~2.4 SASS instructions a bf16 value;
-    stepping, 1.8 (static model). With the mask, stepping took 10 more registers and halved the loads at once."""
+    rows: less 64-bit address arithmetic a value for the three tensors. With the mask, stepping
+    costs registers and loads at once, so the addresses are recomputed."""
     x_coefficient = -scale * projection
     constant = scale * projection * mean
     if RELU:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One time-boxed call on a lent GPU machine (no network; torch, triton and CuPy already there):
+# One time-boxed call on a GPU machine (no network; torch, triton and CuPy already there):
 # install bn_gpu, compile the CuPy modules, the GPU tests (and a preflight of every kernel where they
 # fail), the host overhead, every kernel's time per op and the benchmark, each step under its own
 # timeout inside one budget of wall time (default 480 s).
@@ -39,13 +39,13 @@ start=$(now)
 PY=${PYTHON:-python3}
 compile_cupy='
 import concurrent.futures, multiprocessing
-from bn_gpu import cupy_backend
+from bn_gpu.backends.cupy import compilation
 def compile_one(types):
-    cupy_backend._kernels(0, *types)
+    compilation.compiled_kernels(0, *types)
     return types
 if __name__ == "__main__":
     pool = concurrent.futures.ProcessPoolExecutor(mp_context=multiprocessing.get_context("fork"))
-    for types in pool.map(compile_one, cupy_backend.type_combinations()):
+    for types in pool.map(compile_one, compilation.type_combinations()):
         print("compiled", *types, flush=True)
 '
 

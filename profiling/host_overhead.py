@@ -35,12 +35,12 @@ def _stub_triton_launches() -> None:
     """The Triton backend with every compiled kernel's launch a no-op: bn_gpu's launcher still
     builds each launch's specialization key, as on a GPU, but finds every kernel compiled."""
     os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors are accepted by the backend
-    from bn_gpu import triton_backend
-    launcher = triton_backend.Launcher(direct=True)
-    launcher.direct = True  # the interpreter turned it off
-    launcher.compiled = _EveryKeyCompiled()
-    triton_backend._current_stream = lambda: 0
-    triton_backend.launch = launcher
+    from bn_gpu.backends.triton import launcher
+    stub = launcher.Launcher(direct=True)
+    stub.direct = True  # the interpreter turned it off
+    stub.compiled = _EveryKeyCompiled()
+    launcher.current_stream = lambda: 0
+    launcher.launch = stub
 
 
 def ours_step(module, x, dy):
@@ -72,7 +72,7 @@ def main() -> None:
     import torch
 
     import bn_gpu
-    from bn_gpu.bench import host_us
+    from bn_gpu.tools.bench import host_us
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     shape = tuple(int(v) for v in args.shape.split("x"))
@@ -119,12 +119,12 @@ def main() -> None:
         print(f"cProfile of {args.profile!r}, {args.calls} calls (times include the profiler's own cost):")
         pstats.Stats(profile).sort_stats("tottime").print_stats(25)
     if name == "triton" and (device.type == "cuda" or args.stub_kernels):
-        from bn_gpu import replay
-        from bn_gpu.triton_backend import launch
+        from bn_gpu.backends import replay
+        from bn_gpu.backends.triton.launcher import launch
         replayed = sum(type(found) is replay.Replay for found in launch.replays.values())
         print(f"  Triton launches through the compiled launcher: {'yes' if launch.direct else 'no (JIT)'}, "
               f"{len(launch.compiled)} specializations; {replayed} of {len(launch.replays)} call signatures "
-              "replayed (bn_gpu/replay.py)")
+              "replayed (bn_gpu/backends/replay.py)")
 
 
 if __name__ == "__main__":

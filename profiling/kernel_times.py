@@ -4,11 +4,11 @@
                                      [--layouts contiguous channels_last] [--backends triton cupy]
 
 For each case, backend and op (training forward, eval forward, training backward with dx, dweight
-and dbias), the kernels' device time per call from torch.profiler (L2 flushed between calls), the
+and dbias), the kernels' GPU time per call from torch.profiler (L2 flushed between calls), the
 op's wall time per call in an eager loop, and the fewest bytes the op must move (forward and eval
 2|x|, backward 3|x|) over the kernels' time, as % of a device-to-device copy measured in the same
 run. Wall time far above kernel time means the op is host-bound at that size. Kernel-time lines
-say where the GPU time goes without Nsight Compute (which the lent machines may lack).
+say where the GPU time goes without Nsight Compute (which a GPU machine may lack).
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def copy_gbps() -> float:
 
 def _cases(args):
     """(label, op, backend, x, dy) for every case the arguments name."""
-    from bn_gpu.layout import arranged
+    from bn_gpu.backends.layout import arranged
     for shape_text in args.shapes:
         shape = tuple(int(v) for v in shape_text.split("x"))
         for dtype_name in args.dtypes:

@@ -15,7 +15,7 @@ for backend in triton cupy; do
   for tool in memcheck racecheck; do
     echo "== compute-sanitizer --tool $tool, backend $backend"
     "$sanitizer" --tool "$tool" --error-exitcode 99 --target-processes all \
-      python -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_numerics.py \
+      python -m pytest -q -x -p no:cacheprovider tests/kernels/test_kernels.py tests/test_numerics.py \
       -k "${backend}-cuda and ($expr)" || status=1
   done
 done

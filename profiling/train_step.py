@@ -40,7 +40,7 @@ import time
 import torch
 
 import bn_gpu
-from bn_gpu import cli
+from bn_gpu.tools import cli
 
 PRECISIONS = ("fp32", "bf16")
 IMPLS = ("torch", "bn_gpu-triton", "bn_gpu-cupy", "bn_gpu-triton-fused")

@@ -3,7 +3,7 @@
     python profiling/tuning_sweep.py [--variants "" "num_warps=4" ...] [--out FILE] [kernel_times options]
 
 Runs profiling/kernel_times.py once per variant of BN_GPU_TUNING (the planner's Tuning fields,
-see bn_gpu/plan.py; "" is the default), each in a fresh process, and prints one table: a row per
+see bn_gpu/backends/plan.py; "" is the default), each in a fresh process, and prints one table: a row per
 case and op, a column per variant, kernel µs per call (L2 flushed). The table is rewritten to
 --out after every variant, so a run cut short keeps what it measured. A new tuning compiles its
 own kernels: count ~20 s of compilation per variant.

@@ -5,6 +5,7 @@ module imports bn_gpu. GPU tests (marker `gpu`) skip without CUDA, unless --requ
 BN_GPU_REQUIRE_GPU=1 asks for a GPU, in which case they fail instead.
 """
 import os
+import sys
 
 import pytest
 import torch
@@ -14,6 +15,9 @@ from hypothesis import settings
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+# support.py (shared helpers) is imported by tests in every subfolder.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -37,13 +41,13 @@ def pytest_runtest_setup(item):
 @pytest.fixture
 def poisoned(monkeypatch):
     """Fill every buffer the backends allocate with NaN before the kernels write it."""
-    import bn_gpu.layout
-    import bn_gpu.orchestration
+    import bn_gpu.backends.layout
+    import bn_gpu.backends.orchestration
 
     def poison(t):
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
-    for module, name in ((bn_gpu.layout, "empty_in_family"), (bn_gpu.orchestration, "empty")):
+    for module, name in ((bn_gpu.backends.layout, "empty_in_family"), (bn_gpu.backends.orchestration, "empty")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *args, real=real: poison(real(*args)))
 
@@ -54,10 +58,10 @@ def kernel_path(request, monkeypatch):
     normalize) and one program per channel (the single-pass kernels)."""
     import dataclasses
 
-    import bn_gpu.plan
+    import bn_gpu.backends.plan
 
     programs_per_sm = 64 if request.param == "split" else 0
     for name in ("INTERPRETER_TUNING", "GPU_TUNING"):
-        tuning = getattr(bn_gpu.plan, name)
-        monkeypatch.setattr(bn_gpu.plan, name, dataclasses.replace(tuning, programs_per_sm=programs_per_sm))
+        tuning = getattr(bn_gpu.backends.plan, name)
+        monkeypatch.setattr(bn_gpu.backends.plan, name, dataclasses.replace(tuning, programs_per_sm=programs_per_sm))
     return request.param

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import bn_gpu
 from bn_gpu import reference as ref
-from bn_gpu import replay
+from bn_gpu.backends import replay
 from support import assert_close, assert_stats_close, gpu_backends, make_input, make_params, requires_cupy
 
 pytestmark = pytest.mark.gpu
@@ -191,7 +191,7 @@ def test_compile_fullgraph_on_gpu(backend):
 def test_direct_launches_match_the_jit(monkeypatch):
     """BN_GPU_DIRECT_LAUNCH=1: launches through the compiled kernels' launchers give bitwise the
     results of the JIT path, for every op and both paths, and are actually taken."""
-    from bn_gpu import triton_backend
+    from bn_gpu.backends.triton import launcher
     cases = [((8, 4, 64, 64), "contiguous"), ((4, 64, 7, 7), "contiguous"), ((8, 4, 64, 64), "channels_last"),
              ((4096, 8), "contiguous")]
 
@@ -212,13 +212,13 @@ def test_direct_launches_match_the_jit(monkeypatch):
         torch.cuda.synchronize()
         return results
 
-    monkeypatch.setattr(triton_backend, "launch", triton_backend.Launcher(direct=False))
+    monkeypatch.setattr(launcher, "launch", launcher.Launcher(direct=False))
     expected = run_all()
-    direct = triton_backend.Launcher(direct=True)
-    monkeypatch.setattr(triton_backend, "launch", direct)
+    direct = launcher.Launcher(direct=True)
+    monkeypatch.setattr(launcher, "launch", direct)
     actual = run_all()
     assert direct.direct and direct.compiled, "no launch went through the compiled launcher"
-    # The third call of each op (two forwards, the backward) replays the second's recording (bn_gpu.replay).
+    # The third call of each op (two forwards, the backward) replays the second's recording (bn_gpu.backends.replay).
     assert sum(type(found) is replay.Replay for found in direct.replays.values()) == 3 * len(cases)
     for a, e in zip(actual, expected):
         assert torch.equal(a, e)

@@ -7,7 +7,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bn_gpu import launches as recorded_launches, plan, triton_backend
+from bn_gpu.backends import plan
+from bn_gpu.backends.triton import launcher, sites
+from bn_gpu.tools import launches as recorded_launches
+import bn_gpu.backends.triton as triton_backend
 from support import make_input, make_params
 
 SMS = 132  # an H100 / H200
@@ -58,14 +61,14 @@ def test_split_grids_end_on_a_whole_wave(C, splits):
 def test_the_register_cap_reaches_the_split_reductions_where_it_measured_faster(shape, dtype, memory_format,
                                                                                  capped_jobs):
     """GPU_TUNING.split_max_registers caps the Triton reductions of a split plan where run 7 measured
-    them faster (triton_backend.split_register_cap), never the passes after them; 0 turns it off."""
+    them faster (sites.split_register_cap), never the passes after them; 0 turns it off."""
     x = torch.empty(shape, device="meta", dtype=dtype).contiguous(memory_format=memory_format)
     g = plan.geometry(x, x, plan.GPU_TUNING, SMS)
     jobs = ("statistics", "gradient_sums", "normalize", "input_gradient")
-    capped = {job for job in jobs if triton_backend._config(g, job)[2].get("maxnreg") == 64}
+    capped = {job for job in jobs if sites.config(g, job)[2].get("maxnreg") == 64}
     assert capped == set(capped_jobs)
     off = plan.geometry(x, x, dataclasses.replace(plan.GPU_TUNING, split_max_registers=0), SMS)
-    assert all("maxnreg" not in triton_backend._config(off, job)[2] for job in ("statistics", "gradient_sums"))
+    assert all("maxnreg" not in sites.config(off, job)[2] for job in ("statistics", "gradient_sums"))
 
 
 def test_the_gradient_sums_through_a_relu_keep_their_registers():
@@ -88,17 +91,17 @@ def test_the_gradient_sums_through_a_relu_keep_their_registers():
     ((16384, 2048), torch.bfloat16, False),       # channels-last: no channels-first reduction
 ], ids=str)
 def test_16_bit_channels_first_reductions_sum_pairs_where_threads_hold_whole_groups(shape, dtype, pairs):
-    """PAIRS (triton_backend.pairs_of_values): only the channels-first reductions get it, and only
+    """PAIRS (sites.pairs_of_values): only the channels-first reductions get it, and only
     for 16-bit inputs of one channel a program whose rows hold whole 16-byte groups."""
     x = torch.empty(shape, dtype=dtype, device="meta")
     g = plan.geometry(x, x, plan.GPU_TUNING, SMS)
-    assert triton_backend.pairs_of_values(g) == (pairs and g.channels_first)
+    assert sites.pairs_of_values(g) == (pairs and g.channels_first)
     for job in ("statistics", "single_pass_forward", "gradient_sums", "single_pass_backward"):
-        meta = triton_backend._config(g, job)[2]
+        meta = sites.config(g, job)[2]
         assert meta.get("PAIRS", False) == pairs, job
         assert g.channels_first == ("PAIRS" in meta), job
     for job in ("normalize", "input_gradient"):
-        assert "PAIRS" not in triton_backend._config(g, job)[2], job
+        assert "PAIRS" not in sites.config(g, job)[2], job
 
 
 @pytest.mark.parametrize("C, S, itemsize, adjacent, group", [
@@ -151,7 +154,7 @@ class _Count(TorchDispatchMode):
 def launches(monkeypatch):
     """Counts Triton launches (replaced by no-ops) and torch operations of the Triton backend."""
     counted = []
-    monkeypatch.setattr(triton_backend, "launch",
+    monkeypatch.setattr(launcher, "launch",
                         lambda site, pointers, floats=(): counted.append(
                             site.kernel.__name__.replace("_channels_first", "").replace("_channels_last", "")))
 

@@ -174,9 +174,9 @@ def test_edge_sizes(backend, device, shape, layout, monkeypatch):
     if C > 1000 and device == "cpu":
         # The interpreter runs programs one by one: wider channel blocks keep 10 000 channels quick.
         import dataclasses
-        import bn_gpu.plan
-        monkeypatch.setattr(bn_gpu.plan, "INTERPRETER_TUNING",
-                            dataclasses.replace(bn_gpu.plan.INTERPRETER_TUNING, max_block_c=512, tile_bytes=8192))
+        import bn_gpu.backends.plan
+        monkeypatch.setattr(bn_gpu.backends.plan, "INTERPRETER_TUNING",
+                            dataclasses.replace(bn_gpu.backends.plan.INTERPRETER_TUNING, max_block_c=512, tile_bytes=8192))
     x = make_input(shape, layout=layout, device=device)
     weight, bias, running_mean, running_var = make_params(C, device=device)
     y, mean, invstd = torch.ops.bn_gpu.forward_train(x, weight, bias, running_mean, running_var, None, 0.1, 1e-5, backend)
@@ -222,16 +222,16 @@ def test_bitwise_deterministic(backend, device, monkeypatch):
     """Every run gives the same bits, with or without torch.use_deterministic_algorithms, whatever
     the fresh buffers held before (a kernel that read memory it had not written would differ here:
     the first run's buffers are filled with NaN, the later ones' with random values)."""
-    import bn_gpu.orchestration
+    import bn_gpu.backends.orchestration
 
-    real = bn_gpu.orchestration.empty
+    real = bn_gpu.backends.orchestration.empty
     fill = {"value": float("nan")}
 
     def filled(*args):
         t = real(*args)
         return t.fill_(fill["value"]) if t.is_floating_point() else t
 
-    monkeypatch.setattr(bn_gpu.orchestration, "empty", filled)
+    monkeypatch.setattr(bn_gpu.backends.orchestration, "empty", filled)
     first = _one_step(backend, device)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -252,12 +252,14 @@ def test_no_kernel_accumulates_through_atomics():
     last_block_of)."""
     import importlib.resources
     import re
-    sources = {name: importlib.resources.files("bn_gpu.kernels").joinpath(name).read_text()
-               for name in ("channels_first.py", "channels_last.py", "finalize.py", "moments.py", "batch_counter.py",
-                            "batch_norm.cu")}
+    kernels = importlib.resources.files("bn_gpu.kernels")
+    sources = {name: kernels.joinpath(name).read_text()
+               for name in ("channels_first.py", "channels_last.py", "finalize.py", "moments.py", "batch_counter.py")}
+    sources.update({f"cuda/{f.name}": f.read_text() for f in kernels.joinpath("cuda").iterdir()
+                    if f.name.endswith((".cu", ".cuh"))})
     calls = []
     for name, text in sources.items():
         code = "\n".join(line.split("#")[0].split("//")[0] for line in text.splitlines())  # comments aside
         calls += [(name, call) for call in re.findall(r"[\w.]*atomic\w*\([^,]*,[^,)]*", code, flags=re.IGNORECASE)]
     assert calls == [("finalize.py", "tl.atomic_add(counter_ptr + group, 1"),
-                     ("batch_norm.cu", "atomicAdd(counters + index, 1")], calls
+                     ("cuda/finalize.cuh", "atomicAdd(counters + index, 1")], calls

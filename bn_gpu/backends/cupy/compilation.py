@@ -1,0 +1,139 @@
+"""The CUDA C kernels of the CuPy backend: their names, their source, NVRTC compilation and streams.
+
+The kernels of kernels/cuda/batch_norm.cu (its headers inlined) are compiled at run time by NVRTC
+through cupy.RawModule, once per device and dtype combination (cached). Kernel names are the
+Triton backend's; the block shapes are defined here and handed to the source as macros, so the two
+sides cannot disagree. Importing this module never needs CuPy; check_available says what is missing.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import itertools
+import re
+import warnings
+
+import torch
+
+from .. import plan as plans
+
+C_TYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16", torch.float64: "double"}
+THREADS = 256            # threads per block: 1-D channels-first and finalize blocks, 2-D channels-last ones
+CHANNEL_THREADS = 32     # channels-last blocks: at most a warp's width of threads across channels, each
+                         # with VECTOR_BYTES of consecutive channels; the rest of THREADS walk rows
+VECTOR_BYTES = plans.VECTOR_BYTES
+MAX_BLOCK_C = CHANNEL_THREADS * VECTOR_BYTES // 2  # channels of a channels-last block, at most (16-bit inputs)
+# The source's compile-time constants, from here.
+COMPILE_OPTIONS = ("-std=c++17", f"-DCL_THREADS={THREADS}", f"-DCL_MAX_CHANNELS={MAX_BLOCK_C}")
+# Kernels instantiated without and with the epilogue (FUSED: + residual and ReLU forward, the
+# ReLU's mask backward), a compile-time choice so that the plain kernels carry none of it.
+FUSABLE = ("normalize", "single_pass_forward", "gradient_sums", "input_gradient", "single_pass_backward")
+# Split reductions instantiated without and with their own finalize (FINALIZE: the last blocks to
+# finish merge the partials; SyncBatchNorm's local moments use the plain statistics kernel).
+FINALIZING = ("statistics", "gradient_sums")
+# Channels-first kernels instantiated without and with channel groups (GROUPED: a block owns the
+# adjacent channels of bn_gpu.backends.plan.channel_group, whose rows together start on 16 bytes).
+GROUPABLE = ("statistics", "normalize", "single_pass_forward", "gradient_sums", "input_gradient",
+             "single_pass_backward")
+
+
+_INSTALL_HINT = ("pip install -e .[cupy-cuda13] for a torch built with CUDA 13.x, .[cupy-cuda12] for CUDA 12.x "
+                 "(torch.version.cuda tells)")
+
+
+def import_cupy():
+    try:
+        import cupy
+    except ImportError as error:
+        raise RuntimeError(f"backend='cupy' needs CuPy, which is not installed: {_INSTALL_HINT}") from error
+    return cupy
+
+
+def type_combinations():
+    """Every (input T, weight/bias W, running statistics R, accumulation A) the backend compiles."""
+    combos = [("float", "float", "float", "float"), ("double", "double", "double", "double")]
+    for half in ("__half", "__nv_bfloat16"):
+        combos += [(half, w, r, "float") for w in (half, "float") for r in (half, "float")]
+    return combos
+
+
+def _vector_width(T: str) -> int:
+    return VECTOR_BYTES // {"float": 4, "double": 8, "__half": 2, "__nv_bfloat16": 2}[T]
+
+
+def kernel_names(T: str, W: str, R: str, A: str) -> dict:
+    """{role: name expression} of one type combination. A role is the kernel's name, with the
+    vector width appended for the streaming kernels (1, and the width of 16 bytes), "_fused" for
+    the instantiation with the epilogue, "_finalized" for the one with its own finalize and
+    "_grouped" for the channels-first one with channel groups."""
+    templates = {
+        "statistics_channels_first": f"<{T}, {A}, {R}, VEC>",
+        "statistics_channels_last": f"<{T}, {A}, {R}, VEC>",
+        "finalize_statistics": f"<{T}, {A}, {R}>",
+        "finalize_moments": f"<{T}, {A}>",
+        "merge_ranks": f"<{A}, {R}>",
+        "normalize_channels_first": f"<{T}, {W}, {R}, {A}, VEC>",
+        "normalize_channels_last": f"<{T}, {W}, {R}, {A}, VEC>",
+        "single_pass_forward_channels_first": f"<{T}, {W}, {R}, {A}, VEC>",
+        "single_pass_forward_channels_last": f"<{T}, {W}, {R}, {A}, VEC>",
+        "gradient_sums_channels_first": f"<{T}, {W}, {A}, VEC>",
+        "gradient_sums_channels_last": f"<{T}, {W}, {A}, VEC>",
+        "finalize_gradients": f"<{A}, {W}>",
+        "input_gradient_channels_first": f"<{T}, {W}, {A}, VEC>",
+        "input_gradient_channels_last": f"<{T}, {W}, {A}, VEC>",
+        "single_pass_backward_channels_first": f"<{T}, {W}, {A}, VEC>",
+        "single_pass_backward_channels_last": f"<{T}, {W}, {A}, VEC>",
+    }
+    names = {}
+    for name, arguments in templates.items():
+        variants = [(name, arguments)]
+        if "VEC" in arguments:
+            variants = [(f"{name}_{vec}", arguments.replace("VEC", str(vec))) for vec in sorted({1, _vector_width(T)})]
+        family, _, layout_family = name.partition("_channels_")
+        groupable = GROUPABLE if layout_family == "first" else ()
+        # The boolean template parameters, in the source's order: (role suffix when true) per flag.
+        flags = [suffix for suffix, kinds in (("_fused", FUSABLE), ("_finalized", FINALIZING), ("_grouped", groupable))
+                 if family in kinds]
+        for role, expression in variants:
+            for values in itertools.product((False, True), repeat=len(flags)):
+                suffix = "".join(flag for flag, on in zip(flags, values) if on)
+                booleans = "".join(", true" if on else ", false" for on in values)
+                names[role + suffix] = name + expression[:-1] + booleans + ">"
+    return names
+
+
+_INCLUDE = re.compile(r'^#include "([\w.]+)"$', re.MULTILINE)
+
+
+def source() -> str:
+    """kernels/cuda/batch_norm.cu with its local headers inlined, each once: NVRTC compiles one
+    string, without an include path into the installed package."""
+    folder = importlib.resources.files("bn_gpu.kernels").joinpath("cuda")
+    seen = set()
+
+    def expand(name: str) -> str:
+        if name in seen:
+            return ""
+        seen.add(name)
+        text = folder.joinpath(name).read_text().replace("#pragma once\n", "")
+        return _INCLUDE.sub(lambda match: expand(match.group(1)), text)
+
+    return expand("batch_norm.cu")
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_kernels(device_index: int, T: str, W: str, R: str, A: str) -> dict:
+    cupy = import_cupy()
+    names = kernel_names(T, W, R, A)
+    with cupy.cuda.Device(device_index):
+        module = cupy.RawModule(code=source(), options=COMPILE_OPTIONS, name_expressions=tuple(names.values()))
+        return {role: module.get_function(name) for role, name in names.items()}
+
+
+@functools.lru_cache(maxsize=64)
+def stream(device_index: int, handle: int):
+    """A CuPy view of one of torch's streams (cached: creating one per launch costs host time)."""
+    cupy = import_cupy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # newer CuPy prefers Stream.from_external
+        return cupy.cuda.ExternalStream(handle, device_index)

@@ -1,0 +1,370 @@
+"""Launch plans: how the (N, C, S) or (M, C) work is cut into tiles and programs, and the launch
+geometry (plan, sizes, strides) that both GPU backends build from it once per input layout.
+
+Statistics are a split reduction: each channel (block) is spread over `splits` programs so that
+the grid fills the GPU whatever C is, and the partials are merged by the finalize kernels. The
+normalize and backward kernels walk the same tiles with the same grid. With one split, programs
+own whole channels and the single-pass kernels do everything in one launch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..dtypes import stat_dtype
+from .layout import (CHANNELS_FIRST, ChannelsFirstView, ChannelsLastView, channels_first_view, channels_last_view,
+                     choose_layout, empty_in_family, in_family, spatial_size)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    tile_bytes: int        # bytes of input per tile (a power of two): 16-bit inputs get twice the values
+    programs_per_sm: int   # grid target for the split reductions
+    max_block_c: int       # channels per program in the channels-last kernels
+    finalize_tile: int     # partials per finalize tile
+    num_warps: int
+    chunk_tiles: int       # tiles a lane sums before the statistics are reduced and merged (Chan)
+    channel_groups: bool = True  # channels-first: adjacent channels per program where rows of S values
+                                 # cannot start on 16 bytes (see channel_group)
+    split_max_registers: int = 0  # Triton: a register cap on the split reductions where it measured
+                                  # faster (backends/triton/sites.py, split_register_cap), 0 for none; 64 holds
+                                  # 4 programs of 8 warps per SM
+    load_stages: int = 0  # Triton channels-last statistics: a software pipeline of this many stages
+                          # (tl.range(num_stages=...): tiles copied ahead into shared memory, of half
+                          # the rows), 0 for the plain loop. Off until measured (profiling/MODEL.md)
+    max_block_s: int = 0  # channels-first: spatial positions per tile at most, 0 for the tile's (the
+                          # CUDA C backend's: one turn of its block, see backends/cupy/table.py, tuning_for)
+
+    def tile_elements(self, itemsize: int) -> int:
+        return max(1, self.tile_bytes // itemsize)
+
+
+def _tuning_from_environment(default: Tuning) -> Tuning:
+    """`default` with the fields that BN_GPU_TUNING overrides ("tile_bytes=32768,num_warps=8"):
+    for tuning experiments on a GPU without editing the code."""
+    text = os.environ.get("BN_GPU_TUNING", "").strip()
+    if not text:
+        return default
+    try:
+        fields = {key.strip(): int(value) for key, value in (item.split("=") for item in text.split(","))}
+        return dataclasses.replace(default, **fields)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"BN_GPU_TUNING={text!r}: expected comma-separated field=integer pairs of "
+                         f"{', '.join(f.name for f in dataclasses.fields(Tuning))}") from error
+
+
+# On a GPU: 16 KB tiles over 8 warps give each thread four 16-byte loads per tile in every dtype
+# (4096 fp32 or 8192 bf16 values), so 16-bit inputs keep as many bytes in flight as fp32; a lane
+# sums 8 tiles before the block reduces them. Tiles sized in values instead would leave 16-bit
+# inputs with half the bytes in flight (docs/design.md, "Tiles sized in bytes").
+GPU_TUNING = _tuning_from_environment(
+    Tuning(tile_bytes=16384, programs_per_sm=4, max_block_c=128, finalize_tile=4096, num_warps=8, chunk_tiles=8,
+           split_max_registers=64))
+# In the Triton interpreter: small tiles and few programs, so that tests on small shapes still
+# walk several tiles and chunks per program, several splits per channel and several finalize chunks.
+INTERPRETER_TUNING = Tuning(tile_bytes=256, programs_per_sm=2, max_block_c=4, finalize_tile=8, num_warps=1,
+                            chunk_tiles=2)
+INTERPRETER_SMS = 4
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def tuning_and_sms(device: torch.device) -> tuple[Tuning, int]:
+    if device.type != "cuda":
+        return INTERPRETER_TUNING, INTERPRETER_SMS
+    return GPU_TUNING, multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@dataclass(frozen=True)
+class ChannelsFirstPlan:
+    rows: int              # batch rows per tile (power of two)
+    block_s: int           # spatial positions per tile (power of two)
+    s_blocks: int          # tiles across S (GROUP x S when channels are grouped)
+    total_tiles: int       # tiles per channel (group)
+    tiles_per_program: int
+    splits: int            # programs per channel (group) (grid axis 1)
+    num_warps: int
+    chunk_tiles: int
+    group: int = 1         # adjacent channels per program (see channel_group)
+    align: int = 1         # the group's run of group x S values is a multiple of this many values
+    split_max_registers: int = 0  # Tuning.split_max_registers
+
+    def grid(self, C: int) -> tuple[int, int]:
+        return (cdiv(C, self.group), self.splits)
+
+
+@dataclass(frozen=True)
+class ChannelsLastPlan:
+    block_m: int           # rows per tile (power of two)
+    block_c: int           # channels per program (power of two)
+    c_blocks: int          # programs across C (grid axis 1)
+    rows_per_program: int  # a multiple of block_m
+    splits: int            # programs across M (grid axis 0)
+    num_warps: int
+    chunk_tiles: int
+    split_max_registers: int = 0  # Tuning.split_max_registers
+    load_stages: int = 0          # Tuning.load_stages
+
+    def grid(self, C: int) -> tuple[int, int]:
+        return (self.splits, self.c_blocks)
+
+
+@dataclass(frozen=True)
+class FinalizePlan:
+    block_splits: int
+    block_c: int
+    fused_block_splits: int  # rows of partials per tile when the reduction's last programs finalize
+                             # (their own channels: 1 channels-first, the channel block channels-last)
+    group_splits: int        # splits per group of the fused finalize's first level (see kernels/finalize.py)
+    split_groups: int        # rows of its second level
+
+    def grid(self, C: int) -> tuple[int]:
+        return (cdiv(C, self.block_c),)
+
+
+def _lane_use(S: int, block: int) -> float:
+    return S / (cdiv(S, block) * block)
+
+
+def _spatial_block(S: int, tile: int) -> int:
+    """Largest power of two <= tile covering S without leaving many lanes of the last block idle."""
+    block = min(tile, next_power_of_2(S))
+    while block > 32 and _lane_use(S, block // 2) > _lane_use(S, block) + 0.1:
+        block //= 2
+    return block
+
+
+def _splits(total_tiles: int, wanted: int) -> tuple[int, int]:
+    """(tiles_per_program, splits) covering total_tiles with at most `wanted` programs (at least one)."""
+    tiles_per_program = cdiv(total_tiles, max(1, min(wanted, total_tiles)))
+    return tiles_per_program, cdiv(total_tiles, tiles_per_program)
+
+
+def _splits_wanted(tuning: Tuning, sms: int, blocks: int) -> int:
+    """Programs per channel (block): 1 where the blocks alone fill programs_per_sm x sms programs,
+    else as many as fit in that many, rounded down to whole waves (at least 2). Rounded up, a
+    partial last wave (64 channels: 576 programs where 4 per SM hold 528) runs as long as a full
+    one; fewer programs per SM keep fewer warps, and so fewer loads, in flight."""
+    slots = tuning.programs_per_sm * sms
+    return 1 if blocks >= slots else max(2, slots // blocks)
+
+
+VECTOR_BYTES = 16  # the widest global load and store
+# The longest run of a channel group: 256 places of 16 bytes, so that each thread of a 256-thread
+# CUDA C block keeps one place of the run for every row (kernels/cuda/channel_groups.cuh).
+MAX_GROUP_RUN_BYTES = 256 * VECTOR_BYTES
+
+
+def channel_group(C: int, S: int, itemsize: int, tile: int, channels_adjacent: bool) -> int:
+    """Adjacent channels per channels-first program: 1, or the fewest channels whose rows of S
+    values together span whole 16-byte words (a 7x7 plane: 4 fp32 or 8 bf16 channels, 196 or 392
+    values), so that the kernels load and store 16 bytes where single rows cannot start on 16
+    bytes. Only where that is possible and cheap: the channels lie back to back (stride_c == S in x,
+    dy and the output), C is a multiple of the group, and the group's run fits one tile and
+    MAX_GROUP_RUN_BYTES (each lane, or CUDA C thread, then stays in one place of the run, hence in
+    one channel, which keeps the per-channel bookkeeping out of the loops)."""
+    vector = max(1, VECTOR_BYTES // itemsize)
+    group = vector // math.gcd(S, vector)
+    run = group * S
+    if group == 1 or S == 1 or not channels_adjacent or C % group or run > tile or run * itemsize > MAX_GROUP_RUN_BYTES:
+        return 1
+    return group
+
+
+@functools.lru_cache(maxsize=1024)
+def channels_first_plan(N: int, C: int, S: int, itemsize: int, tuning: Tuning, sms: int,
+                        channels_adjacent: bool = False) -> ChannelsFirstPlan:
+    tile = tuning.tile_elements(itemsize)
+    group = channel_group(C, S, itemsize, tile, channels_adjacent) if tuning.channel_groups else 1
+    run = group * S
+    # A group's run is one tile wide (next_power_of_2(run) <= tile, both powers of two).
+    block_s = next_power_of_2(run) if group > 1 else _spatial_block(S, min(tile, tuning.max_block_s or tile))
+    rows = min(tile // block_s, next_power_of_2(N))
+    s_blocks = cdiv(run, block_s)
+    total_tiles = cdiv(N, rows) * s_blocks
+    # Channels enough to fill the GPU one program each keep the single pass when grouped: fewer,
+    # larger programs (2048 7x7 channels: 256 groups of 8 bf16 channels), but x is read once from
+    # DRAM and the second pass finds it on chip (profiling/MODEL.md has the model's bound of each).
+    wanted = 1 if _splits_wanted(tuning, sms, C) == 1 else _splits_wanted(tuning, sms, cdiv(C, group))
+    tiles_per_program, splits = _splits(total_tiles, wanted)
+    return ChannelsFirstPlan(rows, block_s, s_blocks, total_tiles, tiles_per_program, splits, tuning.num_warps,
+                             tuning.chunk_tiles, group, VECTOR_BYTES // itemsize if group > 1 else 1,
+                             tuning.split_max_registers)
+
+
+@functools.lru_cache(maxsize=1024)
+def channels_last_plan(M: int, C: int, itemsize: int, tuning: Tuning, sms: int) -> ChannelsLastPlan:
+    block_c = min(next_power_of_2(C), tuning.max_block_c)
+    block_m = min(max(1, tuning.tile_elements(itemsize) // block_c), next_power_of_2(M))
+    c_blocks = cdiv(C, block_c)
+    tiles_per_program, _ = _splits(cdiv(M, block_m), _splits_wanted(tuning, sms, c_blocks))
+    rows_per_program = tiles_per_program * block_m
+    return ChannelsLastPlan(block_m, block_c, c_blocks, rows_per_program, cdiv(M, rows_per_program),
+                            tuning.num_warps, tuning.chunk_tiles, tuning.split_max_registers, tuning.load_stages)
+
+
+# A fused finalize shares the reduction kernel's registers, so its tiles of partials stay small:
+# 512 values (2 per thread over 8 warps): larger tiles of partials would take the registers that
+# let another program share the SM.
+FUSED_FINALIZE_TILE = 512
+
+
+@functools.lru_cache(maxsize=1024)
+def finalize_plan(splits: int, C: int, tuning: Tuning, sms: int, fused_block_c: int = 1) -> FinalizePlan:
+    """Channels per finalize program: few enough that the channels spread over the GPU (a program
+    walks every split of its channels: 64 channels x 500 splits in one program serialize). A fused
+    finalize (the reduction's last programs) has the reduction's channels, fused_block_c, and
+    merges about sqrt(splits) rows at each of its two levels."""
+    spread = next_power_of_2(cdiv(C, sms))
+    block_c = max(1, min(next_power_of_2(C), 64 if tuning.max_block_c >= 64 else tuning.max_block_c, spread))
+    block_splits = min(next_power_of_2(splits), max(1, tuning.finalize_tile // block_c))
+    fused_tile = min(tuning.finalize_tile, FUSED_FINALIZE_TILE)
+    fused_block_splits = min(next_power_of_2(splits), max(1, fused_tile // fused_block_c))
+    # About sqrt(splits) rows at each level: 523 splits of 64 channels merge as 17 groups of 32.
+    group_splits = next_power_of_2(math.isqrt(splits))
+    return FinalizePlan(block_splits, block_c, fused_block_splits, group_splits, cdiv(splits, group_splits))
+
+
+@dataclass(frozen=True, eq=False)
+class Geometry:
+    """How the GPU backends launch on one input layout (and, in the backward, one gradient layout):
+    the layout family, sizes, the named strides of each tensor as the kernels read it, the plan,
+    and the output's strides. Built once per (shape, strides, dtype, tuning, GPU) by `geometry()`
+    and cached, so one layout has one Geometry: it compares and hashes by identity (cheap keys for
+    the backends' per-geometry caches), and its derived values are computed once."""
+
+    family: str
+    N: int
+    C: int
+    S: int
+    dtype: torch.dtype          # of x, y, dy and dx
+    stat_dtype: torch.dtype     # of mean, invstd and the partials
+    plan: "ChannelsFirstPlan | ChannelsLastPlan"
+    finalize: FinalizePlan
+    x: "ChannelsFirstView | ChannelsLastView"         # x as the kernels read it
+    out: "ChannelsFirstView | ChannelsLastView"       # y in the forward, dx in the backward
+    grad_y: "ChannelsFirstView | ChannelsLastView | None"  # the backward's dy
+    out_strides: tuple                                # the output tensor's strides
+    copy_input: bool     # x must first be copied into a layout the kernels read
+    copy_grad_y: bool    # the same for dy
+    offset_64: bool      # some offset reaches 2**31: 64-bit index arithmetic
+
+    @functools.cached_property
+    def channels_first(self) -> bool:
+        return self.family == CHANNELS_FIRST
+
+    @functools.cached_property
+    def count(self) -> int:
+        """Values per channel."""
+        return self.N * self.S
+
+    @functools.cached_property
+    def finalize_groups(self) -> int:
+        """Programs of the split reductions that share a fused finalize: one group per channel (group)
+        channels-first, per channel block channels-last."""
+        return self.plan.grid(self.C)[0] if self.channels_first else self.plan.c_blocks
+
+    @functools.cached_property
+    def finalize_counters(self) -> int:
+        """Counters of the fused finalize: one per (channel group, split group), one per channel group."""
+        return self.finalize_groups * (self.finalize.split_groups + 1)
+
+    @functools.cached_property
+    def partial_rows(self) -> int:
+        """Rows of the split reductions' partials: one per split, one per split group (level 2)."""
+        return self.plan.splits + self.finalize.split_groups
+
+    @functools.cached_property
+    def channel_groups(self) -> bool:
+        """Channels-first programs own several adjacent channels (see channel_group)."""
+        return self.channels_first and self.plan.group > 1
+
+    @functools.cached_property
+    def single_pass(self) -> bool:
+        """One program per channel (block): statistics and elementwise pass in one launch."""
+        return self.plan.splits == 1
+
+    @functools.cached_property
+    def sizes(self) -> tuple:
+        """(N, C, S) channels-first, (M, C) channels-last: the size arguments of every kernel."""
+        return (self.N, self.C, self.S) if self.channels_first else (self.count, self.C)
+
+    @functools.cached_property
+    def tiling(self) -> tuple:
+        """The split path's tiling arguments."""
+        p = self.plan
+        return (p.s_blocks, p.total_tiles, p.tiles_per_program) if self.channels_first else (p.rows_per_program,)
+
+    @functools.cached_property
+    def single_pass_tiling(self) -> tuple:
+        """The single-pass kernels' tiling arguments: the program walks every tile of its channel."""
+        return (self.plan.s_blocks, self.plan.total_tiles) if self.channels_first else ()
+
+    @functools.cached_property
+    def shift_stride(self) -> int:
+        """Distance in x between the first values of consecutive channels (their shifts)."""
+        return self.x.stride_c if self.channels_first else 1
+
+    def read(self, x: torch.Tensor) -> torch.Tensor:
+        """x, or its copy in the layout the kernels read."""
+        return choose_layout(x)[1] if self.copy_input else x
+
+    def read_grad(self, grad_y: torch.Tensor) -> torch.Tensor:
+        """dy, or its copy in the family of x."""
+        return in_family(grad_y, self.family) if self.copy_grad_y else grad_y
+
+
+def geometry(x: torch.Tensor, grad_y: torch.Tensor | None, tuning: Tuning, sms: int) -> Geometry:
+    """The cached Geometry of x (and of dy, for the backward)."""
+    return _cached_geometry(tuple(x.shape), x.stride(), x.dtype, None if grad_y is None else grad_y.stride(),
+                            tuning, sms)
+
+
+def _end_offset(t: torch.Tensor) -> int:
+    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_geometry(shape, x_strides, dtype, grad_strides, tuning: Tuning, sms: int) -> Geometry:
+    x = torch.empty_strided(shape, x_strides, dtype=dtype, device="meta")
+    family, x_read = choose_layout(x)
+    grad_y = None
+    if grad_strides is not None:
+        grad_y = in_family(torch.empty_strided(shape, grad_strides, dtype=dtype, device="meta"), family)
+    out = empty_in_family(x_read, family)
+    view = channels_first_view if family == CHANNELS_FIRST else channels_last_view
+    N, C, S = shape[0], shape[1], spatial_size(shape)
+    itemsize = x.element_size()
+    tensors = [t for t in (x_read, grad_y, out) if t is not None]
+    if family == CHANNELS_FIRST:
+        adjacent = all(view(t).stride_c == S for t in tensors)
+        plan = channels_first_plan(N, C, S, itemsize, tuning, sms, adjacent)
+    else:
+        plan = channels_last_plan(N * S, C, itemsize, tuning, sms)
+    return Geometry(
+        family=family, N=N, C=C, S=S, dtype=dtype, stat_dtype=stat_dtype(dtype), plan=plan,
+        finalize=finalize_plan(plan.splits, C, tuning, sms, plan.group if family == CHANNELS_FIRST else plan.block_c),
+        x=view(x_read), out=view(out),
+        grad_y=None if grad_y is None else view(grad_y), out_strides=out.stride(),
+        copy_input=x_read is not x, copy_grad_y=grad_y is not None and grad_y.stride() != grad_strides,
+        offset_64=any(_end_offset(t) > 2**31 - 1 for t in tensors))

@@ -1,0 +1,276 @@
+"""Replayed calls: the host path of an op call whose signature was seen before.
+
+A training or eval forward (or a backward) on a backend that registers a launcher here (Triton) spends its host time validating,
+looking up the geometry, choosing the path and building each launch's specialization key -- all
+decided by the call's signature: every tensor argument's shape, strides, dtype, device and 16-byte
+alignment, momentum and eps, relu and the backward's flags. The first calls of a signature run that host
+path (bn_gpu.backends.orchestration, unchanged) and record what it did: the buffers it allocated (through
+orchestration.empty), the finalize counters it took, and each launch's compiled kernel with its
+arguments, every tensor argument traced back to a call argument, a buffer or one row of a buffer.
+Later calls with the same signature allocate the same buffers and call the same compiled kernels
+with the same arguments, skipping everything else.
+
+A signature is recorded only when its host path is nothing but those steps: all its launches went
+through the compiled launchers (not the JIT: a first launch is never recorded, the next call is),
+every tensor a launch got is accounted for (a copy made on the way -- of an input in a layout the
+kernels do not read, of a strided weight -- is not, and refuses the recording), and no argument is
+passed twice. Forward calls with a residual are not replayed (its relayout copy would go unseen),
+nor backward calls that leave a gradient out (their empty results are made outside the buffers).
+Replays apply only where the launcher calls compiled kernels directly and no Triton launch hook is
+registered; otherwise every call takes the full path. Each Launcher keeps its own replays, so a
+new launcher starts afresh.
+"""
+from __future__ import annotations
+
+import functools
+import operator
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from . import orchestration
+
+MAX_SIGNATURES = 1024   # replays kept per launcher; a new signature past that starts again
+_ATTEMPTS = 3           # recordings tried per signature before it is left to the full path
+_REFUSED = "refused"    # a signature that is never replayed
+
+_recording_lock = threading.Lock()
+_HOMES: dict = {}  # backend name -> the module of its launcher (see register)
+
+
+def register(backend: str, home) -> None:
+    """A backend whose launcher keeps replays offers it here when it is imported. `home` is the
+    module its kernel table launches through: `home.launch` (a launcher with `replays`, `compiled`,
+    `key` and `direct`, replaced while a call is recorded), `home.replay_launcher()` (that launcher
+    when replays apply now, else None) and `home.current_stream()`."""
+    _HOMES[backend] = home
+
+
+def launcher(backend: str):
+    """The launcher of `backend` when its calls may be replayed now, else None (a backend without
+    replays, or one not imported yet: its first call takes the full path)."""
+    home = _HOMES.get(backend)
+    return None if home is None else home.replay_launcher()
+
+
+def _home_of(launch):
+    for home in _HOMES.values():
+        if home.launch is launch:
+            return home
+    raise LookupError("a launcher no backend registered")
+
+
+# The keys are spelled out tensor by tensor: a comprehension over the per-channel tensors costs a
+# frame more a call. A tensor stands for its shape, strides, dtype, device and the
+# address's remainder mod 16 (the JIT specializes on 16-byte alignment); None for none.
+
+def train_key(x, weight, bias, running_mean, running_var, counter, momentum, eps, relu) -> tuple:
+    """Everything a training forward's host path decides from (the validation included)."""
+    w, b, m, v, c = weight, bias, running_mean, running_var, counter
+    return ("train", relu, momentum, eps, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
+            None if w is None else (w.shape, w.stride(), w.dtype, w.device, w.data_ptr() & 15),
+            None if b is None else (b.shape, b.stride(), b.dtype, b.device, b.data_ptr() & 15),
+            None if m is None else (m.shape, m.stride(), m.dtype, m.device, m.data_ptr() & 15),
+            None if v is None else (v.shape, v.stride(), v.dtype, v.device, v.data_ptr() & 15),
+            None if c is None else (c.shape, c.stride(), c.dtype, c.device, c.data_ptr() & 15))
+
+
+def eval_key(x, weight, bias, running_mean, running_var, eps, relu) -> tuple:
+    """Everything an eval forward's host path decides from (the validation included)."""
+    w, b, m, v = weight, bias, running_mean, running_var
+    return ("eval", relu, eps, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
+            None if w is None else (w.shape, w.stride(), w.dtype, w.device, w.data_ptr() & 15),
+            None if b is None else (b.shape, b.stride(), b.dtype, b.device, b.data_ptr() & 15),
+            None if m is None else (m.shape, m.stride(), m.dtype, m.device, m.data_ptr() & 15),
+            None if v is None else (v.shape, v.stride(), v.dtype, v.device, v.data_ptr() & 15))
+
+
+def backward_key(grad_y, x, weight, mean, invstd, bias, training, need_input_grad, need_weight_grad, relu) -> tuple:
+    """Everything a backward's host path decides from."""
+    w, m, i, b = weight, mean, invstd, bias
+    return ("backward", training, need_input_grad, need_weight_grad, relu, grad_y.shape, grad_y.stride(), grad_y.dtype,
+            grad_y.device, grad_y.data_ptr() & 15, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
+            None if w is None else (w.shape, w.stride(), w.dtype, w.device, w.data_ptr() & 15),
+            (m.shape, m.stride(), m.dtype, m.device, m.data_ptr() & 15),
+            (i.shape, i.stride(), i.dtype, i.device, i.data_ptr() & 15),
+            None if b is None else (b.shape, b.stride(), b.dtype, b.device, b.data_ptr() & 15))
+
+
+@dataclass(frozen=True, eq=False)
+class Replay:
+    """One signature's host path as recorded. Its pool of tensors, in order: the call's tensor
+    arguments, the buffers, rows of buffers, the finalize counters (or None), None."""
+    buffers: tuple   # (shape, dtype, strides or None) of each orchestration.empty
+    allocations: tuple  # the same buffers as torch calls bound to their arguments (device included)
+    rows: tuple      # (buffer, row): buffers[buffer][row], a view a launch took
+    counter_groups: int  # finalize_counters' groups, 0 when none were taken
+    steps: tuple     # (compiled kernel, grid dims, its pointers from the pool, its scalars then constexprs)
+    outputs: operator.itemgetter  # the returned tensors from the pool
+    home: object     # the module of the launcher (register): its current_stream()
+
+    def run(self, inputs: tuple, guarded: bool = False) -> tuple:
+        """The recorded host path on these arguments (in the op's order), on their device."""
+        if not guarded and inputs[0].is_cuda and inputs[0].get_device() != torch.cuda.current_device():
+            with torch.cuda.device(inputs[0].device):
+                return self.run(inputs, guarded=True)
+        empty = orchestration.empty
+        if empty is _ORCHESTRATION_EMPTY:  # (tests replace it to poison the buffers)
+            buffers = [allocate() for allocate in self.allocations]
+        else:
+            device = inputs[0].device
+            buffers = [empty(shape, dtype, device, strides) for shape, dtype, strides in self.buffers]
+        pool = [*inputs, *buffers]
+        if self.rows:
+            pool += [buffers[b][r] for b, r in self.rows]
+        counters = orchestration.finalize_counters(inputs[0].device, self.counter_groups) if self.counter_groups \
+            else None
+        pool += (counters, None)
+        stream = self.home.current_stream()
+        for compiled, dims, pointers, arguments in self.steps:
+            compiled.run(*dims, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                         *pointers(pool), *arguments)
+        return self.outputs(pool)
+
+
+def _picker(indices: list):
+    """A function of the pool giving the tuple of its items at `indices` (operator.itemgetter,
+    which gives the item itself for one index)."""
+    pick = operator.itemgetter(*indices)
+    return pick if len(indices) > 1 else lambda pool: (pick(pool),)
+
+
+_ORCHESTRATION_EMPTY = orchestration.empty
+
+
+def _allocation(shape, dtype, strides, device):
+    """orchestration.empty(shape, dtype, device, strides) as a torch call bound to its arguments:
+    a replay allocates a buffer without a Python frame."""
+    if strides is None:
+        return functools.partial(torch.empty, shape, dtype=dtype, device=device)
+    return functools.partial(torch.empty_strided, shape, strides, dtype=dtype, device=device)
+
+
+class _Refused(Exception):
+    """The recorded host path did something a replay would not repeat."""
+
+
+class _Recording:
+    """Watches one call's host path: orchestration.empty, orchestration.finalize_counters and the
+    Triton launches, on the recording thread only (other threads pass through)."""
+
+    def __init__(self, launch, inputs: tuple):
+        self.launch, self.inputs = launch, inputs
+        self.home = _home_of(launch)
+        self.thread = threading.get_ident()
+        self.buffers, self.launches = [], []
+        self.counters = None      # (tensor, groups)
+        self.complete = True      # every launch found its compiled kernel before it ran
+
+    def __enter__(self):
+        self.saved = orchestration.empty, orchestration.finalize_counters, self.home.launch
+        empty, finalize_counters, launch = self.saved
+
+        def recorded_empty(shape, dtype, device, strides=None):
+            t = empty(shape, dtype, device, strides)
+            if threading.get_ident() == self.thread:
+                self.buffers.append((t, (shape, dtype, strides)))
+            return t
+
+        def recorded_counters(device, groups):
+            t = finalize_counters(device, groups)
+            if threading.get_ident() == self.thread:
+                self.counters = (t, groups)
+            return t
+
+        def recorded_launch(site, pointers, floats=()):
+            mine = threading.get_ident() == self.thread
+            entry = launch.compiled.get(launch.key(site, pointers)) if mine else None
+            launch(site, pointers, floats)
+            if mine:
+                self.complete = self.complete and entry is not None and launch.direct
+                self.launches.append((entry, tuple(pointers), (*site.head, *floats, *site.tail)))
+
+        orchestration.empty, orchestration.finalize_counters = recorded_empty, recorded_counters
+        self.home.launch = recorded_launch
+        return self
+
+    def __exit__(self, *exc):
+        orchestration.empty, orchestration.finalize_counters, self.home.launch = self.saved
+
+    def _source(self, t, buffers: list, counters) -> tuple:
+        """Where a launch's tensor comes from: ("input", i), ("buffer", i), ("row", (buffer, row)),
+        ("counters",) or ("none",)."""
+        if t is None:
+            return ("none",)
+        for i, known in enumerate(self.inputs):
+            if t is known:
+                return ("input", i)
+        for i, known in enumerate(buffers):
+            if t is known:
+                return ("buffer", i)
+        if t is counters:
+            return ("counters",)
+        for b, buffer in enumerate(buffers):
+            if t._base is buffer and buffer.dim() > 1:
+                for r in range(buffer.shape[0]):
+                    row = buffer[r]
+                    if (row.data_ptr(), row.shape, row.stride()) == (t.data_ptr(), t.shape, t.stride()):
+                        return ("row", (b, r))
+        raise _Refused("a tensor that is neither an argument, a buffer, a row of one nor the counters")
+
+    def replay(self, outputs: tuple) -> Replay:
+        """The Replay of what was seen; _Refused when something is not accounted for."""
+        if not self.complete:
+            raise _Refused("a launch went through the JIT")
+        present = [t for t in self.inputs if t is not None]
+        if len({id(t) for t in present}) != len(present):
+            raise _Refused("an argument passed twice")
+        buffers = [t for t, _ in self.buffers]
+        counters = self.counters[0] if self.counters else None
+        launches = [(entry, [self._source(t, buffers, counters) for t in pointers], scalars)
+                    for entry, pointers, scalars in self.launches]
+        returned = [self._source(t, buffers, counters) for t in outputs]
+        every_source = [*(s for _, sources, _ in launches for s in sources), *returned]
+        rows = list(dict.fromkeys(s[1] for s in every_source if s[0] == "row"))
+        first_row = len(self.inputs) + len(buffers)
+        offsets = {"input": 0, "buffer": len(self.inputs)}
+
+        def index(source: tuple) -> int:
+            kind = source[0]
+            if kind == "row":
+                return first_row + rows.index(source[1])
+            if kind == "counters":
+                return first_row + len(rows)
+            if kind == "none":
+                return first_row + len(rows) + 1
+            return offsets[kind] + source[1]
+
+        steps = tuple((compiled, dims, _picker([index(s) for s in sources]), (*scalars, *constexprs))
+                      for (compiled, dims, constexprs), sources, scalars in launches)
+        device = self.inputs[0].device
+        return Replay(buffers=tuple(shape for _, shape in self.buffers),
+                      allocations=tuple(_allocation(*spec, device) for _, spec in self.buffers), rows=tuple(rows),
+                      counter_groups=self.counters[1] if self.counters else 0, steps=steps,
+                      outputs=_picker([index(s) for s in returned]), home=self.home)
+
+
+def recorded(launch, key: tuple, found, inputs: tuple, full_path, *args) -> tuple:
+    """full_path(*args) -- an op's validation and orchestration, for a signature `key` that
+    has no Replay on this launcher (`found`: what it has instead) -- recorded where it qualifies.
+    inputs: the call's tensor arguments, in the op's order (a Replay runs on them)."""
+    if found is _REFUSED:
+        return full_path(*args)
+    with _recording_lock:  # None, or the recordings tried so far
+        with _Recording(launch, inputs) as recording:
+            outputs = full_path(*args)
+        try:
+            result = recording.replay(outputs)
+        except _Refused:
+            attempts = (found or 0) + 1
+            # Only a launch that went through the JIT (a first one) is worth another recording.
+            result = _REFUSED if attempts >= _ATTEMPTS or recording.complete else attempts
+        if len(launch.replays) >= MAX_SIGNATURES:
+            launch.replays.clear()
+        launch.replays[key] = result
+    return outputs

@@ -1,0 +1,115 @@
+"""Triton launches: through the JIT once per specialization, then the compiled kernel directly.
+
+The first launch of each specialization goes through Triton's JIT (which compiles and caches);
+later launches with the same specialization call the compiled kernel's launcher directly (as
+Inductor does), skipping the JIT's argument binding and specialization. Where that does not apply
+(the interpreter, launch hooks registered, a Triton without that launcher API) every launch goes
+through the JIT; BN_GPU_DIRECT_LAUNCH=0 forces the JIT path. Checked bitwise against the JIT on an
+H100 with Triton 3.6 (tests/test_gpu.py::test_direct_launches_match_the_jit, 2026-11-26).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from ..plan import interpreting
+
+
+def no_launch_hooks() -> bool:
+    """Whether no Triton launch hook (profilers set them) is registered. Recent Triton keeps each
+    hook as a HookChain, empty by default (its `calls`); older ones keep None or the function."""
+    if _RUNTIME_KNOBS is None:  # a Triton without knobs: its launcher API may differ, use the JIT
+        return False
+    enter, leave = _RUNTIME_KNOBS.launch_enter_hook, _RUNTIME_KNOBS.launch_exit_hook
+    return not (getattr(enter, "calls", enter) or getattr(leave, "calls", leave))
+
+
+_RUNTIME_KNOBS = getattr(getattr(triton, "knobs", None), "runtime", None)  # one object, its hooks set on it
+
+
+def current_stream() -> int:
+    return triton.runtime.driver.active.get_current_stream(torch.cuda.current_device())
+
+
+@dataclass(frozen=True, eq=False)
+class Site:
+    """One kernel's launch for one geometry and one set of flags: everything but its tensors and
+    its floats, built once per geometry (the lru_cached *_site functions below), so that a launch
+    only gathers those. Compared by identity: a site is the fixed part of the launcher's key."""
+    kernel: object
+    grid: tuple
+    meta: dict        # constexprs, num_warps, maxnreg
+    head: tuple       # the integer arguments between the pointers and the floats
+    tail: tuple = ()  # the integer arguments after the floats
+
+    def args(self, pointers: tuple, floats: tuple) -> list:
+        """The kernel's runtime arguments in parameter order: pointers, head, floats, tail."""
+        return [*pointers, *self.head, *floats, *self.tail]
+
+
+MAX_REMEMBERED = 8192  # compiled specializations kept for direct launches (a site each, at least)
+
+
+class Launcher:
+    """Launches JIT kernels, reusing the compiled kernel of a specialization once the JIT made it."""
+
+    def __init__(self, direct: bool | None = None):
+        self.compiled = {}    # specialization key -> (compiled kernel, grid dims, constexpr values in order)
+        self.replays = {}     # a forward call's signature -> its bn_gpu.backends.replay.Replay (or why there is none)
+        if direct is None:
+            direct = os.environ.get("BN_GPU_DIRECT_LAUNCH", "1") != "0"
+        self.direct = direct and not interpreting()
+
+    @staticmethod
+    def key(site: Site, pointers: tuple) -> tuple:
+        """What the JIT specializes a compiled kernel on: a pointer's dtype and 16-byte alignment
+        (or None); the site holds the rest (constexprs, grid, the integers' values), and no float
+        is specialized on. Built on every launch, so from the pointers alone."""
+        return (site, *[None if a is None else (a.dtype, a.data_ptr() % 16 == 0) for a in pointers])
+
+    def __call__(self, site: Site, pointers: tuple, floats: tuple = ()) -> None:
+        """Launch site's kernel on these tensors (or None) and Python floats."""
+        key = None
+        if self.direct and no_launch_hooks():
+            key = self.key(site, pointers)
+            entry = self.compiled.get(key)
+            if entry is not None:
+                compiled, dims, constexprs = entry
+                try:
+                    compiled.run(*dims, current_stream(), compiled.function, compiled.packed_metadata, None, None,
+                                 None, *pointers, *site.head, *floats, *site.tail, *constexprs)
+                    return
+                except (TypeError, AttributeError):  # a launcher API other than the one this knows
+                    self.direct = False
+                    self.compiled.clear()
+        compiled = site.kernel[site.grid](*site.args(pointers, floats), **site.meta)
+        if key is not None and self.direct:
+            self._remember(key, site, compiled, len(pointers) + len(site.head) + len(floats) + len(site.tail))
+
+    def _remember(self, key, site: Site, compiled, runtime_args: int) -> None:
+        """Keep the compiled kernel for direct launches when it has the launcher API this uses."""
+        params = site.kernel.params[runtime_args:]
+        if not all(p.is_constexpr and p.name in site.meta for p in params):
+            return
+        if not all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata")):
+            self.direct = False
+            return
+        if len(self.compiled) >= MAX_REMEMBERED:  # shapes without end (a dynamic batch): start again
+            self.compiled.clear()
+        grid = site.grid
+        dims = (grid[0], grid[1] if len(grid) > 1 else 1, 1)
+        self.compiled[key] = (compiled, dims, [site.meta[p.name] for p in params])
+
+
+launch = Launcher()
+
+
+def replay_launcher():
+    """The launcher whose replays (bn_gpu.backends.replay) apply now, else None: direct launches
+    only, and no launch hook registered."""
+    if not isinstance(launch, Launcher) or not launch.direct or not no_launch_hooks():
+        return None
+    return launch

@@ -1,0 +1,192 @@
+"""Launch sites of the Triton kernels: one per kernel, geometry and set of flags, built once.
+
+The tuning rules (register caps, paired sums, pipeline stages) are decided here, per geometry; the
+kernels themselves are named in one table, KERNELS_BY_JOB, so that a search for a kernel's name
+finds where it is launched.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton.language as tl
+
+from ...kernels import channels_first as cf
+from ...kernels import channels_last as cl
+from ...kernels import finalize as fin
+from ..plan import VECTOR_BYTES, Geometry, cdiv, interpreting, next_power_of_2
+from .launcher import Site
+
+# (job, channels_first) -> the streaming kernel of that job and layout family.
+KERNELS_BY_JOB = {
+    ("statistics", True): cf.statistics_channels_first,
+    ("statistics", False): cl.statistics_channels_last,
+    ("normalize", True): cf.normalize_channels_first,
+    ("normalize", False): cl.normalize_channels_last,
+    ("single_pass_forward", True): cf.single_pass_forward_channels_first,
+    ("single_pass_forward", False): cl.single_pass_forward_channels_last,
+    ("gradient_sums", True): cf.gradient_sums_channels_first,
+    ("gradient_sums", False): cl.gradient_sums_channels_last,
+    ("input_gradient", True): cf.input_gradient_channels_first,
+    ("input_gradient", False): cl.input_gradient_channels_last,
+    ("single_pass_backward", True): cf.single_pass_backward_channels_first,
+    ("single_pass_backward", False): cl.single_pass_backward_channels_last,
+}
+
+MAX_REGISTERS = 128  # per thread: 2 programs of 256 threads per SM
+
+
+def pairs_of_values(g: Geometry) -> bool:
+    """Whether the channels-first reductions sum a lane's values two at a time (PAIRS): 16-bit
+    inputs of one channel a program, whose rows hold whole 16-byte groups, so that Triton gives each
+    thread 8 consecutive values and a pair never straddles two threads. Halving the lanes' sums halves
+    the registers that hold them, so more programs fit an SM (the static model's figures:
+    profiling/MODEL.md). Numerics are unchanged in kind: each sum still runs over at most CHUNK
+    tiles' values of a lane."""
+    group = VECTOR_BYTES // 2  # 16-bit values in 16 bytes
+    return (g.channels_first and g.dtype.itemsize == 2 and g.plan.group == 1 and g.plan.block_s >= group
+            and g.S % group == 0)
+
+
+def split_register_cap(g: Geometry, job: str) -> int:
+    """maxnreg of a split reduction's kernel, 0 for none. A cap of 64 (Tuning.split_max_registers)
+    holds 4 programs of 8 warps per SM, so the whole-wave grids run in one wave. Capped where the
+    cap measured faster on an H200 (profiling/RESULTS.md and journal/2026-11-27-h200-run7.md): the
+    statistics in fp32 and in 16-bit channels-first, the fp32 channels-last gradient sums. Uncapped
+    where it measured slower: the 16-bit channels-last reductions (they spill or lose their loads in
+    flight under it), the fp32 channels-first gradient sums, and the channels-last statistics of
+    more than 64 channels a program (they spill under it). The gradient-sums launch drops the cap
+    with the ReLU's mask (gradient_sums_site), which this geometry-keyed choice cannot see."""
+    cap = g.plan.split_max_registers
+    if not cap or g.plan.splits <= 1:
+        return 0
+    fp32 = g.dtype == torch.float32
+    if job == "statistics" and not g.channels_first and g.plan.block_c > 64:
+        return 0  # more than 64 channels a program spill under the cap
+    if job == "statistics" and (fp32 or g.channels_first):
+        return cap
+    if job == "gradient_sums" and fp32 and not g.channels_first:
+        return cap
+    return 0
+
+
+@functools.lru_cache(maxsize=4096)
+def config(g: Geometry, job: str) -> tuple:
+    """(kernel, grid, constexprs and warps) of a streaming kernel for one geometry."""
+    p = g.plan
+    kernel = KERNELS_BY_JOB[job, g.channels_first]
+    blocks = dict(ROWS=p.rows, BLOCK_S=p.block_s, GROUP=p.group, ALIGN=p.align) if g.channels_first else \
+        dict(BLOCK_M=p.block_m, BLOCK_C=p.block_c)
+    meta = dict(ACC=accumulation(g), OFFSET_64=g.offset_64, num_warps=p.num_warps, **blocks)
+    if job in ("statistics", "single_pass_forward"):
+        meta["CHUNK"] = p.chunk_tiles
+        if not g.channels_first:
+            meta["STAGES"] = p.load_stages
+            if p.load_stages > 1 and job == "statistics":
+                # The stages keep the bytes in flight; tiles of half the rows halve the lanes' sums
+                # and the registers holding them, so twice the programs fit an SM.
+                meta["BLOCK_M"] = max(1, p.block_m // 2)
+    if g.channels_first and job in ("statistics", "single_pass_forward", "gradient_sums", "single_pass_backward"):
+        meta["PAIRS"] = pairs_of_values(g)
+    if g.channels_first and p.group > 1 and job == "single_pass_forward":
+        # 32 values a thread (8 bf16 channels of 7x7, 16 rows) need more than 128 registers uncapped:
+        # one program per SM. The cap fits two without spilling (the single-pass backward would
+        # spill under it, so it stays uncapped).
+        meta["maxnreg"] = MAX_REGISTERS
+    cap = split_register_cap(g, job)
+    if cap:
+        meta["maxnreg"] = cap
+    return kernel, p.grid(g.C), meta
+
+
+@functools.lru_cache(maxsize=4096)
+def finalize_config(g: Geometry) -> tuple:
+    """(grid, constexprs) of the finalize kernels for one geometry."""
+    return g.finalize.grid(g.C), dict(ACC=accumulation(g), BLOCK_SPLITS=g.finalize.block_splits,
+                                      BLOCK_C=g.finalize.block_c)
+
+
+def accumulation(g: Geometry):
+    return tl.float64 if g.stat_dtype == torch.float64 else tl.float32
+
+
+@functools.lru_cache(maxsize=4096)
+def statistics_site(g: Geometry, finalize: bool, tracked: bool, cumulative: bool) -> Site:
+    kernel, grid, meta = config(g, "statistics")
+    return Site(kernel, grid, dict(FINALIZE=finalize, HAS_RUNNING_STATS=tracked, CUMULATIVE=cumulative,
+                                   BLOCK_SPLITS=g.finalize.fused_block_splits, **meta),
+                head=(*g.sizes, *g.x.strides, *g.tiling), tail=(g.finalize.group_splits,))
+
+
+@functools.lru_cache(maxsize=4096)
+def finalize_statistics_site(g: Geometry, tracked: bool, cumulative: bool) -> Site:
+    grid, meta = finalize_config(g)
+    return Site(fin.finalize_statistics, grid, dict(HAS_RUNNING_STATS=tracked, CUMULATIVE=cumulative, **meta),
+                head=(g.plan.splits, g.C, g.shift_stride))
+
+
+@functools.lru_cache(maxsize=4096)
+def normalize_site(g: Geometry, has_weight: bool, has_bias: bool, from_running: bool, count_batch: bool,
+                    has_residual: bool, relu: bool) -> Site:
+    kernel, grid, meta = config(g, "normalize")
+    return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, FROM_RUNNING_STATS=from_running,
+                                   COUNT_BATCH=count_batch, HAS_RESIDUAL=has_residual, RELU=relu, **meta),
+                head=(*g.sizes, *g.x.strides, *g.out.strides), tail=g.tiling)
+
+
+@functools.lru_cache(maxsize=4096)
+def single_pass_forward_site(g: Geometry, has_weight: bool, has_bias: bool, tracked: bool, cumulative: bool,
+                              count_batch: bool, has_residual: bool, relu: bool) -> Site:
+    kernel, grid, meta = config(g, "single_pass_forward")
+    return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_RUNNING_STATS=tracked,
+                                   CUMULATIVE=cumulative, COUNT_BATCH=count_batch, HAS_RESIDUAL=has_residual,
+                                   RELU=relu, **meta),
+                head=(*g.sizes, *g.x.strides, *g.out.strides), tail=g.single_pass_tiling)
+
+
+@functools.lru_cache(maxsize=4096)
+def gradient_sums_site(g: Geometry, relu: bool, has_weight: bool, has_bias: bool, finalize: bool) -> Site:
+    kernel, grid, meta = config(g, "gradient_sums")
+    if relu and "maxnreg" in meta:
+        # With the ReLU's mask the kernel needs more than the cap's 64 registers and would spill.
+        meta = {key: value for key, value in meta.items() if key != "maxnreg"}
+    return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, RELU=relu, FINALIZE=finalize,
+                                   BLOCK_SPLITS=g.finalize.fused_block_splits, **meta),
+                head=(*g.sizes, *g.grad_y.strides, *g.x.strides, *g.tiling, g.finalize.group_splits))
+
+
+@functools.lru_cache(maxsize=4096)
+def finalize_gradients_site(g: Geometry) -> Site:
+    grid, meta = finalize_config(g)
+    return Site(fin.finalize_gradients, grid, meta, head=(g.plan.splits, g.C))
+
+
+@functools.lru_cache(maxsize=4096)
+def input_gradient_site(g: Geometry, has_weight: bool, has_bias: bool, training: bool, relu: bool) -> Site:
+    kernel, grid, meta = config(g, "input_gradient")
+    return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, TRAINING=training, RELU=relu, **meta),
+                head=(*g.sizes, *g.grad_y.strides, *g.x.strides, *g.out.strides), tail=g.tiling)
+
+
+@functools.lru_cache(maxsize=4096)
+def single_pass_backward_site(g: Geometry, has_weight: bool, has_bias: bool, training: bool, need_input_grad: bool,
+                               relu: bool) -> Site:
+    kernel, grid, meta = config(g, "single_pass_backward")
+    return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, TRAINING=training,
+                                   NEED_INPUT_GRAD=need_input_grad, RELU=relu, **meta),
+                head=(*g.sizes, *g.grad_y.strides, *g.x.strides, *g.out.strides), tail=g.single_pass_tiling)
+
+
+@functools.lru_cache(maxsize=4096)
+def finalize_moments_site(g: Geometry) -> Site:
+    grid, meta = finalize_config(g)
+    return Site(fin.finalize_moments, grid, meta, head=(g.plan.splits, g.C, g.shift_stride))
+
+
+@functools.lru_cache(maxsize=1024)
+def merge_ranks_site(ranks: int, C: int, tracked: bool, cumulative: bool, float64: bool) -> Site:
+    block_c = min(next_power_of_2(C), 8 if interpreting() else 128)
+    return Site(fin.merge_ranks, (cdiv(C, block_c),),
+                dict(HAS_RUNNING_STATS=tracked, CUMULATIVE=cumulative, ACC=tl.float64 if float64 else tl.float32,
+                     BLOCK_C=block_c),
+                head=(ranks, C))

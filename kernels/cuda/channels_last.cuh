@@ -1,0 +1,191 @@
+// The channels-last (M, C) view: a thread's columns of VEC channels, the rows it walks, and
+// merges across a block's row threads.
+// Part of the CUDA C kernels of batch_norm.cu (see there); included in this order.
+#pragma once
+#include "channels_first.cuh"
+
+// ---- channels-last (M, C) -------------------------------------------------------------------------
+// Blocks of at most CL_THREADS threads, shaped (channel threads, row threads) by the host
+// (bn_gpu/backends/cupy/table.py): threadIdx.x owns VEC consecutive channels from c0 = (blockIdx.y *
+// blockDim.x + threadIdx.x) * VEC, read with one 16-byte access per row when VEC > 1 -- the host
+// chooses VEC > 1 only where C, every row stride and every pointer are multiples of VEC values, so a
+// thread has all its VEC channels or none -- and threadIdx.y walks rows threadIdx.y, + blockDim.y,
+// ... of the block's range. A block has at most CL_MAX_CHANNELS channels.
+#if !defined(CL_THREADS) || !defined(CL_MAX_CHANNELS)
+#error "compile with -DCL_THREADS=... -DCL_MAX_CHANNELS=... (bn_gpu.backends.cupy.compilation.COMPILE_OPTIONS)"
+#endif
+
+// VEC per-channel values of one thread (a struct, so that it stays in registers when passed on).
+template <typename A, int VEC> struct Values { A v[VEC]; };
+
+template <typename A, int VEC> __device__ __forceinline__ Values<A, VEC> zeros() {
+    Values<A, VEC> z;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) z.v[k] = A(0);
+    return z;
+}
+
+template <int VEC> __device__ __forceinline__ i64 first_channel() {
+    return ((i64)blockIdx.y * blockDim.x + threadIdx.x) * VEC;
+}
+
+// How many of rows [first, end) a thread visits stepping by blockDim.y from `first`: the loops below
+// count rows and step pointers, which the compiler unrolls (a loop on the row index did not).
+__device__ __forceinline__ i64 rows_from(i64 first, i64 end) {
+    return first < end ? (end - first + blockDim.y - 1) / blockDim.y : 0;
+}
+
+template <int VEC, typename T> __device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& values) {
+    *reinterpret_cast<Pack<T, VEC>*>(p) = values;
+}
+
+// A 16-byte group stored with one access, through __stwb (st.global.wb.v4: the default caching):
+// stored as a Pack, nvcc split it into four 32-bit stores (it did not keep the alignment of the cast).
+template <int V, typename T> __device__ __forceinline__ void store_group(T* p, const Pack<T, V>& values) {
+    if constexpr (V * sizeof(T) == 16) {
+        __stwb(reinterpret_cast<uint4*>(p), *reinterpret_cast<const uint4*>(&values));
+    } else {
+        *reinterpret_cast<Pack<T, V>*>(p) = values;
+    }
+}
+
+// RunningMoments for the VEC channels of a thread, which share their rows and so their count.
+template <typename A, int VEC> struct ColumnMoments {
+    A count; Values<A, VEC> mean, m2;           // merged
+    A n; Values<A, VEC> sum, squares;           // the open run
+    __device__ __forceinline__ void add(const Values<A, VEC>& values) {
+        n += A(1);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) { sum.v[k] += values.v[k]; squares.v[k] += values.v[k] * values.v[k]; }
+    }
+    // Chan's merge of the run into the moments, as merge() does for one channel.
+    __device__ __forceinline__ void close() {
+        if (n == A(0)) return;
+        A total = count + n;
+        A weight = n / total;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            A run_mean = sum.v[k] / n;
+            A delta = run_mean - mean.v[k];
+            mean.v[k] = merged_mean(mean.v[k], run_mean, delta, weight);
+            m2.v[k] += (squares.v[k] - sum.v[k] * run_mean) + delta * delta * count * weight;
+            sum.v[k] = A(0);
+            squares.v[k] = A(0);
+        }
+        count = total;
+        n = A(0);
+    }
+};
+
+template <typename A, int VEC> __device__ __forceinline__ ColumnMoments<A, VEC> no_column_moments() {
+    ColumnMoments<A, VEC> m;
+    m.count = A(0); m.n = A(0);
+    m.mean = zeros<A, VEC>(); m.m2 = zeros<A, VEC>(); m.sum = zeros<A, VEC>(); m.squares = zeros<A, VEC>();
+    return m;
+}
+
+// The row threads of a channel column: each level of the trees below pairs the lower half with the
+// upper one (of a power of two at least blockDim.y), in a fixed order, so results stay bitwise
+// deterministic. A chain in the first row of threads, one channel after another (8 x 31 dependent
+// merges for bf16), would keep the other warps waiting at its barriers; a tree takes log2 levels.
+__device__ __forceinline__ int column_tree_half() {
+    int half = 1;
+    while (2 * half < (int)blockDim.y) half *= 2;
+    return half;
+}
+
+// The merged moments (count, mean, m2) of every channel of a thread over its column's row threads,
+// all VEC channels at once (they share their rows, so their count), valid where threadIdx.y == 0.
+// The open runs are closed (column_moments ends with one).
+template <typename A, int VEC> __device__ void column_merge_tree(ColumnMoments<A, VEC>& m) {
+    __shared__ A counts[CL_THREADS], means[VEC][CL_THREADS], m2s[VEC][CL_THREADS];
+    const int i = threadIdx.y * blockDim.x + threadIdx.x;
+    for (int half = column_tree_half(); half > 0; half /= 2) {
+        __syncthreads();  // the previous level's reads are done
+        if (threadIdx.y >= half && threadIdx.y < 2 * half) {
+            counts[i] = m.count;
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) { means[k][i] = m.mean.v[k]; m2s[k][i] = m.m2.v[k]; }
+        }
+        __syncthreads();
+        const int other = i + half * blockDim.x;
+        if (threadIdx.y < half && threadIdx.y + half < blockDim.y && counts[other] != A(0)) {
+            const A count = counts[other], total = m.count + count, weight = count / total;
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                const A delta = means[k][other] - m.mean.v[k];
+                m.mean.v[k] = merged_mean(m.mean.v[k], means[k][other], delta, weight);
+                m.m2.v[k] += m2s[k][other] + delta * delta * m.count * weight;
+            }
+            m.count = total;
+        }
+    }
+}
+
+// a and b, VEC channels each, summed over a channel column's row threads, valid where
+// threadIdx.y == 0 (as column_merge_tree).
+template <typename A, int VEC> __device__ void column_sums_tree(Values<A, VEC>& a, Values<A, VEC>& b) {
+    __shared__ A as[VEC][CL_THREADS], bs[VEC][CL_THREADS];
+    const int i = threadIdx.y * blockDim.x + threadIdx.x;
+    for (int half = column_tree_half(); half > 0; half /= 2) {
+        __syncthreads();
+        if (threadIdx.y >= half && threadIdx.y < 2 * half) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) { as[k][i] = a.v[k]; bs[k][i] = b.v[k]; }
+        }
+        __syncthreads();
+        const int other = i + half * blockDim.x;
+        if (threadIdx.y < half && threadIdx.y + half < blockDim.y) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) { a.v[k] += as[k][other]; b.v[k] += bs[k][other]; }
+        }
+    }
+}
+
+// The first row's values of channels c0.. : each channel's shift.
+template <int VEC, typename T, typename A>
+__device__ __forceinline__ Values<A, VEC> first_row(const T* x, i64 c0, bool active) {
+    Values<A, VEC> shift = zeros<A, VEC>();
+    if (active) {
+        Pack<T, VEC> in = load_pack<VEC>(x + c0);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) shift.v[k] = finite_shift(cvt<A>(in.v[k]));
+    }
+    return shift;
+}
+
+template <int VEC, typename T, typename A>
+__device__ __forceinline__ Values<A, VEC> shifted(const Pack<T, VEC>& in, const Values<A, VEC>& shift) {
+    Values<A, VEC> values;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) values.v[k] = cvt<A>(in.v[k]) - shift.v[k];
+    return values;
+}
+
+// Moments of x - shift over rows [row_begin, row_end) of channels c0.., this thread's share of them,
+// the run of sums closed every 64 rows of the thread.
+template <int VEC, typename T, typename A>
+__device__ __forceinline__ ColumnMoments<A, VEC> column_moments(const T* x, i64 stride_m, i64 c0,
+                                                                 const Values<A, VEC>& shift, i64 row_begin,
+                                                                 i64 row_end) {
+    ColumnMoments<A, VEC> moments = no_column_moments<A, VEC>();
+    const i64 run = 64 * (i64)blockDim.y, step = blockDim.y * stride_m;
+    for (i64 run_begin = row_begin + threadIdx.y; run_begin < row_end; run_begin += run) {
+        i64 run_end = min(run_begin + run, row_end);
+        const T* row = x + run_begin * stride_m + c0;
+        const i64 rows = rows_from(run_begin, run_end);
+        // Four rows loaded before the first is summed: left to the unroll, nvcc sums each row
+        // before loading the next, one 16-byte load in flight a thread.
+        i64 i = 0;
+        for (; i + 4 <= rows; i += 4, row += 4 * step) {
+            Pack<T, VEC> in[4];
+#pragma unroll
+            for (int b = 0; b < 4; ++b) in[b] = load_pack<VEC>(row + b * step);
+#pragma unroll
+            for (int b = 0; b < 4; ++b) moments.add(shifted(in[b], shift));
+        }
+        for (; i < rows; ++i, row += step) moments.add(shifted(load_pack<VEC>(row), shift));
+        moments.close();
+    }
+    return moments;
+}

@@ -1,0 +1,401 @@
+"""The CuPy backend without a GPU: its CUDA C source compiles with nvcc for sm_80 and sm_90 in every
+type instantiation the backend asks NVRTC for, and missing pieces give errors that say what to do."""
+import math
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import bn_gpu
+import bn_gpu.backends.cupy as cupy_backend
+from bn_gpu.backends import plan
+from bn_gpu.backends.cupy import compilation
+from bn_gpu.tools import model
+from bn_gpu.dtypes import stat_dtype
+from support import has_cupy
+
+# One xdist worker runs this module (`make test`: --dist loadgroup), so its compile fixture starts once.
+pytestmark = pytest.mark.xdist_group("nvcc")
+
+NVCC = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
+
+
+def _instantiation_unit(tmp_path):
+    """A translation unit that includes the source and takes the address of every kernel the
+    backend compiles, which instantiates each template as NVRTC's name expressions would."""
+    (tmp_path / "batch_norm.cu").write_text(compilation.source())
+    names = sorted({name for combo in compilation.type_combinations()
+                    for name in compilation.kernel_names(*combo).values()})
+    lines = ['#include "batch_norm.cu"', "void instantiate_all() {"]
+    lines += [f"    (void)&{name};" for name in names]
+    lines.append("}")
+    unit = tmp_path / "instantiate.cu"
+    unit.write_text("\n".join(lines) + "\n")
+    return unit, names
+
+
+ARCHS = ["sm_80", "sm_90"]
+
+
+@pytest.fixture(scope="module")
+def nvcc_runs(tmp_path_factory):
+    """One nvcc process per architecture over the same unit, started together: the compiles are
+    single-threaded and the longest CPU tests of the suite, so on a 2-core CI machine running them
+    side by side halves their wall time. {arch: (process, names instantiated)}."""
+    tmp_path = tmp_path_factory.mktemp("nvcc")
+    unit, names = _instantiation_unit(tmp_path)
+    runs = {arch: (subprocess.Popen([NVCC, *compilation.COMPILE_OPTIONS, f"-arch={arch}", "-c", str(unit),
+                                     "-o", str(tmp_path / f"{arch}.o")],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), names)
+            for arch in ARCHS}
+    yield runs
+    for process, _ in runs.values():
+        if process.poll() is None:
+            process.kill()
+
+
+def _finished(process) -> str:
+    """The nvcc run's stderr, waited for once: two tests read the same run, and a second
+    communicate() would return nothing, which a test for warnings would pass."""
+    if not hasattr(process, "stderr_text"):
+        _, process.stderr_text = process.communicate(timeout=900)
+    return process.stderr_text
+
+
+@pytest.mark.skipif(NVCC is None, reason="no CUDA compiler (nvcc) found")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cuda_source_compiles_for_every_instantiation(nvcc_runs, arch):
+    process, names = nvcc_runs[arch]
+    for T in compilation.C_TYPES.values():  # every kernel template for every input dtype
+        for template in ("statistics_channels_first", "statistics_channels_last", "finalize_statistics",
+                         "normalize_channels_first", "normalize_channels_last", "gradient_sums_channels_first",
+                         "gradient_sums_channels_last", "input_gradient_channels_first", "input_gradient_channels_last"):
+            assert any(n.startswith(f"{template}<{T},") for n in names), (template, T)
+    stderr = _finished(process)
+    assert process.returncode == 0, stderr[-4000:]
+    assert "warning" not in stderr.lower(), stderr[-4000:]
+
+
+def test_every_kernel_of_the_source_is_used():
+    source = compilation.source()
+    roles = compilation.kernel_names("float", "float", "float", "float")
+    for name in {n.split("<")[0] for n in roles.values()}:
+        assert f"void {name}(" in source
+    assert source.count("__global__") == len({n.split("<")[0] for n in roles.values()})
+
+
+@pytest.mark.skipif(has_cupy(), reason="checks the error shown when CuPy is not installed")
+def test_missing_cupy_names_the_install_command():
+    with pytest.raises(RuntimeError, match=r"needs CuPy, which is not installed: pip install -e \.\[cupy-cuda13\]"):
+        bn_gpu.batch_norm(torch.randn(4, 3), None, None, training=True, backend="cupy")
+
+
+def test_cpu_tensors_are_refused_with_the_way_out(monkeypatch):
+    monkeypatch.setattr(compilation, "import_cupy", lambda: object())  # as if CuPy were installed
+    monkeypatch.setattr(bn_gpu.backends, "_checked_modules", {})
+    with pytest.raises(RuntimeError, match=r"backend='cupy' needs CUDA tensors and a GPU; got tensors on cpu"):
+        bn_gpu.batch_norm(torch.randn(4, 3), None, None, training=True, backend="cupy")
+
+
+# ---- the launcher against the kernel signatures, without CuPy or a GPU ---------------------------
+
+def _kernel_parameters():
+    """{kernel template name: [parameter C types]} parsed from the CUDA source."""
+    import re
+    source = re.sub(r"//[^\n]*", "", compilation.source())
+    params = {}
+    for match in re.finditer(r"__global__ void (\w+)\((.*?)\)\s*\{", source, re.S):
+        params[match.group(1)] = [" ".join(p.split()[:-1]) for p in match.group(2).split(",")]
+    return params
+
+
+class _FakeCupy:
+    """Records launches instead of compiling and running them."""
+
+    def __init__(self):
+        self.launches = []
+        fake = self
+
+        class RawModule:
+            def __init__(self, code, options, name_expressions):
+                assert "__global__" in code and options == compilation.COMPILE_OPTIONS
+                self.names = set(name_expressions)
+
+            def get_function(self, name):
+                assert name in self.names
+                return lambda grid, block, args, stream: fake.launches.append((name, grid, block, args))
+
+        class _Context:
+            def __init__(self, *args):
+                pass
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+        self.RawModule = RawModule
+        self.cuda = type("cuda", (), {"Device": _Context, "ExternalStream": _Context})
+
+
+def _expected_numpy_type(c_type: str, accumulate):
+    import numpy as np
+    if "*" in c_type:
+        return np.uint64
+    return {"i64": np.int64, "int": np.int32, "float": np.float32, "double": np.float64, "A": accumulate}[c_type]
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    """The CuPy backend on a fake CuPy that records launches instead of running them."""
+    import bn_gpu.backends.plan
+
+    fake = _FakeCupy()
+    compilation.compiled_kernels.cache_clear()
+    monkeypatch.setattr(compilation, "import_cupy", lambda: fake)
+    monkeypatch.setattr(bn_gpu.backends.plan, "multiprocessors", lambda index: 132)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 0})())
+    compilation.stream.cache_clear()
+    yield fake
+    compilation.compiled_kernels.cache_clear()
+
+
+def _finalizing(name: str) -> bool:
+    """Whether a launched statistics or gradient-sums instantiation has FINALIZE set (the last
+    boolean template argument, before GROUPED on the channels-first kernels)."""
+    arguments = name[name.index("<") + 1:-1].split(", ")
+    return arguments[-2 if "_channels_first" in name else -1] == "true"
+
+
+def _check_arguments(launches, dtype) -> None:
+    import numpy as np
+    signatures = _kernel_parameters()
+    accumulate = np.float64 if dtype == torch.float64 else np.float32
+    for name, grid, block, args in launches:
+        params = signatures[name.split("<")[0]]
+        assert len(args) == len(params), (name, len(args), len(params))
+        for arg, c_type in zip(args, params):
+            assert type(arg) is _expected_numpy_type(c_type.replace("const ", "").replace("__restrict__", "").strip()
+                                                     if "*" not in c_type else "*", accumulate), (name, c_type, arg)
+        assert all(g > 0 for g in grid) and math.prod(block) == compilation.THREADS and block[0] <= 256
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_launch_arguments_match_the_kernel_signatures(fake_cupy, layout, dtype, kernel_path):
+    from support import make_input, make_params
+
+    x = make_input((4, 6, 64, 64), dtype, layout)
+    weight, bias, running_mean, running_var = make_params(6, torch.float32 if dtype == torch.bfloat16 else dtype)
+    cupy_backend.forward_train(x, weight, bias, running_mean, running_var, torch.tensor(3), None, 1e-5)
+    cupy_backend.forward_eval(x, weight, bias, running_mean, running_var, 1e-5)
+    mean, invstd = torch.zeros(6, dtype=stat_dtype(dtype)), torch.ones(6, dtype=stat_dtype(dtype))
+    cupy_backend.backward(x, x, weight, mean, invstd, True, True, True)
+    cupy_backend.backward(x, x, None, mean, invstd, False, True, False)
+
+    launched = [name.split("<")[0] for name, *_ in fake_cupy.launches]
+    family = "first" if layout == "contiguous" else "last"
+    if kernel_path == "split":
+        # 2 launches each way: the reductions' finalizing instantiations, with the counters buffer.
+        train_forward = [f"statistics_channels_{family}", f"normalize_channels_{family}"]
+        train_backward = [f"gradient_sums_channels_{family}", f"input_gradient_channels_{family}"]
+        reductions = [(name, args) for name, _, _, args in fake_cupy.launches
+                      if name.startswith(("statistics", "gradient_sums"))]
+        assert len(reductions) == 2
+        for name, args in reductions:
+            assert _finalizing(name), name
+            counters = args[4] if name.startswith("statistics") else args[8]
+            assert counters != 0
+    else:
+        train_forward = [f"single_pass_forward_channels_{family}"]
+        train_backward = [f"single_pass_backward_channels_{family}"]
+    assert launched == (train_forward + [f"normalize_channels_{family}"] + train_backward
+                        + [f"input_gradient_channels_{family}"])
+    _check_arguments(fake_cupy.launches, dtype)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_sync_batch_norm_launch_arguments_match_the_kernel_signatures(fake_cupy, layout, dtype):
+    """SyncBatchNorm's steps on the CuPy backend (the collectives run between them)."""
+    from support import make_input, make_params
+
+    x = make_input((4, 6, 64, 64), dtype, layout)
+    weight, bias, running_mean, running_var = make_params(6, torch.float32 if dtype == torch.bfloat16 else dtype)
+    moments = cupy_backend.local_moments(x)
+    assert moments.shape == (13,) and moments.dtype == stat_dtype(dtype)
+    mean, invstd = cupy_backend.merge_ranks(x, torch.zeros(3, 13, dtype=stat_dtype(dtype)), running_mean,
+                                            running_var, torch.tensor(2), None, 1e-5)
+    cupy_backend.normalize(x, mean, invstd, weight, bias, torch.tensor(2), 1e-5)
+    totals, _, _ = cupy_backend.gradient_totals(x, x, mean, invstd, weight.dtype)
+    cupy_backend.input_gradient(x, x, mean, invstd, weight, totals)
+    family = "first" if layout == "contiguous" else "last"
+    assert [name.split("<")[0] for name, *_ in fake_cupy.launches] == [
+        f"statistics_channels_{family}", "finalize_moments", "merge_ranks", f"normalize_channels_{family}",
+        f"gradient_sums_channels_{family}", f"input_gradient_channels_{family}"]
+    # The local moments come from the plain statistics kernel, the local gradient sums finalize themselves.
+    assert not _finalizing(fake_cupy.launches[0][0]) and _finalizing(fake_cupy.launches[4][0])
+    _check_arguments(fake_cupy.launches, dtype)
+
+
+def _find_nvrtc():
+    import ctypes.util
+    import glob
+    candidates = [ctypes.util.find_library("nvrtc")] + sorted(glob.glob("/usr/local/cuda*/lib64/libnvrtc.so*"))
+    try:
+        import nvidia.cuda_nvrtc  # the wheel CuPy can use: nvidia-cuda-nvrtc-cu12
+        candidates += sorted(glob.glob(os.path.join(list(nvidia.cuda_nvrtc.__path__)[0], "lib", "libnvrtc.so*")))
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and "builtins" not in c and "alt" not in c), None)
+
+
+NVRTC = _find_nvrtc()
+
+
+@pytest.mark.skipif(NVRTC is None, reason="no NVRTC library (CUDA toolkit or nvidia-cuda-nvrtc wheel) found")
+def test_nvrtc_compiles_every_name_expression():
+    """What CuPy does at run time: NVRTC (no host headers) with the backend's name expressions."""
+    import ctypes
+    lib = ctypes.CDLL(NVRTC)
+    program = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(program), compilation.source().encode(), b"batch_norm.cu",
+                                  0, None, None) == 0
+    names = sorted({name for combo in compilation.type_combinations()
+                    for name in compilation.kernel_names(*combo).values()})
+    for name in names:
+        assert lib.nvrtcAddNameExpression(program, name.encode()) == 0
+    toolkits = [os.environ.get("CUDA_PATH", ""), "/usr/local/cuda",
+                os.path.dirname(os.path.dirname(os.path.realpath(NVCC))) if NVCC else ""]
+    include = next((os.path.join(t, "include") for t in toolkits
+                    if t and os.path.exists(os.path.join(t, "include", "cuda_fp16.h"))), None)
+    if include is None:
+        pytest.skip("NVRTC found, but no CUDA headers (cuda_fp16.h) to compile against")
+    options = [o.encode() for o in compilation.COMPILE_OPTIONS] + [b"-arch=compute_80", f"-I{include}".encode()]
+    status = lib.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(program, log)
+    assert status == 0, log.value.decode()[-4000:]
+    for name in names:
+        lowered = ctypes.c_char_p()
+        assert lib.nvrtcGetLoweredName(program, name.encode(), ctypes.byref(lowered)) == 0 and lowered.value
+
+
+@pytest.mark.parametrize("dtype, channels, vec", [(torch.bfloat16, 16, 8), (torch.float32, 16, 4),
+                                                  (torch.float64, 6, 2), (torch.bfloat16, 12, 1),
+                                                  (torch.float32, 6, 1)], ids=str)
+def test_channels_last_kernels_read_16_bytes_of_channels_where_c_allows(fake_cupy, dtype, channels, vec):
+    """A channels-last thread owns 16 bytes of consecutive channels when C is a multiple of that many
+    values (else one channel, VEC = 1); a block has block_c / VEC threads across channels and the
+    rest of its 256 along rows."""
+    from support import make_input, make_params
+
+    x = make_input((4, channels, 8, 8), dtype, "channels_last")
+    weight, bias, running_mean, running_var = make_params(channels, torch.float32 if dtype == torch.bfloat16 else dtype)
+    cupy_backend.forward_train(x, weight, bias, running_mean, running_var, torch.tensor(3), 0.1, 1e-5)
+    g = cupy_backend.KERNELS.geometry(x)
+    assert g.plan.block_c == min(plan.next_power_of_2(channels), 32 * 16 // x.element_size())
+    for name, grid, block, _ in fake_cupy.launches:
+        assert f", {vec}, " in name or name.endswith(f", {vec}>"), name
+        assert block == (g.plan.block_c // vec, 256 // (g.plan.block_c // vec)) and grid[1] == g.plan.c_blocks
+    # A view whose rows start one value in (not 16 bytes) takes the scalar kernels.
+    fake_cupy.launches.clear()
+    offset = make_input((4, channels + 1, 8, 8), dtype, "channels_last")[:, 1:]
+    assert offset.stride()[1] == 1 and (vec == 1 or offset.data_ptr() % 16)
+    cupy_backend.forward_train(offset, weight, bias, running_mean, running_var, torch.tensor(3), 0.1, 1e-5)
+    assert all(", 1, " in name or name.endswith(", 1>") for name, *_ in fake_cupy.launches)
+    _check_arguments(fake_cupy.launches, dtype)
+
+
+@pytest.mark.parametrize("dtype, group, vec", [(torch.bfloat16, 8, 8), (torch.float32, 4, 4), (torch.float64, 2, 2)],
+                         ids=str)
+def test_channels_first_blocks_own_channel_groups_where_rows_cannot_start_on_16_bytes(fake_cupy, dtype, group, vec,
+                                                                                     kernel_path):
+    """7x7 planes: a block owns `group` adjacent channels, whose rows together start on 16 bytes, and
+    reads them 16 bytes at a time; a misaligned view still takes the grouped kernels, value by value."""
+    from support import make_input, make_params
+
+    C = 16
+    x = make_input((64, C, 7, 7), dtype, "contiguous")
+    weight, bias, running_mean, running_var = make_params(C, torch.float32 if dtype == torch.bfloat16 else dtype)
+    mean, invstd = torch.zeros(C, dtype=stat_dtype(dtype)), torch.ones(C, dtype=stat_dtype(dtype))
+
+    def launch_all(x):
+        cupy_backend.forward_train(x, weight, bias, running_mean, running_var, torch.tensor(3), 0.1, 1e-5)
+        cupy_backend.forward_eval(x, weight, bias, running_mean, running_var, 1e-5, residual=x, relu=True)
+        cupy_backend.backward(x, x, weight, mean, invstd, True, True, True)
+
+    launch_all(x)
+    g = cupy_backend.KERNELS.geometry(x)
+    assert g.plan.group == group and g.plan.block_s >= group * 49
+    assert len(fake_cupy.launches) == (5 if kernel_path == "split" else 3)
+    for name, grid, block, _ in fake_cupy.launches:
+        assert "_channels_first<" in name and name.endswith(", true>"), name  # GROUPED
+        assert f", {vec}, " in name, name
+        assert grid == (C // group, g.plan.splits) and block == (256,)
+    _check_arguments(fake_cupy.launches, dtype)
+    fake_cupy.launches.clear()
+    offset = make_input((64 * C * 49 + 1,), dtype, "contiguous")[1:].view(64, C, 7, 7)  # 2-8 bytes off 16
+    assert offset.data_ptr() % 16
+    launch_all(offset)
+    assert all(name.endswith(", true>") and ", 1, " in name for name, *_ in fake_cupy.launches)
+    _check_arguments(fake_cupy.launches, dtype)
+
+
+@pytest.mark.parametrize("dtype, vec", [(torch.bfloat16, 8), (torch.float32, 4)], ids=str)
+def test_channels_first_kernels_read_16_bytes_only_where_rows_hold_whole_groups(fake_cupy, dtype, vec,
+                                                                                kernel_path):
+    """The channels-first kernels have no value-by-value tail: they take 16-byte groups where S is a
+    multiple of the width (as well as the strides and pointers), and a sliced view whose rows end
+    mid-group, its pointer and strides aligned, is read value by value -- the statistics kernel too,
+    the one launch whose only tensor is x."""
+    from support import make_input, make_params
+
+    C = 3
+    weight, bias, running_mean, running_var = make_params(C, torch.float32 if dtype == torch.bfloat16 else dtype)
+    whole = make_input((256, C, 64), dtype, "contiguous")
+    cupy_backend.forward_train(whole, weight, bias, running_mean, running_var, torch.tensor(3), 0.1, 1e-5)
+    names = [name for name, *_ in fake_cupy.launches]
+    assert any(name.startswith("statistics_" if kernel_path == "split" else "single_pass_") for name in names)
+    assert all(f", {vec}, " in name for name in names if "finalize" not in name), names
+    assert not cupy_backend.KERNELS.geometry(whole).channel_groups
+    fake_cupy.launches.clear()
+    sliced = whole[..., :62]  # rows of 62 values, 64 apart: row and channel strides of 16-byte multiples
+    assert all(stride % vec == 0 for stride in sliced.stride()[:2]) and sliced.data_ptr() % 16 == 0
+    cupy_backend.forward_train(sliced, weight, bias, running_mean, running_var, torch.tensor(3), 0.1, 1e-5)
+    g = cupy_backend.KERNELS.geometry(sliced)
+    assert not g.channel_groups and not g.copy_input and g.S == 62
+    names = [name for name, *_ in fake_cupy.launches]
+    assert names and all(", 1, " in name for name in names if "finalize" not in name), names
+    _check_arguments(fake_cupy.launches, dtype)
+
+
+@pytest.mark.skipif(NVCC is None or model.tool("cuobjdump") is None, reason="needs nvcc and cuobjdump")
+@pytest.mark.parametrize("mangled_prefix,groups", [
+    ("_Z24normalize_channels_firstIffffLi4ELb0ELb0EE", 4),
+    ("_Z24normalize_channels_firstI13__nv_bfloat16fffLi8ELb0ELb0EE", 4),
+    # Channel groups (7x7 planes): a thread's place, 4 rows loaded before the first is used.
+    ("_Z34single_pass_forward_channels_firstIffffLi4ELb0ELb1EE", 4),
+    ("_Z24normalize_channels_firstIffffLi4ELb0ELb1EE", 2),
+])
+def test_channels_first_normalize_loads_four_groups_before_it_stores(nvcc_runs, mangled_prefix, groups):
+    """Normalize loads 4 groups of 16 bytes (through the read-only path) before it stores the first:
+    through plain loads nvcc kept each load behind the store before it (y might have been x), so a
+    thread had one load in flight (run 7 on an H200: the fp32 pass at 66% of its floor on 64x256x56x56).
+    The channel-group walks batch their rows the same way; nvcc keeps 2 of the grouped fp32
+    normalize's 4 at once (the previous source: 1)."""
+    process, _ = nvcc_runs["sm_90"]
+    stderr = _finished(process)
+    assert process.returncode == 0, stderr[-4000:]
+    obj = process.args[process.args.index("-o") + 1]
+    sass = subprocess.run([model.tool("cuobjdump"), "-sass", obj], capture_output=True, text=True, check=True).stdout
+    functions = model.parse_sass(sass)
+    (name,) = [name for name in functions if name.startswith(mangled_prefix)]
+    streaming = model.main_loops(functions[name])[0]
+    assert streaming.loads_at_once_bits >= groups * 128, streaming

@@ -1,0 +1,74 @@
+"""Compile every Triton kernel variant that bn_gpu launches, as it launches it, for one GPU target
+with Triton's own compiler -- no GPU needed. The variants come from the real launch plans
+(bn_gpu.tools.launches records the Triton backend's launches on meta tensors for the benchmark's
+shapes, every dtype and layout, with and without affine parameters and running statistics, both
+kernel paths), with the JIT's argument specialization (16-byte alignment and divisibility hints,
+1-valued integers). Run in a process without TRITON_INTERPRET:
+
+    TRITON_INTERPRET=0 python tests/kernels/aot_compile.py 90
+"""
+import sys
+
+import torch
+
+SHAPES = [(64, 64, 112, 112), (64, 2048, 7, 7), (16384, 2048), (8, 64, 16, 56, 56), (5, 3), (4, 3, 7, 9)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# (affine, running statistics, momentum, epilogue: residual + ReLU)
+OPTIONS = [(True, True, 0.1, False), (False, False, 0.1, False), (True, True, None, False), (True, True, 0.1, True)]
+
+
+# Tunings off by default that profiling/tuning_sweep.py measures and that change the compiled code:
+# (fields, layouts, ops, options) -- the software-pipelined channels-last statistics.
+SWEPT = [({"load_stages": 3}, ["channels_last"], ["train_fwd"], OPTIONS[:1])]
+
+
+def _record(found: dict, layouts, ops, options, sms: int) -> None:
+    """Adds the launches of every shape and dtype in these layouts, ops and options to found."""
+    from bn_gpu.tools import launches
+    for shape in SHAPES:
+        for dtype in DTYPES:
+            for layout in (layouts if len(shape) > 2 else ["contiguous"]):
+                for affine, running, momentum, epilogue in options:
+                    for op in ops:
+                        for launch in launches.record("triton", op, shape, dtype, layout, sms=sms, affine=affine,
+                                                      running=running, momentum=momentum, epilogue=epilogue):
+                            signature, constexprs, attrs, compile_options = launches.triton_compile_inputs(launch)
+                            key = (launch.name, tuple(signature.items()), repr(sorted(constexprs.items())),
+                                   repr(sorted(attrs.items())), tuple(compile_options.items()))
+                            found.setdefault(key, launch)
+
+
+def variants(sms: int = 132) -> dict:
+    """{specialization key: recorded launch}, each distinct compile once."""
+    import dataclasses
+
+    from bn_gpu.backends import plan
+    from bn_gpu.tools import launches
+    found = {}
+    _record(found, ["contiguous", "channels_last"], launches.OPS + launches.SYNC_OPS, OPTIONS, sms)
+    default = plan.GPU_TUNING
+    for fields, layouts, ops, options in SWEPT:
+        plan.GPU_TUNING = dataclasses.replace(default, **fields)
+        try:
+            _record(found, layouts, ops, options, sms)
+        finally:
+            plan.GPU_TUNING = default
+    return found
+
+
+def compile_all(capability: int) -> tuple[int, set]:
+    from bn_gpu.tools import launches
+    found = variants()
+    for launch in found.values():
+        compiled = launches.compile_triton(launch, capability)
+        assert compiled.asm["cubin"], launch.name
+    return len(found), {launch.name for launch in found.values()}
+
+
+if __name__ == "__main__":
+    import os
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default up to 3.9, as the JIT compiles
+    import triton
+    count, names = compile_all(int(sys.argv[1]))
+    print(f"compiled {count} kernel variants of {len(names)} kernels for sm_{sys.argv[1]} with triton "
+          f"{triton.__version__}: {', '.join(sorted(names))}")

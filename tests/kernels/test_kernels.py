@@ -1,0 +1,200 @@
+"""Every kernel of every backend against the float64 reference, over layouts, dtypes and options.
+
+On CPU tensors: the CPU backend, and the Triton kernels in the Triton interpreter. On a GPU
+(marker `gpu`): the compiled Triton kernels and the CuPy kernels, with the same cases. Outputs
+are poisoned with NaN before the kernels write them."""
+import pytest
+import torch
+
+import bn_gpu  # noqa: F401  (registers the ops)
+from bn_gpu import reference as ref
+from support import (DTYPES, LAYOUT_CASES, assert_close, assert_stats_close, backend_devices, case_id,
+                     make_input, make_params)
+
+
+def _scaled(grad, grad_y, C):
+    """Parameter gradients are sums over N * S values: compare them relative to that scale."""
+    return grad / (grad_y.double().abs().sum().cpu() / C)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_training_forward_and_backward(backend, device, case, dtype, kernel_path, poisoned):
+    shape, layout = case
+    C = shape[1]
+    x = make_input(shape, dtype, layout, device)
+    weight, bias, running_mean, running_var = make_params(C, dtype, device)
+    rm0, rv0 = running_mean.clone(), running_var.clone()
+    tracked = torch.tensor(5, device=device)
+    y, mean, invstd = torch.ops.bn_gpu.forward_train(x, weight, bias, running_mean, running_var, tracked,
+                                                     0.1, 1e-5, backend)
+    y_ref, mean_ref, var_ref, invstd_ref = ref.forward_train(x, weight, bias, 1e-5)
+    assert y.dtype == dtype and y.shape == x.shape and y.device == x.device
+    if layout in ("contiguous", "channels_last"):
+        assert y.stride() == x.stride()
+    assert_close(y, y_ref, dtype, "output")
+    assert_stats_close(mean, mean_ref, dtype, "mean")
+    assert_stats_close(invstd, invstd_ref, dtype, "invstd")
+    rm_ref, rv_ref = ref.update_running_stats(rm0, rv0, mean_ref, var_ref, x.numel() // C, 0.1)
+    assert_close(running_mean, rm_ref, dtype, "running_mean")
+    assert_close(running_var, rv_ref, dtype, "running_var")
+    assert tracked.item() == 6
+
+    grad_y = make_input(shape, dtype, layout, device, mean=0.0, std=1.0, seed=7)
+    grad_x, grad_w, grad_b = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, True, True, True, backend)
+    grad_x_ref, grad_w_ref, grad_b_ref = ref.backward_train(grad_y, x, weight, 1e-5)
+    assert grad_x.dtype == dtype and grad_w.dtype == weight.dtype
+    assert_close(grad_x, grad_x_ref, dtype, "grad_input")
+    assert_close(_scaled(grad_w, grad_y, C), _scaled(grad_w_ref, grad_y, C), dtype, "grad_weight")
+    assert_close(_scaled(grad_b, grad_y, C), _scaled(grad_b_ref, grad_y, C), dtype, "grad_bias")
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_eval_forward_and_backward(backend, device, case, dtype, poisoned):
+    shape, layout = case
+    C = shape[1]
+    x = make_input(shape, dtype, layout, device)
+    weight, bias, running_mean, running_var = make_params(C, torch.float32, device)
+    y, mean, invstd = torch.ops.bn_gpu.forward_eval(x, weight, bias, running_mean, running_var, 1e-5, backend)
+    assert_close(y, ref.forward_eval(x, running_mean, running_var, weight, bias, 1e-5), dtype, "output")
+    assert_stats_close(mean, running_mean.double(), dtype, "saved mean")
+    assert_stats_close(invstd, 1 / torch.sqrt(running_var.double() + 1e-5), dtype, "saved invstd")
+
+    grad_y = make_input(shape, dtype, layout, device, mean=0.0, std=1.0, seed=7)
+    grad_x_ref, grad_w_ref, grad_b_ref = ref.backward_eval(grad_y, x, running_mean, running_var, weight, 1e-5)
+    grad_x, grad_w, grad_b = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, False, True, True, backend)
+    assert_close(grad_x, grad_x_ref, dtype, "grad_input")
+    assert_close(_scaled(grad_w, grad_y, C), _scaled(grad_w_ref, grad_y, C), dtype, "grad_weight")
+    assert_close(_scaled(grad_b, grad_y, C), _scaled(grad_b_ref, grad_y, C), dtype, "grad_bias")
+    # Only dx asked: one elementwise pass, and empty placeholders for the rest.
+    grad_x_only, no_w, no_b = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, False, True, False, backend)
+    assert_close(grad_x_only, grad_x_ref, dtype, "grad_input (dx only)")
+    assert no_w.numel() == 0 and no_b.numel() == 0
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("with_weight,with_bias", [(False, False), (True, False), (False, True)])
+def test_affine_options(backend, device, with_weight, with_bias, kernel_path, poisoned):
+    x = make_input((5, 4, 6), device=device)
+    weight, bias, _, _ = make_params(4, device=device)
+    weight = weight if with_weight else None
+    bias = bias if with_bias else None
+    y, mean, invstd = torch.ops.bn_gpu.forward_train(x, weight, bias, None, None, None, 0.1, 1e-5, backend)
+    assert_close(y, ref.forward_train(x, weight, bias)[0], torch.float32, "output")
+    grad_y = make_input((5, 4, 6), device=device, seed=3)
+    grad_x, grad_w, grad_b = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, True, True, True, backend)
+    grad_x_ref, grad_w_ref, grad_b_ref = ref.backward_train(grad_y, x, weight)
+    assert_close(grad_x, grad_x_ref, torch.float32, "grad_input")
+    assert grad_w.dtype == torch.float32
+    # Sums over 30 values a channel: compared at the scale of |dy| summed over a channel.
+    scale = grad_y.double().abs().sum().item() / 4
+    assert_close(grad_w / scale, grad_w_ref / scale, torch.float32, "grad_weight")
+    assert_close(grad_b / scale, grad_b_ref / scale, torch.float32, "grad_bias")
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_eps_is_counted_once_in_every_dtype(backend, device, dtype, layout, kernel_path, poisoned):
+    """eps = 0.5 against a variance of ~1e-2 (std 0.1): eps carries 98% of var + eps, so invstd off by
+    eps counted twice (0.70x) or dropped (7x) is far outside every dtype's tolerance, in training
+    (the statistics), in eval (the running statistics) and in the backward."""
+    eps = 0.5
+    x = make_input((4, 3, 5, 6), dtype, layout, device, mean=1.0, std=0.1)
+    param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    weight, bias, running_mean, running_var = make_params(3, param_dtype, device)
+    running_var.fill_(0.01)
+    y, mean, invstd = torch.ops.bn_gpu.forward_train(x, weight, bias, None, None, None, 0.1, eps, backend)
+    y_ref, _, var_ref, invstd_ref = ref.forward_train(x, weight, bias, eps)
+    assert_close(y, y_ref, dtype, "training output")
+    assert_stats_close(invstd, invstd_ref, dtype, "invstd")
+    grad_y = make_input((4, 3, 5, 6), dtype, layout, device, mean=0.0, std=1.0, seed=3)
+    grad_x, _, _ = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, True, True, True, backend)
+    assert_close(grad_x, ref.backward_train(grad_y, x, weight, eps)[0], dtype, "grad_input")
+    y_eval, _, invstd_eval = torch.ops.bn_gpu.forward_eval(x, weight, bias, running_mean, running_var, eps, backend)
+    assert_close(y_eval, ref.forward_eval(x, running_mean, running_var, weight, bias, eps), dtype, "eval output")
+    assert_stats_close(invstd_eval, 1 / torch.sqrt(running_var.double() + eps), dtype, "eval invstd")
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_float64_statistics_are_float64_to_the_last_bits(backend, device, layout, momentum, kernel_path):
+    """float64 inputs: statistics computed and the running statistics updated in float64, momentum and
+    eps included (not rounded to fp32 on the way)."""
+    x = make_input((4, 3, 5), torch.float64, layout, device)
+    weight, bias, running_mean, running_var = make_params(3, torch.float64, device)
+    tracked = torch.tensor(4, device=device)
+    rm0, rv0 = running_mean.clone(), running_var.clone()
+    y, mean, invstd = torch.ops.bn_gpu.forward_train(x, weight, bias, running_mean, running_var, tracked, momentum,
+                                                     1e-5, backend)
+    y_ref, mean_ref, var_ref, invstd_ref = ref.forward_train(x, weight, bias, 1e-5)
+    rm_ref, rv_ref = ref.update_running_stats(rm0, rv0, mean_ref, var_ref, 20, ref.momentum_factor(momentum, 5))
+    for what, actual, expected in (("mean", mean, mean_ref), ("invstd", invstd, invstd_ref), ("output", y, y_ref),
+                                   ("running_mean", running_mean, rm_ref), ("running_var", running_var, rv_ref)):
+        torch.testing.assert_close(actual.cpu(), expected.cpu(), atol=1e-14, rtol=1e-13, msg=lambda m: f"{what}: {m}")
+    y_eval, _, _ = torch.ops.bn_gpu.forward_eval(x, weight, bias, rm0, rv0, 1e-5, backend)
+    torch.testing.assert_close(y_eval.cpu(), ref.forward_eval(x, rm0, rv0, weight, bias, 1e-5).cpu(), atol=1e-14,
+                               rtol=1e-13)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_cumulative_average_counts_batches_on_device(backend, device, kernel_path):
+    C = 3
+    running_mean, running_var = torch.zeros(C, device=device), torch.ones(C, device=device)
+    tracked = torch.tensor(0, device=device)
+    rm_ref, rv_ref = running_mean.double(), running_var.double()
+    for step in range(1, 4):
+        x = make_input((6, C, 4), device=device, seed=step)
+        torch.ops.bn_gpu.forward_train(x, None, None, running_mean, running_var, tracked, None, 1e-5, backend)
+        _, mean, var, _ = ref.forward_train(x)
+        rm_ref, rv_ref = ref.update_running_stats(rm_ref, rv_ref, mean, var, 24, ref.momentum_factor(None, step))
+        assert tracked.item() == step
+    assert_close(running_mean, rm_ref, torch.float32, "running_mean")
+    assert_close(running_var, rv_ref, torch.float32, "running_var")
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_mixed_precision_parameters(backend, device, dtype, kernel_path):
+    """fp16 / bf16 input with fp32 weight, bias and running statistics (as under autocast)."""
+    x = make_input((4, 3, 5, 5), dtype, "channels_last", device)
+    weight, bias, running_mean, running_var = make_params(3, torch.float32, device)
+    rm0, rv0 = running_mean.clone(), running_var.clone()
+    y, _, _ = torch.ops.bn_gpu.forward_train(x, weight, bias, running_mean, running_var, None, 0.1, 1e-5, backend)
+    y_ref, mean_ref, var_ref, _ = ref.forward_train(x, weight, bias)
+    assert y.dtype == dtype and running_mean.dtype == torch.float32
+    assert_close(y, y_ref, dtype, "output")
+    rm_ref, rv_ref = ref.update_running_stats(rm0, rv0, mean_ref, var_ref, 100, 0.1)
+    assert_close(running_mean, rm_ref, torch.float32, "running_mean")
+    assert_close(running_var, rv_ref, torch.float32, "running_var")
+
+
+TRITON_DEVICES = [pair for pair in backend_devices() if pair.values[0] == "triton"]
+
+
+@pytest.mark.parametrize("backend,device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_pipelined_channels_last_statistics(backend, device, dtype, kernel_path, monkeypatch):
+    """Tuning.load_stages: the channels-last statistics loop copies tiles of half the plan's rows
+    ahead into shared memory (tl.range(num_stages=3)); the forward matches the float64 reference and,
+    within rounding, the plain loop."""
+    import dataclasses
+
+    import bn_gpu.backends.plan
+    shape = (4, 6, 5, 7)
+    x = make_input(shape, dtype, "channels_last", device)
+    weight, bias, _, _ = make_params(shape[1], dtype, device)
+    outputs = []
+    for stages in (0, 3):
+        for name in ("INTERPRETER_TUNING", "GPU_TUNING"):
+            monkeypatch.setattr(bn_gpu.backends.plan, name, dataclasses.replace(getattr(bn_gpu.backends.plan, name), load_stages=stages))
+        outputs.append(torch.ops.bn_gpu.forward_train(x, weight, bias, None, None, None, 0.1, 1e-5, backend))
+    y_ref, mean_ref, _, invstd_ref = ref.forward_train(x, weight, bias, 1e-5)
+    assert_close(outputs[1][0], y_ref, dtype, "output")
+    assert_stats_close(outputs[1][1], mean_ref, dtype, "mean")
+    assert_stats_close(outputs[1][2], invstd_ref, dtype, "invstd")
+    assert_stats_close(outputs[1][1], outputs[0][1].double(), dtype, "mean against the plain loop")
