@@ -52,10 +52,11 @@ def poisoned(monkeypatch):
         monkeypatch.setattr(module, name, lambda *args, real=real: poison(real(*args)))
 
 
-@pytest.fixture(params=["split", "single-pass"])
+@pytest.fixture(params=["split", pytest.param("single-pass", marks=pytest.mark.slow)])
 def kernel_path(request, monkeypatch):
     """Run a test on both kernel paths: several programs per channel (statistics, finalize,
-    normalize) and one program per channel (the single-pass kernels)."""
+    normalize) and one program per channel (the single-pass kernels; make test-fast leaves those
+    out, make test runs both)."""
     import dataclasses
 
     import bn_gpu.backends.plan

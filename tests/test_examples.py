@@ -29,6 +29,7 @@ def _losses(output: str) -> list[tuple[float, float]]:
     (("--channels-last", "--amp", "bf16"), 2e-2, 1e-2),  # bf16 convolutions: rounding differs per run
     (("--compile",), 1e-5, 1e-5),
 ], ids=["fp32", "channels-last-bf16", "compile"])
+@pytest.mark.slow
 def test_train_resnet_example_agrees_with_torch(options, loss_tolerance, stat_tolerance):
     output = _run("--model", "small", *options)
     losses = _losses(output)
@@ -47,6 +48,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [(), ("--empty-last-rank",)], ids=["equal-shares", "empty-last-rank"])
 def test_ddp_syncbn_example_runs_with_torchrun_on_two_cpu_processes(options):
     script = pathlib.Path(__file__).resolve().parents[1] / "examples" / "ddp_syncbn.py"

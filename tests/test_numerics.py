@@ -44,6 +44,7 @@ def test_large_offset_small_spread(backend, device, layout, dtype, offset, std):
     assert_close(running_var, rv_ref, torch.float32, "running_var")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,device", backend_devices())
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype,offset,std", OFFSET_CASES, ids=lambda v: str(v))

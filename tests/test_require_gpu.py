@@ -8,6 +8,7 @@ import pytest
 import torch
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
 @pytest.mark.parametrize("how", ["env", "option"])
 def test_gpu_tests_fail_instead_of_skipping_when_required(how):

@@ -117,6 +117,26 @@ def finalize_counters(device: torch.device, groups: int) -> torch.Tensor:
     return counters
 
 
+def copy_into(buffer: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """buffer.copy_(t): every copy the GPU backends make goes through here (a replay repeats it)."""
+    return buffer.copy_(t)
+
+
+def _copied(t: torch.Tensor, strides: tuple) -> torch.Tensor:
+    """t in a buffer of these strides: the layout the kernels read."""
+    return copy_into(empty(t.shape, t.dtype, t.device, strides), t)
+
+
+def _read(g: Geometry, x: torch.Tensor) -> torch.Tensor:
+    """x, or its copy in the layout the kernels read."""
+    return _copied(x, g.read_strides) if g.copy_input else x
+
+
+def _read_grad(g: Geometry, grad_y: torch.Tensor) -> torch.Tensor:
+    """dy, or its copy in the family of x (another layout, or expanded as y.sum()'s gradient is)."""
+    return _copied(grad_y, g.grad_read_strides) if g.copy_grad_y else grad_y
+
+
 def _on_input_device(op):
     """Run `op` with the input's GPU current: kernels launch on the current device, and Python
     kernels of custom ops get no device guard."""
@@ -132,9 +152,7 @@ def _on_input_device(op):
 
 def _laid_out_as(residual, y):
     """residual with y's strides: the kernels index both with one set of offsets."""
-    if residual.stride() == y.stride():
-        return residual
-    return empty(y.shape, y.dtype, y.device, y.stride()).copy_(residual)
+    return residual if residual.stride() == y.stride() else _copied(residual, y.stride())
 
 
 @_on_input_device
@@ -143,7 +161,7 @@ def forward_train(kernels: KernelTable, x, weight, bias, running_mean, running_v
     """(y, mean, invstd) with y = relu?(bn(x) + residual?); updates running_mean/var in place and
     counts the batch in counter."""
     g = kernels.geometry(x)
-    x = g.read(x)
+    x = _read(g, x)
     device = x.device
     y = empty(x.shape, x.dtype, device, g.out_strides)
     if residual is not None:
@@ -168,7 +186,7 @@ def forward_train(kernels: KernelTable, x, weight, bias, running_mean, running_v
 def forward_eval(kernels: KernelTable, x, weight, bias, running_mean, running_var, eps, residual=None, relu=False):
     """(y, mean, invstd) with mean/invstd taken from the running statistics, for the backward."""
     g = kernels.geometry(x)
-    x = g.read(x)
+    x = _read(g, x)
     device = x.device
     y = empty(x.shape, x.dtype, device, g.out_strides)
     if residual is not None:
@@ -197,7 +215,7 @@ def backward(kernels: KernelTable, grad_y, x, weight, mean, invstd, training, ne
     forward ended in a ReLU (no residual): dy goes through its mask, recomputed from x with the
     forward's mean, invstd, weight and bias."""
     g = kernels.geometry(x, grad_y)
-    x, grad_y = g.read(x), g.read_grad(grad_y)
+    x, grad_y = _read(g, x), _read_grad(g, grad_y)
     device = x.device
     param_dtype = weight.dtype if weight is not None else mean.dtype
     grad_x = empty(x.shape, x.dtype, device, g.out_strides) if need_input_grad else None
@@ -232,7 +250,7 @@ def backward(kernels: KernelTable, grad_y, x, weight, mean, invstd, training, ne
 def local_moments(kernels: KernelTable, x):
     """(2C + 1,) in the statistics dtype: this process's count, then each channel's mean and M2."""
     g = kernels.geometry(x)
-    x = g.read(x)
+    x = _read(g, x)
     partials = empty((3, g.plan.splits, g.C), g.stat_dtype, x.device)
     moments = empty(2 * g.C + 1, g.stat_dtype, x.device)
     kernels.statistics(g, x, partials)
@@ -255,7 +273,7 @@ def merge_ranks(kernels: KernelTable, x, moments, running_mean, running_var, cou
 def normalize(kernels: KernelTable, x, mean, invstd, weight, bias, counter, eps):
     """y = (x - mean) * invstd * weight + bias with given statistics; counter += 1 when given."""
     g = kernels.geometry(x)
-    x = g.read(x)
+    x = _read(g, x)
     y = empty(x.shape, x.dtype, x.device, g.out_strides)
     kernels.normalize(g, x, y, mean, invstd, weight, bias, counter, eps)
     return y
@@ -266,14 +284,14 @@ def gradient_totals(kernels: KernelTable, grad_y, x, mean, invstd, param_dtype):
     """(totals (2, C): local sums of dy and dy * (x - mean); grad_weight; grad_bias) -- the
     parameter gradients from the local sums, as DDP expects them."""
     g = kernels.geometry(x, grad_y)
-    return _gradient_totals(kernels, g, g.read_grad(grad_y), g.read(x), mean, invstd, param_dtype)
+    return _gradient_totals(kernels, g, _read_grad(g, grad_y), _read(g, x), mean, invstd, param_dtype)
 
 
 @_on_input_device
 def input_gradient(kernels: KernelTable, grad_y, x, mean, invstd, weight, totals):
     """Training dx from totals already scaled to this process's count (sums * local / global count)."""
     g = kernels.geometry(x, grad_y)
-    x, grad_y = g.read(x), g.read_grad(grad_y)
+    x, grad_y = _read(g, x), _read_grad(g, grad_y)
     grad_x = empty(x.shape, x.dtype, x.device, g.out_strides)
     kernels.input_gradient(g, grad_y, x, grad_x, mean, invstd, weight, totals, training=True)
     return grad_x

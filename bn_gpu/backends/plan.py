@@ -267,6 +267,8 @@ class Geometry:
     out_strides: tuple                                # the output tensor's strides
     copy_input: bool     # x must first be copied into a layout the kernels read
     copy_grad_y: bool    # the same for dy
+    read_strides: tuple | None       # the strides of x's copy when copy_input
+    grad_read_strides: tuple | None  # the strides of dy's copy when copy_grad_y
     offset_64: bool      # some offset reaches 2**31: 64-bit index arithmetic
 
     @functools.cached_property
@@ -325,14 +327,6 @@ class Geometry:
         """Distance in x between the first values of consecutive channels (their shifts)."""
         return self.x.stride_c if self.channels_first else 1
 
-    def read(self, x: torch.Tensor) -> torch.Tensor:
-        """x, or its copy in the layout the kernels read."""
-        return choose_layout(x)[1] if self.copy_input else x
-
-    def read_grad(self, grad_y: torch.Tensor) -> torch.Tensor:
-        """dy, or its copy in the family of x."""
-        return in_family(grad_y, self.family) if self.copy_grad_y else grad_y
-
 
 def geometry(x: torch.Tensor, grad_y: torch.Tensor | None, tuning: Tuning, sms: int) -> Geometry:
     """The cached Geometry of x (and of dy, for the backward)."""
@@ -367,4 +361,6 @@ def _cached_geometry(shape, x_strides, dtype, grad_strides, tuning: Tuning, sms:
         x=view(x_read), out=view(out),
         grad_y=None if grad_y is None else view(grad_y), out_strides=out.stride(),
         copy_input=x_read is not x, copy_grad_y=grad_y is not None and grad_y.stride() != grad_strides,
+        read_strides=x_read.stride() if x_read is not x else None,
+        grad_read_strides=grad_y.stride() if grad_y is not None and grad_y.stride() != grad_strides else None,
         offset_64=any(_end_offset(t) > 2**31 - 1 for t in tensors))

@@ -5,16 +5,17 @@ looking up the geometry, choosing the path and building each launch's specializa
 decided by the call's signature: every tensor argument's shape, strides, dtype, device and 16-byte
 alignment, momentum and eps, relu and the backward's flags. The first calls of a signature run that host
 path (bn_gpu.backends.orchestration, unchanged) and record what it did: the buffers it allocated (through
-orchestration.empty), the finalize counters it took, and each launch's compiled kernel with its
-arguments, every tensor argument traced back to a call argument, a buffer or one row of a buffer.
-Later calls with the same signature allocate the same buffers and call the same compiled kernels
-with the same arguments, skipping everything else.
+orchestration.empty), the copies it made into them (through orchestration.copy_into: an input or dy
+in a layout the kernels do not read, expanded dy included), the finalize counters it took, and each
+launch's compiled kernel with its arguments, every tensor argument traced back to a call argument, a
+buffer or one row of a buffer. Later calls with the same signature allocate the same buffers, make
+the same copies and call the same compiled kernels with the same arguments, skipping everything else.
 
 A signature is recorded only when its host path is nothing but those steps: all its launches went
 through the compiled launchers (not the JIT: a first launch is never recorded, the next call is),
-every tensor a launch got is accounted for (a copy made on the way -- of an input in a layout the
-kernels do not read, of a strided weight -- is not, and refuses the recording), and no argument is
-passed twice. Forward calls with a residual are not replayed (its relayout copy would go unseen),
+every tensor a launch got is accounted for (a copy made outside orchestration.copy_into -- of a
+strided weight or running statistic -- is not, and refuses the recording), every copy came before
+the first launch, and no argument is passed twice. Forward calls with a residual are not replayed (its relayout copy would go unseen),
 nor backward calls that leave a gradient out (their empty results are made outside the buffers).
 Replays apply only where the launcher calls compiled kernels directly and no Triton launch hook is
 registered; otherwise every call takes the full path. Each Launcher keeps its own replays, so a
@@ -104,6 +105,7 @@ class Replay:
     buffers: tuple   # (shape, dtype, strides or None) of each orchestration.empty
     allocations: tuple  # the same buffers as torch calls bound to their arguments (device included)
     rows: tuple      # (buffer, row): buffers[buffer][row], a view a launch took
+    copies: tuple    # (destination, source) pool indices: pool[destination].copy_(pool[source]), before the launches
     counter_groups: int  # finalize_counters' groups, 0 when none were taken
     steps: tuple     # (compiled kernel, grid dims, its pointers from the pool, its scalars then constexprs)
     outputs: operator.itemgetter  # the returned tensors from the pool
@@ -126,6 +128,8 @@ class Replay:
         counters = orchestration.finalize_counters(inputs[0].device, self.counter_groups) if self.counter_groups \
             else None
         pool += (counters, None)
+        for destination, source in self.copies:
+            pool[destination].copy_(pool[source])
         stream = self.home.current_stream()
         for compiled, dims, pointers, arguments in self.steps:
             compiled.run(*dims, stream, compiled.function, compiled.packed_metadata, None, None, None,
@@ -163,13 +167,13 @@ class _Recording:
         self.launch, self.inputs = launch, inputs
         self.home = _home_of(launch)
         self.thread = threading.get_ident()
-        self.buffers, self.launches = [], []
+        self.buffers, self.launches, self.copies = [], [], []
         self.counters = None      # (tensor, groups)
         self.complete = True      # every launch found its compiled kernel before it ran
 
     def __enter__(self):
-        self.saved = orchestration.empty, orchestration.finalize_counters, self.home.launch
-        empty, finalize_counters, launch = self.saved
+        self.saved = orchestration.empty, orchestration.finalize_counters, self.home.launch, orchestration.copy_into
+        empty, finalize_counters, launch, copy_into = self.saved
 
         def recorded_empty(shape, dtype, device, strides=None):
             t = empty(shape, dtype, device, strides)
@@ -183,6 +187,11 @@ class _Recording:
                 self.counters = (t, groups)
             return t
 
+        def recorded_copy(buffer, t):
+            if threading.get_ident() == self.thread:
+                self.copies.append((buffer, t, len(self.launches)))
+            return copy_into(buffer, t)
+
         def recorded_launch(site, pointers, floats=()):
             mine = threading.get_ident() == self.thread
             entry = launch.compiled.get(launch.key(site, pointers)) if mine else None
@@ -192,11 +201,13 @@ class _Recording:
                 self.launches.append((entry, tuple(pointers), (*site.head, *floats, *site.tail)))
 
         orchestration.empty, orchestration.finalize_counters = recorded_empty, recorded_counters
+        orchestration.copy_into = recorded_copy
         self.home.launch = recorded_launch
         return self
 
     def __exit__(self, *exc):
-        orchestration.empty, orchestration.finalize_counters, self.home.launch = self.saved
+        (orchestration.empty, orchestration.finalize_counters, self.home.launch,
+         orchestration.copy_into) = self.saved
 
     def _source(self, t, buffers: list, counters) -> tuple:
         """Where a launch's tensor comes from: ("input", i), ("buffer", i), ("row", (buffer, row)),
@@ -226,12 +237,16 @@ class _Recording:
         present = [t for t in self.inputs if t is not None]
         if len({id(t) for t in present}) != len(present):
             raise _Refused("an argument passed twice")
+        if any(launches_before for _, _, launches_before in self.copies):
+            raise _Refused("a copy after a launch")
         buffers = [t for t, _ in self.buffers]
         counters = self.counters[0] if self.counters else None
         launches = [(entry, [self._source(t, buffers, counters) for t in pointers], scalars)
                     for entry, pointers, scalars in self.launches]
         returned = [self._source(t, buffers, counters) for t in outputs]
-        every_source = [*(s for _, sources, _ in launches for s in sources), *returned]
+        copied = [(self._source(dst, buffers, counters), self._source(src, buffers, counters))
+                  for dst, src, _ in self.copies]
+        every_source = [*(s for _, sources, _ in launches for s in sources), *returned, *(s for c in copied for s in c)]
         rows = list(dict.fromkeys(s[1] for s in every_source if s[0] == "row"))
         first_row = len(self.inputs) + len(buffers)
         offsets = {"input": 0, "buffer": len(self.inputs)}
@@ -251,6 +266,7 @@ class _Recording:
         device = self.inputs[0].device
         return Replay(buffers=tuple(shape for _, shape in self.buffers),
                       allocations=tuple(_allocation(*spec, device) for _, spec in self.buffers), rows=tuple(rows),
+                      copies=tuple((index(dst), index(src)) for dst, src in copied),
                       counter_groups=self.counters[1] if self.counters else 0, steps=steps,
                       outputs=_picker([index(s) for s in returned]), home=self.home)
 

@@ -17,7 +17,7 @@ from bn_gpu.dtypes import stat_dtype
 from support import has_cupy
 
 # One xdist worker runs this module (`make test`: --dist loadgroup), so its compile fixture starts once.
-pytestmark = pytest.mark.xdist_group("nvcc")
+pytestmark = [pytest.mark.xdist_group("nvcc"), pytest.mark.slow]
 
 NVCC = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
 

@@ -129,6 +129,7 @@ def _counters_are_zero(device):
     return all(not counters.any() for (d, _), counters in orchestration._COUNTERS.items() if d == device)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target, shape, layout", CASES)
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
 def test_fused_finalize_matches_the_separate_one(poisoned, target, shape, layout, relu):
@@ -147,6 +148,7 @@ def test_fused_finalize_matches_the_separate_one(poisoned, target, shape, layout
     assert _counters_are_zero(x.device)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target, shape, layout", CASES)
 def test_two_calls_give_the_same_bits_and_leave_the_counters_at_zero(target, shape, layout):
     x, dy = _inputs(target, shape, layout)
@@ -186,6 +188,7 @@ def test_counter_buffers_grow_and_are_kept_per_device_and_stream():
     assert orchestration.finalize_counters(torch.device("cpu"), 3) is large
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("target", TARGETS)
 def test_a_cumulative_single_pass_counts_each_batch_once(monkeypatch, target, layout):

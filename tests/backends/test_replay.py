@@ -88,7 +88,7 @@ def expected_train(x, params, momentum=0.1, batches=1):
     return (y, mean, invstd, *running)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("shape,layout", [((6, 5, 7, 9), "contiguous"), ((6, 5, 7, 9), "channels_last"),
                                           ((40, 6), "contiguous")])
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -168,11 +168,11 @@ def test_bad_arguments_after_a_replay_are_refused_and_change_nothing(launcher):
     assert torch.equal(running_mean, before[0]) and torch.equal(running_var, before[1])
 
 
-@pytest.mark.parametrize("case", ["strided running_mean", "weight passed as bias", "transposed input", "residual"])
+@pytest.mark.parametrize("case", ["strided running_mean", "weight passed as bias", "residual"])
 def test_host_paths_with_more_than_launches_are_never_replayed(launcher, case):
-    """Copies on the way (a strided running statistic written back, an input in a layout the
-    kernels do not read), an argument passed twice, a residual: the full path on every call, right."""
-    x = make_input((6, 4, 5, 7), layout="transposed" if case == "transposed input" else "contiguous")
+    """A copy outside the orchestration's (a strided running statistic written back), an argument
+    passed twice, a residual: the full path on every call, right."""
+    x = make_input((6, 4, 5, 7))
     weight, bias, running_mean, running_var = make_params(4)
     residual = make_input((6, 4, 5, 7), seed=3) if case == "residual" else None
     for _ in range(4):
@@ -204,7 +204,7 @@ def test_launch_hooks_turn_replays_off(launcher):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)])
 def test_a_replayed_backward_is_the_full_path_bit_for_bit(launcher, poisoned, kernel_path, layout, dtype):
     """The backward's host path replayed as the forward's: the split path takes rows of its partials
     and totals buffers and the finalize counters."""
@@ -234,3 +234,52 @@ def test_a_backward_that_leaves_a_gradient_out_is_never_replayed(launcher):
         grad_x = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, True, True, False, "triton")[0]
         assert_close(grad_x, reference.backward_train(grad_y, x, weight, 1e-5)[0], torch.float32, "grad_x")
     assert launcher.counts.get("replayed", 0) == 1  # the forward
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last"])
+def test_an_input_the_kernels_do_not_read_is_replayed_with_its_copy(launcher, poisoned, layout):
+    """x in a layout the kernels do not read is copied into one they do: the copy is part of the
+    replay, which is the full path bit for bit -- and, with the copy's buffer poisoned, the copy
+    itself is checked. channels_last: read natively, no copy, replayed as before."""
+    x = make_input((6, 4, 5, 7), layout=layout)
+    params = make_params(4)
+    results = []
+    for _ in range(3):
+        state = copies(params)
+        results.append((*train(x, state), *state[2:]))
+    assert launcher.counts.get("replayed", 0) == 1
+    for recorded, replayed in zip(results[1], results[2]):
+        assert torch.equal(recorded, replayed)
+    expected = expected_train(x, params)
+    assert_close(results[2][0], expected[0], torch.float32, "y")
+    assert_stats_close(results[2][3], expected[3], torch.float32, "running_mean")
+
+
+@pytest.mark.parametrize("grad_layout", ["expanded", "sum", "channels_last", "transposed"])
+def test_a_backward_with_dy_in_another_layout_is_replayed_with_its_copy(launcher, poisoned, grad_layout):
+    """dy laid out unlike x -- expanded (stride 0: along the width here, so that its sums do not
+    cancel; everywhere for y.sum()'s gradient), or in another memory format -- is copied into x's
+    family inside the replay instead of turning the replay off."""
+    shape = (6, 5, 7, 9)
+    x = make_input(shape)
+    if grad_layout == "expanded":
+        grad_y = make_input((*shape[:3], 1), mean=0.0, std=1.0, seed=5).expand(shape)
+    elif grad_layout == "sum":
+        grad_y = torch.ones(()).expand(shape)
+    else:
+        grad_y = make_input(shape, layout=grad_layout, mean=0.0, std=1.0, seed=5)
+    weight, bias, _, _ = make_params(5)
+    results = []
+    for _ in range(3):
+        _, mean, invstd = train(x, (weight, bias, None, None))
+        results.append(torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, True, True, True, "triton"))
+    assert launcher.counts.get("replayed", 0) == 2  # the third forward and backward
+    for recorded, replayed in zip(results[1], results[2]):
+        assert torch.equal(recorded, replayed)
+    grad_x, grad_weight, grad_bias = reference.backward_train(grad_y.contiguous(), x, weight, 1e-5)
+    assert_close(results[2][0], grad_x, torch.float32, "grad_x")
+    assert_stats_close(results[2][2], grad_bias, torch.float32, "grad_bias")
+    if grad_layout == "sum":  # dy constant: grad_weight = dy * sum(x_hat) = 0 up to float32 sums of 378 values
+        torch.testing.assert_close(results[2][1].double(), grad_weight, atol=1e-4, rtol=0)
+    else:
+        assert_stats_close(results[2][1], grad_weight, torch.float32, "grad_weight")

@@ -19,7 +19,8 @@ def _scaled(grad, grad_y, C):
 
 @pytest.mark.parametrize("backend,device", backend_devices())
 @pytest.mark.parametrize("case", LAYOUT_CASES, ids=case_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+# float64 takes the float32 kernels with a wider accumulator: in the full suite (make test) only.
+@pytest.mark.parametrize("dtype", [*DTYPES[:3], pytest.param(DTYPES[3], marks=pytest.mark.slow)], ids=str)
 def test_training_forward_and_backward(backend, device, case, dtype, kernel_path, poisoned):
     shape, layout = case
     C = shape[1]

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 # One xdist worker runs this module (`make test`: --dist loadgroup), so its compile fixture starts once.
-pytestmark = pytest.mark.xdist_group("triton-aot")
+pytestmark = [pytest.mark.xdist_group("triton-aot"), pytest.mark.slow]
 
 SCRIPT = pathlib.Path(__file__).with_name("aot_compile.py")
 KERNELS = {f"{job}_{family}" for job in ("statistics", "normalize", "single_pass_forward", "gradient_sums",

@@ -109,6 +109,7 @@ PARITY_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("case", list(PARITY_CASES))
 def test_sync_batch_norm_matches_batch_norm_on_the_global_batch(backend, case, tmp_path):
@@ -143,6 +144,7 @@ def _ddp_worker(rank, world_size, backend, steps):
         torch.testing.assert_close(got.double(), expected.double(), atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", _backends())
 def test_ddp_training_steps_match_single_process_training(backend, tmp_path):
     _spawn(_ddp_worker, 2, tmp_path, backend, 3)
@@ -162,6 +164,7 @@ def _graph_free_worker(rank, world_size, backend):
         assert y.shape == (0, C, 4, 5) and torch.equal(sync.weight.grad, torch.zeros(C))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", _backends())
 def test_an_empty_rank_takes_part_and_gets_zero_gradients(backend, tmp_path):
     _spawn(_graph_free_worker, 2, tmp_path, backend)
@@ -178,6 +181,7 @@ def _one_value_worker(rank, world_size, backend, sizes):
         assert torch.equal(value, before[name]), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", _backends())
 def test_a_global_batch_of_one_value_per_channel_is_refused(backend, tmp_path):
     _spawn(_one_value_worker, 2, tmp_path, backend, [0, 1])
@@ -192,6 +196,7 @@ def _two_values_worker(rank, world_size, backend):
     assert torch.isfinite(sync.running_var).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", _backends())
 def test_one_value_per_channel_on_each_of_two_ranks_is_a_batch(backend, tmp_path):
     _spawn(_two_values_worker, 2, tmp_path, backend)

@@ -30,6 +30,7 @@ def _bn(backend, training, running_mean, running_var):
     return f
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend, device", backend_devices())
 def test_gradgradcheck_of_the_issue(backend, device):
     interpreted = backend == "triton" and device == "cpu"  # the interpreter takes minutes over 300 values
@@ -38,6 +39,7 @@ def test_gradgradcheck_of_the_issue(backend, device):
                                         (x,))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend, device", backend_devices())
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
@@ -49,6 +51,7 @@ def test_gradgradcheck_and_forward_over_reverse(backend, device, layout, affine,
     assert torch.autograd.gradgradcheck(f, inputs, check_fwd_over_rev=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend, device", backend_devices())
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("with_stats", [True, False], ids=["running-stats", "no-stats"])

@@ -68,6 +68,7 @@ def _small_cnn(backend):
         torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 10), bn_gpu.BatchNorm1d(10, backend=backend))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", backends_for_cpu_tensors())
 def test_compile_fullgraph_train_and_eval(backend):
     torch.manual_seed(0)
@@ -119,6 +120,7 @@ def test_an_eager_backward_calls_the_kernels_below_the_dispatcher(monkeypatch):
     assert len(calls) == 1
 
 
+@pytest.mark.slow
 def test_inductor_compiles_an_eval_model_where_the_ci_variable_is_set():
     """Inductor refuses, where CI is set, a fallback for an op with a decomposition (the eval op has
     one, for ONNX): a user's CI compiling an eval-mode model must still work. A fresh process, so

@@ -120,6 +120,7 @@ def test_a_flip_at_the_relu_boundary_is_not_called_wrong():
     assert not wrong.correct
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_results_and_the_plot_renders(tmp_path):
     pytest.importorskip("matplotlib", reason="the plot needs matplotlib (pip install -e .[bench])")
     env = dict(os.environ)

@@ -20,6 +20,7 @@ def _run(*args, timeout=300):
 
 
 @pytest.mark.parametrize("command", ["bench", "model"])
+@pytest.mark.slow
 @pytest.mark.parametrize("shape, message", [("64xfoo", "integers joined by 'x'"), ("64", "2 to 5 numbers"),
                                             ("0x3", "at least 1"), ("4x3x0x5", "at least 1"),
                                             ("1x3", "more than 1 value per channel"),
@@ -32,6 +33,7 @@ def test_a_malformed_shape_is_one_line_and_exit_2(command, shape, message):
     assert "Traceback" not in result.stderr and "needs a CUDA GPU" not in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["bench", "--dtypes", "float8"], ["bench", "--modes", "train"],
                                   ["bench", "--budget-s", "soon"], ["model", "--sms", "-3"], ["nonsense"], []])
 def test_other_usage_errors_are_one_line_and_exit_2(args):

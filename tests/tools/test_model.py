@@ -142,6 +142,7 @@ def test_launch_counts_of_both_backends():
             assert len(launches.record(backend, op, (5, 3), torch.float32)) == single
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(bool(model.missing_tools(["triton", "cupy"])),
                     reason=f"the model needs {', '.join(model.missing_tools(['triton', 'cupy']))}")
 def test_model_runs_end_to_end(tmp_path):
