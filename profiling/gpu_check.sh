@@ -91,7 +91,8 @@ if [ $rehearse -eq 1 ]; then
   step gpu-tests 20 40 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider -rfE
   bench_limit=$(left 15)
   step bench "$bench_limit" 15 "$PY" -m bn_gpu bench --smoke --out "$out/bench" --budget-s $(( bench_limit - 10 )) "$@"
-  step host-overhead 10 10 "$PY" profiling/host_overhead.py --stub-kernels --calls 200
+  step host-overhead 10 10 bash -c '"$1" profiling/host_overhead.py --stub-kernels --calls 200 &&
+    "$1" profiling/host_overhead.py --stub-kernels --breakdown --steps 200' host-overhead "$PY"
   step train-step 15 0 "$PY" profiling/train_step.py --smoke --out "$out/train-step"
 else
   device=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)
@@ -112,8 +113,10 @@ else
   else
     echo "- preflight: skipped ($([ $preflight -eq 1 ] && echo 'the GPU tests passed' || echo '--skip-preflight'))" >> "$summary"
   fi
-  # Host time per call, and where a training step's host time goes (cProfile of forward+backward).
-  step host-overhead 30 30 "$PY" profiling/host_overhead.py --calls 1000 --profile "bn_gpu module, fwd+bwd"
+  # Host time per call; where a training step's host time goes (cProfile of forward+backward); and
+  # a step's host time in four intervals: forward, hand-off to the backward, backward, hand-off back.
+  step host-overhead 30 30 bash -c '"$1" profiling/host_overhead.py --calls 1000 --profile "bn_gpu module, fwd+bwd" &&
+    "$1" profiling/host_overhead.py --breakdown --steps 1000' host-overhead "$PY"
   # The same with every Triton launch through the JIT (BN_GPU_DIRECT_LAUNCH=0), for comparison.
   BN_GPU_DIRECT_LAUNCH=0 step host-overhead-jit 30 25 "$PY" profiling/host_overhead.py --calls 1000
   # Every kernel's time per op on the large shapes: where the GPU time goes (run 6: ~25 s).

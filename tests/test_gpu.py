@@ -222,3 +222,39 @@ def test_direct_launches_match_the_jit(monkeypatch):
     assert sum(type(found) is replay.Replay for found in direct.replays.values()) == 3 * len(cases)
     for a, e in zip(actual, expected):
         assert torch.equal(a, e)
+
+
+@requires_cupy
+def test_cupy_replays_match_the_full_path(monkeypatch):
+    """The CuPy backend replays a seen signature (bn_gpu.backends.replay): bitwise the results of
+    the full host path, on both kernel paths and both layouts, and actually taken."""
+    from bn_gpu.backends.cupy import launcher
+    cases = [((8, 4, 64, 64), "contiguous"), ((4, 64, 7, 7), "contiguous"), ((8, 4, 64, 64), "channels_last"),
+             ((4096, 8), "contiguous")]
+
+    def run_all(calls):
+        results = []
+        for shape, layout in cases:
+            C = shape[1]
+            x = make_input(shape, torch.bfloat16, layout, "cuda")
+            grad_y = make_input(shape, torch.bfloat16, layout, "cuda", mean=0, std=1, seed=4)
+            weight, bias, running_mean, running_var = make_params(C, torch.float32, "cuda")
+            for _ in range(calls):
+                y, mean, invstd = torch.ops.bn_gpu.forward_train(x, weight, bias, running_mean, running_var, None,
+                                                                 0.1, 1e-5, "cupy")
+                y_eval = torch.ops.bn_gpu.forward_eval(x, weight, bias, running_mean, running_var, 1e-5, "cupy")[0]
+                grads = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, True, True, True, "cupy")
+            results += [y, mean, invstd, y_eval, running_mean, running_var, *grads]
+        torch.cuda.synchronize()
+        return results
+
+    # The full path on every call: no replay applies while replay_launcher says none does.
+    monkeypatch.setattr(launcher, "replay_launcher", lambda: None)
+    expected = run_all(2)
+    monkeypatch.undo()
+    fresh = launcher.Launcher()
+    monkeypatch.setattr(launcher, "launch", fresh)
+    actual = run_all(2)  # the first call of each op recorded, the second replayed
+    assert sum(type(found) is replay.Replay for found in fresh.replays.values()) == 3 * len(cases)
+    for a, e in zip(actual, expected):
+        assert torch.equal(a, e)

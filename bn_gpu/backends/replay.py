@@ -1,6 +1,7 @@
 """Replayed calls: the host path of an op call whose signature was seen before.
 
-A training or eval forward (or a backward) on a backend that registers a launcher here (Triton) spends its host time validating,
+A training or eval forward (or a backward) on a backend that registers a launcher here (Triton,
+CuPy) spends its host time validating,
 looking up the geometry, choosing the path and building each launch's specialization key -- all
 decided by the call's signature: every tensor argument's shape, strides, dtype, device and 16-byte
 alignment, momentum and eps, relu and the backward's flags. The first calls of a signature run that host
@@ -8,7 +9,8 @@ path (bn_gpu.backends.orchestration, unchanged) and record what it did: the buff
 orchestration.empty), the copies it made into them (through orchestration.copy_into: an input or dy
 in a layout the kernels do not read, expanded dy included), the finalize counters it took, and each
 launch's compiled kernel with its arguments, every tensor argument traced back to a call argument, a
-buffer or one row of a buffer. Later calls with the same signature allocate the same buffers, make
+buffer or one row of a buffer (a launch given integer addresses, as CuPy's are, by the address:
+the argument or buffer it points into, and where). Later calls with the same signature allocate the same buffers, make
 the same copies and call the same compiled kernels with the same arguments, skipping everything else.
 
 A signature is recorded only when its host path is nothing but those steps: all its launches went
@@ -17,9 +19,9 @@ every tensor a launch got is accounted for (a copy made outside orchestration.co
 strided weight or running statistic -- is not, and refuses the recording), every copy came before
 the first launch, and no argument is passed twice. Forward calls with a residual are not replayed (its relayout copy would go unseen),
 nor backward calls that leave a gradient out (their empty results are made outside the buffers).
-Replays apply only where the launcher calls compiled kernels directly and no Triton launch hook is
-registered; otherwise every call takes the full path. Each Launcher keeps its own replays, so a
-new launcher starts afresh.
+Replays apply only where the backend's launcher says they do (Triton: it calls compiled kernels
+directly and no launch hook is registered); otherwise every call takes the full path. Each launcher
+keeps its own replays, so a new launcher starts afresh.
 """
 from __future__ import annotations
 
@@ -42,10 +44,22 @@ _HOMES: dict = {}  # backend name -> the module of its launcher (see register)
 
 def register(backend: str, home) -> None:
     """A backend whose launcher keeps replays offers it here when it is imported. `home` is the
-    module its kernel table launches through: `home.launch` (a launcher with `replays`, `compiled`,
-    `key` and `direct`, replaced while a call is recorded), `home.replay_launcher()` (that launcher
-    when replays apply now, else None) and `home.current_stream()`."""
+    module its kernel table launches through:
+        home.launch                      the launcher (its `replays` dict), replaced while a call is recorded
+        home.replay_launcher()           that launcher when replays apply now, else None
+        home.recording_launch(launch, seen)   a stand-in for `launch` that launches and then calls
+                                         seen(entry, operands, scalars): what a replay needs to launch
+                                         again (None: not replayable), the launch's tensors (or
+                                         Address for an integer pointer), its other arguments
+        home.replay_step(entry, operands, scalars)   one step of a Replay; operands as (pool index, byte offset)
+        home.run_steps(steps, pool)      the steps launched on the current stream"""
     _HOMES[backend] = home
+
+
+@dataclass(frozen=True)
+class Address:
+    """A pointer a launch got as an integer (CuPy's arguments): traced back by its value."""
+    value: int
 
 
 def launcher(backend: str):
@@ -107,9 +121,9 @@ class Replay:
     rows: tuple      # (buffer, row): buffers[buffer][row], a view a launch took
     copies: tuple    # (destination, source) pool indices: pool[destination].copy_(pool[source]), before the launches
     counter_groups: int  # finalize_counters' groups, 0 when none were taken
-    steps: tuple     # (compiled kernel, grid dims, its pointers from the pool, its scalars then constexprs)
+    steps: tuple     # the launches, as the backend's launcher module made them (register: replay_step)
     outputs: operator.itemgetter  # the returned tensors from the pool
-    home: object     # the module of the launcher (register): its current_stream()
+    home: object     # the module of the launcher (register): its run_steps
 
     def run(self, inputs: tuple, guarded: bool = False) -> tuple:
         """The recorded host path on these arguments (in the op's order), on their device."""
@@ -130,14 +144,11 @@ class Replay:
         pool += (counters, None)
         for destination, source in self.copies:
             pool[destination].copy_(pool[source])
-        stream = self.home.current_stream()
-        for compiled, dims, pointers, arguments in self.steps:
-            compiled.run(*dims, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                         *pointers(pool), *arguments)
+        self.home.run_steps(self.steps, pool)
         return self.outputs(pool)
 
 
-def _picker(indices: list):
+def picker(indices: list):
     """A function of the pool giving the tuple of its items at `indices` (operator.itemgetter,
     which gives the item itself for one index)."""
     pick = operator.itemgetter(*indices)
@@ -192,26 +203,40 @@ class _Recording:
                 self.copies.append((buffer, t, len(self.launches)))
             return copy_into(buffer, t)
 
-        def recorded_launch(site, pointers, floats=()):
-            mine = threading.get_ident() == self.thread
-            entry = launch.compiled.get(launch.key(site, pointers)) if mine else None
-            launch(site, pointers, floats)
-            if mine:
-                self.complete = self.complete and entry is not None and launch.direct
-                self.launches.append((entry, tuple(pointers), (*site.head, *floats, *site.tail)))
+        def seen(entry, operands, scalars):
+            if threading.get_ident() == self.thread:
+                self.complete = self.complete and entry is not None
+                self.launches.append((entry, tuple(operands), tuple(scalars)))
 
         orchestration.empty, orchestration.finalize_counters = recorded_empty, recorded_counters
         orchestration.copy_into = recorded_copy
-        self.home.launch = recorded_launch
+        self.home.launch = self.home.recording_launch(launch, seen)
         return self
 
     def __exit__(self, *exc):
         (orchestration.empty, orchestration.finalize_counters, self.home.launch,
          orchestration.copy_into) = self.saved
 
+    def _address_source(self, value: int, buffers: list, counters) -> tuple:
+        """Where an integer pointer points: ("input", i, offset 0), ("buffer", i, byte offset),
+        ("counters", byte offset) or ("none",) for 0."""
+        if value == 0:
+            return ("none",)
+        starts = [i for i, t in enumerate(self.inputs) if t is not None and t.numel() and t.data_ptr() == value]
+        if len(starts) > 1:
+            raise _Refused("two arguments at one address")
+        if starts:
+            return ("input", starts[0], 0)
+        for kind, index, t in [*(("buffer", i, b) for i, b in enumerate(buffers)), ("counters", None, counters)]:
+            if t is not None and t.numel() and 0 <= value - t.data_ptr() < t.numel() * t.element_size():
+                return (kind, index, value - t.data_ptr()) if index is not None else (kind, value - t.data_ptr())
+        raise _Refused("an address in neither an argument, a buffer nor the counters")
+
     def _source(self, t, buffers: list, counters) -> tuple:
         """Where a launch's tensor comes from: ("input", i), ("buffer", i), ("row", (buffer, row)),
-        ("counters",) or ("none",)."""
+        ("counters",) or ("none",); an Address as _address_source says."""
+        if type(t) is Address:
+            return self._address_source(t.value, buffers, counters)
         if t is None:
             return ("none",)
         for i, known in enumerate(self.inputs):
@@ -261,14 +286,19 @@ class _Recording:
                 return first_row + len(rows) + 1
             return offsets[kind] + source[1]
 
-        steps = tuple((compiled, dims, _picker([index(s) for s in sources]), (*scalars, *constexprs))
-                      for (compiled, dims, constexprs), sources, scalars in launches)
+        def operand(source: tuple) -> tuple:
+            """(pool index, byte offset) of a source."""
+            offset = source[-1] if len(source) == 3 or (source[0] == "counters" and len(source) == 2) else 0
+            return index(source), offset
+
+        steps = tuple(self.home.replay_step(entry, [operand(s) for s in sources], scalars)
+                      for entry, sources, scalars in launches)
         device = self.inputs[0].device
         return Replay(buffers=tuple(shape for _, shape in self.buffers),
                       allocations=tuple(_allocation(*spec, device) for _, spec in self.buffers), rows=tuple(rows),
                       copies=tuple((index(dst), index(src)) for dst, src in copied),
                       counter_groups=self.counters[1] if self.counters else 0, steps=steps,
-                      outputs=_picker([index(s) for s in returned]), home=self.home)
+                      outputs=picker([index(s) for s in returned]), home=self.home)
 
 
 def recorded(launch, key: tuple, found, inputs: tuple, full_path, *args) -> tuple:

@@ -200,7 +200,7 @@ def test_launch_hooks_turn_replays_off(launcher):
         assert replay.launcher("triton") is None
     finally:
         hook.remove(print)
-    assert replay.launcher("triton") is launcher and replay.launcher("cupy") is None
+    assert replay.launcher("triton") is launcher and replay.launcher("cpu") is None
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

@@ -1,6 +1,7 @@
 """The CuPy backend: the CUDA C kernels of kernels/cuda/, launched through bn_gpu.backends.orchestration.
 
     compilation.py   kernel names, the source with its headers, NVRTC compilation (cached), streams
+    launcher.py      launches on torch's current stream, and the replays of seen call signatures
     table.py         CudaKernels: the orchestration's kernel table, marshalling each kernel's arguments
 
 Importing it never needs CuPy; check_available says what is missing.
@@ -11,8 +12,8 @@ import functools
 
 import torch
 
-from .. import orchestration
-from . import compilation
+from .. import orchestration, replay
+from . import compilation, launcher
 from .table import KERNELS, CudaKernels  # noqa: F401  (the backend's kernel table)
 
 # The normalize and input-gradient passes walk their tiles (channels-last: rows) in the reverse of
@@ -27,6 +28,8 @@ def check_available(device: torch.device) -> None:
         raise RuntimeError(f"backend='cupy' needs CUDA tensors and a GPU; got tensors on {device}. "
                            "Use backend='cpu' for CPU tensors.")
 
+
+replay.register("cupy", launcher)
 
 forward_train = functools.partial(orchestration.forward_train, KERNELS)
 forward_eval = functools.partial(orchestration.forward_eval, KERNELS)

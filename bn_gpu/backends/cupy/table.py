@@ -14,7 +14,8 @@ import torch
 
 from .. import layout
 from .. import plan as plans
-from .compilation import C_TYPES, CHANNEL_THREADS, THREADS, VECTOR_BYTES, compiled_kernels, stream
+from . import launcher
+from .compilation import C_TYPES, CHANNEL_THREADS, THREADS, VECTOR_BYTES, compiled_kernels
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,10 +109,8 @@ def launch(g: plans.Geometry, weight_dtype, running_dtype, role: str, grid, bloc
 
 
 def launch_types(dtype, weight_dtype, running_dtype, role: str, grid, block, args) -> None:
-    device_index = torch.cuda.current_device()
-    kernels = compiled_kernels(device_index, *c_types(dtype, weight_dtype, running_dtype))
-    cuda_stream = stream(device_index, torch.cuda.current_stream(device_index).cuda_stream)
-    kernels[role](grid, block, tuple(args), stream=cuda_stream)
+    kernels = compiled_kernels(torch.cuda.current_device(), *c_types(dtype, weight_dtype, running_dtype))
+    launcher.launch(kernels[role], grid, block, args)
 
 
 def _accumulate(g: plans.Geometry, value: float):

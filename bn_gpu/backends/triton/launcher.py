@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from .. import replay
 from ..plan import interpreting
 
 
@@ -113,3 +114,27 @@ def replay_launcher():
     if not isinstance(launch, Launcher) or not launch.direct or not no_launch_hooks():
         return None
     return launch
+
+
+def recording_launch(recorded, seen):
+    """A stand-in for `recorded` (the launcher) while a call is recorded (bn_gpu.backends.replay):
+    each launch goes through it, then seen(entry, tensors, scalars) with its compiled kernel (None
+    for a launch through the JIT) and arguments."""
+    def launch_and_record(site, pointers, floats=()):
+        entry = recorded.compiled.get(recorded.key(site, pointers)) if recorded.direct else None
+        recorded(site, pointers, floats)
+        seen(entry if recorded.direct else None, pointers, (*site.head, *floats, *site.tail))
+    return launch_and_record
+
+
+def replay_step(entry, operands, scalars) -> tuple:
+    """(compiled kernel, grid dims, its pointers from the pool, its scalars then constexprs)."""
+    compiled, dims, constexprs = entry
+    return compiled, dims, replay.picker([index for index, _ in operands]), (*scalars, *constexprs)
+
+
+def run_steps(steps, pool) -> None:
+    stream = current_stream()
+    for compiled, dims, pointers, arguments in steps:
+        compiled.run(*dims, stream, compiled.function, compiled.packed_metadata, None, None, None, *pointers(pool),
+                     *arguments)

@@ -1,0 +1,65 @@
+"""CuPy launches: a compiled kernel called on torch's current stream, and the replays of the call
+signatures seen (bn_gpu.backends.replay).
+
+A launch's arguments are numpy scalars, its pointers np.uint64 addresses of torch-allocated memory;
+a replay traces each address back to the call argument or buffer it points into and launches the
+same kernels with the same scalars and the new call's addresses."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import replay
+from .compilation import stream
+
+
+def current_stream():
+    """CuPy's view of torch's current stream on the current device."""
+    device_index = torch.cuda.current_device()
+    return stream(device_index, torch.cuda.current_stream(device_index).cuda_stream)
+
+
+class Launcher:
+    """Calls a compiled kernel on the current stream; keeps the replays of the signatures it has seen."""
+
+    def __init__(self):
+        self.replays = {}  # a call's signature -> its bn_gpu.backends.replay.Replay (or why there is none)
+
+    def __call__(self, kernel, grid, block, args) -> None:
+        kernel(grid, block, tuple(args), stream=current_stream())
+
+
+launch = Launcher()
+
+
+def replay_launcher():
+    """The launcher whose replays apply now (none while a recording stands in for it)."""
+    return launch if isinstance(launch, Launcher) else None
+
+
+def recording_launch(recorded, seen):
+    """A stand-in for `recorded` while a call is recorded: each launch goes through it, then
+    seen(entry, addresses, ()) with the kernel, grid, block and arguments as entry."""
+    def launch_and_record(kernel, grid, block, args):
+        recorded(kernel, grid, block, args)
+        seen((kernel, tuple(grid), tuple(block), tuple(args)),
+             [replay.Address(int(a)) for a in args if type(a) is np.uint64], ())
+    return launch_and_record
+
+
+def replay_step(entry, operands, scalars) -> tuple:
+    """(kernel, grid, block, the recorded arguments, (argument position, pool index, byte offset)
+    of each pointer)."""
+    kernel, grid, block, args = entry
+    positions = [k for k, a in enumerate(args) if type(a) is np.uint64]
+    return kernel, grid, block, args, tuple((k, index, offset) for k, (index, offset) in zip(positions, operands))
+
+
+def run_steps(steps, pool) -> None:
+    cuda_stream = current_stream()
+    for kernel, grid, block, recorded_args, pointers in steps:
+        args = list(recorded_args)
+        for k, index, offset in pointers:
+            t = pool[index]
+            args[k] = np.uint64(0 if t is None else t.data_ptr() + offset)
+        kernel(grid, block, tuple(args), stream=cuda_stream)
