@@ -83,7 +83,8 @@ def header_markdown(target: Target, versions: dict) -> str:
         f"# Static model: {target.name} (sm_{target.capability})",
         "",
         f"Computed {versions['date']} on a machine without a GPU (no kernel ran): torch {versions['torch']}, "
-        f"triton {versions['triton']}, {versions['nvcc']}.",
+        f"triton {versions['triton']}, {versions['nvcc']}. A model, not a measurement: the measurements are "
+        "in RESULTS.md; the model's figures before and after each kernel change in journal/model-history.md.",
         "",
         f"Target: {target.sms} SMs, {target.l2_mb:g} MB L2, {target.smem_per_sm_kb} KB shared memory and "
         f"{target.regs_per_sm} registers per SM, {target.bandwidth_tbs} TB/s copy bandwidth, "
