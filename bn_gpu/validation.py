@@ -113,7 +113,6 @@ def _check_batch_norm_args(x, running_mean, running_var, weight, bias, training:
                                f"{x.device} and {num_batches_tracked.device}! (batch_norm: input and num_batches_tracked)")
 
 
-
 def check_renorm_limits(r_max, d_max, warmup_steps) -> None:
     """Batch Renormalization's clipping limits: r is clipped to [1/r_max, r_max] and d to
     [-d_max, d_max], empty ranges unless r_max >= 1 and d_max >= 0."""

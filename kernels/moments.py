@@ -32,4 +32,3 @@ def finite_shift(value):
     make every finite value -inf and the mean NaN, where a batch holding an inf has that inf as its
     mean (as torch's)."""
     return tl.where(value - value == 0.0, value, 0.0)
-

@@ -22,7 +22,7 @@ def test_breakdown_stamps_every_phase_of_each_step_and_replays_bn_gpu():
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split() == ["forward", "to", "backward", "backward",
-                                                                          "back", "total"])
+                                                                        "back", "total"])
     rows = {}
     for line in lines[header + 1:header + 3]:
         label, numbers = re.match(r"\s+(\S+ ?\S*?)\s+([\d.\s]+)$", line).groups()

@@ -59,7 +59,7 @@ def test_split_grids_end_on_a_whole_wave(C, splits):
     ((64, 2048, 7, 7), torch.float32, torch.contiguous_format, ()),  # the single pass: no split
 ], ids=str)
 def test_the_register_cap_reaches_the_split_reductions_where_it_measured_faster(shape, dtype, memory_format,
-                                                                                 capped_jobs):
+                                                                                capped_jobs):
     """GPU_TUNING.split_max_registers caps the Triton reductions of a split plan where run 7 measured
     them faster (sites.split_register_cap), never the passes after them; 0 turns it off."""
     x = torch.empty(shape, device="meta", dtype=dtype).contiguous(memory_format=memory_format)

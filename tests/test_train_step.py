@@ -26,8 +26,8 @@ def test_smoke_run_agrees_with_torch_and_writes_as_it_goes(tmp_path):
     data = json.loads(results.read_text())
     rows = data["rows"]
     assert {(r["layout"], r["precision"]) for r in rows} == {(layout, precision) for layout in
-                                                               ("contiguous", "channels_last")
-                                                               for precision in ("fp32", "bf16")}
+                                                             ("contiguous", "channels_last")
+                                                             for precision in ("fp32", "bf16")}
     assert {r["impl"] for r in rows} == {"torch", "bn_gpu-triton", "bn_gpu-triton-fused"}
     for row in rows:
         assert "error" not in row, row

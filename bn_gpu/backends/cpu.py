@@ -15,8 +15,6 @@ def check_available(device: torch.device) -> None:
                            "Use backend='auto' (or 'triton') for CUDA tensors.")
 
 
-
-
 def _like_gpu_output(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """value in x's dtype, strided as the GPU backends write their outputs."""
     return empty_output(x).copy_(value)
@@ -90,12 +88,11 @@ def backward(grad_y, x, weight, mean, invstd, training, need_input_grad, need_we
             inv_count = 1.0 / (x.numel() // x.shape[1])
             projection = sum_dy_xmu * invstd * invstd * inv_count
             dx = per_channel(scale, x) * (dy - per_channel(sum_dy * inv_count, x)
-                                           - xmu * per_channel(projection, x))
+                                          - xmu * per_channel(projection, x))
         else:
             dx = per_channel(scale, x) * dy
         grad_x = _like_gpu_output(x, dx)
     return grad_x, grad_weight, grad_bias
-
 
 
 # ---- SyncBatchNorm's steps (see bn_gpu.backends.orchestration for the GPU backends') --------------------

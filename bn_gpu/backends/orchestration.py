@@ -241,7 +241,6 @@ def backward(kernels: KernelTable, grad_y, x, weight, mean, invstd, training, ne
     return grad_x, grad_weight, grad_bias
 
 
-
 # ---- SyncBatchNorm's steps ------------------------------------------------------------------------
 # bn_gpu.sync_batch_norm gathers local_moments from every rank, merges them, normalizes; in the
 # backward it all-reduces gradient_totals and runs input_gradient. Local inputs are never empty here.

@@ -34,7 +34,7 @@ class _BatchRenormFunction(torch.autograd.Function):
         bias_ = bias.to(stat) if bias is not None else torch.zeros(C, dtype=stat, device=x.device)
         old_mean, old_var = running_mean.to(stat, copy=True), running_var.to(stat, copy=True)
         warming_up = counter < warmup_steps if counter is not None else torch.zeros((), dtype=torch.bool,
-                                                                                   device=x.device)
+                                                                                    device=x.device)
         dense_mean, dense_var = dense(running_mean), dense(running_var)
         mean, invstd = impl.merge_ranks(x, impl.local_moments(x).view(1, -1), dense_mean, dense_var,
                                         counter if momentum is None else None, momentum, eps)

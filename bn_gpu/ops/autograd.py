@@ -154,7 +154,7 @@ def _below_autograd(op, keyset, args):
 
 
 THROUGH_OPS = {True: function(torch.ops.bn_gpu.forward_train.default, training=True),
-                False: function(torch.ops.bn_gpu.forward_eval.default, training=False)}
+               False: function(torch.ops.bn_gpu.forward_eval.default, training=False)}
 
 
 def _autograd_kernel(op, training: bool):
@@ -177,9 +177,9 @@ def _autograd_kernel(op, training: bool):
 
 
 LIBRARY.impl("forward_train", _autograd_kernel(torch.ops.bn_gpu.forward_train.default, training=True),
-          "Autograd", with_keyset=True)
+             "Autograd", with_keyset=True)
 LIBRARY.impl("forward_eval", _autograd_kernel(torch.ops.bn_gpu.forward_eval.default, training=False),
-          "Autograd", with_keyset=True)
+             "Autograd", with_keyset=True)
 
 
 def plain_backward(grad_output, saved_mean, *others) -> bool:
@@ -193,4 +193,3 @@ def plain_backward(grad_output, saved_mean, *others) -> bool:
             and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active()
             and all(t is None or type(t) in PLAIN_TYPES for t in (grad_output, saved_mean, *others))
             and torch._C._dispatch_keys(grad_output) == torch._C._dispatch_keys(saved_mean))
-

@@ -77,7 +77,7 @@ def forward_train(input, weight, bias, running_mean, running_var, num_batches_tr
     plain = plain_eager(input, weight, bias, running_mean, running_var, num_batches_tracked, residual)
     if plain and not differentiating(input, weight, bias, residual):
         return forward_train_kernel(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                              backend, residual, relu)
+                                    backend, residual, relu)
     args = (input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, backend, residual,
             relu)
     if plain:

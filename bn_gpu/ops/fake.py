@@ -8,6 +8,7 @@ import torch
 from ..validation import check_batch_norm_args
 from .library import backward_outputs, check_residual, forward_outputs
 
+
 @torch.library.register_fake("bn_gpu::forward_train")
 def _fake_forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, backend,
                         residual=None, relu=False):
@@ -48,4 +49,3 @@ def _fake_forward_eval(input, weight, bias, running_mean, running_var, eps, back
 def _fake_backward(grad_output, input, weight, mean, invstd, training, need_input_grad, need_weight_grad, backend,
                    bias=None, relu=False):
     return backward_outputs(input, weight, mean, need_input_grad, need_weight_grad, input.new_empty)
-

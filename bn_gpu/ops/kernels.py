@@ -6,6 +6,7 @@ from ..backends import replay
 from ..validation import check_batch_norm_args, check_input
 from .library import LIBRARY, backward_outputs, check_residual, forward_outputs
 
+
 def dense(t):
     """t, or a contiguous copy of a strided view: the kernels index per-channel tensors densely."""
     return t if t is None or t.is_contiguous() else t.contiguous()
@@ -21,7 +22,7 @@ def write_back(target, updated) -> None:
 # a shared helper would cost the replayed call one more Python frame.
 
 def forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, backend,
-                   residual=None, relu=False):
+                  residual=None, relu=False):
     launch = replay.launcher(backend)
     if launch is not None and residual is None and type(eps) is float and (momentum is None or type(momentum) is float):
         key = replay.train_key(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, relu)
@@ -79,7 +80,7 @@ def _full_forward_eval(input, weight, bias, running_mean, running_var, eps, back
 
 
 def backward(grad_output, input, weight, mean, invstd, training, need_input_grad, need_weight_grad, backend,
-              bias=None, relu=False):
+             bias=None, relu=False):
     launch = replay.launcher(backend)
     if launch is not None:
         key = replay.backward_key(grad_output, input, weight, mean, invstd, bias, training, need_input_grad,
@@ -111,4 +112,3 @@ for _key in ("CPU", "CUDA"):
     LIBRARY.impl("forward_train", forward_train, _key)
     LIBRARY.impl("forward_eval", forward_eval, _key)
     LIBRARY.impl("backward", backward, _key)
-

@@ -57,4 +57,3 @@ def check_residual(input, residual) -> None:
                                  or residual.device != input.device):
         raise RuntimeError(f"batch_norm: residual must match the input: shape {tuple(input.shape)}, {input.dtype} on "
                            f"{input.device}; got shape {tuple(residual.shape)}, {residual.dtype} on {residual.device}")
-

@@ -10,6 +10,7 @@ import torch
 
 from .library import LIBRARY
 
+
 def _fold_input(x, bdim, batch_size):
     x = x.movedim(bdim, 1) if bdim is not None else x.unsqueeze(1).expand(x.shape[0], batch_size, *x.shape[1:])
     return x.reshape(x.shape[0], -1, *x.shape[3:])
@@ -80,4 +81,3 @@ def _backward_vmap(info, in_dims, grad_output, input, weight, mean, invstd, trai
     input_dim = 1 if grad_input.numel() else None
     return ((_unfold_input(grad_input, B) if input_dim else grad_input, grad_weight, grad_bias),
             (input_dim, weight_dim, bias_dim))
-

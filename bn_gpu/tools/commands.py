@@ -72,4 +72,3 @@ def main(argv=None) -> int:
         from .model import run as run_model
         return run_model(args)
     return _plot(args.file)
-

@@ -42,7 +42,7 @@ def run() -> float:
     backend, device, where = _where_it_runs()
     print(f"bn_gpu demo: the seed's mini-batch BatchNorm example, run by {where} (backend={backend!r}).")
     print(f"Data: 20 x 3, row i = (i, i+1, i+2); batches of {BATCH}; momentum {MOMENTUM}; eps {EPS}; "
-        "gamma = 1, beta = 0, so y = x_hat.\n")
+          "gamma = 1, beta = 0, so y = x_hat.\n")
     data = torch.tensor(SEED_DATA, dtype=torch.float32)
     bn = bn_gpu.BatchNorm1d(3, momentum=MOMENTUM, eps=EPS, backend=backend).to(device)
     ref_mean, ref_var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)

@@ -76,7 +76,7 @@ def check_case(backend: str, shape, layout: str, dtype: torch.dtype, device: tor
     y_ref, mean_ref, var_ref, invstd_ref = ref.forward_train(x, weight, bias)
     rm_ref, rv_ref = ref.update_running_stats(rm0, rv0, mean_ref, var_ref, x.numel() // C, 0.1)
     stats = max(_relative_error(t, r) for t, r in ((mean, mean_ref), (invstd, invstd_ref),
-                                                    (running_mean, rm_ref), (running_var, rv_ref)))
+                                                   (running_mean, rm_ref), (running_var, rv_ref)))
     forward = max(_relative_error(y, y_ref), stats)
     if tracked.item() != 1:
         forward = math.inf

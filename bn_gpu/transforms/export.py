@@ -26,4 +26,3 @@ def _forward_eval_as_aten(input, weight, bias, running_mean, running_var, eps, b
         output = torch.relu(output)
     stat = stat_dtype(input.dtype)
     return output, running_mean.to(stat, copy=True), torch.rsqrt(running_var.to(stat) + eps)
-

@@ -316,7 +316,7 @@ def test_channels_last_kernels_read_16_bytes_of_channels_where_c_allows(fake_cup
 @pytest.mark.parametrize("dtype, group, vec", [(torch.bfloat16, 8, 8), (torch.float32, 4, 4), (torch.float64, 2, 2)],
                          ids=str)
 def test_channels_first_blocks_own_channel_groups_where_rows_cannot_start_on_16_bytes(fake_cupy, dtype, group, vec,
-                                                                                     kernel_path):
+                                                                                      kernel_path):
     """7x7 planes: a block owns `group` adjacent channels, whose rows together start on 16 bytes, and
     reads them 16 bytes at a time; a misaligned view still takes the grouped kernels, value by value."""
     from support import make_input, make_params

@@ -302,7 +302,7 @@ def test_variants_under_torch_compile_as_eager(make):
 
 def test_frozen_batch_norm_as_torchvisions_own_where_installed():
     misc = pytest.importorskip("torchvision.ops.misc", reason="torchvision is not installed (the replica in "
-                                                               "support.py is tested instead)")
+                               "support.py is tested instead)")
     theirs = misc.FrozenBatchNorm2d(4, eps=1e-3)
     with torch.no_grad():
         for name in ("weight", "bias", "running_mean"):

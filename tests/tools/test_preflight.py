@@ -18,7 +18,7 @@ def test_preflight_passes_every_case_on_this_machine(capsys):
     assert lines[-1] == "preflight: 0 failed"
     # a header naming the columns, and every row distinct: its shape written out
     assert lines[0].startswith("preflight on cpu") and lines[1].split()[:6] == ["backend", "case", "path", "dtype",
-                                                                                 "shape", "errors"]
+                                                                                "shape", "errors"]
     assert len(set(verdicts)) == len(verdicts) or len({line.rsplit("(", 1)[0] for line in verdicts}) == len(verdicts)
     for (name, shape, layout) in preflight.CPU_CASES:
         assert any("x".join(map(str, shape)) in line for line in verdicts), shape

@@ -145,10 +145,10 @@ class CudaKernels:
         cumulative = tracked and momentum is None
         shape = self._streaming(g, "statistics", x, finalized=counters is not None)
         launch(g, None, _dtype(running_mean), *shape,
-                [_ptr(x), _ptr(count), _ptr(part_mean), _ptr(m2), _ptr(counters), _ptr(mean), _ptr(invstd),
-                 _ptr(running_mean), _ptr(running_var), _ptr(counter if cumulative else None)]
-                + _i64(*g.sizes, *g.x.strides) + _tiling(g)
-                + [np.int64(g.finalize.group_splits), np.float64(0.0 if momentum is None else momentum),
+               [_ptr(x), _ptr(count), _ptr(part_mean), _ptr(m2), _ptr(counters), _ptr(mean), _ptr(invstd),
+                _ptr(running_mean), _ptr(running_var), _ptr(counter if cumulative else None)]
+               + _i64(*g.sizes, *g.x.strides) + _tiling(g)
+               + [np.int64(g.finalize.group_splits), np.float64(0.0 if momentum is None else momentum),
                    np.float64(eps), np.int32(tracked), np.int32(cumulative)])
 
     def finalize_statistics(self, g, x, partials, mean, invstd, running_mean, running_var, counter, momentum, eps):
@@ -174,9 +174,9 @@ class CudaKernels:
         bias = _as_w(bias, _param_dtype(weight, bias))
         shape = self._streaming(g, "normalize", x, y, residual, fused=residual is not None or relu)
         launch(g, _param_dtype(weight, bias), _dtype(running_mean), *shape,
-                [_ptr(x), _ptr(y), _ptr(residual), *map(_ptr, statistics), _ptr(weight), _ptr(bias), _ptr(counter)]
-                + _i64(*g.sizes, *g.x.strides, *g.out.strides) + [np.float64(eps)] + _tiling(g)
-                + [np.int32(from_running), np.int32(relu)])
+               [_ptr(x), _ptr(y), _ptr(residual), *map(_ptr, statistics), _ptr(weight), _ptr(bias), _ptr(counter)]
+               + _i64(*g.sizes, *g.x.strides, *g.out.strides) + [np.float64(eps)] + _tiling(g)
+               + [np.int32(from_running), np.int32(relu)])
 
     def single_pass_forward(self, g, x, y, mean, invstd, weight, bias, running_mean, running_var, counter,
                             momentum, eps, count_batch, residual=None, relu=False, counters=None):
@@ -209,11 +209,11 @@ class CudaKernels:
         masking = [weight, _as_w(bias, w_dtype)] if relu else [None, None]
         shape = self._streaming(g, "gradient_sums", grad_y, x, fused=relu, finalized=counters is not None)
         launch(g, w_dtype, None, *shape,
-                [_ptr(grad_y), _ptr(x), _ptr(mean), _ptr(invstd if relu or counters is not None else None),
-                 *map(_ptr, masking), _ptr(sum_dy), _ptr(sum_dy_xmu), _ptr(counters), *map(_ptr, totals),
-                 _ptr(grad_weight), _ptr(grad_bias)]
-                + _i64(*g.sizes, *g.grad_y.strides, *g.x.strides) + _tiling(g)
-                + [np.int64(g.finalize.group_splits), np.int32(relu)])
+               [_ptr(grad_y), _ptr(x), _ptr(mean), _ptr(invstd if relu or counters is not None else None),
+                *map(_ptr, masking), _ptr(sum_dy), _ptr(sum_dy_xmu), _ptr(counters), *map(_ptr, totals),
+                _ptr(grad_weight), _ptr(grad_bias)]
+               + _i64(*g.sizes, *g.grad_y.strides, *g.x.strides) + _tiling(g)
+               + [np.int64(g.finalize.group_splits), np.int32(relu)])
 
     def finalize_gradients(self, g, partials, invstd, totals, grad_weight, grad_bias):
         sum_dy, sum_dy_xmu = partials

@@ -127,7 +127,7 @@ def finalize_statistics_site(g: Geometry, tracked: bool, cumulative: bool) -> Si
 
 @functools.lru_cache(maxsize=4096)
 def normalize_site(g: Geometry, has_weight: bool, has_bias: bool, from_running: bool, count_batch: bool,
-                    has_residual: bool, relu: bool) -> Site:
+                   has_residual: bool, relu: bool) -> Site:
     kernel, grid, meta = config(g, "normalize")
     return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, FROM_RUNNING_STATS=from_running,
                                    COUNT_BATCH=count_batch, HAS_RESIDUAL=has_residual, RELU=relu, **meta),
@@ -136,7 +136,7 @@ def normalize_site(g: Geometry, has_weight: bool, has_bias: bool, from_running: 
 
 @functools.lru_cache(maxsize=4096)
 def single_pass_forward_site(g: Geometry, has_weight: bool, has_bias: bool, tracked: bool, cumulative: bool,
-                              count_batch: bool, has_residual: bool, relu: bool) -> Site:
+                             count_batch: bool, has_residual: bool, relu: bool) -> Site:
     kernel, grid, meta = config(g, "single_pass_forward")
     return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_RUNNING_STATS=tracked,
                                    CUMULATIVE=cumulative, COUNT_BATCH=count_batch, HAS_RESIDUAL=has_residual,
@@ -170,7 +170,7 @@ def input_gradient_site(g: Geometry, has_weight: bool, has_bias: bool, training:
 
 @functools.lru_cache(maxsize=4096)
 def single_pass_backward_site(g: Geometry, has_weight: bool, has_bias: bool, training: bool, need_input_grad: bool,
-                               relu: bool) -> Site:
+                              relu: bool) -> Site:
     kernel, grid, meta = config(g, "single_pass_backward")
     return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, TRAINING=training,
                                    NEED_INPUT_GRAD=need_input_grad, RELU=relu, **meta),

@@ -16,6 +16,7 @@ import torch
 from ..plan import Geometry, geometry, tuning_and_sms
 from . import launcher, sites
 
+
 def _momentum_and_eps(momentum, eps) -> tuple:
     return 0.0 if momentum is None else float(momentum), float(eps)
 
@@ -42,17 +43,17 @@ class TritonKernels:
         tracked = running_mean is not None
         cumulative = tracked and momentum is None
         launcher.launch(sites.statistics_site(g, counters is not None, tracked, cumulative),
-               (x, part_count, part_mean, m2, counters, mean, invstd, running_mean, running_var,
-                counter if cumulative else None),
-               _momentum_and_eps(momentum, eps))
+                        (x, part_count, part_mean, m2, counters, mean, invstd, running_mean, running_var,
+                         counter if cumulative else None),
+                        _momentum_and_eps(momentum, eps))
 
     def finalize_statistics(self, g, x, partials, mean, invstd, running_mean, running_var, counter, momentum, eps):
         count, part_mean, m2 = partials
         tracked = running_mean is not None
         cumulative = tracked and momentum is None
         launcher.launch(sites.finalize_statistics_site(g, tracked, cumulative),
-               (count, part_mean, m2, x, mean, invstd, running_mean, running_var, counter if cumulative else None),
-               _momentum_and_eps(momentum, eps))
+                        (count, part_mean, m2, x, mean, invstd, running_mean, running_var, counter if cumulative else None),
+                        _momentum_and_eps(momentum, eps))
 
     def normalize(self, g, x, y, mean, invstd, weight, bias, counter, eps, running_mean=None, running_var=None,
                   residual=None, relu=False):
@@ -60,19 +61,19 @@ class TritonKernels:
         # Eval reads the running statistics and writes mean and invstd for the backward.
         statistics = (running_mean, running_var, invstd, mean) if from_running else (mean, None, invstd, None)
         launcher.launch(sites.normalize_site(g, weight is not None, bias is not None, from_running, counter is not None,
-                               residual is not None, relu),
-               (x, y, residual, *statistics, weight, bias, counter), (float(eps),))
+                                             residual is not None, relu),
+                        (x, y, residual, *statistics, weight, bias, counter), (float(eps),))
 
     def single_pass_forward(self, g, x, y, mean, invstd, weight, bias, running_mean, running_var, counter,
                             momentum, eps, count_batch, residual=None, relu=False, counters=None):
         tracked = running_mean is not None
         cumulative = tracked and momentum is None
         launcher.launch(sites.single_pass_forward_site(g, weight is not None, bias is not None, tracked, cumulative, count_batch,
-                                         residual is not None, relu),
-               (x, y, residual, mean, invstd, running_mean, running_var,
-                counter if cumulative or count_batch else None, counters if cumulative and count_batch else None,
-                weight, bias),
-               _momentum_and_eps(momentum, eps))
+                                                       residual is not None, relu),
+                        (x, y, residual, mean, invstd, running_mean, running_var,
+                         counter if cumulative or count_batch else None, counters if cumulative and count_batch else None,
+                         weight, bias),
+                        _momentum_and_eps(momentum, eps))
 
     def gradient_sums(self, g, grad_y, x, mean, partials, invstd=None, weight=None, bias=None, relu=False):
         self._gradient_sums(g, grad_y, x, mean, partials, invstd, weight, bias, relu)
@@ -89,27 +90,27 @@ class TritonKernels:
         finalize = counters is not None
         total_dy, total_dy_xmu = totals if finalize else (None, None)
         launcher.launch(sites.gradient_sums_site(g, relu, relu and weight is not None, relu and bias is not None, finalize),
-               (grad_y, x, mean, invstd if relu or finalize else None, weight if relu else None,
-                bias if relu else None, sum_dy, sum_dy_xmu, counters, total_dy, total_dy_xmu, grad_weight, grad_bias))
+                        (grad_y, x, mean, invstd if relu or finalize else None, weight if relu else None,
+                         bias if relu else None, sum_dy, sum_dy_xmu, counters, total_dy, total_dy_xmu, grad_weight, grad_bias))
 
     def finalize_gradients(self, g, partials, invstd, totals, grad_weight, grad_bias):
         sum_dy, sum_dy_xmu = partials
         total_dy, total_dy_xmu = totals
         launcher.launch(sites.finalize_gradients_site(g),
-               (sum_dy, sum_dy_xmu, invstd, total_dy, total_dy_xmu, grad_weight, grad_bias))
+                        (sum_dy, sum_dy_xmu, invstd, total_dy, total_dy_xmu, grad_weight, grad_bias))
 
     def input_gradient(self, g, grad_y, x, grad_x, mean, invstd, weight, totals, training, bias=None, relu=False):
         total_dy, total_dy_xmu = totals if training else (None, None)
         launcher.launch(sites.input_gradient_site(g, weight is not None, relu and bias is not None, training, relu),
-               (grad_y, x, grad_x, mean, invstd, weight, bias if relu else None, total_dy, total_dy_xmu),
-               (1.0 / g.count,))
+                        (grad_y, x, grad_x, mean, invstd, weight, bias if relu else None, total_dy, total_dy_xmu),
+                        (1.0 / g.count,))
 
     def single_pass_backward(self, g, grad_y, x, grad_x, mean, invstd, weight, grad_weight, grad_bias, training,
                              bias=None, relu=False):
         launcher.launch(sites.single_pass_backward_site(g, weight is not None, relu and bias is not None, training,
-                                          grad_x is not None, relu),
-               (grad_y, x, grad_x, mean, invstd, weight, bias if relu else None, grad_weight, grad_bias),
-               (1.0 / g.count,))
+                                                        grad_x is not None, relu),
+                        (grad_y, x, grad_x, mean, invstd, weight, bias if relu else None, grad_weight, grad_bias),
+                        (1.0 / g.count,))
 
     def finalize_moments(self, g, x, partials, moments):
         count, part_mean, m2 = partials
@@ -120,8 +121,8 @@ class TritonKernels:
         tracked = running_mean is not None
         cumulative = tracked and momentum is None
         launcher.launch(sites.merge_ranks_site(ranks, C, tracked, cumulative, moments.dtype == torch.float64),
-               (moments, mean, invstd, running_mean, running_var, counter if cumulative else None),
-               _momentum_and_eps(momentum, eps))
+                        (moments, mean, invstd, running_mean, running_var, counter if cumulative else None),
+                        _momentum_and_eps(momentum, eps))
 
 
 KERNELS = TritonKernels()

@@ -11,6 +11,7 @@ from .. import launches as recorded
 from .compiled import Compiled, Compiler
 from .targets import FLOOR_PASSES, FUSED_OPS, STREAMS, Target, job_of
 
+
 def occupancy(compiled: Compiled, threads: int, target: Target) -> int:
     """Programs (blocks) resident per SM, from registers, shared memory and the hardware limits."""
     warps = -(-threads // 32)

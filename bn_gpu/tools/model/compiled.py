@@ -13,6 +13,7 @@ from .sass import LoopStats, cuobjdump, main_loops
 from .targets import Target
 from .toolchain import tool
 
+
 @dataclass
 class Compiled:
     backend: str

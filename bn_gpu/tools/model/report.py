@@ -21,6 +21,7 @@ from .compiled import Compiler
 from .targets import (ASSUMED, DEFAULT_SHAPES, DTYPES, FLOOR_PASSES, FUSED_OPS, OPS, TARGETS, UNFUSED_PASSES, Target)
 from .toolchain import tool
 
+
 def _fmt(value, spec: str) -> str:
     if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
         return "—" if math.isnan(value) else "∞"

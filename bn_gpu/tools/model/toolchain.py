@@ -6,7 +6,6 @@ import os
 import shutil
 
 
-
 @functools.lru_cache(maxsize=None)
 def tool(name: str) -> str | None:
     """cuobjdump / nvcc / c++filt: Triton's bundled NVIDIA tools first, then the PATH and CUDA."""
