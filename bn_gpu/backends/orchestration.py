@@ -129,12 +129,12 @@ def _copied(t: torch.Tensor, strides: tuple) -> torch.Tensor:
 
 def _read(g: Geometry, x: torch.Tensor) -> torch.Tensor:
     """x, or its copy in the layout the kernels read."""
-    return _copied(x, g.read_strides) if g.copy_input else x
+    return x if g.read_strides is None else _copied(x, g.read_strides)
 
 
 def _read_grad(g: Geometry, grad_y: torch.Tensor) -> torch.Tensor:
     """dy, or its copy in the family of x (another layout, or expanded as y.sum()'s gradient is)."""
-    return _copied(grad_y, g.grad_read_strides) if g.copy_grad_y else grad_y
+    return grad_y if g.grad_read_strides is None else _copied(grad_y, g.grad_read_strides)
 
 
 def _on_input_device(op):

@@ -265,11 +265,17 @@ class Geometry:
     out: "ChannelsFirstView | ChannelsLastView"       # y in the forward, dx in the backward
     grad_y: "ChannelsFirstView | ChannelsLastView | None"  # the backward's dy
     out_strides: tuple                                # the output tensor's strides
-    copy_input: bool     # x must first be copied into a layout the kernels read
-    copy_grad_y: bool    # the same for dy
-    read_strides: tuple | None       # the strides of x's copy when copy_input
-    grad_read_strides: tuple | None  # the strides of dy's copy when copy_grad_y
+    read_strides: tuple | None       # x must first be copied into a layout the kernels read: its strides
+    grad_read_strides: tuple | None  # the same for dy
     offset_64: bool      # some offset reaches 2**31: 64-bit index arithmetic
+
+    @property
+    def copy_input(self) -> bool:
+        return self.read_strides is not None
+
+    @property
+    def copy_grad_y(self) -> bool:
+        return self.grad_read_strides is not None
 
     @functools.cached_property
     def channels_first(self) -> bool:
@@ -360,7 +366,6 @@ def _cached_geometry(shape, x_strides, dtype, grad_strides, tuning: Tuning, sms:
         finalize=finalize_plan(plan.splits, C, tuning, sms, plan.group if family == CHANNELS_FIRST else plan.block_c),
         x=view(x_read), out=view(out),
         grad_y=None if grad_y is None else view(grad_y), out_strides=out.stride(),
-        copy_input=x_read is not x, copy_grad_y=grad_y is not None and grad_y.stride() != grad_strides,
         read_strides=x_read.stride() if x_read is not x else None,
         grad_read_strides=grad_y.stride() if grad_y is not None and grad_y.stride() != grad_strides else None,
         offset_64=any(_end_offset(t) > 2**31 - 1 for t in tensors))

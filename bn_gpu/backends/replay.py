@@ -218,8 +218,8 @@ class _Recording:
          orchestration.copy_into) = self.saved
 
     def _address_source(self, value: int, buffers: list, counters) -> tuple:
-        """Where an integer pointer points: ("input", i, offset 0), ("buffer", i, byte offset),
-        ("counters", byte offset) or ("none",) for 0."""
+        """Where an integer pointer points: ("input", i, 0), ("buffer", i, byte offset),
+        ("counters", None, byte offset) or ("none",) for 0 -- the byte offset always third."""
         if value == 0:
             return ("none",)
         starts = [i for i, t in enumerate(self.inputs) if t is not None and t.numel() and t.data_ptr() == value]
@@ -229,7 +229,7 @@ class _Recording:
             return ("input", starts[0], 0)
         for kind, index, t in [*(("buffer", i, b) for i, b in enumerate(buffers)), ("counters", None, counters)]:
             if t is not None and t.numel() and 0 <= value - t.data_ptr() < t.numel() * t.element_size():
-                return (kind, index, value - t.data_ptr()) if index is not None else (kind, value - t.data_ptr())
+                return kind, index, value - t.data_ptr()
         raise _Refused("an address in neither an argument, a buffer nor the counters")
 
     def _source(self, t, buffers: list, counters) -> tuple:
@@ -288,8 +288,7 @@ class _Recording:
 
         def operand(source: tuple) -> tuple:
             """(pool index, byte offset) of a source."""
-            offset = source[-1] if len(source) == 3 or (source[0] == "counters" and len(source) == 2) else 0
-            return index(source), offset
+            return index(source), source[2] if len(source) == 3 else 0
 
         steps = tuple(self.home.replay_step(entry, [operand(s) for s in sources], scalars)
                       for entry, sources, scalars in launches)
