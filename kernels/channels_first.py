@@ -169,9 +169,24 @@ def _add_sums(total, products, a, b, PAIRS: tl.constexpr, ROWS: tl.constexpr, LA
 
 
 @triton.jit
+def _add_tile_moments(x_ptr, stride_n, shift, masked_value, tile, s_blocks, N, S, total, squares, chunk_count,
+                      ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
+                      GROUP: tl.constexpr, PAIRS: tl.constexpr, LANES: tl.constexpr):
+    """A lane's sums of x - shift and of its square, and the chunk's count, with one tile added."""
+    n, s, mask, tile_count = _tile(tile, s_blocks, N, S, ROWS, BLOCK_S, OFFSET_64)
+    x = tl.load(x_ptr + _offsets(n, s, stride_n), mask=mask, other=masked_value).to(ACC)
+    if GROUP == 1:
+        shifted = x - shift
+    else:
+        shifted = tl.where(mask, x - shift, 0.0)
+    total, squares = _add_sums(total, squares, shifted, shifted, PAIRS, ROWS, LANES)
+    return total, squares, chunk_count + tile_count.to(ACC)
+
+
+@triton.jit
 def _moments(x_ptr, stride_n, shift, first_tile, last_tile, s_blocks, N, S,
              ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
-             CHUNK: tl.constexpr, GROUP: tl.constexpr, PAIRS: tl.constexpr):
+             CHUNK: tl.constexpr, GROUP: tl.constexpr, PAIRS: tl.constexpr, STAGES: tl.constexpr):
     """(count, mean - shift, M2) of one channel (of each of GROUP channels: S is then their run and
     shift is per lane) over tiles [first_tile, last_tile).
 
@@ -181,6 +196,11 @@ def _moments(x_ptr, stride_n, shift, first_tile, last_tile, s_blocks, N, S,
     only then is the chunk reduced across the block (one reduction per chunk, not per tile) and
     merged into the running moments with Chan's formula, so no sum runs over more than CHUNK values
     of a lane.
+
+    STAGES > 1 software-pipelines the tile loop (tl.range(num_stages=STAGES)): Triton copies the
+    next STAGES - 1 tiles into shared memory (cp.async) while the lanes add this one, so a program
+    keeps that many tiles of loads in flight without registers to hold them (the plain loop: one
+    tile's; the static model's figures: profiling/MODEL.md).
     """
     count = _per_channel_zeros(ACC, GROUP)
     mean = _per_channel_zeros(ACC, GROUP)
@@ -197,15 +217,16 @@ def _moments(x_ptr, stride_n, shift, first_tile, last_tile, s_blocks, N, S,
         total = tl.zeros([ROWS, LANES], ACC)
         squares = tl.zeros([ROWS, LANES], ACC)
         chunk_count = tl.zeros([], ACC)
-        for tile in range(chunk, chunk_end):
-            n, s, mask, tile_count = _tile(tile, s_blocks, N, S, ROWS, BLOCK_S, OFFSET_64)
-            x = tl.load(x_ptr + _offsets(n, s, stride_n), mask=mask, other=masked_value).to(ACC)
-            if GROUP == 1:
-                shifted = x - shift
-            else:
-                shifted = tl.where(mask, x - shift, 0.0)
-            total, squares = _add_sums(total, squares, shifted, shifted, PAIRS, ROWS, LANES)
-            chunk_count += tile_count.to(ACC)
+        if STAGES > 1:
+            for tile in tl.range(chunk, chunk_end, num_stages=STAGES):
+                total, squares, chunk_count = _add_tile_moments(x_ptr, stride_n, shift, masked_value, tile, s_blocks,
+                                                                N, S, total, squares, chunk_count, ACC, ROWS, BLOCK_S,
+                                                                OFFSET_64, GROUP, PAIRS, LANES)
+        else:
+            for tile in range(chunk, chunk_end):
+                total, squares, chunk_count = _add_tile_moments(x_ptr, stride_n, shift, masked_value, tile, s_blocks,
+                                                                N, S, total, squares, chunk_count, ACC, ROWS, BLOCK_S,
+                                                                OFFSET_64, GROUP, PAIRS, LANES)
         if GROUP > 1:
             chunk_count = chunk_count / GROUP  # exact (a power of two): each channel has S of the run's values
         chunk_sum = _per_channel(total, S, LANES, GROUP)
@@ -251,25 +272,43 @@ def _normalize(x_ptr, y_ptr, residual_ptr, x_stride_n, y_stride_n, mean, scale, 
 
 
 @triton.jit
+def _add_tile_gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, scale, shift, tile, s_blocks, N, S,
+                            sum_dy, sum_dy_xmu, RELU: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr,
+                            BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr, PAIRS: tl.constexpr,
+                            LANES: tl.constexpr):
+    """A lane's sums of dy and dy * (x - mean) with one tile added."""
+    n, s, mask, _ = _tile(tile, s_blocks, N, S, ROWS, BLOCK_S, OFFSET_64)
+    dy = tl.load(dy_ptr + _offsets(n, s, dy_stride_n), mask=mask, other=0.0).to(ACC)
+    x = tl.load(x_ptr + _offsets(n, s, x_stride_n), mask=mask, other=0.0).to(ACC)
+    if RELU:
+        dy = tl.where((x - mean) * scale + shift <= 0.0, 0.0, dy)
+    return _add_sums(sum_dy, sum_dy_xmu, dy, x - mean, PAIRS, ROWS, LANES)
+
+
+@triton.jit
 def _gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, scale, shift, first_tile, last_tile,
                    s_blocks, N, S, RELU: tl.constexpr,
                    ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
-                   GROUP: tl.constexpr, PAIRS: tl.constexpr):
+                   GROUP: tl.constexpr, PAIRS: tl.constexpr, STAGES: tl.constexpr):
     """(sum of dy, sum of dy * (x - mean)) over tiles [first_tile, last_tile). RELU: dy through the
     forward's ReLU, its mask recomputed from x (zero where (x - mean) * scale + shift <= 0, as the forward
-    computed it) rather than read from memory: as torch's ReLU, a NaN input passes its gradient on."""
+    computed it) rather than read from memory: as torch's ReLU, a NaN input passes its gradient on.
+    STAGES > 1: the tile loop software-pipelined, as in _moments."""
     # Lane-wise sums across tiles, one tree reduction at the end; two values at a time with PAIRS,
     # as _moments.
     LANES: tl.constexpr = BLOCK_S // 2 if PAIRS else BLOCK_S
     sum_dy = tl.zeros([ROWS, LANES], ACC)
     sum_dy_xmu = tl.zeros([ROWS, LANES], ACC)
-    for tile in range(first_tile, last_tile):
-        n, s, mask, _ = _tile(tile, s_blocks, N, S, ROWS, BLOCK_S, OFFSET_64)
-        dy = tl.load(dy_ptr + _offsets(n, s, dy_stride_n), mask=mask, other=0.0).to(ACC)
-        x = tl.load(x_ptr + _offsets(n, s, x_stride_n), mask=mask, other=0.0).to(ACC)
-        if RELU:
-            dy = tl.where((x - mean) * scale + shift <= 0.0, 0.0, dy)
-        sum_dy, sum_dy_xmu = _add_sums(sum_dy, sum_dy_xmu, dy, x - mean, PAIRS, ROWS, LANES)
+    if STAGES > 1:
+        for tile in tl.range(first_tile, last_tile, num_stages=STAGES):
+            sum_dy, sum_dy_xmu = _add_tile_gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, scale, shift,
+                                                         tile, s_blocks, N, S, sum_dy, sum_dy_xmu, RELU, ACC, ROWS,
+                                                         BLOCK_S, OFFSET_64, PAIRS, LANES)
+    else:
+        for tile in range(first_tile, last_tile):
+            sum_dy, sum_dy_xmu = _add_tile_gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, scale, shift,
+                                                         tile, s_blocks, N, S, sum_dy, sum_dy_xmu, RELU, ACC, ROWS,
+                                                         BLOCK_S, OFFSET_64, PAIRS, LANES)
     return _per_channel(sum_dy, S, LANES, GROUP), _per_channel(sum_dy_xmu, S, LANES, GROUP)
 
 
@@ -319,7 +358,7 @@ def statistics_channels_first(
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
     GROUP: tl.constexpr, ALIGN: tl.constexpr, PAIRS: tl.constexpr,
     CHUNK: tl.constexpr, FINALIZE: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr, CUMULATIVE: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Partial moments per (split, channel); with FINALIZE, the last programs of each channel group
     to finish also merge its partials (finalize.finalize_statistics_of_group)."""
@@ -330,7 +369,7 @@ def statistics_channels_first(
     shift = finite_shift(tl.load(x_ptr + c * stride_c).to(ACC))
     count, mean, m2 = _moments(x_ptr + _offset(c0, stride_c, ALIGN), stride_n, shift,
                                first_tile, last_tile, s_blocks, N, _run(S, GROUP, ALIGN),
-                               ACC, ROWS, BLOCK_S, OFFSET_64, CHUNK, GROUP, PAIRS)
+                               ACC, ROWS, BLOCK_S, OFFSET_64, CHUNK, GROUP, PAIRS, STAGES)
     out = split * C + cols
     tl.store(partial_count_ptr + out, count)
     tl.store(partial_mean_ptr + out, mean)
@@ -419,7 +458,7 @@ def single_pass_forward_channels_first(
     CUMULATIVE: tl.constexpr, COUNT_BATCH: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
     GROUP: tl.constexpr, ALIGN: tl.constexpr, PAIRS: tl.constexpr,
-    CHUNK: tl.constexpr,
+    CHUNK: tl.constexpr, STAGES: tl.constexpr,
 ):
     # One program per channel (group) reads it twice: the second pass finds it in cache.
     group = _group(OFFSET_64)
@@ -428,7 +467,7 @@ def single_pass_forward_channels_first(
     lane_shift = finite_shift(tl.load(x_ptr + c * x_stride_c).to(ACC))
     count, mean_shifted, m2 = _moments(x_ptr + _offset(c0, x_stride_c, ALIGN), x_stride_n, lane_shift,
                                        0, total_tiles, s_blocks, N, run, ACC, ROWS, BLOCK_S, OFFSET_64, CHUNK, GROUP,
-                                       PAIRS)
+                                       PAIRS, STAGES)
     if GROUP == 1:
         mean = lane_shift + mean_shifted
     else:
@@ -468,7 +507,7 @@ def gradient_sums_channels_first(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
     GROUP: tl.constexpr, ALIGN: tl.constexpr, PAIRS: tl.constexpr,
-    FINALIZE: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+    FINALIZE: tl.constexpr, BLOCK_SPLITS: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Partial sums per (split, channel); with FINALIZE, the last programs of each channel group to
     finish also write its totals, dweight and dbias (finalize.finalize_gradients_of_group)."""
@@ -484,7 +523,7 @@ def gradient_sums_channels_first(
                                         x_ptr + _offset(c0, x_stride_c, ALIGN), dy_stride_n, x_stride_n,
                                         tl.load(mean_ptr + c).to(ACC), scale, shift, first_tile, last_tile,
                                         s_blocks, N, _run(S, GROUP, ALIGN), RELU, ACC, ROWS, BLOCK_S, OFFSET_64, GROUP,
-                                        PAIRS)
+                                        PAIRS, STAGES)
     out = split * C + cols
     tl.store(partial_sum_dy_ptr + out, sum_dy)
     tl.store(partial_sum_dy_xmu_ptr + out, sum_dy_xmu)
@@ -550,7 +589,7 @@ def single_pass_backward_channels_first(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr, NEED_INPUT_GRAD: tl.constexpr,
     RELU: tl.constexpr,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
-    GROUP: tl.constexpr, ALIGN: tl.constexpr, PAIRS: tl.constexpr,
+    GROUP: tl.constexpr, ALIGN: tl.constexpr, PAIRS: tl.constexpr, STAGES: tl.constexpr,
 ):
     # One program per channel (group): the sums, then dx from a second pass that finds dy and x in cache.
     group = _group(OFFSET_64)
@@ -563,7 +602,7 @@ def single_pass_backward_channels_first(
     scale, shift = _affine(c, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS and RELU, ACC)
     sum_dy, sum_dy_xmu = _gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, scale, shift,
                                         0, total_tiles, s_blocks, N, run, RELU, ACC, ROWS, BLOCK_S, OFFSET_64, GROUP,
-                                        PAIRS)
+                                        PAIRS, STAGES)
     if GROUP == 1:
         store_gradients(c, c < C, sum_dy, sum_dy_xmu, invstd, grad_weight_ptr, grad_bias_ptr)
     else:

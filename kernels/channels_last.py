@@ -164,23 +164,40 @@ def _normalize(x_ptr, y_ptr, residual_ptr, x_stride_m, y_stride_m, cols, col_mas
 
 
 @triton.jit
+def _add_tile_gradient_sums(dy_ptr, x_ptr, dy_stride_m, x_stride_m, cols, col_mask, mean, scale, shift, start,
+                            row_end, sum_dy, sum_dy_xmu, RELU: tl.constexpr, ACC: tl.constexpr,
+                            BLOCK_M: tl.constexpr, OFFSET_64: tl.constexpr):
+    """A lane's sums of dy and dy * (x - mean) with the tile at `start` added."""
+    rows, mask = _tile(start, row_end, col_mask, BLOCK_M, OFFSET_64)
+    dy = tl.load(dy_ptr + _offsets(rows, cols, dy_stride_m), mask=mask, other=0.0).to(ACC)
+    x = tl.load(x_ptr + _offsets(rows, cols, x_stride_m), mask=mask, other=0.0).to(ACC)
+    if RELU:
+        dy = tl.where((x - mean[None, :]) * scale[None, :] + shift[None, :] <= 0.0, 0.0, dy)
+    return sum_dy + dy, sum_dy_xmu + dy * (x - mean[None, :])
+
+
+@triton.jit
 def _gradient_sums(dy_ptr, x_ptr, dy_stride_m, x_stride_m, cols, col_mask, mean, scale, shift, row_begin, row_end,
                    RELU: tl.constexpr,
-                   ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr):
+                   ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
+                   STAGES: tl.constexpr):
     """(sum of dy, sum of dy * (x - mean)) per channel over rows [row_begin, row_end). RELU: dy
     through the forward's ReLU, its mask recomputed from x (zero where (x - mean) * scale + shift <= 0,
-    as the forward computed it) rather than read from memory: a NaN input passes its gradient on."""
+    as the forward computed it) rather than read from memory: a NaN input passes its gradient on.
+    STAGES > 1: the tile loop software-pipelined, as in _moments."""
     # Lane-wise sums across tiles, one tree reduction at the end.
     sum_dy = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     sum_dy_xmu = tl.zeros([BLOCK_M, BLOCK_C], ACC)
-    for start in range(row_begin, row_end, BLOCK_M):
-        rows, mask = _tile(start, row_end, col_mask, BLOCK_M, OFFSET_64)
-        dy = tl.load(dy_ptr + _offsets(rows, cols, dy_stride_m), mask=mask, other=0.0).to(ACC)
-        x = tl.load(x_ptr + _offsets(rows, cols, x_stride_m), mask=mask, other=0.0).to(ACC)
-        if RELU:
-            dy = tl.where((x - mean[None, :]) * scale[None, :] + shift[None, :] <= 0.0, 0.0, dy)
-        sum_dy += dy
-        sum_dy_xmu += dy * (x - mean[None, :])
+    if STAGES > 1:
+        for start in tl.range(row_begin, row_end, BLOCK_M, num_stages=STAGES):
+            sum_dy, sum_dy_xmu = _add_tile_gradient_sums(dy_ptr, x_ptr, dy_stride_m, x_stride_m, cols, col_mask, mean,
+                                                         scale, shift, start, row_end, sum_dy, sum_dy_xmu, RELU, ACC,
+                                                         BLOCK_M, OFFSET_64)
+    else:
+        for start in range(row_begin, row_end, BLOCK_M):
+            sum_dy, sum_dy_xmu = _add_tile_gradient_sums(dy_ptr, x_ptr, dy_stride_m, x_stride_m, cols, col_mask, mean,
+                                                         scale, shift, start, row_end, sum_dy, sum_dy_xmu, RELU, ACC,
+                                                         BLOCK_M, OFFSET_64)
     return tl.sum(sum_dy, axis=0), tl.sum(sum_dy_xmu, axis=0)
 
 
@@ -359,7 +376,7 @@ def gradient_sums_channels_last(
     M, C, dy_stride_m, x_stride_m, rows_per_program, group_splits,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
-    FINALIZE: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+    FINALIZE: tl.constexpr, BLOCK_SPLITS: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Partial sums per (split, channel); with FINALIZE, the last programs of each channel block to
     finish also write the block's totals, dweight and dbias (finalize.finalize_gradients_of_group)."""
@@ -372,7 +389,7 @@ def gradient_sums_channels_last(
         invstd = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0).to(ACC)
         scale, shift = _affine(cols, col_mask, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC, BLOCK_C)
     sum_dy, sum_dy_xmu = _gradient_sums(dy_ptr, x_ptr, dy_stride_m, x_stride_m, cols, col_mask, mean, scale, shift,
-                                        row_begin, row_end, RELU, ACC, BLOCK_M, BLOCK_C, OFFSET_64)
+                                        row_begin, row_end, RELU, ACC, BLOCK_M, BLOCK_C, OFFSET_64, STAGES)
     out = tl.program_id(0) * C + cols
     tl.store(partial_sum_dy_ptr + out, sum_dy, mask=col_mask)
     tl.store(partial_sum_dy_xmu_ptr + out, sum_dy_xmu, mask=col_mask)
@@ -442,7 +459,7 @@ def single_pass_backward_channels_last(
     scale, shift = _affine(cols, col_mask, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS and RELU, ACC,
                            BLOCK_C)
     sum_dy, sum_dy_xmu = _gradient_sums(dy_ptr, x_ptr, dy_stride_m, x_stride_m, cols, col_mask, mean, scale, shift,
-                                        0, M, RELU, ACC, BLOCK_M, BLOCK_C, OFFSET_64)
+                                        0, M, RELU, ACC, BLOCK_M, BLOCK_C, OFFSET_64, 0)
     store_gradients(cols, col_mask, sum_dy, sum_dy_xmu, invstd, grad_weight_ptr, grad_bias_ptr)
     if NEED_INPUT_GRAD:
         mean_dy = sum_dy * inv_count

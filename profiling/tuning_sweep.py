@@ -17,10 +17,10 @@ import subprocess
 import sys
 
 LINE = re.compile(r"^(?P<case>.+?): kernels (?P<us>[0-9.]+) µs \((?P<pct>[0-9na]+)%\)")
-# The open questions after run 7 (profiling/RESULTS.md): the channels-last statistics software-
-# pipelined (static model: 8-16 -> 32-64 KB at once per SM, profiling/MODEL.md), the register cap
-# off (run 7 adopted it where it measured faster), more bytes per tile, fewer warps per program.
-DEFAULT_VARIANTS = ["", "load_stages=3", "load_stages=5", "split_max_registers=0", "tile_bytes=32768",
+# The open questions (profiling/RESULTS.md): the split reductions' software pipeline against their
+# plain loops (load_stages=0) and one stage more, the register cap off, more bytes per tile, fewer
+# warps per program.
+DEFAULT_VARIANTS = ["", "load_stages=0", "load_stages=4", "split_max_registers=0", "tile_bytes=32768",
                     "num_warps=4"]
 
 

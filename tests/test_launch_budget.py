@@ -71,6 +71,45 @@ def test_the_register_cap_reaches_the_split_reductions_where_it_measured_faster(
     assert all("maxnreg" not in sites.config(off, job)[2] for job in ("statistics", "gradient_sums"))
 
 
+@pytest.mark.parametrize("shape, dtype, memory_format", [
+    ((64, 64, 112, 112), torch.float32, torch.contiguous_format),
+    ((64, 64, 112, 112), torch.bfloat16, torch.channels_last),
+    ((16384, 2048), torch.float32, torch.contiguous_format),
+    ((8, 64, 16, 56, 56), torch.bfloat16, torch.contiguous_format),
+], ids=str)
+def test_the_split_reductions_are_software_pipelined(shape, dtype, memory_format):
+    """GPU_TUNING.load_stages pipelines the tile loops of the split statistics and gradient sums
+    (sites.load_stages): the channels-first gradient sums one stage fewer (two streams a tile), the
+    channels-last reductions over tiles of half the plan's rows (a quarter in 16-bit statistics,
+    with two stages more); never the passes after them. 0 turns it off, and the tiles are the
+    plan's again."""
+    x = torch.empty(shape, device="meta", dtype=dtype).contiguous(memory_format=memory_format)
+    stages = plan.GPU_TUNING.load_stages
+    assert stages > 1
+    g = plan.geometry(x, x, plan.GPU_TUNING, SMS)
+    off = plan.geometry(x, x, dataclasses.replace(plan.GPU_TUNING, load_stages=0), SMS)
+    for job in ("statistics", "gradient_sums"):
+        meta, plain = sites.config(g, job)[2], sites.config(off, job)[2]
+        if g.channels_first:
+            expected = stages - 1 if job == "gradient_sums" else stages
+        else:
+            expected = stages + 2 if job == "statistics" else stages
+            rows = g.plan.block_m // (4 if job == "statistics" and dtype.itemsize == 2 else 2)
+            assert meta["BLOCK_M"] == rows and plain["BLOCK_M"] == g.plan.block_m, job
+        assert meta["STAGES"] == expected and plain["STAGES"] == 0, job
+    for job in ("normalize", "input_gradient"):
+        assert "STAGES" not in sites.config(g, job)[2], job
+
+
+def test_single_pass_kernels_walk_the_plain_loop():
+    """A single pass owns whole channels: its loops stay plain whatever load_stages says."""
+    x = torch.empty((64, 2048, 7, 7), device="meta", dtype=torch.float32)
+    g = plan.geometry(x, x, plan.GPU_TUNING, SMS)
+    assert g.plan.splits == 1
+    for job in ("single_pass_forward", "single_pass_backward"):
+        assert sites.config(g, job)[2]["STAGES"] == 0, job
+
+
 def test_the_gradient_sums_through_a_relu_keep_their_registers():
     """The fused backward's gradient sums (the ReLU's mask) are left uncapped: they take 80 registers
     and spilled under the cap (static model), and run 7 measured the cap on the plain kernel only."""

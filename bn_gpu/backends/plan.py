@@ -34,9 +34,9 @@ class Tuning:
     split_max_registers: int = 0  # Triton: a register cap on the split reductions where it measured
                                   # faster (backends/triton/sites.py, split_register_cap), 0 for none; 64 holds
                                   # 4 programs of 8 warps per SM
-    load_stages: int = 0  # Triton channels-last statistics: a software pipeline of this many stages
-                          # (tl.range(num_stages=...): tiles copied ahead into shared memory, of half
-                          # the rows), 0 for the plain loop. Off until measured (profiling/MODEL.md)
+    load_stages: int = 0  # Triton split reductions (statistics, gradient sums): a software pipeline of
+                          # this many stages (tl.range(num_stages=...): tiles copied ahead into shared
+                          # memory; see backends/triton/sites.py, load_stages), 0 for the plain loop
     max_block_s: int = 0  # channels-first: spatial positions per tile at most, 0 for the tile's (the
                           # CUDA C backend's: one turn of its block, see backends/cupy/table.py, tuning_for)
 
@@ -64,11 +64,11 @@ def _tuning_from_environment(default: Tuning) -> Tuning:
 # inputs with half the bytes in flight (docs/design.md, "Tiles sized in bytes").
 GPU_TUNING = _tuning_from_environment(
     Tuning(tile_bytes=16384, programs_per_sm=4, max_block_c=128, finalize_tile=4096, num_warps=8, chunk_tiles=8,
-           split_max_registers=64))
+           split_max_registers=64, load_stages=3))
 # In the Triton interpreter: small tiles and few programs, so that tests on small shapes still
 # walk several tiles and chunks per program, several splits per channel and several finalize chunks.
 INTERPRETER_TUNING = Tuning(tile_bytes=256, programs_per_sm=2, max_block_c=4, finalize_tile=8, num_warps=1,
-                            chunk_tiles=2)
+                            chunk_tiles=2, load_stages=3)
 INTERPRETER_SMS = 4
 
 
@@ -108,6 +108,7 @@ class ChannelsFirstPlan:
     group: int = 1         # adjacent channels per program (see channel_group)
     align: int = 1         # the group's run of group x S values is a multiple of this many values
     split_max_registers: int = 0  # Tuning.split_max_registers
+    load_stages: int = 0          # Tuning.load_stages
 
     def grid(self, C: int) -> tuple[int, int]:
         return (cdiv(C, self.group), self.splits)
@@ -209,7 +210,7 @@ def channels_first_plan(N: int, C: int, S: int, itemsize: int, tuning: Tuning, s
     tiles_per_program, splits = _splits(total_tiles, wanted)
     return ChannelsFirstPlan(rows, block_s, s_blocks, total_tiles, tiles_per_program, splits, tuning.num_warps,
                              tuning.chunk_tiles, group, VECTOR_BYTES // itemsize if group > 1 else 1,
-                             tuning.split_max_registers)
+                             tuning.split_max_registers, tuning.load_stages)
 
 
 @functools.lru_cache(maxsize=1024)

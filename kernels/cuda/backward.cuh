@@ -161,10 +161,7 @@ __device__ __forceinline__ void column_gradient_sums(const T* dy, const T* x, i6
     const i64 first = row_begin + threadIdx.y, dy_step = blockDim.y * dy_stride_m, x_step = blockDim.y * x_stride_m;
     const T* dy_row = dy + first * dy_stride_m + c0;
     const T* x_row = x + first * x_stride_m + c0;
-#pragma unroll 2
-    for (i64 i = rows_from(first, row_end); i > 0; --i, dy_row += dy_step, x_row += x_step) {
-        Pack<T, VEC> g = load_pack<VEC>(dy_row);
-        Pack<T, VEC> in = load_pack<VEC>(x_row);
+    auto add = [&](const Pack<T, VEC>& g, const Pack<T, VEC>& in) {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
             A xv = cvt<A>(in.v[k]);
@@ -173,7 +170,22 @@ __device__ __forceinline__ void column_gradient_sums(const T* dy, const T* x, i6
             sum_dy.v[k] += d;
             sum_dy_xmu.v[k] += d * (xv - mean.v[k]);
         }
+    };
+    // Rows of dy and x loaded in batches before the first is used, as column_moments; one at a time
+    // with the ReLU's mask, whose registers a batch would take from the blocks an SM holds.
+    constexpr int BATCH = FUSED ? 1 : COLUMN_BATCH;
+    i64 i = rows_from(first, row_end);
+    for (; i >= BATCH; i -= BATCH, dy_row += BATCH * dy_step, x_row += BATCH * x_step) {
+        Pack<T, VEC> g[BATCH], in[BATCH];
+#pragma unroll
+        for (int b = 0; b < BATCH; ++b) {
+            g[b] = load_pack<VEC>(dy_row + b * dy_step);
+            in[b] = load_pack<VEC>(x_row + b * x_step);
+        }
+#pragma unroll
+        for (int b = 0; b < BATCH; ++b) add(g[b], in[b]);
     }
+    for (; i > 0; --i, dy_row += dy_step, x_row += x_step) add(load_pack<VEC>(dy_row), load_pack<VEC>(x_row));
 }
 
 // Per-channel coefficients of dx = scale * (dy - mean_dy - (x - mean) * projection) in training,

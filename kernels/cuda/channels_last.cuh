@@ -162,6 +162,12 @@ __device__ __forceinline__ Values<A, VEC> shifted(const Pack<T, VEC>& in, const 
     return values;
 }
 
+// Rows a thread of the channels-last reductions loads before it uses the first: left to the unroll,
+// nvcc uses each row before it loads the next, one 16-byte load (a pair: dy and x) in flight a
+// thread. More rows put no more loads in flight in the statistics: under their register bound nvcc
+// issues four at once either way (static model). The gradient sums load 8 groups a batch, dy's and x's.
+constexpr int COLUMN_BATCH = 4;
+
 // Moments of x - shift over rows [row_begin, row_end) of channels c0.., this thread's share of them,
 // the run of sums closed every 64 rows of the thread.
 template <int VEC, typename T, typename A>
@@ -174,15 +180,13 @@ __device__ __forceinline__ ColumnMoments<A, VEC> column_moments(const T* x, i64 
         i64 run_end = min(run_begin + run, row_end);
         const T* row = x + run_begin * stride_m + c0;
         const i64 rows = rows_from(run_begin, run_end);
-        // Four rows loaded before the first is summed: left to the unroll, nvcc sums each row
-        // before loading the next, one 16-byte load in flight a thread.
         i64 i = 0;
-        for (; i + 4 <= rows; i += 4, row += 4 * step) {
-            Pack<T, VEC> in[4];
+        for (; i + COLUMN_BATCH <= rows; i += COLUMN_BATCH, row += COLUMN_BATCH * step) {
+            Pack<T, VEC> in[COLUMN_BATCH];
 #pragma unroll
-            for (int b = 0; b < 4; ++b) in[b] = load_pack<VEC>(row + b * step);
+            for (int b = 0; b < COLUMN_BATCH; ++b) in[b] = load_pack<VEC>(row + b * step);
 #pragma unroll
-            for (int b = 0; b < 4; ++b) moments.add(shifted(in[b], shift));
+            for (int b = 0; b < COLUMN_BATCH; ++b) moments.add(shifted(in[b], shift));
         }
         for (; i < rows; ++i, row += step) moments.add(shifted(load_pack<VEC>(row), shift));
         moments.close();

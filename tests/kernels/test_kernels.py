@@ -178,24 +178,36 @@ TRITON_DEVICES = [pair for pair in backend_devices() if pair.values[0] == "trito
 
 
 @pytest.mark.parametrize("backend,device", TRITON_DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_pipelined_channels_last_statistics(backend, device, dtype, kernel_path, monkeypatch):
-    """Tuning.load_stages: the channels-last statistics loop copies tiles of half the plan's rows
-    ahead into shared memory (tl.range(num_stages=3)); the forward matches the float64 reference and,
-    within rounding, the plain loop."""
+def test_pipelined_reductions(backend, device, layout, dtype, monkeypatch, poisoned):
+    """Tuning.load_stages: the split statistics and gradient sums of both layouts walk their tiles in a
+    software-pipelined loop (tl.range(num_stages=...): channels-last tiles of half the plan's rows)
+    or in the plain loop (load_stages=0). Both match the float64 reference forward and backward,
+    and agree with each other within rounding."""
     import dataclasses
 
     import bn_gpu.backends.plan
     shape = (4, 6, 5, 7)
-    x = make_input(shape, dtype, "channels_last", device)
+    x = make_input(shape, dtype, layout, device)
+    grad_y = make_input(shape, dtype, layout, device, mean=0.0, std=1.0, seed=7)
     weight, bias, _, _ = make_params(shape[1], dtype, device)
-    outputs = []
-    for stages in (0, 3):
-        for name in ("INTERPRETER_TUNING", "GPU_TUNING"):
-            monkeypatch.setattr(bn_gpu.backends.plan, name, dataclasses.replace(getattr(bn_gpu.backends.plan, name), load_stages=stages))
-        outputs.append(torch.ops.bn_gpu.forward_train(x, weight, bias, None, None, None, 0.1, 1e-5, backend))
     y_ref, mean_ref, _, invstd_ref = ref.forward_train(x, weight, bias, 1e-5)
-    assert_close(outputs[1][0], y_ref, dtype, "output")
-    assert_stats_close(outputs[1][1], mean_ref, dtype, "mean")
-    assert_stats_close(outputs[1][2], invstd_ref, dtype, "invstd")
-    assert_stats_close(outputs[1][1], outputs[0][1].double(), dtype, "mean against the plain loop")
+    grad_x_ref, grad_w_ref, _ = ref.backward_train(grad_y, x, weight, 1e-5)
+    results = {}
+    for stages in (0, 3):
+        for name in ("INTERPRETER_TUNING", "GPU_TUNING"):  # several programs per channel: the split kernels
+            tuning = dataclasses.replace(getattr(bn_gpu.backends.plan, name), load_stages=stages, programs_per_sm=64)
+            monkeypatch.setattr(bn_gpu.backends.plan, name, tuning)
+        y, mean, invstd = torch.ops.bn_gpu.forward_train(x, weight, bias, None, None, None, 0.1, 1e-5, backend)
+        grad_x, grad_w, _ = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, True, True, True, backend)
+        assert_close(y, y_ref, dtype, f"output, load_stages={stages}")
+        assert_stats_close(mean, mean_ref, dtype, f"mean, load_stages={stages}")
+        assert_stats_close(invstd, invstd_ref, dtype, f"invstd, load_stages={stages}")
+        assert_close(grad_x, grad_x_ref, dtype, f"grad_input, load_stages={stages}")
+        assert_close(_scaled(grad_w, grad_y, 6), _scaled(grad_w_ref, grad_y, 6), dtype,
+                     f"grad_weight, load_stages={stages}")
+        results[stages] = (mean, grad_w)
+    assert_stats_close(results[3][0], results[0][0].double(), dtype, "mean against the plain loop")
+    assert_close(_scaled(results[3][1], grad_y, 6), _scaled(results[0][1].double(), grad_y, 6), dtype,
+                 "grad_weight against the plain loop")

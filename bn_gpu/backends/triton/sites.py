@@ -70,6 +70,31 @@ def split_register_cap(g: Geometry, job: str) -> int:
     return 0
 
 
+def load_stages(g: Geometry, job: str) -> int:
+    """STAGES of a reduction: its tile loop software-pipelined over this many stages (Tuning.load_stages;
+    0 for the plain loop), with the tiles copied ahead into shared memory. The split reductions only:
+    a single pass owns whole channels, and its programs are bound by their own serial walk, not by
+    their loads. The channels-first gradient sums copy two streams a tile (dy and x): one stage fewer
+    keeps their shared memory that of the statistics. The channels-last statistics walk smaller
+    tiles (pipelined_block_m) and take two stages more, so that as many bytes are copied ahead.
+    The static model's figures of each choice: profiling/MODEL.md."""
+    stages = g.plan.load_stages
+    if stages <= 1 or job not in ("statistics", "gradient_sums") or g.plan.splits <= 1:
+        return 0
+    if g.channels_first:
+        return max(2, stages - 1) if job == "gradient_sums" else stages
+    return stages + 2 if job == "statistics" else stages
+
+
+def pipelined_block_m(g: Geometry, job: str) -> int:
+    """Rows of a pipelined channels-last tile: half the plan's, so that the lanes' sums take half the
+    registers and twice the programs fit an SM; a quarter for 16-bit statistics, whose lanes hold
+    twice the values of a tile of the same bytes (at half the rows they need 96-108 registers:
+    2 programs per SM)."""
+    quarter = job == "statistics" and g.dtype.itemsize == 2
+    return max(1, g.plan.block_m // (4 if quarter else 2))
+
+
 @functools.lru_cache(maxsize=4096)
 def config(g: Geometry, job: str) -> tuple:
     """(kernel, grid, constexprs and warps) of a streaming kernel for one geometry."""
@@ -80,12 +105,10 @@ def config(g: Geometry, job: str) -> tuple:
     meta = dict(ACC=accumulation(g), OFFSET_64=g.offset_64, num_warps=p.num_warps, **blocks)
     if job in ("statistics", "single_pass_forward"):
         meta["CHUNK"] = p.chunk_tiles
-        if not g.channels_first:
-            meta["STAGES"] = p.load_stages
-            if p.load_stages > 1 and job == "statistics":
-                # The stages keep the bytes in flight; tiles of half the rows halve the lanes' sums
-                # and the registers holding them, so twice the programs fit an SM.
-                meta["BLOCK_M"] = max(1, p.block_m // 2)
+    if job in ("statistics", "single_pass_forward", "gradient_sums", "single_pass_backward"):
+        meta["STAGES"] = load_stages(g, job)
+        if meta["STAGES"] > 1 and not g.channels_first:
+            meta["BLOCK_M"] = pipelined_block_m(g, job)
     if g.channels_first and job in ("statistics", "single_pass_forward", "gradient_sums", "single_pass_backward"):
         meta["PAIRS"] = pairs_of_values(g)
     if g.channels_first and p.group > 1 and job == "single_pass_forward":
