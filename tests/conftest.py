@@ -50,6 +50,9 @@ def poisoned(monkeypatch):
     for module, name in ((bn_gpu.backends.layout, "empty_in_family"), (bn_gpu.backends.orchestration, "empty")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *args, real=real: poison(real(*args)))
+    empty = bn_gpu.backends.orchestration.empty  # the workspaces too, fresh and poisoned every call
+    monkeypatch.setattr(bn_gpu.backends.orchestration, "workspace",
+                        lambda shape, dtype, device, slot=0: empty(shape, dtype, device))
 
 
 @pytest.fixture(params=["split", pytest.param("single-pass", marks=pytest.mark.slow)])

@@ -229,3 +229,42 @@ def test_launch_budget(launches, kernel_path, layout, momentum):
                         else ["gradient_sums", "input_gradient"]), backward
     assert launches(lambda: triton_backend.backward(x, x, weight, mean, invstd, False, True, False)) == \
         ["input_gradient"]
+
+
+ALLOCATIONS = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
+               torch.ops.aten.empty_like.default, torch.ops.aten.new_empty.default, torch.ops.aten.zeros.default}
+
+
+class _Allocations(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in ALLOCATIONS:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_a_training_step_allocates_its_outputs_and_nothing_else(launches, kernel_path, layout):
+    """The partials of the split reductions and the backward's totals die within the call: they
+    live in workspaces kept per stream (orchestration.workspace), so once a stream has them a
+    training forward allocates y, mean and invstd, and a backward dx, dweight and dbias."""
+    x = make_input((4, 6, 12, 12), layout=layout)
+    weight, bias, running_mean, running_var = make_params(6)
+    tracked = torch.tensor(1)
+    mean, invstd = torch.zeros(6), torch.ones(6)
+
+    def allocations(step):
+        step()  # the first call on a stream takes the workspaces and counters
+        with _Allocations() as seen:
+            step()
+        return sorted(seen.shapes)
+
+    forward = allocations(lambda: triton_backend.forward_train(x, weight, bias, running_mean, running_var, tracked,
+                                                               0.1, 1e-5))
+    assert forward == sorted([tuple(x.shape), (6,), (6,)]), forward
+    backward = allocations(lambda: triton_backend.backward(x, x, weight, mean, invstd, True, True, True))
+    assert backward == sorted([tuple(x.shape), (6,), (6,)]), backward

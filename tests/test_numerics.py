@@ -233,6 +233,8 @@ def test_bitwise_deterministic(backend, device, monkeypatch):
         return t.fill_(fill["value"]) if t.is_floating_point() else t
 
     monkeypatch.setattr(bn_gpu.backends.orchestration, "empty", filled)
+    monkeypatch.setattr(bn_gpu.backends.orchestration, "workspace",
+                        lambda shape, dtype, device, slot=0: filled(shape, dtype, device))
     first = _one_step(backend, device)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)

@@ -12,7 +12,8 @@
 A GPU backend supplies a kernel table (`KernelTable`): its geometry for an input, and one method
 per kernel, taking tensors by name. The table marshals arguments for its kernels (Triton or CUDA C)
 and launches them on torch's current stream; this module owns allocation, the choice of path and
-the order of launches. Every buffer comes from `empty` (tests poison it).
+the order of launches. Every buffer comes from `empty` (tests poison it), or from `workspace` where
+its values die within the call.
 
 Tensors reach here validated and dense where per-channel (bn_gpu.ops).
 """
@@ -99,18 +100,42 @@ def empty(shape, dtype: torch.dtype, device: torch.device, strides=None) -> torc
 
 
 _COUNTERS: dict = {}
+_WORKSPACES: dict = {}
+
+
+def _stream_key(device: torch.device):
+    return (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None)
+
+
+def workspace(shape: tuple, dtype: torch.dtype, device: torch.device, slot: int = 0) -> torch.Tensor:
+    """A contiguous buffer of `shape` for values that die within one op call: the partials of a
+    split reduction (written and merged in one launch) and the backward's totals (read by the next
+    launch). One per device, stream, dtype and slot (what one call needs at once), grown as needed
+    and taken again by the next call: launches on one stream run in order, so a step allocates what
+    its outputs need and no more. A CUDA graph being captured gets a buffer of its own (tests
+    replace this function, as `empty`, to poison every buffer)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return empty(shape, dtype, device)
+    key = (*_stream_key(device), dtype, slot)
+    numel = 1
+    for size in shape:
+        numel *= size
+    buffer = _WORKSPACES.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _WORKSPACES[key] = torch.empty(max(numel, 4096), dtype=dtype, device=device)
+    strides = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        strides[i] = strides[i + 1] * shape[i + 1]
+    return buffer.as_strided(shape, strides)
 
 
 def finalize_counters(device: torch.device, groups: int) -> torch.Tensor:
     """int32 zeros, at least `groups` of them, for a fused finalize: every launch leaves them at zero
     again. One buffer per device and stream (launches on one stream run in order; two streams
     could overlap). A CUDA graph being captured gets a buffer of its own, zeroed inside the graph."""
-    if device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
-            return torch.zeros(groups, dtype=torch.int32, device=device)
-        key = (device, torch.cuda.current_stream(device).cuda_stream)
-    else:
-        key = (device, None)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(groups, dtype=torch.int32, device=device)
+    key = _stream_key(device)
     counters = _COUNTERS.get(key)
     if counters is None or counters.numel() < groups:
         counters = _COUNTERS[key] = torch.zeros(max(groups, 4096), dtype=torch.int32, device=device)
@@ -174,7 +199,7 @@ def forward_train(kernels: KernelTable, x, weight, bias, running_mean, running_v
                                     momentum, eps, counter is not None, residual, relu,
                                     finalize_counters(device, 1) if counting_last else None)
         return y, mean, invstd
-    partials = empty((3, g.partial_rows, g.C), g.stat_dtype, device)
+    partials = workspace((3, g.partial_rows, g.C), g.stat_dtype, device)
     kernels.statistics_finalized(g, x, partials, finalize_counters(device, g.finalize_counters), mean, invstd,
                                  running_mean, running_var, counter, momentum, eps)
     # The batch is counted by the last kernel: every finalizing program has read the counter by then.
@@ -197,11 +222,12 @@ def forward_eval(kernels: KernelTable, x, weight, bias, running_mean, running_va
 
 
 def _gradient_totals(kernels: KernelTable, g: Geometry, grad_y, x, mean, invstd, param_dtype, weight=None, bias=None,
-                     relu=False):
+                     relu=False, returned=False):
     """(totals (2, C): sums of dy and dy * (x - mean), in the statistics dtype; grad_weight;
-    grad_bias), by the gradient-sums and finalize kernels of the split plan."""
-    partials = empty((2, g.partial_rows, g.C), g.stat_dtype, x.device)
-    totals = empty((2, g.C), g.stat_dtype, x.device)
+    grad_bias), by the gradient-sums and finalize kernels of the split plan. The totals are a
+    workspace unless `returned` (they leave the op)."""
+    partials = workspace((2, g.partial_rows, g.C), g.stat_dtype, x.device)
+    totals = empty((2, g.C), g.stat_dtype, x.device) if returned else workspace((2, g.C), g.stat_dtype, x.device, 1)
     grad_weight, grad_bias = empty(g.C, param_dtype, x.device), empty(g.C, param_dtype, x.device)
     kernels.gradient_sums_finalized(g, grad_y, x, mean, partials, finalize_counters(x.device, g.finalize_counters),
                                     invstd, totals, grad_weight, grad_bias, weight=weight, bias=bias, relu=relu)
@@ -250,7 +276,7 @@ def local_moments(kernels: KernelTable, x):
     """(2C + 1,) in the statistics dtype: this process's count, then each channel's mean and M2."""
     g = kernels.geometry(x)
     x = _read(g, x)
-    partials = empty((3, g.plan.splits, g.C), g.stat_dtype, x.device)
+    partials = workspace((3, g.plan.splits, g.C), g.stat_dtype, x.device)
     moments = empty(2 * g.C + 1, g.stat_dtype, x.device)
     kernels.statistics(g, x, partials)
     kernels.finalize_moments(g, x, partials, moments)
@@ -283,7 +309,7 @@ def gradient_totals(kernels: KernelTable, grad_y, x, mean, invstd, param_dtype):
     """(totals (2, C): local sums of dy and dy * (x - mean); grad_weight; grad_bias) -- the
     parameter gradients from the local sums, as DDP expects them."""
     g = kernels.geometry(x, grad_y)
-    return _gradient_totals(kernels, g, _read_grad(g, grad_y), _read(g, x), mean, invstd, param_dtype)
+    return _gradient_totals(kernels, g, _read_grad(g, grad_y), _read(g, x), mean, invstd, param_dtype, returned=True)
 
 
 @_on_input_device

@@ -6,8 +6,9 @@ looking up the geometry, choosing the path and building each launch's specializa
 decided by the call's signature: every tensor argument's shape, strides, dtype, device and 16-byte
 alignment, momentum and eps, relu and the backward's flags. The first calls of a signature run that host
 path (bn_gpu.backends.orchestration, unchanged) and record what it did: the buffers it allocated (through
-orchestration.empty), the copies it made into them (through orchestration.copy_into: an input or dy
-in a layout the kernels do not read, expanded dy included), the finalize counters it took, and each
+orchestration.empty) or took (orchestration.workspace), the copies it made into them (through
+orchestration.copy_into: an input or dy in a layout the kernels do not read, expanded dy included), the
+finalize counters it took, and each
 launch's compiled kernel with its arguments, every tensor argument traced back to a call argument, a
 buffer or one row of a buffer (a launch given integer addresses, as CuPy's are, by the address:
 the argument or buffer it points into, and where). Later calls with the same signature allocate the same buffers, make
@@ -116,8 +117,9 @@ def backward_key(grad_y, x, weight, mean, invstd, bias, training, need_input_gra
 class Replay:
     """One signature's host path as recorded. Its pool of tensors, in order: the call's tensor
     arguments, the buffers, rows of buffers, the finalize counters (or None), None."""
-    buffers: tuple   # (shape, dtype, strides or None) of each orchestration.empty
-    allocations: tuple  # the same buffers as torch calls bound to their arguments (device included)
+    buffers: tuple   # ("empty", shape, dtype, strides or None) of each orchestration.empty,
+                     # ("workspace", shape, dtype, slot) of each orchestration.workspace
+    allocations: tuple  # the same buffers as calls bound to their arguments (device included)
     rows: tuple      # (buffer, row): buffers[buffer][row], a view a launch took
     copies: tuple    # (destination, source) pool indices: pool[destination].copy_(pool[source]), before the launches
     counter_groups: int  # finalize_counters' groups, 0 when none were taken
@@ -130,12 +132,12 @@ class Replay:
         if not guarded and inputs[0].is_cuda and inputs[0].get_device() != torch.cuda.current_device():
             with torch.cuda.device(inputs[0].device):
                 return self.run(inputs, guarded=True)
-        empty = orchestration.empty
-        if empty is _ORCHESTRATION_EMPTY:  # (tests replace it to poison the buffers)
+        if orchestration.empty is _ORCHESTRATION_EMPTY and orchestration.workspace is _ORCHESTRATION_WORKSPACE:
             buffers = [allocate() for allocate in self.allocations]
-        else:
+        else:  # (tests replace them to poison the buffers)
             device = inputs[0].device
-            buffers = [empty(shape, dtype, device, strides) for shape, dtype, strides in self.buffers]
+            buffers = [getattr(orchestration, kind)(shape, dtype, device, last)
+                       for kind, shape, dtype, last in self.buffers]
         pool = [*inputs, *buffers]
         if self.rows:
             pool += [buffers[b][r] for b, r in self.rows]
@@ -156,14 +158,17 @@ def picker(indices: list):
 
 
 _ORCHESTRATION_EMPTY = orchestration.empty
+_ORCHESTRATION_WORKSPACE = orchestration.workspace
 
 
-def _allocation(shape, dtype, strides, device):
-    """orchestration.empty(shape, dtype, device, strides) as a torch call bound to its arguments:
-    a replay allocates a buffer without a Python frame."""
-    if strides is None:
+def _allocation(kind, shape, dtype, last, device):
+    """A buffer's orchestration call as a call bound to its arguments: a replay allocates it without
+    a Python frame of its own (`last`: the strides of an `empty`, the slot of a `workspace`)."""
+    if kind == "workspace":
+        return functools.partial(_ORCHESTRATION_WORKSPACE, shape, dtype, device, last)
+    if last is None:
         return functools.partial(torch.empty, shape, dtype=dtype, device=device)
-    return functools.partial(torch.empty_strided, shape, strides, dtype=dtype, device=device)
+    return functools.partial(torch.empty_strided, shape, last, dtype=dtype, device=device)
 
 
 class _Refused(Exception):
@@ -171,8 +176,8 @@ class _Refused(Exception):
 
 
 class _Recording:
-    """Watches one call's host path: orchestration.empty, orchestration.finalize_counters and the
-    Triton launches, on the recording thread only (other threads pass through)."""
+    """Watches one call's host path: orchestration.empty, .workspace, .finalize_counters, .copy_into
+    and the backend's launches, on the recording thread only (other threads pass through)."""
 
     def __init__(self, launch, inputs: tuple):
         self.launch, self.inputs = launch, inputs
@@ -183,13 +188,20 @@ class _Recording:
         self.complete = True      # every launch found its compiled kernel before it ran
 
     def __enter__(self):
-        self.saved = orchestration.empty, orchestration.finalize_counters, self.home.launch, orchestration.copy_into
-        empty, finalize_counters, launch, copy_into = self.saved
+        self.saved = (orchestration.empty, orchestration.workspace, orchestration.finalize_counters, self.home.launch,
+                      orchestration.copy_into)
+        empty, workspace, finalize_counters, launch, copy_into = self.saved
 
         def recorded_empty(shape, dtype, device, strides=None):
             t = empty(shape, dtype, device, strides)
             if threading.get_ident() == self.thread:
-                self.buffers.append((t, (shape, dtype, strides)))
+                self.buffers.append((t, ("empty", shape, dtype, strides)))
+            return t
+
+        def recorded_workspace(shape, dtype, device, slot=0):
+            t = workspace(shape, dtype, device, slot)
+            if threading.get_ident() == self.thread:
+                self.buffers.append((t, ("workspace", shape, dtype, slot)))
             return t
 
         def recorded_counters(device, groups):
@@ -208,13 +220,13 @@ class _Recording:
                 self.complete = self.complete and entry is not None
                 self.launches.append((entry, tuple(operands), tuple(scalars)))
 
-        orchestration.empty, orchestration.finalize_counters = recorded_empty, recorded_counters
-        orchestration.copy_into = recorded_copy
+        orchestration.empty, orchestration.workspace = recorded_empty, recorded_workspace
+        orchestration.finalize_counters, orchestration.copy_into = recorded_counters, recorded_copy
         self.home.launch = self.home.recording_launch(launch, seen)
         return self
 
     def __exit__(self, *exc):
-        (orchestration.empty, orchestration.finalize_counters, self.home.launch,
+        (orchestration.empty, orchestration.workspace, orchestration.finalize_counters, self.home.launch,
          orchestration.copy_into) = self.saved
 
     def _address_source(self, value: int, buffers: list, counters) -> tuple:
@@ -248,7 +260,8 @@ class _Recording:
         if t is counters:
             return ("counters",)
         for b, buffer in enumerate(buffers):
-            if t._base is buffer and buffer.dim() > 1:
+            # A workspace is itself a view of a larger buffer: its rows share that buffer as their base.
+            if buffer.dim() > 1 and t._base is (buffer if buffer._base is None else buffer._base):
                 for r in range(buffer.shape[0]):
                     row = buffer[r]
                     if (row.data_ptr(), row.shape, row.stride()) == (t.data_ptr(), t.shape, t.stride()):

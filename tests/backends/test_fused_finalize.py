@@ -188,6 +188,22 @@ def test_counter_buffers_grow_and_are_kept_per_device_and_stream():
     assert orchestration.finalize_counters(torch.device("cpu"), 3) is large
 
 
+def test_workspaces_grow_and_are_kept_per_device_stream_dtype_and_slot():
+    """orchestration.workspace: contiguous tensors of the shape asked for, over one buffer per
+    (device, stream, dtype, slot) that grows when a call needs more and is taken again after."""
+    cpu = torch.device("cpu")
+    a = orchestration.workspace((3, 5, 7), torch.float32, cpu)
+    assert a.shape == (3, 5, 7) and a.is_contiguous() and a.dtype == torch.float32
+    b = orchestration.workspace((2, 4), torch.float32, cpu)
+    assert b.data_ptr() == a.data_ptr()  # the same buffer, taken again
+    other_slot = orchestration.workspace((2, 4), torch.float32, cpu, 1)
+    other_dtype = orchestration.workspace((2, 4), torch.float64, cpu)
+    assert len({b.data_ptr(), other_slot.data_ptr(), other_dtype.data_ptr()}) == 3
+    large = orchestration.workspace((a._base.numel() + 1,), torch.float32, cpu)
+    assert large.numel() == a._base.numel() + 1 and large.data_ptr() != a.data_ptr()
+    assert orchestration.workspace((2, 4), torch.float32, cpu).data_ptr() == large.data_ptr()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("target", TARGETS)

@@ -283,3 +283,59 @@ def test_a_backward_with_dy_in_another_layout_is_replayed_with_its_copy(launcher
         torch.testing.assert_close(results[2][1].double(), grad_weight, atol=1e-4, rtol=0)
     else:
         assert_stats_close(results[2][1], grad_weight, torch.float32, "grad_weight")
+
+
+def test_replayed_split_steps_take_the_workspaces(launcher, monkeypatch):
+    """Without poisoning, a replayed split forward and backward take the per-stream workspaces for
+    their partials and totals, as the full path does: they allocate their outputs alone, and give
+    the full path's results bit for bit."""
+    import dataclasses
+
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    import bn_gpu.backends.plan
+    from bn_gpu.ops import kernels
+    run = InterpretedKernel.run
+
+    def unseen_run(*args):  # what the interpreter allocates to run a kernel is no part of the host path
+        with _disable_current_modes():
+            return run(*args)
+
+    monkeypatch.setattr(InterpretedKernel, "run", unseen_run)
+    for name in ("INTERPRETER_TUNING", "GPU_TUNING"):  # several programs per channel: the split kernels
+        monkeypatch.setattr(bn_gpu.backends.plan, name,
+                            dataclasses.replace(getattr(bn_gpu.backends.plan, name), programs_per_sm=64))
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default):
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    x = make_input((6, 5, 7, 9))
+    dy = make_input((6, 5, 7, 9), mean=0.0, std=1.0, seed=3)
+    params = make_params(5)
+
+    states = [copies(params) for _ in range(3)]
+
+    def step():
+        # The ops' kernels, below the dispatcher: a dispatch mode sees what they allocate.
+        weight, bias, running_mean, running_var = states.pop()
+        y, mean, invstd = kernels.forward_train(x, weight, bias, running_mean, running_var, None, 0.1, 1e-5, "triton")
+        return y, mean, invstd, *kernels.backward(dy, x, weight, mean, invstd, True, True, True, "triton")
+
+    results = [step(), step()]
+    assert launcher.counts.get("replayed", 0) == 0
+    with Allocations() as seen:
+        results.append(step())
+    assert launcher.counts["replayed"] == 2  # the third forward and the third backward
+    assert sorted(seen.shapes) == sorted([x.shape, (5,), (5,), x.shape, (5,), (5,)]), seen.shapes
+    for recorded, replayed in zip(results[1], results[2]):
+        assert torch.equal(recorded, replayed)
+    grad_x, _, _ = reference.backward_train(dy, x, params[0], 1e-5)
+    assert_close(results[2][3], grad_x, torch.float32, "grad_input")
