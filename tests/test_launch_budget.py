@@ -101,13 +101,18 @@ def test_the_split_reductions_are_software_pipelined(shape, dtype, memory_format
         assert "STAGES" not in sites.config(g, job)[2], job
 
 
-def test_single_pass_kernels_walk_the_plain_loop():
-    """A single pass owns whole channels: its loops stay plain whatever load_stages says."""
-    x = torch.empty((64, 2048, 7, 7), device="meta", dtype=torch.float32)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=str)
+def test_channels_first_single_passes_are_software_pipelined(memory_format):
+    """A channels-first single pass copies its reductions' tiles ahead (load_stages stages); the
+    channels-last one keeps its plain loop; load_stages=0 turns both plain."""
+    x = torch.empty((64, 2048, 7, 7), device="meta", dtype=torch.float32).contiguous(memory_format=memory_format)
     g = plan.geometry(x, x, plan.GPU_TUNING, SMS)
-    assert g.plan.splits == 1
+    off = plan.geometry(x, x, dataclasses.replace(plan.GPU_TUNING, load_stages=0), SMS)
+    assert g.plan.splits == 1 or not g.channels_first  # (channels-last: a split plan; its single-pass sites alike)
     for job in ("single_pass_forward", "single_pass_backward"):
-        assert sites.config(g, job)[2]["STAGES"] == 0, job
+        expected = plan.GPU_TUNING.load_stages if g.channels_first else 0
+        assert sites.config(g, job)[2]["STAGES"] == expected, job
+        assert sites.config(off, job)[2]["STAGES"] == 0, job
 
 
 def test_the_gradient_sums_through_a_relu_keep_their_registers():

@@ -34,9 +34,10 @@ class Tuning:
     split_max_registers: int = 0  # Triton: a register cap on the split reductions where it measured
                                   # faster (backends/triton/sites.py, split_register_cap), 0 for none; 64 holds
                                   # 4 programs of 8 warps per SM
-    load_stages: int = 0  # Triton split reductions (statistics, gradient sums): a software pipeline of
-                          # this many stages (tl.range(num_stages=...): tiles copied ahead into shared
-                          # memory; see backends/triton/sites.py, load_stages), 0 for the plain loop
+    load_stages: int = 0  # Triton reductions (split statistics and gradient sums, channels-first single
+                          # passes): a software pipeline of this many stages (tl.range(num_stages=...):
+                          # tiles copied ahead into shared memory; backends/triton/sites.py, load_stages),
+                          # 0 for the plain loops
     max_block_s: int = 0  # channels-first: spatial positions per tile at most, 0 for the tile's (the
                           # CUDA C backend's: one turn of its block, see backends/cupy/table.py, tuning_for)
 

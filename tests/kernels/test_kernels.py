@@ -180,11 +180,12 @@ TRITON_DEVICES = [pair for pair in backend_devices() if pair.values[0] == "trito
 @pytest.mark.parametrize("backend,device", TRITON_DEVICES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_pipelined_reductions(backend, device, layout, dtype, monkeypatch, poisoned):
-    """Tuning.load_stages: the split statistics and gradient sums of both layouts walk their tiles in a
-    software-pipelined loop (tl.range(num_stages=...): channels-last tiles of half the plan's rows)
-    or in the plain loop (load_stages=0). Both match the float64 reference forward and backward,
-    and agree with each other within rounding."""
+@pytest.mark.parametrize("programs_per_sm", [64, pytest.param(0, marks=pytest.mark.slow)], ids=["split", "single-pass"])
+def test_pipelined_reductions(backend, device, layout, dtype, programs_per_sm, monkeypatch, poisoned):
+    """Tuning.load_stages: the statistics and gradient sums of both layouts (split) and the
+    channels-first single passes walk their tiles in a software-pipelined loop (tl.range(num_stages=...):
+    channels-last tiles of half the plan's rows) or in the plain loop (load_stages=0). Both match the
+    float64 reference forward and backward, and agree with each other within rounding."""
     import dataclasses
 
     import bn_gpu.backends.plan
@@ -196,8 +197,9 @@ def test_pipelined_reductions(backend, device, layout, dtype, monkeypatch, poiso
     grad_x_ref, grad_w_ref, _ = ref.backward_train(grad_y, x, weight, 1e-5)
     results = {}
     for stages in (0, 3):
-        for name in ("INTERPRETER_TUNING", "GPU_TUNING"):  # several programs per channel: the split kernels
-            tuning = dataclasses.replace(getattr(bn_gpu.backends.plan, name), load_stages=stages, programs_per_sm=64)
+        for name in ("INTERPRETER_TUNING", "GPU_TUNING"):
+            tuning = dataclasses.replace(getattr(bn_gpu.backends.plan, name), load_stages=stages,
+                                         programs_per_sm=programs_per_sm)
             monkeypatch.setattr(bn_gpu.backends.plan, name, tuning)
         y, mean, invstd = torch.ops.bn_gpu.forward_train(x, weight, bias, None, None, None, 0.1, 1e-5, backend)
         grad_x, grad_w, _ = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, True, True, True, backend)

@@ -72,14 +72,20 @@ def split_register_cap(g: Geometry, job: str) -> int:
 
 def load_stages(g: Geometry, job: str) -> int:
     """STAGES of a reduction: its tile loop software-pipelined over this many stages (Tuning.load_stages;
-    0 for the plain loop), with the tiles copied ahead into shared memory. The split reductions only:
-    a single pass owns whole channels, and its programs are bound by their own serial walk, not by
-    their loads. The channels-first gradient sums copy two streams a tile (dy and x): one stage fewer
-    keeps their shared memory that of the statistics. The channels-last statistics walk smaller
-    tiles (pipelined_block_m) and take two stages more, so that as many bytes are copied ahead.
-    The static model's figures of each choice: profiling/MODEL.md."""
+    0 for the plain loop), with the tiles copied ahead into shared memory. The channels-first gradient
+    sums copy two streams a tile (dy and x): one stage fewer keeps their shared memory that of the
+    statistics. The channels-last statistics walk smaller tiles (pipelined_block_m) and take two
+    stages more, so that as many bytes are copied ahead. A channels-first single pass owns whole
+    channel groups and few tiles each: its programs are bound by their own serial walk, which the
+    tiles copied ahead shorten (the reductions' walk; the second pass finds its tiles in L2). The
+    channels-last single pass walks tiles of a few channels, too small to copy. The static model's
+    figures of each choice: profiling/MODEL.md."""
     stages = g.plan.load_stages
-    if stages <= 1 or job not in ("statistics", "gradient_sums") or g.plan.splits <= 1:
+    if stages <= 1:
+        return 0
+    if job in ("single_pass_forward", "single_pass_backward"):
+        return stages if g.channels_first else 0
+    if job not in ("statistics", "gradient_sums") or g.plan.splits <= 1:
         return 0
     if g.channels_first:
         return max(2, stages - 1) if job == "gradient_sums" else stages
