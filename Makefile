@@ -31,7 +31,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup tests
 
 # The suite without the tests marked slow (the compiles, the multi-process and end-to-end runs, the
-# costlier interpreter cases): what to run between edits, under 3 minutes on 2 cores. CI runs `make test`.
+# costlier interpreter cases): what to run between edits, about 4 minutes on 2 cores. CI runs `make test`.
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup -m "not slow" tests
 
