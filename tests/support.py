@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -197,3 +198,20 @@ class TorchvisionFrozenBatchNorm2d(torch.nn.Module):
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
         return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+
+class Allocations(TorchDispatchMode):
+    """`with Allocations() as seen:` records in `seen.shapes` the shape of every tensor a factory call
+    (torch.empty and alike) allocates below the dispatcher."""
+    FACTORIES = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
+                 torch.ops.aten.empty_like.default, torch.ops.aten.new_empty.default, torch.ops.aten.zeros.default}
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.FACTORIES:
+            self.shapes.append(tuple(out.shape))
+        return out

@@ -188,38 +188,41 @@ def test_compile_fullgraph_on_gpu(backend):
     torch.testing.assert_close(compiled(x), eager(x), atol=1e-4, rtol=1e-4)
 
 
+REPLAY_CASES = [((8, 4, 64, 64), "contiguous"), ((4, 64, 7, 7), "contiguous"), ((8, 4, 64, 64), "channels_last"),
+                ((4096, 8), "contiguous")]
+
+
+def _every_op(backend: str, calls: int) -> list:
+    """Each op called `calls` times on bf16 inputs of REPLAY_CASES (both kernel paths and layouts):
+    the last call's results of each."""
+    results = []
+    for shape, layout in REPLAY_CASES:
+        C = shape[1]
+        x = make_input(shape, torch.bfloat16, layout, "cuda")
+        grad_y = make_input(shape, torch.bfloat16, layout, "cuda", mean=0, std=1, seed=4)
+        weight, bias, running_mean, running_var = make_params(C, torch.float32, "cuda")
+        for _ in range(calls):
+            y, mean, invstd = torch.ops.bn_gpu.forward_train(x, weight, bias, running_mean, running_var, None,
+                                                             0.1, 1e-5, backend)
+            y_eval = torch.ops.bn_gpu.forward_eval(x, weight, bias, running_mean, running_var, 1e-5, backend)[0]
+            grads = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, True, True, True, backend)
+        results += [y, mean, invstd, y_eval, running_mean, running_var, *grads]
+    torch.cuda.synchronize()
+    return results
+
+
 def test_direct_launches_match_the_jit(monkeypatch):
     """BN_GPU_DIRECT_LAUNCH=1: launches through the compiled kernels' launchers give bitwise the
     results of the JIT path, for every op and both paths, and are actually taken."""
     from bn_gpu.backends.triton import launcher
-    cases = [((8, 4, 64, 64), "contiguous"), ((4, 64, 7, 7), "contiguous"), ((8, 4, 64, 64), "channels_last"),
-             ((4096, 8), "contiguous")]
-
-    def run_all():
-        results = []
-        for shape, layout in cases:
-            C = shape[1]
-            x = make_input(shape, torch.bfloat16, layout, "cuda")
-            grad_y = make_input(shape, torch.bfloat16, layout, "cuda", mean=0, std=1, seed=4)
-            weight, bias, running_mean, running_var = make_params(C, torch.float32, "cuda")
-            for _ in range(3):  # the first launch of a specialization compiles; the later ones reuse it
-                y, mean, invstd = torch.ops.bn_gpu.forward_train(x, weight, bias, running_mean, running_var, None,
-                                                                 0.1, 1e-5, "triton")
-                y_eval = torch.ops.bn_gpu.forward_eval(x, weight, bias, running_mean, running_var, 1e-5,
-                                                       "triton")[0]
-                grads = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, True, True, True, "triton")
-            results += [y, mean, invstd, y_eval, running_mean, running_var, *grads]
-        torch.cuda.synchronize()
-        return results
-
     monkeypatch.setattr(launcher, "launch", launcher.Launcher(direct=False))
-    expected = run_all()
+    expected = _every_op("triton", 3)  # the first launch of a specialization compiles; the later ones reuse it
     direct = launcher.Launcher(direct=True)
     monkeypatch.setattr(launcher, "launch", direct)
-    actual = run_all()
+    actual = _every_op("triton", 3)
     assert direct.direct and direct.compiled, "no launch went through the compiled launcher"
     # The third call of each op (two forwards, the backward) replays the second's recording (bn_gpu.backends.replay).
-    assert sum(type(found) is replay.Replay for found in direct.replays.values()) == 3 * len(cases)
+    assert sum(type(found) is replay.Replay for found in direct.replays.values()) == 3 * len(REPLAY_CASES)
     for a, e in zip(actual, expected):
         assert torch.equal(a, e)
 
@@ -229,32 +232,13 @@ def test_cupy_replays_match_the_full_path(monkeypatch):
     """The CuPy backend replays a seen signature (bn_gpu.backends.replay): bitwise the results of
     the full host path, on both kernel paths and both layouts, and actually taken."""
     from bn_gpu.backends.cupy import launcher
-    cases = [((8, 4, 64, 64), "contiguous"), ((4, 64, 7, 7), "contiguous"), ((8, 4, 64, 64), "channels_last"),
-             ((4096, 8), "contiguous")]
-
-    def run_all(calls):
-        results = []
-        for shape, layout in cases:
-            C = shape[1]
-            x = make_input(shape, torch.bfloat16, layout, "cuda")
-            grad_y = make_input(shape, torch.bfloat16, layout, "cuda", mean=0, std=1, seed=4)
-            weight, bias, running_mean, running_var = make_params(C, torch.float32, "cuda")
-            for _ in range(calls):
-                y, mean, invstd = torch.ops.bn_gpu.forward_train(x, weight, bias, running_mean, running_var, None,
-                                                                 0.1, 1e-5, "cupy")
-                y_eval = torch.ops.bn_gpu.forward_eval(x, weight, bias, running_mean, running_var, 1e-5, "cupy")[0]
-                grads = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, True, True, True, "cupy")
-            results += [y, mean, invstd, y_eval, running_mean, running_var, *grads]
-        torch.cuda.synchronize()
-        return results
-
     # The full path on every call: no replay applies while replay_launcher says none does.
     monkeypatch.setattr(launcher, "replay_launcher", lambda: None)
-    expected = run_all(2)
+    expected = _every_op("cupy", 2)
     monkeypatch.undo()
     fresh = launcher.Launcher()
     monkeypatch.setattr(launcher, "launch", fresh)
-    actual = run_all(2)  # the first call of each op recorded, the second replayed
-    assert sum(type(found) is replay.Replay for found in fresh.replays.values()) == 3 * len(cases)
+    actual = _every_op("cupy", 2)  # the first call of each op recorded, the second replayed
+    assert sum(type(found) is replay.Replay for found in fresh.replays.values()) == 3 * len(REPLAY_CASES)
     for a, e in zip(actual, expected):
         assert torch.equal(a, e)

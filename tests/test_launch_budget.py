@@ -11,7 +11,7 @@ from bn_gpu.backends import plan
 from bn_gpu.backends.triton import launcher, sites
 from bn_gpu.tools import launches as recorded_launches
 import bn_gpu.backends.triton as triton_backend
-from support import make_input, make_params
+from support import Allocations, make_input, make_params
 
 SMS = 132  # an H100 / H200
 # Allocations and views launch nothing.
@@ -236,22 +236,6 @@ def test_launch_budget(launches, kernel_path, layout, momentum):
         ["input_gradient"]
 
 
-ALLOCATIONS = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
-               torch.ops.aten.empty_like.default, torch.ops.aten.new_empty.default, torch.ops.aten.zeros.default}
-
-
-class _Allocations(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func in ALLOCATIONS:
-            self.shapes.append(tuple(out.shape))
-        return out
-
-
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_a_training_step_allocates_its_outputs_and_nothing_else(launches, kernel_path, layout):
     """The partials of the split reductions and the backward's totals die within the call: they
@@ -264,7 +248,7 @@ def test_a_training_step_allocates_its_outputs_and_nothing_else(launches, kernel
 
     def allocations(step):
         step()  # the first call on a stream takes the workspaces and counters
-        with _Allocations() as seen:
+        with Allocations() as seen:
             step()
         return sorted(seen.shapes)
 

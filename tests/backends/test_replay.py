@@ -6,7 +6,7 @@ import inspect
 
 import pytest
 import torch
-from support import assert_close, assert_stats_close, make_input, make_params
+from support import Allocations, assert_close, assert_stats_close, make_input, make_params
 
 import bn_gpu
 from bn_gpu import reference
@@ -291,7 +291,7 @@ def test_replayed_split_steps_take_the_workspaces(launcher, monkeypatch):
     the full path's results bit for bit."""
     import dataclasses
 
-    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+    from torch.utils._python_dispatch import _disable_current_modes
 
     import bn_gpu.backends.plan
     from bn_gpu.ops import kernels
@@ -305,17 +305,6 @@ def test_replayed_split_steps_take_the_workspaces(launcher, monkeypatch):
     for name in ("INTERPRETER_TUNING", "GPU_TUNING"):  # several programs per channel: the split kernels
         monkeypatch.setattr(bn_gpu.backends.plan, name,
                             dataclasses.replace(getattr(bn_gpu.backends.plan, name), programs_per_sm=64))
-
-    class Allocations(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.shapes = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func in (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default):
-                self.shapes.append(tuple(out.shape))
-            return out
 
     x = make_input((6, 5, 7, 9))
     dy = make_input((6, 5, 7, 9), mean=0.0, std=1.0, seed=3)
