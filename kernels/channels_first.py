@@ -21,6 +21,9 @@ Split path (several programs per channel), in the order a training step runs the
 Single-pass path (one program per channel, when that fills the GPU or the input is small):
     single_pass_forward_channels_first  statistics, running stats and normalize in one launch
     single_pass_backward_channels_first dweight, dbias and dx in one launch
+On-chip path (the input held in registers: read once; see the section at the end of this file):
+    on_chip_forward_channels_first      statistics, running stats and normalize in one launch
+    on_chip_backward_channels_first     dweight, dbias and dx in one launch
 The partials are merged by the last programs of each channel to finish (FINALIZE, in two levels:
 finalize.finalize_statistics_of_group), or by the finalize kernels of finalize.py in a launch of
 their own (SyncBatchNorm's local moments).
@@ -29,8 +32,10 @@ import triton
 import triton.language as tl
 
 from .batch_counter import count_batch, count_batch_after_every_read
-from .finalize import (finalize_gradients_of_group, finalize_statistics_of_group, in_dtype, store_gradients,
-                       store_statistics)
+from .finalize import (finalize_gradients_of_group, finalize_statistics_of_group, in_dtype, merged_shifted,
+                       store_gradients, store_statistics, summed_partials)
+from .channel_groups import group_channels, group_offset, group_run, per_channel, per_channel_zeros, to_lanes
+from .group_barrier import leave_group, wait_for_group
 from .moments import finite_shift, merge_moments
 
 
@@ -77,78 +82,6 @@ def _reversed_program(OFFSET_64: tl.constexpr):
     if OFFSET_64:
         group = group.to(tl.int64)
     return group, tl.num_programs(1) - 1 - tl.program_id(1)
-
-
-@triton.jit
-def _channels(group, S, BLOCK_S: tl.constexpr, GROUP: tl.constexpr):
-    """(first channel c0, each lane's channel, the program's channels) of a channel group. One
-    channel: all three are that scalar channel. GROUP > 1: the lanes' channels are a [1, BLOCK_S]
-    row (lanes past the run take the last channel; they are masked wherever values are read) and
-    the program's channels a [GROUP] vector."""
-    c0 = group * GROUP
-    if GROUP == 1:
-        lanes = c0
-        cols = c0
-    else:
-        lanes = (c0 + tl.minimum(tl.arange(0, BLOCK_S) // S, GROUP - 1))[None, :]
-        cols = c0 + tl.arange(0, GROUP)
-    return c0, lanes, cols
-
-
-@triton.jit
-def _run(S, GROUP: tl.constexpr, ALIGN: tl.constexpr):
-    """Values of each row a program reads: S, or GROUP x S (a multiple of ALIGN values: the plan
-    chose GROUP so that the run fills whole 16-byte words)."""
-    if GROUP == 1:
-        run = S
-    else:
-        run = tl.multiple_of(S * GROUP, ALIGN)
-    return run
-
-
-@triton.jit
-def _offset(c0, stride_c, ALIGN: tl.constexpr):
-    """Offset of channel c0 in a tensor; a multiple of ALIGN values when GROUP > 1 (the plan groups
-    only channels laid out back to back, stride_c == S), which is what lets Triton load 16 bytes."""
-    offset = c0 * stride_c
-    if ALIGN > 1:
-        offset = tl.multiple_of(offset, ALIGN)
-    return offset
-
-
-@triton.jit
-def _per_channel(lane_sums, run, BLOCK_S: tl.constexpr, GROUP: tl.constexpr):
-    """The sum of a [ROWS, BLOCK_S] array of lane sums per channel of the program: a scalar, or a
-    [GROUP] vector. The lanes' channels are found here, after the loops, rather than kept in
-    registers through them."""
-    if GROUP == 1:
-        total = tl.sum(tl.sum(lane_sums, axis=1), axis=0)
-    else:
-        by_lane = tl.sum(lane_sums, axis=0)[None, :]
-        lane_channel = tl.minimum(tl.arange(0, BLOCK_S) // (run // GROUP), GROUP - 1)[None, :]
-        mine = lane_channel == tl.arange(0, GROUP)[:, None]
-        total = tl.sum(tl.where(mine, by_lane, 0.0), axis=1)
-    return total
-
-
-@triton.jit
-def _to_lanes(values, lane_channel, GROUP: tl.constexpr):
-    """Per-channel values (a scalar, or [GROUP]) spread to the lanes of their channels ([1, BLOCK_S])."""
-    if GROUP == 1:
-        spread = values
-    else:
-        mine = lane_channel == tl.arange(0, GROUP)[:, None]
-        spread = tl.sum(tl.where(mine, values[:, None], 0.0), axis=0)[None, :]
-    return spread
-
-
-@triton.jit
-def _per_channel_zeros(ACC: tl.constexpr, GROUP: tl.constexpr):
-    if GROUP == 1:
-        zeros = tl.zeros([], ACC)
-    else:
-        zeros = tl.zeros([GROUP], ACC)
-    return zeros
 
 
 @triton.jit
@@ -202,9 +135,9 @@ def _moments(x_ptr, stride_n, shift, first_tile, last_tile, s_blocks, N, S,
     keeps that many tiles of loads in flight without registers to hold them (the plain loop: one
     tile's; the static model's figures: profiling/MODEL.md).
     """
-    count = _per_channel_zeros(ACC, GROUP)
-    mean = _per_channel_zeros(ACC, GROUP)
-    m2 = _per_channel_zeros(ACC, GROUP)
+    count = per_channel_zeros(ACC, GROUP)
+    mean = per_channel_zeros(ACC, GROUP)
+    m2 = per_channel_zeros(ACC, GROUP)
     # One channel: masked lanes load the shift itself (a value of x, so exact in x's dtype), and
     # x - shift is then 0 there without a select per value. (Channel groups keep the select: their
     # per-lane shifts held in x's dtype as well made the bf16 single pass spill under its cap.)
@@ -229,9 +162,9 @@ def _moments(x_ptr, stride_n, shift, first_tile, last_tile, s_blocks, N, S,
                                                                 OFFSET_64, GROUP, PAIRS, LANES)
         if GROUP > 1:
             chunk_count = chunk_count / GROUP  # exact (a power of two): each channel has S of the run's values
-        chunk_sum = _per_channel(total, S, LANES, GROUP)
+        chunk_sum = per_channel(total, S, LANES, GROUP)
         chunk_mean = chunk_sum / chunk_count
-        chunk_m2 = _per_channel(squares, S, LANES, GROUP) - chunk_sum * chunk_mean
+        chunk_m2 = per_channel(squares, S, LANES, GROUP) - chunk_sum * chunk_mean
         count, mean, m2 = merge_moments(count, mean, m2, chunk_count, chunk_mean, chunk_m2)
     return count, mean, m2
 
@@ -309,7 +242,7 @@ def _gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, scale, shift, f
             sum_dy, sum_dy_xmu = _add_tile_gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, scale, shift,
                                                          tile, s_blocks, N, S, sum_dy, sum_dy_xmu, RELU, ACC, ROWS,
                                                          BLOCK_S, OFFSET_64, PAIRS, LANES)
-    return _per_channel(sum_dy, S, LANES, GROUP), _per_channel(sum_dy_xmu, S, LANES, GROUP)
+    return per_channel(sum_dy, S, LANES, GROUP), per_channel(sum_dy_xmu, S, LANES, GROUP)
 
 
 @triton.jit
@@ -364,11 +297,11 @@ def statistics_channels_first(
     to finish also merge its partials (finalize.finalize_statistics_of_group)."""
     group = _group(OFFSET_64)
     split = tl.program_id(1)
-    c0, c, cols = _channels(group, S, BLOCK_S, GROUP)
+    c0, c, cols = group_channels(group, S, BLOCK_S, GROUP)
     first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
     shift = finite_shift(tl.load(x_ptr + c * stride_c).to(ACC))
-    count, mean, m2 = _moments(x_ptr + _offset(c0, stride_c, ALIGN), stride_n, shift,
-                               first_tile, last_tile, s_blocks, N, _run(S, GROUP, ALIGN),
+    count, mean, m2 = _moments(x_ptr + group_offset(c0, stride_c, ALIGN), stride_n, shift,
+                               first_tile, last_tile, s_blocks, N, group_run(S, GROUP, ALIGN),
                                ACC, ROWS, BLOCK_S, OFFSET_64, CHUNK, GROUP, PAIRS, STAGES)
     out = split * C + cols
     tl.store(partial_count_ptr + out, count)
@@ -422,7 +355,7 @@ def normalize_channels_first(
     GROUP: tl.constexpr, ALIGN: tl.constexpr,
 ):
     group, split = _reversed_program(OFFSET_64)
-    c0, c, cols = _channels(group, S, BLOCK_S, GROUP)
+    c0, c, cols = group_channels(group, S, BLOCK_S, GROUP)
     if COUNT_BATCH:
         # Here, not in the finalize kernel: every finalize program reads the count before this
         # kernel starts (stream order), so the increment cannot race with those reads.
@@ -435,11 +368,11 @@ def normalize_channels_first(
         invstd = tl.load(invstd_ptr + c).to(ACC)
     scale, bias = _affine(c, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC)
     first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
-    y_offset = _offset(c0, y_stride_c, ALIGN)
+    y_offset = group_offset(c0, y_stride_c, ALIGN)
     if HAS_RESIDUAL:
         residual_ptr += y_offset
-    _normalize(x_ptr + _offset(c0, x_stride_c, ALIGN), y_ptr + y_offset, residual_ptr, x_stride_n, y_stride_n,
-               mean, scale, bias, first_tile, last_tile, s_blocks, N, _run(S, GROUP, ALIGN), HAS_RESIDUAL, RELU,
+    _normalize(x_ptr + group_offset(c0, x_stride_c, ALIGN), y_ptr + y_offset, residual_ptr, x_stride_n, y_stride_n,
+               mean, scale, bias, first_tile, last_tile, s_blocks, N, group_run(S, GROUP, ALIGN), HAS_RESIDUAL, RELU,
                ACC, ROWS, BLOCK_S, OFFSET_64)
 
 
@@ -462,10 +395,10 @@ def single_pass_forward_channels_first(
 ):
     # One program per channel (group) reads it twice: the second pass finds it in cache.
     group = _group(OFFSET_64)
-    c0, c, cols = _channels(group, S, BLOCK_S, GROUP)
-    run = _run(S, GROUP, ALIGN)
+    c0, c, cols = group_channels(group, S, BLOCK_S, GROUP)
+    run = group_run(S, GROUP, ALIGN)
     lane_shift = finite_shift(tl.load(x_ptr + c * x_stride_c).to(ACC))
-    count, mean_shifted, m2 = _moments(x_ptr + _offset(c0, x_stride_c, ALIGN), x_stride_n, lane_shift,
+    count, mean_shifted, m2 = _moments(x_ptr + group_offset(c0, x_stride_c, ALIGN), x_stride_n, lane_shift,
                                        0, total_tiles, s_blocks, N, run, ACC, ROWS, BLOCK_S, OFFSET_64, CHUNK, GROUP,
                                        PAIRS, STAGES)
     if GROUP == 1:
@@ -480,12 +413,12 @@ def single_pass_forward_channels_first(
             count_batch_after_every_read(num_batches_tracked_ptr, counter_ptr)
         else:
             count_batch(num_batches_tracked_ptr, group == 0)
-    scale, bias = _affine(c, _to_lanes(invstd, c - c0, GROUP), weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC)
-    y_offset = _offset(c0, y_stride_c, ALIGN)
+    scale, bias = _affine(c, to_lanes(invstd, c - c0, GROUP), weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC)
+    y_offset = group_offset(c0, y_stride_c, ALIGN)
     if HAS_RESIDUAL:
         residual_ptr += y_offset
-    _normalize(x_ptr + _offset(c0, x_stride_c, ALIGN), y_ptr + y_offset, residual_ptr, x_stride_n, y_stride_n,
-               _to_lanes(mean, c - c0, GROUP), scale, bias, 0, total_tiles, s_blocks, N, run, HAS_RESIDUAL, RELU,
+    _normalize(x_ptr + group_offset(c0, x_stride_c, ALIGN), y_ptr + y_offset, residual_ptr, x_stride_n, y_stride_n,
+               to_lanes(mean, c - c0, GROUP), scale, bias, 0, total_tiles, s_blocks, N, run, HAS_RESIDUAL, RELU,
                ACC, ROWS, BLOCK_S, OFFSET_64)
 
 
@@ -513,17 +446,17 @@ def gradient_sums_channels_first(
     finish also write its totals, dweight and dbias (finalize.finalize_gradients_of_group)."""
     group = _group(OFFSET_64)
     split = tl.program_id(1)
-    c0, c, cols = _channels(group, S, BLOCK_S, GROUP)
+    c0, c, cols = group_channels(group, S, BLOCK_S, GROUP)
     first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
     scale = tl.zeros([], ACC)
     shift = tl.zeros([], ACC)
     if RELU:
         scale, shift = _affine(c, tl.load(invstd_ptr + c).to(ACC), weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC)
-    sum_dy, sum_dy_xmu = _gradient_sums(dy_ptr + _offset(c0, dy_stride_c, ALIGN),
-                                        x_ptr + _offset(c0, x_stride_c, ALIGN), dy_stride_n, x_stride_n,
+    sum_dy, sum_dy_xmu = _gradient_sums(dy_ptr + group_offset(c0, dy_stride_c, ALIGN),
+                                        x_ptr + group_offset(c0, x_stride_c, ALIGN), dy_stride_n, x_stride_n,
                                         tl.load(mean_ptr + c).to(ACC), scale, shift, first_tile, last_tile,
-                                        s_blocks, N, _run(S, GROUP, ALIGN), RELU, ACC, ROWS, BLOCK_S, OFFSET_64, GROUP,
-                                        PAIRS, STAGES)
+                                        s_blocks, N, group_run(S, GROUP, ALIGN), RELU, ACC, ROWS, BLOCK_S, OFFSET_64,
+                                        GROUP, PAIRS, STAGES)
     out = split * C + cols
     tl.store(partial_sum_dy_ptr + out, sum_dy)
     tl.store(partial_sum_dy_xmu_ptr + out, sum_dy_xmu)
@@ -554,7 +487,7 @@ def input_gradient_channels_first(
     GROUP: tl.constexpr, ALIGN: tl.constexpr,
 ):
     group, split = _reversed_program(OFFSET_64)
-    c0, c, _ = _channels(group, S, BLOCK_S, GROUP)
+    c0, c, _ = group_channels(group, S, BLOCK_S, GROUP)
     invstd = tl.load(invstd_ptr + c).to(ACC)
     scale, shift = _affine(c, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS and RELU, ACC)
     mean = tl.zeros([], ACC)
@@ -567,9 +500,9 @@ def input_gradient_channels_first(
         mean_dy = tl.load(sum_dy_ptr + c).to(ACC) * inv_count
         projection = tl.load(sum_dy_xmu_ptr + c).to(ACC) * invstd * invstd * inv_count
     first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
-    _input_gradient(dy_ptr + _offset(c0, dy_stride_c, ALIGN), x_ptr + _offset(c0, x_stride_c, ALIGN),
-                    dx_ptr + _offset(c0, dx_stride_c, ALIGN), dy_stride_n, x_stride_n, dx_stride_n, scale, shift,
-                    mean, mean_dy, projection, first_tile, last_tile, s_blocks, N, _run(S, GROUP, ALIGN),
+    _input_gradient(dy_ptr + group_offset(c0, dy_stride_c, ALIGN), x_ptr + group_offset(c0, x_stride_c, ALIGN),
+                    dx_ptr + group_offset(c0, dx_stride_c, ALIGN), dy_stride_n, x_stride_n, dx_stride_n, scale, shift,
+                    mean, mean_dy, projection, first_tile, last_tile, s_blocks, N, group_run(S, GROUP, ALIGN),
                     TRAINING, RELU, ACC, ROWS, BLOCK_S, OFFSET_64)
 
 
@@ -593,10 +526,10 @@ def single_pass_backward_channels_first(
 ):
     # One program per channel (group): the sums, then dx from a second pass that finds dy and x in cache.
     group = _group(OFFSET_64)
-    c0, c, cols = _channels(group, S, BLOCK_S, GROUP)
-    run = _run(S, GROUP, ALIGN)
-    dy_ptr += _offset(c0, dy_stride_c, ALIGN)
-    x_ptr += _offset(c0, x_stride_c, ALIGN)
+    c0, c, cols = group_channels(group, S, BLOCK_S, GROUP)
+    run = group_run(S, GROUP, ALIGN)
+    dy_ptr += group_offset(c0, dy_stride_c, ALIGN)
+    x_ptr += group_offset(c0, x_stride_c, ALIGN)
     mean = tl.load(mean_ptr + c).to(ACC)
     invstd = tl.load(invstd_ptr + c).to(ACC)
     scale, shift = _affine(c, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS and RELU, ACC)
@@ -609,8 +542,228 @@ def single_pass_backward_channels_first(
         store_gradients(cols, cols < C, sum_dy, sum_dy_xmu, tl.load(invstd_ptr + cols).to(ACC), grad_weight_ptr,
                         grad_bias_ptr)
     if NEED_INPUT_GRAD:
-        mean_dy = _to_lanes(sum_dy, c - c0, GROUP) * inv_count
-        projection = _to_lanes(sum_dy_xmu, c - c0, GROUP) * invstd * invstd * inv_count
-        _input_gradient(dy_ptr, x_ptr, dx_ptr + _offset(c0, dx_stride_c, ALIGN), dy_stride_n, x_stride_n,
+        mean_dy = to_lanes(sum_dy, c - c0, GROUP) * inv_count
+        projection = to_lanes(sum_dy_xmu, c - c0, GROUP) * invstd * invstd * inv_count
+        _input_gradient(dy_ptr, x_ptr, dx_ptr + group_offset(c0, dx_stride_c, ALIGN), dy_stride_n, x_stride_n,
                         dx_stride_n, scale, shift, mean, mean_dy, projection, 0, total_tiles, s_blocks, N, run,
                         TRAINING, RELU, ACC, ROWS, BLOCK_S, OFFSET_64)
+
+
+# ---- on-chip kernels: x (and dy) read once -------------------------------------------------------
+# A program holds HELD_ROWS // ROWS consecutive tiles of its channel group as one [HELD_ROWS, BLOCK_S]
+# block in registers: its statistics (or gradient sums) and the elementwise pass both come from that
+# block. EXCHANGE: several programs (splits) share a channel group; each publishes its partials, waits
+# for the group's others (group_barrier.wait_for_group), and merges the group's partials in split
+# order, so every program of the group finalizes the same bits. Without it, a program holds whole
+# channel groups and walks them (grid-stride), its loop software-pipelined over STAGES: the next
+# group's copies are in flight while it reduces and normalizes the current one.
+
+@triton.jit
+def _held_tiles(first_tile, last_tile, s_blocks, N, S, HELD_ROWS: tl.constexpr, ROWS: tl.constexpr,
+                BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr):
+    """Batch rows n [HELD_ROWS], spatial columns s [HELD_ROWS, BLOCK_S] and the validity mask of the
+    tiles [first_tile, last_tile) stacked as one block, tile after tile (rows past last_tile masked)."""
+    h = tl.arange(0, HELD_ROWS)
+    tile = first_tile + h // ROWS
+    n_block = tile // s_blocks
+    s_block = tile - n_block * s_blocks
+    n = n_block * ROWS + h % ROWS
+    if OFFSET_64:
+        n = n.to(tl.int64)
+    s = (s_block * BLOCK_S)[:, None] + tl.arange(0, BLOCK_S)[None, :]
+    mask = ((tile < last_tile) & (n < N))[:, None] & (s < S)
+    return n, s, mask
+
+
+@triton.jit
+def _held_moments(x, mask, shift, lane_channel, run, ACC: tl.constexpr, BLOCK_S: tl.constexpr, GROUP: tl.constexpr):
+    """(count, mean - shift, M2) per channel of a held block: the mean first, then the squared
+    deviations from it -- both passes over registers."""
+    shifted = tl.where(mask, x - shift, 0.0)
+    count = per_channel(mask.to(ACC), run, BLOCK_S, GROUP)
+    mean_shifted = per_channel(shifted, run, BLOCK_S, GROUP) / count
+    deviation = tl.where(mask, shifted - to_lanes(mean_shifted, lane_channel, GROUP), 0.0)
+    return count, mean_shifted, per_channel(deviation * deviation, run, BLOCK_S, GROUP)
+
+
+@triton.jit
+def _work_item(item, splits, held_tiles, total_tiles, OFFSET_64: tl.constexpr):
+    """(channel group, split, first tile, end tile) of work item `item` (group-major)."""
+    if OFFSET_64:
+        item = item.to(tl.int64)
+    group = item // splits
+    split = item - group * splits
+    first_tile = split * held_tiles
+    return group, split, first_tile, tl.minimum(first_tile + held_tiles, total_tiles)
+
+
+@triton.jit
+def _on_chip_forward_item(
+    item, x_ptr, y_ptr, residual_ptr, partial_count_ptr, partial_mean_ptr, partial_m2_ptr, counter_ptr,
+    mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, weight_ptr, bias_ptr,
+    N, C, S, x_stride_n, x_stride_c, y_stride_n, y_stride_c, momentum, eps, s_blocks, total_tiles, splits,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr,
+    CUMULATIVE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, HELD_ROWS: tl.constexpr, OFFSET_64: tl.constexpr,
+    GROUP: tl.constexpr, ALIGN: tl.constexpr, EXCHANGE: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+):
+    group, split, first_tile, last_tile = _work_item(item, splits, HELD_ROWS // ROWS, total_tiles, OFFSET_64)
+    c0, c, cols = group_channels(group, S, BLOCK_S, GROUP)
+    run = group_run(S, GROUP, ALIGN)
+    n, s, mask = _held_tiles(first_tile, last_tile, s_blocks, N, run, HELD_ROWS, ROWS, BLOCK_S, OFFSET_64)
+    x = tl.load(x_ptr + group_offset(c0, x_stride_c, ALIGN) + n[:, None] * x_stride_n + s, mask=mask, other=0.0).to(ACC)
+    lane_shift = finite_shift(tl.load(x_ptr + c * x_stride_c).to(ACC))
+    count, mean_shifted, m2 = _held_moments(x, mask, lane_shift, c - c0, run, ACC, BLOCK_S, GROUP)
+    if EXCHANGE:
+        out = split * C + cols
+        tl.store(partial_count_ptr + out, count)
+        tl.store(partial_mean_ptr + out, mean_shifted)
+        tl.store(partial_m2_ptr + out, m2)
+        wait_for_group(counter_ptr, group, splits)
+        group_cols = c0 + tl.arange(0, GROUP)
+        count, mean_shifted, m2 = merged_shifted(partial_count_ptr, partial_mean_ptr, partial_m2_ptr, group_cols,
+                                                 group_cols < C, splits, C, ACC, BLOCK_SPLITS, GROUP)
+        leave_group(counter_ptr, group, splits)
+        if GROUP == 1:  # [1] vectors back to scalars
+            count = tl.sum(count, axis=0)
+            mean_shifted = tl.sum(mean_shifted, axis=0)
+            m2 = tl.sum(m2, axis=0)
+    if GROUP == 1:
+        mean = lane_shift + mean_shifted
+        writes = split == 0
+    else:
+        mean = finite_shift(tl.load(x_ptr + cols * x_stride_c).to(ACC)) + mean_shifted
+        writes = (cols < C) & (split + tl.zeros([GROUP], tl.int32) == 0)  # (the interpreter's masks are not
+                                                                         # broadcast from a scalar)
+    # Every program of the group computes the same statistics; the first split writes them.
+    invstd = store_statistics(cols, writes, count, mean, m2, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr,
+                              num_batches_tracked_ptr, momentum, eps, HAS_RUNNING_STATS, CUMULATIVE, ACC)
+    scale, bias = _affine(c, to_lanes(invstd, c - c0, GROUP), weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC)
+    y = (x - to_lanes(mean, c - c0, GROUP)) * scale + bias
+    y_offsets = group_offset(c0, y_stride_c, ALIGN) + n[:, None] * y_stride_n + s
+    if HAS_RESIDUAL:  # laid out as the output
+        y += tl.load(residual_ptr + y_offsets, mask=mask, other=0.0).to(ACC)
+    if RELU:
+        y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def on_chip_forward_channels_first(
+    x_ptr,           # input (N, C, S)
+    y_ptr,           # output (N, C, S), in the input's dtype; strides may differ from x
+    residual_ptr,    # (N, C, S) added before the activation when HAS_RESIDUAL; the output's strides
+    partial_count_ptr, partial_mean_ptr, partial_m2_ptr,  # (splits, C) when EXCHANGE: see statistics_channels_first
+    counter_ptr,     # int32 zeros, left at zero: a barrier per channel group (EXCHANGE), then the
+                     # batch counter's ticket (COUNT_BATCH and CUMULATIVE)
+    mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,  # see store_statistics
+    weight_ptr,      # (C,) scale, when HAS_WEIGHT
+    bias_ptr,        # (C,) shift, when HAS_BIAS
+    N, C, S, x_stride_n, x_stride_c, y_stride_n, y_stride_c, momentum: tl.float64, eps: tl.float64,
+    s_blocks, total_tiles, splits, items,  # items: channel groups x splits
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr,
+    CUMULATIVE: tl.constexpr, COUNT_BATCH: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, HELD_ROWS: tl.constexpr, OFFSET_64: tl.constexpr,
+    GROUP: tl.constexpr, ALIGN: tl.constexpr, EXCHANGE: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """Training forward reading x once: statistics, running statistics and normalize, one work item
+    (a channel group's split) a program with EXCHANGE, else every items-th from this program's."""
+    # With EXCHANGE the grid is `items` programs, all resident: one item each.
+    for item in tl.range(tl.program_id(0), items, tl.num_programs(0), num_stages=STAGES):
+        _on_chip_forward_item(item, x_ptr, y_ptr, residual_ptr, partial_count_ptr, partial_mean_ptr,
+                              partial_m2_ptr, counter_ptr, mean_ptr, invstd_ptr, running_mean_ptr,
+                              running_var_ptr, num_batches_tracked_ptr, weight_ptr, bias_ptr, N, C, S,
+                              x_stride_n, x_stride_c, y_stride_n, y_stride_c, momentum, eps, s_blocks,
+                              total_tiles, splits, HAS_WEIGHT, HAS_BIAS, HAS_RUNNING_STATS, CUMULATIVE,
+                              HAS_RESIDUAL, RELU, ACC, ROWS, BLOCK_S, HELD_ROWS, OFFSET_64, GROUP, ALIGN,
+                              EXCHANGE, BLOCK_SPLITS)
+    if COUNT_BATCH:
+        if CUMULATIVE:  # every program read the count in store_statistics: the last counts the batch
+            if EXCHANGE:  # the ticket follows the groups' barriers
+                counter_ptr += items // splits
+            count_batch_after_every_read(num_batches_tracked_ptr, counter_ptr)
+        else:
+            count_batch(num_batches_tracked_ptr, tl.program_id(0) == 0)
+
+
+@triton.jit
+def _on_chip_backward_item(
+    item, dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, partial_sum_dy_ptr,
+    partial_sum_dy_xmu_ptr, counter_ptr, grad_weight_ptr, grad_bias_ptr,
+    N, C, S, dy_stride_n, dy_stride_c, x_stride_n, x_stride_c, dx_stride_n, dx_stride_c, inv_count,
+    s_blocks, total_tiles, splits,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_INPUT_GRAD: tl.constexpr, RELU: tl.constexpr,
+    ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, HELD_ROWS: tl.constexpr, OFFSET_64: tl.constexpr,
+    GROUP: tl.constexpr, ALIGN: tl.constexpr, EXCHANGE: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+):
+    group, split, first_tile, last_tile = _work_item(item, splits, HELD_ROWS // ROWS, total_tiles, OFFSET_64)
+    c0, c, cols = group_channels(group, S, BLOCK_S, GROUP)
+    run = group_run(S, GROUP, ALIGN)
+    n, s, mask = _held_tiles(first_tile, last_tile, s_blocks, N, run, HELD_ROWS, ROWS, BLOCK_S, OFFSET_64)
+    dy = tl.load(dy_ptr + group_offset(c0, dy_stride_c, ALIGN) + n[:, None] * dy_stride_n + s, mask=mask,
+                 other=0.0).to(ACC)
+    x = tl.load(x_ptr + group_offset(c0, x_stride_c, ALIGN) + n[:, None] * x_stride_n + s, mask=mask, other=0.0).to(ACC)
+    mean = tl.load(mean_ptr + c).to(ACC)
+    invstd = tl.load(invstd_ptr + c).to(ACC)
+    scale, shift = _affine(c, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS and RELU, ACC)
+    centered = tl.where(mask, x - mean, 0.0)
+    if RELU:  # the forward's ReLU mask, recomputed from x (see _gradient_sums)
+        dy = tl.where(centered * scale + shift <= 0.0, 0.0, dy)
+    sum_dy = per_channel(dy, run, BLOCK_S, GROUP)
+    sum_dy_xmu = per_channel(dy * centered, run, BLOCK_S, GROUP)
+    if EXCHANGE:
+        out = split * C + cols
+        tl.store(partial_sum_dy_ptr + out, sum_dy)
+        tl.store(partial_sum_dy_xmu_ptr + out, sum_dy_xmu)
+        wait_for_group(counter_ptr, group, splits)
+        group_cols = c0 + tl.arange(0, GROUP)
+        sum_dy, sum_dy_xmu = summed_partials(partial_sum_dy_ptr, partial_sum_dy_xmu_ptr, group_cols, group_cols < C,
+                                             splits, C, ACC, BLOCK_SPLITS, GROUP)
+        leave_group(counter_ptr, group, splits)
+        if GROUP == 1:
+            sum_dy = tl.sum(sum_dy, axis=0)
+            sum_dy_xmu = tl.sum(sum_dy_xmu, axis=0)
+    if GROUP == 1:
+        store_gradients(c, split == 0, sum_dy, sum_dy_xmu, invstd, grad_weight_ptr, grad_bias_ptr)
+    else:
+        store_gradients(cols, (cols < C) & (split + tl.zeros([GROUP], tl.int32) == 0), sum_dy, sum_dy_xmu,
+                        tl.load(invstd_ptr + cols).to(ACC), grad_weight_ptr, grad_bias_ptr)
+    if NEED_INPUT_GRAD:
+        mean_dy = to_lanes(sum_dy, c - c0, GROUP) * inv_count
+        projection = to_lanes(sum_dy_xmu, c - c0, GROUP) * invstd * invstd * inv_count
+        dx = scale * (dy - mean_dy - centered * projection)
+        tl.store(dx_ptr + group_offset(c0, dx_stride_c, ALIGN) + n[:, None] * dx_stride_n + s,
+                 dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def on_chip_backward_channels_first(
+    dy_ptr,          # gradient of the output (N, C, S)
+    x_ptr,           # input (N, C, S)
+    dx_ptr,          # gradient of the input (N, C, S), in the input's dtype, when NEED_INPUT_GRAD
+    mean_ptr,        # (C,) mean the forward normalized with
+    invstd_ptr,      # (C,) invstd the forward normalized with
+    weight_ptr,      # (C,) scale, when HAS_WEIGHT
+    bias_ptr,        # (C,) shift, when RELU and HAS_BIAS
+    partial_sum_dy_ptr, partial_sum_dy_xmu_ptr,  # (splits, C) when EXCHANGE: see gradient_sums_channels_first
+    counter_ptr,     # int32 zeros when EXCHANGE, left at zero: a barrier per channel group
+    grad_weight_ptr, grad_bias_ptr,  # see store_gradients
+    N, C, S, dy_stride_n, dy_stride_c, x_stride_n, x_stride_c, dx_stride_n, dx_stride_c,
+    inv_count,       # 1 / (N * S) as a float
+    s_blocks, total_tiles, splits, items,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_INPUT_GRAD: tl.constexpr, RELU: tl.constexpr,
+    ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, HELD_ROWS: tl.constexpr, OFFSET_64: tl.constexpr,
+    GROUP: tl.constexpr, ALIGN: tl.constexpr, EXCHANGE: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """Training backward reading dy and x once: dweight, dbias and dx, work items as in
+    on_chip_forward_channels_first."""
+    # With EXCHANGE the grid is `items` programs, all resident: one item each.
+    for item in tl.range(tl.program_id(0), items, tl.num_programs(0), num_stages=STAGES):
+        _on_chip_backward_item(item, dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr,
+                               partial_sum_dy_ptr, partial_sum_dy_xmu_ptr, counter_ptr, grad_weight_ptr,
+                               grad_bias_ptr, N, C, S, dy_stride_n, dy_stride_c, x_stride_n, x_stride_c,
+                               dx_stride_n, dx_stride_c, inv_count, s_blocks, total_tiles, splits, HAS_WEIGHT,
+                               HAS_BIAS, NEED_INPUT_GRAD, RELU, ACC, ROWS, BLOCK_S, HELD_ROWS, OFFSET_64, GROUP,
+                               ALIGN, EXCHANGE, BLOCK_SPLITS)

@@ -13,6 +13,9 @@ Split path (several programs per channel), in the order a training step runs the
 Single-pass path (one program per channel block, when that fills the GPU or the input is small):
     single_pass_forward_channels_last  statistics, running stats and normalize in one launch
     single_pass_backward_channels_last dweight, dbias and dx in one launch
+On-chip path (the input held in registers: read once; see the section at the end of this file):
+    on_chip_forward_channels_last      statistics, running stats and normalize in one launch
+    on_chip_backward_channels_last     dweight, dbias and dx in one launch
 The partials are merged by the last programs of each channel block to finish (FINALIZE, in two
 levels: finalize.finalize_statistics_of_group), or by the finalize kernels of finalize.py in a
 launch of their own (SyncBatchNorm's local moments).
@@ -21,8 +24,9 @@ import triton
 import triton.language as tl
 
 from .batch_counter import count_batch, count_batch_after_every_read
-from .finalize import (finalize_gradients_of_group, finalize_statistics_of_group, in_dtype, store_gradients,
-                       store_statistics)
+from .finalize import (finalize_gradients_of_group, finalize_statistics_of_group, in_dtype, merged_shifted,
+                       store_gradients, store_statistics, summed_partials)
+from .group_barrier import leave_group, wait_for_group
 from .moments import finite_shift, merge_moments
 
 
@@ -466,3 +470,169 @@ def single_pass_backward_channels_last(
         projection = sum_dy_xmu * invstd * invstd * inv_count
         _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_m, x_stride_m, dx_stride_m, cols, col_mask,
                         scale, shift, mean, mean_dy, projection, 0, M, TRAINING, RELU, ACC, BLOCK_M, OFFSET_64)
+
+
+# ---- on-chip kernels: x (and dy) read once -------------------------------------------------------
+# A program holds HELD_ROWS rows of its BLOCK_C channels in registers: its statistics (or gradient
+# sums) and the elementwise pass both come from that block. EXCHANGE and the walk without it as in
+# channels_first.py's on-chip kernels: the channel block is the group, a range of rows its split.
+
+@triton.jit
+def _held_rows(item, splits, M, C, HELD_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr):
+    """(channel block, split, rows [HELD_ROWS], channels [BLOCK_C], their mask, the block's mask) of a
+    work item (channel-block-major)."""
+    if OFFSET_64:
+        item = item.to(tl.int64)
+    block = item // splits
+    split = item - block * splits
+    rows = split * HELD_ROWS + tl.arange(0, HELD_ROWS)
+    cols = block * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    return block, split, rows, cols, col_mask, (rows < M)[:, None] & col_mask[None, :]
+
+
+@triton.jit
+def _on_chip_forward_item(
+    item, x_ptr, y_ptr, residual_ptr, partial_count_ptr, partial_mean_ptr, partial_m2_ptr, counter_ptr,
+    mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, weight_ptr, bias_ptr,
+    M, C, x_stride_m, y_stride_m, momentum, eps, splits,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr,
+    CUMULATIVE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    ACC: tl.constexpr, HELD_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
+    EXCHANGE: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+):
+    block, split, rows, cols, col_mask, mask = _held_rows(item, splits, M, C, HELD_ROWS, BLOCK_C, OFFSET_64)
+    first = col_mask & (split + tl.zeros([BLOCK_C], tl.int32) == 0)  # the first split's channels (the
+                                                                       # interpreter's masks are not
+                                                                       # broadcast from a scalar)
+    x = tl.load(x_ptr + _offsets(rows, cols, x_stride_m), mask=mask, other=0.0).to(ACC)
+    shift = finite_shift(tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(ACC))
+    # Moments of the held rows: the mean first, then the squared deviations from it (registers only).
+    shifted = tl.where(mask, x - shift[None, :], 0.0)
+    count = tl.maximum(tl.sum(mask.to(ACC), axis=0), 1.0)  # (channels past C: no division by zero)
+    mean_shifted = tl.sum(shifted, axis=0) / count
+    deviation = tl.where(mask, shifted - mean_shifted[None, :], 0.0)
+    m2 = tl.sum(deviation * deviation, axis=0)
+    if EXCHANGE:
+        out = split * C + cols
+        tl.store(partial_count_ptr + out, count, mask=col_mask)
+        tl.store(partial_mean_ptr + out, mean_shifted, mask=col_mask)
+        tl.store(partial_m2_ptr + out, m2, mask=col_mask)
+        wait_for_group(counter_ptr, block, splits)
+        count, mean_shifted, m2 = merged_shifted(partial_count_ptr, partial_mean_ptr, partial_m2_ptr, cols, col_mask,
+                                                 splits, C, ACC, BLOCK_SPLITS, BLOCK_C)
+        leave_group(counter_ptr, block, splits)
+    mean = shift + mean_shifted
+    # Every program of the channel block computes the same statistics; the first split writes them.
+    invstd = store_statistics(cols, first, count, mean, m2, mean_ptr, invstd_ptr, running_mean_ptr,
+                              running_var_ptr, num_batches_tracked_ptr, momentum, eps, HAS_RUNNING_STATS, CUMULATIVE,
+                              ACC)
+    scale, bias = _affine(cols, col_mask, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC, BLOCK_C)
+    y = (x - mean[None, :]) * scale[None, :] + bias[None, :]
+    if HAS_RESIDUAL:  # laid out as the output
+        y += tl.load(residual_ptr + _offsets(rows, cols, y_stride_m), mask=mask, other=0.0).to(ACC)
+    if RELU:
+        y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    tl.store(y_ptr + _offsets(rows, cols, y_stride_m), y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def on_chip_forward_channels_last(
+    x_ptr,           # input (M, C)
+    y_ptr,           # output (M, C), in the input's dtype; row stride may differ from x
+    residual_ptr,    # (M, C) added before the activation when HAS_RESIDUAL; the output's row stride
+    partial_count_ptr, partial_mean_ptr, partial_m2_ptr,  # (splits, C) when EXCHANGE: see statistics_channels_last
+    counter_ptr,     # int32 zeros, left at zero: a barrier per channel block (EXCHANGE), then the
+                     # batch counter's ticket (COUNT_BATCH and CUMULATIVE)
+    mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,  # see store_statistics
+    weight_ptr,      # (C,) scale, when HAS_WEIGHT
+    bias_ptr,        # (C,) shift, when HAS_BIAS
+    M, C, x_stride_m, y_stride_m, momentum: tl.float64, eps: tl.float64,
+    splits, items,   # items: channel blocks x splits
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr,
+    CUMULATIVE: tl.constexpr, COUNT_BATCH: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    ACC: tl.constexpr, HELD_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
+    EXCHANGE: tl.constexpr, BLOCK_SPLITS: tl.constexpr, STAGES: tl.constexpr,
+):
+    """Training forward reading x once (see channels_first.on_chip_forward_channels_first)."""
+    # With EXCHANGE the grid is `items` programs, all resident: one item each.
+    for item in tl.range(tl.program_id(0), items, tl.num_programs(0), num_stages=STAGES):
+        _on_chip_forward_item(item, x_ptr, y_ptr, residual_ptr, partial_count_ptr, partial_mean_ptr,
+                              partial_m2_ptr, counter_ptr, mean_ptr, invstd_ptr, running_mean_ptr,
+                              running_var_ptr, num_batches_tracked_ptr, weight_ptr, bias_ptr, M, C, x_stride_m,
+                              y_stride_m, momentum, eps, splits, HAS_WEIGHT, HAS_BIAS, HAS_RUNNING_STATS,
+                              CUMULATIVE, HAS_RESIDUAL, RELU, ACC, HELD_ROWS, BLOCK_C, OFFSET_64, EXCHANGE,
+                              BLOCK_SPLITS)
+    if COUNT_BATCH:
+        if CUMULATIVE:  # every program read the count in store_statistics: the last counts the batch
+            if EXCHANGE:  # the ticket follows the groups' barriers
+                counter_ptr += items // splits
+            count_batch_after_every_read(num_batches_tracked_ptr, counter_ptr)
+        else:
+            count_batch(num_batches_tracked_ptr, tl.program_id(0) == 0)
+
+
+@triton.jit
+def _on_chip_backward_item(
+    item, dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, partial_sum_dy_ptr,
+    partial_sum_dy_xmu_ptr, counter_ptr, grad_weight_ptr, grad_bias_ptr,
+    M, C, dy_stride_m, x_stride_m, dx_stride_m, inv_count, splits,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_INPUT_GRAD: tl.constexpr, RELU: tl.constexpr,
+    ACC: tl.constexpr, HELD_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
+    EXCHANGE: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+):
+    block, split, rows, cols, col_mask, mask = _held_rows(item, splits, M, C, HELD_ROWS, BLOCK_C, OFFSET_64)
+    dy = tl.load(dy_ptr + _offsets(rows, cols, dy_stride_m), mask=mask, other=0.0).to(ACC)
+    x = tl.load(x_ptr + _offsets(rows, cols, x_stride_m), mask=mask, other=0.0).to(ACC)
+    mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+    invstd = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+    scale, shift = _affine(cols, col_mask, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS and RELU, ACC, BLOCK_C)
+    centered = tl.where(mask, x - mean[None, :], 0.0)
+    if RELU:  # the forward's ReLU mask, recomputed from x (see _gradient_sums)
+        dy = tl.where(centered * scale[None, :] + shift[None, :] <= 0.0, 0.0, dy)
+    sum_dy = tl.sum(dy, axis=0)
+    sum_dy_xmu = tl.sum(dy * centered, axis=0)
+    if EXCHANGE:
+        out = split * C + cols
+        tl.store(partial_sum_dy_ptr + out, sum_dy, mask=col_mask)
+        tl.store(partial_sum_dy_xmu_ptr + out, sum_dy_xmu, mask=col_mask)
+        wait_for_group(counter_ptr, block, splits)
+        sum_dy, sum_dy_xmu = summed_partials(partial_sum_dy_ptr, partial_sum_dy_xmu_ptr, cols, col_mask, splits, C,
+                                             ACC, BLOCK_SPLITS, BLOCK_C)
+        leave_group(counter_ptr, block, splits)
+    first = col_mask & (split + tl.zeros([BLOCK_C], tl.int32) == 0)
+    store_gradients(cols, first, sum_dy, sum_dy_xmu, invstd, grad_weight_ptr, grad_bias_ptr)
+    if NEED_INPUT_GRAD:
+        mean_dy = sum_dy * inv_count
+        projection = sum_dy_xmu * invstd * invstd * inv_count
+        dx = scale[None, :] * (dy - mean_dy[None, :] - centered * projection[None, :])
+        tl.store(dx_ptr + _offsets(rows, cols, dx_stride_m), dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def on_chip_backward_channels_last(
+    dy_ptr,          # gradient of the output (M, C)
+    x_ptr,           # input (M, C)
+    dx_ptr,          # gradient of the input (M, C), in the input's dtype, when NEED_INPUT_GRAD
+    mean_ptr,        # (C,) mean the forward normalized with
+    invstd_ptr,      # (C,) invstd the forward normalized with
+    weight_ptr,      # (C,) scale, when HAS_WEIGHT
+    bias_ptr,        # (C,) shift, when RELU and HAS_BIAS
+    partial_sum_dy_ptr, partial_sum_dy_xmu_ptr,  # (splits, C) when EXCHANGE: see gradient_sums_channels_last
+    counter_ptr,     # int32 zeros when EXCHANGE, left at zero: a barrier per channel block
+    grad_weight_ptr, grad_bias_ptr,  # see store_gradients
+    M, C, dy_stride_m, x_stride_m, dx_stride_m,
+    inv_count,       # 1 / M as a float
+    splits, items,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_INPUT_GRAD: tl.constexpr, RELU: tl.constexpr,
+    ACC: tl.constexpr, HELD_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
+    EXCHANGE: tl.constexpr, BLOCK_SPLITS: tl.constexpr, STAGES: tl.constexpr,
+):
+    """Training backward reading dy and x once (see channels_first.on_chip_backward_channels_first)."""
+    # With EXCHANGE the grid is `items` programs, all resident: one item each.
+    for item in tl.range(tl.program_id(0), items, tl.num_programs(0), num_stages=STAGES):
+        _on_chip_backward_item(item, dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr,
+                               partial_sum_dy_ptr, partial_sum_dy_xmu_ptr, counter_ptr, grad_weight_ptr,
+                               grad_bias_ptr, M, C, dy_stride_m, x_stride_m, dx_stride_m, inv_count, splits,
+                               HAS_WEIGHT, HAS_BIAS, NEED_INPUT_GRAD, RELU, ACC, HELD_ROWS, BLOCK_C, OFFSET_64,
+                               EXCHANGE, BLOCK_SPLITS)

@@ -10,7 +10,8 @@ graphs. Each program folds the splits in a fixed order (deterministic results).
     merge_ranks               merges every rank's (count, mean, M2), then store_statistics: SyncBatchNorm
 
 The two helpers also serve the single-pass kernels of channels_first.py / channels_last.py, whose
-programs own whole channels and need no partials.
+programs own whole channels and need no partials; merged_shifted and summed_partials also serve the
+on-chip kernels, whose programs merge their channel group's partials themselves.
 
 The split path's statistics and gradient-sums kernels can also finalize themselves, in the same
 launch (FINALIZE): each program counts itself done (`last_of_group`), and the last programs to
@@ -93,7 +94,7 @@ def _split_tile(start, splits, cols, col_mask, C, BLOCK_SPLITS: tl.constexpr):
 
 
 @triton.jit
-def _merged_shifted(
+def merged_shifted(
     partial_count_ptr, partial_mean_ptr, partial_m2_ptr,  # see finalize_statistics
     cols, col_mask, splits, C,
     ACC: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -131,14 +132,14 @@ def _merged_partials(
     ACC: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """(count, mean, m2) of each channel of cols, from its (splits, C) partials."""
-    count, mean_shifted, m2 = _merged_shifted(partial_count_ptr, partial_mean_ptr, partial_m2_ptr, cols, col_mask,
-                                              splits, C, ACC, BLOCK_SPLITS, BLOCK_C)
+    count, mean_shifted, m2 = merged_shifted(partial_count_ptr, partial_mean_ptr, partial_m2_ptr, cols, col_mask,
+                                             splits, C, ACC, BLOCK_SPLITS, BLOCK_C)
     mean = finite_shift(tl.load(shift_ptr + cols * shift_stride, mask=col_mask, other=0.0).to(ACC)) + mean_shifted
     return count, mean, m2
 
 
 @triton.jit
-def _summed(
+def summed_partials(
     first_ptr, second_ptr,    # (rows, C) partial sums
     cols, col_mask, rows, C,
     ACC: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -148,7 +149,7 @@ def _summed(
     second = tl.zeros([BLOCK_C], ACC)
     for start in range(0, rows, BLOCK_SPLITS):
         offsets, mask = _split_tile(start, rows, cols, col_mask, C, BLOCK_SPLITS)
-        # .cg: see _merged_shifted.
+        # .cg: see merged_shifted.
         first += tl.sum(tl.load(first_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg").to(ACC), axis=0)
         second += tl.sum(tl.load(second_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg").to(ACC), axis=0)
     return first, second
@@ -275,8 +276,8 @@ def finalized_gradients(
     ACC: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """finalize_gradients for the channels `cols`: the separate kernel and the fused finalize."""
-    sum_dy, sum_dy_xmu = _summed(partial_sum_dy_ptr, partial_sum_dy_xmu_ptr, cols, col_mask, splits, C, ACC,
-                                 BLOCK_SPLITS, BLOCK_C)
+    sum_dy, sum_dy_xmu = summed_partials(partial_sum_dy_ptr, partial_sum_dy_xmu_ptr, cols, col_mask, splits, C,
+                                         ACC, BLOCK_SPLITS, BLOCK_C)
     invstd = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     tl.store(sum_dy_ptr + cols, sum_dy, mask=col_mask)
     tl.store(sum_dy_xmu_ptr + cols, sum_dy_xmu, mask=col_mask)
@@ -316,9 +317,9 @@ def finalize_statistics_of_group(
     split_groups = tl.cdiv(splits, group_splits)
     group, first, rows, level_1 = _split_group(split, group_index, splits, group_splits)
     if last_of_group(counter_ptr, level_1, rows):
-        count, mean_shifted, m2 = _merged_shifted(partial_count_ptr + first * C, partial_mean_ptr + first * C,
-                                                  partial_m2_ptr + first * C, cols, col_mask, rows, C, ACC,
-                                                  BLOCK_SPLITS, BLOCK_C)
+        count, mean_shifted, m2 = merged_shifted(partial_count_ptr + first * C, partial_mean_ptr + first * C,
+                                                 partial_m2_ptr + first * C, cols, col_mask, rows, C, ACC,
+                                                 BLOCK_SPLITS, BLOCK_C)
         out = (splits + group) * C + cols
         tl.store(partial_count_ptr + out, count, mask=col_mask)
         tl.store(partial_mean_ptr + out, mean_shifted, mask=col_mask)
@@ -347,8 +348,8 @@ def finalize_gradients_of_group(
     split_groups = tl.cdiv(splits, group_splits)
     group, first, rows, level_1 = _split_group(split, group_index, splits, group_splits)
     if last_of_group(counter_ptr, level_1, rows):
-        sum_dy, sum_dy_xmu = _summed(partial_sum_dy_ptr + first * C, partial_sum_dy_xmu_ptr + first * C, cols,
-                                     col_mask, rows, C, ACC, BLOCK_SPLITS, BLOCK_C)
+        sum_dy, sum_dy_xmu = summed_partials(partial_sum_dy_ptr + first * C, partial_sum_dy_xmu_ptr + first * C,
+                                             cols, col_mask, rows, C, ACC, BLOCK_SPLITS, BLOCK_C)
         out = (splits + group) * C + cols
         tl.store(partial_sum_dy_ptr + out, sum_dy, mask=col_mask)
         tl.store(partial_sum_dy_xmu_ptr + out, sum_dy_xmu, mask=col_mask)

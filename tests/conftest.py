@@ -55,17 +55,28 @@ def poisoned(monkeypatch):
                         lambda shape, dtype, device, slot=0: empty(shape, dtype, device))
 
 
-@pytest.fixture(params=["split", pytest.param("single-pass", marks=pytest.mark.slow)])
+# Input bytes an on-chip program holds in the interpreter's "on-chip" kernel path: four of its tiles
+# (INTERPRETER_TUNING.tile_bytes), so that the tests' small shapes take the on-chip kernels, both the
+# exchange (several programs per channel) and the walk (whole channels a program).
+INTERPRETER_ON_CHIP_BYTES = 1024
+
+
+@pytest.fixture(params=["split", pytest.param("single-pass", marks=pytest.mark.slow),
+                        pytest.param("on-chip", marks=pytest.mark.slow)])
 def kernel_path(request, monkeypatch):
-    """Run a test on both kernel paths: several programs per channel (statistics, finalize,
-    normalize) and one program per channel (the single-pass kernels; make test-fast leaves those
-    out, make test runs both)."""
+    """Run a test on every kernel path: several programs per channel (statistics, finalize,
+    normalize), one program per channel (the single-pass kernels) and x held on chip (the on-chip
+    kernels, where the shape fits; the split path where not). make test-fast runs the first alone."""
     import dataclasses
 
     import bn_gpu.backends.plan
 
-    programs_per_sm = 64 if request.param == "split" else 0
+    programs_per_sm = 0 if request.param == "single-pass" else 64
     for name in ("INTERPRETER_TUNING", "GPU_TUNING"):
-        tuning = getattr(bn_gpu.backends.plan, name)
-        monkeypatch.setattr(bn_gpu.backends.plan, name, dataclasses.replace(tuning, programs_per_sm=programs_per_sm))
+        tuning = dataclasses.replace(getattr(bn_gpu.backends.plan, name), programs_per_sm=programs_per_sm)
+        if request.param != "on-chip":
+            tuning = dataclasses.replace(tuning, on_chip_bytes=0)
+        elif name == "INTERPRETER_TUNING":
+            tuning = dataclasses.replace(tuning, on_chip_bytes=INTERPRETER_ON_CHIP_BYTES)
+        monkeypatch.setattr(bn_gpu.backends.plan, name, tuning)
     return request.param

@@ -1,10 +1,11 @@
 """The control flow of every op on the GPU backends, written once.
 
-    forward_train  statistics, finalized by its last programs -> normalize (split plan), or one
-                   single-pass kernel
+    forward_train  one on-chip kernel where x fits on chip (read once), else statistics, finalized
+                   by its last programs -> normalize (split plan), or one single-pass kernel
     forward_eval   one normalize pass with the running statistics
-    backward       gradient sums, finalized by its last programs -> input gradient (split plan), or
-                   one single-pass kernel; in eval with only dx needed, the input-gradient pass alone
+    backward       in training, one on-chip kernel where x and dy fit on chip, else gradient sums,
+                   finalized by its last programs -> input gradient (split plan), or one
+                   single-pass kernel; in eval with only dx needed, the input-gradient pass alone
     SyncBatchNorm's steps, with bn_gpu.sync_batch_norm running the collectives between them:
                    local_moments (statistics -> finalize_moments), merge_ranks, normalize,
                    gradient_totals (gradient sums -> finalize), input_gradient
@@ -53,6 +54,13 @@ class KernelTable(Protocol):
         when relu; counter += 1 when given. With running statistics (eval), mean and invstd are
         taken from them and written out for the backward."""
 
+    def on_chip_forward(self, g: Geometry, x, y, mean, invstd, weight, bias, running_mean, running_var, counter,
+                        momentum: float | None, eps: float, partials, counters, residual=None,
+                        relu: bool = False) -> None:
+        """single_pass_forward's results from the on-chip kernel (g.on_chip): x read once. partials
+        (3, splits, C) when g.on_chip.exchange, else None; counters: int32 zeros, on_chip_counters(g)
+        of them, left at zero (or None when that is 0)."""
+
     def single_pass_forward(self, g: Geometry, x, y, mean, invstd, weight, bias, running_mean, running_var,
                             counter, momentum: float | None, eps: float, count_batch: bool, residual=None,
                             relu: bool = False, counters=None) -> None:
@@ -82,6 +90,12 @@ class KernelTable(Protocol):
     def single_pass_backward(self, g: Geometry, grad_y, x, grad_x, mean, invstd, weight, grad_weight,
                              grad_bias, training: bool, bias=None, relu: bool = False) -> None:
         """gradient sums, grad_weight, grad_bias and (grad_x given) dx in one launch (relu: as above)."""
+
+    def on_chip_backward(self, g: Geometry, grad_y, x, grad_x, mean, invstd, weight, grad_weight, grad_bias,
+                         partials, counters, bias=None, relu: bool = False) -> None:
+        """single_pass_backward's in training from the on-chip kernel (g.on_chip_backward): dy and x
+        read once. partials (2, splits, C) when g.on_chip_backward.exchange, else None; counters as
+        on_chip_forward's."""
 
     def finalize_moments(self, g: Geometry, x, partials, moments) -> None:
         """moments (2C + 1,): this process's count, C means, C M2s, from the statistics' partials."""
@@ -180,6 +194,19 @@ def _laid_out_as(residual, y):
     return residual if residual.stride() == y.stride() else _copied(residual, y.stride())
 
 
+def on_chip_counters(g: Geometry, plan, counting: bool) -> int:
+    """Counters of an on-chip kernel: a barrier per channel group (block) when its programs exchange,
+    then one ticket when `counting` (a cumulative average's batch counted after every read)."""
+    return (g.finalize_groups if plan.exchange else 0) + (1 if counting else 0)
+
+
+def _on_chip_buffers(g: Geometry, plan, rows: int, device, counting: bool = False) -> tuple:
+    """(partials, counters) of an on-chip kernel: the exchange's partials, (rows, splits, C)."""
+    partials = workspace((rows, plan.splits, g.C), g.stat_dtype, device) if plan.exchange else None
+    count = on_chip_counters(g, plan, counting)
+    return partials, finalize_counters(device, count) if count else None
+
+
 @_on_input_device
 def forward_train(kernels: KernelTable, x, weight, bias, running_mean, running_var, counter, momentum, eps,
                   residual=None, relu=False):
@@ -193,6 +220,11 @@ def forward_train(kernels: KernelTable, x, weight, bias, running_mean, running_v
         residual = _laid_out_as(residual, y)
     mean, invstd = empty(g.C, g.stat_dtype, device), empty(g.C, g.stat_dtype, device)
     cumulative = running_mean is not None and momentum is None
+    if g.on_chip is not None:
+        partials, counters = _on_chip_buffers(g, g.on_chip, 3, device, cumulative and counter is not None)
+        kernels.on_chip_forward(g, x, y, mean, invstd, weight, bias, running_mean, running_var, counter, momentum, eps,
+                                partials, counters, residual, relu)
+        return y, mean, invstd
     if g.single_pass:
         counting_last = cumulative and counter is not None
         kernels.single_pass_forward(g, x, y, mean, invstd, weight, bias, running_mean, running_var, counter,
@@ -250,7 +282,12 @@ def backward(kernels: KernelTable, grad_y, x, weight, mean, invstd, training, ne
             return x.new_empty(0), x.new_empty(0), x.new_empty(0)
         kernels.input_gradient(g, grad_y, x, grad_x, mean, invstd, weight, None, training=False, bias=bias, relu=relu)
         return grad_x, x.new_empty(0), x.new_empty(0)
-    if g.single_pass:
+    if training and g.on_chip_backward is not None:
+        grad_weight, grad_bias = empty(g.C, param_dtype, device), empty(g.C, param_dtype, device)
+        partials, counters = _on_chip_buffers(g, g.on_chip_backward, 2, device)
+        kernels.on_chip_backward(g, grad_y, x, grad_x, mean, invstd, weight, grad_weight, grad_bias, partials, counters,
+                                 bias=bias, relu=relu)
+    elif g.single_pass:
         grad_weight, grad_bias = empty(g.C, param_dtype, device), empty(g.C, param_dtype, device)
         kernels.single_pass_backward(g, grad_y, x, grad_x, mean, invstd, weight, grad_weight, grad_bias, training,
                                      bias=bias, relu=relu)

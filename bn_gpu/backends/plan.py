@@ -40,6 +40,10 @@ class Tuning:
                           # 0 for the plain loops
     max_block_s: int = 0  # channels-first: spatial positions per tile at most, 0 for the tile's (the
                           # CUDA C backend's: one turn of its block, see backends/cupy/table.py, tuning_for)
+    on_chip_bytes: int = 0  # input a program of the on-chip kernels holds in registers (x in the forward,
+                            # x and dy together in the backward), 0 for none: the two-pass plans alone
+                            # (see on_chip_plan)
+    on_chip_programs_per_sm: int = 2  # on-chip programs resident on an SM at once: bounds their grid
 
     def tile_elements(self, itemsize: int) -> int:
         return max(1, self.tile_bytes // itemsize)
@@ -59,13 +63,19 @@ def _tuning_from_environment(default: Tuning) -> Tuning:
                          f"{', '.join(f.name for f in dataclasses.fields(Tuning))}") from error
 
 
+# The on-chip kernels' slice: 64 KB a program of 8 warps is 64 fp32 registers a thread (32 for each
+# of x and dy in the backward), so that two programs under MAX_ON_CHIP_REGISTERS (128 a thread) share
+# an SM and hold half its 256 KB register file: 132 SMs of an H200 hold 17 MB of x in the forward
+# (8.6 MB of x and dy each in the backward). See on_chip_plan and docs/design.md, "One read on chip".
+ON_CHIP_BYTES = 65536
+
 # On a GPU: 16 KB tiles over 8 warps give each thread four 16-byte loads per tile in every dtype
 # (4096 fp32 or 8192 bf16 values), so 16-bit inputs keep as many bytes in flight as fp32; a lane
 # sums 8 tiles before the block reduces them. Tiles sized in values instead would leave 16-bit
 # inputs with half the bytes in flight (docs/design.md, "Tiles sized in bytes").
 GPU_TUNING = _tuning_from_environment(
     Tuning(tile_bytes=16384, programs_per_sm=4, max_block_c=128, finalize_tile=4096, num_warps=8, chunk_tiles=8,
-           split_max_registers=64, load_stages=3))
+           split_max_registers=64, load_stages=3, on_chip_bytes=ON_CHIP_BYTES, on_chip_programs_per_sm=2))
 # In the Triton interpreter: small tiles and few programs, so that tests on small shapes still
 # walk several tiles and chunks per program, several splits per channel and several finalize chunks.
 INTERPRETER_TUNING = Tuning(tile_bytes=256, programs_per_sm=2, max_block_c=4, finalize_tile=8, num_warps=1,
@@ -225,6 +235,59 @@ def channels_last_plan(M: int, C: int, itemsize: int, tuning: Tuning, sms: int) 
                             tuning.num_warps, tuning.chunk_tiles, tuning.split_max_registers, tuning.load_stages)
 
 
+@dataclass(frozen=True)
+class OnChipPlan:
+    """The on-chip kernels' launch: each program holds `held` tiles (channels-first) or rows
+    (channels-last) of one channel group (block) in registers. With splits > 1 (exchange) the
+    group's programs meet at a barrier, so the grid -- groups x splits programs -- must be resident
+    at once; with one split, `programs` programs walk the groups."""
+    held: int          # tiles or rows a program holds: a power of two
+    splits: int        # programs per channel group (block)
+    programs: int      # the grid
+    block_splits: int  # rows of partials a tile of the exchange's merge
+    load_stages: int   # the walk's pipeline: the next group's copies in flight (Tuning.load_stages)
+    resident: int      # programs per SM the exchange needs at once (0 for the walk)
+
+    @property
+    def exchange(self) -> bool:
+        return self.splits > 1
+
+
+def on_chip_plan(units: int, unit_values: int, groups: int, group_channels: int, itemsize: int, tuning: Tuning,
+                 sms: int, streams: int) -> OnChipPlan | None:
+    """Where x (and dy: streams = 2) fits on chip, the plan of the kernels that read it once; else None
+    (the two-pass plans). A channel group has `units` tiles (or rows) of `unit_values` values each.
+
+    A program holds Tuning.on_chip_bytes of registers, counted as values of the accumulation dtype
+    (16-bit inputs are widened as they are loaded, and held widened): held units x unit_values x
+    streams x 4 (8 in float64) bytes at most. Groups that fill the SMs' resident programs
+    (on_chip_programs_per_sm each) are held whole, one program walking several; fewer groups are
+    split so the resident programs all work, each holding an equal power-of-two share, as long as
+    the share fits. So the limit is the resident programs' registers: on an H200 (132 SMs, 2
+    programs of 64 KB each) 17 MB of fp32 x in the forward, 8.6 MB in the backward (x and dy), half
+    that of 16-bit x; docs/design.md, "One read on chip", has the numbers behind it."""
+    if not tuning.on_chip_bytes or units == 0:
+        return None
+    values = tuning.on_chip_bytes // (streams * max(4, itemsize))
+    most = values // unit_values  # units a program can hold
+    if most < 1:
+        return None
+    resident = tuning.on_chip_programs_per_sm * sms
+    spread = 1 if groups >= resident else resident // groups  # programs a group may have
+    # At least a tile's values a program where that fits: a small input is not spread over programs
+    # that would each merge more partials than they hold values.
+    enough = max(1, units * unit_values // tuning.tile_elements(itemsize))
+    held = min(next_power_of_2(cdiv(units, min(spread, enough))), 1 << (most.bit_length() - 1))
+    splits = cdiv(units, held)
+    if splits > spread:
+        return None
+    if splits == 1:
+        return OnChipPlan(held, 1, min(groups, resident), 1, tuning.load_stages, 0)
+    block_splits = min(next_power_of_2(splits), max(1, FUSED_FINALIZE_TILE // group_channels))
+    return OnChipPlan(held, splits, groups * splits, block_splits, tuning.load_stages,
+                      tuning.on_chip_programs_per_sm)
+
+
 # A fused finalize shares the reduction kernel's registers, so its tiles of partials stay small:
 # 512 values (2 per thread over 8 warps): larger tiles of partials would take the registers that
 # let another program share the SM.
@@ -270,6 +333,8 @@ class Geometry:
     read_strides: tuple | None       # x must first be copied into a layout the kernels read: its strides
     grad_read_strides: tuple | None  # the same for dy
     offset_64: bool      # some offset reaches 2**31: 64-bit index arithmetic
+    on_chip: OnChipPlan | None = None           # the training forward's plan when x fits on chip
+    on_chip_backward: OnChipPlan | None = None  # the training backward's when x and dy do
 
     @property
     def copy_input(self) -> bool:
@@ -361,8 +426,10 @@ def _cached_geometry(shape, x_strides, dtype, grad_strides, tuning: Tuning, sms:
     if family == CHANNELS_FIRST:
         adjacent = all(view(t).stride_c == S for t in tensors)
         plan = channels_first_plan(N, C, S, itemsize, tuning, sms, adjacent)
+        held = (plan.total_tiles, plan.rows * plan.block_s, cdiv(C, plan.group), plan.group)
     else:
         plan = channels_last_plan(N * S, C, itemsize, tuning, sms)
+        held = (N * S, plan.block_c, plan.c_blocks, plan.block_c)
     return Geometry(
         family=family, N=N, C=C, S=S, dtype=dtype, stat_dtype=stat_dtype(dtype), plan=plan,
         finalize=finalize_plan(plan.splits, C, tuning, sms, plan.group if family == CHANNELS_FIRST else plan.block_c),
@@ -370,4 +437,6 @@ def _cached_geometry(shape, x_strides, dtype, grad_strides, tuning: Tuning, sms:
         grad_y=None if grad_y is None else view(grad_y), out_strides=out.stride(),
         read_strides=x_read.stride() if x_read is not x else None,
         grad_read_strides=grad_y.stride() if grad_y is not None and grad_y.stride() != grad_strides else None,
-        offset_64=any(_end_offset(t) > 2**31 - 1 for t in tensors))
+        offset_64=any(_end_offset(t) > 2**31 - 1 for t in tensors),
+        on_chip=on_chip_plan(*held, itemsize, tuning, sms, streams=1),
+        on_chip_backward=on_chip_plan(*held, itemsize, tuning, sms, streams=2))

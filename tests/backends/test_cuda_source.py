@@ -184,9 +184,16 @@ def _check_arguments(launches, dtype) -> None:
         assert all(g > 0 for g in grid) and math.prod(block) == compilation.THREADS and block[0] <= 256
 
 
+@pytest.fixture
+def cuda_kernel_path(kernel_path):
+    """The kernel path as the CUDA C backend takes it: it has no on-chip kernels, so its plans are
+    the two-pass ones there (split, for these shapes)."""
+    return "split" if kernel_path == "on-chip" else kernel_path
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_launch_arguments_match_the_kernel_signatures(fake_cupy, layout, dtype, kernel_path):
+def test_launch_arguments_match_the_kernel_signatures(fake_cupy, layout, dtype, cuda_kernel_path):
     from support import make_input, make_params
 
     x = make_input((4, 6, 64, 64), dtype, layout)
@@ -199,7 +206,7 @@ def test_launch_arguments_match_the_kernel_signatures(fake_cupy, layout, dtype, 
 
     launched = [name.split("<")[0] for name, *_ in fake_cupy.launches]
     family = "first" if layout == "contiguous" else "last"
-    if kernel_path == "split":
+    if cuda_kernel_path == "split":
         # 2 launches each way: the reductions' finalizing instantiations, with the counters buffer.
         train_forward = [f"statistics_channels_{family}", f"normalize_channels_{family}"]
         train_backward = [f"gradient_sums_channels_{family}", f"input_gradient_channels_{family}"]
@@ -316,7 +323,7 @@ def test_channels_last_kernels_read_16_bytes_of_channels_where_c_allows(fake_cup
 @pytest.mark.parametrize("dtype, group, vec", [(torch.bfloat16, 8, 8), (torch.float32, 4, 4), (torch.float64, 2, 2)],
                          ids=str)
 def test_channels_first_blocks_own_channel_groups_where_rows_cannot_start_on_16_bytes(fake_cupy, dtype, group, vec,
-                                                                                      kernel_path):
+                                                                                      cuda_kernel_path):
     """7x7 planes: a block owns `group` adjacent channels, whose rows together start on 16 bytes, and
     reads them 16 bytes at a time; a misaligned view still takes the grouped kernels, value by value."""
     from support import make_input, make_params
@@ -334,7 +341,7 @@ def test_channels_first_blocks_own_channel_groups_where_rows_cannot_start_on_16_
     launch_all(x)
     g = cupy_backend.KERNELS.geometry(x)
     assert g.plan.group == group and g.plan.block_s >= group * 49
-    assert len(fake_cupy.launches) == (5 if kernel_path == "split" else 3)
+    assert len(fake_cupy.launches) == (5 if cuda_kernel_path == "split" else 3)
     for name, grid, block, _ in fake_cupy.launches:
         assert "_channels_first<" in name and name.endswith(", true>"), name  # GROUPED
         assert f", {vec}, " in name, name
@@ -350,7 +357,7 @@ def test_channels_first_blocks_own_channel_groups_where_rows_cannot_start_on_16_
 
 @pytest.mark.parametrize("dtype, vec", [(torch.bfloat16, 8), (torch.float32, 4)], ids=str)
 def test_channels_first_kernels_read_16_bytes_only_where_rows_hold_whole_groups(fake_cupy, dtype, vec,
-                                                                                kernel_path):
+                                                                                cuda_kernel_path):
     """The channels-first kernels have no value-by-value tail: they take 16-byte groups where S is a
     multiple of the width (as well as the strides and pointers), and a sliced view whose rows end
     mid-group, its pointer and strides aligned, is read value by value -- the statistics kernel too,
@@ -362,7 +369,7 @@ def test_channels_first_kernels_read_16_bytes_only_where_rows_hold_whole_groups(
     whole = make_input((256, C, 64), dtype, "contiguous")
     cupy_backend.forward_train(whole, weight, bias, running_mean, running_var, torch.tensor(3), 0.1, 1e-5)
     names = [name for name, *_ in fake_cupy.launches]
-    assert any(name.startswith("statistics_" if kernel_path == "split" else "single_pass_") for name in names)
+    assert any(name.startswith("statistics_" if cuda_kernel_path == "split" else "single_pass_") for name in names)
     assert all(f", {vec}, " in name for name in names if "finalize" not in name), names
     assert not cupy_backend.KERNELS.geometry(whole).channel_groups
     fake_cupy.launches.clear()

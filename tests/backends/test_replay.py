@@ -12,6 +12,7 @@ import bn_gpu
 from bn_gpu import reference
 from bn_gpu.backends import replay
 from bn_gpu.backends.plan import interpreting
+from bn_gpu.backends.triton import interpreter
 from bn_gpu.backends.triton import launcher as triton_launcher
 
 pytestmark = pytest.mark.skipif(not interpreting(), reason="runs the kernels in the Triton interpreter")
@@ -22,12 +23,15 @@ class InterpretedKernel:
     run() launches the JIT kernel on the grid and the runtime arguments and constexprs it is given."""
     function = packed_metadata = None
 
-    def __init__(self, kernel, counts):
-        self.kernel, self.counts = kernel, counts
+    def __init__(self, kernel, counts, concurrent=False):
+        self.kernel, self.counts, self.concurrent = kernel, counts, concurrent
 
     def run(self, grid_x, grid_y, grid_z, stream, function, metadata, hook, enter, leave, *arguments):
         self.counts["direct"] += 1
-        self.kernel[(grid_x, grid_y, grid_z)](*arguments)
+        if self.concurrent:  # programs that wait for each other (Site.resident), as the launcher runs them
+            interpreter.launch_concurrently(self.kernel, (grid_x, grid_y, grid_z), list(arguments), {})
+        else:
+            self.kernel[(grid_x, grid_y, grid_z)](*arguments)
 
 
 class InterpreterLauncher(triton_launcher.Launcher):
@@ -42,7 +46,8 @@ class InterpreterLauncher(triton_launcher.Launcher):
         """As Launcher._remember: the constexprs are the kernel's parameters after its runtime arguments."""
         constexprs = list(inspect.signature(site.kernel.fn).parameters)[runtime_args:]
         dims = (site.grid[0], site.grid[1] if len(site.grid) > 1 else 1, 1)
-        self.compiled[key] = (InterpretedKernel(site.kernel, self.counts), dims, [site.meta[c] for c in constexprs])
+        self.compiled[key] = (InterpretedKernel(site.kernel, self.counts, bool(site.resident)), dims,
+                              [site.meta[c] for c in constexprs])
 
 
 @pytest.fixture

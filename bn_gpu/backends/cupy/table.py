@@ -24,9 +24,11 @@ def tuning_for(tuning: plans.Tuning, itemsize: int) -> plans.Tuning:
     channels each, as the CUDA kernels have them (max_block_c does not enter channels-first plans),
     and channels-first tile rows of at most one turn of a block (THREADS groups of 16 bytes): a
     thread then walks down the tile and loads all its groups of it at once (kernels/cuda/channels_first.cuh,
-    tile_walk), where along rows of 1-3 groups it would load them one by one."""
+    tile_walk), where along rows of 1-3 groups it would load them one by one. The CUDA C backend has no
+    on-chip kernels: on_chip_bytes 0 keeps it on the two-pass plans."""
     vector = VECTOR_BYTES // itemsize
-    return dataclasses.replace(tuning, max_block_c=CHANNEL_THREADS * vector, max_block_s=THREADS * vector)
+    return dataclasses.replace(tuning, max_block_c=CHANNEL_THREADS * vector, max_block_s=THREADS * vector,
+                               on_chip_bytes=0)
 
 
 # ---- arguments --------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import triton
 
 from .. import replay
 from ..plan import interpreting
+from . import interpreter
 
 
 def no_launch_hooks() -> bool:
@@ -45,6 +46,9 @@ class Site:
     meta: dict        # constexprs, num_warps, maxnreg
     head: tuple       # the integer arguments between the pointers and the floats
     tail: tuple = ()  # the integer arguments after the floats
+    resident: int = 0  # programs an SM must hold at once, for a grid whose programs wait for each
+                       # other (the on-chip kernels' exchange), 0 for none: checked against the
+                       # compiled kernel's occupancy before its first launch (check_residency)
 
     def args(self, pointers: tuple, floats: tuple) -> list:
         """The kernel's runtime arguments in parameter order: pointers, head, floats, tail."""
@@ -60,6 +64,7 @@ class Launcher:
     def __init__(self, direct: bool | None = None):
         self.compiled = {}    # specialization key -> (compiled kernel, grid dims, constexpr values in order)
         self.replays = {}     # a forward call's signature -> its bn_gpu.backends.replay.Replay (or why there is none)
+        self.resident_checked = set()  # sites whose compiled kernel check_residency found resident
         if direct is None:
             direct = os.environ.get("BN_GPU_DIRECT_LAUNCH", "1") != "0"
         self.direct = direct and not interpreting()
@@ -73,6 +78,9 @@ class Launcher:
 
     def __call__(self, site: Site, pointers: tuple, floats: tuple = ()) -> None:
         """Launch site's kernel on these tensors (or None) and Python floats."""
+        if site.resident and not interpreting() and site not in self.resident_checked:
+            check_residency(site, site.args(pointers, floats))
+            self.resident_checked.add(site)
         key = None
         if self.direct and no_launch_hooks():
             key = self.key(site, pointers)
@@ -86,7 +94,7 @@ class Launcher:
                 except (TypeError, AttributeError):  # a launcher API other than the one this knows
                     self.direct = False
                     self.compiled.clear()
-        compiled = site.kernel[site.grid](*site.args(pointers, floats), **site.meta)
+        compiled = through_jit(site, site.args(pointers, floats))
         if key is not None and self.direct:
             self._remember(key, site, compiled, len(pointers) + len(site.head) + len(floats) + len(site.tail))
 
@@ -103,6 +111,41 @@ class Launcher:
         grid = site.grid
         dims = (grid[0], grid[1] if len(grid) > 1 else 1, 1)
         self.compiled[key] = (compiled, dims, [site.meta[p.name] for p in params])
+
+
+def through_jit(site: Site, args: list):
+    """Launch through the JIT; its compiled kernel (None in the interpreter). The interpreter runs the
+    programs of a grid that wait for each other (site.resident) concurrently, as a GPU does."""
+    if site.resident and interpreting():
+        interpreter.launch_concurrently(site.kernel, site.grid, args, site.meta)
+        return None
+    return site.kernel[site.grid](*args, **site.meta)
+
+
+def resident_programs(n_regs: int, shared: int, num_warps: int, device: int) -> int:
+    """Programs of a compiled kernel (registers a thread, bytes of shared memory) an SM holds at once."""
+    props = torch.cuda.get_device_properties(device)
+    threads = 32 * num_warps
+    registers = -(-max(1, n_regs) // 8) * 8 * threads  # allocated 8 a thread at a time (256 a warp)
+    limits = [getattr(props, "regs_per_multiprocessor", 65536) // registers,
+              getattr(props, "max_threads_per_multi_processor", 2048) // threads]
+    if shared:
+        # Hopper and Ampere reserve 1 KB of each block's shared memory for the system.
+        limits.append(getattr(props, "shared_memory_per_multiprocessor", 233472) // (shared + 1024))
+    return min(limits)
+
+
+def check_residency(site: Site, args: list) -> None:
+    """Raise unless an SM holds site.resident programs of the site's compiled kernel: programs that wait
+    for each other at a barrier would otherwise wait for programs that cannot start."""
+    compiled = site.kernel.warmup(*args, grid=site.grid, **site.meta)
+    getattr(compiled, "_init_handles", lambda: None)()
+    n_regs, shared = getattr(compiled, "n_regs", 0), compiled.metadata.shared
+    held = resident_programs(n_regs, shared, site.meta["num_warps"], torch.cuda.current_device())
+    if held < site.resident:
+        raise RuntimeError(f"bn_gpu: {site.kernel.__name__} compiled to {n_regs} registers a thread and {shared} "
+                           f"bytes of shared memory: an SM holds {held} of its programs, its grid needs "
+                           f"{site.resident}; set BN_GPU_TUNING=on_chip_bytes=0 to use the two-pass kernels")
 
 
 launch = Launcher()

@@ -31,6 +31,10 @@ KERNELS_BY_JOB = {
     ("input_gradient", False): cl.input_gradient_channels_last,
     ("single_pass_backward", True): cf.single_pass_backward_channels_first,
     ("single_pass_backward", False): cl.single_pass_backward_channels_last,
+    ("on_chip_forward", True): cf.on_chip_forward_channels_first,
+    ("on_chip_forward", False): cl.on_chip_forward_channels_last,
+    ("on_chip_backward", True): cf.on_chip_backward_channels_first,
+    ("on_chip_backward", False): cl.on_chip_backward_channels_last,
 }
 
 MAX_REGISTERS = 128  # per thread: 2 programs of 256 threads per SM
@@ -204,6 +208,46 @@ def single_pass_backward_site(g: Geometry, has_weight: bool, has_bias: bool, tra
     return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, TRAINING=training,
                                    NEED_INPUT_GRAD=need_input_grad, RELU=relu, **meta),
                 head=(*g.sizes, *g.grad_y.strides, *g.x.strides, *g.out.strides), tail=g.single_pass_tiling)
+
+
+def on_chip_config(g: Geometry, job: str) -> tuple:
+    """(kernel, grid, constexprs and warps, the work's integer arguments) of an on-chip kernel. The
+    exchange's programs are capped at MAX_REGISTERS, which holds Tuning.on_chip_programs_per_sm (2)
+    of them per SM whatever the compiler would take (the launcher checks it: Site.resident); the walk
+    pipelines its loop over groups (Tuning.load_stages) instead."""
+    p = g.plan
+    on_chip = g.on_chip if job == "on_chip_forward" else g.on_chip_backward
+    kernel = KERNELS_BY_JOB[job, g.channels_first]
+    if g.channels_first:
+        blocks = dict(ROWS=p.rows, BLOCK_S=p.block_s, HELD_ROWS=on_chip.held * p.rows, GROUP=p.group, ALIGN=p.align)
+        work = (p.s_blocks, p.total_tiles, on_chip.splits, g.finalize_groups * on_chip.splits)
+    else:
+        blocks = dict(HELD_ROWS=on_chip.held, BLOCK_C=p.block_c)
+        work = (on_chip.splits, p.c_blocks * on_chip.splits)
+    meta = dict(ACC=accumulation(g), OFFSET_64=g.offset_64, num_warps=p.num_warps, EXCHANGE=on_chip.exchange,
+                BLOCK_SPLITS=on_chip.block_splits, STAGES=1 if on_chip.exchange else max(1, on_chip.load_stages),
+                **blocks)
+    if on_chip.exchange:
+        meta["maxnreg"] = MAX_REGISTERS
+    return kernel, (on_chip.programs,), meta, work, on_chip.resident
+
+
+@functools.lru_cache(maxsize=4096)
+def on_chip_forward_site(g: Geometry, has_weight: bool, has_bias: bool, tracked: bool, cumulative: bool,
+                         count_batch: bool, has_residual: bool, relu: bool) -> Site:
+    kernel, grid, meta, work, resident = on_chip_config(g, "on_chip_forward")
+    return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_RUNNING_STATS=tracked,
+                                   CUMULATIVE=cumulative, COUNT_BATCH=count_batch, HAS_RESIDUAL=has_residual,
+                                   RELU=relu, **meta),
+                head=(*g.sizes, *g.x.strides, *g.out.strides), tail=work, resident=resident)
+
+
+@functools.lru_cache(maxsize=4096)
+def on_chip_backward_site(g: Geometry, has_weight: bool, has_bias: bool, need_input_grad: bool, relu: bool) -> Site:
+    kernel, grid, meta, work, resident = on_chip_config(g, "on_chip_backward")
+    return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, NEED_INPUT_GRAD=need_input_grad,
+                                   RELU=relu, **meta),
+                head=(*g.sizes, *g.grad_y.strides, *g.x.strides, *g.out.strides), tail=work, resident=resident)
 
 
 @functools.lru_cache(maxsize=4096)

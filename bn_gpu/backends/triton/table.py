@@ -75,6 +75,27 @@ class TritonKernels:
                          weight, bias),
                         _momentum_and_eps(momentum, eps))
 
+    def on_chip_forward(self, g, x, y, mean, invstd, weight, bias, running_mean, running_var, counter, momentum, eps,
+                        partials, counters, residual=None, relu=False):
+        tracked = running_mean is not None
+        cumulative = tracked and momentum is None
+        count_batch = counter is not None
+        part_count, part_mean, m2 = partials if partials is not None else (None, None, None)
+        launcher.launch(sites.on_chip_forward_site(g, weight is not None, bias is not None, tracked, cumulative,
+                                                   count_batch, residual is not None, relu),
+                        (x, y, residual, part_count, part_mean, m2, counters, mean, invstd, running_mean, running_var,
+                         counter, weight, bias),
+                        _momentum_and_eps(momentum, eps))
+
+    def on_chip_backward(self, g, grad_y, x, grad_x, mean, invstd, weight, grad_weight, grad_bias, partials, counters,
+                         bias=None, relu=False):
+        sum_dy, sum_dy_xmu = partials if partials is not None else (None, None)
+        launcher.launch(sites.on_chip_backward_site(g, weight is not None, relu and bias is not None,
+                                                    grad_x is not None, relu),
+                        (grad_y, x, grad_x, mean, invstd, weight, bias if relu else None, sum_dy, sum_dy_xmu, counters,
+                         grad_weight, grad_bias),
+                        (1.0 / g.count,))
+
     def gradient_sums(self, g, grad_y, x, mean, partials, invstd=None, weight=None, bias=None, relu=False):
         self._gradient_sums(g, grad_y, x, mean, partials, invstd, weight, bias, relu)
 

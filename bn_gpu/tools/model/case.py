@@ -169,7 +169,7 @@ def dram_bytes(launch, case, target: Target, per_sm: int) -> float:
     streams = list(STREAMS[job])
     if job == "input_gradient" and op == "eval_bwd":
         streams = ["dy", "y"]
-    if op == "train_fwd_add_relu" and job in ("normalize", "single_pass_forward"):
+    if op == "train_fwd_add_relu" and job in ("normalize", "single_pass_forward", "on_chip_forward"):
         streams.append("residual")
     total = 0.0
     for stream in streams:
