@@ -55,10 +55,10 @@ def poisoned(monkeypatch):
                         lambda shape, dtype, device, slot=0: empty(shape, dtype, device))
 
 
-# Input bytes an on-chip program holds in the interpreter's "on-chip" kernel path: four of its tiles
+# Input bytes an SM holds in the interpreter's "on-chip" kernel path: eight of its tiles
 # (INTERPRETER_TUNING.tile_bytes), so that the tests' small shapes take the on-chip kernels, both the
 # exchange (several programs per channel) and the walk (whole channels a program).
-INTERPRETER_ON_CHIP_BYTES = 1024
+INTERPRETER_ON_CHIP_BYTES = 2048
 
 
 @pytest.fixture(params=["split", pytest.param("single-pass", marks=pytest.mark.slow),

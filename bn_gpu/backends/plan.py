@@ -40,8 +40,8 @@ class Tuning:
                           # 0 for the plain loops
     max_block_s: int = 0  # channels-first: spatial positions per tile at most, 0 for the tile's (the
                           # CUDA C backend's: one turn of its block, see backends/cupy/table.py, tuning_for)
-    on_chip_bytes: int = 0  # input a program of the on-chip kernels holds in registers (x in the forward,
-                            # x and dy together in the backward), 0 for none: the two-pass plans alone
+    on_chip_bytes: int = 0  # input an SM holds in registers in the on-chip kernels (x in the forward, x
+                            # and dy together in the backward), 0 for none: the two-pass plans alone
                             # (see on_chip_plan)
     on_chip_programs_per_sm: int = 2  # on-chip programs resident on an SM at once: bounds their grid
 
@@ -63,10 +63,11 @@ def _tuning_from_environment(default: Tuning) -> Tuning:
                          f"{', '.join(f.name for f in dataclasses.fields(Tuning))}") from error
 
 
-# The on-chip kernels' slice: 64 KB a program of 8 warps is 64 fp32 registers a thread (32 for each
-# of x and dy in the backward), so that two programs under MAX_ON_CHIP_REGISTERS (128 a thread) share
-# an SM and hold half its 256 KB register file: 132 SMs of an H200 hold 17 MB of x in the forward
-# (8.6 MB of x and dy each in the backward). See on_chip_plan and docs/design.md, "One read on chip".
+# The input an SM holds in the on-chip kernels: 64 KB, a quarter of its 256 KB register file. Two
+# exchanging programs of 8 warps, capped at 128 registers a thread to share an SM, hold 32 KB each:
+# 32 fp32 registers a thread, which left them without spills in the static model (64 KB each spilled
+# 250 B a thread); a walking program alone on its SM holds all 64 KB. See on_chip_plan and
+# docs/design.md, "One read on chip".
 ON_CHIP_BYTES = 65536
 
 # On a GPU: 16 KB tiles over 8 warps give each thread four 16-byte loads per tile in every dtype
@@ -258,22 +259,28 @@ def on_chip_plan(units: int, unit_values: int, groups: int, group_channels: int,
     """Where x (and dy: streams = 2) fits on chip, the plan of the kernels that read it once; else None
     (the two-pass plans). A channel group has `units` tiles (or rows) of `unit_values` values each.
 
-    A program holds Tuning.on_chip_bytes of registers, counted as values of the accumulation dtype
-    (16-bit inputs are widened as they are loaded, and held widened): held units x unit_values x
-    streams x 4 (8 in float64) bytes at most. Groups that fill the SMs' resident programs
-    (on_chip_programs_per_sm each) are held whole, one program walking several; fewer groups are
-    split so the resident programs all work, each holding an equal power-of-two share, as long as
-    the share fits. So the limit is the resident programs' registers: on an H200 (132 SMs, 2
-    programs of 64 KB each) 17 MB of fp32 x in the forward, 8.6 MB in the backward (x and dy), half
-    that of 16-bit x; docs/design.md, "One read on chip", has the numbers behind it."""
+    An SM holds Tuning.on_chip_bytes of the input in registers, counted as values of the accumulation
+    dtype (16-bit inputs are widened as they are loaded, and held widened), x and dy sharing it in the
+    backward. Groups that fill the SMs' resident programs (on_chip_programs_per_sm each) are held
+    whole, by one program an SM that walks several (alone on its SM, it holds the SM's share). Fewer
+    groups are split so the resident programs all work, each holding an equal power-of-two share of
+    a group within its part of the SM's (on_chip_bytes / on_chip_programs_per_sm), and meet at a
+    barrier. So the exchange's limit is the registers of the SMs: on an H200 (132 SMs, 64 KB each)
+    8.6 MB of fp32 x in the forward, 4.3 MB of x and dy each in the backward, half that of 16-bit x;
+    docs/design.md, "One read on chip", has the numbers behind it."""
     if not tuning.on_chip_bytes or units == 0:
         return None
-    values = tuning.on_chip_bytes // (streams * max(4, itemsize))
-    most = values // unit_values  # units a program can hold
+    values = tuning.on_chip_bytes // (streams * max(4, itemsize))  # an SM's share of each stream
+    resident = tuning.on_chip_programs_per_sm * sms
+    if groups >= resident:  # the groups fill the SMs: programs that walk whole groups, one an SM
+        held = next_power_of_2(units)
+        if held * unit_values > values:
+            return None
+        return OnChipPlan(held, 1, sms, 1, tuning.load_stages, 0)
+    most = values // tuning.on_chip_programs_per_sm // unit_values  # units a program can hold
     if most < 1:
         return None
-    resident = tuning.on_chip_programs_per_sm * sms
-    spread = 1 if groups >= resident else resident // groups  # programs a group may have
+    spread = resident // groups  # programs a group may have
     # At least a tile's values a program where that fits: a small input is not spread over programs
     # that would each merge more partials than they hold values.
     enough = max(1, units * unit_values // tuning.tile_elements(itemsize))
@@ -282,7 +289,7 @@ def on_chip_plan(units: int, unit_values: int, groups: int, group_channels: int,
     if splits > spread:
         return None
     if splits == 1:
-        return OnChipPlan(held, 1, min(groups, resident), 1, tuning.load_stages, 0)
+        return OnChipPlan(held, 1, groups, 1, tuning.load_stages, 0)
     block_splits = min(next_power_of_2(splits), max(1, FUSED_FINALIZE_TILE // group_channels))
     return OnChipPlan(held, splits, groups * splits, block_splits, tuning.load_stages,
                       tuning.on_chip_programs_per_sm)

@@ -39,16 +39,19 @@ def tuned(monkeypatch):
 # ---- the planner ----------------------------------------------------------------------------------
 
 def test_the_plan_holds_what_fits_and_no_more():
-    """At the limit: a program holds on_chip_bytes of accumulation-dtype values (x; x and dy in the
-    backward), 16-bit values counted widened; one value more and the two-pass plans remain."""
-    tuning = _tuning(256, 1024)  # 256 fp32 values a program
+    """At the limit: an SM holds on_chip_bytes of accumulation-dtype values (x; x and dy in the
+    backward), 16-bit values counted widened -- a walking program all of it, each of the two
+    exchanging programs of an SM half; one value more and the two-pass plans remain."""
+    tuning = _tuning(256, 1024)  # 256 fp32 values an SM, 128 an exchanging program
     # 4 channel groups of 8 tiles of 32 values: fill 4 x 2 resident programs -> 2 programs a group.
     plan = on_chip_plan(8, 32, 4, 1, 4, tuning, SMS, streams=1)
     assert plan == OnChipPlan(held=4, splits=2, programs=8, block_splits=2, load_stages=tuning.load_stages, resident=2)
     assert plan.exchange
-    # A program at the limit: 8 tiles of 32 values held by one program of each group (8 groups fill the GPU).
+    assert on_chip_plan(8, 32 + 1, 4, 1, 4, tuning, SMS, streams=1) is None  # a share of 132 values
+    # At the limit: 8 tiles of 32 values a group, held whole (8 groups fill the resident programs) by
+    # one program an SM that walks them.
     walk = on_chip_plan(8, 32, 8, 1, 4, tuning, SMS, streams=1)
-    assert walk.held * 32 == 256 and walk.splits == 1 and not walk.exchange and walk.programs == 8
+    assert walk.held * 32 == 256 and walk.splits == 1 and not walk.exchange and walk.programs == SMS
     assert walk.resident == 0
     assert on_chip_plan(8, 32 + 1, 8, 1, 4, tuning, SMS, streams=1) is None  # a value more than fits
     assert on_chip_plan(8, 32, 8, 1, 4, tuning, SMS, streams=2) is None      # the backward holds x and dy
@@ -60,7 +63,7 @@ def test_the_plan_holds_what_fits_and_no_more():
 
 
 def test_a_split_group_is_spread_over_the_resident_programs_and_no_further():
-    tuning = _tuning(256, 4096)  # 1024 fp32 values a program, tiles of 64 values
+    tuning = _tuning(256, 4096)  # 512 fp32 values an exchanging program, tiles of 64 values
     resident = SMS * tuning.on_chip_programs_per_sm
     plan = on_chip_plan(16, 64, 1, 1, 4, tuning, SMS, streams=1)  # one group of 16 tiles: 8 programs of 2
     assert (plan.splits, plan.held, plan.programs) == (8, 2, 8) and plan.programs <= resident
@@ -70,8 +73,9 @@ def test_a_split_group_is_spread_over_the_resident_programs_and_no_further():
     # Partials merge BLOCK_SPLITS rows at a time, FUSED_FINALIZE_TILE values of them in all.
     wide = on_chip_plan(64, 64, 1, 256, 4, dataclasses.replace(tuning, on_chip_programs_per_sm=8), SMS, 1)
     assert (wide.splits, wide.held) == (32, 2) and wide.block_splits == plans.FUSED_FINALIZE_TILE // 256
-    # A program holds no more than it can, however few splits the tiles would fill.
-    assert on_chip_plan(16, 64, 1, 1, 4, dataclasses.replace(tuning, tile_bytes=65536), SMS, 1).held == 16
+    # A program holds no more than its share, however few programs the values would fill.
+    fewer = on_chip_plan(16, 64, 1, 1, 4, dataclasses.replace(tuning, tile_bytes=65536), SMS, 1)
+    assert (fewer.held, fewer.splits) == (8, 2)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -81,7 +85,7 @@ def test_the_geometry_takes_the_on_chip_plan_up_to_the_limit(tuned, layout):
     from bn_gpu.backends.cupy import table as cuda_table
     from bn_gpu.backends.triton.table import KERNELS
 
-    tuned(_tuning(256, 1024))
+    tuned(_tuning(256, 2048))
     fits = make_input((4, 3, 5, 7), torch.float32, layout)
     g = KERNELS.geometry(fits)
     assert g.on_chip is not None and g.on_chip_backward is not None
@@ -95,14 +99,14 @@ def test_the_geometry_takes_the_on_chip_plan_up_to_the_limit(tuned, layout):
 # (shape, layout, tile_bytes, on_chip_bytes, dtype) -> (forward's mode, backward's mode) in the
 # interpreter's plans (4 SMs of 2 resident programs).
 CASES = {
-    ((4, 3, 5, 7), "contiguous", 256, 1024, torch.float32): ("exchange", "exchange"),
-    ((2, 6, 5, 7), "contiguous", 256, 1024, torch.float32): ("walk", "walk"),
-    ((4, 8, 7, 7), "contiguous", 1024, 8192, torch.float32): ("exchange", "exchange"),    # groups of 4 channels
-    ((4, 32, 7, 7), "contiguous", 1024, 8192, torch.float32): ("walk", "walk"),
-    ((4, 8, 7, 7), "contiguous", 1024, 8192, torch.bfloat16): ("exchange", "exchange"),   # groups of 8
-    ((4, 3, 5, 7), "channels_last", 256, 1024, torch.float32): ("exchange", "exchange"),
-    ((4, 3, 5, 7), "channels_last", 256, 1024, torch.bfloat16): ("exchange", "exchange"),
-    ((16, 5), "contiguous", 256, 1024, torch.float32): ("walk", "walk"),
+    ((4, 3, 5, 7), "contiguous", 256, 2048, torch.float32): ("exchange", "exchange"),
+    ((2, 6, 5, 7), "contiguous", 256, 2048, torch.float32): ("walk", "walk"),
+    ((4, 8, 7, 7), "contiguous", 1024, 16384, torch.float32): ("exchange", "exchange"),   # groups of 4 channels
+    ((4, 32, 7, 7), "contiguous", 1024, 16384, torch.float32): ("walk", "walk"),
+    ((4, 8, 7, 7), "contiguous", 1024, 16384, torch.bfloat16): ("exchange", "exchange"),  # groups of 8
+    ((4, 3, 5, 7), "channels_last", 256, 2048, torch.float32): ("exchange", "exchange"),
+    ((4, 3, 5, 7), "channels_last", 256, 2048, torch.bfloat16): ("exchange", "exchange"),
+    ((16, 5), "contiguous", 256, 2048, torch.float32): ("walk", "walk"),
 }
 
 
@@ -157,7 +161,7 @@ def test_the_exchange_is_deterministic_and_leaves_its_counters_at_zero(backend, 
     last), and the barriers' counters are zero again after each (the next launch, a graph replay)."""
     from bn_gpu.backends.triton.table import KERNELS
 
-    tuned(_tuning(256, 1024))
+    tuned(_tuning(256, 2048))
     x = make_input((4, 3, 5, 7), torch.float32, layout, device)
     grad_y = make_input((4, 3, 5, 7), torch.float32, layout, device, mean=0.0, std=1.0, seed=7)
     weight, bias, _, _ = make_params(3, torch.float32, device)

@@ -236,6 +236,8 @@ def on_chip_config(g: Geometry, job: str) -> tuple:
 def on_chip_forward_site(g: Geometry, has_weight: bool, has_bias: bool, tracked: bool, cumulative: bool,
                          count_batch: bool, has_residual: bool, relu: bool) -> Site:
     kernel, grid, meta, work, resident = on_chip_config(g, "on_chip_forward")
+    if has_residual:  # a second stream copied ahead would double the walk's shared memory past an SM's
+        meta = dict(meta, STAGES=1)
     return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_RUNNING_STATS=tracked,
                                    CUMULATIVE=cumulative, COUNT_BATCH=count_batch, HAS_RESIDUAL=has_residual,
                                    RELU=relu, **meta),
