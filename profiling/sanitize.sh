@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Run the GPU test subset under compute-sanitizer (memcheck, then racecheck) for each backend.
+# Run the GPU test subset under compute-sanitizer (memcheck, racecheck, initcheck) for each backend:
+# the split and single-pass kernels of both layouts (test_kernels, test_numerics: on every kernel
+# path, the on-chip one included) and the on-chip kernels' own tests.
 #
 #   profiling/sanitize.sh [pytest -k expression]
 #
@@ -12,10 +14,11 @@ expr=${1:-"not large and not two_to_the_31"}
 sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 status=0
 for backend in triton cupy; do
-  for tool in memcheck racecheck; do
+  for tool in memcheck racecheck initcheck; do
     echo "== compute-sanitizer --tool $tool, backend $backend"
     "$sanitizer" --tool "$tool" --error-exitcode 99 --target-processes all \
       python -m pytest -q -x -p no:cacheprovider tests/kernels/test_kernels.py tests/test_numerics.py \
+      tests/kernels/test_on_chip.py \
       -k "${backend}-cuda and ($expr)" || status=1
   done
 done

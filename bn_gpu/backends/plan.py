@@ -288,8 +288,8 @@ def on_chip_plan(units: int, unit_values: int, groups: int, group_channels: int,
     splits = cdiv(units, held)
     if splits > spread:
         return None
-    if splits == 1:
-        return OnChipPlan(held, 1, groups, 1, tuning.load_stages, 0)
+    if splits == 1:  # a group fits one program's share: walked, as above, by at most one program an SM
+        return OnChipPlan(held, 1, min(groups, sms), 1, tuning.load_stages, 0)
     block_splits = min(next_power_of_2(splits), max(1, FUSED_FINALIZE_TILE // group_channels))
     return OnChipPlan(held, splits, groups * splits, block_splits, tuning.load_stages,
                       tuning.on_chip_programs_per_sm)
