@@ -11,7 +11,10 @@ import sys
 
 import torch
 
-SHAPES = [(64, 64, 112, 112), (64, 2048, 7, 7), (16384, 2048), (8, 64, 16, 56, 56), (5, 3), (4, 3, 7, 9)]
+# (32, 128, 14, 14): the on-chip kernels' exchange, forward and backward, in both layouts; (64, 2048, 7, 7),
+# (5, 3) and (4, 3, 7, 9) their walk.
+SHAPES = [(64, 64, 112, 112), (64, 2048, 7, 7), (16384, 2048), (8, 64, 16, 56, 56), (32, 128, 14, 14), (5, 3),
+          (4, 3, 7, 9)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # (affine, running statistics, momentum, epilogue: residual + ReLU)
 OPTIONS = [(True, True, 0.1, False), (False, False, 0.1, False), (True, True, None, False), (True, True, 0.1, True)]
