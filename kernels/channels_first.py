@@ -31,7 +31,7 @@ their own (SyncBatchNorm's local moments).
 import triton
 import triton.language as tl
 
-from .batch_counter import count_batch, count_batch_after_every_read
+from .batch_counter import count_batch, count_batch_after_every_read, count_batch_once
 from .finalize import (finalize_gradients_of_group, finalize_statistics_of_group, in_dtype, merged_shifted,
                        store_gradients, store_statistics, summed_partials)
 from .channel_groups import group_channels, group_offset, group_run, per_channel, per_channel_zeros, to_lanes
@@ -678,13 +678,10 @@ def on_chip_forward_channels_first(
                               total_tiles, splits, HAS_WEIGHT, HAS_BIAS, HAS_RUNNING_STATS, CUMULATIVE,
                               HAS_RESIDUAL, RELU, ACC, ROWS, BLOCK_S, HELD_ROWS, OFFSET_64, GROUP, ALIGN,
                               EXCHANGE, BLOCK_SPLITS)
-    if COUNT_BATCH:
-        if CUMULATIVE:  # every program read the count in store_statistics: the last counts the batch
-            if EXCHANGE:  # the ticket follows the groups' barriers
-                counter_ptr += items // splits
-            count_batch_after_every_read(num_batches_tracked_ptr, counter_ptr)
-        else:
-            count_batch(num_batches_tracked_ptr, tl.program_id(0) == 0)
+    if COUNT_BATCH:  # every program has read the count in store_statistics by now
+        if EXCHANGE:  # the batch counter's ticket follows the groups' barriers
+            counter_ptr += items // splits
+        count_batch_once(num_batches_tracked_ptr, counter_ptr, CUMULATIVE)
 
 
 @triton.jit

@@ -214,10 +214,12 @@ def launches(monkeypatch):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_launch_budget(launches, kernel_path, layout, momentum):
-    x = make_input((4, 6, 12, 12), layout=layout)
-    weight, bias, running_mean, running_var = make_params(6)
+    shape = (4, 3, 5, 7) if kernel_path == "on-chip" else (4, 6, 12, 12)  # the first fits on chip
+    C = shape[1]
+    x = make_input(shape, layout=layout)
+    weight, bias, running_mean, running_var = make_params(C)
     tracked = torch.tensor(1)
-    mean, invstd = torch.zeros(6), torch.ones(6)
+    mean, invstd = torch.zeros(C), torch.ones(C)
     def train_step():
         return triton_backend.forward_train(x, weight, bias, running_mean, running_var, tracked, momentum, 1e-5)
 
@@ -225,13 +227,15 @@ def test_launch_budget(launches, kernel_path, layout, momentum):
     train = launches(train_step)
     if kernel_path == "single-pass":
         assert train == ["single_pass_forward"], train  # the batch counted by the kernel, also cumulatively
+    elif kernel_path == "on-chip":
+        assert train == ["on_chip_forward"], train
     else:
         assert train == ["statistics", "normalize"], train
     assert launches(lambda: triton_backend.forward_eval(x, weight, bias, running_mean, running_var, 1e-5)) == \
         ["normalize"]
     backward = launches(lambda: triton_backend.backward(x, x, weight, mean, invstd, True, True, True))
-    assert backward == (["single_pass_backward"] if kernel_path == "single-pass"
-                        else ["gradient_sums", "input_gradient"]), backward
+    assert backward == {"single-pass": ["single_pass_backward"], "on-chip": ["on_chip_backward"]}.get(
+        kernel_path, ["gradient_sums", "input_gradient"]), backward
     assert launches(lambda: triton_backend.backward(x, x, weight, mean, invstd, False, True, False)) == \
         ["input_gradient"]
 

@@ -72,10 +72,14 @@ pytestmark = pytest.mark.usefixtures("interpreter_splits")
 
 @pytest.fixture
 def interpreter_splits(monkeypatch):
-    """Many programs per channel group in the interpreter's plans (see INTERPRETER_SHAPES)."""
+    """Many programs per channel group in the interpreter's plans (see INTERPRETER_SHAPES), and the
+    two-pass plans on a GPU too, whose small inputs would otherwise take the on-chip kernels (their
+    exchange has tests of its own: tests/kernels/test_on_chip.py)."""
     import bn_gpu.backends.plan
     tuning = dataclasses.replace(bn_gpu.backends.plan.INTERPRETER_TUNING, programs_per_sm=64)
     monkeypatch.setattr(bn_gpu.backends.plan, "INTERPRETER_TUNING", tuning)
+    monkeypatch.setattr(bn_gpu.backends.plan, "GPU_TUNING",
+                        dataclasses.replace(bn_gpu.backends.plan.GPU_TUNING, on_chip_bytes=0))
 
 
 def _inputs(target, shape, layout):

@@ -309,7 +309,8 @@ def test_replayed_split_steps_take_the_workspaces(launcher, monkeypatch):
     monkeypatch.setattr(InterpretedKernel, "run", unseen_run)
     for name in ("INTERPRETER_TUNING", "GPU_TUNING"):  # several programs per channel: the split kernels
         monkeypatch.setattr(bn_gpu.backends.plan, name,
-                            dataclasses.replace(getattr(bn_gpu.backends.plan, name), programs_per_sm=64))
+                            dataclasses.replace(getattr(bn_gpu.backends.plan, name), programs_per_sm=64,
+                                                on_chip_bytes=0))
 
     x = make_input((6, 5, 7, 9))
     dy = make_input((6, 5, 7, 9), mean=0.0, std=1.0, seed=3)

@@ -20,9 +20,12 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 OPTIONS = [(True, True, 0.1, False), (False, False, 0.1, False), (True, True, None, False), (True, True, 0.1, True)]
 
 
-# Tunings other than the default that profiling/tuning_sweep.py measures and that change the compiled
-# code: (fields, layouts, ops, options) -- the split reductions' plain tile loops.
-SWEPT = [({"load_stages": 0}, ["contiguous", "channels_last"], ["train_fwd", "train_bwd"], OPTIONS[:1])]
+# Tunings other than the default that change the compiled code: (fields, layouts, ops, options) -- the
+# split reductions' plain tile loops (profiling/tuning_sweep.py measures them), and the two-pass plans
+# where the on-chip kernels take the default's place (the small shapes' single passes, which run with
+# BN_GPU_TUNING=on_chip_bytes=0 and on inputs above the on-chip limit).
+SWEPT = [({"load_stages": 0}, ["contiguous", "channels_last"], ["train_fwd", "train_bwd"], OPTIONS[:1]),
+         ({"on_chip_bytes": 0}, ["contiguous", "channels_last"], ["train_fwd", "train_bwd"], OPTIONS)]
 
 
 def _record(found: dict, layouts, ops, options, sms: int) -> None:

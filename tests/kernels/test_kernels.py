@@ -199,7 +199,7 @@ def test_pipelined_reductions(backend, device, layout, dtype, programs_per_sm, m
     for stages in (0, 3):
         for name in ("INTERPRETER_TUNING", "GPU_TUNING"):
             tuning = dataclasses.replace(getattr(bn_gpu.backends.plan, name), load_stages=stages,
-                                         programs_per_sm=programs_per_sm)
+                                         programs_per_sm=programs_per_sm, on_chip_bytes=0)
             monkeypatch.setattr(bn_gpu.backends.plan, name, tuning)
         y, mean, invstd = torch.ops.bn_gpu.forward_train(x, weight, bias, None, None, None, 0.1, 1e-5, backend)
         grad_x, grad_w, _ = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, True, True, True, backend)

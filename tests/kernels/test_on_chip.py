@@ -195,6 +195,26 @@ def test_residency_counts_registers_shared_memory_and_threads(monkeypatch):
     assert launcher.resident_programs(32, 140 * 1024, 8, 0) == 1
 
 
+def test_a_grid_that_would_not_be_resident_is_refused_before_it_launches(monkeypatch):
+    """check_residency compiles the kernel (warmup) and refuses it, naming the way out, when an SM
+    holds fewer of its programs than the grid needs at once: programs waiting at a barrier for
+    programs that cannot start would never return."""
+    from bn_gpu.backends.triton import launcher
+
+    props = types.SimpleNamespace(regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
+                                  shared_memory_per_multiprocessor=233472)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    compiled = types.SimpleNamespace(n_regs=160, metadata=types.SimpleNamespace(shared=1024))
+    kernel = types.SimpleNamespace(warmup=lambda *args, grid, **meta: compiled,
+                                   __name__="on_chip_forward_channels_last")
+    site = launcher.Site(kernel, (8,), {"num_warps": 8}, (), resident=2)
+    with pytest.raises(RuntimeError, match="an SM holds 1 of its programs, its grid needs 2.*on_chip_bytes=0"):
+        launcher.check_residency(site, [])
+    compiled.n_regs = 128
+    launcher.check_residency(site, [])  # two programs an SM: it may launch
+
+
 def test_concurrent_programs_in_the_interpreter_leave_it_as_it_was(monkeypatch):
     """launch_concurrently restores the interpreter's program index and atomics after the grid, and
     reports a failing program's error instead of leaving the others waiting."""

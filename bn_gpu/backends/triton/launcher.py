@@ -80,6 +80,8 @@ class Launcher:
         """Launch site's kernel on these tensors (or None) and Python floats."""
         if site.resident and not interpreting() and site not in self.resident_checked:
             check_residency(site, site.args(pointers, floats))
+            if len(self.resident_checked) >= MAX_REMEMBERED:
+                self.resident_checked.clear()
             self.resident_checked.add(site)
         key = None
         if self.direct and no_launch_hooks():
