@@ -65,9 +65,9 @@ def _tuning_from_environment(default: Tuning) -> Tuning:
 
 # The input an SM holds in the on-chip kernels: 64 KB, a quarter of its 256 KB register file. Two
 # exchanging programs of 8 warps, capped at 128 registers a thread to share an SM, hold 32 KB each:
-# 32 fp32 registers a thread, which left them without spills in the static model (64 KB each spilled
-# 250 B a thread); a walking program alone on its SM holds all 64 KB. See on_chip_plan and
-# docs/design.md, "One read on chip".
+# 32 fp32 registers a thread, which left them without spills in the static model (at 64 KB each they
+# spilled under the cap: journal/model-history.md); a walking program alone on its SM holds all 64 KB.
+# See on_chip_plan and docs/design.md, "One read on chip".
 ON_CHIP_BYTES = 65536
 
 # On a GPU: 16 KB tiles over 8 warps give each thread four 16-byte loads per tile in every dtype
