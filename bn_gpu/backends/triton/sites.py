@@ -218,12 +218,13 @@ def on_chip_config(g: Geometry, job: str) -> tuple:
     p = g.plan
     on_chip = g.on_chip if job == "on_chip_forward" else g.on_chip_backward
     kernel = KERNELS_BY_JOB[job, g.channels_first]
+    items = g.finalize_groups * on_chip.splits  # (channel group, split) pairs
     if g.channels_first:
         blocks = dict(ROWS=p.rows, BLOCK_S=p.block_s, HELD_ROWS=on_chip.held * p.rows, GROUP=p.group, ALIGN=p.align)
-        work = (p.s_blocks, p.total_tiles, on_chip.splits, g.finalize_groups * on_chip.splits)
+        work = (p.s_blocks, p.total_tiles, on_chip.splits, items)
     else:
         blocks = dict(HELD_ROWS=on_chip.held, BLOCK_C=p.block_c)
-        work = (on_chip.splits, p.c_blocks * on_chip.splits)
+        work = (on_chip.splits, items)
     meta = dict(ACC=accumulation(g), OFFSET_64=g.offset_64, num_warps=p.num_warps, EXCHANGE=on_chip.exchange,
                 BLOCK_SPLITS=on_chip.block_splits, STAGES=1 if on_chip.exchange else max(1, on_chip.load_stages),
                 **blocks)
