@@ -41,7 +41,9 @@ compile_cupy='
 import concurrent.futures, multiprocessing
 from bn_gpu.backends.cupy import compilation
 def compile_one(types):
-    compilation.compiled_kernels(0, *types)
+    kernels = compilation.compiled_kernels(0, *types)
+    for role in compilation.kernel_modules(*types)[1]:  # the on-chip module, compiled on first use
+        kernels[role]
     return types
 if __name__ == "__main__":
     pool = concurrent.futures.ProcessPoolExecutor(mp_context=multiprocessing.get_context("fork"))

@@ -29,21 +29,21 @@ class Tuning:
     finalize_tile: int     # partials per finalize tile
     num_warps: int
     chunk_tiles: int       # tiles a lane sums before the statistics are reduced and merged (Chan)
-    channel_groups: bool = True  # channels-first: adjacent channels per program where rows of S values
-                                 # cannot start on 16 bytes (see channel_group)
-    split_max_registers: int = 0  # Triton: a register cap on the split reductions where it measured
-                                  # faster (backends/triton/sites.py, split_register_cap), 0 for none; 64 holds
-                                  # 4 programs of 8 warps per SM
-    load_stages: int = 0  # Triton reductions (split statistics and gradient sums, channels-first single
-                          # passes): a software pipeline of this many stages (tl.range(num_stages=...):
-                          # tiles copied ahead into shared memory; backends/triton/sites.py, load_stages),
-                          # 0 for the plain loops
-    max_block_s: int = 0  # channels-first: spatial positions per tile at most, 0 for the tile's (the
-                          # CUDA C backend's: one turn of its block, see backends/cupy/table.py, tuning_for)
-    on_chip_bytes: int = 0  # input an SM holds in registers in the on-chip kernels (x in the forward, x
-                            # and dy together in the backward), 0 for none: the two-pass plans alone
-                            # (see on_chip_plan)
+    channel_groups: bool = True  # channels-first: adjacent channels per program where rows of S values cannot
+                                 # start on 16 bytes (see channel_group)
+    split_max_registers: int = 0  # Triton: a register cap on the split reductions where it measured faster
+                                  # (backends/triton/sites.py, split_register_cap), 0 for none; 64 holds 4
+                                  # programs of 8 warps per SM
+    load_stages: int = 0  # Triton reductions (split statistics and gradient sums, channels-first single passes):
+                          # a software pipeline of this many stages (tl.range(num_stages=...): tiles copied
+                          # ahead into shared memory; backends/triton/sites.py, load_stages), 0 for plain loops
+    max_block_s: int = 0  # channels-first: spatial positions per tile at most, 0 for the tile's (the CUDA C
+                          # backend's: one turn of its block, see backends/cupy/table.py, tuning_for)
+    on_chip_bytes: int = 0  # input an SM holds in the on-chip kernels (x in the forward, x and dy together in
+                            # the backward), 0 for none: the two-pass plans alone (see on_chip_plan)
     on_chip_programs_per_sm: int = 2  # on-chip programs resident on an SM at once: bounds their grid
+    on_chip_shared: bool = False  # CUDA C: the input held in shared memory in its own dtype, channels-first
+                                  # as whole rows of S; exchanges alone (see on_chip_plan)
 
     def tile_elements(self, itemsize: int) -> int:
         return max(1, self.tile_bytes // itemsize)
@@ -63,11 +63,10 @@ def _tuning_from_environment(default: Tuning) -> Tuning:
                          f"{', '.join(f.name for f in dataclasses.fields(Tuning))}") from error
 
 
-# The input an SM holds in the on-chip kernels: 64 KB, a quarter of its 256 KB register file. Two
-# exchanging programs of 8 warps, capped at 128 registers a thread to share an SM, hold 32 KB each:
-# 32 fp32 registers a thread, which left them without spills in the static model (at 64 KB each they
-# spilled under the cap: journal/model-history.md); a walking program alone on its SM holds all 64 KB.
-# See on_chip_plan and docs/design.md, "One read on chip".
+# The input an SM holds in the Triton on-chip kernels: 64 KB, a quarter of its 256 KB register file. Two exchanging
+# programs of 8 warps, capped at 128 registers a thread to share an SM, hold 32 KB each: 32 fp32 registers a thread,
+# which left them without spills in the static model (at 64 KB each they spilled under the cap:
+# journal/model-history.md); a walking program alone on its SM holds all 64 KB. See on_chip_plan and docs/design.md.
 ON_CHIP_BYTES = 65536
 
 # On a GPU: 16 KB tiles over 8 warps give each thread four 16-byte loads per tile in every dtype
@@ -238,10 +237,10 @@ def channels_last_plan(M: int, C: int, itemsize: int, tuning: Tuning, sms: int) 
 
 @dataclass(frozen=True)
 class OnChipPlan:
-    """The on-chip kernels' launch: each program holds `held` tiles (channels-first) or rows
-    (channels-last) of one channel group (block) in registers. With splits > 1 (exchange) the
-    group's programs meet at a barrier, so the grid -- groups x splits programs -- must be resident
-    at once; with one split, `programs` programs walk the groups."""
+    """The on-chip kernels' launch: each program holds `held` tiles (channels-first; CUDA C: blocks of
+    the tile's rows) or rows (channels-last) of one channel group (block) on chip. In an exchange the
+    group's `splits` programs meet at a barrier, so the grid -- groups x splits programs -- must be
+    resident at once; else `programs` Triton programs walk the groups, one split each."""
     held: int          # tiles or rows a program holds: a power of two
     splits: int        # programs per channel group (block)
     programs: int      # the grid
@@ -251,7 +250,7 @@ class OnChipPlan:
 
     @property
     def exchange(self) -> bool:
-        return self.splits > 1
+        return self.resident > 0
 
 
 def on_chip_plan(units: int, unit_values: int, groups: int, group_channels: int, itemsize: int, tuning: Tuning,
@@ -259,36 +258,36 @@ def on_chip_plan(units: int, unit_values: int, groups: int, group_channels: int,
     """Where x (and dy: streams = 2) fits on chip, the plan of the kernels that read it once; else None
     (the two-pass plans). A channel group has `units` tiles (or rows) of `unit_values` values each.
 
-    An SM holds Tuning.on_chip_bytes of the input in registers, counted as values of the accumulation
-    dtype (16-bit inputs are widened as they are loaded, and held widened), x and dy sharing it in the
-    backward. Groups that fill the SMs' resident programs (on_chip_programs_per_sm each) are held
-    whole, by one program an SM that walks several (alone on its SM, it holds the SM's share). Fewer
+    An SM holds Tuning.on_chip_bytes of the input, x and dy sharing it in the backward: Triton in
+    registers, as accumulation-dtype values (16-bit inputs held widened); CUDA C (on_chip_shared) in
+    shared memory, in the input's dtype. Groups that fill the SMs' resident programs
+    (on_chip_programs_per_sm each) are held whole by one Triton program an SM that walks several
+    (alone on its SM, it holds the SM's share); CUDA C leaves them to its single-pass kernels. Fewer
     groups are split so the resident programs all work, each holding an equal power-of-two share of
-    a group within its part of the SM's (on_chip_bytes / on_chip_programs_per_sm), and meet at a
-    barrier. So the exchange's limit is the registers of the SMs: on an H200 (132 SMs, 64 KB each)
-    8.6 MB of fp32 x in the forward, 4.3 MB of x and dy each in the backward, half that of 16-bit x;
-    docs/design.md, "One read on chip", has the numbers behind it."""
+    a group within its part of the SM's, and meet at a barrier. docs/design.md, "One read on chip",
+    has the limits this gives on an H200 and the numbers behind them."""
     if not tuning.on_chip_bytes or units == 0:
         return None
-    values = tuning.on_chip_bytes // (streams * max(4, itemsize))  # an SM's share of each stream
+    held_itemsize = itemsize if tuning.on_chip_shared else max(4, itemsize)
+    values = tuning.on_chip_bytes // (streams * held_itemsize)  # an SM's share of each stream
     resident = tuning.on_chip_programs_per_sm * sms
     if groups >= resident:  # the groups fill the SMs: programs that walk whole groups, one an SM
         held = next_power_of_2(units)
-        if held * unit_values > values:
+        if held * unit_values > values or tuning.on_chip_shared:
             return None
         return OnChipPlan(held, 1, sms, 1, tuning.load_stages, 0)
     most = values // tuning.on_chip_programs_per_sm // unit_values  # units a program can hold
     if most < 1:
         return None
     spread = resident // groups  # programs a group may have
-    # At least a tile's values a program where that fits: a small input is not spread over programs
-    # that would each merge more partials than they hold values.
+    # At least a tile's values a program where that fits: no program merges more partials than it holds values.
     enough = max(1, units * unit_values // tuning.tile_elements(itemsize))
     held = min(next_power_of_2(cdiv(units, min(spread, enough))), 1 << (most.bit_length() - 1))
     splits = cdiv(units, held)
     if splits > spread:
         return None
-    if splits == 1:  # a group fits one program's share: walked, as above, by at most one program an SM
+    # A group in one program's share: walked as above (Triton); in a block of its own (CUDA C: one party).
+    if splits == 1 and not tuning.on_chip_shared:
         return OnChipPlan(held, 1, min(groups, sms), 1, tuning.load_stages, 0)
     block_splits = min(next_power_of_2(splits), max(1, FUSED_FINALIZE_TILE // group_channels))
     return OnChipPlan(held, splits, groups * splits, block_splits, tuning.load_stages,
@@ -433,7 +432,9 @@ def _cached_geometry(shape, x_strides, dtype, grad_strides, tuning: Tuning, sms:
     if family == CHANNELS_FIRST:
         adjacent = all(view(t).stride_c == S for t in tensors)
         plan = channels_first_plan(N, C, S, itemsize, tuning, sms, adjacent)
-        held = (plan.total_tiles, plan.rows * plan.block_s, cdiv(C, plan.group), plan.group)
+        # CUDA C (on_chip_shared) holds whole rows of S, in blocks of the tile's rows, and no channel groups.
+        held = ((cdiv(N, plan.rows), plan.rows * S, C, 1) if plan.group == 1 else None) if tuning.on_chip_shared \
+            else (plan.total_tiles, plan.rows * plan.block_s, cdiv(C, plan.group), plan.group)
     else:
         plan = channels_last_plan(N * S, C, itemsize, tuning, sms)
         held = (N * S, plan.block_c, plan.c_blocks, plan.block_c)
@@ -445,5 +446,5 @@ def _cached_geometry(shape, x_strides, dtype, grad_strides, tuning: Tuning, sms:
         read_strides=x_read.stride() if x_read is not x else None,
         grad_read_strides=grad_y.stride() if grad_y is not None and grad_y.stride() != grad_strides else None,
         offset_64=any(_end_offset(t) > 2**31 - 1 for t in tensors),
-        on_chip=on_chip_plan(*held, itemsize, tuning, sms, streams=1),
-        on_chip_backward=on_chip_plan(*held, itemsize, tuning, sms, streams=2))
+        on_chip=on_chip_plan(*held, itemsize, tuning, sms, streams=1) if held else None,
+        on_chip_backward=on_chip_plan(*held, itemsize, tuning, sms, streams=2) if held else None)

@@ -11,6 +11,7 @@ flags or specialization reaches both as it will run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -72,7 +73,7 @@ def _tile_walk(g, role: str) -> dict:
 
 
 @contextlib.contextmanager
-def _recording_cuda(sms: int, launches: list):
+def _recording_cuda(sms: int, launches: list, shared_kb: int):
     from ..backends import plan
     from ..backends.cupy import compilation, table
 
@@ -84,28 +85,37 @@ def _recording_cuda(sms: int, launches: list):
     def record(g, weight_dtype, running_dtype, role, grid, block, args):
         record_types(g.dtype, weight_dtype, running_dtype, role, grid, block, args, _tile_walk(g, role))
 
-    saved = table.launch, table.launch_types, plan.multiprocessors, torch.cuda.current_device
-    table.launch, table.launch_types = record, record_types
+    def record_on_chip(g, weight_dtype, running_dtype, role, grid, block, shared_mem, args):
+        record_types(g.dtype, weight_dtype, running_dtype, role, grid, block, args,
+                     dict(_tile_walk(g, role), dynamic_shared=shared_mem))
+
+    saved = (table.launch, table.launch_types, table.launch_on_chip, table.shared_memory_per_sm, plan.multiprocessors,
+             torch.cuda.current_device)
+    table.launch, table.launch_types, table.launch_on_chip = record, record_types, record_on_chip
+    table.shared_memory_per_sm = lambda index: shared_kb * 1024
     plan.multiprocessors = lambda index: sms
     torch.cuda.current_device = lambda: 0
     try:
         yield
     finally:
-        table.launch, table.launch_types, plan.multiprocessors, torch.cuda.current_device = saved
+        (table.launch, table.launch_types, table.launch_on_chip, table.shared_memory_per_sm, plan.multiprocessors,
+         torch.cuda.current_device) = saved
 
 
 def record(backend: str, op: str, shape, dtype: torch.dtype, layout: str = "contiguous", *, sms: int = 132,
-           affine: bool = True, running: bool = True, momentum: float | None = 0.1,
+           shared_kb: int = 228, affine: bool = True, running: bool = True, momentum: float | None = 0.1,
            epilogue: bool = False) -> list[Launch]:
     """The launches of one op ("train_fwd", "eval_fwd", "train_bwd", "eval_bwd", or SyncBatchNorm's
     "sync_train_fwd", "sync_train_bwd") of a backend
     ("triton" or "cupy") on an input of this shape, dtype and layout, on a GPU of `sms`
-    multiprocessors. Weight, bias and running statistics are fp32 for 16-bit inputs. epilogue: the
-    forward ops with a residual and ReLU, the training backward through a ReLU."""
+    multiprocessors of `shared_kb` KB of shared memory each. Weight, bias and running statistics are
+    fp32 for 16-bit inputs. epilogue: the forward ops with a residual and ReLU, the training backward
+    through a ReLU."""
     from ..backends import cupy, triton
     from ..backends.layout import arranged
     module = {"triton": triton, "cupy": cupy}[backend]
-    recorder = {"triton": _recording_triton, "cupy": _recording_cuda}[backend]
+    recorder = {"triton": _recording_triton,
+                "cupy": functools.partial(_recording_cuda, shared_kb=shared_kb)}[backend]
     C = shape[1]
     param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     x = arranged(torch.empty(shape, dtype=dtype, device="meta"), layout)

@@ -333,7 +333,8 @@ __device__ __forceinline__ void group_input_gradient(
 }
 
 // dx over this thread's rows [row_begin, row_end) of channels c0.. (x read in training, or for the ReLU's mask).
-template <int VEC, bool FUSED, typename T, typename A>
+// HELD: dy and x are in shared memory (the on-chip kernels), read with plain loads.
+template <int VEC, bool FUSED, bool HELD = false, typename T, typename A>
 __device__ __forceinline__ void column_input_gradient(const T* dy, const T* x, T* dx, i64 dy_stride_m, i64 x_stride_m,
                                                       i64 dx_stride_m, i64 c0, const Values<A, VEC>& mean,
                                                       const Values<A, VEC>& scale, const Values<A, VEC>& mean_dy,
@@ -352,8 +353,8 @@ __device__ __forceinline__ void column_input_gradient(const T* dy, const T* x, T
         for (i64 i = rows; i > 0; --i, dy_row += dy_step, x_row += x_step, dx_row += dx_step) {
             // Read-only loads without the ReLU's mask only: with it, nvcc's schedule of them costs
             // instructions and loads in flight.
-            Pack<T, VEC> g = FUSED ? load_pack<VEC>(dy_row) : load_pack_readonly<VEC>(dy_row);
-            Pack<T, VEC> in = FUSED ? load_pack<VEC>(x_row) : load_pack_readonly<VEC>(x_row);
+            Pack<T, VEC> g = FUSED || HELD ? load_pack<VEC>(dy_row) : load_pack_readonly<VEC>(dy_row);
+            Pack<T, VEC> in = FUSED || HELD ? load_pack<VEC>(x_row) : load_pack_readonly<VEC>(x_row);
             Pack<T, VEC> out;
 #pragma unroll
             for (int k = 0; k < VEC; ++k) {
@@ -368,7 +369,7 @@ __device__ __forceinline__ void column_input_gradient(const T* dy, const T* x, T
     } else {
 #pragma unroll 2
         for (i64 i = rows; i > 0; --i, dy_row += dy_step, dx_row += dx_step) {
-            Pack<T, VEC> g = load_pack_readonly<VEC>(dy_row);
+            Pack<T, VEC> g = HELD ? load_pack<VEC>(dy_row) : load_pack_readonly<VEC>(dy_row);
             Pack<T, VEC> out;
 #pragma unroll
             for (int k = 0; k < VEC; ++k) out.v[k] = cvt<T>(scale.v[k] * cvt<A>(g.v[k]));

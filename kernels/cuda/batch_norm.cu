@@ -16,6 +16,8 @@
 //   input_gradient_channels_first / _last        dx from dy, x and the totals
 //   single_pass_forward_channels_first / _last   single pass when one block owns whole channels
 //   single_pass_backward_channels_first / _last  (the launch plan has one split): 1 launch
+//   on_chip_forward_channels_first / _last       training forward (backward) where x (and dy) fit in
+//   on_chip_backward_channels_first / _last      the SMs' shared memory: x read once (on_chip.cuh)
 // Templates: FUSED, on the elementwise and backward kernels, compiles in the epilogue (+ residual,
 // ReLU; in the backward the ReLU's mask) -- a compile-time choice, so that the plain kernels are
 // the same code as without it. T the input dtype (float, __half, __nv_bfloat16, double), A the accumulation dtype
@@ -29,7 +31,7 @@
 // GROUPED, on the channels-first kernels, compiles the channel-group version (see "channel groups"):
 // a block owns several adjacent channels whose rows together start on 16 bytes (7x7 planes).
 // No atomics on values: every reduction has a fixed order, so results are bitwise reproducible; the
-// only atomic is the fused finalize's integer ticket.
+// only atomics are integer counters: the fused finalize's tickets and the on-chip kernels' barriers.
 
 #include "conversions.cuh"
 #include "merges.cuh"
@@ -40,6 +42,7 @@
 #include "forward.cuh"
 #include "backward.cuh"
 #include "single_pass.cuh"
+#include "on_chip.cuh"
 
 // ---- statistics: partial moments per (split, channel) -------------------------------------------
 
@@ -527,4 +530,223 @@ __global__ void single_pass_backward_channels_last(
                         projection.v[k]);
     column_input_gradient<VEC, FUSED>(dy, x, dx, dy_stride_m, x_stride_m, dx_stride_m, c0, mean_x, scale, mean_dy,
                                       projection, training, masks, i64(0), M);
+}
+
+// ---- one read on chip: a cooperative grid holds the input in shared memory (see on_chip.cuh) ------
+// Launched cooperatively with the dynamic shared memory of the held slice; grid (C, splits)
+// channels-first, (splits, channel blocks) channels-last, as the split reductions, with splits > 1
+// (the exchange). Training only.
+
+template <typename T, typename W, typename R, typename A, int VEC, bool FUSED>
+__global__ void on_chip_forward_channels_first(
+    const T* __restrict__ x, T* __restrict__ y,   // (N, C, S), each with its own strides
+    const T* __restrict__ residual,   // (N, C, S) with y's strides, or null
+    A* part_count, A* part_mean, A* part_m2,   // (splits, C); part_mean is relative to x[0, c, 0]
+    A* mean_out, A* invstd_out, R* running_mean, R* running_var,   // see store_statistics: split 0 writes them
+    i64* num_batches_tracked,   // read when cumulative; incremented when count_batch_here
+    int* counters,   // (C + 1,) int32 zeros, left at zero: a barrier per channel, then the batch's ticket
+    const W* weight, const W* bias,   // (C,) or null
+    i64 N, i64 C, i64 S, i64 x_stride_n, i64 x_stride_c, i64 y_stride_n, i64 y_stride_c, double momentum, double eps,
+    i64 s_blocks, i64 held_rows, int rows, int block_s, int has_running_stats, int cumulative, int count_batch_here,
+    int relu) {
+    __shared__ A channel[2];
+    T* held = held_memory<T>();   // (held_rows, S)
+    const i64 c = blockIdx.x, split = blockIdx.y, n0 = split * held_rows;
+    const T* xc = x + c * x_stride_c;
+    const A shift = finite_shift(cvt<A>(xc[0]));
+    const Tiles t = held_tiles(min(held_rows, N - n0), S, s_blocks, rows, block_s);
+    RunningMoments<A> moments = no_moments<A>();
+    Holding<MomentsRow<T, A>, T> op = {{xc + n0 * x_stride_n, x_stride_n, shift, &moments}, held, nullptr, S};
+    for_each_group<VEC, false>(t, t.first, t.last, op);
+    const Moments<A> m = block_merge(moments.merged);
+    if (threadIdx.x == 0) {
+        const i64 out = split * C + c;
+        part_count[out] = m.count; part_mean[out] = m.mean; part_m2[out] = m.m2;
+    }
+    wait_for_group(counters, c, gridDim.y);
+    const Moments<A> merged = merged_rows(part_count, part_mean, part_m2, (i64)gridDim.y, C, c);
+    leave_group(counters, c, gridDim.y);
+    if (threadIdx.x == 0) {
+        channel[0] = shift + merged.mean;
+        channel[1] = split == 0 ? store_statistics(c, merged.count, channel[0], merged.m2, mean_out, invstd_out,
+                                                   running_mean, running_var, num_batches_tracked, momentum, eps,
+                                                   has_running_stats, cumulative)
+                                : batch_invstd(merged.count, merged.m2, eps);
+    }
+    __syncthreads();
+    A scale, bias_c;
+    affine_from(c, channel[1], weight, bias, scale, bias_c);
+    const i64 y_offset = c * y_stride_c + n0 * y_stride_n;
+    NormalizeRow<T, A, FUSED, true> normalize = {held, y + y_offset, residual ? residual + y_offset : nullptr, S,
+                                                 y_stride_n, channel[0], scale, bias_c, relu};
+    for_each_group<VEC, false>(t, t.first, t.last, normalize);
+    if (count_batch_here) count_batch_after_every_read(num_batches_tracked, counters + C, cumulative);
+}
+
+template <typename T, typename W, typename R, typename A, int VEC, bool FUSED>
+__global__ void on_chip_forward_channels_last(
+    const T* __restrict__ x, T* __restrict__ y,   // (M, C), each with its own row stride
+    const T* __restrict__ residual,   // (M, C) with y's row stride, or null
+    A* part_count, A* part_mean, A* part_m2,   // (splits, C); part_mean is relative to x[0, c]
+    A* mean_out, A* invstd_out, R* running_mean, R* running_var, i64* num_batches_tracked,
+    int* counters,   // (channel blocks + 1,) int32 zeros, left at zero: a barrier per channel block, the ticket
+    const W* weight, const W* bias,
+    i64 M, i64 C, i64 x_stride_m, i64 y_stride_m, double momentum, double eps, i64 held_rows,
+    int has_running_stats, int cumulative, int count_batch_here, int relu) {
+    __shared__ A channel_mean[CL_MAX_CHANNELS], channel_invstd[CL_MAX_CHANNELS];
+    T* held = held_memory<T>();   // (held_rows, blockDim.x * VEC)
+    const i64 c0 = first_channel<VEC>(), local = threadIdx.x * VEC, width = blockDim.x * VEC;
+    const bool active = c0 < C;
+    const i64 m0 = (i64)blockIdx.x * held_rows, rows = min(held_rows, M - m0);
+    const Values<A, VEC> shift = first_row<VEC, T, A>(x, c0, active);
+    ColumnMoments<A, VEC> moments = no_column_moments<A, VEC>();
+    if (active) {
+        hold_columns<VEC>(x + m0 * x_stride_m + c0, x_stride_m, rows, held + local, width);
+        moments = column_moments<VEC>(held, width, local, shift, i64(0), rows);
+    }
+    column_merge_tree(moments);
+    if (threadIdx.y == 0 && active) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            const i64 out = (i64)blockIdx.x * C + c0 + k;
+            part_count[out] = moments.count; part_mean[out] = moments.mean.v[k]; part_m2[out] = moments.m2.v[k];
+        }
+    }
+    wait_for_group(counters, blockIdx.y, gridDim.x);
+    Values<A, VEC> count, mean, m2;
+    merged_columns<VEC>(part_count, part_mean, part_m2, (i64)gridDim.x, C, c0, count, mean, m2);
+    leave_group(counters, blockIdx.y, gridDim.x);
+    if (threadIdx.y == 0 && active) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            const int slot = threadIdx.x * VEC + k;
+            channel_mean[slot] = shift.v[k] + mean.v[k];
+            channel_invstd[slot] = blockIdx.x == 0
+                ? store_statistics(c0 + k, count.v[k], channel_mean[slot], m2.v[k], mean_out, invstd_out, running_mean,
+                                   running_var, num_batches_tracked, momentum, eps, has_running_stats, cumulative)
+                : batch_invstd(count.v[k], m2.v[k], eps);
+        }
+    }
+    __syncthreads();
+    if (active) {
+        Values<A, VEC> channel_mean_of, scale, bias_c;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            const int slot = threadIdx.x * VEC + k;
+            channel_mean_of.v[k] = channel_mean[slot];
+            affine_from(c0 + k, channel_invstd[slot], weight, bias, scale.v[k], bias_c.v[k]);
+        }
+        // The block's first channel of y and the residual: the walk adds the thread's `local` to both sides.
+        const i64 y_offset = m0 * y_stride_m + c0 - local;
+        column_normalize<VEC, FUSED>(held, y + y_offset, residual ? residual + y_offset : nullptr, width, y_stride_m,
+                                     local, channel_mean_of, scale, bias_c, relu, i64(0), rows);
+    }
+    if (count_batch_here) count_batch_after_every_read(num_batches_tracked, counters + gridDim.y, cumulative);
+}
+
+template <typename T, typename W, typename A, int VEC, bool FUSED>
+__global__ void on_chip_backward_channels_first(
+    const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,   // (N, C, S); dx when need_input_grad
+    const A* mean_in, const A* invstd_in, const W* weight,
+    const W* bias,   // read for the ReLU's mask when relu
+    W* grad_weight, W* grad_bias,   // split 0 writes them
+    A* part_sum_dy, A* part_sum_dy_xmu,   // (splits, C)
+    int* counters,   // (C,) int32 zeros, left at zero: a barrier per channel
+    i64 N, i64 C, i64 S, i64 dy_stride_n, i64 dy_stride_c, i64 x_stride_n, i64 x_stride_c,
+    i64 dx_stride_n, i64 dx_stride_c, A inv_count,
+    i64 s_blocks, i64 held_rows, int rows, int block_s, int need_input_grad, int relu) {
+    __shared__ A totals[2];
+    T* held_dy = held_memory<T>();   // (held_rows, S) each
+    T* held_x = held_dy + held_rows * S;
+    const i64 c = blockIdx.x, split = blockIdx.y, n0 = split * held_rows;
+    const A mean = mean_in[c], invstd = invstd_in[c];
+    const Tiles t = held_tiles(min(held_rows, N - n0), S, s_blocks, rows, block_s);
+    const ReluMask<A> mask = relu_mask(c, relu, mean_in, invstd_in, weight, bias);
+    A sum_dy = A(0), sum_dy_xmu = A(0);
+    Holding<GradientSumsRow<T, A, FUSED>, T> op = {
+        {dy + c * dy_stride_c + n0 * dy_stride_n, x + c * x_stride_c + n0 * x_stride_n, dy_stride_n, x_stride_n, mean,
+         &sum_dy, &sum_dy_xmu, mask}, held_dy, held_x, S};
+    for_each_group<VEC, false>(t, t.first, t.last, op);
+    sum_dy = block_sum<A, 0>(sum_dy);
+    sum_dy_xmu = block_sum<A, 1>(sum_dy_xmu);
+    if (threadIdx.x == 0) {
+        part_sum_dy[split * C + c] = sum_dy;
+        part_sum_dy_xmu[split * C + c] = sum_dy_xmu;
+    }
+    wait_for_group(counters, c, gridDim.y);
+    A total_dy, total_dy_xmu;
+    summed_rows(part_sum_dy, part_sum_dy_xmu, (i64)gridDim.y, C, c, total_dy, total_dy_xmu);
+    leave_group(counters, c, gridDim.y);
+    if (threadIdx.x == 0) {
+        if (split == 0) store_gradients(c, total_dy, total_dy_xmu, invstd, grad_weight, grad_bias);
+        totals[0] = total_dy;
+        totals[1] = total_dy_xmu;
+    }
+    __syncthreads();
+    if (!need_input_grad) return;
+    A mean_x, scale, mean_dy, projection;
+    dx_coefficients(c, mean, invstd, weight, totals[0], totals[1], inv_count, 1, mean_x, scale, mean_dy, projection);
+    input_gradient_tiles<VEC, FUSED>(t, t.first, t.last, held_dy, held_x, dx + c * dx_stride_c + n0 * dx_stride_n, S,
+                                     S, dx_stride_n, mean_x, scale, mean_dy, projection, 1, mask);
+}
+
+template <typename T, typename W, typename A, int VEC, bool FUSED>
+__global__ void on_chip_backward_channels_last(
+    const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,   // (M, C); dx when need_input_grad
+    const A* mean_in, const A* invstd_in, const W* weight,
+    const W* bias,   // read for the ReLU's mask when relu
+    W* grad_weight, W* grad_bias,   // split 0 writes them
+    A* part_sum_dy, A* part_sum_dy_xmu,   // (splits, C)
+    int* counters,   // (channel blocks,) int32 zeros, left at zero: a barrier per channel block
+    i64 M, i64 C, i64 dy_stride_m, i64 x_stride_m, i64 dx_stride_m, A inv_count, i64 held_rows, int need_input_grad,
+    int relu) {
+    __shared__ A totals[2][CL_MAX_CHANNELS];
+    const i64 c0 = first_channel<VEC>(), local = threadIdx.x * VEC, width = blockDim.x * VEC;
+    T* held_dy = held_memory<T>();   // (held_rows, width) each
+    T* held_x = held_dy + held_rows * width;
+    const bool active = c0 < C;
+    const i64 m0 = (i64)blockIdx.x * held_rows, rows = min(held_rows, M - m0);
+    Values<A, VEC> mean = zeros<A, VEC>(), invstd = zeros<A, VEC>();
+    if (active) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) { mean.v[k] = mean_in[c0 + k]; invstd.v[k] = invstd_in[c0 + k]; }
+    }
+    const Values<ReluMask<A>, VEC> masks = relu_masks<VEC>(c0, relu && active, mean_in, invstd_in, weight, bias);
+    Values<A, VEC> sum_dy = zeros<A, VEC>(), sum_dy_xmu = zeros<A, VEC>();
+    if (active) {
+        hold_columns<VEC>(dy + m0 * dy_stride_m + c0, dy_stride_m, rows, held_dy + local, width);
+        hold_columns<VEC>(x + m0 * x_stride_m + c0, x_stride_m, rows, held_x + local, width);
+        column_gradient_sums<VEC, FUSED>(held_dy, held_x, width, width, local, mean, masks, i64(0), rows, sum_dy,
+                                         sum_dy_xmu);
+    }
+    column_sums_tree(sum_dy, sum_dy_xmu);
+    if (threadIdx.y == 0 && active) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            part_sum_dy[(i64)blockIdx.x * C + c0 + k] = sum_dy.v[k];
+            part_sum_dy_xmu[(i64)blockIdx.x * C + c0 + k] = sum_dy_xmu.v[k];
+        }
+    }
+    wait_for_group(counters, blockIdx.y, gridDim.x);
+    summed_columns<VEC>(part_sum_dy, part_sum_dy_xmu, (i64)gridDim.x, C, c0, sum_dy, sum_dy_xmu);
+    leave_group(counters, blockIdx.y, gridDim.x);
+    if (threadIdx.y == 0 && active) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            if (blockIdx.x == 0) store_gradients(c0 + k, sum_dy.v[k], sum_dy_xmu.v[k], invstd.v[k], grad_weight, grad_bias);
+            totals[0][threadIdx.x * VEC + k] = sum_dy.v[k];
+            totals[1][threadIdx.x * VEC + k] = sum_dy_xmu.v[k];
+        }
+    }
+    __syncthreads();
+    if (!need_input_grad || !active) return;
+    Values<A, VEC> mean_x, scale, mean_dy, projection;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k)
+        dx_coefficients(c0 + k, mean.v[k], invstd.v[k], weight, totals[0][threadIdx.x * VEC + k],
+                        totals[1][threadIdx.x * VEC + k], inv_count, 1, mean_x.v[k], scale.v[k], mean_dy.v[k],
+                        projection.v[k]);
+    column_input_gradient<VEC, FUSED, true>(held_dy, held_x, dx + m0 * dx_stride_m + c0 - local, width, width,
+                                            dx_stride_m, local, mean_x, scale, mean_dy, projection, 1, masks, i64(0),
+                                            rows);
 }

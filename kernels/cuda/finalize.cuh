@@ -147,6 +147,11 @@ __device__ __forceinline__ void level_sums(const A* first, const A* second, i64 
     }
 }
 
+// 1 / sqrt(biased variance + eps) of a channel's merged moments.
+template <typename A> __device__ __forceinline__ A batch_invstd(A count, A m2, double eps) {
+    return inv_sqrt(m2 / count + A(eps));
+}
+
 // Writes channel c's mean and invstd and updates its running statistics; returns invstd.
 template <typename A, typename R>
 __device__ A store_statistics(
@@ -155,7 +160,7 @@ __device__ A store_statistics(
     R* running_mean, R* running_var,   // (C,) updated in place when has_running_stats
     const i64* num_batches_tracked,   // batches before this one, read when cumulative
     double momentum, double eps, int has_running_stats, int cumulative) {
-    A invstd = inv_sqrt(m2 / count + A(eps));
+    A invstd = batch_invstd(count, m2, eps);
     mean_out[c] = mean;
     invstd_out[c] = invstd;
     if (has_running_stats) {

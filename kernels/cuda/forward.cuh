@@ -95,14 +95,16 @@ template <typename A> __device__ __forceinline__ A epilogue(A value, A residual,
 
 template <typename T, int V> struct PackAndResidual { Pack<T, V> in, residual; };
 
-template <typename T, typename A, bool FUSED> struct NormalizeRow {
+template <typename T, typename A, bool FUSED, bool HELD = false> struct NormalizeRow {
     static constexpr bool BATCHED = true;
     const T* x; T* y; const T* residual; i64 x_stride_n, y_stride_n; A mean, scale, shift; int relu;
     // FUSED (a compile-time choice): with the epilogue; without it the code is the plain pass.
+    // HELD: x is in shared memory (the on-chip kernels), read with plain loads: the read-only path
+    // (ld.global.nc) reads global memory only.
     template <int V> using Loaded = PackAndResidual<T, V>;
     template <int V> __device__ __forceinline__ Loaded<V> load(i64 n, i64 s) const {
         Loaded<V> loaded;
-        loaded.in = load_pack_readonly<V>(x + n * x_stride_n + s);
+        loaded.in = HELD ? load_pack<V>(x + n * x_stride_n + s) : load_pack_readonly<V>(x + n * x_stride_n + s);
         if constexpr (FUSED) {
 #pragma unroll
             for (int k = 0; k < V; ++k) loaded.residual.v[k] = cvt<T>(A(0));

@@ -12,6 +12,8 @@ import bn_gpu
 import bn_gpu.backends.cupy as cupy_backend
 from bn_gpu.backends import plan
 from bn_gpu.backends.cupy import compilation
+from bn_gpu.backends.cupy import launcher as cupy_launcher
+from bn_gpu.backends.cupy import table as cupy_table
 from bn_gpu.tools import model
 from bn_gpu.dtypes import stat_dtype
 from support import has_cupy
@@ -71,7 +73,9 @@ def test_cuda_source_compiles_for_every_instantiation(nvcc_runs, arch):
     for T in compilation.C_TYPES.values():  # every kernel template for every input dtype
         for template in ("statistics_channels_first", "statistics_channels_last", "finalize_statistics",
                          "normalize_channels_first", "normalize_channels_last", "gradient_sums_channels_first",
-                         "gradient_sums_channels_last", "input_gradient_channels_first", "input_gradient_channels_last"):
+                         "gradient_sums_channels_last", "input_gradient_channels_first", "input_gradient_channels_last",
+                         "on_chip_forward_channels_first", "on_chip_forward_channels_last",
+                         "on_chip_backward_channels_first", "on_chip_backward_channels_last"):
             assert any(n.startswith(f"{template}<{T},") for n in names), (template, T)
     stderr = _finished(process)
     assert process.returncode == 0, stderr[-4000:]
@@ -148,6 +152,17 @@ def _expected_numpy_type(c_type: str, accumulate):
     return {"i64": np.int64, "int": np.int32, "float": np.float32, "double": np.float64, "A": accumulate}[c_type]
 
 
+H200_SHARED_PER_SM = 233472  # bytes of shared memory an SM of an H100 or H200 has
+
+
+def _fake_cooperative(kernel, role, shared_mem, threads, blocks, sms):
+    """The cooperative launch's checks, on the H200's figures: the grid resident at two blocks an
+    SM (the on-chip plan's), each with its slice and the static shared memory beside it."""
+    assert role.startswith("on_chip_") and threads == compilation.THREADS and blocks <= 2 * sms, (role, blocks)
+    assert 2 * (shared_mem + compilation.ON_CHIP_RESERVED_SHARED) <= H200_SHARED_PER_SM, (role, shared_mem)
+    return kernel
+
+
 @pytest.fixture
 def fake_cupy(monkeypatch):
     """The CuPy backend on a fake CuPy that records launches instead of running them."""
@@ -157,6 +172,8 @@ def fake_cupy(monkeypatch):
     compilation.compiled_kernels.cache_clear()
     monkeypatch.setattr(compilation, "import_cupy", lambda: fake)
     monkeypatch.setattr(bn_gpu.backends.plan, "multiprocessors", lambda index: 132)
+    monkeypatch.setattr(cupy_table, "shared_memory_per_sm", lambda index: H200_SHARED_PER_SM)
+    monkeypatch.setattr(cupy_launcher, "cooperative", _fake_cooperative)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 0})())
     compilation.stream.cache_clear()
@@ -186,14 +203,27 @@ def _check_arguments(launches, dtype) -> None:
 
 @pytest.fixture
 def cuda_kernel_path(kernel_path):
-    """The kernel path as the CUDA C backend takes it: it has no on-chip kernels, so its plans are
-    the two-pass ones there (split, for these shapes)."""
+    """The kernel path as the CUDA C backend takes it for 7x7 planes: its on-chip kernels do not hold
+    channel groups, so the two-pass plans (split, with 64 programs an SM)."""
     return "split" if kernel_path == "on-chip" else kernel_path
+
+
+def _train_kernels(g, op: str, on_chip, two_pass: str) -> list:
+    """The training kernels of `op` ("forward" or "backward") on geometry g, by the path it takes."""
+    family = "first" if g.channels_first else "last"
+    if on_chip is not None:
+        return [f"on_chip_{op}_channels_{family}"]
+    if g.single_pass:
+        return [f"single_pass_{op}_channels_{family}"]
+    return [f"{name}_channels_{family}" for name in two_pass.split()]
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_launch_arguments_match_the_kernel_signatures(fake_cupy, layout, dtype, cuda_kernel_path):
+def test_launch_arguments_match_the_kernel_signatures(fake_cupy, layout, dtype, kernel_path):
+    """Every path's launches against the kernels' parameters: the on-chip kernels where the input
+    fits the shared memory of an H200's SMs (here every forward but the channels-first fp64 one, whose
+    tiles are too large for a block's share)."""
     from support import make_input, make_params
 
     x = make_input((4, 6, 64, 64), dtype, layout)
@@ -204,24 +234,27 @@ def test_launch_arguments_match_the_kernel_signatures(fake_cupy, layout, dtype, 
     cupy_backend.backward(x, x, weight, mean, invstd, True, True, True)
     cupy_backend.backward(x, x, None, mean, invstd, False, True, False)
 
+    g_forward, g_backward = cupy_backend.KERNELS.geometry(x), cupy_backend.KERNELS.geometry(x, x)
+    if kernel_path == "on-chip":
+        assert g_forward.on_chip is not None or dtype == torch.float64 and layout == "contiguous"
+    else:
+        assert g_forward.on_chip is None and g_backward.on_chip_backward is None
     launched = [name.split("<")[0] for name, *_ in fake_cupy.launches]
     family = "first" if layout == "contiguous" else "last"
-    if cuda_kernel_path == "split":
-        # 2 launches each way: the reductions' finalizing instantiations, with the counters buffer.
-        train_forward = [f"statistics_channels_{family}", f"normalize_channels_{family}"]
-        train_backward = [f"gradient_sums_channels_{family}", f"input_gradient_channels_{family}"]
-        reductions = [(name, args) for name, _, _, args in fake_cupy.launches
-                      if name.startswith(("statistics", "gradient_sums"))]
-        assert len(reductions) == 2
-        for name, args in reductions:
-            assert _finalizing(name), name
-            counters = args[4] if name.startswith("statistics") else args[8]
-            assert counters != 0
-    else:
-        train_forward = [f"single_pass_forward_channels_{family}"]
-        train_backward = [f"single_pass_backward_channels_{family}"]
+    train_forward = _train_kernels(g_forward, "forward", g_forward.on_chip, "statistics normalize")
+    train_backward = _train_kernels(g_backward, "backward", g_backward.on_chip_backward, "gradient_sums input_gradient")
     assert launched == (train_forward + [f"normalize_channels_{family}"] + train_backward
                         + [f"input_gradient_channels_{family}"])
+    # The split reductions are their finalizing instantiations, with the counters buffer.
+    for name, _, _, args in fake_cupy.launches:
+        if name.startswith(("statistics", "gradient_sums")):
+            assert _finalizing(name), name
+            assert (args[4] if name.startswith("statistics") else args[8]) != 0
+    # The on-chip kernels get their barriers' counters and the partials of their exchange.
+    for name, grid, _, args in fake_cupy.launches:
+        if name.startswith("on_chip"):
+            counters = args[11]
+            assert counters != 0 and all(args[k] != 0 for k in ((3, 4, 5) if "forward" in name else (9, 10)))
     _check_arguments(fake_cupy.launches, dtype)
 
 
@@ -356,8 +389,7 @@ def test_channels_first_blocks_own_channel_groups_where_rows_cannot_start_on_16_
 
 
 @pytest.mark.parametrize("dtype, vec", [(torch.bfloat16, 8), (torch.float32, 4)], ids=str)
-def test_channels_first_kernels_read_16_bytes_only_where_rows_hold_whole_groups(fake_cupy, dtype, vec,
-                                                                                cuda_kernel_path):
+def test_channels_first_kernels_read_16_bytes_only_where_rows_hold_whole_groups(fake_cupy, dtype, vec, kernel_path):
     """The channels-first kernels have no value-by-value tail: they take 16-byte groups where S is a
     multiple of the width (as well as the strides and pointers), and a sliced view whose rows end
     mid-group, its pointer and strides aligned, is read value by value -- the statistics kernel too,
@@ -369,7 +401,8 @@ def test_channels_first_kernels_read_16_bytes_only_where_rows_hold_whole_groups(
     whole = make_input((256, C, 64), dtype, "contiguous")
     cupy_backend.forward_train(whole, weight, bias, running_mean, running_var, torch.tensor(3), 0.1, 1e-5)
     names = [name for name, *_ in fake_cupy.launches]
-    assert any(name.startswith("statistics_" if cuda_kernel_path == "split" else "single_pass_") for name in names)
+    first = {"split": "statistics_", "single-pass": "single_pass_", "on-chip": "on_chip_"}[kernel_path]
+    assert names[0].startswith(first), names
     assert all(f", {vec}, " in name for name in names if "finalize" not in name), names
     assert not cupy_backend.KERNELS.geometry(whole).channel_groups
     fake_cupy.launches.clear()

@@ -34,6 +34,8 @@ def recorded(monkeypatch):
     monkeypatch.setattr(cupy_backend, "check_available", lambda device: None)
     monkeypatch.setattr(bn_gpu.backends, "_checked_modules", {})
     monkeypatch.setattr(bn_gpu.backends.plan, "multiprocessors", lambda index: 132)
+    monkeypatch.setattr(table, "shared_memory_per_sm", lambda index: 233472)  # an H200's
+    monkeypatch.setattr(launcher, "cooperative", lambda kernel, *shape: kernel)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     counts = {"replayed": 0}
     run = replay.Replay.run

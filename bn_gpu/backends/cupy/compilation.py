@@ -23,11 +23,17 @@ CHANNEL_THREADS = 32     # channels-last blocks: at most a warp's width of threa
                          # with VECTOR_BYTES of consecutive channels; the rest of THREADS walk rows
 VECTOR_BYTES = plans.VECTOR_BYTES
 MAX_BLOCK_C = CHANNEL_THREADS * VECTOR_BYTES // 2  # channels of a channels-last block, at most (16-bit inputs)
+# Shared memory a block of the on-chip kernels keeps beside its held slice: their largest static
+# shared memory (the channels-last forward's column merges for 16-bit inputs: 8 channels x THREADS
+# of three arrays) and the 1 KB the driver reserves per block. The launcher checks the compiled
+# kernel's occupancy before its first launch, so a larger need is an error, not a hang.
+ON_CHIP_RESERVED_SHARED = 44 * 1024
 # The source's compile-time constants, from here.
 COMPILE_OPTIONS = ("-std=c++17", f"-DCL_THREADS={THREADS}", f"-DCL_MAX_CHANNELS={MAX_BLOCK_C}")
 # Kernels instantiated without and with the epilogue (FUSED: + residual and ReLU forward, the
 # ReLU's mask backward), a compile-time choice so that the plain kernels carry none of it.
-FUSABLE = ("normalize", "single_pass_forward", "gradient_sums", "input_gradient", "single_pass_backward")
+FUSABLE = ("normalize", "single_pass_forward", "gradient_sums", "input_gradient", "single_pass_backward",
+           "on_chip_forward", "on_chip_backward")
 # Split reductions instantiated without and with their own finalize (FINALIZE: the last blocks to
 # finish merge the partials; SyncBatchNorm's local moments use the plain statistics kernel).
 FINALIZING = ("statistics", "gradient_sums")
@@ -83,6 +89,10 @@ def kernel_names(T: str, W: str, R: str, A: str) -> dict:
         "input_gradient_channels_last": f"<{T}, {W}, {A}, VEC>",
         "single_pass_backward_channels_first": f"<{T}, {W}, {A}, VEC>",
         "single_pass_backward_channels_last": f"<{T}, {W}, {A}, VEC>",
+        "on_chip_forward_channels_first": f"<{T}, {W}, {R}, {A}, VEC>",
+        "on_chip_forward_channels_last": f"<{T}, {W}, {R}, {A}, VEC>",
+        "on_chip_backward_channels_first": f"<{T}, {W}, {A}, VEC>",
+        "on_chip_backward_channels_last": f"<{T}, {W}, {A}, VEC>",
     }
     names = {}
     for name, arguments in templates.items():
@@ -121,13 +131,48 @@ def source() -> str:
     return expand("batch_norm.cu")
 
 
-@functools.lru_cache(maxsize=None)
-def compiled_kernels(device_index: int, T: str, W: str, R: str, A: str) -> dict:
-    cupy = import_cupy()
+def kernel_modules(T: str, W: str, R: str, A: str) -> tuple[dict, dict]:
+    """kernel_names of one type combination by module: the on-chip kernels in one of their own. Their
+    dynamic shared memory is an extern array, a module-wide symbol, and nvcc (sm_90) then rounds the
+    static shared memory of every kernel of the module up to 1 KB: the normalize kernels' 0 bytes
+    would become 1024."""
     names = kernel_names(T, W, R, A)
+    on_chip = {role: name for role, name in names.items() if role.startswith("on_chip_")}
+    return {role: name for role, name in names.items() if role not in on_chip}, on_chip
+
+
+def _module(device_index: int, names: dict) -> dict:
+    cupy = import_cupy()
     with cupy.cuda.Device(device_index):
         module = cupy.RawModule(code=source(), options=COMPILE_OPTIONS, name_expressions=tuple(names.values()))
         return {role: module.get_function(name) for role, name in names.items()}
+
+
+class _Kernels(dict):
+    """{role: compiled kernel} of one device and type combination; the on-chip module is compiled
+    when one of its kernels is first asked for."""
+
+    def __init__(self, device_index: int, types: tuple):
+        plain, self.on_chip = kernel_modules(*types)
+        super().__init__(_module(device_index, plain))
+        self.device_index = device_index
+
+    def __missing__(self, role: str):
+        if role not in self.on_chip:
+            raise KeyError(role)
+        self.update(_module(self.device_index, self.on_chip))
+        return self[role]
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_kernels(device_index: int, T: str, W: str, R: str, A: str) -> dict:
+    return _Kernels(device_index, (T, W, R, A))
+
+
+@functools.lru_cache(maxsize=None)
+def shared_memory_per_sm(device_index: int) -> int:
+    """Bytes of shared memory of one SM of the device."""
+    return import_cupy().cuda.runtime.getDeviceProperties(device_index)["sharedMemPerMultiprocessor"]
 
 
 @functools.lru_cache(maxsize=64)

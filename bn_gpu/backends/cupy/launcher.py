@@ -6,11 +6,13 @@ a replay traces each address back to the call argument or buffer it points into 
 same kernels with the same scalars and the new call's addresses."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
 from .. import replay
-from .compilation import stream
+from .compilation import import_cupy, stream
 
 
 def current_stream():
@@ -30,6 +32,38 @@ class Launcher:
 
 
 launch = Launcher()
+
+
+class Cooperative:
+    """A kernel launched cooperatively -- the driver starts every block at once or refuses the
+    launch -- with `shared_mem` bytes of dynamic shared memory: the on-chip kernels, whose blocks
+    wait for each other (kernels/cuda/on_chip.cuh). Called as a compiled kernel is, so launches
+    and replays take it as one."""
+
+    def __init__(self, kernel, shared_mem: int):
+        self.kernel, self.shared_mem = kernel, shared_mem
+
+    def __call__(self, grid, block, args, stream=None):
+        self.kernel.kernel(tuple(grid), tuple(block), args, shared_mem=self.shared_mem, stream=stream,
+                           enable_cooperative_groups=True)
+
+
+@functools.lru_cache(maxsize=256)
+def cooperative(kernel, role: str, shared_mem: int, threads: int, blocks: int, sms: int) -> Cooperative:
+    """`kernel` (a cupy.RawKernel, compiled for the current device) as a Cooperative launch of
+    `blocks` blocks of `threads` threads, once its dynamic shared memory limit is raised to
+    shared_mem and its occupancy found to hold them all at once on the device's `sms` SMs: else an
+    error naming the way back to the two-pass kernels (a cooperative launch that does not fit fails
+    in the driver, with less to go on)."""
+    if shared_mem > kernel.max_dynamic_shared_size_bytes:
+        kernel.max_dynamic_shared_size_bytes = shared_mem
+    per_sm = import_cupy().cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.kernel.ptr, threads,
+                                                                                 shared_mem)
+    if per_sm * sms < blocks:
+        raise RuntimeError(f"{role}: the on-chip kernel needs its {blocks} blocks resident at once, but this GPU "
+                           f"holds {per_sm} a multiprocessor ({per_sm * sms} in all) with {shared_mem} bytes of "
+                           f"shared memory each; set BN_GPU_TUNING=on_chip_bytes=0 to use the two-pass kernels")
+    return Cooperative(kernel, shared_mem)
 
 
 def replay_launcher():

@@ -15,20 +15,25 @@ import torch
 from .. import layout
 from .. import plan as plans
 from . import launcher
-from .compilation import C_TYPES, CHANNEL_THREADS, THREADS, VECTOR_BYTES, compiled_kernels
+from .compilation import (C_TYPES, CHANNEL_THREADS, ON_CHIP_RESERVED_SHARED, THREADS, VECTOR_BYTES, compiled_kernels,
+                          shared_memory_per_sm)
 
 
 @functools.lru_cache(maxsize=None)
-def tuning_for(tuning: plans.Tuning, itemsize: int) -> plans.Tuning:
+def tuning_for(tuning: plans.Tuning, itemsize: int, shared_memory_per_sm: int = 0) -> plans.Tuning:
     """The GPU tuning with channels-last blocks of at most CHANNEL_THREADS threads of 16 bytes of
     channels each, as the CUDA kernels have them (max_block_c does not enter channels-first plans),
     and channels-first tile rows of at most one turn of a block (THREADS groups of 16 bytes): a
     thread then walks down the tile and loads all its groups of it at once (kernels/cuda/channels_first.cuh,
-    tile_walk), where along rows of 1-3 groups it would load them one by one. The CUDA C backend has no
-    on-chip kernels: on_chip_bytes 0 keeps it on the two-pass plans."""
+    tile_walk), where along rows of 1-3 groups it would load them one by one. The on-chip kernels
+    hold the input in shared memory (on_chip_shared): an SM's shared memory less what each of its
+    on_chip_programs_per_sm blocks keeps beside the slice (ON_CHIP_RESERVED_SHARED), where the tuning
+    has on-chip kernels at all (on_chip_bytes 0 keeps the two-pass plans)."""
     vector = VECTOR_BYTES // itemsize
+    programs = tuning.on_chip_programs_per_sm
+    held = max(0, shared_memory_per_sm // programs - ON_CHIP_RESERVED_SHARED) * programs
     return dataclasses.replace(tuning, max_block_c=CHANNEL_THREADS * vector, max_block_s=THREADS * vector,
-                               on_chip_bytes=0)
+                               on_chip_bytes=held if tuning.on_chip_bytes else 0, on_chip_shared=True)
 
 
 # ---- arguments --------------------------------------------------------------------------------
@@ -115,6 +120,16 @@ def launch_types(dtype, weight_dtype, running_dtype, role: str, grid, block, arg
     launcher.launch(kernels[role], grid, block, args)
 
 
+def launch_on_chip(g: plans.Geometry, weight_dtype, running_dtype, role: str, grid, block, shared_mem: int,
+                   args) -> None:
+    """An on-chip kernel's cooperative launch with shared_mem bytes of dynamic shared memory."""
+    device_index = torch.cuda.current_device()
+    kernels = compiled_kernels(device_index, *c_types(g.dtype, weight_dtype, running_dtype))
+    kernel = launcher.cooperative(kernels[role], role, shared_mem, THREADS, grid[0] * grid[1],
+                                  plans.multiprocessors(device_index))
+    launcher.launch(kernel, grid, block, args)
+
+
 def _accumulate(g: plans.Geometry, value: float):
     return np.float64(value) if g.stat_dtype == torch.float64 else np.float32(value)
 
@@ -124,8 +139,29 @@ class CudaKernels:
 
     def geometry(self, x: torch.Tensor, grad_y: torch.Tensor | None = None) -> plans.Geometry:
         device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        return plans.geometry(x, grad_y, tuning_for(plans.GPU_TUNING, x.element_size()),
+        shared = shared_memory_per_sm(device_index) if plans.GPU_TUNING.on_chip_bytes else 0
+        return plans.geometry(x, grad_y, tuning_for(plans.GPU_TUNING, x.element_size(), shared),
                               plans.multiprocessors(device_index))
+
+    @staticmethod
+    def _on_chip(g, on_chip: plans.OnChipPlan, name: str, streams: int, *tensors, fused: bool):
+        """(role, grid, block, tiling arguments, dynamic shared memory) of the on-chip kernel `name`:
+        the split reductions' grid and blocks with the on-chip plan's splits, each block holding
+        `held rows` rows of S values (channels-first) or of its block_c channels (channels-last) of
+        each of the `streams` inputs."""
+        vec = _vector_width_for(g, *tensors)
+        family = "first" if g.channels_first else "last"
+        role = f"{name}_channels_{family}_{vec}" + ("_fused" if fused else "")
+        if g.channels_first:
+            held_rows, row_values = on_chip.held * g.plan.rows, g.S
+            grid, block = (g.C, on_chip.splits), (THREADS,)
+            tiling = [np.int64(g.plan.s_blocks), np.int64(held_rows), np.int32(g.plan.rows), np.int32(g.plan.block_s)]
+        else:
+            held_rows, row_values = on_chip.held, g.plan.block_c
+            channel_threads = g.plan.block_c // vec
+            grid, block = (on_chip.splits, g.plan.c_blocks), (channel_threads, THREADS // channel_threads)
+            tiling = [np.int64(held_rows)]
+        return role, grid, block, tiling, held_rows * row_values * streams * g.dtype.itemsize
 
     @staticmethod
     def _streaming(g, name: str, *tensors, fused: bool = False, finalized: bool = False):
@@ -193,6 +229,34 @@ class CudaKernels:
             + _i64(*g.sizes, *g.x.strides, *g.out.strides)
             + [np.float64(0.0 if momentum is None else momentum), np.float64(eps)] + _tiling(g, single_pass=True)
             + [np.int32(tracked), np.int32(cumulative), np.int32(count_batch), np.int32(relu)])
+
+    def on_chip_forward(self, g, x, y, mean, invstd, weight, bias, running_mean, running_var, counter, momentum, eps,
+                        partials, counters, residual=None, relu=False):
+        tracked = running_mean is not None
+        cumulative = tracked and momentum is None
+        count, part_mean, m2 = partials
+        bias = _as_w(bias, _param_dtype(weight, bias))
+        role, grid, block, tiling, shared = self._on_chip(g, g.on_chip, "on_chip_forward", 1, x, y, residual,
+                                                          fused=residual is not None or relu)
+        launch_on_chip(g, _param_dtype(weight, bias), _dtype(running_mean), role, grid, block, shared, [
+            _ptr(x), _ptr(y), _ptr(residual), _ptr(count), _ptr(part_mean), _ptr(m2), _ptr(mean), _ptr(invstd),
+            _ptr(running_mean), _ptr(running_var), _ptr(counter), _ptr(counters), _ptr(weight), _ptr(bias)]
+            + _i64(*g.sizes, *g.x.strides, *g.out.strides)
+            + [np.float64(0.0 if momentum is None else momentum), np.float64(eps)] + tiling
+            + [np.int32(tracked), np.int32(cumulative), np.int32(counter is not None), np.int32(relu)])
+
+    def on_chip_backward(self, g, grad_y, x, grad_x, mean, invstd, weight, grad_weight, grad_bias, partials, counters,
+                         bias=None, relu=False):
+        # The gradients are written in W: the weight's dtype (the accumulation dtype without one).
+        sum_dy, sum_dy_xmu = partials
+        bias = _as_w(bias, grad_weight.dtype) if relu else None
+        role, grid, block, tiling, shared = self._on_chip(g, g.on_chip_backward, "on_chip_backward", 2, grad_y, x,
+                                                          grad_x, fused=relu)
+        launch_on_chip(g, grad_weight.dtype, None, role, grid, block, shared, [
+            _ptr(grad_y), _ptr(x), _ptr(grad_x), _ptr(mean), _ptr(invstd), _ptr(weight), _ptr(bias),
+            _ptr(grad_weight), _ptr(grad_bias), _ptr(sum_dy), _ptr(sum_dy_xmu), _ptr(counters)]
+            + _i64(*g.sizes, *g.grad_y.strides, *g.x.strides, *g.out.strides) + [_accumulate(g, 1.0 / g.count)]
+            + tiling + [np.int32(grad_x is not None), np.int32(relu)])
 
     def gradient_sums(self, g, grad_y, x, mean, partials, invstd=None, weight=None, bias=None, relu=False):
         self._gradient_sums(g, grad_y, x, mean, partials, invstd, weight, bias, relu)

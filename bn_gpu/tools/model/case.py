@@ -12,12 +12,13 @@ from .compiled import Compiled, Compiler
 from .targets import FLOOR_PASSES, FUSED_OPS, STREAMS, Target, job_of
 
 
-def occupancy(compiled: Compiled, threads: int, target: Target) -> int:
-    """Programs (blocks) resident per SM, from registers, shared memory and the hardware limits."""
+def occupancy(compiled: Compiled, threads: int, target: Target, dynamic_shared: int = 0) -> int:
+    """Programs (blocks) resident per SM, from registers, shared memory (static, and the launch's
+    dynamic: the CUDA C on-chip kernels' held slice) and the hardware limits."""
     warps = -(-threads // 32)
     registers_per_warp = -(-max(compiled.registers, 1) * 32 // 256) * 256
     by_registers = target.regs_per_sm // (registers_per_warp * warps)
-    by_shared = (target.smem_per_sm_kb * 1024) // (compiled.shared_bytes + 1024)
+    by_shared = (target.smem_per_sm_kb * 1024) // (compiled.shared_bytes + dynamic_shared + 1024)
     return max(0, min(64 // warps, by_registers, by_shared, 32))
 
 
@@ -71,7 +72,7 @@ def kernel_figures(launch, compiled: Compiled, case, target: Target) -> KernelFi
     numel = math.prod(shape)
     size = _element_bytes(dtype)
     threads = _threads(launch)
-    per_sm = occupancy(compiled, threads, target)
+    per_sm = occupancy(compiled, threads, target, launch.meta.get("dynamic_shared", 0))
     programs = launch.programs
     waves = programs / max(1, per_sm * target.sms)
     job = job_of(launch.name)
@@ -226,6 +227,7 @@ def model_case(backend: str, shape, dtype: torch.dtype, layout: str, op: str, ta
                compiler: Compiler) -> CaseFigures:
     case = (shape, dtype, layout, op)
     launches = recorded.record(backend, FUSED_OPS.get(op, op), shape, dtype, layout, sms=target.sms,
+                               shared_kb=target.smem_per_sm_kb,
                                epilogue=op in FUSED_OPS)
     figures = []
     for launch in launches:

@@ -70,11 +70,12 @@ class Compiler:
         return self.cache[launch.kernel]
 
     def _compile_cuda_module(self, expression: str) -> None:
-        """Compile every name expression of the type combination holding `expression` (one nvcc run)."""
+        """Compile every name expression of the module holding `expression` (one nvcc run), as the
+        backend's modules are: one per type combination, its on-chip kernels apart."""
         from ...backends.cupy import compilation
-        combination = next(c for c in compilation.type_combinations()
-                           if expression in compilation.kernel_names(*c).values())
-        names = sorted(set(compilation.kernel_names(*combination).values()))
+        module = next(m for c in compilation.type_combinations() for m in compilation.kernel_modules(*c)
+                      if expression in m.values())
+        names = sorted(set(module.values()))
         unit = os.path.join(self.workdir, f"cuda-{len(self.cuda_modules)}.cu")
         with open(os.path.join(self.workdir, "batch_norm.cu"), "w") as f:
             f.write(compilation.source())
@@ -97,7 +98,7 @@ class Compiler:
                     self.cache[expression] = Compiled("cupy", expression, usage["registers"],
                                                       usage["stack"] + usage["local"], usage["shared"],
                                                       main_loops(instructions))
-        self.cuda_modules[combination] = names
+        self.cuda_modules[expression] = names
 
 
 def _same_template(expression: str, demangled: str) -> bool:

@@ -54,7 +54,7 @@ STREAMS = {
     "gradient_sums": ["dy", "x"],
     "input_gradient": ["dy", "x", "y"],
     "single_pass_backward": ["dy", "x", "dy2", "x2", "y"],
-    "on_chip_forward": ["x", "y"],              # x held in registers: read once
+    "on_chip_forward": ["x", "y"],              # x held on chip: read once
     "on_chip_backward": ["dy", "x", "y"],
 }
 

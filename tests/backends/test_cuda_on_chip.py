@@ -1,0 +1,212 @@
+"""The CUDA C on-chip kernels (kernels/cuda/on_chip.cuh): their plan -- the input held in shared memory
+in its own dtype, channels-first as whole rows of S, every plan an exchange -- the tuning taken from the
+SMs' shared memory, the cooperative launch's residency check, and, on a GPU, their results against the
+float64 reference with every buffer poisoned, bitwise determinism and their counters left at zero.
+Their source compiles for sm_80 and sm_90 with nvcc and NVRTC in test_cuda_source.py, and their
+launches match their signatures there too."""
+import dataclasses
+import types
+
+import pytest
+import torch
+from support import assert_close, assert_stats_close, backend_devices, make_input, make_params
+
+import bn_gpu.backends.plan as plans
+from bn_gpu import reference as ref
+from bn_gpu.backends import orchestration
+from bn_gpu.backends.cupy import compilation, launcher, table
+from bn_gpu.backends.plan import OnChipPlan, on_chip_plan
+
+SHARED_PER_SM = 233472  # an H100's or H200's shared memory an SM
+SMS = 132
+CUPY_DEVICES = [pair for pair in backend_devices() if pair.values[0] == "cupy"]  # marked gpu, CuPy required
+
+
+def _shared_tuning(on_chip_bytes: int) -> plans.Tuning:
+    return dataclasses.replace(plans.GPU_TUNING, on_chip_bytes=on_chip_bytes, on_chip_shared=True,
+                               on_chip_programs_per_sm=2)
+
+
+# ---- the plan ---------------------------------------------------------------------------------------
+
+def test_the_plan_holds_values_of_the_input_dtype_and_always_exchanges():
+    """In shared memory the input keeps its dtype: 16-bit values take 2 bytes (in registers they are
+    counted widened). Every plan is an exchange, a group held by one block included (its barrier one
+    party); groups that fill the resident blocks are left to the single-pass kernels."""
+    tuning = _shared_tuning(2 * 4096)  # 4096 bytes a block
+    assert on_chip_plan(4, 256, 8, 1, 4, tuning, SMS, streams=1) == OnChipPlan(
+        held=4, splits=1, programs=8, block_splits=1, load_stages=tuning.load_stages, resident=2)
+    assert on_chip_plan(1, 1024, 8, 1, 4, tuning, SMS, streams=1).held == 1     # a block's share of fp32
+    assert on_chip_plan(1, 1024 + 1, 8, 1, 4, tuning, SMS, streams=1) is None   # a value more
+    assert on_chip_plan(1, 2048, 8, 1, 2, tuning, SMS, streams=1).held == 1     # bf16: twice the values
+    assert on_chip_plan(1, 2048 + 1, 8, 1, 2, tuning, SMS, streams=1) is None
+    assert on_chip_plan(4, 256, 8, 1, 2, tuning, SMS, streams=2).held == 4      # x and dy of bf16
+    assert on_chip_plan(4, 256, 8, 1, 4, tuning, SMS, streams=2).held == 2      # x and dy of fp32: split in two
+    split = on_chip_plan(64, 256, 8, 1, 4, tuning, SMS, streams=1)
+    assert split.exchange and (split.held, split.splits, split.programs) == (4, 16, 128)
+    assert on_chip_plan(4, 256, 2 * SMS, 1, 4, tuning, SMS, streams=1) is None  # groups fill the SMs: no walk
+    # Without on_chip_shared the same groups are walked, and held widened.
+    registers = dataclasses.replace(tuning, on_chip_shared=False)
+    assert not on_chip_plan(4, 256, 8, 1, 4, registers, SMS, streams=1).exchange
+    assert on_chip_plan(1, 2048, 8, 1, 2, registers, SMS, streams=1) is None
+
+
+def test_the_tuning_takes_the_shared_memory_of_an_sm():
+    """An SM's shared memory less what each of its two blocks keeps beside the slice; none where the
+    GPU tuning has no on-chip kernels (BN_GPU_TUNING=on_chip_bytes=0)."""
+    tuning = table.tuning_for(plans.GPU_TUNING, 4, SHARED_PER_SM)
+    per_block = SHARED_PER_SM // 2 - compilation.ON_CHIP_RESERVED_SHARED
+    assert tuning.on_chip_shared and tuning.on_chip_bytes == 2 * per_block
+    off = dataclasses.replace(plans.GPU_TUNING, on_chip_bytes=0)
+    assert table.tuning_for(off, 4, SHARED_PER_SM).on_chip_bytes == 0
+    assert table.tuning_for(plans.GPU_TUNING, 4, 0).on_chip_bytes == 0
+
+
+@pytest.fixture
+def h200(monkeypatch):
+    monkeypatch.setattr(plans, "multiprocessors", lambda index: SMS)
+    monkeypatch.setattr(table, "shared_memory_per_sm", lambda index: SHARED_PER_SM)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_geometry_holds_whole_rows_of_s_and_no_channel_groups(h200, dtype):
+    """Channels-first blocks hold whole rows of S in blocks of the tile's rows (a (rows, S) matrix in
+    shared memory) within a block's share; 7x7 planes, whose channels are grouped, keep the two-pass
+    plans; so does an input above the limit."""
+    size = dtype.itemsize
+    share = table.tuning_for(plans.GPU_TUNING, size, SHARED_PER_SM).on_chip_bytes // 2
+    g = table.KERNELS.geometry(make_input((32, 128, 16, 16), dtype, device="meta"))
+    assert g.on_chip is not None and g.on_chip.exchange and g.on_chip.programs <= 2 * SMS
+    held_rows = g.on_chip.held * g.plan.rows
+    assert held_rows * g.S * size <= share and g.on_chip.splits == -(-g.N // held_rows)
+    grouped = table.KERNELS.geometry(make_input((64, 16, 7, 7), dtype, device="meta"))
+    assert grouped.plan.group > 1 and grouped.on_chip is None
+    assert table.KERNELS.geometry(make_input((64, 64, 112, 112), dtype, device="meta")).on_chip is None
+
+
+# ---- the cooperative launch -------------------------------------------------------------------------
+
+class _Function:
+    """A compiled cupy.cuda.Function: its handle, and the launches it was asked for."""
+    ptr = 1234
+
+    def __init__(self):
+        self.launches = []
+
+    def __call__(self, grid, block, args, **options):
+        self.launches.append((grid, block, args, options))
+
+
+class _RawKernel:
+    """What cooperative() reads of a cupy.RawKernel."""
+
+    def __init__(self, limit=49152):
+        self.max_dynamic_shared_size_bytes = limit
+        self.kernel = _Function()
+
+
+def test_a_grid_that_would_not_be_resident_is_refused_before_it_launches(monkeypatch):
+    """The dynamic shared memory limit is raised to the slice's, and a grid larger than the occupancy
+    holds at once is refused, naming the way back to the two-pass kernels (blocks waiting at a barrier
+    for blocks that cannot start would never return; the driver would refuse the cooperative launch
+    with less to go on)."""
+    per_sm = {"value": 2}
+    occupancy = []
+
+    def blocks_per_sm(function, threads, shared):
+        occupancy.append((function, threads, shared))
+        return per_sm["value"]
+
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(driver=types.SimpleNamespace(
+        occupancyMaxActiveBlocksPerMultiprocessor=blocks_per_sm)))
+    monkeypatch.setattr(launcher, "import_cupy", lambda: fake)
+    launcher.cooperative.cache_clear()
+    kernel = _RawKernel()
+    launch = launcher.cooperative(kernel, "on_chip_forward_channels_first_4", 65536, 256, 2 * SMS, SMS)
+    assert isinstance(launch, launcher.Cooperative) and launch.shared_mem == 65536
+    assert kernel.max_dynamic_shared_size_bytes == 65536 and occupancy == [(1234, 256, 65536)]
+    launch([SMS, 2], [256], ("args",), stream="stream")  # as the launcher and its replays call a kernel
+    assert kernel.kernel.launches == [((SMS, 2), (256,), ("args",), dict(
+        shared_mem=65536, stream="stream", enable_cooperative_groups=True))]
+    launcher.cooperative(kernel, "on_chip_forward_channels_first_4", 4096, 256, SMS, SMS)
+    assert kernel.max_dynamic_shared_size_bytes == 65536  # never lowered under a larger launch's slice
+    per_sm["value"] = 1
+    with pytest.raises(RuntimeError, match="needs its 264 blocks resident at once.*holds 1 a multiprocessor"
+                                           ".*on_chip_bytes=0"):
+        launcher.cooperative(kernel, "on_chip_backward_channels_last_4", 32768, 256, 2 * SMS, SMS)
+    launcher.cooperative.cache_clear()
+
+
+# ---- on a GPU: the kernels against float64 ------------------------------------------------------------
+
+# Shapes whose plans exchange on any GPU of at least 48 KB of shared memory an SM (16 or more
+# splits), and one a block holds whole (one split: its barrier has one party).
+SHAPES = [((64, 4, 32, 32), "contiguous"), ((64, 4, 32, 32), "channels_last"), ((8, 16, 10, 12), "contiguous"),
+          ((16, 24, 6, 6), "channels_last")]
+
+
+@pytest.mark.parametrize("backend,device", CUPY_DEVICES)
+@pytest.mark.parametrize("shape, layout", SHAPES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("epilogue", [False, True], ids=["plain", "epilogue"])
+def test_on_chip_kernels_match_float64(backend, device, shape, layout, dtype, momentum, epilogue, poisoned):
+    """Training forward (running statistics, batch counted; with the epilogue + residual and ReLU)
+    and backward (dx, dweight, dbias; through the ReLU with the epilogue), one cooperative launch
+    each, against the float64 reference with every output and workspace poisoned."""
+    x = make_input(shape, dtype, layout, device)
+    grad_y = make_input(shape, dtype, layout, device, mean=0.0, std=1.0, seed=7)
+    residual = make_input(shape, dtype, layout, device, mean=0.0, std=1.0, seed=9) if epilogue else None
+    C = shape[1]
+    param_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    weight, bias, running_mean, running_var = make_params(C, param_dtype, device)
+    g = table.KERNELS.geometry(x, grad_y)
+    assert table.KERNELS.geometry(x).on_chip is not None and g.on_chip_backward is not None
+    rm0, rv0 = running_mean.clone(), running_var.clone()
+    counter = torch.tensor(3, device=device)
+    fused = dict(residual=residual, relu=True) if epilogue else {}
+    y, mean, invstd = orchestration.forward_train(table.KERNELS, x, weight, bias, running_mean, running_var, counter,
+                                                  momentum, 1e-5, **fused)
+    y_ref, mean_ref, var_ref, invstd_ref = ref.forward_train(x, weight, bias, 1e-5)
+    if epilogue:
+        y_ref = torch.relu(y_ref + residual.double())
+    assert_close(y, y_ref, dtype, "output")
+    assert_stats_close(mean, mean_ref, dtype, "mean")
+    assert_stats_close(invstd, invstd_ref, dtype, "invstd")
+    factor = ref.momentum_factor(momentum, 4)  # the counter after this batch
+    rm_ref, rv_ref = ref.update_running_stats(rm0, rv0, mean_ref, var_ref, x.numel() // C, factor)
+    assert_close(running_mean, rm_ref, param_dtype, "running_mean")
+    assert_close(running_var, rv_ref, param_dtype, "running_var")
+    assert counter.item() == 4
+    grad_x, grad_w, grad_b = orchestration.backward(table.KERNELS, grad_y, x, weight, mean, invstd, True, True, True,
+                                                    **(dict(bias=bias, relu=True) if epilogue else {}))
+    masked = grad_y
+    if epilogue:  # the ReLU's mask, from the forward's output without the residual
+        masked = torch.where(ref.forward_train(x, weight, bias, 1e-5)[0] > 0, grad_y.double(), 0.0)
+    grad_x_ref, grad_w_ref, grad_b_ref = ref.backward_train(masked, x, weight, 1e-5)
+    assert_close(grad_x, grad_x_ref, dtype, "grad_input")
+    scale = grad_y.double().abs().sum() / C  # the sums' own size: their rounding scales with it
+    assert_close(grad_w / scale, grad_w_ref / scale, dtype, "grad_weight")
+    assert_close(grad_b / scale, grad_b_ref / scale, dtype, "grad_bias")
+
+
+@pytest.mark.parametrize("backend,device", CUPY_DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_the_exchange_is_deterministic_and_leaves_its_counters_at_zero(backend, device, layout):
+    """Two calls give the same bits (partials merged in split order whichever block arrives last), and
+    the barriers' counters are zero after each: ready for the next launch and for graph replay."""
+    x = make_input((64, 4, 32, 32), torch.float32, layout, device)
+    grad_y = make_input((64, 4, 32, 32), torch.float32, layout, device, mean=0.0, std=1.0, seed=7)
+    weight, bias, _, _ = make_params(4, torch.float32, device)
+    g = table.KERNELS.geometry(x, grad_y)
+    assert g.on_chip.splits > 1 and g.on_chip_backward.splits > 1
+    results = []
+    for _ in range(2):
+        y, mean, invstd = orchestration.forward_train(table.KERNELS, x, weight, bias, None, None, None, 0.1, 1e-5)
+        grads = orchestration.backward(table.KERNELS, grad_y, x, weight, mean, invstd, True, True, True)
+        results.append((y, mean, invstd, *grads))
+        counters = orchestration.finalize_counters(x.device, orchestration.on_chip_counters(g, g.on_chip, True))
+        assert not counters.any()
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
