@@ -250,19 +250,29 @@ def test_bitwise_deterministic(backend, device, monkeypatch):
 
 def test_no_kernel_accumulates_through_atomics():
     """The reductions have a fixed order: no kernel accumulates values through atomics, whose order
-    depends on scheduling. The one atomic of each backend is the integer ticket that picks the
-    program that merges the partials -- in a fixed order (Triton: finalize.last_of_group; CUDA C:
-    last_block_of)."""
+    depends on scheduling. The atomics of each backend are on integer counters: the ticket that
+    picks the program that merges the partials -- in a fixed order (Triton: finalize.last_of_group;
+    CUDA C: last_block_of) -- and the on-chip kernels' barriers (Triton: group_barrier.py; CUDA C:
+    on_chip.cuh, wait_for_group and leave_group)."""
     import importlib.resources
     import re
     kernels = importlib.resources.files("bn_gpu.kernels")
     sources = {name: kernels.joinpath(name).read_text()
-               for name in ("channels_first.py", "channels_last.py", "finalize.py", "moments.py", "batch_counter.py")}
+               for name in ("channels_first.py", "channels_last.py", "finalize.py", "moments.py", "batch_counter.py",
+                            "group_barrier.py")}
     sources.update({f"cuda/{f.name}": f.read_text() for f in kernels.joinpath("cuda").iterdir()
                     if f.name.endswith((".cu", ".cuh"))})
     calls = []
     for name, text in sources.items():
         code = "\n".join(line.split("#")[0].split("//")[0] for line in text.splitlines())  # comments aside
         calls += [(name, call) for call in re.findall(r"[\w.]*atomic\w*\([^,]*,[^,)]*", code, flags=re.IGNORECASE)]
-    assert calls == [("finalize.py", "tl.atomic_add(counter_ptr + group, 1"),
-                     ("cuda/finalize.cuh", "atomicAdd(counters + index, 1")], calls
+    barrier = [("group_barrier.py", "tl.atomic_add(counter_ptr + group, 1"),
+               ("group_barrier.py", "tl.atomic_add(counter_ptr + group, 0"),
+               ("group_barrier.py", "tl.atomic_add(counter_ptr + group, 0"),
+               ("group_barrier.py", "tl.atomic_add(counter_ptr + group, 1"),
+               ("group_barrier.py", "tl.atomic_xchg(counter_ptr + group, 0")]
+    cuda_barrier = [("cuda/on_chip.cuh", "atomicAdd(counters + group, 1"),
+                    ("cuda/on_chip.cuh", "atomicAdd(counters + group, 1"),
+                    ("cuda/on_chip.cuh", "atomicExch(counters + group, 0")]
+    assert sorted(calls) == sorted([("finalize.py", "tl.atomic_add(counter_ptr + group, 1"),
+                                    ("cuda/finalize.cuh", "atomicAdd(counters + index, 1")] + barrier + cuda_barrier), calls
