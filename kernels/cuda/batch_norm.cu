@@ -436,17 +436,9 @@ __global__ void single_pass_forward_channels_last(
         }
     }
     __syncthreads();
-    if (active) {
-        Values<A, VEC> mean, scale, bias_c;
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-            const int slot = threadIdx.x * VEC + k;
-            mean.v[k] = channel_mean[slot];
-            affine_from(c0 + k, channel_invstd[slot], weight, bias, scale.v[k], bias_c.v[k]);
-        }
-        column_normalize<VEC, FUSED>(x, y, residual, x_stride_m, y_stride_m, c0, mean, scale, bias_c, relu, i64(0),
-                                     M);
-    }
+    if (active)
+        column_normalize_slots<VEC, FUSED>(x, y, residual, x_stride_m, y_stride_m, c0, c0, channel_mean, channel_invstd,
+                                           weight, bias, relu, M);
     // Last, as in single_pass_forward_channels_first (every thread of the block gets here).
     if (count_batch_here) count_batch_after_every_read(num_batches_tracked, counters, cumulative);
 }
@@ -522,14 +514,8 @@ __global__ void single_pass_backward_channels_last(
     }
     __syncthreads();
     if (!need_input_grad || !active) return;
-    Values<A, VEC> mean_x, scale, mean_dy, projection;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k)
-        dx_coefficients(c0 + k, mean.v[k], invstd.v[k], weight, totals[0][threadIdx.x * VEC + k],
-                        totals[1][threadIdx.x * VEC + k], inv_count, training, mean_x.v[k], scale.v[k], mean_dy.v[k],
-                        projection.v[k]);
-    column_input_gradient<VEC, FUSED>(dy, x, dx, dy_stride_m, x_stride_m, dx_stride_m, c0, mean_x, scale, mean_dy,
-                                      projection, training, masks, i64(0), M);
+    column_input_gradient_slots<VEC, FUSED, false>(dy, x, dx, dy_stride_m, x_stride_m, dx_stride_m, c0, c0, mean, invstd,
+                                                   weight, totals[0], totals[1], inv_count, training, masks, M);
 }
 
 // ---- one read on chip: a cooperative grid holds the input in shared memory (see on_chip.cuh) ------
@@ -629,17 +615,10 @@ __global__ void on_chip_forward_channels_last(
     }
     __syncthreads();
     if (active) {
-        Values<A, VEC> channel_mean_of, scale, bias_c;
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-            const int slot = threadIdx.x * VEC + k;
-            channel_mean_of.v[k] = channel_mean[slot];
-            affine_from(c0 + k, channel_invstd[slot], weight, bias, scale.v[k], bias_c.v[k]);
-        }
-        // The block's first channel of y and the residual: the walk adds the thread's `local` to both sides.
-        const i64 y_offset = m0 * y_stride_m + c0 - local;
-        column_normalize<VEC, FUSED>(held, y + y_offset, residual ? residual + y_offset : nullptr, width, y_stride_m,
-                                     local, channel_mean_of, scale, bias_c, relu, i64(0), rows);
+        const i64 y_offset = m0 * y_stride_m + c0 - local;   // the block's first row and channel
+        column_normalize_slots<VEC, FUSED>(held, y + y_offset, residual ? residual + y_offset : nullptr, width,
+                                           y_stride_m, local, c0, channel_mean, channel_invstd, weight, bias, relu,
+                                           rows);
     }
     if (count_batch_here) count_batch_after_every_read(num_batches_tracked, counters + gridDim.y, cumulative);
 }
@@ -740,13 +719,7 @@ __global__ void on_chip_backward_channels_last(
     }
     __syncthreads();
     if (!need_input_grad || !active) return;
-    Values<A, VEC> mean_x, scale, mean_dy, projection;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k)
-        dx_coefficients(c0 + k, mean.v[k], invstd.v[k], weight, totals[0][threadIdx.x * VEC + k],
-                        totals[1][threadIdx.x * VEC + k], inv_count, 1, mean_x.v[k], scale.v[k], mean_dy.v[k],
-                        projection.v[k]);
-    column_input_gradient<VEC, FUSED, true>(held_dy, held_x, dx + m0 * dx_stride_m + c0 - local, width, width,
-                                            dx_stride_m, local, mean_x, scale, mean_dy, projection, 1, masks, i64(0),
-                                            rows);
+    column_input_gradient_slots<VEC, FUSED, true>(held_dy, held_x, dx + m0 * dx_stride_m + c0 - local, width, width,
+                                                  dx_stride_m, local, c0, mean, invstd, weight, totals[0], totals[1],
+                                                  inv_count, 1, masks, rows);
 }

@@ -80,3 +80,40 @@ __device__ __forceinline__ void group_single_pass_backward(
     place_input_gradient<VEC, WIDE, FUSED>(dyg, xg, dx + p.c0 * dx_stride_c, dy_stride_n, x_stride_n, dx_stride_n, p,
                                            mean_x, scale, mean_dy, projection, training, masks, i64(0), N);
 }
+
+// The channels-last single passes' second half, from the per-channel values the block shares in
+// shared memory at slot threadIdx.x * VEC + k of this thread's channel c0 + k. The walks read and
+// write at place `at`: c0, or the thread's place in a held slice (the on-chip kernels, whose x, dy
+// and outputs the caller offsets to the block's first channel and row).
+
+// y = epilogue((x - mean) * invstd * weight + bias) over this thread's rows [0, rows).
+template <int VEC, bool FUSED, typename T, typename W, typename A>
+__device__ __forceinline__ void column_normalize_slots(const T* x, T* y, const T* residual, i64 x_stride_m,
+                                                       i64 y_stride_m, i64 at, i64 c0, const A* channel_mean,
+                                                       const A* channel_invstd, const W* weight, const W* bias,
+                                                       int relu, i64 rows) {
+    Values<A, VEC> mean, scale, bias_c;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+        const int slot = threadIdx.x * VEC + k;
+        mean.v[k] = channel_mean[slot];
+        affine_from(c0 + k, channel_invstd[slot], weight, bias, scale.v[k], bias_c.v[k]);
+    }
+    column_normalize<VEC, FUSED>(x, y, residual, x_stride_m, y_stride_m, at, mean, scale, bias_c, relu, i64(0), rows);
+}
+
+// dx over this thread's rows [0, rows) from the totals sum(dy), sum(dy * (x - mean)).
+template <int VEC, bool FUSED, bool HELD, typename T, typename W, typename A>
+__device__ __forceinline__ void column_input_gradient_slots(
+    const T* dy, const T* x, T* dx, i64 dy_stride_m, i64 x_stride_m, i64 dx_stride_m, i64 at, i64 c0,
+    const Values<A, VEC>& mean, const Values<A, VEC>& invstd, const W* weight, const A* total_dy,
+    const A* total_dy_xmu, A inv_count, int training, const Values<ReluMask<A>, VEC>& masks, i64 rows) {
+    Values<A, VEC> mean_x, scale, mean_dy, projection;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k)
+        dx_coefficients(c0 + k, mean.v[k], invstd.v[k], weight, total_dy[threadIdx.x * VEC + k],
+                        total_dy_xmu[threadIdx.x * VEC + k], inv_count, training, mean_x.v[k], scale.v[k],
+                        mean_dy.v[k], projection.v[k]);
+    column_input_gradient<VEC, FUSED, HELD>(dy, x, dx, dy_stride_m, x_stride_m, dx_stride_m, at, mean_x, scale,
+                                            mean_dy, projection, training, masks, i64(0), rows);
+}
