@@ -151,6 +151,14 @@ def assert_stats_close(actual, expected, dtype, what=""):
                                msg=lambda m: f"{what}: {m}")
 
 
+def assert_parameter_grads_close(grad_w, grad_b, grad_w_ref, grad_b_ref, grad_y, dtype):
+    """dweight and dbias against the reference, relative to the sums' own size (sum |dy| a channel):
+    their rounding scales with it."""
+    scale = grad_y.double().abs().sum() / grad_y.shape[1]
+    assert_close(grad_w / scale, grad_w_ref / scale, dtype, "grad_weight")
+    assert_close(grad_b / scale, grad_b_ref / scale, dtype, "grad_bias")
+
+
 def fp32_spacing(values: torch.Tensor) -> torch.Tensor:
     """Distance between neighbouring fp32 numbers at |values|, as float64."""
     exponent = torch.frexp(values.abs().double())[1]
