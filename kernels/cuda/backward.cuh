@@ -28,10 +28,19 @@ template <typename T, int V> struct PackPair { Pack<T, V> g, in; };
 
 template <typename T, typename A, bool FUSED> struct GradientSumsRow {
     static constexpr bool BATCHED = true;
+    static constexpr int STREAMS = 2;   // dy, then x
+    using Value = T;
     const T* dy; const T* x; i64 dy_stride_n, x_stride_n; A mean; A* sum_dy; A* sum_dy_xmu; ReluMask<A> relu;
     template <int V> using Loaded = PackPair<T, V>;
     template <int V> __device__ __forceinline__ Loaded<V> load(i64 n, i64 s) const {
         return {load_pack<V>(dy + n * dy_stride_n + s), load_pack<V>(x + n * x_stride_n + s)};
+    }
+    __device__ __forceinline__ void column(i64 n, i64 s, i64 step, const T* (&from)[2], i64 (&stride)[2]) const {
+        from[0] = dy + n * dy_stride_n + s; stride[0] = step * dy_stride_n;
+        from[1] = x + n * x_stride_n + s; stride[1] = step * x_stride_n;
+    }
+    template <int V> __device__ __forceinline__ Loaded<V> copied(const uint4* slot, int stride) const {
+        return {copied_pack<V, T>(slot), copied_pack<V, T>(slot + stride)};
     }
     template <int V> __device__ __forceinline__ void use(const Loaded<V>& loaded, i64, i64) const {
         const Pack<T, V>& g = loaded.g;
@@ -61,7 +70,7 @@ __device__ void block_gradient_sums(const Tiles& t, i64 first, i64 last, const T
                                     i64 dy_stride_n, i64 x_stride_n, A mean, const ReluMask<A>& relu, A& sum_dy,
                                     A& sum_dy_xmu) {
     GradientSumsRow<T, A, FUSED> op = {dyc, xc, dy_stride_n, x_stride_n, mean, &sum_dy, &sum_dy_xmu, relu};
-    for_each_group<VEC, false>(t, first, last, op);
+    reduce_groups<VEC, STAGED_GROUPS / 2>(t, first, last, op);
     sum_dy = block_sum<A, 0>(sum_dy);
     sum_dy_xmu = block_sum<A, 1>(sum_dy_xmu);
 }
@@ -87,10 +96,7 @@ __device__ __forceinline__ void place_gradient_sums(const T* dy, const T* x, i64
     const T* dy_row = dy + r.first * dy_stride_n + p.s;
     const T* x_row = x + r.first * x_stride_n + p.s;
     const i64 dy_step = r.step * dy_stride_n, x_step = r.step * x_stride_n;
-#pragma unroll 2
-    for (i64 i = r.count; i > 0; --i, dy_row += dy_step, x_row += x_step) {
-        Pack<T, WIDE> g = read_place<VEC, WIDE>(dy_row);
-        Pack<T, WIDE> in = read_place<VEC, WIDE>(x_row);
+    auto add = [&](const Pack<T, WIDE>& g, const Pack<T, WIDE>& in) {
 #pragma unroll
         for (int k = 0; k < WIDE; ++k) {
             A xv = cvt<A>(in.v[k]);
@@ -99,6 +105,17 @@ __device__ __forceinline__ void place_gradient_sums(const T* dy, const T* x, i64
             sum_dy.v[k] += d;
             sum_dy_xmu.v[k] += d * (xv - mean.v[k]);
         }
+    };
+    if constexpr (VEC == WIDE) {   // 16-byte places: copied ahead, as column_gradient_sums
+        const T* from[2] = {dy_row, x_row};
+        const i64 steps[2] = {dy_step, x_step};
+        staged_rows<2, COLUMN_BATCH / 2>(from, steps, r.count, r.count, [&](const uint4* slot, int stride) {
+            add(copied_pack<WIDE, T>(slot), copied_pack<WIDE, T>(slot + stride));
+        }, [] {});
+    } else {
+#pragma unroll 2
+        for (i64 i = r.count; i > 0; --i, dy_row += dy_step, x_row += x_step)
+            add(read_place<VEC, WIDE>(dy_row), read_place<VEC, WIDE>(x_row));
     }
 }
 
@@ -153,7 +170,7 @@ __device__ __forceinline__ Values<ReluMask<A>, VEC> relu_masks(i64 c0, int on, c
 }
 
 // This thread's share of sum(dy) and sum(dy * (x - mean)) over rows [row_begin, row_end) of channels c0..
-template <int VEC, bool FUSED, typename T, typename A>
+template <int VEC, bool FUSED, bool STAGED = false, typename T, typename A>
 __device__ __forceinline__ void column_gradient_sums(const T* dy, const T* x, i64 dy_stride_m, i64 x_stride_m, i64 c0,
                                                      const Values<A, VEC>& mean, const Values<ReluMask<A>, VEC>& relu,
                                                      i64 row_begin, i64 row_end, Values<A, VEC>& sum_dy,
@@ -171,21 +188,32 @@ __device__ __forceinline__ void column_gradient_sums(const T* dy, const T* x, i6
             sum_dy_xmu.v[k] += d * (xv - mean.v[k]);
         }
     };
-    // Rows of dy and x loaded in batches before the first is used, as column_moments; one at a time
-    // with the ReLU's mask, whose registers a batch would take from the blocks an SM holds.
-    constexpr int BATCH = FUSED ? 1 : COLUMN_BATCH;
-    i64 i = rows_from(first, row_end);
-    for (; i >= BATCH; i -= BATCH, dy_row += BATCH * dy_step, x_row += BATCH * x_step) {
-        Pack<T, VEC> g[BATCH], in[BATCH];
+    // STAGED (dy and x in global memory, 16-byte groups): 2 rows of each a copy, through staged_rows
+    // (the ReLU's mask too: the copies in flight take no registers).
+    if constexpr (STAGED && VEC * sizeof(T) == 16) {
+        const T* from[2] = {dy_row, x_row};
+        const i64 step[2] = {dy_step, x_step};
+        const i64 rows = rows_from(first, row_end);
+        staged_rows<2, COLUMN_BATCH / 2>(from, step, rows, rows, [&](const uint4* slot, int stride) {
+            add(copied_pack<VEC, T>(slot), copied_pack<VEC, T>(slot + stride));
+        }, [] {});
+    } else {
+        // Rows of dy and x loaded in batches before the first is used, as column_moments; one at a time
+        // with the ReLU's mask, whose registers a batch would take from the blocks an SM holds.
+        constexpr int BATCH = FUSED ? 1 : COLUMN_BATCH;
+        i64 i = rows_from(first, row_end);
+        for (; i >= BATCH; i -= BATCH, dy_row += BATCH * dy_step, x_row += BATCH * x_step) {
+            Pack<T, VEC> g[BATCH], in[BATCH];
 #pragma unroll
-        for (int b = 0; b < BATCH; ++b) {
-            g[b] = load_pack<VEC>(dy_row + b * dy_step);
-            in[b] = load_pack<VEC>(x_row + b * x_step);
+            for (int b = 0; b < BATCH; ++b) {
+                g[b] = load_pack<VEC>(dy_row + b * dy_step);
+                in[b] = load_pack<VEC>(x_row + b * x_step);
+            }
+#pragma unroll
+            for (int b = 0; b < BATCH; ++b) add(g[b], in[b]);
         }
-#pragma unroll
-        for (int b = 0; b < BATCH; ++b) add(g[b], in[b]);
+        for (; i > 0; --i, dy_row += dy_step, x_row += x_step) add(load_pack<VEC>(dy_row), load_pack<VEC>(x_row));
     }
-    for (; i > 0; --i, dy_row += dy_step, x_row += x_step) add(load_pack<VEC>(dy_row), load_pack<VEC>(x_row));
 }
 
 // Per-channel coefficients of dx = scale * (dy - mean_dy - (x - mean) * projection) in training,

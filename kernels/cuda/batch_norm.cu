@@ -30,11 +30,15 @@
 // merge the partials (in two levels, as kernels/finalize.py), so the split path takes 2 launches.
 // GROUPED, on the channels-first kernels, compiles the channel-group version (see "channel groups"):
 // a block owns several adjacent channels whose rows together start on 16 bytes (7x7 planes).
+// The split reductions (statistics, gradient sums) of 16-byte groups copy a thread's next rows into
+// shared memory while it adds the current ones (cp.async: async_copies.cuh; for_each_group_staged,
+// staged_rows): loads in flight that take no registers.
 // No atomics on values: every reduction has a fixed order, so results are bitwise reproducible; the
 // only atomics are integer counters: the fused finalize's tickets and the on-chip kernels' barriers.
 
 #include "conversions.cuh"
 #include "merges.cuh"
+#include "async_copies.cuh"
 #include "channels_first.cuh"
 #include "channels_last.cuh"
 #include "channel_groups.cuh"
@@ -94,7 +98,7 @@ __global__ void statistics_channels_last(
     const i64 row_end = min(row_begin + rows_per_program, M);
     const Values<A, VEC> shift = first_row<VEC, T, A>(x, c0, active);
     ColumnMoments<A, VEC> moments = no_column_moments<A, VEC>();
-    if (active) moments = column_moments<VEC>(x, stride_m, c0, shift, row_begin, row_end);
+    if (active) moments = column_moments<VEC, true>(x, stride_m, c0, shift, row_begin, row_end);
     column_merge_tree(moments);
     if (threadIdx.y == 0 && active) {
 #pragma unroll
@@ -282,9 +286,9 @@ __global__ void gradient_sums_channels_last(
         Values<A, VEC> mean;
 #pragma unroll
         for (int k = 0; k < VEC; ++k) mean.v[k] = mean_in[c0 + k];
-        column_gradient_sums<VEC, FUSED>(dy, x, dy_stride_m, x_stride_m, c0, mean,
-                                         relu_masks<VEC>(c0, relu, mean_in, invstd_in, weight, bias), row_begin,
-                                         row_end, sum_dy, sum_dy_xmu);
+        column_gradient_sums<VEC, FUSED, true>(dy, x, dy_stride_m, x_stride_m, c0, mean,
+                                               relu_masks<VEC>(c0, relu, mean_in, invstd_in, weight, bias), row_begin,
+                                               row_end, sum_dy, sum_dy_xmu);
     }
     column_sums_tree(sum_dy, sum_dy_xmu);
     if (threadIdx.y == 0 && active) {

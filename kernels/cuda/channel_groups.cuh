@@ -104,9 +104,10 @@ __device__ __forceinline__ Values<A, WIDE> channel_shifts(const T* x, i64 stride
 }
 
 // Moments of x - shift over the thread's rows of [row_begin, row_end) at its place, the run of sums
-// closed every 64 rows of the thread (as column_moments). Its batched loop is column_moments' own,
-// written again: one helper for both changes nvcc's schedule of one kernel or the other (fewer
-// loads at once), and normalize through `walk` needs more registers.
+// closed every 64 rows of the thread (as column_moments): a place's rows are a column's, so 16-byte
+// places go through staged_rows, copied ahead into shared memory. Value by value, the batched loop
+// is column_moments' own, written again: one helper for both changed nvcc's schedule of one kernel
+// or the other (fewer loads at once), and normalize through `walk` needs more registers.
 template <int VEC, int WIDE, typename T, typename A>
 __device__ __forceinline__ ColumnMoments<A, WIDE> place_moments(const T* x, i64 stride_n, const GroupPlace<WIDE>& p,
                                                                 const Values<A, WIDE>& shift, i64 row_begin,
@@ -115,17 +116,25 @@ __device__ __forceinline__ ColumnMoments<A, WIDE> place_moments(const T* x, i64 
     const PlaceRows r = place_rows(p, row_begin, row_end);
     const T* row = x + r.first * stride_n + p.s;
     const i64 step = r.step * stride_n;
-    for (i64 done = 0; done < r.count; done += 64) {
-        i64 rows = min(r.count - done, i64(64));
-        for (; rows >= PLACE_BATCH; rows -= PLACE_BATCH, row += PLACE_BATCH * step) {
-            Pack<T, WIDE> in[PLACE_BATCH];
+    if constexpr (VEC == WIDE) {
+        const T* from[1] = {row};
+        const i64 steps[1] = {step};
+        staged_rows<1, COLUMN_BATCH>(from, steps, r.count, 64,
+                                     [&](const uint4* slot, int) { moments.add(shifted(copied_pack<WIDE, T>(slot), shift)); },
+                                     [&] { moments.close(); });
+    } else {
+        for (i64 done = 0; done < r.count; done += 64) {
+            i64 rows = min(r.count - done, i64(64));
+            for (; rows >= PLACE_BATCH; rows -= PLACE_BATCH, row += PLACE_BATCH * step) {
+                Pack<T, WIDE> in[PLACE_BATCH];
 #pragma unroll
-            for (int b = 0; b < PLACE_BATCH; ++b) in[b] = read_place<VEC, WIDE>(row + b * step);
+                for (int b = 0; b < PLACE_BATCH; ++b) in[b] = read_place<VEC, WIDE>(row + b * step);
 #pragma unroll
-            for (int b = 0; b < PLACE_BATCH; ++b) moments.add(shifted(in[b], shift));
+                for (int b = 0; b < PLACE_BATCH; ++b) moments.add(shifted(in[b], shift));
+            }
+            for (; rows > 0; --rows, row += step) moments.add(shifted(read_place<VEC, WIDE>(row), shift));
+            moments.close();
         }
-        for (; rows > 0; --rows, row += step) moments.add(shifted(read_place<VEC, WIDE>(row), shift));
-        moments.close();
     }
     return moments;
 }

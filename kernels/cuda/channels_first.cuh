@@ -3,6 +3,7 @@
 // Part of the CUDA C kernels of batch_norm.cu (see there); included in this order.
 #pragma once
 #include "merges.cuh"
+#include "async_copies.cuh"
 
 // ---- tiles of the channels-first (N, C, S) view -----------------------------------------------
 
@@ -118,15 +119,156 @@ __device__ __forceinline__ void for_each_group(const Tiles& t, i64 first, i64 la
     }
 }
 
+// ---- the reductions' walk with copies ahead -------------------------------------------------------
+
+// The reductions' walk (forward only) with a thread's next groups copied into shared memory while it
+// adds the current ones (async_copies.cuh). A thread's groups of a tile -- at most STAGED_GROUPS,
+// down one column: rows n + i * step at s -- go in copies of UNIT groups of each of the op's STREAMS
+// inputs, into two buffers: one copy in flight while the thread adds the other. With STAGED_GROUPS 4
+// (a 16 KB tile over THREADS threads, the host's tiles) the statistics copy whole tiles (UNIT 4) and
+// the gradient sums half tiles of dy and x (UNIT 2): 16 KB a copy, 32 KB of static shared memory a
+// block either way. Blocks are 1-D of CL_THREADS (THREADS) threads; the buffers are indexed
+// [buffer][slot][thread], so a warp's 16-byte slots are consecutive (no bank conflicts). The op
+// gives each stream's address and step down the column (`column`) and reads a copied group back
+// (`copied`). Used where a thread's groups of a tile are down one column (tile_walk not `across`),
+// at most STAGED_GROUPS of them, 16 bytes each (`stageable`); else for_each_group.
+constexpr int STAGED_GROUPS = 4;
+
+template <typename Op, int VEC>
+__device__ __forceinline__ bool stageable(const Tiles& t) {
+    if constexpr (VEC * sizeof(typename Op::Value) != 16) {
+        return false;
+    } else {
+        const int groups_per_row = t.block_s / VEC;
+        return groups_per_row <= (int)blockDim.x && (i64)t.rows * groups_per_row <= (i64)STAGED_GROUPS * blockDim.x;
+    }
+}
+
+// Where a thread's groups of the tile under the cursor are: `count` groups (at most STAGED_GROUPS)
+// from each stream's `from`, `stride` apart down the column. Along a row block the groups move by
+// block_s values (`along`); a new row block finds its addresses and its rows' count again (`down`).
+template <typename T, int STREAMS> struct StagedTile {
+    const T* from[STREAMS];
+    i64 stride[STREAMS];
+    i64 n_block, s_block, s;
+    int rows, count;   // the thread's groups of a tile of this row block; of this tile
+
+    template <int VEC, typename Op>
+    __device__ __forceinline__ void start(const Tiles& t, const TileWalk& w, const Op& op) {
+        const i64 n0 = n_block * t.rows, n = n0 + w.row;
+        s = s_block * t.block_s + (i64)w.group * VEC;
+        rows = (int)visits(n, min(n0 + t.rows, t.N), w.step_log2);
+        count = s < t.S ? rows : 0;
+        op.column(n, s, i64(1) << w.step_log2, from, stride);
+    }
+    __device__ __forceinline__ void along(const Tiles& t) {
+        ++s_block;
+        s += t.block_s;
+#pragma unroll
+        for (int m = 0; m < STREAMS; ++m) from[m] += t.block_s;
+        count = s < t.S ? rows : 0;
+    }
+    template <int VEC, typename Op>
+    __device__ __forceinline__ void down(const Tiles& t, const TileWalk& w, const Op& op) {
+        s_block = 0; ++n_block;
+        start<VEC>(t, w, op);
+    }
+};
+
+// Copies unit `u` of a tile (its groups [u * UNIT, u * UNIT + UNIT) that exist; WHOLE: all of them,
+// unchecked) into `buffer`.
+template <int UNIT, bool WHOLE = false, typename T, int STREAMS>
+__device__ __forceinline__ void copy_unit(const StagedTile<T, STREAMS>& g, int u, unsigned buffer) {
+#pragma unroll
+    for (int i = 0; i < UNIT; ++i) {
+        if (WHOLE || u * UNIT + i < g.count) {
+#pragma unroll
+            for (int m = 0; m < STREAMS; ++m)
+                copy_async(buffer + (m * UNIT + i) * (CL_THREADS * 16), g.from[m] + (u * UNIT + i) * g.stride[m]);
+        }
+    }
+}
+
+// Adds the tile under `ahead`, whose first unit is copied (into the buffer at `flip`): each unit is
+// added once the copy after it -- the tile's next unit, or the first of the tile `advance` moves
+// `ahead` to, if it does -- is issued. WHOLE: the tile and the next have all their groups (no checks).
+template <int VEC, int UNIT, bool WHOLE, typename Op, typename Cursor, typename Advance>
+__device__ __forceinline__ void add_staged_tile(Op& op, Cursor& ahead, unsigned base, const uint4* slots,
+                                                unsigned& flip, Advance advance) {
+    constexpr int UNITS = STAGED_GROUPS / UNIT;                  // copies a tile
+    constexpr unsigned BUFFER = Op::STREAMS * UNIT * CL_THREADS * 16;  // bytes of a buffer
+    const int count = ahead.count;
+#pragma unroll
+    for (int u = 0; u < UNITS; ++u) {
+        if (u + 1 < UNITS) copy_unit<UNIT, WHOLE>(ahead, u + 1, base + (flip ^ BUFFER));
+        else if (advance()) copy_unit<UNIT, WHOLE>(ahead, 0, base + (flip ^ BUFFER));
+        commit_copies();   // empty past the end: one copy is still the one left in flight
+        wait_copies<1>();  // unit u has landed
+        const uint4* slot = slots + flip / 16;
+#pragma unroll
+        for (int i = 0; i < UNIT; ++i)
+            if (WHOLE || u * UNIT + i < count)
+                op.template use<VEC>(op.template copied<VEC>(slot + i * CL_THREADS, UNIT * CL_THREADS), 0, 0);
+        flip ^= BUFFER;
+    }
+    op.end_tile();
+}
+
+template <int VEC, int UNIT, typename Op>
+__device__ __forceinline__ void for_each_group_staged(const Tiles& t, i64 first, i64 last, Op& op) {
+    __shared__ uint4 buffers[2][Op::STREAMS * UNIT][CL_THREADS];
+    const unsigned base = shared_address(&buffers[0][0][threadIdx.x]);
+    const uint4* slots = &buffers[0][0][threadIdx.x];
+    const TileWalk w = tile_walk<VEC>(t.block_s);
+    StagedTile<typename Op::Value, Op::STREAMS> ahead;   // the tile whose copies are being issued
+    ahead.n_block = first / t.s_blocks;
+    ahead.s_block = first - ahead.n_block * t.s_blocks;
+    ahead.template start<VEC>(t, w, op);
+    unsigned flip = 0;   // the buffer of the copy being added: its byte offset, 0 or one buffer's
+    copy_unit<UNIT>(ahead, 0, base);
+    commit_copies();
+    auto along = [&] { ahead.along(t); return true; };
+    for (i64 tile = first; tile < last; ++tile) {
+        // The tiles after this one in its row block -- first those whose groups, and the next
+        // tile's, are all there -- then the last, which moves `ahead` down.
+        i64 following = min(last - 1 - tile, t.s_blocks - 1 - ahead.s_block);
+        for (; following > 0 && ahead.count == STAGED_GROUPS && ahead.s + t.block_s < t.S; --following, ++tile)
+            add_staged_tile<VEC, UNIT, true>(op, ahead, base, slots, flip, along);
+#pragma unroll 1
+        for (; following > 0; --following, ++tile) add_staged_tile<VEC, UNIT, false>(op, ahead, base, slots, flip, along);
+        add_staged_tile<VEC, UNIT, false>(op, ahead, base, slots, flip, [&] {
+            if (tile + 1 == last) return false;
+            ahead.template down<VEC>(t, w, op);
+            return true;
+        });
+    }
+}
+
+// for_each_group (forward) through the staged walk where it applies.
+template <int VEC, int UNIT, typename Op>
+__device__ __forceinline__ void reduce_groups(const Tiles& t, i64 first, i64 last, Op& op) {
+    if (stageable<Op, VEC>(t)) for_each_group_staged<VEC, UNIT>(t, first, last, op);
+    else for_each_group<VEC, false>(t, first, last, op);
+}
+
 // ---- forward ----------------------------------------------------------------------------------
 
 // Adds V shifted values of one row to a thread's running moments.
 template <typename T, typename A> struct MomentsRow {
     static constexpr bool BATCHED = true;
+    static constexpr int STREAMS = 1;
+    using Value = T;
     const T* x; i64 stride_n; A shift; RunningMoments<A>* moments;
     template <int V> using Loaded = Pack<T, V>;
     template <int V> __device__ __forceinline__ Loaded<V> load(i64 n, i64 s) const {
         return load_pack<V>(x + n * stride_n + s);
+    }
+    __device__ __forceinline__ void column(i64 n, i64 s, i64 step, const T* (&from)[1], i64 (&stride)[1]) const {
+        from[0] = x + n * stride_n + s;
+        stride[0] = step * stride_n;
+    }
+    template <int V> __device__ __forceinline__ Loaded<V> copied(const uint4* slot, int) const {
+        return copied_pack<V, T>(slot);
     }
     template <int V> __device__ __forceinline__ void use(const Loaded<V>& in, i64, i64) const {
         A values[V];
@@ -144,6 +286,6 @@ template <typename T, typename A, int VEC>
 __device__ Moments<A> block_moments(const Tiles& t, i64 first, i64 last, const T* xc, i64 stride_n, A shift) {
     RunningMoments<A> moments = no_moments<A>();
     MomentsRow<T, A> op = {xc, stride_n, shift, &moments};
-    for_each_group<VEC, false>(t, first, last, op);
+    reduce_groups<VEC, STAGED_GROUPS>(t, first, last, op);
     return block_merge(moments.merged);
 }

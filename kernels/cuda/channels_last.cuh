@@ -94,28 +94,45 @@ __device__ __forceinline__ int column_tree_half() {
     return half;
 }
 
+// A level's writers are the row threads [half, 2 * half) below blockDim.y -- at most half the
+// block, as 2 * half >= blockDim.y -- so the trees keep half a block's slots: the slot of the row
+// thread `half` rows above the reader `row`.
+constexpr int TREE_SLOTS = CL_THREADS / 2;
+__device__ __forceinline__ int tree_slot(int row) { return row * blockDim.x + threadIdx.x; }
+
+// The trees' slots: one array for a kernel's trees of VEC channels in A, which they take in turn
+// (each level opens with a barrier), as large as the wider, column_merge_tree's (a count, VEC means
+// and VEC M2s). Apart, a kernel's trees took as much again each, which the staged walks' buffers
+// (staged_rows) would not fit beside in the 16-bit statistics.
+template <typename A, int VEC> __device__ __forceinline__ A* tree_scratch() {
+    __shared__ A scratch[(1 + 2 * VEC) * TREE_SLOTS];
+    return scratch;
+}
+
 // The merged moments (count, mean, m2) of every channel of a thread over its column's row threads,
 // all VEC channels at once (they share their rows, so their count), valid where threadIdx.y == 0.
 // The open runs are closed (column_moments ends with one).
 template <typename A, int VEC> __device__ void column_merge_tree(ColumnMoments<A, VEC>& m) {
-    __shared__ A counts[CL_THREADS], means[VEC][CL_THREADS], m2s[VEC][CL_THREADS];
-    const int i = threadIdx.y * blockDim.x + threadIdx.x;
+    A* counts = tree_scratch<A, VEC>();
+    A* means = counts + TREE_SLOTS;          // [VEC][TREE_SLOTS]
+    A* m2s = means + VEC * TREE_SLOTS;       // [VEC][TREE_SLOTS]
     for (int half = column_tree_half(); half > 0; half /= 2) {
-        __syncthreads();  // the previous level's reads are done
+        __syncthreads();  // the previous level's (or tree's) reads are done
         if (threadIdx.y >= half && threadIdx.y < 2 * half) {
+            const int i = tree_slot(threadIdx.y - half);
             counts[i] = m.count;
 #pragma unroll
-            for (int k = 0; k < VEC; ++k) { means[k][i] = m.mean.v[k]; m2s[k][i] = m.m2.v[k]; }
+            for (int k = 0; k < VEC; ++k) { means[k * TREE_SLOTS + i] = m.mean.v[k]; m2s[k * TREE_SLOTS + i] = m.m2.v[k]; }
         }
         __syncthreads();
-        const int other = i + half * blockDim.x;
+        const int other = tree_slot(threadIdx.y);
         if (threadIdx.y < half && threadIdx.y + half < blockDim.y && counts[other] != A(0)) {
             const A count = counts[other], total = m.count + count, weight = count / total;
 #pragma unroll
             for (int k = 0; k < VEC; ++k) {
-                const A delta = means[k][other] - m.mean.v[k];
-                m.mean.v[k] = merged_mean(m.mean.v[k], means[k][other], delta, weight);
-                m.m2.v[k] += m2s[k][other] + delta * delta * m.count * weight;
+                const A delta = means[k * TREE_SLOTS + other] - m.mean.v[k];
+                m.mean.v[k] = merged_mean(m.mean.v[k], means[k * TREE_SLOTS + other], delta, weight);
+                m.m2.v[k] += m2s[k * TREE_SLOTS + other] + delta * delta * m.count * weight;
             }
             m.count = total;
         }
@@ -125,19 +142,20 @@ template <typename A, int VEC> __device__ void column_merge_tree(ColumnMoments<A
 // a and b, VEC channels each, summed over a channel column's row threads, valid where
 // threadIdx.y == 0 (as column_merge_tree).
 template <typename A, int VEC> __device__ void column_sums_tree(Values<A, VEC>& a, Values<A, VEC>& b) {
-    __shared__ A as[VEC][CL_THREADS], bs[VEC][CL_THREADS];
-    const int i = threadIdx.y * blockDim.x + threadIdx.x;
+    A* as = tree_scratch<A, VEC>();          // [VEC][TREE_SLOTS]
+    A* bs = as + VEC * TREE_SLOTS;           // [VEC][TREE_SLOTS]
     for (int half = column_tree_half(); half > 0; half /= 2) {
-        __syncthreads();
+        __syncthreads();  // the previous level's (or tree's) reads are done
         if (threadIdx.y >= half && threadIdx.y < 2 * half) {
+            const int i = tree_slot(threadIdx.y - half);
 #pragma unroll
-            for (int k = 0; k < VEC; ++k) { as[k][i] = a.v[k]; bs[k][i] = b.v[k]; }
+            for (int k = 0; k < VEC; ++k) { as[k * TREE_SLOTS + i] = a.v[k]; bs[k * TREE_SLOTS + i] = b.v[k]; }
         }
         __syncthreads();
-        const int other = i + half * blockDim.x;
+        const int other = tree_slot(threadIdx.y);
         if (threadIdx.y < half && threadIdx.y + half < blockDim.y) {
 #pragma unroll
-            for (int k = 0; k < VEC; ++k) { a.v[k] += as[k][other]; b.v[k] += bs[k][other]; }
+            for (int k = 0; k < VEC; ++k) { a.v[k] += as[k * TREE_SLOTS + other]; b.v[k] += bs[k * TREE_SLOTS + other]; }
         }
     }
 }
@@ -168,28 +186,93 @@ __device__ __forceinline__ Values<A, VEC> shifted(const Pack<T, VEC>& in, const 
 // issues four at once either way (static model). The gradient sums load 8 groups a batch, dy's and x's.
 constexpr int COLUMN_BATCH = 4;
 
+// The channels-last reductions' walk with copies ahead (async_copies.cuh, as for_each_group_staged
+// channels-first): a thread's `rows` rows (stepping by `step` down each of the STREAMS inputs from
+// `from`) go in copies of BATCH rows into two buffers, one copy in flight while the thread adds the
+// other, and `close` after each run of `run` rows (a multiple of BATCH). A copy is BATCH x STREAMS
+// x 16 bytes a thread: 32 KB of static shared memory a block for 4 rows of x or 2 rows of dy and x.
+// The buffers are indexed [buffer][slot][thread]: a warp's slots are consecutive.
+template <int STREAMS, int BATCH, typename T, typename Add, typename Close>
+__device__ __forceinline__ void staged_rows(const T* (&from)[STREAMS], const i64 (&step)[STREAMS], i64 rows, i64 run,
+                                            Add add, Close close) {
+    constexpr unsigned BUFFER = STREAMS * BATCH * CL_THREADS * 16;  // bytes of a buffer
+    __shared__ uint4 buffers[2][STREAMS * BATCH][CL_THREADS];
+    const int thread = threadIdx.y * blockDim.x + threadIdx.x;
+    const unsigned base = shared_address(&buffers[0][0][thread]);
+    const uint4* slots = &buffers[0][0][thread];
+    i64 to_copy = rows;
+    // Copies the next min(to_copy, BATCH) rows into `buffer` (whole: BATCH of them, unchecked; the
+    // calls pass a constant, which the inlined lambda folds).
+    auto copy = [&](unsigned buffer, bool whole) {
+        const int copied = whole ? BATCH : (int)max(min(to_copy, (i64)BATCH), i64(0));
+#pragma unroll
+        for (int b = 0; b < BATCH; ++b) {
+            if (whole || b < copied) {
+#pragma unroll
+                for (int m = 0; m < STREAMS; ++m)
+                    copy_async(buffer + (m * BATCH + b) * (CL_THREADS * 16), from[m] + b * step[m]);
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < STREAMS; ++m) from[m] += BATCH * step[m];
+        to_copy -= BATCH;
+    };
+    unsigned flip = 0;   // the buffer of the copy being added: its byte offset, 0 or one buffer's
+    // Issues the next copy (past the end: empty), waits for this one and adds its `landed` rows.
+    auto step_batch = [&](bool whole, int landed) {
+        copy(base + (flip ^ BUFFER), whole);
+        commit_copies();
+        wait_copies<1>();
+        const uint4* slot = slots + flip / 16;
+#pragma unroll
+        for (int b = 0; b < BATCH; ++b)
+            if (whole || b < landed) add(slot + b * CL_THREADS, BATCH * CL_THREADS);
+        flip ^= BUFFER;
+    };
+    copy(base, false);
+    commit_copies();
+    for (i64 done = 0; done < rows; done += run) {
+        const i64 run_rows = min(run, rows - done);
+        i64 i = 0;
+        // Whole batches while the next copy is whole too, then the run's last ones.
+        for (; i + BATCH <= run_rows && to_copy >= BATCH; i += BATCH) step_batch(true, BATCH);
+#pragma unroll 1
+        for (; i < run_rows; i += BATCH) step_batch(false, (int)min(run_rows - i, (i64)BATCH));
+        close();
+    }
+}
+
 // Moments of x - shift over rows [row_begin, row_end) of channels c0.., this thread's share of them,
-// the run of sums closed every 64 rows of the thread.
-template <int VEC, typename T, typename A>
+// the run of sums closed every 64 rows of the thread. STAGED (x in global memory, 16-byte groups):
+// through staged_rows, in the same order.
+template <int VEC, bool STAGED = false, typename T, typename A>
 __device__ __forceinline__ ColumnMoments<A, VEC> column_moments(const T* x, i64 stride_m, i64 c0,
                                                                  const Values<A, VEC>& shift, i64 row_begin,
                                                                  i64 row_end) {
     ColumnMoments<A, VEC> moments = no_column_moments<A, VEC>();
-    const i64 run = 64 * (i64)blockDim.y, step = blockDim.y * stride_m;
-    for (i64 run_begin = row_begin + threadIdx.y; run_begin < row_end; run_begin += run) {
-        i64 run_end = min(run_begin + run, row_end);
-        const T* row = x + run_begin * stride_m + c0;
-        const i64 rows = rows_from(run_begin, run_end);
-        i64 i = 0;
-        for (; i + COLUMN_BATCH <= rows; i += COLUMN_BATCH, row += COLUMN_BATCH * step) {
-            Pack<T, VEC> in[COLUMN_BATCH];
+    if constexpr (STAGED && VEC * sizeof(T) == 16) {
+        const T* from[1] = {x + (row_begin + threadIdx.y) * stride_m + c0};
+        const i64 step[1] = {blockDim.y * stride_m};
+        staged_rows<1, COLUMN_BATCH>(from, step, rows_from(row_begin + threadIdx.y, row_end), 64,
+                                     [&](const uint4* slot, int) { moments.add(shifted(copied_pack<VEC, T>(slot), shift)); },
+                                     [&] { moments.close(); });
+    } else {
+        const i64 run = 64 * (i64)blockDim.y, step = blockDim.y * stride_m;
+        for (i64 run_begin = row_begin + threadIdx.y; run_begin < row_end; run_begin += run) {
+            i64 run_end = min(run_begin + run, row_end);
+            const T* row = x + run_begin * stride_m + c0;
+            const i64 rows = rows_from(run_begin, run_end);
+            i64 i = 0;
+            for (; i + COLUMN_BATCH <= rows; i += COLUMN_BATCH, row += COLUMN_BATCH * step) {
+                Pack<T, VEC> in[COLUMN_BATCH];
 #pragma unroll
-            for (int b = 0; b < COLUMN_BATCH; ++b) in[b] = load_pack<VEC>(row + b * step);
+                for (int b = 0; b < COLUMN_BATCH; ++b) in[b] = load_pack<VEC>(row + b * step);
 #pragma unroll
-            for (int b = 0; b < COLUMN_BATCH; ++b) moments.add(shifted(in[b], shift));
+                for (int b = 0; b < COLUMN_BATCH; ++b) moments.add(shifted(in[b], shift));
+            }
+            for (; i < rows; ++i, row += step) moments.add(shifted(load_pack<VEC>(row), shift));
+            moments.close();
         }
-        for (; i < rows; ++i, row += step) moments.add(shifted(load_pack<VEC>(row), shift));
-        moments.close();
     }
     return moments;
 }

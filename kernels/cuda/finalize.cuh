@@ -61,7 +61,7 @@ __device__ void summed_rows(const A* first, const A* second, i64 rows, i64 C, i6
 template <int VEC, typename A>
 __device__ void merged_columns(const A* part_count, const A* part_mean, const A* part_m2, i64 rows, i64 C, i64 c0,
                                Values<A, VEC>& count, Values<A, VEC>& mean, Values<A, VEC>& m2) {
-    __shared__ A mean_of[VEC][CL_THREADS];
+    __shared__ A mean_of[VEC][CL_MAX_CHANNELS / VEC];   // by threadIdx.x: block_c / VEC channel threads
     const bool active = c0 < C;  // all VEC channels or none (see the channels-last kernels)
     Values<A, VEC> weighted = zeros<A, VEC>();
     count = zeros<A, VEC>();

@@ -82,6 +82,24 @@ def test_cuda_source_compiles_for_every_instantiation(nvcc_runs, arch):
     assert "warning" not in stderr.lower(), stderr[-4000:]
 
 
+@pytest.mark.skipif(NVCC is None or model.tool("cuobjdump") is None, reason="no nvcc or cuobjdump found")
+def test_the_on_chip_kernels_static_shared_memory_fits_what_the_plan_reserves(nvcc_runs):
+    """The on-chip plan gives each of an SM's two blocks its share of the SM's shared memory less
+    ON_CHIP_RESERVED_SHARED, which must hold the kernel's static shared memory (its column trees and
+    per-channel arrays) and the 1 KB the driver reserves a block: every instantiation, sm_90. (The
+    launcher's occupancy check would refuse a launch that does not fit, on a GPU.)"""
+    process, _ = nvcc_runs["sm_90"]
+    stderr = _finished(process)
+    assert process.returncode == 0, stderr[-4000:]
+    objects = process.args[process.args.index("-o") + 1]
+    usage = subprocess.run([model.tool("cuobjdump"), "--dump-resource-usage", objects], capture_output=True,
+                           text=True, check=True).stdout
+    resources = model.parse_resources(usage)
+    on_chip = {name: r["shared"] for name, r in resources.items() if "on_chip_" in name}
+    assert len(on_chip) >= 4 * len(compilation.C_TYPES), sorted(on_chip)
+    assert max(on_chip.values()) + 1024 <= compilation.ON_CHIP_RESERVED_SHARED, on_chip
+
+
 def test_every_kernel_of_the_source_is_used():
     source = compilation.source()
     roles = compilation.kernel_names("float", "float", "float", "float")

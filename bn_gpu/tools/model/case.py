@@ -85,10 +85,11 @@ def kernel_figures(launch, compiled: Compiled, case, target: Target) -> KernelFi
     in_flight = loaded_bytes * threads * resident
     at_once_bits = main.loads_at_once_bits if main else 0
     groups_per_trip = math.nan
-    if main and "tile_walk" in launch.meta:
+    if main and "tile_walk" in launch.meta and not main.pipelined:
         unroll = WALK_UNROLL.get(job, 4)
         groups_per_trip = walk_trips(threads=threads, unroll=unroll, **launch.meta["tile_walk"])
         # The loop's body holds `unroll` groups; a thread with fewer left in a walk loads them one by one.
+        # (The reductions' staged walk copies a thread's groups of a tile whatever their number.)
         at_once_bits = min(at_once_bits, sum(main.load_bits) / unroll * groups_per_trip)
     at_once = at_once_bits / 8 * threads * resident
     dram = dram_bytes(launch, case, target, per_sm)

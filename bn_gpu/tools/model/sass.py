@@ -94,15 +94,11 @@ def loads_at_once(body: list[Instruction]) -> int:
     interleaves each load with the arithmetic on the one before keeps one in flight, however many
     the body holds; this is what the bytes-in-flight figure reads as the loads of an iteration.
     Asynchronous copies into shared memory (LDGSTS: a Triton loop pipelined with
-    tl.range(num_stages=...)) are waited on by group instead: `DEPBAR.LE SB0, n` waits until n
-    groups are left, so a loop that issues one group an iteration has n + 1 of them in flight when
-    it waits."""
+    tl.range(num_stages=...)) are waited on by group instead (`_groups_at_once`)."""
     pending: set = set()
     best = current = 0
-    copies = sum(_width(ins.opcode) for ins in body if ins.opcode.startswith("LDGSTS"))
-    if copies:
-        left = [n for n in map(_groups_left, body) if n is not None]
-        best = copies * (max(left, default=0) + 1)
+    if any(ins.opcode.startswith("LDGSTS") for ins in body):
+        best = _copies_at_once(body)
     plain = 0
     for ins in body:
         operands = [part.strip() for part in ins.operands.rstrip(" ;").split(",")]
@@ -120,6 +116,44 @@ def loads_at_once(body: list[Instruction]) -> int:
             current += bits
             plain = max(plain, current)
     return best + plain
+
+
+def _copies_at_once(body: list[Instruction]) -> int:
+    """The most bits of asynchronous copies in flight at a wait of the loop body. Copies are closed
+    into groups (LDGDEPBAR) and waited on by group: `DEPBAR.LE SB0, n` waits until n groups are
+    left, so at a wait the groups in flight are those closed since the wait before it plus the n
+    that wait left. The body is taken as a cycle (walked from after its last wait, turn after turn
+    until the groups a wait leaves have been closed, the waits of the last turn counted): a loop that issues one group and waits with n left has n + 1 in
+    flight; a loop that closes several groups an iteration (two streams; CUDA C's double buffer of
+    half tiles) has the closed ones and those left; a prologue that issues all its groups and waits
+    for them all has them all. With no wait in the body, every copy of it."""
+    events = []
+    for ins in body:
+        if ins.opcode.startswith("LDGSTS"):
+            events.append(("copy", _width(ins.opcode)))
+        elif ins.opcode.startswith("LDGDEPBAR"):
+            events.append(("close", 0))
+        elif _groups_left(ins) is not None:
+            events.append(("wait", _groups_left(ins)))
+    waits = [k for k, (kind, _) in enumerate(events) if kind == "wait"]
+    if not waits:
+        return sum(bits for kind, bits in events if kind == "copy")
+    start = waits[-1] + 1
+    cycle = events[start:] + events[:start]
+    groups, open_bits, closed, left, best = [], 0, 0, 0, 0
+    turns = 2 + max(events[k][1] for k in waits)
+    for turn in range(turns):
+        for kind, value in cycle:
+            if kind == "copy":
+                open_bits += value
+            elif kind == "close":
+                groups.append(open_bits)
+                open_bits, closed = 0, closed + 1
+            else:
+                if turn == turns - 1:
+                    best = max(best, sum(groups[len(groups) - min(len(groups), closed + left):]))
+                closed, left = 0, value
+    return best
 
 
 def _groups_left(ins: Instruction) -> int | None:
