@@ -102,8 +102,8 @@ __device__ __forceinline__ int tree_slot(int row) { return row * blockDim.x + th
 
 // The trees' slots: one array for a kernel's trees of VEC channels in A, which they take in turn
 // (each level opens with a barrier), as large as the wider, column_merge_tree's (a count, VEC means
-// and VEC M2s). Apart, a kernel's trees took as much again each, which the staged walks' buffers
-// (staged_rows) would not fit beside in the 16-bit statistics.
+// and VEC M2s). An array for each tree would take as much again each, and the 16-bit statistics'
+// staged buffers (staged_rows) would not fit beside them in a block's 48 KB of static shared memory.
 template <typename A, int VEC> __device__ __forceinline__ A* tree_scratch() {
     __shared__ A scratch[(1 + 2 * VEC) * TREE_SLOTS];
     return scratch;

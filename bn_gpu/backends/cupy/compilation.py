@@ -24,9 +24,9 @@ CHANNEL_THREADS = 32     # channels-last blocks: at most a warp's width of threa
 VECTOR_BYTES = plans.VECTOR_BYTES
 MAX_BLOCK_C = CHANNEL_THREADS * VECTOR_BYTES // 2  # channels of a channels-last block, at most (16-bit inputs)
 # Shared memory a block of the on-chip kernels keeps beside its held slice: their largest static
-# shared memory (the channels-last forward's column trees and per-channel arrays for 16-bit inputs,
-# 12.5 KB on sm_90: tests/backends/test_cuda_source.py checks every instantiation) and the 1 KB the
-# driver reserves per block. The launcher checks the compiled kernel's occupancy before its first
+# shared memory (the channels-last forward's column trees and per-channel arrays for 16-bit inputs;
+# tests/backends/test_cuda_source.py checks every instantiation against it) and the 1 KB the driver
+# reserves per block. The launcher checks the compiled kernel's occupancy before its first
 # launch, so a larger need is an error, not a hang.
 ON_CHIP_RESERVED_SHARED = 16 * 1024
 # The source's compile-time constants, from here.

@@ -94,7 +94,7 @@ def loads_at_once(body: list[Instruction]) -> int:
     interleaves each load with the arithmetic on the one before keeps one in flight, however many
     the body holds; this is what the bytes-in-flight figure reads as the loads of an iteration.
     Asynchronous copies into shared memory (LDGSTS: a Triton loop pipelined with
-    tl.range(num_stages=...)) are waited on by group instead (`_groups_at_once`)."""
+    tl.range(num_stages=...); CUDA C's cp.async) are waited on by group instead (`_copies_at_once`)."""
     pending: set = set()
     best = current = 0
     if any(ins.opcode.startswith("LDGSTS") for ins in body):
@@ -123,18 +123,19 @@ def _copies_at_once(body: list[Instruction]) -> int:
     into groups (LDGDEPBAR) and waited on by group: `DEPBAR.LE SB0, n` waits until n groups are
     left, so at a wait the groups in flight are those closed since the wait before it plus the n
     that wait left. The body is taken as a cycle (walked from after its last wait, turn after turn
-    until the groups a wait leaves have been closed, the waits of the last turn counted): a loop that issues one group and waits with n left has n + 1 in
-    flight; a loop that closes several groups an iteration (two streams; CUDA C's double buffer of
+    until the groups a wait leaves have been closed, the waits of the last turn counted): a loop
+    that issues one group and waits with n left has n + 1 in flight; a loop that closes several groups an iteration (two streams; CUDA C's double buffer of
     half tiles) has the closed ones and those left; a prologue that issues all its groups and waits
     for them all has them all. With no wait in the body, every copy of it."""
     events = []
     for ins in body:
+        left = _groups_left(ins)
         if ins.opcode.startswith("LDGSTS"):
             events.append(("copy", _width(ins.opcode)))
         elif ins.opcode.startswith("LDGDEPBAR"):
             events.append(("close", 0))
-        elif _groups_left(ins) is not None:
-            events.append(("wait", _groups_left(ins)))
+        elif left is not None:
+            events.append(("wait", left))
     waits = [k for k, (kind, _) in enumerate(events) if kind == "wait"]
     if not waits:
         return sum(bits for kind, bits in events if kind == "copy")
@@ -151,7 +152,7 @@ def _copies_at_once(body: list[Instruction]) -> int:
                 open_bits, closed = 0, closed + 1
             else:
                 if turn == turns - 1:
-                    best = max(best, sum(groups[len(groups) - min(len(groups), closed + left):]))
+                    best = max(best, sum(groups[max(0, len(groups) - closed - left):]))
                 closed, left = 0, value
     return best
 
