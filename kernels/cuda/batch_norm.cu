@@ -230,8 +230,21 @@ __global__ void normalize_channels_last(
 
 // ---- backward ---------------------------------------------------------------------------------
 
+// The blocks an SM each channels-first gradient sums instantiation asks nvcc to fit (the minimum of
+// __launch_bounds__). A block keeps one 16 KB copy of dy and x in flight (async_copies.cuh), and the
+// host sizes the split grids for whole waves of 4 blocks an SM (plan.py, programs_per_sm): at 3
+// a grid of 4 an SM runs in two waves. Left to its heuristics, nvcc gave the fp32 kernel a register
+// more than 4 blocks allow and the bf16 one through the ReLU's mask room for 2 only. A bound is an
+// attribute of the template, and bounded nvcc fills the registers the bound allows, so every
+// instantiation is bounded: the split walks at 4 (a value or two spilled, 16 bytes at most: the
+// static model's registers and spills, profiling/MODEL.md); the channel groups' place walks, whose
+// grids are under a wave, at the blocks they fit without the bound; fp64 at 2.
+template <typename T, bool FUSED, bool GROUPED> struct GradientSumsBlocks {
+    static constexpr int value = sizeof(T) == 8 ? 2 : !GROUPED ? 4 : (sizeof(T) == 2 ? 3 : 4) - FUSED;
+};
+
 template <typename T, typename W, typename A, int VEC, bool FUSED, bool FINALIZE, bool GROUPED>
-__global__ void gradient_sums_channels_first(
+__global__ void __launch_bounds__(CL_THREADS, GradientSumsBlocks<T, FUSED, GROUPED>::value) gradient_sums_channels_first(
     const T* __restrict__ dy, const T* __restrict__ x, const A* mean_in,
     const A* invstd_in,   // read for the ReLU's mask when relu, and by FINALIZE
     const W* weight, const W* bias,   // read for the ReLU's mask when relu

@@ -100,12 +100,17 @@ def test_the_on_chip_kernels_static_shared_memory_fits_what_the_plan_reserves(nv
     assert max(on_chip.values()) + 1024 <= compilation.ON_CHIP_RESERVED_SHARED, on_chip
 
 
+# A kernel's declaration: `__global__ void name(`, with launch bounds before the name where it has them.
+_KERNEL = r"__global__ void (?:__launch_bounds__\([^()]*\) )?(\w+)\("
+
+
 def test_every_kernel_of_the_source_is_used():
+    import re
     source = compilation.source()
     roles = compilation.kernel_names("float", "float", "float", "float")
-    for name in {n.split("<")[0] for n in roles.values()}:
-        assert f"void {name}(" in source
-    assert source.count("__global__") == len({n.split("<")[0] for n in roles.values()})
+    declared = re.findall(_KERNEL, source)
+    assert sorted(declared) == sorted({n.split("<")[0] for n in roles.values()})
+    assert source.count("__global__") == len(declared)
 
 
 @pytest.mark.skipif(has_cupy(), reason="checks the error shown when CuPy is not installed")
@@ -128,7 +133,7 @@ def _kernel_parameters():
     import re
     source = re.sub(r"//[^\n]*", "", compilation.source())
     params = {}
-    for match in re.finditer(r"__global__ void (\w+)\((.*?)\)\s*\{", source, re.S):
+    for match in re.finditer(_KERNEL + r"(.*?)\)\s*\{", source, re.S):
         params[match.group(1)] = [" ".join(p.split()[:-1]) for p in match.group(2).split(",")]
     return params
 
@@ -434,6 +439,18 @@ def test_channels_first_kernels_read_16_bytes_only_where_rows_hold_whole_groups(
     _check_arguments(fake_cupy.launches, dtype)
 
 
+@pytest.fixture(scope="module")
+def sm_90_sass(nvcc_runs):
+    """{function: instructions} of every instantiation compiled for sm_90, disassembled once (the
+    whole object takes cuobjdump and the parse a minute on a CI core)."""
+    process, _ = nvcc_runs["sm_90"]
+    stderr = _finished(process)
+    assert process.returncode == 0, stderr[-4000:]
+    obj = process.args[process.args.index("-o") + 1]
+    sass = subprocess.run([model.tool("cuobjdump"), "-sass", obj], capture_output=True, text=True, check=True).stdout
+    return model.parse_sass(sass)
+
+
 @pytest.mark.skipif(NVCC is None or model.tool("cuobjdump") is None, reason="needs nvcc and cuobjdump")
 @pytest.mark.parametrize("mangled_prefix,groups", [
     ("_Z24normalize_channels_firstIffffLi4ELb0ELb0EE", 4),
@@ -442,18 +459,13 @@ def test_channels_first_kernels_read_16_bytes_only_where_rows_hold_whole_groups(
     ("_Z34single_pass_forward_channels_firstIffffLi4ELb0ELb1EE", 4),
     ("_Z24normalize_channels_firstIffffLi4ELb0ELb1EE", 2),
 ])
-def test_channels_first_normalize_loads_four_groups_before_it_stores(nvcc_runs, mangled_prefix, groups):
+def test_channels_first_normalize_loads_four_groups_before_it_stores(sm_90_sass, mangled_prefix, groups):
     """Normalize loads 4 groups of 16 bytes (through the read-only path) before it stores the first:
     through plain loads nvcc kept each load behind the store before it (y might have been x), so a
     thread had one load in flight (run 7 on an H200: the fp32 pass at 66% of its floor on 64x256x56x56).
     The channel-group walks batch their rows the same way; nvcc keeps 2 of the grouped fp32
     normalize's 4 at once (the previous source: 1)."""
-    process, _ = nvcc_runs["sm_90"]
-    stderr = _finished(process)
-    assert process.returncode == 0, stderr[-4000:]
-    obj = process.args[process.args.index("-o") + 1]
-    sass = subprocess.run([model.tool("cuobjdump"), "-sass", obj], capture_output=True, text=True, check=True).stdout
-    functions = model.parse_sass(sass)
+    functions = sm_90_sass
     (name,) = [name for name in functions if name.startswith(mangled_prefix)]
     streaming = model.main_loops(functions[name])[0]
     assert streaming.loads_at_once_bits >= groups * 128, streaming

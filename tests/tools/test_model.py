@@ -140,6 +140,27 @@ def test_traffic_of_a_known_split_plan(monkeypatch):
     assert model.dram_bytes(normalize, case, h200, per_sm=8) == math.prod(small) * 4  # y only
 
 
+def test_traffic_of_a_single_pass_whose_resident_slices_exceed_the_l2(monkeypatch):
+    """64x2048x7x7 fp32 backward, one single-pass launch of 512 programs: at 4 programs an SM all are
+    resident, and their slices of dy and x (51 MB) exceed the 40 MB of reusable L2. Each program
+    re-reads its slice from the end it read last, so only the oldest 11 MB miss; re-read in order,
+    all of it would. At 2 programs an SM the resident slices (26 MB) fit: no second read."""
+    import bn_gpu.backends.cupy as cupy_backend
+    h200 = model.TARGETS["h200"]
+    shape = (64, 2048, 7, 7)
+    size = math.prod(shape) * 4
+    case = (shape, torch.float32, "contiguous", "train_bwd")
+    recorded = launches.record("cupy", "train_bwd", shape, torch.float32, "contiguous", sms=h200.sms)
+    assert [l.name for l in recorded] == ["single_pass_backward_channels_first"]
+    assert recorded[0].programs <= 4 * h200.sms
+    reuse = h200.l2_reuse_mb * 1e6
+    missed = 2 * size * (1 - reuse / (2 * size))
+    assert model.dram_bytes(recorded[0], case, h200, per_sm=4) == pytest.approx(3 * size + missed)
+    assert model.dram_bytes(recorded[0], case, h200, per_sm=2) == pytest.approx(3 * size)
+    monkeypatch.setattr(cupy_backend, "SECOND_PASS_REVERSED", False)
+    assert model.dram_bytes(recorded[0], case, h200, per_sm=4) == pytest.approx(5 * size)
+
+
 def test_launch_counts_of_both_backends():
     for backend in ("triton", "cupy"):  # the reductions finalize themselves
         for op, split, single in (("train_fwd", 2, 1), ("eval_fwd", 1, 1), ("train_bwd", 2, 1), ("eval_bwd", 1, 1)):

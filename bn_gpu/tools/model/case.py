@@ -157,8 +157,10 @@ def dram_bytes(launch, case, target: Target, per_sm: int) -> float:
     resident there: in a later kernel that walks x in the same order as the one that read it, only
     when all of it fits (a sequential pass over more than the cache evicts its own start first); in
     one that walks it in reverse (the backend's SECOND_PASS_REVERSED), the last reusable-L2 bytes
-    the first pass read; in a single-pass kernel, when the slices of the programs resident at once
-    fit."""
+    the first pass read; in a single-pass kernel, whose programs re-read their own slices, the same
+    by the working set of the programs resident at once: all of it when it fits, else, walked in
+    reverse, the last reusable-L2 bytes of it (each program re-reads what it read last first; the
+    programs run side by side, so L2 holds the last part of every slice), and none walked in order."""
     shape, dtype, _, op = case
     numel = math.prod(shape)
     size = _element_bytes(dtype)
@@ -179,7 +181,10 @@ def dram_bytes(launch, case, target: Target, per_sm: int) -> float:
             resident_programs = min(launch.programs, per_sm * target.sms)
             reread = len([s for s in streams if s.endswith("2")])
             working_set = tensor * reread * resident_programs / launch.programs
-            total += 0.0 if working_set <= reuse else tensor
+            if _reverses_second_pass(launch.backend):
+                total += tensor * max(0.0, 1.0 - reuse / working_set)
+            else:
+                total += 0.0 if working_set <= reuse else tensor
         elif stream in ("x", "dy") and _second_pass(launch, op):
             reread = tensor * (2 if FUSED_OPS.get(op, op) == "train_bwd" else 1)  # the backward re-reads x and dy
             if _reverses_second_pass(launch.backend):
