@@ -79,7 +79,9 @@ def load_stages(g: Geometry, job: str) -> int:
     0 for the plain loop), with the tiles copied ahead into shared memory. The channels-first gradient
     sums copy two streams a tile (dy and x): one stage fewer keeps their shared memory that of the
     statistics. The channels-last statistics walk smaller tiles (pipelined_block_m) and take two
-    stages more, so that as many bytes are copied ahead. A channels-first single pass owns whole
+    stages more, so that as many bytes are copied ahead; the 16-bit channels-last gradient sums, which
+    take more registers (2 or 3 programs an SM, 4 for fp32), one more, so that 2 programs keep the
+    copies of 3 tiles of dy and x each in flight. A channels-first single pass owns whole
     channel groups and few tiles each: its programs are bound by their own serial walk, which the
     tiles copied ahead shorten (the reductions' walk; the second pass finds its tiles in L2). The
     channels-last single pass walks tiles of a few channels, too small to copy. The static model's
@@ -93,7 +95,9 @@ def load_stages(g: Geometry, job: str) -> int:
         return 0
     if g.channels_first:
         return max(2, stages - 1) if job == "gradient_sums" else stages
-    return stages + 2 if job == "statistics" else stages
+    if job == "statistics":
+        return stages + 2
+    return stages + 1 if g.dtype.itemsize == 2 else stages
 
 
 def pipelined_block_m(g: Geometry, job: str) -> int:
