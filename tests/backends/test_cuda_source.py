@@ -104,6 +104,29 @@ def test_the_on_chip_kernels_static_shared_memory_fits_what_the_plan_reserves(nv
 _KERNEL = r"__global__ void (?:__launch_bounds__\([^()]*\) )?(\w+)\("
 
 
+@pytest.mark.skipif(NVCC is None or model.tool("cuobjdump") is None, reason="no nvcc or cuobjdump found")
+def test_the_split_gradient_sums_fit_the_blocks_an_sm_the_grids_are_planned_for(nvcc_runs):
+    """The channels-first gradient sums' split walks (not GROUPED) fit Tuning.programs_per_sm blocks of
+    256 threads an SM on sm_90 (their launch bounds, GradientSumsBlocks), with and without the ReLU's
+    mask and the fused finalize, in fp32, fp16 and bf16: at 3 a grid planned for 4 runs in two waves."""
+    process, _ = nvcc_runs["sm_90"]
+    stderr = _finished(process)
+    assert process.returncode == 0, stderr[-4000:]
+    objects = process.args[process.args.index("-o") + 1]
+    usage = subprocess.run([model.tool("cuobjdump"), "--dump-resource-usage", objects], capture_output=True,
+                           text=True, check=True).stdout
+    import re
+    # <T, W, A, VEC, FUSED, FINALIZE, GROUPED = false>, T not double
+    walks = {name: r for name, r in model.parse_resources(usage).items()
+             if re.match(r"_Z28gradient_sums_channels_firstI(?!d).*ELb[01]ELb[01]ELb0EEv", name)}
+    assert len(walks) >= 12, sorted(walks)  # 3 dtypes x FUSED x FINALIZE, and the 16-bit ones' weight dtypes
+    h200 = model.TARGETS["h200"]
+    for name, r in walks.items():
+        compiled = model.Compiled("cupy", name, registers=r["registers"], spill_bytes=r["stack"],
+                                  shared_bytes=r["shared"], loops=[])
+        assert model.occupancy(compiled, compilation.THREADS, h200) >= plan.GPU_TUNING.programs_per_sm, (name, r)
+
+
 def test_every_kernel_of_the_source_is_used():
     import re
     source = compilation.source()
