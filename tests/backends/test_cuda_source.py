@@ -2,6 +2,7 @@
 type instantiation the backend asks NVRTC for, and missing pieces give errors that say what to do."""
 import math
 import os
+import re
 import shutil
 import subprocess
 
@@ -66,6 +67,28 @@ def _finished(process) -> str:
     return process.stderr_text
 
 
+def _cuobjdump_sm_90(nvcc_runs, option: str) -> str:
+    """`cuobjdump option` of the sm_90 object of every instantiation, once nvcc has written it."""
+    process, _ = nvcc_runs["sm_90"]
+    stderr = _finished(process)
+    assert process.returncode == 0, stderr[-4000:]
+    obj = process.args[process.args.index("-o") + 1]
+    return subprocess.run([model.tool("cuobjdump"), option, obj], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture(scope="module")
+def sm_90_resources(nvcc_runs):
+    """{function: {registers, stack, shared, local}} of every instantiation compiled for sm_90."""
+    return model.parse_resources(_cuobjdump_sm_90(nvcc_runs, "--dump-resource-usage"))
+
+
+@pytest.fixture(scope="module")
+def sm_90_sass(nvcc_runs):
+    """{function: instructions} of every instantiation compiled for sm_90, disassembled once (the
+    whole object's disassembly and parse are the slowest step of the SASS checks)."""
+    return model.parse_sass(_cuobjdump_sm_90(nvcc_runs, "-sass"))
+
+
 @pytest.mark.skipif(NVCC is None, reason="no CUDA compiler (nvcc) found")
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cuda_source_compiles_for_every_instantiation(nvcc_runs, arch):
@@ -83,19 +106,12 @@ def test_cuda_source_compiles_for_every_instantiation(nvcc_runs, arch):
 
 
 @pytest.mark.skipif(NVCC is None or model.tool("cuobjdump") is None, reason="no nvcc or cuobjdump found")
-def test_the_on_chip_kernels_static_shared_memory_fits_what_the_plan_reserves(nvcc_runs):
+def test_the_on_chip_kernels_static_shared_memory_fits_what_the_plan_reserves(sm_90_resources):
     """The on-chip plan gives each of an SM's two blocks its share of the SM's shared memory less
     ON_CHIP_RESERVED_SHARED, which must hold the kernel's static shared memory (its column trees and
     per-channel arrays) and the 1 KB the driver reserves a block: every instantiation, sm_90. (The
     launcher's occupancy check would refuse a launch that does not fit, on a GPU.)"""
-    process, _ = nvcc_runs["sm_90"]
-    stderr = _finished(process)
-    assert process.returncode == 0, stderr[-4000:]
-    objects = process.args[process.args.index("-o") + 1]
-    usage = subprocess.run([model.tool("cuobjdump"), "--dump-resource-usage", objects], capture_output=True,
-                           text=True, check=True).stdout
-    resources = model.parse_resources(usage)
-    on_chip = {name: r["shared"] for name, r in resources.items() if "on_chip_" in name}
+    on_chip = {name: r["shared"] for name, r in sm_90_resources.items() if "on_chip_" in name}
     assert len(on_chip) >= 4 * len(compilation.C_TYPES), sorted(on_chip)
     assert max(on_chip.values()) + 1024 <= compilation.ON_CHIP_RESERVED_SHARED, on_chip
 
@@ -105,19 +121,12 @@ _KERNEL = r"__global__ void (?:__launch_bounds__\([^()]*\) )?(\w+)\("
 
 
 @pytest.mark.skipif(NVCC is None or model.tool("cuobjdump") is None, reason="no nvcc or cuobjdump found")
-def test_the_split_gradient_sums_fit_the_blocks_an_sm_the_grids_are_planned_for(nvcc_runs):
+def test_the_split_gradient_sums_fit_the_blocks_an_sm_the_grids_are_planned_for(sm_90_resources):
     """The channels-first gradient sums' split walks (not GROUPED) fit Tuning.programs_per_sm blocks of
     256 threads an SM on sm_90 (their launch bounds, GradientSumsBlocks), with and without the ReLU's
     mask and the fused finalize, in fp32, fp16 and bf16: at 3 a grid planned for 4 runs in two waves."""
-    process, _ = nvcc_runs["sm_90"]
-    stderr = _finished(process)
-    assert process.returncode == 0, stderr[-4000:]
-    objects = process.args[process.args.index("-o") + 1]
-    usage = subprocess.run([model.tool("cuobjdump"), "--dump-resource-usage", objects], capture_output=True,
-                           text=True, check=True).stdout
-    import re
     # <T, W, A, VEC, FUSED, FINALIZE, GROUPED = false>, T not double
-    walks = {name: r for name, r in model.parse_resources(usage).items()
+    walks = {name: r for name, r in sm_90_resources.items()
              if re.match(r"_Z28gradient_sums_channels_firstI(?!d).*ELb[01]ELb[01]ELb0EEv", name)}
     assert len(walks) >= 12, sorted(walks)  # 3 dtypes x FUSED x FINALIZE, and the 16-bit ones' weight dtypes
     h200 = model.TARGETS["h200"]
@@ -128,7 +137,6 @@ def test_the_split_gradient_sums_fit_the_blocks_an_sm_the_grids_are_planned_for(
 
 
 def test_every_kernel_of_the_source_is_used():
-    import re
     source = compilation.source()
     roles = compilation.kernel_names("float", "float", "float", "float")
     declared = re.findall(_KERNEL, source)
@@ -153,7 +161,6 @@ def test_cpu_tensors_are_refused_with_the_way_out(monkeypatch):
 
 def _kernel_parameters():
     """{kernel template name: [parameter C types]} parsed from the CUDA source."""
-    import re
     source = re.sub(r"//[^\n]*", "", compilation.source())
     params = {}
     for match in re.finditer(_KERNEL + r"(.*?)\)\s*\{", source, re.S):
@@ -462,18 +469,6 @@ def test_channels_first_kernels_read_16_bytes_only_where_rows_hold_whole_groups(
     _check_arguments(fake_cupy.launches, dtype)
 
 
-@pytest.fixture(scope="module")
-def sm_90_sass(nvcc_runs):
-    """{function: instructions} of every instantiation compiled for sm_90, disassembled once (the
-    whole object takes cuobjdump and the parse a minute on a CI core)."""
-    process, _ = nvcc_runs["sm_90"]
-    stderr = _finished(process)
-    assert process.returncode == 0, stderr[-4000:]
-    obj = process.args[process.args.index("-o") + 1]
-    sass = subprocess.run([model.tool("cuobjdump"), "-sass", obj], capture_output=True, text=True, check=True).stdout
-    return model.parse_sass(sass)
-
-
 @pytest.mark.skipif(NVCC is None or model.tool("cuobjdump") is None, reason="needs nvcc and cuobjdump")
 @pytest.mark.parametrize("mangled_prefix,groups", [
     ("_Z24normalize_channels_firstIffffLi4ELb0ELb0EE", 4),
@@ -488,7 +483,6 @@ def test_channels_first_normalize_loads_four_groups_before_it_stores(sm_90_sass,
     thread had one load in flight (run 7 on an H200: the fp32 pass at 66% of its floor on 64x256x56x56).
     The channel-group walks batch their rows the same way; nvcc keeps 2 of the grouped fp32
     normalize's 4 at once (the previous source: 1)."""
-    functions = sm_90_sass
-    (name,) = [name for name in functions if name.startswith(mangled_prefix)]
-    streaming = model.main_loops(functions[name])[0]
+    (name,) = [name for name in sm_90_sass if name.startswith(mangled_prefix)]
+    streaming = model.main_loops(sm_90_sass[name])[0]
     assert streaming.loads_at_once_bits >= groups * 128, streaming
