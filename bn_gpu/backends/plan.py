@@ -154,14 +154,10 @@ class FinalizePlan:
         return (cdiv(C, self.block_c),)
 
 
-def _lane_use(S: int, block: int) -> float:
-    return S / (cdiv(S, block) * block)
-
-
 def _spatial_block(S: int, tile: int) -> int:
     """Largest power of two <= tile covering S without leaving many lanes of the last block idle."""
-    block = min(tile, next_power_of_2(S))
-    while block > 32 and _lane_use(S, block // 2) > _lane_use(S, block) + 0.1:
+    block, lane_use = min(tile, next_power_of_2(S)), lambda block: S / (cdiv(S, block) * block)
+    while block > 32 and lane_use(block // 2) > lane_use(block) + 0.1:
         block //= 2
     return block
 
@@ -254,30 +250,34 @@ class OnChipPlan:
 
 
 def on_chip_plan(units: int, unit_values: int, groups: int, group_channels: int, itemsize: int, tuning: Tuning,
-                 sms: int, streams: int) -> OnChipPlan | None:
+                 sms: int, streams: int, walk: bool = True, exchange: bool = True) -> OnChipPlan | None:
     """Where x (and dy: streams = 2) fits on chip, the plan of the kernels that read it once; else None
-    (the two-pass plans). A channel group has `units` tiles (or rows) of `unit_values` values each.
-
-    An SM holds Tuning.on_chip_bytes of the input, x and dy sharing it in the backward: Triton in
-    registers, as accumulation-dtype values (16-bit inputs held widened); CUDA C (on_chip_shared) in
-    shared memory, in the input's dtype. Groups that fill the SMs' resident programs
-    (on_chip_programs_per_sm each) are held whole by one Triton program an SM that walks several
-    (alone on its SM, it holds the SM's share); CUDA C leaves them to its single-pass kernels. Fewer
-    groups are split so the resident programs all work, each holding an equal power-of-two share of
-    a group within its part of the SM's, and meet at a barrier. docs/design.md, "One read on chip",
-    has the limits this gives on an H200 and the numbers behind them."""
+    (the two-pass plans). A channel group has `units` tiles (or rows) of `unit_values` values each. An SM
+    holds Tuning.on_chip_bytes of the input, x and dy sharing it in the backward: Triton in registers,
+    as accumulation-dtype values (16-bit inputs held widened); CUDA C (on_chip_shared) in shared
+    memory, in the input's dtype. Groups that fill the SMs' resident programs (on_chip_programs_per_sm
+    each) are walked where `walk` allows: by one Triton program an SM holding whole groups (its SM's
+    share); in CUDA C's forward by the resident blocks, each with load_stages (2 at least) buffers of
+    a group of a tile or more, the next copied ahead. Where `exchange` allows (CUDA C: not channel
+    groups), fewer groups are split so the resident programs all work, each holding an equal
+    power-of-two share of a group within its part of the SM's, and meet at a barrier. docs/design.md,
+    "One read on chip", has the limits on an H200."""
     if not tuning.on_chip_bytes or units == 0:
         return None
     held_itemsize = itemsize if tuning.on_chip_shared else max(4, itemsize)
     values = tuning.on_chip_bytes // (streams * held_itemsize)  # an SM's share of each stream
     resident = tuning.on_chip_programs_per_sm * sms
-    if groups >= resident:  # the groups fill the SMs: programs that walk whole groups, one an SM
-        held = next_power_of_2(units)
-        if held * unit_values > values or tuning.on_chip_shared:
+    if groups >= resident:  # the groups fill the SMs: programs that walk whole groups
+        if not walk:
             return None
-        return OnChipPlan(held, 1, sms, 1, tuning.load_stages, 0)
+        if tuning.on_chip_shared:  # (groups under a tile's bytes: their block reductions would outweigh the copies)
+            stages = min(tuning.load_stages, values // tuning.on_chip_programs_per_sm // (units * unit_values))
+            walked = stages >= 2 and units * unit_values * itemsize >= tuning.tile_bytes and streams == 1
+            return OnChipPlan(units, 1, resident, 1, stages, 0) if walked else None
+        held = next_power_of_2(units)
+        return OnChipPlan(held, 1, sms, 1, tuning.load_stages, 0) if held * unit_values <= values else None
     most = values // tuning.on_chip_programs_per_sm // unit_values  # units a program can hold
-    if most < 1:
+    if most < 1 or not exchange:
         return None
     spread = resident // groups  # programs a group may have
     # At least a tile's values a program where that fits: no program merges more partials than it holds values.
@@ -345,10 +345,6 @@ class Geometry:
     @property
     def copy_input(self) -> bool:
         return self.read_strides is not None
-
-    @property
-    def copy_grad_y(self) -> bool:
-        return self.grad_read_strides is not None
 
     @functools.cached_property
     def channels_first(self) -> bool:
@@ -421,9 +417,8 @@ def _end_offset(t: torch.Tensor) -> int:
 def _cached_geometry(shape, x_strides, dtype, grad_strides, tuning: Tuning, sms: int) -> Geometry:
     x = torch.empty_strided(shape, x_strides, dtype=dtype, device="meta")
     family, x_read = choose_layout(x)
-    grad_y = None
-    if grad_strides is not None:
-        grad_y = in_family(torch.empty_strided(shape, grad_strides, dtype=dtype, device="meta"), family)
+    grad_y = None if grad_strides is None else \
+        in_family(torch.empty_strided(shape, grad_strides, dtype=dtype, device="meta"), family)
     out = empty_in_family(x_read, family)
     view = channels_first_view if family == CHANNELS_FIRST else channels_last_view
     N, C, S = shape[0], shape[1], spatial_size(shape)
@@ -432,12 +427,16 @@ def _cached_geometry(shape, x_strides, dtype, grad_strides, tuning: Tuning, sms:
     if family == CHANNELS_FIRST:
         adjacent = all(view(t).stride_c == S for t in tensors)
         plan = channels_first_plan(N, C, S, itemsize, tuning, sms, adjacent)
-        # CUDA C (on_chip_shared) holds whole rows of S, in blocks of the tile's rows, and no channel groups.
-        held = ((cdiv(N, plan.rows), plan.rows * S, C, 1) if plan.group == 1 else None) if tuning.on_chip_shared \
+        # CUDA C (on_chip_shared) holds whole rows of the run of a group's S values, in blocks of the tile's
+        # rows; it walks runs of whole 16-byte slots, one a thread at most (walk.cuh), and exchanges one channel.
+        run_bytes = plan.group * S * itemsize
+        slots = run_bytes % VECTOR_BYTES == 0 and run_bytes <= MAX_GROUP_RUN_BYTES
+        paths = dict(walk=slots or not tuning.on_chip_shared, exchange=plan.group == 1 or not tuning.on_chip_shared)
+        held = (cdiv(N, plan.rows), plan.rows * plan.group * S, C // plan.group, plan.group) if tuning.on_chip_shared \
             else (plan.total_tiles, plan.rows * plan.block_s, cdiv(C, plan.group), plan.group)
     else:
         plan = channels_last_plan(N * S, C, itemsize, tuning, sms)
-        held = (N * S, plan.block_c, plan.c_blocks, plan.block_c)
+        held, paths = (N * S, plan.block_c, plan.c_blocks, plan.block_c), dict(walk=not tuning.on_chip_shared)
     return Geometry(
         family=family, N=N, C=C, S=S, dtype=dtype, stat_dtype=stat_dtype(dtype), plan=plan,
         finalize=finalize_plan(plan.splits, C, tuning, sms, plan.group if family == CHANNELS_FIRST else plan.block_c),
@@ -446,5 +445,5 @@ def _cached_geometry(shape, x_strides, dtype, grad_strides, tuning: Tuning, sms:
         read_strides=x_read.stride() if x_read is not x else None,
         grad_read_strides=grad_y.stride() if grad_y is not None and grad_y.stride() != grad_strides else None,
         offset_64=any(_end_offset(t) > 2**31 - 1 for t in tensors),
-        on_chip=on_chip_plan(*held, itemsize, tuning, sms, streams=1) if held else None,
-        on_chip_backward=on_chip_plan(*held, itemsize, tuning, sms, streams=2) if held else None)
+        on_chip=on_chip_plan(*held, itemsize, tuning, sms, streams=1, **paths),
+        on_chip_backward=on_chip_plan(*held, itemsize, tuning, sms, streams=2, **paths))

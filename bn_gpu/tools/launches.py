@@ -64,9 +64,9 @@ _WALKED_ROLE = re.compile(r"_channels_first_(\d+)")
 def _tile_walk(g, role: str) -> dict:
     """What the static model needs to count a CUDA C channels-first thread's walk over its tiles
     (kernels/cuda/channels_first.cuh, for_each_group): the plan's tile, the sizes and the vector width. Empty
-    for the other kernels (channels-last, channel groups, finalize)."""
+    for the other kernels (channels-last, channel groups, finalize, the on-chip forward's walk)."""
     match = _WALKED_ROLE.search(role)
-    if not match or not g.channels_first or g.channel_groups:
+    if not match or not g.channels_first or g.channel_groups or role.endswith("_walk"):
         return {}
     return {"tile_walk": {"rows": g.plan.rows, "block_s": g.plan.block_s, "N": g.N, "S": g.S,
                           "vec": int(match.group(1))}}
@@ -86,8 +86,11 @@ def _recording_cuda(sms: int, launches: list, shared_kb: int):
         record_types(g.dtype, weight_dtype, running_dtype, role, grid, block, args, _tile_walk(g, role))
 
     def record_on_chip(g, weight_dtype, running_dtype, role, grid, block, shared_mem, args):
+        # The walk's copies ahead: stages - 1 slices of a group (kernels/cuda/walk.cuh).
+        walk = {"walk": {"stages": g.on_chip.load_stages, "slice_bytes": shared_mem // g.on_chip.load_stages}} \
+            if role.endswith("_walk") else {}
         record_types(g.dtype, weight_dtype, running_dtype, role, grid, block, args,
-                     dict(_tile_walk(g, role), dynamic_shared=shared_mem))
+                     dict(_tile_walk(g, role), dynamic_shared=shared_mem, **walk))
 
     saved = (table.launch, table.launch_types, table.launch_on_chip, table.shared_memory_per_sm, plan.multiprocessors,
              torch.cuda.current_device)

@@ -30,6 +30,8 @@
 // merge the partials (in two levels, as kernels/finalize.py), so the split path takes 2 launches.
 // GROUPED, on the channels-first kernels, compiles the channel-group version (see "channel groups"):
 // a block owns several adjacent channels whose rows together start on 16 bytes (7x7 planes).
+// WALK, on the channels-first on-chip forward, compiles the walk (walk.cuh): where the channel groups
+// fill the resident blocks, each block walks several, the next copied into shared memory ahead.
 // The split reductions (statistics, gradient sums) of 16-byte groups copy a thread's next rows into
 // shared memory while it adds the current ones (cp.async: async_copies.cuh; for_each_group_staged,
 // staged_rows): loads in flight that take no registers.
@@ -47,6 +49,7 @@
 #include "backward.cuh"
 #include "single_pass.cuh"
 #include "on_chip.cuh"
+#include "walk.cuh"
 
 // ---- statistics: partial moments per (split, channel) -------------------------------------------
 
@@ -540,8 +543,11 @@ __global__ void single_pass_backward_channels_last(
 // channels-first, (splits, channel blocks) channels-last, as the split reductions, with splits > 1
 // (the exchange). Training only.
 
-template <typename T, typename W, typename R, typename A, int VEC, bool FUSED>
-__global__ void on_chip_forward_channels_first(
+// WALK: a persistent grid of blocks that walk whole channel groups (walk.cuh): no exchange (the
+// partials null), counters the batch's ticket alone, held_rows the buffers, rows the group's channels,
+// block_s its run's places x 16 bytes; grid (blocks,).
+template <typename T, typename W, typename R, typename A, int VEC, bool FUSED, bool WALK>
+__global__ void __launch_bounds__(CL_THREADS, 2) on_chip_forward_channels_first(
     const T* __restrict__ x, T* __restrict__ y,   // (N, C, S), each with its own strides
     const T* __restrict__ residual,   // (N, C, S) with y's strides, or null
     A* part_count, A* part_mean, A* part_m2,   // (splits, C); part_mean is relative to x[0, c, 0]
@@ -552,6 +558,13 @@ __global__ void on_chip_forward_channels_first(
     i64 N, i64 C, i64 S, i64 x_stride_n, i64 x_stride_c, i64 y_stride_n, i64 y_stride_c, double momentum, double eps,
     i64 s_blocks, i64 held_rows, int rows, int block_s, int has_running_stats, int cumulative, int count_batch_here,
     int relu) {
+    if constexpr (WALK) {
+        walk_forward<T, W, R, A, VEC, FUSED>(x, y, residual, mean_out, invstd_out, running_mean, running_var,
+                                             num_batches_tracked, counters, weight, bias, N, C, S, x_stride_n,
+                                             x_stride_c, y_stride_n, y_stride_c, momentum, eps, (int)held_rows, rows,
+                                             block_s, has_running_stats, cumulative, count_batch_here, relu);
+        return;
+    }
     __shared__ A channel[2];
     T* held = held_memory<T>();   // (held_rows, S)
     const i64 c = blockIdx.x, split = blockIdx.y, n0 = split * held_rows;

@@ -24,10 +24,11 @@ template <int WIDE> struct GroupPlace {
     int channel[WIDE];      // the channel of each of its values, less c0
 };
 
-template <int WIDE> __device__ __forceinline__ GroupPlace<WIDE> group_place(i64 C, i64 S, int block_s) {
+// The thread's place in a run of `group` channels (c0 left to the caller).
+template <int WIDE> __device__ __forceinline__ GroupPlace<WIDE> run_place(i64 group, i64 S, int block_s) {
     GroupPlace<WIDE> p;
-    p.group = C / gridDim.x;
-    p.c0 = (i64)blockIdx.x * p.group;
+    p.group = group;
+    p.c0 = 0;
     const int places = block_s / WIDE;   // a power of two, at most blockDim.x (the plan)
     p.s = (i64)(threadIdx.x % places) * WIDE;
     p.first_row = threadIdx.x / places;
@@ -35,6 +36,12 @@ template <int WIDE> __device__ __forceinline__ GroupPlace<WIDE> group_place(i64 
     p.active = p.s < p.group * S;
 #pragma unroll
     for (int k = 0; k < WIDE; ++k) p.channel[k] = p.active ? (int)((p.s + k) / S) : 0;
+    return p;
+}
+
+template <int WIDE> __device__ __forceinline__ GroupPlace<WIDE> group_place(i64 C, i64 S, int block_s) {
+    GroupPlace<WIDE> p = run_place<WIDE>(C / gridDim.x, S, block_s);
+    p.c0 = (i64)blockIdx.x * p.group;
     return p;
 }
 

@@ -5,6 +5,7 @@ float64 reference with every buffer poisoned, bitwise determinism and their coun
 Their source compiles for sm_80 and sm_90 with nvcc and NVRTC in test_cuda_source.py, and their
 launches match their signatures there too."""
 import dataclasses
+import math
 import types
 
 import pytest
@@ -30,10 +31,10 @@ def _shared_tuning(on_chip_bytes: int) -> plans.Tuning:
 
 # ---- the plan ---------------------------------------------------------------------------------------
 
-def test_the_plan_holds_values_of_the_input_dtype_and_always_exchanges():
+def test_the_plan_holds_values_of_the_input_dtype_and_exchanges_below_the_resident_blocks():
     """In shared memory the input keeps its dtype: 16-bit values take 2 bytes (in registers they are
-    counted widened). Every plan is an exchange, a group held by one block included (its barrier one
-    party); groups that fill the resident blocks are left to the single-pass kernels."""
+    counted widened). Below the resident blocks every plan is an exchange, a group held by one block
+    included (its barrier one party); groups that fill them are walked (the next test)."""
     tuning = _shared_tuning(2 * 4096)  # 4096 bytes a block
     assert on_chip_plan(4, 256, 8, 1, 4, tuning, SMS, streams=1) == OnChipPlan(
         held=4, splits=1, programs=8, block_splits=1, load_stages=tuning.load_stages, resident=2)
@@ -45,11 +46,33 @@ def test_the_plan_holds_values_of_the_input_dtype_and_always_exchanges():
     assert on_chip_plan(4, 256, 8, 1, 4, tuning, SMS, streams=2).held == 2      # x and dy of fp32: split in two
     split = on_chip_plan(64, 256, 8, 1, 4, tuning, SMS, streams=1)
     assert split.exchange and (split.held, split.splits, split.programs) == (4, 16, 128)
-    assert on_chip_plan(4, 256, 2 * SMS, 1, 4, tuning, SMS, streams=1) is None  # groups fill the SMs: no walk
+    assert on_chip_plan(4, 256, 2 * SMS, 1, 4, tuning, SMS, streams=1) is None  # no two buffers of a group
+    assert on_chip_plan(4, 256, 8, 4, 4, tuning, SMS, streams=1, exchange=False) is None  # channel groups
     # Without on_chip_shared the same groups are walked, and held widened.
     registers = dataclasses.replace(tuning, on_chip_shared=False)
     assert not on_chip_plan(4, 256, 8, 1, 4, registers, SMS, streams=1).exchange
     assert on_chip_plan(1, 2048, 8, 1, 2, registers, SMS, streams=1) is None
+
+
+def test_groups_that_fill_the_resident_blocks_are_walked_with_buffers_of_whole_groups():
+    """Where the groups fill the resident blocks (two an SM), the forward walks them: every resident
+    block, with as many buffers of a whole group (units x unit_values values) as its share holds, up
+    to load_stages, and at least two (the next group copied while the current one is used); only
+    groups of a tile's bytes or more, whose copies outweigh two block reductions each. Never the
+    backward, nor where `walk` is off (runs that are not whole 16-byte slots a thread)."""
+    share = 64 * 1024  # bytes a block
+    tuning = _shared_tuning(2 * share)
+    groups = 2 * SMS
+    fp32 = on_chip_plan(4, 1024, groups, 4, 4, tuning, SMS, streams=1)  # 16 KB a group: 4 fit, 3 stages
+    assert fp32 == OnChipPlan(held=4, splits=1, programs=2 * SMS, block_splits=1, load_stages=3, resident=0)
+    assert not fp32.exchange
+    assert on_chip_plan(4, 2048, groups, 4, 4, tuning, SMS, streams=1).load_stages == 2      # 32 KB: two
+    assert on_chip_plan(4, 2048 + 1, groups, 4, 4, tuning, SMS, streams=1) is None           # a value more
+    assert on_chip_plan(4, 2048, groups, 8, 2, tuning, SMS, streams=1).load_stages == 3      # bf16: 16 KB
+    assert on_chip_plan(4, 1024 - 1, groups, 4, 4, tuning, SMS, streams=1) is None           # under a tile
+    assert on_chip_plan(4, 1024, groups, 4, 4, tuning, SMS, streams=2) is None               # the backward
+    assert on_chip_plan(4, 1024, groups, 4, 4, tuning, SMS, streams=1, walk=False) is None
+    assert on_chip_plan(4, 1024, groups - 1, 1, 4, tuning, SMS, streams=1).exchange          # below: exchanged
 
 
 def test_the_tuning_takes_the_shared_memory_of_an_sm():
@@ -68,6 +91,30 @@ def h200(monkeypatch):
     monkeypatch.setattr(plans, "multiprocessors", lambda index: SMS)
     monkeypatch.setattr(table, "shared_memory_per_sm", lambda index: SHARED_PER_SM)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_the_geometry_walks_groups_that_fill_the_resident_blocks(h200, dtype):
+    """64x2048x7x7: 4 fp32 channels a group (2048 / 4 = 512 groups, a 50 KB slice each: 2 buffers in a
+    block's share), 2 fp64 (1024 groups of 50 KB); bf16's 256 groups of 8 fill no more than 256 of the
+    264 resident blocks, so it keeps the single pass. Rows of S = 64 values are walked whole (1024
+    channels of 128 rows: 32 or 16 KB a channel, 3 buffers; fp64's 64 KB, one buffer, keep the single
+    pass). Runs of S = 62 (no whole 16-byte slots in fp32 and bf16; fp64's 127 KB slices fit no buffer)
+    and S = 48 x 48 (4.5 KB or more: more slots than threads) keep the single pass; so does the backward."""
+    size = dtype.itemsize
+    g = table.KERNELS.geometry(make_input((64, 2048, 7, 7), dtype, device="meta"))
+    if dtype == torch.bfloat16:
+        assert g.plan.group == 8 and g.on_chip is None and g.single_pass
+    else:
+        assert g.plan.group == 16 // size and not g.on_chip.exchange
+        assert (g.on_chip.programs, g.on_chip.load_stages, g.on_chip_backward) == (2 * SMS, 2, None)
+    rows = table.KERNELS.geometry(make_input((128, 1024, 8, 8), dtype, device="meta"))
+    if dtype == torch.float64:  # a 64 KB slice: one buffer in a block's share
+        assert rows.on_chip is None and rows.single_pass
+    else:
+        assert rows.plan.group == 1 and not rows.on_chip.exchange and rows.on_chip.load_stages == 3
+    assert table.KERNELS.geometry(make_input((256, 1024, 62), dtype, device="meta")).on_chip is None
+    assert table.KERNELS.geometry(make_input((4, 1024, 48, 48), dtype, device="meta")).on_chip is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -207,5 +254,57 @@ def test_the_exchange_is_deterministic_and_leaves_its_counters_at_zero(backend, 
         results.append((y, mean, invstd, *grads))
         counters = orchestration.finalize_counters(x.device, orchestration.on_chip_counters(g, g.on_chip, True))
         assert not counters.any()
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
+# The smallest shapes whose channel groups fill the resident blocks (two an SM) of GPUs of up to 160
+# SMs, so the forward walks them: 7x7 planes in groups of 4 fp32 or 8 bf16 channels (640 or 320
+# groups of 18.4 KB), and rows of S = 64 (320 channels of 32 or 16 KB); the first also with x one value
+# off 16 bytes (read value by value, VEC = 1).
+WALKED = [((24, 2560, 7, 7), 0), ((128, 320, 8, 8), 0), ((24, 2560, 7, 7), 1)]
+
+
+@pytest.mark.parametrize("backend,device", CUPY_DEVICES)
+@pytest.mark.parametrize("shape, offset", WALKED, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple)
+                         else f"offset{v}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("epilogue", [False, True], ids=["plain", "epilogue"])
+def test_the_walk_matches_float64_and_is_deterministic(backend, device, shape, offset, dtype, momentum, epilogue,
+                                                       poisoned):
+    """The walked training forward (running statistics, batch counted; with the epilogue + residual
+    and ReLU) against the float64 reference with every output poisoned; a second call gives the same
+    bits, and the batch's ticket is back at zero after each."""
+    base = make_input((math.prod(shape) + offset,), dtype, device=device)
+    x = base[offset:].view(shape)
+    residual = make_input(shape, dtype, device=device, mean=0.0, std=1.0, seed=9) if epilogue else None
+    C = shape[1]
+    param_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    if compilation.shared_memory_per_sm(x.device.index or 0) < 160 * 1024:
+        pytest.skip("these slices are walked on GPUs of 160 KB of shared memory an SM or more (A100, H100, H200)")
+    g = table.KERNELS.geometry(x)
+    assert g.on_chip is not None and not g.on_chip.exchange
+    fused = dict(residual=residual, relu=True) if epilogue else {}
+    y_ref, mean_ref, var_ref, invstd_ref = ref.forward_train(x, *make_params(C, param_dtype, device)[:2], 1e-5)
+    if epilogue:
+        y_ref = torch.relu(y_ref + residual.double())
+    results = []
+    for _ in range(2):
+        weight, bias, running_mean, running_var = make_params(C, param_dtype, device)
+        rm0, rv0 = running_mean.clone(), running_var.clone()
+        counter = torch.tensor(3, device=device)
+        y, mean, invstd = orchestration.forward_train(table.KERNELS, x, weight, bias, running_mean, running_var,
+                                                      counter, momentum, 1e-5, **fused)
+        assert_close(y, y_ref, dtype, "output")
+        assert_stats_close(mean, mean_ref, dtype, "mean")
+        assert_stats_close(invstd, invstd_ref, dtype, "invstd")
+        rm_ref, rv_ref = ref.update_running_stats(rm0, rv0, mean_ref, var_ref, x.numel() // C,
+                                                  ref.momentum_factor(momentum, 4))
+        assert_close(running_mean, rm_ref, param_dtype, "running_mean")
+        assert_close(running_var, rv_ref, param_dtype, "running_var")
+        assert counter.item() == 4
+        assert not orchestration.finalize_counters(x.device, orchestration.on_chip_counters(g, g.on_chip, True)).any()
+        results.append((y, mean, invstd, running_mean, running_var))
     for first, second in zip(*results):
         assert torch.equal(first, second)

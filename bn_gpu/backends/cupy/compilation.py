@@ -42,6 +42,9 @@ FINALIZING = ("statistics", "gradient_sums")
 # adjacent channels of bn_gpu.backends.plan.channel_group, whose rows together start on 16 bytes).
 GROUPABLE = ("statistics", "normalize", "single_pass_forward", "gradient_sums", "input_gradient",
              "single_pass_backward")
+# The on-chip forward channels-first instantiated without and with the walk (WALK: a persistent grid whose
+# blocks walk whole channel groups, kernels/cuda/walk.cuh).
+WALKING = ("on_chip_forward",)
 
 
 _INSTALL_HINT = ("pip install -e .[cupy-cuda13] for a torch built with CUDA 13.x, .[cupy-cuda12] for CUDA 12.x "
@@ -103,8 +106,9 @@ def kernel_names(T: str, W: str, R: str, A: str) -> dict:
         family, _, layout_family = name.partition("_channels_")
         groupable = GROUPABLE if layout_family == "first" else ()
         # The boolean template parameters, in the source's order: (role suffix when true) per flag.
-        flags = [suffix for suffix, kinds in (("_fused", FUSABLE), ("_finalized", FINALIZING), ("_grouped", groupable))
-                 if family in kinds]
+        walking = WALKING if layout_family == "first" else ()
+        flags = [suffix for suffix, kinds in (("_fused", FUSABLE), ("_finalized", FINALIZING), ("_grouped", groupable),
+                                              ("_walk", walking)) if family in kinds]
         for role, expression in variants:
             for values in itertools.product((False, True), repeat=len(flags)):
                 suffix = "".join(flag for flag, on in zip(flags, values) if on)

@@ -148,10 +148,17 @@ class CudaKernels:
         """(role, grid, block, tiling arguments, dynamic shared memory) of the on-chip kernel `name`:
         the split reductions' grid and blocks with the on-chip plan's splits, each block holding
         `held rows` rows of S values (channels-first) or of its block_c channels (channels-last) of
-        each of the `streams` inputs."""
+        each of the `streams` inputs; or the walk's (channels-first forward): the plan's blocks, each
+        with load_stages buffers of a channel group's N rows of group x S values."""
         vec = _vector_width_for(g, *tensors)
         family = "first" if g.channels_first else "last"
         role = f"{name}_channels_{family}_{vec}" + ("_fused" if fused else "")
+        if not on_chip.exchange:
+            run = g.plan.group * g.S
+            tiling = [np.int64(0), np.int64(on_chip.load_stages), np.int32(g.plan.group),
+                      np.int32(plans.next_power_of_2(run))]
+            return (role + "_walk", (on_chip.programs, 1), (THREADS,), tiling,
+                    on_chip.load_stages * g.N * run * g.dtype.itemsize)
         if g.channels_first:
             held_rows, row_values = on_chip.held * g.plan.rows, g.S
             grid, block = (g.C, on_chip.splits), (THREADS,)
@@ -234,7 +241,7 @@ class CudaKernels:
                         partials, counters, residual=None, relu=False):
         tracked = running_mean is not None
         cumulative = tracked and momentum is None
-        count, part_mean, m2 = partials
+        count, part_mean, m2 = partials if partials is not None else (None, None, None)  # none in the walk
         bias = _as_w(bias, _param_dtype(weight, bias))
         role, grid, block, tiling, shared = self._on_chip(g, g.on_chip, "on_chip_forward", 1, x, y, residual,
                                                           fused=residual is not None or relu)

@@ -92,6 +92,9 @@ def kernel_figures(launch, compiled: Compiled, case, target: Target) -> KernelFi
         # (The reductions' staged walk copies a thread's groups of a tile whatever their number.)
         at_once_bits = min(at_once_bits, sum(main.load_bits) / unroll * groups_per_trip)
     at_once = at_once_bits / 8 * threads * resident
+    if "walk" in launch.meta:  # CUDA C's walk: stages - 1 slices copied ahead a block, whatever its loop
+        walk = launch.meta["walk"]
+        in_flight = at_once = (walk["stages"] - 1) * walk["slice_bytes"] * resident
     dram = dram_bytes(launch, case, target, per_sm)
     memory_us = dram / (target.bandwidth_tbs * 1e12) * 1e6
     streamed = numel if job in STREAMS else 0

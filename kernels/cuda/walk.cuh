@@ -1,0 +1,195 @@
+// The walk: where the channel groups fill the GPU's resident blocks and a group's whole slice fits
+// twice in a block's share of shared memory, the training forward runs as a persistent grid (two
+// blocks an SM) whose blocks walk the groups -- every gridDim.x-th from blockIdx.x -- with the next
+// groups' slices copied into shared memory (cp.async) while the current one is reduced and
+// normalized from there: x is read from DRAM once, with a whole slice in flight a block, and no
+// block waits on its own loads between its reduction and its normalize (the single-pass kernels'
+// serial tail). bn_gpu/backends/plan.py, on_chip_plan, sizes it; the kernel is in batch_norm.cu.
+// Part of the CUDA C kernels of batch_norm.cu (see there); included in this order.
+//
+// A group is `group` adjacent channels (1, or channel_groups.cuh's group of a 7x7 plane) whose rows
+// are runs of group x S values: whole 16-byte slots, at most one a thread of the block. A thread
+// keeps its place of the run (run_place) for every group, copies that slot of its rows into the
+// buffer, and reads back only those slots: cp.async.wait_group makes a thread's own copies visible
+// to it, and a buffer is overwritten by the thread that read it, after its reads -- the slices need
+// no barrier. The per-channel sums are block reductions with a fixed order: bitwise reproducible.
+#pragma once
+#include "on_chip.cuh"
+
+// The stored slot of a place: cp.async (16 bytes, VEC == WIDE), or loaded value by value and
+// stored where the host found a pointer or stride misaligned.
+template <int VEC, int WIDE, typename T> __device__ __forceinline__ void copy_place(unsigned to, const T* from) {
+    if constexpr (VEC == WIDE) {
+        copy_async(to, from);
+    } else {
+        *reinterpret_cast<Pack<T, WIDE>*>(__cvta_shared_to_generic(to)) = read_place<VEC, WIDE>(from);
+    }
+}
+
+// Waits until at most `left` (0 to 3) committed copies (groups) of this thread are in flight.
+__device__ __forceinline__ void wait_copies_left(int left) {
+    if (left >= 3) wait_copies<3>();
+    else if (left == 2) wait_copies<2>();
+    else if (left == 1) wait_copies<1>();
+    else wait_copies<0>();
+}
+
+// Channel j's total of the block's values (the thread's values in channel j, per_channel) in
+// totals[j] for every thread, j < p.group: warp sums, then the warps' in order.
+template <int WIDE, typename A>
+__device__ void group_totals(const Values<A, WIDE>& v, const GroupPlace<WIDE>& p, A* totals) {
+    __shared__ A partial[WIDE][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+#pragma unroll
+    for (int j = 0; j < WIDE; ++j) {
+        const A sum = warp_sum(j < p.group ? channel_sum(v, p, j) : A(0));
+        if (lane == 0) partial[j][warp] = sum;
+    }
+    __syncthreads();
+    if (threadIdx.x < p.group) {
+        A total = A(0);
+        for (int w = 0; w < warps; ++w) total += partial[threadIdx.x][w];
+        totals[threadIdx.x] = total;
+    }
+    __syncthreads();
+}
+
+// Rows of the residual a thread loads before it uses the first (the epilogue), within the two
+// blocks an SM's registers.
+constexpr int WALK_BATCH = 2;
+
+// One walked group of the training forward, its slice in this thread's slots (r.count of them,
+// `step` apart from `slots`): the mean, then the squared deviations from it, in two passes over the
+// slots (no shift needed: the deviations are taken from the mean itself); the statistics and
+// running statistics of its channels; then y = epilogue((x - mean) * invstd * weight + bias).
+template <int VEC, bool FUSED, int WIDE, typename T, typename W, typename R, typename A>
+__device__ __forceinline__ void walk_forward_group(
+    const uint4* slots, i64 step, const PlaceRows& r, const GroupPlace<WIDE>& p, T* y,
+    const T* residual, i64 y_stride_n, A count, A* mean_out, A* invstd_out, R* running_mean, R* running_var,
+    const i64* num_batches_tracked, const W* weight, const W* bias, double momentum, double eps,
+    int has_running_stats, int cumulative, int relu) {
+    __shared__ A totals[WIDE], channel_scale[WIDE], channel_shift[WIDE];
+    Values<A, WIDE> sum = zeros<A, WIDE>();
+    for (i64 i = 0; i < r.count; ++i) {
+        const Pack<T, WIDE> in = copied_pack<WIDE, T>(slots + i * step);
+#pragma unroll
+        for (int k = 0; k < WIDE; ++k) sum.v[k] += cvt<A>(in.v[k]);
+    }
+    group_totals(sum, p, totals);
+    Values<A, WIDE> mean, squares = zeros<A, WIDE>();
+#pragma unroll
+    for (int k = 0; k < WIDE; ++k) mean.v[k] = totals[p.channel[k]] / count;
+    // Thread j's channel j (read before group_totals below writes the totals again).
+    const A channel_mean = threadIdx.x < p.group ? totals[threadIdx.x] / count : A(0);
+    for (i64 i = 0; i < r.count; ++i) {
+        const Pack<T, WIDE> in = copied_pack<WIDE, T>(slots + i * step);
+#pragma unroll
+        for (int k = 0; k < WIDE; ++k) {
+            const A deviation = cvt<A>(in.v[k]) - mean.v[k];
+            squares.v[k] += deviation * deviation;
+        }
+    }
+    group_totals(squares, p, totals);
+    if (threadIdx.x < p.group) {  // thread j writes channel j's statistics
+        const i64 c = p.c0 + threadIdx.x;
+        const A invstd = store_statistics(c, count, channel_mean, totals[threadIdx.x], mean_out, invstd_out,
+                                          running_mean, running_var, num_batches_tracked, momentum, eps,
+                                          has_running_stats, cumulative);
+        A scale, shift;
+        affine_from(c, invstd, weight, bias, scale, shift);
+        channel_scale[threadIdx.x] = scale;
+        channel_shift[threadIdx.x] = shift;
+    }
+    __syncthreads();
+    Values<A, WIDE> scale, shift;
+#pragma unroll
+    for (int k = 0; k < WIDE; ++k) {
+        scale.v[k] = channel_scale[p.channel[k]];
+        shift.v[k] = channel_shift[p.channel[k]];
+    }
+    // y at the thread's rows; the residual's rows read WALK_BATCH at a time ahead of their use.
+    i64 n = r.first;
+    i64 left = r.count;
+    const uint4* slot = slots;
+    auto write = [&](i64 row, const uint4* from, const Pack<T, WIDE>& add) {
+        const Pack<T, WIDE> in = copied_pack<WIDE, T>(from);
+        Pack<T, WIDE> out;
+#pragma unroll
+        for (int k = 0; k < WIDE; ++k) {
+            const A value = (cvt<A>(in.v[k]) - mean.v[k]) * scale.v[k] + shift.v[k];
+            out.v[k] = cvt<T>(FUSED ? epilogue(value, cvt<A>(add.v[k]), relu) : value);
+        }
+        write_place<VEC, WIDE>(y + row * y_stride_n + p.s, out);
+    };
+    for (; left >= WALK_BATCH; left -= WALK_BATCH, n += WALK_BATCH * r.step, slot += WALK_BATCH * step) {
+        Pack<T, WIDE> add[WALK_BATCH];
+#pragma unroll
+        for (int b = 0; b < WALK_BATCH; ++b) {
+#pragma unroll
+            for (int k = 0; k < WIDE; ++k) add[b].v[k] = cvt<T>(A(0));
+            if (FUSED && residual)
+                add[b] = read_place_readonly<VEC, WIDE>(residual + (n + b * r.step) * y_stride_n + p.s);
+        }
+#pragma unroll
+        for (int b = 0; b < WALK_BATCH; ++b) write(n + b * r.step, slot + b * step, add[b]);
+    }
+    for (; left > 0; --left, n += r.step, slot += step) {
+        Pack<T, WIDE> add;
+#pragma unroll
+        for (int k = 0; k < WIDE; ++k) add.v[k] = cvt<T>(A(0));
+        if (FUSED && residual) add = read_place_readonly<VEC, WIDE>(residual + n * y_stride_n + p.s);
+        write(n, slot, add);
+    }
+}
+
+// The training forward's walk (on_chip_forward_channels_first with WALK): `stages` buffers of a
+// group's slice each (N rows of run = group x S values, in the block's dynamic shared memory), the
+// next stages - 1 groups' copies in flight while the block reduces and normalizes the current one.
+// The group of iteration i is in buffer i % stages, copied there at iteration i - ahead; a buffer is
+// copied into again once its group is done.
+template <typename T, typename W, typename R, typename A, int VEC, bool FUSED>
+__device__ __forceinline__ void walk_forward(
+    const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ residual, A* mean_out, A* invstd_out,
+    R* running_mean, R* running_var, i64* num_batches_tracked, int* counters, const W* weight, const W* bias, i64 N,
+    i64 C, i64 S, i64 x_stride_n, i64 x_stride_c, i64 y_stride_n, i64 y_stride_c, double momentum, double eps,
+    int stages, int group, int block_s, int has_running_stats, int cumulative, int count_batch_here, int relu) {
+    constexpr int WIDE = Wide<T>::values;
+    uint4* buffers = held_memory<uint4>();
+    const GroupPlace<WIDE> p = run_place<WIDE>(group, S, block_s);
+    const PlaceRows r = place_rows(p, i64(0), N);
+    const i64 run_slots = group * S / WIDE, slice = N * run_slots, step = r.step * run_slots;
+    const i64 first_slot = p.first_row * run_slots + p.s / WIDE;  // the thread's first slot in a buffer
+    const unsigned first_address = shared_address(buffers + first_slot);
+    const i64 groups = C / group, ahead = min(stages - 1, 3);  // groups copied ahead (wait_copies_left)
+    const A count = A(N * S);
+    // The thread's slots of group g's slice into buffer b (a commit closes them as one copy).
+    auto copy = [&](i64 g, i64 b) {
+        const T* from = x + g * group * x_stride_c + r.first * x_stride_n + p.s;
+        unsigned to = first_address + (unsigned)(b * slice * 16);
+        for (i64 i = 0; i < r.count; ++i, from += r.step * x_stride_n, to += (unsigned)(step * 16))
+            copy_place<VEC, WIDE>(to, from);
+    };
+    for (i64 b = 0; b < ahead; ++b) {
+        const i64 g = blockIdx.x + b * gridDim.x;
+        if (g < groups) copy(g, b);
+        commit_copies();  // one copy per buffer, empty or not: wait_copies counts them
+    }
+    i64 buffer = 0;
+    for (i64 g = blockIdx.x; g < groups; g += gridDim.x) {
+        const i64 next = g + ahead * gridDim.x;
+        if (next < groups) copy(next, (buffer + ahead) % stages);
+        commit_copies();
+        wait_copies_left((int)ahead);  // this group's copy is in
+        GroupPlace<WIDE> place = p;
+        place.c0 = g * group;
+        walk_forward_group<VEC, FUSED>(buffers + buffer * slice + first_slot, step, r, place,
+                                       y + place.c0 * y_stride_c, residual ? residual + place.c0 * y_stride_c : nullptr,
+                                       y_stride_n, count, mean_out, invstd_out, running_mean, running_var,
+                                       num_batches_tracked, weight, bias, momentum, eps, has_running_stats,
+                                       cumulative, relu);
+        buffer = buffer + 1 == stages ? 0 : buffer + 1;
+    }
+    wait_copies<0>();
+    // Last, as the single-pass kernels: every block has read the count (store_statistics) by now.
+    if (count_batch_here) count_batch_after_every_read(num_batches_tracked, counters, cumulative);
+}
