@@ -258,22 +258,27 @@ def on_chip_plan(units: int, unit_values: int, groups: int, group_channels: int,
     memory, in the input's dtype. Groups that fill the SMs' resident programs (on_chip_programs_per_sm
     each) are walked where `walk` allows: by one Triton program an SM holding whole groups (its SM's
     share); in CUDA C's forward by the resident blocks, each with load_stages (2 at least) buffers of
-    a group of a tile or more, the next copied ahead. Where `exchange` allows (CUDA C: not channel
-    groups), fewer groups are split so the resident programs all work, each holding an equal
-    power-of-two share of a group within its part of the SM's, and meet at a barrier. docs/design.md,
-    "One read on chip", has the limits on an H200."""
+    a group of a tile or more, the next copied ahead (one block an SM where fewer groups fill the SMs
+    but cannot be exchanged). Where `exchange` allows (CUDA C: not channel groups), fewer groups are
+    split so the resident programs all work, each holding an equal power-of-two share of a group
+    within its part of the SM's, and meet at a barrier. docs/design.md, "One read on chip"."""
     if not tuning.on_chip_bytes or units == 0:
         return None
     held_itemsize = itemsize if tuning.on_chip_shared else max(4, itemsize)
     values = tuning.on_chip_bytes // (streams * held_itemsize)  # an SM's share of each stream
     resident = tuning.on_chip_programs_per_sm * sms
+    # CUDA C walks at on_chip_programs_per_sm blocks an SM where the groups fill them and two slices fit
+    # each, else at one where they fill the SMs and cannot be exchanged; groups of a tile's bytes or more
+    # (below, their block reductions would outweigh the copies).
+    if tuning.on_chip_shared and walk and (groups >= resident or not exchange and groups >= sms):
+        two = groups >= resident and values // tuning.on_chip_programs_per_sm >= 2 * units * unit_values
+        per_sm = tuning.on_chip_programs_per_sm if two else 1
+        stages = min(tuning.load_stages, values // per_sm // (units * unit_values))
+        walked = stages >= 2 and units * unit_values * itemsize >= tuning.tile_bytes and streams == 1
+        return OnChipPlan(units, 1, per_sm * sms, 1, stages, 0) if walked else None
     if groups >= resident:  # the groups fill the SMs: programs that walk whole groups
-        if not walk:
+        if not walk or tuning.on_chip_shared:
             return None
-        if tuning.on_chip_shared:  # (groups under a tile's bytes: their block reductions would outweigh the copies)
-            stages = min(tuning.load_stages, values // tuning.on_chip_programs_per_sm // (units * unit_values))
-            walked = stages >= 2 and units * unit_values * itemsize >= tuning.tile_bytes and streams == 1
-            return OnChipPlan(units, 1, resident, 1, stages, 0) if walked else None
         held = next_power_of_2(units)
         return OnChipPlan(held, 1, sms, 1, tuning.load_stages, 0) if held * unit_values <= values else None
     most = values // tuning.on_chip_programs_per_sm // unit_values  # units a program can hold
@@ -409,16 +414,12 @@ def geometry(x: torch.Tensor, grad_y: torch.Tensor | None, tuning: Tuning, sms: 
                             tuning, sms)
 
 
-def _end_offset(t: torch.Tensor) -> int:
-    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-
-
 @functools.lru_cache(maxsize=1024)
 def _cached_geometry(shape, x_strides, dtype, grad_strides, tuning: Tuning, sms: int) -> Geometry:
     x = torch.empty_strided(shape, x_strides, dtype=dtype, device="meta")
     family, x_read = choose_layout(x)
-    grad_y = None if grad_strides is None else \
-        in_family(torch.empty_strided(shape, grad_strides, dtype=dtype, device="meta"), family)
+    grad_y = None if grad_strides is None else in_family(torch.empty_strided(shape, grad_strides, dtype=dtype,
+                                                                              device="meta"), family)
     out = empty_in_family(x_read, family)
     view = channels_first_view if family == CHANNELS_FIRST else channels_last_view
     N, C, S = shape[0], shape[1], spatial_size(shape)
@@ -444,6 +445,6 @@ def _cached_geometry(shape, x_strides, dtype, grad_strides, tuning: Tuning, sms:
         grad_y=None if grad_y is None else view(grad_y), out_strides=out.stride(),
         read_strides=x_read.stride() if x_read is not x else None,
         grad_read_strides=grad_y.stride() if grad_y is not None and grad_y.stride() != grad_strides else None,
-        offset_64=any(_end_offset(t) > 2**31 - 1 for t in tensors),
+        offset_64=any(sum((n - 1) * step for n, step in zip(t.shape, t.stride())) > 2**31 - 1 for t in tensors),
         on_chip=on_chip_plan(*held, itemsize, tuning, sms, streams=1, **paths),
         on_chip_backward=on_chip_plan(*held, itemsize, tuning, sms, streams=2, **paths))

@@ -1,6 +1,6 @@
 // The walk: where the channel groups fill the GPU's resident blocks and a group's whole slice fits
 // twice in a block's share of shared memory, the training forward runs as a persistent grid (two
-// blocks an SM) whose blocks walk the groups -- every gridDim.x-th from blockIdx.x -- with the next
+// blocks an SM, or one) whose blocks walk the groups -- every gridDim.x-th from blockIdx.x -- with the next
 // groups' slices copied into shared memory (cp.async) while the current one is reduced and
 // normalized from there: x is read from DRAM once, with a whole slice in flight a block, and no
 // block waits on its own loads between its reduction and its normalize (the single-pass kernels'
@@ -59,9 +59,10 @@ __device__ void group_totals(const Values<A, WIDE>& v, const GroupPlace<WIDE>& p
 constexpr int WALK_BATCH = 2;
 
 // One walked group of the training forward, its slice in this thread's slots (r.count of them,
-// `step` apart from `slots`): the mean, then the squared deviations from it, in two passes over the
-// slots (no shift needed: the deviations are taken from the mean itself); the statistics and
-// running statistics of its channels; then y = epilogue((x - mean) * invstd * weight + bias).
+// `step` apart from `slots`): one pass over the slots for the sums of x - base and of its squares
+// (the base the slot's first value, in its channel: finite_shift), the channel means from a block reduction of
+// the sums, the squared deviations from them from a second; the statistics and running statistics
+// of its channels; then y = epilogue((x - mean) * invstd * weight + bias), a second pass.
 template <int VEC, bool FUSED, int WIDE, typename T, typename W, typename R, typename A>
 __device__ __forceinline__ void walk_forward_group(
     const uint4* slots, i64 step, const PlaceRows& r, const GroupPlace<WIDE>& p, T* y,
@@ -69,27 +70,36 @@ __device__ __forceinline__ void walk_forward_group(
     const i64* num_batches_tracked, const W* weight, const W* bias, double momentum, double eps,
     int has_running_stats, int cumulative, int relu) {
     __shared__ A totals[WIDE], channel_scale[WIDE], channel_shift[WIDE];
-    Values<A, WIDE> sum = zeros<A, WIDE>();
-    for (i64 i = 0; i < r.count; ++i) {
-        const Pack<T, WIDE> in = copied_pack<WIDE, T>(slots + i * step);
+    Values<A, WIDE> base = zeros<A, WIDE>(), sum = zeros<A, WIDE>(), squares = zeros<A, WIDE>();
+    if (r.count > 0) {
+        const Pack<T, WIDE> first = copied_pack<WIDE, T>(slots);
 #pragma unroll
-        for (int k = 0; k < WIDE; ++k) sum.v[k] += cvt<A>(in.v[k]);
+        for (int k = 0; k < WIDE; ++k) base.v[k] = finite_shift(cvt<A>(first.v[k]));
     }
-    group_totals(sum, p, totals);
-    Values<A, WIDE> mean, squares = zeros<A, WIDE>();
-#pragma unroll
-    for (int k = 0; k < WIDE; ++k) mean.v[k] = totals[p.channel[k]] / count;
-    // Thread j's channel j (read before group_totals below writes the totals again).
-    const A channel_mean = threadIdx.x < p.group ? totals[threadIdx.x] / count : A(0);
     for (i64 i = 0; i < r.count; ++i) {
         const Pack<T, WIDE> in = copied_pack<WIDE, T>(slots + i * step);
 #pragma unroll
         for (int k = 0; k < WIDE; ++k) {
-            const A deviation = cvt<A>(in.v[k]) - mean.v[k];
-            squares.v[k] += deviation * deviation;
+            const A shifted = cvt<A>(in.v[k]) - base.v[k];
+            sum.v[k] += shifted;
+            squares.v[k] += shifted * shifted;
         }
     }
-    group_totals(squares, p, totals);
+    const A rows = A(r.count);
+    Values<A, WIDE> total;  // the thread's sum of x a slot
+#pragma unroll
+    for (int k = 0; k < WIDE; ++k) total.v[k] = rows * base.v[k] + sum.v[k];
+    group_totals(total, p, totals);
+    Values<A, WIDE> mean, deviations;  // deviations: the sum of (x - mean)^2 of the slot's values
+#pragma unroll
+    for (int k = 0; k < WIDE; ++k) {
+        mean.v[k] = totals[p.channel[k]] / count;
+        const A offset = mean.v[k] - base.v[k];
+        deviations.v[k] = squares.v[k] - A(2) * offset * sum.v[k] + rows * offset * offset;
+    }
+    // Thread j's channel j (read before group_totals below writes the totals again).
+    const A channel_mean = threadIdx.x < p.group ? totals[threadIdx.x] / count : A(0);
+    group_totals(deviations, p, totals);
     if (threadIdx.x < p.group) {  // thread j writes channel j's statistics
         const i64 c = p.c0 + threadIdx.x;
         const A invstd = store_statistics(c, count, channel_mean, totals[threadIdx.x], mean_out, invstd_out,

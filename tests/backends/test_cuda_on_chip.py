@@ -57,9 +57,11 @@ def test_the_plan_holds_values_of_the_input_dtype_and_exchanges_below_the_reside
 def test_groups_that_fill_the_resident_blocks_are_walked_with_buffers_of_whole_groups():
     """Where the groups fill the resident blocks (two an SM), the forward walks them: every resident
     block, with as many buffers of a whole group (units x unit_values values) as its share holds, up
-    to load_stages, and at least two (the next group copied while the current one is used); only
-    groups of a tile's bytes or more, whose copies outweigh two block reductions each. Never the
-    backward, nor where `walk` is off (runs that are not whole 16-byte slots a thread)."""
+    to load_stages, and at least two (the next group copied while the current one is used); at one
+    block an SM where two slices do not fit a block's share, or where fewer groups fill the SMs and
+    cannot be exchanged. Only groups of a tile's bytes or more, whose copies outweigh two block
+    reductions each. Never the backward, nor where `walk` is off (runs that are not whole 16-byte
+    slots a thread)."""
     share = 64 * 1024  # bytes a block
     tuning = _shared_tuning(2 * share)
     groups = 2 * SMS
@@ -67,12 +69,19 @@ def test_groups_that_fill_the_resident_blocks_are_walked_with_buffers_of_whole_g
     assert fp32 == OnChipPlan(held=4, splits=1, programs=2 * SMS, block_splits=1, load_stages=3, resident=0)
     assert not fp32.exchange
     assert on_chip_plan(4, 2048, groups, 4, 4, tuning, SMS, streams=1).load_stages == 2      # 32 KB: two
-    assert on_chip_plan(4, 2048 + 1, groups, 4, 4, tuning, SMS, streams=1) is None           # a value more
+    assert on_chip_plan(4, 2048 + 1, groups, 4, 4, tuning, SMS, streams=1).programs == SMS   # a value more
+    assert on_chip_plan(4, 4096 + 1, groups, 4, 4, tuning, SMS, streams=1) is None           # over half an SM's
     assert on_chip_plan(4, 2048, groups, 8, 2, tuning, SMS, streams=1).load_stages == 3      # bf16: 16 KB
     assert on_chip_plan(4, 1024 - 1, groups, 4, 4, tuning, SMS, streams=1) is None           # under a tile
     assert on_chip_plan(4, 1024, groups, 4, 4, tuning, SMS, streams=2) is None               # the backward
     assert on_chip_plan(4, 1024, groups, 4, 4, tuning, SMS, streams=1, walk=False) is None
     assert on_chip_plan(4, 1024, groups - 1, 1, 4, tuning, SMS, streams=1).exchange          # below: exchanged
+    # Fewer groups than resident blocks but as many as SMs, which cannot be exchanged (channel groups),
+    # and groups whose two slices do not fit a block's share: walked at one block an SM, its whole share.
+    one = on_chip_plan(4, 2048, SMS, 4, 4, tuning, SMS, streams=1, exchange=False)
+    assert (one.programs, one.load_stages, one.exchange) == (SMS, 3, False)
+    assert on_chip_plan(4, 2048, SMS - 1, 4, 4, tuning, SMS, streams=1, exchange=False) is None
+    assert on_chip_plan(4, 4096, groups, 4, 4, tuning, SMS, streams=1).programs == SMS        # 64 KB slices
 
 
 def test_the_tuning_takes_the_shared_memory_of_an_sm():
@@ -96,23 +105,23 @@ def h200(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_the_geometry_walks_groups_that_fill_the_resident_blocks(h200, dtype):
     """64x2048x7x7: 4 fp32 channels a group (2048 / 4 = 512 groups, a 50 KB slice each: 2 buffers in a
-    block's share), 2 fp64 (1024 groups of 50 KB); bf16's 256 groups of 8 fill no more than 256 of the
-    264 resident blocks, so it keeps the single pass. Rows of S = 64 values are walked whole (1024
-    channels of 128 rows: 32 or 16 KB a channel, 3 buffers; fp64's 64 KB, one buffer, keep the single
-    pass). Runs of S = 62 (no whole 16-byte slots in fp32 and bf16; fp64's 127 KB slices fit no buffer)
-    and S = 48 x 48 (4.5 KB or more: more slots than threads) keep the single pass; so does the backward."""
+    block's share), 2 fp64 (1024 groups of 50 KB); bf16's 256 groups of 8 fill 256 of the 264 resident
+    blocks, so one block an SM walks them, with 3 buffers of 50 KB in its share of 196 KB. Rows of
+    S = 64 values are walked whole (1024 channels of 128 rows: 32 or 16 KB a channel, 3 buffers;
+    fp64's 64 KB at one block an SM). Runs of S = 62 (no whole 16-byte slots in fp32 and bf16; fp64's
+    127 KB slices fit one buffer an SM) and S = 48 x 48 (4.5 KB or more: more slots than threads) keep
+    the single pass; so does the backward."""
     size = dtype.itemsize
     g = table.KERNELS.geometry(make_input((64, 2048, 7, 7), dtype, device="meta"))
+    assert g.plan.group == 16 // size and not g.on_chip.exchange and g.on_chip_backward is None
     if dtype == torch.bfloat16:
-        assert g.plan.group == 8 and g.on_chip is None and g.single_pass
+        assert (g.on_chip.programs, g.on_chip.load_stages) == (SMS, 3)
     else:
-        assert g.plan.group == 16 // size and not g.on_chip.exchange
-        assert (g.on_chip.programs, g.on_chip.load_stages, g.on_chip_backward) == (2 * SMS, 2, None)
+        assert (g.on_chip.programs, g.on_chip.load_stages) == (2 * SMS, 2)
     rows = table.KERNELS.geometry(make_input((128, 1024, 8, 8), dtype, device="meta"))
-    if dtype == torch.float64:  # a 64 KB slice: one buffer in a block's share
-        assert rows.on_chip is None and rows.single_pass
-    else:
-        assert rows.plan.group == 1 and not rows.on_chip.exchange and rows.on_chip.load_stages == 3
+    assert rows.plan.group == 1 and not rows.on_chip.exchange and rows.on_chip.load_stages == 3
+    # fp64's 64 KB slices: one buffer in the share of one of two blocks, three in an SM's.
+    assert rows.on_chip.programs == (SMS if dtype == torch.float64 else 2 * SMS)
     assert table.KERNELS.geometry(make_input((256, 1024, 62), dtype, device="meta")).on_chip is None
     assert table.KERNELS.geometry(make_input((4, 1024, 48, 48), dtype, device="meta")).on_chip is None
 
@@ -261,8 +270,9 @@ def test_the_exchange_is_deterministic_and_leaves_its_counters_at_zero(backend, 
 # The smallest shapes whose channel groups fill the resident blocks (two an SM) of GPUs of up to 160
 # SMs, so the forward walks them: 7x7 planes in groups of 4 fp32 or 8 bf16 channels (640 or 320
 # groups of 18.4 KB), and rows of S = 64 (320 channels of 32 or 16 KB); the first also with x one value
-# off 16 bytes (read value by value, VEC = 1).
-WALKED = [((24, 2560, 7, 7), 0), ((128, 320, 8, 8), 0), ((24, 2560, 7, 7), 1)]
+# off 16 bytes (read value by value, VEC = 1); and 160 groups of 7x7 planes, walked at one block an SM
+# in bf16 (channel groups are not exchanged), two in fp32 (320 groups).
+WALKED = [((24, 2560, 7, 7), 0), ((128, 320, 8, 8), 0), ((24, 2560, 7, 7), 1), ((24, 1280, 7, 7), 0)]
 
 
 @pytest.mark.parametrize("backend,device", CUPY_DEVICES)

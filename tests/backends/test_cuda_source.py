@@ -336,14 +336,15 @@ def test_sync_batch_norm_launch_arguments_match_the_kernel_signatures(fake_cupy,
 
 
 @pytest.mark.parametrize("dtype, shape", [(torch.float32, (32, 2048, 7, 7)), (torch.bfloat16, (32, 4096, 7, 7)),
-                                          (torch.float32, (128, 1024, 8, 8))], ids=str)
+                                          (torch.float32, (128, 1024, 8, 8)), (torch.bfloat16, (32, 2048, 7, 7))],
+                         ids=str)
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
 def test_the_walk_launch_arguments_match_its_plan(fake_cupy, monkeypatch, dtype, shape, momentum):
-    """The walked forward (channel groups, or rows of S, that fill an H200's 264 resident blocks):
-    the WALK instantiation on a grid of the plan's blocks, with load_stages buffers of a group's N
-    rows of group x S values as its dynamic shared memory, no partials, the batch's ticket only for a
-    cumulative average, and the tiling arguments the kernel reads as buffers, the group's channels and
-    its run's places x 16 bytes."""
+    """The walked forward (channel groups, or rows of S, that fill an H200's 264 resident blocks; bf16
+    32x2048x7x7's 256 groups of 8 channels, one block an SM): the WALK instantiation on a grid of the
+    plan's blocks, with load_stages buffers of a group's N rows of group x S values as its dynamic
+    shared memory, no partials, the batch's ticket only for a cumulative average, and the tiling
+    arguments the kernel reads as buffers, the group's channels and its run's places x 16 bytes."""
     from support import make_input, make_params
 
     cooperative = []
@@ -360,9 +361,10 @@ def test_the_walk_launch_arguments_match_its_plan(fake_cupy, monkeypatch, dtype,
     run = g.plan.group * g.S
     (name, grid, block, args), = fake_cupy.launches
     assert name.startswith("on_chip_forward_channels_first<") and name.endswith(", true>")  # WALK
-    assert grid == (2 * 132, 1) and block == (compilation.THREADS,)
+    blocks = 132 if g.C // g.plan.group < 2 * 132 else 2 * 132
+    assert grid == (blocks, 1) and block == (compilation.THREADS,)
     assert cooperative == [(f"on_chip_forward_channels_first_{16 // x.element_size()}_walk", 3 * g.N * run *
-                            x.element_size(), 2 * 132)]
+                            x.element_size(), blocks)]
     assert args[3] == args[4] == args[5] == 0                      # no partials
     assert (args[11] != 0) == (momentum is None)                    # the ticket of a cumulative average
     assert [int(a) for a in args[24:27]] == [3, g.plan.group, plan.next_power_of_2(run)]
