@@ -121,6 +121,13 @@ __device__ __forceinline__ void walk_forward_group(
     i64 n = r.first;
     i64 left = r.count;
     const uint4* slot = slots;
+    auto residual_at = [&](i64 row) {  // zeros without a residual
+        Pack<T, WIDE> add;
+#pragma unroll
+        for (int k = 0; k < WIDE; ++k) add.v[k] = cvt<T>(A(0));
+        if (FUSED && residual) add = read_place_readonly<VEC, WIDE>(residual + row * y_stride_n + p.s);
+        return add;
+    };
     auto write = [&](i64 row, const uint4* from, const Pack<T, WIDE>& add) {
         const Pack<T, WIDE> in = copied_pack<WIDE, T>(from);
         Pack<T, WIDE> out;
@@ -134,22 +141,11 @@ __device__ __forceinline__ void walk_forward_group(
     for (; left >= WALK_BATCH; left -= WALK_BATCH, n += WALK_BATCH * r.step, slot += WALK_BATCH * step) {
         Pack<T, WIDE> add[WALK_BATCH];
 #pragma unroll
-        for (int b = 0; b < WALK_BATCH; ++b) {
-#pragma unroll
-            for (int k = 0; k < WIDE; ++k) add[b].v[k] = cvt<T>(A(0));
-            if (FUSED && residual)
-                add[b] = read_place_readonly<VEC, WIDE>(residual + (n + b * r.step) * y_stride_n + p.s);
-        }
+        for (int b = 0; b < WALK_BATCH; ++b) add[b] = residual_at(n + b * r.step);
 #pragma unroll
         for (int b = 0; b < WALK_BATCH; ++b) write(n + b * r.step, slot + b * step, add[b]);
     }
-    for (; left > 0; --left, n += r.step, slot += step) {
-        Pack<T, WIDE> add;
-#pragma unroll
-        for (int k = 0; k < WIDE; ++k) add.v[k] = cvt<T>(A(0));
-        if (FUSED && residual) add = read_place_readonly<VEC, WIDE>(residual + n * y_stride_n + p.s);
-        write(n, slot, add);
-    }
+    for (; left > 0; --left, n += r.step, slot += step) write(n, slot, residual_at(n));
 }
 
 // The training forward's walk (on_chip_forward_channels_first with WALK): `stages` buffers of a
