@@ -54,14 +54,16 @@ def test_split_grids_end_on_a_whole_wave(C, splits):
     ((64, 64, 112, 112), torch.float32, torch.channels_last, ("statistics", "gradient_sums")),
     ((16384, 2048), torch.float32, torch.contiguous_format, ("gradient_sums",)),  # 128 channels a program
     ((64, 64, 112, 112), torch.bfloat16, torch.contiguous_format, ("statistics",)),
-    ((64, 64, 112, 112), torch.bfloat16, torch.channels_last, ()),
-    ((16384, 2048), torch.float16, torch.contiguous_format, ()),
+    ((64, 64, 112, 112), torch.bfloat16, torch.channels_last, ("statistics",)),  # pipelined: the static model's
+    ((16384, 2048), torch.float16, torch.contiguous_format, ("statistics",)),
     ((64, 2048, 7, 7), torch.float32, torch.contiguous_format, ()),  # the single pass: no split
 ], ids=str)
 def test_the_register_cap_reaches_the_split_reductions_where_it_measured_faster(shape, dtype, memory_format,
                                                                                 capped_jobs):
     """GPU_TUNING.split_max_registers caps the Triton reductions of a split plan where run 7 measured
-    them faster (sites.split_register_cap), never the passes after them; 0 turns it off."""
+    them faster, and the pipelined 16-bit channels-last statistics, whose copies ahead the static
+    model fits 4 programs an SM only under it (sites.split_register_cap); never the passes after
+    them; 0 turns it off, and the 16-bit channels-last statistics' plain loop (load_stages 0) too."""
     x = torch.empty(shape, device="meta", dtype=dtype).contiguous(memory_format=memory_format)
     g = plan.geometry(x, x, plan.GPU_TUNING, SMS)
     jobs = ("statistics", "gradient_sums", "normalize", "input_gradient")
@@ -69,6 +71,10 @@ def test_the_register_cap_reaches_the_split_reductions_where_it_measured_faster(
     assert capped == set(capped_jobs)
     off = plan.geometry(x, x, dataclasses.replace(plan.GPU_TUNING, split_max_registers=0), SMS)
     assert all("maxnreg" not in sites.config(off, job)[2] for job in ("statistics", "gradient_sums"))
+    plain = plan.geometry(x, x, dataclasses.replace(plan.GPU_TUNING, load_stages=0), SMS)
+    sixteen_bit_channels_last = not g.channels_first and dtype.itemsize == 2
+    assert (sites.config(plain, "statistics")[2].get("maxnreg") == 64) == ("statistics" in capped_jobs
+                                                                            and not sixteen_bit_channels_last)
 
 
 @pytest.mark.parametrize("shape, dtype, memory_format", [
@@ -82,7 +88,7 @@ def test_the_split_reductions_are_software_pipelined(shape, dtype, memory_format
     """GPU_TUNING.load_stages pipelines the tile loops of the split statistics and gradient sums
     (sites.load_stages): the channels-first gradient sums one stage fewer (two streams a tile), the
     channels-last reductions over tiles of half the plan's rows (a quarter in 16-bit statistics,
-    with two stages more; the 16-bit gradient sums with one more); never the passes after them. 0
+    with four stages more, fp32 two; the 16-bit gradient sums with one more); never the passes after them. 0
     turns it off, and the tiles are the plan's again."""
     x = torch.empty(shape, device="meta", dtype=dtype).contiguous(memory_format=memory_format)
     stages = plan.GPU_TUNING.load_stages
@@ -94,7 +100,7 @@ def test_the_split_reductions_are_software_pipelined(shape, dtype, memory_format
         if g.channels_first:
             expected = stages - 1 if job == "gradient_sums" else stages
         else:
-            expected = stages + 2 if job == "statistics" else stages + (dtype.itemsize == 2)
+            expected = stages + 2 + 2 * (dtype.itemsize == 2) if job == "statistics" else stages + (dtype.itemsize == 2)
             rows = g.plan.block_m // (4 if job == "statistics" and dtype.itemsize == 2 else 2)
             assert meta["BLOCK_M"] == rows and plain["BLOCK_M"] == g.plan.block_m, job
         assert meta["STAGES"] == expected and plain["STAGES"] == 0, job

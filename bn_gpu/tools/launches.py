@@ -77,20 +77,21 @@ def _recording_cuda(sms: int, launches: list, shared_kb: int):
     from ..backends import plan
     from ..backends.cupy import compilation, table
 
-    def record_types(dtype, weight_dtype, running_dtype, role, grid, block, args, meta=None):
+    def record_types(dtype, weight_dtype, running_dtype, role, grid, block, args, shared_mem=0, meta=None):
         names = compilation.kernel_names(*table.c_types(dtype, weight_dtype, running_dtype))
-        launches.append(Launch("cupy", names[role].split("<")[0], tuple(grid), list(args), dict(meta or {}),
+        meta = dict(meta or {}, **({"dynamic_shared": shared_mem} if shared_mem else {}))
+        launches.append(Launch("cupy", names[role].split("<")[0], tuple(grid), list(args), meta,
                                kernel=names[role], block=tuple(block)))
 
-    def record(g, weight_dtype, running_dtype, role, grid, block, args):
-        record_types(g.dtype, weight_dtype, running_dtype, role, grid, block, args, _tile_walk(g, role))
+    def record(g, weight_dtype, running_dtype, role, grid, block, args, shared_mem=0):
+        record_types(g.dtype, weight_dtype, running_dtype, role, grid, block, args, shared_mem, _tile_walk(g, role))
 
     def record_on_chip(g, weight_dtype, running_dtype, role, grid, block, shared_mem, args):
         # The walk's copies ahead: stages - 1 slices of a group (kernels/cuda/walk.cuh).
         walk = {"walk": {"stages": g.on_chip.load_stages, "slice_bytes": shared_mem // g.on_chip.load_stages}} \
             if role.endswith("_walk") else {}
-        record_types(g.dtype, weight_dtype, running_dtype, role, grid, block, args,
-                     dict(_tile_walk(g, role), dynamic_shared=shared_mem, **walk))
+        record_types(g.dtype, weight_dtype, running_dtype, role, grid, block, args, shared_mem,
+                     dict(_tile_walk(g, role), **walk))
 
     saved = (table.launch, table.launch_types, table.launch_on_chip, table.shared_memory_per_sm, plan.multiprocessors,
              torch.cuda.current_device)

@@ -40,6 +40,13 @@ template <int LEFT> __device__ __forceinline__ void wait_copies() {
 #endif
 }
 
+// The block's dynamic shared memory (16-byte aligned) as values of T: the on-chip kernels' held
+// slices, and copy rings larger than a block's 48 KB of static shared memory allow.
+template <typename T> __device__ __forceinline__ T* held_memory() {
+    extern __shared__ uint4 held_bytes[];
+    return reinterpret_cast<T*>(held_bytes);
+}
+
 // A pack of VEC values (16 bytes) read back from a thread's slot.
 template <int VEC, typename T> __device__ __forceinline__ Pack<T, VEC> copied_pack(const uint4* slot) {
     return *reinterpret_cast<const Pack<T, VEC>*>(slot);

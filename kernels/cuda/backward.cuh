@@ -189,12 +189,15 @@ __device__ __forceinline__ void column_gradient_sums(const T* dy, const T* x, i6
         }
     };
     // STAGED (dy and x in global memory, 16-byte groups): 2 rows of each a copy, through staged_rows
-    // (the ReLU's mask too: the copies in flight take no registers).
+    // (the ReLU's mask too: the copies in flight take no registers). 16-bit inputs through the mask
+    // take the registers of 2 blocks an SM only, so their ring is deeper (CL_MASKED_RING_BUFFERS, in
+    // dynamic shared memory): 2 copies in flight a block, where the others' 4 blocks an SM keep one.
     if constexpr (STAGED && VEC * sizeof(T) == 16) {
+        constexpr int BUFFERS = FUSED && sizeof(T) == 2 ? CL_MASKED_RING_BUFFERS : 2;
         const T* from[2] = {dy_row, x_row};
         const i64 step[2] = {dy_step, x_step};
         const i64 rows = rows_from(first, row_end);
-        staged_rows<2, COLUMN_BATCH / 2>(from, step, rows, rows, [&](const uint4* slot, int stride) {
+        staged_rows<2, COLUMN_BATCH / 2, BUFFERS>(from, step, rows, rows, [&](const uint4* slot, int stride) {
             add(copied_pack<VEC, T>(slot), copied_pack<VEC, T>(slot + stride));
         }, [] {});
     } else {

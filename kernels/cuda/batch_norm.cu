@@ -86,8 +86,18 @@ __global__ void statistics_channels_first(
                                                eps, has_running_stats, cumulative);
 }
 
+// The blocks an SM the channels-last statistics instantiations ask nvcc to fit: the split plan's
+// whole-wave grids are sized for 4 (plan.py, programs_per_sm). Left to its heuristics, nvcc gave the
+// 16-bit kernels 80 registers, room for 3: a grid of 4 an SM then ran in two waves. Bounded at 4, a
+// few values go to the stack: in the merge tree, the finalize and the close of each run of 64 rows'
+// sums, none in the loops that load the rows (profiling/MODEL.md); fp64 pairs, which would spill
+// there, at 3.
+template <typename T, int VEC> struct ChannelsLastStatisticsBlocks {
+    static constexpr int value = sizeof(T) == 8 && VEC > 1 ? 3 : 4;
+};
+
 template <typename T, typename A, typename R, int VEC, bool FINALIZE>
-__global__ void statistics_channels_last(
+__global__ void __launch_bounds__(CL_THREADS, ChannelsLastStatisticsBlocks<T, VEC>::value) statistics_channels_last(
     const T* __restrict__ x,   // input (M, C)
     A* part_count, A* part_mean, A* part_m2,   // (splits, C), FINALIZE (splits + split groups, C); part_mean is relative to x[0, c]
     int* counters,   // FINALIZE: the fused finalize's int32 zeros, left at zero; else null

@@ -188,18 +188,27 @@ constexpr int COLUMN_BATCH = 4;
 
 // The channels-last reductions' walk with copies ahead (async_copies.cuh, as for_each_group_staged
 // channels-first): a thread's `rows` rows (stepping by `step` down each of the STREAMS inputs from
-// `from`) go in copies of BATCH rows into two buffers, one copy in flight while the thread adds the
-// other, and `close` after each run of `run` rows (a multiple of BATCH). A copy is BATCH x STREAMS
-// x 16 bytes a thread: 32 KB of static shared memory a block for 4 rows of x or 2 rows of dy and x.
-// The buffers are indexed [buffer][slot][thread]: a warp's slots are consecutive.
-template <int STREAMS, int BATCH, typename T, typename Add, typename Close>
+// `from`) go in copies of BATCH rows into a ring of BUFFERS buffers, BUFFERS - 1 copies in flight
+// while the thread adds the oldest, and `close` after each run of `run` rows (a multiple of BATCH).
+// A copy is BATCH x STREAMS x 16 bytes a thread: 16 KB a block for 4 rows of x or 2 rows of dy and
+// x. A buffer is indexed [slot][thread]: a warp's slots are consecutive.
+template <int STREAMS, int BATCH, int BUFFERS = 2, typename T, typename Add, typename Close>
 __device__ __forceinline__ void staged_rows(const T* (&from)[STREAMS], const i64 (&step)[STREAMS], i64 rows, i64 run,
                                             Add add, Close close) {
+    static_assert(BUFFERS >= 2, "a copy in flight while the thread adds another");
     constexpr unsigned BUFFER = STREAMS * BATCH * CL_THREADS * 16;  // bytes of a buffer
-    __shared__ uint4 buffers[2][STREAMS * BATCH][CL_THREADS];
     const int thread = threadIdx.y * blockDim.x + threadIdx.x;
-    const unsigned base = shared_address(&buffers[0][0][thread]);
-    const uint4* slots = &buffers[0][0][thread];
+    // Two buffers in static shared memory, beside the kernels' other arrays; a deeper ring in the
+    // block's dynamic shared memory (the launch passes BUFFERS x BUFFER bytes:
+    // bn_gpu/backends/cupy/compilation.py, ring_bytes).
+    const uint4* slots;
+    if constexpr (BUFFERS == 2) {
+        __shared__ uint4 buffers[2][STREAMS * BATCH][CL_THREADS];
+        slots = &buffers[0][0][thread];
+    } else {
+        slots = held_memory<uint4>() + thread;
+    }
+    const unsigned base = shared_address(slots);
     i64 to_copy = rows;
     // Copies the next min(to_copy, BATCH) rows into `buffer` (whole: BATCH of them, unchecked; the
     // calls pass a constant, which the inlined lambda folds).
@@ -217,20 +226,32 @@ __device__ __forceinline__ void staged_rows(const T* (&from)[STREAMS], const i64
         for (int m = 0; m < STREAMS; ++m) from[m] += BATCH * step[m];
         to_copy -= BATCH;
     };
-    unsigned flip = 0;   // the buffer of the copy being added: its byte offset, 0 or one buffer's
-    // Issues the next copy (past the end: empty), waits for this one and adds its `landed` rows.
+    // Byte offsets in the ring: of the buffer after `offset`, and of the one before it (two buffers:
+    // the other one).
+    auto after = [](unsigned offset) {
+        return BUFFERS == 2 ? offset ^ BUFFER : offset == (BUFFERS - 1) * BUFFER ? 0u : offset + BUFFER;
+    };
+    auto before = [](unsigned offset) {
+        return BUFFERS == 2 ? offset ^ BUFFER : offset == 0 ? (BUFFERS - 1) * BUFFER : offset - BUFFER;
+    };
+    unsigned oldest = 0;   // the buffer of the copy being added; the one before it is free for the next copy
+    // Issues the next copy (past the end: empty) into the buffer added last, waits for the oldest
+    // and adds its `landed` rows.
     auto step_batch = [&](bool whole, int landed) {
-        copy(base + (flip ^ BUFFER), whole);
+        copy(base + before(oldest), whole);
         commit_copies();
-        wait_copies<1>();
-        const uint4* slot = slots + flip / 16;
+        wait_copies<BUFFERS - 1>();
+        const uint4* slot = slots + oldest / 16;
 #pragma unroll
         for (int b = 0; b < BATCH; ++b)
             if (whole || b < landed) add(slot + b * CL_THREADS, BATCH * CL_THREADS);
-        flip ^= BUFFER;
+        oldest = after(oldest);
     };
-    copy(base, false);
-    commit_copies();
+#pragma unroll
+    for (int k = 0; k < BUFFERS - 1; ++k) {
+        copy(base + k * BUFFER, false);
+        commit_copies();
+    }
     for (i64 done = 0; done < rows; done += run) {
         const i64 run_rows = min(run, rows - done);
         i64 i = 0;

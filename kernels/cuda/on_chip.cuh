@@ -15,12 +15,6 @@
 #pragma once
 #include "single_pass.cuh"
 
-// The block's dynamic shared memory (16-byte aligned) as values of T.
-template <typename T> __device__ __forceinline__ T* held_memory() {
-    extern __shared__ uint4 held_bytes[];
-    return reinterpret_cast<T*>(held_bytes);
-}
-
 // The barrier of a channel group's blocks (a channel channels-first, a channel block channels-last),
 // as kernels/group_barrier.py has it for the Triton kernels, on the same zeroed counters: a block
 // adds 1 on arrival and waits until the counter reaches the group's `parties`; after its last read of

@@ -136,6 +136,30 @@ def test_the_split_gradient_sums_fit_the_blocks_an_sm_the_grids_are_planned_for(
         assert model.occupancy(compiled, compilation.THREADS, h200) >= plan.GPU_TUNING.programs_per_sm, (name, r)
 
 
+@pytest.mark.skipif(NVCC is None or model.tool("cuobjdump") is None, reason="no nvcc or cuobjdump found")
+def test_the_channels_last_statistics_fit_the_blocks_an_sm_the_grids_are_planned_for(sm_90_resources, sm_90_sass):
+    """The channels-last statistics (fp32, fp16, bf16; ChannelsLastStatisticsBlocks) fit
+    Tuning.programs_per_sm blocks of 256 threads an SM on sm_90, so a whole-wave grid runs in one
+    wave; what their bound moves to the stack is never read or written in the loops that load the
+    rows (nested loops apart: the close of a run of sums, once every 64 rows, may)."""
+    # <T, A, R, VEC, FINALIZE>, T not double
+    kernels = {name: r for name, r in sm_90_resources.items()
+               if re.match(r"_Z24statistics_channels_lastI(?!d)\w+Li(1|4|8)ELb[01]EEv", name)}
+    assert len(kernels) == 2 * (2 + 4 * 2), sorted(kernels)  # 2 widths x FINALIZE x (fp32, 2 x 2 16-bit)
+    h200 = model.TARGETS["h200"]
+    for name, r in kernels.items():
+        compiled = model.Compiled("cupy", name, registers=r["registers"], spill_bytes=r["stack"],
+                                  shared_bytes=r["shared"], loops=[])
+        assert model.occupancy(compiled, compilation.THREADS, h200) >= plan.GPU_TUNING.programs_per_sm, (name, r)
+        loops = model.loop_ranges(sm_90_sass[name])
+        for start, end in loops:
+            inner = [(a, b) for a, b in loops if start < a and b < end]
+            body = [i for i in sm_90_sass[name]
+                    if start <= i.address <= end and not any(a <= i.address <= b for a, b in inner)]
+            if any(i.opcode.startswith("LDG") for i in body):
+                assert not any(i.opcode.startswith(("LDL", "STL")) for i in body), (name, start, end)
+
+
 def test_every_kernel_of_the_source_is_used():
     source = compilation.source()
     roles = compilation.kernel_names("float", "float", "float", "float")
@@ -173,7 +197,19 @@ class _FakeCupy:
 
     def __init__(self):
         self.launches = []
+        self.shared_mem = []  # each launch's dynamic shared memory, in launch order
         fake = self
+
+        class Function:
+            """A compiled kernel: records its launches; its dynamic shared memory limit as CuPy's."""
+
+            def __init__(self, name):
+                self.name, self.max_dynamic_shared_size_bytes = name, 49152
+
+            def __call__(self, grid, block, args, stream, shared_mem=0):
+                assert shared_mem <= self.max_dynamic_shared_size_bytes, (self.name, shared_mem)
+                fake.launches.append((self.name, grid, block, args))
+                fake.shared_mem.append(shared_mem)
 
         class RawModule:
             def __init__(self, code, options, name_expressions):
@@ -182,7 +218,7 @@ class _FakeCupy:
 
             def get_function(self, name):
                 assert name in self.names
-                return lambda grid, block, args, stream: fake.launches.append((name, grid, block, args))
+                return Function(name)
 
         class _Context:
             def __init__(self, *args):
@@ -370,6 +406,68 @@ def test_the_walk_launch_arguments_match_its_plan(fake_cupy, monkeypatch, dtype,
     assert [int(a) for a in args[24:27]] == [3, g.plan.group, plan.next_power_of_2(run)]
     assert g.plan.group == (16 // x.element_size() if g.S == 49 else 1)
     _check_arguments(fake_cupy.launches, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("relu", [False, True])
+def test_the_masked_16_bit_channels_last_gradient_sums_launch_with_their_copy_ring(fake_cupy, monkeypatch, dtype,
+                                                                                     relu):
+    """The split channels-last gradient sums of 16-bit inputs through the ReLU's mask launch with
+    their ring of MASKED_RING_BUFFERS copies (2 rows of dy and x a thread each) as dynamic shared
+    memory, the kernel's limit raised to it (above 48 KB a block, static and dynamic, it must be);
+    every other launch of the backward, and the same sums without the mask or in fp32, with none.
+    They are compiled in the module of the kernels with dynamic shared memory."""
+    import dataclasses
+
+    from support import make_input, make_params
+
+    monkeypatch.setattr(plan, "GPU_TUNING", dataclasses.replace(plan.GPU_TUNING, on_chip_bytes=0))
+    cupy_launcher.with_shared_memory.cache_clear()
+    x = make_input((64, 256, 8, 8), dtype, "channels_last")
+    weight, bias, _, _ = make_params(256, torch.float32)
+    mean, invstd = torch.zeros(256), torch.ones(256)
+    cupy_backend.backward(x, x, weight, mean, invstd, True, True, True, **(dict(bias=bias, relu=True) if relu else {}))
+    g = cupy_backend.KERNELS.geometry(x, x)
+    assert not g.channels_first and not g.single_pass and g.on_chip_backward is None
+    ring = compilation.MASKED_RING_BUFFERS * 2 * 2 * compilation.THREADS * compilation.VECTOR_BYTES
+    masked = relu and dtype != torch.float32
+    expected = [ring if masked and name.startswith("gradient_sums_channels_last") else 0
+                for name, *_ in fake_cupy.launches]
+    assert [name.split("<")[0] for name, *_ in fake_cupy.launches] == ["gradient_sums_channels_last",
+                                                                         "input_gradient_channels_last"]
+    assert fake_cupy.shared_mem == expected and ring == 48 * 1024
+    _check_arguments(fake_cupy.launches, dtype)
+    cupy_launcher.with_shared_memory.cache_clear()
+    # Compiled apart from the kernels without dynamic shared memory, as the on-chip kernels are.
+    _, dynamic = compilation.kernel_modules(*cupy_table.c_types(dtype, torch.float32, torch.float32))
+    assert {role for role in dynamic if not role.startswith("on_chip_")} == (
+        {"gradient_sums_channels_last_8_fused", "gradient_sums_channels_last_8_fused_finalized"}
+        if dtype != torch.float32 else set())
+
+
+@pytest.mark.skipif(NVCC is None or model.tool("cuobjdump") is None, reason="no nvcc or cuobjdump found")
+def test_the_masked_16_bit_channels_last_gradient_sums_keep_two_copies_in_flight(sm_90_resources, sm_90_sass):
+    """Their ring, on sm_90: each waits on its copies with 2 groups left (MASKED_RING_BUFFERS - 1
+    in flight while it adds the third), static and dynamic shared memory fit the 2 blocks an SM their
+    registers allow, and the copies a thread keeps at once are 3 x 2 x 2 x 16 bytes; the unmasked
+    16-bit sums keep their two static buffers (one wait with a group left)."""
+    # <T, W, A, VEC = 8, FUSED, FINALIZE>, T __half or __nv_bfloat16
+    kernels = {name: r for name, r in sm_90_resources.items()
+               if re.match(r"_Z27gradient_sums_channels_lastI(6__half|13__nv_bfloat16)\w+Li8ELb[01]ELb[01]EEv", name)}
+    assert len(kernels) == 2 * 2 * 2 * 2, sorted(kernels)  # 2 dtypes x 2 weight dtypes x FUSED x FINALIZE
+    h200 = model.TARGETS["h200"]
+    ring = compilation.MASKED_RING_BUFFERS * compilation.RING_COPY_BYTES
+    for name, r in kernels.items():
+        fused = "Li8ELb1E" in name
+        waits = {int(m.group(1), 16) for ins in sm_90_sass[name]
+                 for m in [re.search(r"SB0, (0x[0-9a-f]+)", ins.operands)] if ins.opcode.startswith("DEPBAR") and m}
+        assert (compilation.MASKED_RING_BUFFERS - 1 if fused else 1) in waits, (name, waits)
+        compiled = model.Compiled("cupy", name, registers=r["registers"], spill_bytes=r["stack"],
+                                  shared_bytes=r["shared"], loops=[])
+        assert model.occupancy(compiled, compilation.THREADS, h200, ring if fused else 0) >= 2, (name, r)
+        streaming = model.main_loops(sm_90_sass[name])[0]
+        at_once = (compilation.MASKED_RING_BUFFERS if fused else 2) * compilation.RING_COPY_BYTES // compilation.THREADS
+        assert streaming.loads_at_once_bits == 8 * at_once, (name, streaming)
 
 
 def _find_nvrtc():

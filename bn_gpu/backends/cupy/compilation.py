@@ -29,8 +29,15 @@ MAX_BLOCK_C = CHANNEL_THREADS * VECTOR_BYTES // 2  # channels of a channels-last
 # reserves per block. The launcher checks the compiled kernel's occupancy before its first
 # launch, so a larger need is an error, not a hang.
 ON_CHIP_RESERVED_SHARED = 16 * 1024
+# The ring of copies of the channels-last gradient sums of 16-bit inputs through the ReLU's mask
+# (kernels/cuda/backward.cuh, column_gradient_sums): their registers fit 2 blocks an SM, so each keeps
+# 2 copies of 16 KB (2 rows of dy and x a thread) in flight while it adds a third, in dynamic shared
+# memory (ring_bytes); 2 buffers, in static shared memory, everywhere else.
+MASKED_RING_BUFFERS = 3
+RING_COPY_BYTES = 2 * 2 * THREADS * VECTOR_BYTES
 # The source's compile-time constants, from here.
-COMPILE_OPTIONS = ("-std=c++17", f"-DCL_THREADS={THREADS}", f"-DCL_MAX_CHANNELS={MAX_BLOCK_C}")
+COMPILE_OPTIONS = ("-std=c++17", f"-DCL_THREADS={THREADS}", f"-DCL_MAX_CHANNELS={MAX_BLOCK_C}",
+                   f"-DCL_MASKED_RING_BUFFERS={MASKED_RING_BUFFERS}")
 # Kernels instantiated without and with the epilogue (FUSED: + residual and ReLU forward, the
 # ReLU's mask backward), a compile-time choice so that the plain kernels carry none of it.
 FUSABLE = ("normalize", "single_pass_forward", "gradient_sums", "input_gradient", "single_pass_backward",
@@ -136,14 +143,21 @@ def source() -> str:
     return expand("batch_norm.cu")
 
 
+def ring_bytes(role: str) -> int:
+    """Dynamic shared memory of a streaming kernel's copy ring: the channels-last gradient sums of
+    16-bit inputs (16-byte groups of 8 values) through the ReLU's mask (MASKED_RING_BUFFERS); 0 for
+    the others, whose two buffers are static."""
+    return MASKED_RING_BUFFERS * RING_COPY_BYTES if role.startswith("gradient_sums_channels_last_8_fused") else 0
+
+
 def kernel_modules(T: str, W: str, R: str, A: str) -> tuple[dict, dict]:
-    """kernel_names of one type combination by module: the on-chip kernels in one of their own. Their
-    dynamic shared memory is an extern array, a module-wide symbol, and nvcc (sm_90) then rounds the
-    static shared memory of every kernel of the module up to 1 KB: the normalize kernels' 0 bytes
-    would become 1024."""
+    """kernel_names of one type combination by module: the kernels with dynamic shared memory (the
+    on-chip kernels, the copy rings of ring_bytes) in one of their own. Their dynamic shared memory
+    is an extern array, a module-wide symbol, and nvcc (sm_90) then rounds the static shared memory
+    of every kernel of the module up to 1 KB: the normalize kernels' 0 bytes would become 1024."""
     names = kernel_names(T, W, R, A)
-    on_chip = {role: name for role, name in names.items() if role.startswith("on_chip_")}
-    return {role: name for role, name in names.items() if role not in on_chip}, on_chip
+    dynamic = {role: name for role, name in names.items() if role.startswith("on_chip_") or ring_bytes(role)}
+    return {role: name for role, name in names.items() if role not in dynamic}, dynamic
 
 
 def _module(device_index: int, names: dict) -> dict:
@@ -154,18 +168,18 @@ def _module(device_index: int, names: dict) -> dict:
 
 
 class _Kernels(dict):
-    """{role: compiled kernel} of one device and type combination; the on-chip module is compiled
-    when one of its kernels is first asked for."""
+    """{role: compiled kernel} of one device and type combination; the module of the kernels with
+    dynamic shared memory is compiled when one of its kernels is first asked for."""
 
     def __init__(self, device_index: int, types: tuple):
-        plain, self.on_chip = kernel_modules(*types)
+        plain, self.dynamic = kernel_modules(*types)
         super().__init__(_module(device_index, plain))
         self.device_index = device_index
 
     def __missing__(self, role: str):
-        if role not in self.on_chip:
+        if role not in self.dynamic:
             raise KeyError(role)
-        self.update(_module(self.device_index, self.on_chip))
+        self.update(_module(self.device_index, self.dynamic))
         return self[role]
 
 

@@ -34,6 +34,26 @@ class Launcher:
 launch = Launcher()
 
 
+class WithSharedMemory:
+    """A kernel launched with `shared_mem` bytes of dynamic shared memory (a copy ring larger than
+    static shared memory holds); called as a compiled kernel is, so launches and replays take it as one."""
+
+    def __init__(self, kernel, shared_mem: int):
+        self.kernel, self.shared_mem = kernel, shared_mem
+
+    def __call__(self, grid, block, args, stream=None):
+        self.kernel(tuple(grid), tuple(block), args, shared_mem=self.shared_mem, stream=stream)
+
+
+@functools.lru_cache(maxsize=256)
+def with_shared_memory(kernel, shared_mem: int) -> WithSharedMemory:
+    """`kernel` (a cupy.RawKernel) with its dynamic shared memory limit raised to shared_mem: above
+    48 KB a block, static and dynamic together, a launch needs the kernel's opt-in."""
+    if shared_mem > kernel.max_dynamic_shared_size_bytes:
+        kernel.max_dynamic_shared_size_bytes = shared_mem
+    return WithSharedMemory(kernel, shared_mem)
+
+
 class Cooperative:
     """A kernel launched cooperatively -- the driver starts every block at once or refuses the
     launch -- with `shared_mem` bytes of dynamic shared memory: the on-chip kernels, whose blocks

@@ -16,7 +16,7 @@ from .. import layout
 from .. import plan as plans
 from . import launcher
 from .compilation import (C_TYPES, CHANNEL_THREADS, ON_CHIP_RESERVED_SHARED, THREADS, VECTOR_BYTES, compiled_kernels,
-                          shared_memory_per_sm)
+                          ring_bytes, shared_memory_per_sm)
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,14 +110,16 @@ def _vector_width_for(g: plans.Geometry, *tensors) -> int:
     return vec
 
 
-def launch(g: plans.Geometry, weight_dtype, running_dtype, role: str, grid, block, args) -> None:
-    """Launch on the current device (bn_gpu.backends.orchestration made it the input's) and stream."""
-    launch_types(g.dtype, weight_dtype, running_dtype, role, grid, block, args)
+def launch(g: plans.Geometry, weight_dtype, running_dtype, role: str, grid, block, args, shared_mem: int = 0) -> None:
+    """Launch on the current device (bn_gpu.backends.orchestration made it the input's) and stream,
+    with shared_mem bytes of dynamic shared memory."""
+    launch_types(g.dtype, weight_dtype, running_dtype, role, grid, block, args, shared_mem)
 
 
-def launch_types(dtype, weight_dtype, running_dtype, role: str, grid, block, args) -> None:
-    kernels = compiled_kernels(torch.cuda.current_device(), *c_types(dtype, weight_dtype, running_dtype))
-    launcher.launch(kernels[role], grid, block, args)
+def launch_types(dtype, weight_dtype, running_dtype, role: str, grid, block, args, shared_mem: int = 0) -> None:
+    kernel = compiled_kernels(torch.cuda.current_device(), *c_types(dtype, weight_dtype, running_dtype))[role]
+    launcher.launch(launcher.with_shared_memory(kernel, shared_mem) if shared_mem else kernel, grid, block, args)
+
 
 
 def launch_on_chip(g: plans.Geometry, weight_dtype, running_dtype, role: str, grid, block, shared_mem: int,
@@ -286,7 +288,7 @@ class CudaKernels:
                 *map(_ptr, masking), _ptr(sum_dy), _ptr(sum_dy_xmu), _ptr(counters), *map(_ptr, totals),
                 _ptr(grad_weight), _ptr(grad_bias)]
                + _i64(*g.sizes, *g.grad_y.strides, *g.x.strides) + _tiling(g)
-               + [np.int64(g.finalize.group_splits), np.int32(relu)])
+               + [np.int64(g.finalize.group_splits), np.int32(relu)], ring_bytes(shape[0]))
 
     def finalize_gradients(self, g, partials, invstd, totals, grad_weight, grad_bias):
         sum_dy, sum_dy_xmu = partials

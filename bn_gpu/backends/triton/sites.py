@@ -57,18 +57,23 @@ def split_register_cap(g: Geometry, job: str) -> int:
     holds 4 programs of 8 warps per SM, so the whole-wave grids run in one wave. Capped where the
     cap measured faster on an H200 (profiling/RESULTS.md and journal/2026-11-27-h200-run7.md): the
     statistics in fp32 and in 16-bit channels-first, the fp32 channels-last gradient sums. Uncapped
-    where it measured slower: the 16-bit channels-last reductions (they spill or lose their loads in
-    flight under it), the fp32 channels-first gradient sums, and the channels-last statistics of
-    more than 64 channels a program (they spill under it). The gradient-sums launch drops the cap
-    with the ReLU's mask (gradient_sums_site), which this geometry-keyed choice cannot see."""
+    where it measured slower: the 16-bit channels-last gradient sums (they spill or lose their loads
+    in flight under it), the fp32 channels-first gradient sums, and the fp32 channels-last statistics
+    of more than 64 channels a program (they spill under it). The 16-bit channels-last statistics,
+    pipelined (load_stages: 6 tiles copied ahead), are capped by the static model: uncapped they take
+    68 registers and 3 programs an SM; under the cap a value or two goes to the stack outside the
+    tile loop (profiling/MODEL.md). The gradient-sums launch drops the cap with the ReLU's mask
+    (gradient_sums_site), which this geometry-keyed choice cannot see."""
     cap = g.plan.split_max_registers
     if not cap or g.plan.splits <= 1:
         return 0
     fp32 = g.dtype == torch.float32
-    if job == "statistics" and not g.channels_first and g.plan.block_c > 64:
-        return 0  # more than 64 channels a program spill under the cap
-    if job == "statistics" and (fp32 or g.channels_first):
-        return cap
+    if job == "statistics" and not g.channels_first:
+        if g.dtype.itemsize == 2:
+            return cap if load_stages(g, job) > 1 else 0
+        return cap if fp32 and g.plan.block_c <= 64 else 0
+    if job == "statistics":
+        return cap if fp32 or g.channels_first else 0
     if job == "gradient_sums" and fp32 and not g.channels_first:
         return cap
     return 0
@@ -79,9 +84,11 @@ def load_stages(g: Geometry, job: str) -> int:
     0 for the plain loop), with the tiles copied ahead into shared memory. The channels-first gradient
     sums copy two streams a tile (dy and x): one stage fewer keeps their shared memory that of the
     statistics. The channels-last statistics walk smaller tiles (pipelined_block_m) and take two
-    stages more, so that as many bytes are copied ahead; the 16-bit channels-last gradient sums, which
-    take more registers (2 or 3 programs an SM, 4 for fp32), one more, so that 2 programs keep the
-    copies of 3 tiles of dy and x each in flight. A channels-first single pass owns whole
+    stages more, so that as many bytes are copied ahead -- in 16-bit, whose tiles are a quarter of
+    the plan's rows and half its bytes, four more: 6 tiles of 4 KB ahead, 96 KB an SM at 4 programs
+    (under split_register_cap); the 16-bit channels-last gradient sums, which take more registers
+    (2 or 3 programs an SM, 4 for fp32), one more, so that 2 programs keep the copies of 3 tiles of
+    dy and x each in flight. A channels-first single pass owns whole
     channel groups and few tiles each: its programs are bound by their own serial walk, which the
     tiles copied ahead shorten (the reductions' walk; the second pass finds its tiles in L2). The
     channels-last single pass walks tiles of a few channels, too small to copy. The static model's
@@ -96,7 +103,7 @@ def load_stages(g: Geometry, job: str) -> int:
     if g.channels_first:
         return max(2, stages - 1) if job == "gradient_sums" else stages
     if job == "statistics":
-        return stages + 2
+        return stages + (4 if g.dtype.itemsize == 2 else 2)
     return stages + 1 if g.dtype.itemsize == 2 else stages
 
 

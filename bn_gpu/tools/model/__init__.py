@@ -26,10 +26,11 @@ the target (marked "assumed" in the output). It is a model: no GPU ran anything.
 from .case import WALK_UNROLL, CaseFigures, dram_bytes, model_case, occupancy, tail_factor, walk_trips
 from .compiled import Compiled, Compiler
 from .report import add_arguments, missing_tools, run, unused_stem
-from .sass import LoopStats, loads_at_once, main_loops, parse_resources, parse_sass
+from .sass import LoopStats, loads_at_once, loop_ranges, main_loops, parse_resources, parse_sass
 from .targets import OPS, TARGETS, Target, job_of
 from .toolchain import tool
 
 __all__ = ["OPS", "TARGETS", "WALK_UNROLL", "CaseFigures", "Compiled", "Compiler", "LoopStats", "Target",
-           "add_arguments", "dram_bytes", "job_of", "loads_at_once", "main_loops", "missing_tools", "model_case",
-           "occupancy", "parse_resources", "parse_sass", "run", "tail_factor", "tool", "unused_stem", "walk_trips"]
+           "add_arguments", "dram_bytes", "job_of", "loads_at_once", "loop_ranges", "main_loops", "missing_tools",
+           "model_case", "occupancy", "parse_resources", "parse_sass", "run", "tail_factor", "tool", "unused_stem",
+           "walk_trips"]

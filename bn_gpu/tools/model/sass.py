@@ -169,6 +169,20 @@ def _pipelined(body: list[Instruction]) -> bool:
             and any((_groups_left(ins) or 0) > 0 for ins in body))
 
 
+def loop_ranges(instructions: list[Instruction]) -> list[tuple[int, int]]:
+    """(first, last) addresses of each loop: every backward branch closes a loop [target, branch],
+    except the return of a divergence fallback (`_divergence_returns`)."""
+    loops = []
+    not_loops = _divergence_returns(instructions)
+    for ins in instructions:
+        if not ins.opcode.startswith("BRA") or ins.address in not_loops:
+            continue
+        start = _branch_target(ins)
+        if start is not None and start < ins.address:
+            loops.append((start, ins.address))
+    return loops
+
+
 def main_loops(instructions: list[Instruction]) -> list[LoopStats]:
     """The loops with global loads: every backward branch closes a loop [target, branch] (except
     the return of a divergence fallback, `_divergence_returns`); nested loops count in their own
@@ -177,15 +191,7 @@ def main_loops(instructions: list[Instruction]) -> list[LoopStats]:
     they load. A software-pipelined loop (one that waits with copies left in flight, `_pipelined`)
     comes first: the loop around it holds the pipeline's prologue, which copies several tiles ahead
     once per trip of the inner loop, not once per tile."""
-    loops = []
-    not_loops = _divergence_returns(instructions)
-    for ins in instructions:
-        if not ins.opcode.startswith("BRA") or ins.address in not_loops:
-            continue
-        start = _branch_target(ins)
-        if start is None or start >= ins.address:
-            continue
-        loops.append((start, ins.address))
+    loops = loop_ranges(instructions)
     stats = []
     for start, end in loops:
         inner = [(s, e) for s, e in loops if start < s and e < end]
