@@ -190,8 +190,20 @@ __global__ void merge_ranks(
 
 // ---- normalize: y = (x - mean) * invstd * weight + bias, and the epilogue --------------------------
 
+// The blocks an SM the channels-first normalize instantiations with the epilogue (+ residual, ReLU)
+// ask nvcc to fit: the split grids are sized for 4 (plan.py, programs_per_sm), and nvcc left the fp32
+// and fp16 ones at 72-75 registers, 3 blocks, so a grid of 4 an SM ran 1.29 waves; bounded at 4,
+// they take 61-64 and spill nothing. bf16 would spill in its loop at 4 and keeps 2. The plain
+// kernels and the channel groups' (whose grids are under a wave) ask for no minimum (0: the thread
+// count alone).
+template <typename T> struct IsBfloat16 { static constexpr bool value = false; };
+template <> struct IsBfloat16<__nv_bfloat16> { static constexpr bool value = true; };
+template <typename T, bool FUSED, bool GROUPED> struct NormalizeBlocks {
+    static constexpr int value = GROUPED || !FUSED ? 0 : IsBfloat16<T>::value ? 2 : 4;
+};
+
 template <typename T, typename W, typename R, typename A, int VEC, bool FUSED, bool GROUPED>
-__global__ void normalize_channels_first(
+__global__ void __launch_bounds__(CL_THREADS, NormalizeBlocks<T, FUSED, GROUPED>::value) normalize_channels_first(
     const T* __restrict__ x, T* __restrict__ y,   // (N, C, S), each with its own strides
     const T* __restrict__ residual,   // (N, C, S) with y's strides, or null
     const A* mean_in, const A* invstd_in,   // (C,) training statistics

@@ -160,6 +160,24 @@ def test_the_channels_last_statistics_fit_the_blocks_an_sm_the_grids_are_planned
                 assert not any(i.opcode.startswith(("LDL", "STL")) for i in body), (name, start, end)
 
 
+@pytest.mark.skipif(NVCC is None or model.tool("cuobjdump") is None, reason="no nvcc or cuobjdump found")
+def test_the_channels_first_normalize_with_the_epilogue_fits_the_blocks_an_sm_the_grids_are_planned_for(
+        sm_90_resources):
+    """The split channels-first normalize with the epilogue (NormalizeBlocks): fp32 and fp16 fit
+    Tuning.programs_per_sm blocks an SM on sm_90, bf16 (which would spill in its loop at 4) 2; none
+    of them uses the stack."""
+    # <T, W, R, A, VEC = 4 or 8, FUSED = true, GROUPED = false>, T not double
+    kernels = {name: r for name, r in sm_90_resources.items()
+               if re.match(r"_Z24normalize_channels_firstI(?!d)\w+Li(4|8)ELb1ELb0EEv", name)}
+    assert len(kernels) == 1 + 2 * 4, sorted(kernels)  # fp32; fp16 and bf16 with their W and R
+    h200 = model.TARGETS["h200"]
+    for name, r in kernels.items():
+        compiled = model.Compiled("cupy", name, registers=r["registers"], spill_bytes=r["stack"],
+                                  shared_bytes=r["shared"], loops=[])
+        blocks = 2 if "13__nv_bfloat16" in name else plan.GPU_TUNING.programs_per_sm
+        assert model.occupancy(compiled, compilation.THREADS, h200) >= blocks and r["stack"] == 0, (name, r)
+
+
 def test_every_kernel_of_the_source_is_used():
     source = compilation.source()
     roles = compilation.kernel_names("float", "float", "float", "float")

@@ -6,7 +6,7 @@ are poisoned with NaN before the kernels write them."""
 import pytest
 import torch
 
-import bn_gpu  # noqa: F401  (registers the ops)
+import bn_gpu  # registers the ops
 from bn_gpu import reference as ref
 from support import (DTYPES, LAYOUT_CASES, assert_close, assert_stats_close, backend_devices, case_id,
                      make_input, make_params)
@@ -213,3 +213,37 @@ def test_pipelined_reductions(backend, device, layout, dtype, programs_per_sm, m
     assert_stats_close(results[3][0], results[0][0].double(), dtype, "mean against the plain loop")
     assert_close(_scaled(results[3][1], grad_y, 6), _scaled(results[0][1].double(), grad_y, 6), dtype,
                  "grad_weight against the plain loop")
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_devices() if p.values[1] == "cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_channels_last_16_bit_gradient_sums_through_the_relu_as_reference(backend, device, dtype, monkeypatch,
+                                                                         poisoned):
+    """16-bit channels-last rows of whole 16-byte groups (32 channels) through the ReLU's mask, on
+    the split plan (on-chip off): the CUDA C gradient sums' ring of three copies in dynamic shared
+    memory (compilation.MASKED_RING_BUFFERS), turned more than once a thread (about 8 rows a
+    thread, 7 in some: a last copy short of a batch), and the Triton ones' copies ahead. Against the
+    float64 reference (the ReLU's mask from the kernels' own output, as test_epilogue), and two
+    calls bitwise equal."""
+    import dataclasses
+
+    import bn_gpu.backends.plan
+    monkeypatch.setattr(bn_gpu.backends.plan, "GPU_TUNING",
+                        dataclasses.replace(bn_gpu.backends.plan.GPU_TUNING, on_chip_bytes=0))
+    shape = (128, 32, 33, 33)
+    x = make_input(shape, dtype, "channels_last", device, mean=0.5, std=1.0).requires_grad_()
+    weight, bias, running_mean, running_var = make_params(32, torch.float32, device)
+    grad_y = make_input(shape, dtype, "channels_last", device, mean=0.0, std=1.0, seed=7)
+    grads = []
+    for _ in range(2):
+        params = (weight.clone().requires_grad_(), bias.clone().requires_grad_())
+        y = bn_gpu.batch_norm(x, running_mean.clone(), running_var.clone(), *params, True, backend=backend,
+                              activation="relu")
+        grads.append(torch.autograd.grad(y, (x, *params), grad_y))
+    assert all(torch.equal(a, b) for a, b in zip(*grads)), "two calls differ"
+    grad_bn = ref.epilogue_backward(grad_y, y.detach(), True)
+    grad_x_ref, grad_w_ref, grad_b_ref = ref.backward_train(grad_bn, x.detach(), weight)
+    grad_x, grad_w, grad_b = grads[0]
+    assert_close(grad_x, grad_x_ref, dtype, "grad_input")
+    assert_close(_scaled(grad_w, grad_y, 32), _scaled(grad_w_ref, grad_y, 32), dtype, "grad_weight")
+    assert_close(_scaled(grad_b, grad_y, 32), _scaled(grad_b_ref, grad_y, 32), dtype, "grad_bias")

@@ -121,7 +121,6 @@ def launch_types(dtype, weight_dtype, running_dtype, role: str, grid, block, arg
     launcher.launch(launcher.with_shared_memory(kernel, shared_mem) if shared_mem else kernel, grid, block, args)
 
 
-
 def launch_on_chip(g: plans.Geometry, weight_dtype, running_dtype, role: str, grid, block, shared_mem: int,
                    args) -> None:
     """An on-chip kernel's cooperative launch with shared_mem bytes of dynamic shared memory."""
