@@ -14,7 +14,7 @@ from .targets import FLOOR_PASSES, FUSED_OPS, STREAMS, Target, job_of
 
 def occupancy(compiled: Compiled, threads: int, target: Target, dynamic_shared: int = 0) -> int:
     """Programs (blocks) resident per SM, from registers, shared memory (static, and the launch's
-    dynamic: the CUDA C on-chip kernels' held slice) and the hardware limits."""
+    dynamic: the CUDA C on-chip kernels' held slice, a deeper copy ring) and the hardware limits."""
     warps = -(-threads // 32)
     registers_per_warp = -(-max(compiled.registers, 1) * 32 // 256) * 256
     by_registers = target.regs_per_sm // (registers_per_warp * warps)
