@@ -105,6 +105,14 @@ def test_cuda_source_compiles_for_every_instantiation(nvcc_runs, arch):
     assert "warning" not in stderr.lower(), stderr[-4000:]
 
 
+def _blocks_an_sm(name: str, resources: dict, dynamic_shared: int = 0) -> int:
+    """Blocks of 256 threads an H200 SM holds of a kernel compiled for sm_90 (its registers, static
+    shared memory and the launch's dynamic shared memory), as the static model counts them."""
+    compiled = model.Compiled("cupy", name, registers=resources["registers"], spill_bytes=resources["stack"],
+                              shared_bytes=resources["shared"], loops=[])
+    return model.occupancy(compiled, compilation.THREADS, model.TARGETS["h200"], dynamic_shared)
+
+
 @pytest.mark.skipif(NVCC is None or model.tool("cuobjdump") is None, reason="no nvcc or cuobjdump found")
 def test_the_on_chip_kernels_static_shared_memory_fits_what_the_plan_reserves(sm_90_resources):
     """The on-chip plan gives each of an SM's two blocks its share of the SM's shared memory less
@@ -129,11 +137,8 @@ def test_the_split_gradient_sums_fit_the_blocks_an_sm_the_grids_are_planned_for(
     walks = {name: r for name, r in sm_90_resources.items()
              if re.match(r"_Z28gradient_sums_channels_firstI(?!d).*ELb[01]ELb[01]ELb0EEv", name)}
     assert len(walks) >= 12, sorted(walks)  # 3 dtypes x FUSED x FINALIZE, and the 16-bit ones' weight dtypes
-    h200 = model.TARGETS["h200"]
     for name, r in walks.items():
-        compiled = model.Compiled("cupy", name, registers=r["registers"], spill_bytes=r["stack"],
-                                  shared_bytes=r["shared"], loops=[])
-        assert model.occupancy(compiled, compilation.THREADS, h200) >= plan.GPU_TUNING.programs_per_sm, (name, r)
+        assert _blocks_an_sm(name, r) >= plan.GPU_TUNING.programs_per_sm, (name, r)
 
 
 @pytest.mark.skipif(NVCC is None or model.tool("cuobjdump") is None, reason="no nvcc or cuobjdump found")
@@ -146,11 +151,8 @@ def test_the_channels_last_statistics_fit_the_blocks_an_sm_the_grids_are_planned
     kernels = {name: r for name, r in sm_90_resources.items()
                if re.match(r"_Z24statistics_channels_lastI(?!d)\w+Li(1|4|8)ELb[01]EEv", name)}
     assert len(kernels) == 2 * (2 + 4 * 2), sorted(kernels)  # 2 widths x FINALIZE x (fp32, 2 x 2 16-bit)
-    h200 = model.TARGETS["h200"]
     for name, r in kernels.items():
-        compiled = model.Compiled("cupy", name, registers=r["registers"], spill_bytes=r["stack"],
-                                  shared_bytes=r["shared"], loops=[])
-        assert model.occupancy(compiled, compilation.THREADS, h200) >= plan.GPU_TUNING.programs_per_sm, (name, r)
+        assert _blocks_an_sm(name, r) >= plan.GPU_TUNING.programs_per_sm, (name, r)
         loops = model.loop_ranges(sm_90_sass[name])
         for start, end in loops:
             inner = [(a, b) for a, b in loops if start < a and b < end]
@@ -170,12 +172,9 @@ def test_the_channels_first_normalize_with_the_epilogue_fits_the_blocks_an_sm_th
     kernels = {name: r for name, r in sm_90_resources.items()
                if re.match(r"_Z24normalize_channels_firstI(?!d)\w+Li(4|8)ELb1ELb0EEv", name)}
     assert len(kernels) == 1 + 2 * 4, sorted(kernels)  # fp32; fp16 and bf16 with their W and R
-    h200 = model.TARGETS["h200"]
     for name, r in kernels.items():
-        compiled = model.Compiled("cupy", name, registers=r["registers"], spill_bytes=r["stack"],
-                                  shared_bytes=r["shared"], loops=[])
         blocks = 2 if "13__nv_bfloat16" in name else plan.GPU_TUNING.programs_per_sm
-        assert model.occupancy(compiled, compilation.THREADS, h200) >= blocks and r["stack"] == 0, (name, r)
+        assert _blocks_an_sm(name, r) >= blocks and r["stack"] == 0, (name, r)
 
 
 def test_every_kernel_of_the_source_is_used():
@@ -473,16 +472,13 @@ def test_the_masked_16_bit_channels_last_gradient_sums_keep_two_copies_in_flight
     kernels = {name: r for name, r in sm_90_resources.items()
                if re.match(r"_Z27gradient_sums_channels_lastI(6__half|13__nv_bfloat16)\w+Li8ELb[01]ELb[01]EEv", name)}
     assert len(kernels) == 2 * 2 * 2 * 2, sorted(kernels)  # 2 dtypes x 2 weight dtypes x FUSED x FINALIZE
-    h200 = model.TARGETS["h200"]
     ring = compilation.MASKED_RING_BUFFERS * compilation.RING_COPY_BYTES
     for name, r in kernels.items():
         fused = "Li8ELb1E" in name
         waits = {int(m.group(1), 16) for ins in sm_90_sass[name]
                  for m in [re.search(r"SB0, (0x[0-9a-f]+)", ins.operands)] if ins.opcode.startswith("DEPBAR") and m}
         assert (compilation.MASKED_RING_BUFFERS - 1 if fused else 1) in waits, (name, waits)
-        compiled = model.Compiled("cupy", name, registers=r["registers"], spill_bytes=r["stack"],
-                                  shared_bytes=r["shared"], loops=[])
-        assert model.occupancy(compiled, compilation.THREADS, h200, ring if fused else 0) >= 2, (name, r)
+        assert _blocks_an_sm(name, r, ring if fused else 0) >= 2, (name, r)
         streaming = model.main_loops(sm_90_sass[name])[0]
         at_once = (compilation.MASKED_RING_BUFFERS if fused else 2) * compilation.RING_COPY_BYTES // compilation.THREADS
         assert streaming.loads_at_once_bits == 8 * at_once, (name, streaming)
