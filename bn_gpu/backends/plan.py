@@ -257,24 +257,24 @@ def on_chip_plan(units: int, unit_values: int, groups: int, group_channels: int,
     as accumulation-dtype values (16-bit inputs held widened); CUDA C (on_chip_shared) in shared
     memory, in the input's dtype. Groups that fill the SMs' resident programs (on_chip_programs_per_sm
     each) are walked where `walk` allows: by one Triton program an SM holding whole groups (its SM's
-    share); in CUDA C's forward by the resident blocks, each with load_stages (2 at least) buffers of
-    a group of a tile or more, the next copied ahead (one block an SM where fewer groups fill the SMs
-    but cannot be exchanged). Where `exchange` allows (CUDA C: not channel groups), fewer groups are
-    split so the resident programs all work, each holding an equal power-of-two share of a group
-    within its part of the SM's, and meet at a barrier. docs/design.md, "One read on chip"."""
+    share); in CUDA C by the resident blocks, each with load_stages (2 at least) buffers of a group
+    (its x, and dy in the backward) of a tile or more, the next copied ahead (one block an SM in the
+    backward, where two buffers do not fit a block's share, or where fewer groups fill the SMs but
+    cannot be exchanged). Where `exchange` allows (CUDA C: not channel groups), fewer groups are split
+    so the resident programs all work, each holding an equal power-of-two share of a group within its
+    part of the SM's, and meet at a barrier. docs/design.md, "One read on chip"."""
     if not tuning.on_chip_bytes or units == 0:
         return None
     held_itemsize = itemsize if tuning.on_chip_shared else max(4, itemsize)
     values = tuning.on_chip_bytes // (streams * held_itemsize)  # an SM's share of each stream
     resident = tuning.on_chip_programs_per_sm * sms
-    # CUDA C walks at on_chip_programs_per_sm blocks an SM where the groups fill them and two slices fit
-    # each, else at one where they fill the SMs and cannot be exchanged; groups of a tile's bytes or more
-    # (below, their block reductions would outweigh the copies).
+    # CUDA C walks at on_chip_programs_per_sm blocks an SM where two slices fit each (the forward: the backward's
+    # registers fit one block), else at one; groups of a tile's bytes or more (fewer: reductions outweigh copies).
     if tuning.on_chip_shared and walk and (groups >= resident or not exchange and groups >= sms):
-        two = groups >= resident and values // tuning.on_chip_programs_per_sm >= 2 * units * unit_values
-        per_sm = tuning.on_chip_programs_per_sm if two else 1
+        per_sm = tuning.on_chip_programs_per_sm if streams == 1 and groups >= resident \
+            and values // tuning.on_chip_programs_per_sm >= 2 * units * unit_values else 1
         stages = min(tuning.load_stages, values // per_sm // (units * unit_values))
-        walked = stages >= 2 and units * unit_values * itemsize >= tuning.tile_bytes and streams == 1
+        walked = stages >= 2 and units * unit_values * itemsize >= tuning.tile_bytes
         return OnChipPlan(units, 1, per_sm * sms, 1, stages, 0) if walked else None
     if groups >= resident:  # the groups fill the SMs: programs that walk whole groups
         if not walk or tuning.on_chip_shared:

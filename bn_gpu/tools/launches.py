@@ -87,9 +87,9 @@ def _recording_cuda(sms: int, launches: list, shared_kb: int):
         record_types(g.dtype, weight_dtype, running_dtype, role, grid, block, args, shared_mem, _tile_walk(g, role))
 
     def record_on_chip(g, weight_dtype, running_dtype, role, grid, block, shared_mem, args):
-        # The walk's copies ahead: stages - 1 slices of a group (kernels/cuda/walk.cuh).
-        walk = {"walk": {"stages": g.on_chip.load_stages, "slice_bytes": shared_mem // g.on_chip.load_stages}} \
-            if role.endswith("_walk") else {}
+        # The walk's copies ahead: stages - 1 slices of a group, of x (and dy) (kernels/cuda/walk.cuh).
+        stages = (g.on_chip_backward if role.startswith("on_chip_backward") else g.on_chip).load_stages
+        walk = {"walk": {"stages": stages, "slice_bytes": shared_mem // stages}} if role.endswith("_walk") else {}
         record_types(g.dtype, weight_dtype, running_dtype, role, grid, block, args, shared_mem,
                      dict(_tile_walk(g, role), **walk))
 

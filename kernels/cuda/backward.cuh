@@ -257,6 +257,31 @@ __device__ __forceinline__ void dx_coefficients_at(
                     training ? sum_dy_xmu[c] : A(0), inv_count, training, mean, scale, mean_dy, projection);
 }
 
+// A channel group's weight and bias gradients from its totals (channel j's at j): thread j writes
+// channel j's.
+template <int WIDE, typename W, typename A>
+__device__ __forceinline__ void store_group_gradients(const GroupPlace<WIDE>& p, const A* total_dy,
+                                                      const A* total_dy_xmu, const A* invstd_in, W* grad_weight,
+                                                      W* grad_bias) {
+    if (threadIdx.x < p.group)
+        store_gradients(p.c0 + threadIdx.x, total_dy[threadIdx.x], total_dy_xmu[threadIdx.x],
+                        invstd_in[p.c0 + threadIdx.x], grad_weight, grad_bias);
+}
+
+// The dx coefficients (dx_coefficients) of a thread's values in a channel group, by their channels.
+template <int WIDE, typename W, typename A>
+__device__ __forceinline__ void group_dx_coefficients(
+    const GroupPlace<WIDE>& p, const Values<A, WIDE>& mean, const A* invstd_in, const W* weight, const A* total_dy,
+    const A* total_dy_xmu, A inv_count, int training, Values<A, WIDE>& mean_x, Values<A, WIDE>& scale,
+    Values<A, WIDE>& mean_dy, Values<A, WIDE>& projection) {
+#pragma unroll
+    for (int k = 0; k < WIDE; ++k) {
+        const int j = p.channel[k];
+        dx_coefficients(p.c0 + j, mean.v[k], invstd_in[p.c0 + j], weight, total_dy[j], total_dy_xmu[j], inv_count,
+                        training, mean_x.v[k], scale.v[k], mean_dy.v[k], projection.v[k]);
+    }
+}
+
 // dx on V values of one row (x is read in training, or for the ReLU's mask). TRAINING is a template
 // argument, so that the loops of for_each_group hold no branch on it (see input_gradient_tiles).
 template <typename T, typename A, bool FUSED, bool TRAINING> struct InputGradientRow {

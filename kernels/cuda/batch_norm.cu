@@ -30,8 +30,8 @@
 // merge the partials (in two levels, as kernels/finalize.py), so the split path takes 2 launches.
 // GROUPED, on the channels-first kernels, compiles the channel-group version (see "channel groups"):
 // a block owns several adjacent channels whose rows together start on 16 bytes (7x7 planes).
-// WALK, on the channels-first on-chip forward, compiles the walk (walk.cuh): where the channel groups
-// fill the resident blocks, each block walks several, the next copied into shared memory ahead.
+// WALK, on the channels-first on-chip forward and backward, compiles the walk (walk.cuh): where the
+// channel groups fill the resident blocks, each block walks several, the next copied into shared memory ahead.
 // The split reductions (statistics, gradient sums) of 16-byte groups copy a thread's next rows into
 // shared memory while it adds the current ones (cp.async: async_copies.cuh; for_each_group_staged,
 // staged_rows): loads in flight that take no registers.
@@ -675,7 +675,8 @@ __global__ void on_chip_forward_channels_last(
     if (count_batch_here) count_batch_after_every_read(num_batches_tracked, counters + gridDim.y, cumulative);
 }
 
-template <typename T, typename W, typename A, int VEC, bool FUSED>
+// WALK: as the forward's, with buffers of dy's and x's slices (the partials and counters null).
+template <typename T, typename W, typename A, int VEC, bool FUSED, bool WALK>
 __global__ void on_chip_backward_channels_first(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,   // (N, C, S); dx when need_input_grad
     const A* mean_in, const A* invstd_in, const W* weight,
@@ -686,6 +687,13 @@ __global__ void on_chip_backward_channels_first(
     i64 N, i64 C, i64 S, i64 dy_stride_n, i64 dy_stride_c, i64 x_stride_n, i64 x_stride_c,
     i64 dx_stride_n, i64 dx_stride_c, A inv_count,
     i64 s_blocks, i64 held_rows, int rows, int block_s, int need_input_grad, int relu) {
+    if constexpr (WALK) {
+        walk_backward<T, W, A, VEC, FUSED>(dy, x, dx, mean_in, invstd_in, weight, bias, grad_weight, grad_bias, N, C,
+                                           S, dy_stride_n, dy_stride_c, x_stride_n, x_stride_c, dx_stride_n,
+                                           dx_stride_c, inv_count, (int)held_rows, rows, block_s, need_input_grad,
+                                           relu);
+        return;
+    }
     __shared__ A totals[2];
     T* held_dy = held_memory<T>();   // (held_rows, S) each
     T* held_x = held_dy + held_rows * S;

@@ -66,17 +66,11 @@ __device__ __forceinline__ void group_single_pass_backward(
         if (threadIdx.x == 0) { totals[0][j] = total_dy; totals[1][j] = total_dy_xmu; }
     }
     __syncthreads();
-    if (threadIdx.x < p.group)  // thread j writes channel j's gradients
-        store_gradients(p.c0 + threadIdx.x, totals[0][threadIdx.x], totals[1][threadIdx.x],
-                        invstd_in[p.c0 + threadIdx.x], grad_weight, grad_bias);
+    store_group_gradients(p, totals[0], totals[1], invstd_in, grad_weight, grad_bias);
     if (!need_input_grad) return;
     Values<A, WIDE> mean_x, scale, mean_dy, projection;
-#pragma unroll
-    for (int k = 0; k < WIDE; ++k) {
-        const int j = p.channel[k];
-        dx_coefficients(p.c0 + j, mean.v[k], invstd_in[p.c0 + j], weight, totals[0][j], totals[1][j], inv_count,
-                        training, mean_x.v[k], scale.v[k], mean_dy.v[k], projection.v[k]);
-    }
+    group_dx_coefficients(p, mean, invstd_in, weight, totals[0], totals[1], inv_count, training, mean_x, scale,
+                          mean_dy, projection);
     place_input_gradient<VEC, WIDE, FUSED>(dyg, xg, dx + p.c0 * dx_stride_c, dy_stride_n, x_stride_n, dx_stride_n, p,
                                            mean_x, scale, mean_dy, projection, training, masks, i64(0), N);
 }

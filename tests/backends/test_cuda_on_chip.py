@@ -60,8 +60,8 @@ def test_groups_that_fill_the_resident_blocks_are_walked_with_buffers_of_whole_g
     to load_stages, and at least two (the next group copied while the current one is used); at one
     block an SM where two slices do not fit a block's share, or where fewer groups fill the SMs and
     cannot be exchanged. Only groups of a tile's bytes or more, whose copies outweigh two block
-    reductions each. Never the backward, nor where `walk` is off (runs that are not whole 16-byte
-    slots a thread)."""
+    reductions each. The backward's buffers hold a group's dy and x, at one block an SM (its registers
+    fit one). Never where `walk` is off (runs that are not whole 16-byte slots a thread)."""
     share = 64 * 1024  # bytes a block
     tuning = _shared_tuning(2 * share)
     groups = 2 * SMS
@@ -73,7 +73,12 @@ def test_groups_that_fill_the_resident_blocks_are_walked_with_buffers_of_whole_g
     assert on_chip_plan(4, 4096 + 1, groups, 4, 4, tuning, SMS, streams=1) is None           # over half an SM's
     assert on_chip_plan(4, 2048, groups, 8, 2, tuning, SMS, streams=1).load_stages == 3      # bf16: 16 KB
     assert on_chip_plan(4, 1024 - 1, groups, 4, 4, tuning, SMS, streams=1) is None           # under a tile
-    assert on_chip_plan(4, 1024, groups, 4, 4, tuning, SMS, streams=2) is None               # the backward
+    # The backward: an SM's share of each of dy and x (64 KB), at one block an SM: as many buffers of a
+    # group's two slices as it holds, three at most; under two, none.
+    assert on_chip_plan(4, 1024, groups, 4, 4, tuning, SMS, streams=2) == OnChipPlan(
+        held=4, splits=1, programs=SMS, block_splits=1, load_stages=3, resident=0)
+    assert on_chip_plan(4, 2048, groups, 4, 4, tuning, SMS, streams=2).load_stages == 2
+    assert on_chip_plan(4, 2048 + 1, groups, 4, 4, tuning, SMS, streams=2) is None
     assert on_chip_plan(4, 1024, groups, 4, 4, tuning, SMS, streams=1, walk=False) is None
     assert on_chip_plan(4, 1024, groups - 1, 1, 4, tuning, SMS, streams=1).exchange          # below: exchanged
     # Fewer groups than resident blocks but as many as SMs, which cannot be exchanged (channel groups),
@@ -110,18 +115,26 @@ def test_the_geometry_walks_groups_that_fill_the_resident_blocks(h200, dtype):
     S = 64 values are walked whole (1024 channels of 128 rows: 32 or 16 KB a channel, 3 buffers;
     fp64's 64 KB at one block an SM). Runs of S = 62 (no whole 16-byte slots in fp32 and bf16; fp64's
     127 KB slices fit one buffer an SM) and S = 48 x 48 (4.5 KB or more: more slots than threads) keep
-    the single pass; so does the backward."""
+    the single pass. The backward walks at one block an SM, with two buffers of a 7x7 group's dy and x
+    (4 x 50 KB in an SM's 196 KB), three of 8x8 rows (but fp64's two 64 KB slices fit one)."""
     size = dtype.itemsize
-    g = table.KERNELS.geometry(make_input((64, 2048, 7, 7), dtype, device="meta"))
-    assert g.plan.group == 16 // size and not g.on_chip.exchange and g.on_chip_backward is None
+    x = make_input((64, 2048, 7, 7), dtype, device="meta")
+    g = table.KERNELS.geometry(x, x)
+    assert g.plan.group == 16 // size and not g.on_chip.exchange and not g.on_chip_backward.exchange
     if dtype == torch.bfloat16:
         assert (g.on_chip.programs, g.on_chip.load_stages) == (SMS, 3)
     else:
         assert (g.on_chip.programs, g.on_chip.load_stages) == (2 * SMS, 2)
-    rows = table.KERNELS.geometry(make_input((128, 1024, 8, 8), dtype, device="meta"))
+    assert (g.on_chip_backward.programs, g.on_chip_backward.load_stages) == (SMS, 2)
+    x = make_input((128, 1024, 8, 8), dtype, device="meta")
+    rows = table.KERNELS.geometry(x, x)
     assert rows.plan.group == 1 and not rows.on_chip.exchange and rows.on_chip.load_stages == 3
     # fp64's 64 KB slices: one buffer in the share of one of two blocks, three in an SM's.
     assert rows.on_chip.programs == (SMS if dtype == torch.float64 else 2 * SMS)
+    if dtype == torch.float64:
+        assert rows.on_chip_backward is None
+    else:
+        assert (rows.on_chip_backward.programs, rows.on_chip_backward.load_stages) == (SMS, 3)
     assert table.KERNELS.geometry(make_input((256, 1024, 62), dtype, device="meta")).on_chip is None
     assert table.KERNELS.geometry(make_input((4, 1024, 48, 48), dtype, device="meta")).on_chip is None
 
@@ -316,5 +329,41 @@ def test_the_walk_matches_float64_and_is_deterministic(backend, device, shape, o
         assert counter.item() == 4
         assert not orchestration.finalize_counters(x.device, orchestration.on_chip_counters(g, g.on_chip, True)).any()
         results.append((y, mean, invstd, running_mean, running_var))
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("backend,device", CUPY_DEVICES)
+@pytest.mark.parametrize("shape, offset", WALKED, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple)
+                         else f"offset{v}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_the_backward_walk_matches_float64_and_is_deterministic(backend, device, shape, offset, dtype, relu,
+                                                                poisoned):
+    """The walked training backward (dx, dweight, dbias; through the ReLU's mask) from the forward's
+    statistics against the float64 reference with every output poisoned (the ReLU's mask from the
+    forward's own output, as test_epilogue); a second call gives the same bits. dy is one value off
+    16 bytes where x is (read value by value, VEC = 1)."""
+    base = make_input((math.prod(shape) + offset,), dtype, device=device)
+    x = base[offset:].view(shape)
+    grad_base = make_input((math.prod(shape) + offset,), dtype, device=device, mean=0.0, std=1.0, seed=7)
+    grad_y = grad_base[offset:].view(shape)
+    C = shape[1]
+    param_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    if compilation.shared_memory_per_sm(x.device.index or 0) < 160 * 1024:
+        pytest.skip("these slices are walked on GPUs of 160 KB of shared memory an SM or more (A100, H100, H200)")
+    g = table.KERNELS.geometry(x, grad_y)
+    assert g.on_chip_backward is not None and not g.on_chip_backward.exchange
+    weight, bias, _, _ = make_params(C, param_dtype, device)
+    y, mean, invstd = orchestration.forward_train(table.KERNELS, x, weight, bias, None, None, None, 0.1, 1e-5,
+                                                  relu=relu)
+    grad_x_ref, grad_w_ref, grad_b_ref = ref.backward_train(ref.epilogue_backward(grad_y, y, relu), x, weight, 1e-5)
+    results = []
+    for _ in range(2):
+        grads = orchestration.backward(table.KERNELS, grad_y, x, weight, mean, invstd, True, True, True,
+                                       **(dict(bias=bias, relu=True) if relu else {}))
+        assert_close(grads[0], grad_x_ref, dtype, "grad_input")
+        assert_parameter_grads_close(grads[1], grads[2], grad_w_ref, grad_b_ref, grad_y, dtype)
+        results.append(grads)
     for first, second in zip(*results):
         assert torch.equal(first, second)

@@ -263,9 +263,10 @@ H200_SHARED_PER_SM = 233472  # bytes of shared memory an SM of an H100 or H200 h
 
 def _fake_cooperative(kernel, role, shared_mem, threads, blocks, sms):
     """The cooperative launch's checks, on the H200's figures: the grid resident at two blocks an
-    SM (the on-chip plan's), each with its slice and the static shared memory beside it."""
+    SM at most (the on-chip plans'), each with its slice and the static shared memory beside it."""
     assert role.startswith("on_chip_") and threads == compilation.THREADS and blocks <= 2 * sms, (role, blocks)
-    assert 2 * (shared_mem + compilation.ON_CHIP_RESERVED_SHARED) <= H200_SHARED_PER_SM, (role, shared_mem)
+    per_sm = -(-blocks // sms)
+    assert per_sm * (shared_mem + compilation.ON_CHIP_RESERVED_SHARED) <= H200_SHARED_PER_SM, (role, shared_mem)
     return kernel
 
 
@@ -285,6 +286,19 @@ def fake_cupy(monkeypatch):
     compilation.stream.cache_clear()
     yield fake
     compilation.compiled_kernels.cache_clear()
+
+
+@pytest.fixture
+def cooperative(fake_cupy, monkeypatch):
+    """The cooperative launches the fake CuPy is asked for: (role, dynamic shared memory, blocks)."""
+    launches = []
+
+    def recording(kernel, role, shared_mem, threads, blocks, sms):
+        launches.append((role, shared_mem, blocks))
+        return _fake_cooperative(kernel, role, shared_mem, threads, blocks, sms)
+
+    monkeypatch.setattr(cupy_launcher, "cooperative", recording)
+    return launches
 
 
 def _finalizing(name: str) -> bool:
@@ -392,7 +406,7 @@ def test_sync_batch_norm_launch_arguments_match_the_kernel_signatures(fake_cupy,
                                           (torch.float32, (128, 1024, 8, 8)), (torch.bfloat16, (32, 2048, 7, 7))],
                          ids=str)
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
-def test_the_walk_launch_arguments_match_its_plan(fake_cupy, monkeypatch, dtype, shape, momentum):
+def test_the_walk_launch_arguments_match_its_plan(fake_cupy, cooperative, dtype, shape, momentum):
     """The walked forward (channel groups, or rows of S, that fill an H200's 264 resident blocks; bf16
     32x2048x7x7's 256 groups of 8 channels, one block an SM): the WALK instantiation on a grid of the
     plan's blocks, with load_stages buffers of a group's N rows of group x S values as its dynamic
@@ -400,13 +414,6 @@ def test_the_walk_launch_arguments_match_its_plan(fake_cupy, monkeypatch, dtype,
     arguments the kernel reads as buffers, the group's channels and its run's places x 16 bytes."""
     from support import make_input, make_params
 
-    cooperative = []
-
-    def recording(kernel, role, shared_mem, threads, blocks, sms):
-        cooperative.append((role, shared_mem, blocks))
-        return _fake_cooperative(kernel, role, shared_mem, threads, blocks, sms)
-
-    monkeypatch.setattr(cupy_launcher, "cooperative", recording)
     x = make_input(shape, dtype)
     weight, bias, running_mean, running_var = make_params(shape[1], torch.float32)
     cupy_backend.forward_train(x, weight, bias, running_mean, running_var, torch.tensor(3), momentum, 1e-5)
@@ -422,6 +429,36 @@ def test_the_walk_launch_arguments_match_its_plan(fake_cupy, monkeypatch, dtype,
     assert (args[11] != 0) == (momentum is None)                    # the ticket of a cumulative average
     assert [int(a) for a in args[24:27]] == [3, g.plan.group, plan.next_power_of_2(run)]
     assert g.plan.group == (16 // x.element_size() if g.S == 49 else 1)
+    _check_arguments(fake_cupy.launches, dtype)
+
+
+@pytest.mark.parametrize("dtype, shape", [(torch.float32, (64, 2048, 7, 7)), (torch.bfloat16, (32, 4096, 7, 7)),
+                                          (torch.float32, (128, 1024, 8, 8))], ids=str)
+@pytest.mark.parametrize("relu", [False, True])
+def test_the_backward_walk_launch_arguments_match_its_plan(fake_cupy, cooperative, dtype, shape, relu):
+    """The walked backward (channel groups, or rows of S, that fill an H200's resident blocks): the
+    WALK instantiation of on_chip_backward, with the ReLU's mask where asked (FUSED, the bias passed),
+    on one block an SM, with load_stages buffers of a group's dy and x (2 x N rows of group x S
+    values) as its dynamic shared memory -- 64x2048x7x7 fp32's two of 2 x 50 KB -- no partials nor
+    counters, and the forward walk's tiling arguments."""
+    from support import make_input, make_params
+
+    x = make_input(shape, dtype)
+    weight, bias, _, _ = make_params(shape[1], torch.float32)
+    mean, invstd = torch.zeros(shape[1]), torch.ones(shape[1])
+    cupy_backend.backward(x, x, weight, mean, invstd, True, True, True, **(dict(bias=bias, relu=True) if relu else {}))
+    g = cupy_backend.KERNELS.geometry(x, x)
+    run, stages = g.plan.group * g.S, g.on_chip_backward.load_stages
+    (name, grid, block, args), = fake_cupy.launches
+    assert name.startswith("on_chip_backward_channels_first<")
+    assert name.endswith((", true, true>" if relu else ", false, true>"))  # FUSED, WALK
+    assert grid == (132, 1) and block == (compilation.THREADS,)
+    role = f"on_chip_backward_channels_first_{16 // x.element_size()}" + ("_fused" if relu else "") + "_walk"
+    assert cooperative == [(role, stages * 2 * g.N * run * x.element_size(), 132)]
+    assert stages == (2 if shape == (64, 2048, 7, 7) else 3) and cooperative[0][1] <= 200 * 1024
+    assert (args[6] != 0) == relu                                   # the bias, for the mask
+    assert args[9] == args[10] == args[11] == 0                     # no partials, no counters
+    assert [int(a) for a in args[22:26]] == [0, stages, g.plan.group, plan.next_power_of_2(run)]
     _check_arguments(fake_cupy.launches, dtype)
 
 

@@ -141,15 +141,21 @@ def test_traffic_of_a_known_split_plan(monkeypatch):
 
 
 def test_traffic_of_a_single_pass_whose_resident_slices_exceed_the_l2(monkeypatch):
-    """64x2048x7x7 fp32 backward, one single-pass launch of 512 programs: at 4 programs an SM all are
-    resident, and their slices of dy and x (51 MB) exceed the 40 MB of reusable L2. Each program
-    re-reads its slice from the end it read last, so only the oldest 11 MB miss; re-read in order,
-    all of it would. At 2 programs an SM the resident slices (26 MB) fit: no second read."""
+    """64x2048x7x7 fp32 backward without the on-chip kernels, one single-pass launch of 512 programs:
+    at 4 programs an SM all are resident, and their slices of dy and x (51 MB) exceed the 40 MB of
+    reusable L2. Each program re-reads its slice from the end it read last, so only the oldest 11 MB
+    miss; re-read in order, all of it would. At 2 programs an SM the resident slices (26 MB) fit: no
+    second read. With them, the backward's walk reads dy and x once: 3|x|."""
     import bn_gpu.backends.cupy as cupy_backend
+    import bn_gpu.backends.plan as plans
     h200 = model.TARGETS["h200"]
     shape = (64, 2048, 7, 7)
     size = math.prod(shape) * 4
     case = (shape, torch.float32, "contiguous", "train_bwd")
+    walked, = launches.record("cupy", "train_bwd", shape, torch.float32, "contiguous", sms=h200.sms)
+    assert walked.name == "on_chip_backward_channels_first" and walked.programs == h200.sms
+    assert model.dram_bytes(walked, case, h200, per_sm=1) == 3 * size
+    monkeypatch.setattr(plans, "GPU_TUNING", dataclasses.replace(plans.GPU_TUNING, on_chip_bytes=0))
     recorded = launches.record("cupy", "train_bwd", shape, torch.float32, "contiguous", sms=h200.sms)
     assert [l.name for l in recorded] == ["single_pass_backward_channels_first"]
     assert recorded[0].programs <= 4 * h200.sms

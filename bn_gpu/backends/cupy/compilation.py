@@ -49,9 +49,9 @@ FINALIZING = ("statistics", "gradient_sums")
 # adjacent channels of bn_gpu.backends.plan.channel_group, whose rows together start on 16 bytes).
 GROUPABLE = ("statistics", "normalize", "single_pass_forward", "gradient_sums", "input_gradient",
              "single_pass_backward")
-# The on-chip forward channels-first instantiated without and with the walk (WALK: a persistent grid whose
+# The on-chip channels-first kernels instantiated without and with the walk (WALK: a persistent grid whose
 # blocks walk whole channel groups, kernels/cuda/walk.cuh).
-WALKING = ("on_chip_forward",)
+WALKING = ("on_chip_forward", "on_chip_backward")
 
 
 _INSTALL_HINT = ("pip install -e .[cupy-cuda13] for a torch built with CUDA 13.x, .[cupy-cuda12] for CUDA 12.x "

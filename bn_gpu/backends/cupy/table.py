@@ -149,8 +149,8 @@ class CudaKernels:
         """(role, grid, block, tiling arguments, dynamic shared memory) of the on-chip kernel `name`:
         the split reductions' grid and blocks with the on-chip plan's splits, each block holding
         `held rows` rows of S values (channels-first) or of its block_c channels (channels-last) of
-        each of the `streams` inputs; or the walk's (channels-first forward): the plan's blocks, each
-        with load_stages buffers of a channel group's N rows of group x S values."""
+        each of the `streams` inputs; or the walk's (channels-first): the plan's blocks, each with
+        load_stages buffers of a channel group's N rows of group x S values of each input."""
         vec = _vector_width_for(g, *tensors)
         family = "first" if g.channels_first else "last"
         role = f"{name}_channels_{family}_{vec}" + ("_fused" if fused else "")
@@ -159,7 +159,7 @@ class CudaKernels:
             tiling = [np.int64(0), np.int64(on_chip.load_stages), np.int32(g.plan.group),
                       np.int32(plans.next_power_of_2(run))]
             return (role + "_walk", (on_chip.programs, 1), (THREADS,), tiling,
-                    on_chip.load_stages * g.N * run * g.dtype.itemsize)
+                    on_chip.load_stages * streams * g.N * run * g.dtype.itemsize)
         if g.channels_first:
             held_rows, row_values = on_chip.held * g.plan.rows, g.S
             grid, block = (g.C, on_chip.splits), (THREADS,)
@@ -256,7 +256,7 @@ class CudaKernels:
     def on_chip_backward(self, g, grad_y, x, grad_x, mean, invstd, weight, grad_weight, grad_bias, partials, counters,
                          bias=None, relu=False):
         # The gradients are written in W: the weight's dtype (the accumulation dtype without one).
-        sum_dy, sum_dy_xmu = partials
+        sum_dy, sum_dy_xmu = partials if partials is not None else (None, None)  # none in the walk
         bias = _as_w(bias, grad_weight.dtype) if relu else None
         role, grid, block, tiling, shared = self._on_chip(g, g.on_chip_backward, "on_chip_backward", 2, grad_y, x,
                                                           grad_x, fused=relu)

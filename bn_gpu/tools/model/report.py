@@ -106,8 +106,8 @@ def header_markdown(target: Target, versions: dict) -> str:
         "loads per loop iteration × threads × resident programs, against bandwidth per SM × latency. At once = "
         "the same with the loads a thread issues before it waits on one (asynchronous copies: by group), and "
         "for the CUDA C channels-first walks no more than its groups per trip to memory from the plan "
-        "(`walk_trips`); for the CUDA C on-chip forward's walk over channel groups, both are the slices "
-        "its blocks copy ahead (stages - 1 of them a block).",
+        "(`walk_trips`); for the CUDA C on-chip walks over channel groups (forward and backward), both are "
+        "the slices its blocks copy ahead (stages - 1 of them a block).",
     ])
 
 
