@@ -54,16 +54,18 @@ def test_split_grids_end_on_a_whole_wave(C, splits):
     ((64, 64, 112, 112), torch.float32, torch.channels_last, ("statistics", "gradient_sums")),
     ((16384, 2048), torch.float32, torch.contiguous_format, ("gradient_sums",)),  # 128 channels a program
     ((64, 64, 112, 112), torch.bfloat16, torch.contiguous_format, ("statistics",)),
-    ((64, 64, 112, 112), torch.bfloat16, torch.channels_last, ("statistics",)),  # pipelined: the static model's
-    ((16384, 2048), torch.float16, torch.contiguous_format, ("statistics",)),
+    # pipelined, capped by the static model:
+    ((64, 64, 112, 112), torch.bfloat16, torch.channels_last, ("statistics", "gradient_sums")),
+    ((16384, 2048), torch.float16, torch.contiguous_format, ("statistics", "gradient_sums")),
     ((64, 2048, 7, 7), torch.float32, torch.contiguous_format, ()),  # the single pass: no split
 ], ids=str)
 def test_the_register_cap_reaches_the_split_reductions_where_it_measured_faster(shape, dtype, memory_format,
                                                                                 capped_jobs):
     """GPU_TUNING.split_max_registers caps the Triton reductions of a split plan where run 7 measured
-    them faster, and the pipelined 16-bit channels-last statistics, whose copies ahead the static
-    model fits 4 programs an SM only under it (sites.split_register_cap); never the passes after
-    them; 0 turns it off, and the 16-bit channels-last statistics' plain loop (load_stages 0) too."""
+    them faster, and the pipelined 16-bit channels-last statistics and gradient sums, whose copies
+    ahead the static model fits 4 programs an SM only under it (sites.split_register_cap); never
+    the passes after them; 0 turns it off, and the 16-bit channels-last reductions' plain loops
+    (load_stages 0) too."""
     x = torch.empty(shape, device="meta", dtype=dtype).contiguous(memory_format=memory_format)
     g = plan.geometry(x, x, plan.GPU_TUNING, SMS)
     jobs = ("statistics", "gradient_sums", "normalize", "input_gradient")
@@ -73,8 +75,9 @@ def test_the_register_cap_reaches_the_split_reductions_where_it_measured_faster(
     assert all("maxnreg" not in sites.config(off, job)[2] for job in ("statistics", "gradient_sums"))
     plain = plan.geometry(x, x, dataclasses.replace(plan.GPU_TUNING, load_stages=0), SMS)
     sixteen_bit_channels_last = not g.channels_first and dtype.itemsize == 2
-    assert (sites.config(plain, "statistics")[2].get("maxnreg") == 64) == ("statistics" in capped_jobs
-                                                                            and not sixteen_bit_channels_last)
+    for job in ("statistics", "gradient_sums"):
+        assert (sites.config(plain, job)[2].get("maxnreg") == 64) == (job in capped_jobs
+                                                                       and not sixteen_bit_channels_last), job
 
 
 @pytest.mark.parametrize("shape, dtype, memory_format", [
@@ -122,12 +125,14 @@ def test_channels_first_single_passes_are_software_pipelined(memory_format):
         assert sites.config(off, job)[2]["STAGES"] == 0, job
 
 
-def test_the_gradient_sums_through_a_relu_keep_their_registers():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_gradient_sums_through_a_relu_keep_their_registers(dtype):
     """The fused backward's gradient sums (the ReLU's mask) are left uncapped: they take 80 registers
-    and spilled under the cap (static model), and run 7 measured the cap on the plain kernel only."""
+    (fp32; 16-bit 92-95) and spilled under the cap (static model), and run 7 measured the cap on the
+    plain kernel only."""
     x_shape = (64, 64, 112, 112)
     for epilogue, capped in ((False, True), (True, False)):
-        recorded = recorded_launches.record("triton", "train_bwd", x_shape, torch.float32, "channels_last",
+        recorded = recorded_launches.record("triton", "train_bwd", x_shape, dtype, "channels_last",
                                             sms=SMS, epilogue=epilogue)
         (sums,) = [launch for launch in recorded if launch.name.startswith("gradient_sums")]
         assert ("maxnreg" in sums.meta) == capped, (epilogue, sums.meta)

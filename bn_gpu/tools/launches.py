@@ -64,7 +64,7 @@ _WALKED_ROLE = re.compile(r"_channels_first_(\d+)")
 def _tile_walk(g, role: str) -> dict:
     """What the static model needs to count a CUDA C channels-first thread's walk over its tiles
     (kernels/cuda/channels_first.cuh, for_each_group): the plan's tile, the sizes and the vector width. Empty
-    for the other kernels (channels-last, channel groups, finalize, the on-chip forward's walk)."""
+    for the other kernels (channels-last, channel groups, finalize, the on-chip walks)."""
     match = _WALKED_ROLE.search(role)
     if not match or not g.channels_first or g.channel_groups or role.endswith("_walk"):
         return {}

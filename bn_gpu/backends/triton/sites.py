@@ -57,13 +57,14 @@ def split_register_cap(g: Geometry, job: str) -> int:
     holds 4 programs of 8 warps per SM, so the whole-wave grids run in one wave. Capped where the
     cap measured faster on an H200 (profiling/RESULTS.md and journal/2026-11-27-h200-run7.md): the
     statistics in fp32 and in 16-bit channels-first, the fp32 channels-last gradient sums. Uncapped
-    where it measured slower: the 16-bit channels-last gradient sums (they spill or lose their loads
-    in flight under it), the fp32 channels-first gradient sums, and the fp32 channels-last statistics
-    of more than 64 channels a program (they spill under it). The 16-bit channels-last statistics,
-    pipelined (load_stages: 6 tiles copied ahead), are capped by the static model: uncapped they take
-    68 registers and 3 programs an SM; under the cap a value or two goes to the stack outside the
-    tile loop (profiling/MODEL.md). The gradient-sums launch drops the cap with the ReLU's mask
-    (gradient_sums_site), which this geometry-keyed choice cannot see."""
+    where it measured slower: the fp32 channels-first gradient sums, and the fp32 channels-last
+    statistics of more than 64 channels a program (they spill under it). The 16-bit channels-last
+    reductions, pipelined (load_stages), are capped by the static model: uncapped the statistics take
+    68 registers and the gradient sums 72-74, 3 programs an SM in grids sized for 4; under the cap the
+    gradient sums keep every value in registers and the statistics put a value or two on the stack
+    outside the tile loop (profiling/MODEL.md; as plain loops, run 7 measured the 16-bit gradient sums
+    slower under the cap: they spilled or lost their loads in flight). The gradient-sums launch drops
+    the cap with the ReLU's mask (gradient_sums_site), which this geometry-keyed choice cannot see."""
     cap = g.plan.split_max_registers
     if not cap or g.plan.splits <= 1:
         return 0
@@ -74,8 +75,8 @@ def split_register_cap(g: Geometry, job: str) -> int:
         return cap if fp32 and g.plan.block_c <= 64 else 0
     if job == "statistics":
         return cap if fp32 or g.channels_first else 0
-    if job == "gradient_sums" and fp32 and not g.channels_first:
-        return cap
+    if job == "gradient_sums" and not g.channels_first:
+        return cap if fp32 or load_stages(g, job) > 1 else 0
     return 0
 
 
@@ -86,13 +87,12 @@ def load_stages(g: Geometry, job: str) -> int:
     statistics. The channels-last statistics walk smaller tiles (pipelined_block_m) and take two
     stages more, so that as many bytes are copied ahead -- in 16-bit, whose tiles are a quarter of
     the plan's rows and half its bytes, four more: 6 tiles of 4 KB ahead, 96 KB an SM at 4 programs
-    (under split_register_cap); the 16-bit channels-last gradient sums, which take more registers
-    (2 or 3 programs an SM, 4 for fp32), one more, so that 2 programs keep the copies of 3 tiles of
-    dy and x each in flight. A channels-first single pass owns whole
-    channel groups and few tiles each: its programs are bound by their own serial walk, which the
-    tiles copied ahead shorten (the reductions' walk; the second pass finds its tiles in L2). The
-    channels-last single pass walks tiles of a few channels, too small to copy. The static model's
-    figures of each choice: profiling/MODEL.md."""
+    (under split_register_cap); the 16-bit channels-last gradient sums one more, so that 2 programs
+    an SM (through the ReLU's mask, uncapped) keep the copies of 3 tiles of dy and x each in flight.
+    A channels-first single pass owns whole channel groups and few tiles each: its programs are bound
+    by their own serial walk, which the tiles copied ahead shorten (the reductions' walk; the second
+    pass finds its tiles in L2). The channels-last single pass walks tiles of a few channels, too
+    small to copy. The static model's figures of each choice: profiling/MODEL.md."""
     stages = g.plan.load_stages
     if stages <= 1:
         return 0
