@@ -51,7 +51,7 @@ def test_split_grids_end_on_a_whole_wave(C, splits):
 
 @pytest.mark.parametrize("shape, dtype, memory_format, capped_jobs", [
     ((64, 64, 112, 112), torch.float32, torch.contiguous_format, ("statistics",)),
-    ((64, 64, 112, 112), torch.float32, torch.channels_last, ("statistics", "gradient_sums")),
+    ((64, 64, 112, 112), torch.float32, torch.channels_last, ("statistics", "gradient_sums", "input_gradient")),
     ((16384, 2048), torch.float32, torch.contiguous_format, ("gradient_sums",)),  # 128 channels a program
     ((64, 64, 112, 112), torch.bfloat16, torch.contiguous_format, ("statistics",)),
     # pipelined, capped by the static model:
@@ -63,16 +63,16 @@ def test_the_register_cap_reaches_the_split_reductions_where_it_measured_faster(
                                                                                 capped_jobs):
     """GPU_TUNING.split_max_registers caps the Triton reductions of a split plan where run 7 measured
     them faster, and the pipelined 16-bit channels-last statistics and gradient sums, whose copies
-    ahead the static model fits 4 programs an SM only under it (sites.split_register_cap); never
-    the passes after them; 0 turns it off, and the 16-bit channels-last reductions' plain loops
-    (load_stages 0) too."""
+    ahead the static model fits 4 programs an SM only under it (sites.split_register_cap); of the
+    passes after them, the fp32 channels-last dx of 64 channels a program alone (the model's too);
+    0 turns it off, and the 16-bit channels-last reductions' plain loops (load_stages 0) too."""
     x = torch.empty(shape, device="meta", dtype=dtype).contiguous(memory_format=memory_format)
     g = plan.geometry(x, x, plan.GPU_TUNING, SMS)
     jobs = ("statistics", "gradient_sums", "normalize", "input_gradient")
     capped = {job for job in jobs if sites.config(g, job)[2].get("maxnreg") == 64}
     assert capped == set(capped_jobs)
     off = plan.geometry(x, x, dataclasses.replace(plan.GPU_TUNING, split_max_registers=0), SMS)
-    assert all("maxnreg" not in sites.config(off, job)[2] for job in ("statistics", "gradient_sums"))
+    assert all("maxnreg" not in sites.config(off, job)[2] for job in ("statistics", "gradient_sums", "input_gradient"))
     plain = plan.geometry(x, x, dataclasses.replace(plan.GPU_TUNING, load_stages=0), SMS)
     sixteen_bit_channels_last = not g.channels_first and dtype.itemsize == 2
     for job in ("statistics", "gradient_sums"):

@@ -53,7 +53,7 @@ def pairs_of_values(g: Geometry) -> bool:
 
 
 def split_register_cap(g: Geometry, job: str) -> int:
-    """maxnreg of a split reduction's kernel, 0 for none. A cap of 64 (Tuning.split_max_registers)
+    """maxnreg of a split plan's reduction (or dx) kernel, 0 for none. A cap of 64 (Tuning.split_max_registers)
     holds 4 programs of 8 warps per SM, so the whole-wave grids run in one wave. Capped where the
     cap measured faster on an H200 (profiling/RESULTS.md and journal/2026-11-27-h200-run7.md): the
     statistics in fp32 and in 16-bit channels-first, the fp32 channels-last gradient sums. Uncapped
@@ -64,7 +64,10 @@ def split_register_cap(g: Geometry, job: str) -> int:
     gradient sums keep every value in registers and the statistics put a value or two on the stack
     outside the tile loop (profiling/MODEL.md; as plain loops, run 7 measured the 16-bit gradient sums
     slower under the cap: they spilled or lost their loads in flight). The gradient-sums launch drops
-    the cap with the ReLU's mask (gradient_sums_site), which this geometry-keyed choice cannot see."""
+    the cap with the ReLU's mask (gradient_sums_site), which this geometry-keyed choice cannot see.
+    One pass after them, by the static model too: the fp32 channels-last dx of 64 channels a program
+    (65-68 registers, 3 programs an SM, in a grid of 4) fits the cap without spills, with the ReLU's
+    mask as well; of 128 channels it spills with the mask, and 16-bit spills (its tiles of 128 rows)."""
     cap = g.plan.split_max_registers
     if not cap or g.plan.splits <= 1:
         return 0
@@ -77,6 +80,8 @@ def split_register_cap(g: Geometry, job: str) -> int:
         return cap if fp32 or g.channels_first else 0
     if job == "gradient_sums" and not g.channels_first:
         return cap if fp32 or load_stages(g, job) > 1 else 0
+    if job == "input_gradient" and not g.channels_first:
+        return cap if fp32 and g.plan.block_c <= 64 else 0
     return 0
 
 
