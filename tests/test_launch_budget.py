@@ -53,7 +53,10 @@ def test_split_grids_end_on_a_whole_wave(C, splits):
     ((64, 64, 112, 112), torch.float32, torch.contiguous_format, ("statistics",)),
     ((64, 64, 112, 112), torch.float32, torch.channels_last, ("statistics", "gradient_sums", "input_gradient")),
     ((16384, 2048), torch.float32, torch.contiguous_format, ("gradient_sums",)),  # 128 channels a program
-    ((64, 64, 112, 112), torch.bfloat16, torch.contiguous_format, ("statistics",)),
+    # the static model's: 16-bit channels-first gradient sums with PAIRS over tiles of one row
+    ((64, 64, 112, 112), torch.bfloat16, torch.contiguous_format, ("statistics", "gradient_sums")),
+    ((64, 256, 56, 56), torch.float16, torch.contiguous_format, ("statistics",)),  # tiles of two rows
+    ((32, 256, 14, 14), torch.bfloat16, torch.contiguous_format, ("statistics",)),  # channel groups
     # pipelined, capped by the static model:
     ((64, 64, 112, 112), torch.bfloat16, torch.channels_last, ("statistics", "gradient_sums")),
     ((16384, 2048), torch.float16, torch.contiguous_format, ("statistics", "gradient_sums")),
@@ -63,7 +66,8 @@ def test_the_register_cap_reaches_the_split_reductions_where_it_measured_faster(
                                                                                 capped_jobs):
     """GPU_TUNING.split_max_registers caps the Triton reductions of a split plan where run 7 measured
     them faster, and the pipelined 16-bit channels-last statistics and gradient sums, whose copies
-    ahead the static model fits 4 programs an SM only under it (sites.split_register_cap); of the
+    ahead the static model fits 4 programs an SM only under it (sites.split_register_cap), and the
+    16-bit channels-first gradient sums with PAIRS over tiles of one row (the model's too); of the
     passes after them, the fp32 channels-last dx of 64 channels a program alone (the model's too);
     0 turns it off, and the 16-bit channels-last reductions' plain loops (load_stages 0) too."""
     x = torch.empty(shape, device="meta", dtype=dtype).contiguous(memory_format=memory_format)
@@ -136,6 +140,17 @@ def test_the_gradient_sums_through_a_relu_keep_their_registers(dtype):
                                             sms=SMS, epilogue=epilogue)
         (sums,) = [launch for launch in recorded if launch.name.startswith("gradient_sums")]
         assert ("maxnreg" in sums.meta) == capped, (epilogue, sums.meta)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_the_paired_channels_first_gradient_sums_keep_the_cap_through_a_relu(dtype):
+    """The 16-bit channels-first gradient sums with PAIRS over tiles of one row fit the cap with the
+    ReLU's mask as well (static model: 80 registers uncapped, 64 and no spill under it)."""
+    for epilogue in (False, True):
+        recorded = recorded_launches.record("triton", "train_bwd", (64, 64, 112, 112), dtype, "contiguous",
+                                            sms=SMS, epilogue=epilogue)
+        (sums,) = [launch for launch in recorded if launch.name.startswith("gradient_sums")]
+        assert sums.meta.get("maxnreg") == 64 and sums.meta["PAIRS"], (epilogue, sums.meta)
 
 
 @pytest.mark.parametrize("shape, dtype, pairs", [
@@ -273,3 +288,21 @@ def test_a_training_step_allocates_its_outputs_and_nothing_else(launches, kernel
     assert forward == sorted([tuple(x.shape), (6,), (6,)]), forward
     backward = allocations(lambda: triton_backend.backward(x, x, weight, mean, invstd, True, True, True))
     assert backward == sorted([tuple(x.shape), (6,), (6,)]), backward
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=str)
+def test_the_16_bit_channels_last_normalize_with_a_residual_walks_half_tiles(dtype, memory_format):
+    """With a residual, the 16-bit channels-last normalize walks tiles of half the plan's rows (the
+    static model: 74 registers at the plan's, 64 at half, 4 programs an SM); its program's rows stay
+    a whole number of them. Every other normalize keeps the plan's tiles."""
+    x = torch.empty((64, 64, 112, 112), device="meta", dtype=dtype).contiguous(memory_format=memory_format)
+    g = plan.geometry(x, x, plan.GPU_TUNING, SMS)
+    for residual in (False, True):
+        meta = sites.normalize_site(g, True, True, False, True, residual, residual).meta
+        if g.channels_first:
+            assert "BLOCK_M" not in meta
+            continue
+        halved = residual and dtype.itemsize == 2
+        assert meta["BLOCK_M"] == g.plan.block_m // (2 if halved else 1), (residual, meta)
+        assert g.plan.rows_per_program % meta["BLOCK_M"] == 0

@@ -64,10 +64,14 @@ def split_register_cap(g: Geometry, job: str) -> int:
     gradient sums keep every value in registers and the statistics put a value or two on the stack
     outside the tile loop (profiling/MODEL.md; as plain loops, run 7 measured the 16-bit gradient sums
     slower under the cap: they spilled or lost their loads in flight). The gradient-sums launch drops
-    the cap with the ReLU's mask (gradient_sums_site), which this geometry-keyed choice cannot see.
+    the cap with the ReLU's mask in channels-last (gradient_sums_site), which this geometry-keyed choice cannot see.
     One pass after them, by the static model too: the fp32 channels-last dx of 64 channels a program
     (65-68 registers, 3 programs an SM, in a grid of 4) fits the cap without spills, with the ReLU's
-    mask as well; of 128 channels it spills with the mask, and 16-bit spills (its tiles of 128 rows)."""
+    mask as well; of 128 channels it spills with the mask, and 16-bit spills (its tiles of 128 rows).
+    The 16-bit channels-first gradient sums with PAIRS over tiles of one row, by the static model as
+    well: through the ReLU's mask they take 80 registers uncapped (3 programs an SM, a grid of 4 in
+    1.29 waves) and none spills under the cap, mask or not; over tiles of two rows (56x56 planes) they
+    spill in the tile loop under it, and the channel groups' (14x14) twice as much: both stay uncapped."""
     cap = g.plan.split_max_registers
     if not cap or g.plan.splits <= 1:
         return 0
@@ -80,6 +84,8 @@ def split_register_cap(g: Geometry, job: str) -> int:
         return cap if fp32 or g.channels_first else 0
     if job == "gradient_sums" and not g.channels_first:
         return cap if fp32 or load_stages(g, job) > 1 else 0
+    if job == "gradient_sums":
+        return cap if pairs_of_values(g) and g.plan.rows == 1 else 0
     if job == "input_gradient" and not g.channels_first:
         return cap if fp32 and g.plan.block_c <= 64 else 0
     return 0
@@ -178,6 +184,11 @@ def finalize_statistics_site(g: Geometry, tracked: bool, cumulative: bool) -> Si
 def normalize_site(g: Geometry, has_weight: bool, has_bias: bool, from_running: bool, count_batch: bool,
                    has_residual: bool, relu: bool) -> Site:
     kernel, grid, meta = config(g, "normalize")
+    if has_residual and not g.channels_first and g.dtype.itemsize == 2:
+        # Tiles of half the plan's rows (a program's rows stay a whole number of them): the residual's
+        # lanes beside x's take the 16-bit kernel to 74 registers, 3 programs an SM in a grid of 4;
+        # at half the rows it takes 64 and 4 fit (static model, profiling/MODEL.md).
+        meta = dict(meta, BLOCK_M=max(1, meta["BLOCK_M"] // 2))
     return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, FROM_RUNNING_STATS=from_running,
                                    COUNT_BATCH=count_batch, HAS_RESIDUAL=has_residual, RELU=relu, **meta),
                 head=(*g.sizes, *g.x.strides, *g.out.strides), tail=g.tiling)
@@ -196,8 +207,9 @@ def single_pass_forward_site(g: Geometry, has_weight: bool, has_bias: bool, trac
 @functools.lru_cache(maxsize=4096)
 def gradient_sums_site(g: Geometry, relu: bool, has_weight: bool, has_bias: bool, finalize: bool) -> Site:
     kernel, grid, meta = config(g, "gradient_sums")
-    if relu and "maxnreg" in meta:
-        # With the ReLU's mask the kernel needs more than the cap's 64 registers and would spill.
+    if relu and "maxnreg" in meta and not g.channels_first:
+        # With the ReLU's mask the channels-last kernel needs more than the cap's 64 registers and
+        # would spill; the channels-first one is capped only where it fits (split_register_cap).
         meta = {key: value for key, value in meta.items() if key != "maxnreg"}
     return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, RELU=relu, FINALIZE=finalize,
                                    BLOCK_SPLITS=g.finalize.fused_block_splits, **meta),
