@@ -306,3 +306,23 @@ def test_the_16_bit_channels_last_normalize_with_a_residual_walks_half_tiles(dty
         halved = residual and dtype.itemsize == 2
         assert meta["BLOCK_M"] == g.plan.block_m // (2 if halved else 1), (residual, meta)
         assert g.plan.rows_per_program % meta["BLOCK_M"] == 0
+
+
+@pytest.mark.parametrize("shape, dtype, halved", [
+    ((16384, 2048), torch.float32, True),                      # 128 channels a program
+    ((64, 64, 112, 112), torch.float32, False),                # 64 channels a program: capped instead
+    ((16384, 2048), torch.bfloat16, False),
+], ids=str)
+def test_the_fp32_channels_last_dx_through_a_relu_walks_half_tiles_at_128_channels(shape, dtype, halved):
+    """Through the ReLU's mask the fp32 channels-last dx of 128 channels a program walks tiles of half
+    the plan's rows (static model: 72 registers at the plan's, 52 at half: 4 programs an SM); without
+    the mask, and at 64 channels a program, it keeps the plan's tiles."""
+    x = torch.empty(shape, device="meta", dtype=dtype)
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = plan.geometry(x, x, plan.GPU_TUNING, SMS)
+    assert not g.channels_first
+    for relu in (False, True):
+        meta = sites.input_gradient_site(g, True, True, True, relu).meta
+        assert meta["BLOCK_M"] == g.plan.block_m // (2 if relu and halved else 1), (relu, meta)
+        assert g.plan.rows_per_program % meta["BLOCK_M"] == 0

@@ -67,7 +67,8 @@ def split_register_cap(g: Geometry, job: str) -> int:
     the cap with the ReLU's mask in channels-last (gradient_sums_site), which this geometry-keyed choice cannot see.
     One pass after them, by the static model too: the fp32 channels-last dx of 64 channels a program
     (65-68 registers, 3 programs an SM, in a grid of 4) fits the cap without spills, with the ReLU's
-    mask as well; of 128 channels it spills with the mask, and 16-bit spills (its tiles of 128 rows).
+    mask as well; of 128 channels it spills with the mask (it walks half tiles instead:
+    input_gradient_site), and 16-bit spills (its tiles of 128 rows).
     The 16-bit channels-first gradient sums with PAIRS over tiles of one row, by the static model as
     well: through the ReLU's mask they take 80 registers uncapped (3 programs an SM, a grid of 4 in
     1.29 waves) and none spills under the cap, mask or not; over tiles of two rows (56x56 planes) they
@@ -125,6 +126,13 @@ def pipelined_block_m(g: Geometry, job: str) -> int:
     2 programs per SM)."""
     quarter = job == "statistics" and g.dtype.itemsize == 2
     return max(1, g.plan.block_m // (4 if quarter else 2))
+
+
+def half_tiles(meta: dict) -> dict:
+    """A channels-last second pass's constexprs with tiles of half the plan's rows: its lanes hold
+    half the values, so fewer registers; a program's rows (a multiple of the plan's tile) stay a
+    whole number of tiles."""
+    return dict(meta, BLOCK_M=max(1, meta["BLOCK_M"] // 2))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -188,7 +196,7 @@ def normalize_site(g: Geometry, has_weight: bool, has_bias: bool, from_running: 
         # Tiles of half the plan's rows (a program's rows stay a whole number of them): the residual's
         # lanes beside x's take the 16-bit kernel to 74 registers, 3 programs an SM in a grid of 4;
         # at half the rows it takes 64 and 4 fit (static model, profiling/MODEL.md).
-        meta = dict(meta, BLOCK_M=max(1, meta["BLOCK_M"] // 2))
+        meta = half_tiles(meta)
     return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, FROM_RUNNING_STATS=from_running,
                                    COUNT_BATCH=count_batch, HAS_RESIDUAL=has_residual, RELU=relu, **meta),
                 head=(*g.sizes, *g.x.strides, *g.out.strides), tail=g.tiling)
@@ -225,6 +233,10 @@ def finalize_gradients_site(g: Geometry) -> Site:
 @functools.lru_cache(maxsize=4096)
 def input_gradient_site(g: Geometry, has_weight: bool, has_bias: bool, training: bool, relu: bool) -> Site:
     kernel, grid, meta = config(g, "input_gradient")
+    if relu and not g.channels_first and g.dtype == torch.float32 and g.plan.block_c > 64:
+        # The ReLU's mask beside dy and x takes the fp32 dx of 128 channels a program to 72 registers
+        # (3 programs an SM in a grid of 4; capped at 64 it spills): at half the rows it takes 52, 4 fit.
+        meta = half_tiles(meta)
     return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, TRAINING=training, RELU=relu, **meta),
                 head=(*g.sizes, *g.grad_y.strides, *g.x.strides, *g.out.strides), tail=g.tiling)
 
