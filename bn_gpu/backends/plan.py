@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..dtypes import stat_dtype
+from .device import multiprocessors
 from .layout import (CHANNELS_FIRST, ChannelsFirstView, ChannelsLastView, channels_first_view, channels_last_view,
                      choose_layout, empty_in_family, in_family, spatial_size)
 
@@ -93,11 +94,6 @@ def next_power_of_2(n: int) -> int:
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def tuning_and_sms(device: torch.device) -> tuple[Tuning, int]:
