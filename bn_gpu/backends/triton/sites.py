@@ -193,9 +193,8 @@ def normalize_site(g: Geometry, has_weight: bool, has_bias: bool, from_running: 
                    has_residual: bool, relu: bool) -> Site:
     kernel, grid, meta = config(g, "normalize")
     if has_residual and not g.channels_first and g.dtype.itemsize == 2:
-        # Tiles of half the plan's rows (a program's rows stay a whole number of them): the residual's
-        # lanes beside x's take the 16-bit kernel to 74 registers, 3 programs an SM in a grid of 4;
-        # at half the rows it takes 64 and 4 fit (static model, profiling/MODEL.md).
+        # The residual's lanes beside x's take the 16-bit kernel past the registers of the 4 programs an
+        # SM its grid is sized for (capped, it spills); over half tiles 4 fit (static model: profiling/MODEL.md).
         meta = half_tiles(meta)
     return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, FROM_RUNNING_STATS=from_running,
                                    COUNT_BATCH=count_batch, HAS_RESIDUAL=has_residual, RELU=relu, **meta),
@@ -234,8 +233,8 @@ def finalize_gradients_site(g: Geometry) -> Site:
 def input_gradient_site(g: Geometry, has_weight: bool, has_bias: bool, training: bool, relu: bool) -> Site:
     kernel, grid, meta = config(g, "input_gradient")
     if relu and not g.channels_first and g.dtype == torch.float32 and g.plan.block_c > 64:
-        # The ReLU's mask beside dy and x takes the fp32 dx of 128 channels a program to 72 registers
-        # (3 programs an SM in a grid of 4; capped at 64 it spills): at half the rows it takes 52, 4 fit.
+        # The ReLU's mask beside dy and x takes the fp32 dx of 128 channels a program past the registers of
+        # 4 programs an SM (capped, it spills); over half tiles 4 fit (static model: profiling/MODEL.md).
         meta = half_tiles(meta)
     return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, TRAINING=training, RELU=relu, **meta),
                 head=(*g.sizes, *g.grad_y.strides, *g.x.strides, *g.out.strides), tail=g.tiling)
