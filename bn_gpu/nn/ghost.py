@@ -15,7 +15,9 @@ from .batch_norm import BatchNormMixin
 
 def _chunk_statistics(x, virtual_batch_size: int):
     """Per-chunk (mean, biased var) of shape (chunks, C) and the chunks' row counts: the full
-    chunks in one reduction over a (chunks, rows, C, S) view, the shorter last one in a second."""
+    chunks over a (chunks, rows, C, S) view, the shorter last one apart. The mean is a plain mean, not
+    var_mean's running one: a chunk holding an inf has an infinite mean, as BatchNorm's, where
+    var_mean's is NaN."""
     stat = stat_dtype(x.dtype)
     N, C = x.shape[:2]
     full = N // virtual_batch_size
@@ -23,10 +25,11 @@ def _chunk_statistics(x, virtual_batch_size: int):
     pieces, rows = [], []
     if full:
         grouped = flat[:full * virtual_batch_size].reshape(full, virtual_batch_size, C, -1)
-        pieces.append(torch.var_mean(grouped, dim=(1, 3), correction=0))
+        pieces.append((grouped.var(dim=(1, 3), correction=0), grouped.mean(dim=(1, 3))))
         rows += [virtual_batch_size] * full
     if N % virtual_batch_size:
-        var, mean = torch.var_mean(flat[full * virtual_batch_size:], dim=(0, 2), correction=0)
+        last = flat[full * virtual_batch_size:]
+        var, mean = last.var(dim=(0, 2), correction=0), last.mean(dim=(0, 2))
         pieces.append((var[None], mean[None]))
         rows.append(N % virtual_batch_size)
     var = torch.cat([v for v, _ in pieces])

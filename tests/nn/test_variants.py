@@ -205,6 +205,21 @@ def test_ghost_batch_norm_as_the_chunked_batch_norm(backend, device, shape, virt
     torch.testing.assert_close(y.detach().cpu(), y64.cpu().to(y.dtype))  # outputs do not depend on momentum
 
 
+@pytest.mark.parametrize("backend, device", backend_devices())
+def test_ghost_batch_norm_running_statistics_of_a_chunk_holding_an_inf_as_the_chunked_batch_norm(backend, device):
+    """A chunk holding +inf has an infinite mean and a NaN variance, as BatchNorm on that chunk gives:
+    the running mean goes to inf (not NaN), the running variance to NaN, the other channels unharmed."""
+    x = make_input((10, 3), torch.float64, device=device)
+    x[5, 1] = float("inf")  # the second chunk of four rows, channel 1
+    ghost = bn_gpu.GhostBatchNorm1d(3, 4, backend=backend).to(device).double()
+    chunked = torch.nn.BatchNorm1d(3).to(device).double()
+    ghost(x), _chunked_torch(chunked, x, 4)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(ghost, name), getattr(chunked, name), equal_nan=True)
+    assert ghost.running_mean[1] == float("inf") and ghost.running_var[1].isnan()
+    assert ghost.running_mean[[0, 2]].isfinite().all() and ghost.running_var[[0, 2]].isfinite().all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_ghost_batch_norm_keeps_dtype_and_layout(dtype):
     x = make_input((8, 3, 4, 5), dtype, "channels_last")
