@@ -63,16 +63,16 @@ def split_register_cap(g: Geometry, job: str) -> int:
     68 registers and the gradient sums 72-74, 3 programs an SM in grids sized for 4; under the cap the
     gradient sums keep every value in registers and the statistics put a value or two on the stack
     outside the tile loop (profiling/MODEL.md; as plain loops, run 7 measured the 16-bit gradient sums
-    slower under the cap: they spilled or lost their loads in flight). The gradient-sums launch drops
-    the cap with the ReLU's mask in channels-last (gradient_sums_site), which this geometry-keyed choice cannot see.
-    One pass after them, by the static model too: the fp32 channels-last dx of 64 channels a program
-    (65-68 registers, 3 programs an SM, in a grid of 4) fits the cap without spills, with the ReLU's
-    mask as well; of 128 channels it spills with the mask (it walks half tiles instead:
-    input_gradient_site), and 16-bit spills (its tiles of 128 rows).
-    The 16-bit channels-first gradient sums with PAIRS over tiles of one row, by the static model as
-    well: through the ReLU's mask they take 80 registers uncapped (3 programs an SM, a grid of 4 in
-    1.29 waves) and none spills under the cap, mask or not; over tiles of two rows (56x56 planes) they
-    spill in the tile loop under it, and the channel groups' (14x14) twice as much: both stay uncapped."""
+    slower under the cap: they spilled or lost their loads in flight). The channels-last gradient-sums
+    launch drops the cap with the ReLU's mask (gradient_sums_site), which this geometry-keyed choice
+    cannot see. The 16-bit channels-first gradient sums with PAIRS over tiles of one row, by the static
+    model as well: through the ReLU's mask they take 80 registers uncapped (3 programs an SM, a grid of
+    4 in 1.29 waves) and none spills under the cap, mask or not; over tiles of two rows (56x56 planes)
+    they spill in the tile loop under it, and the channel groups' (14x14) twice as much: both stay
+    uncapped. One pass after them, by the static model too: the fp32 channels-last dx of 64 channels a
+    program (65-68 registers, 3 programs an SM, in a grid of 4) fits the cap without spills, with the
+    ReLU's mask as well; of 128 channels it spills with the mask (it walks half tiles instead:
+    input_gradient_site), and 16-bit spills (its tiles of 128 rows)."""
     cap = g.plan.split_max_registers
     if not cap or g.plan.splits <= 1:
         return 0
