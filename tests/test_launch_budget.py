@@ -129,17 +129,26 @@ def test_channels_first_single_passes_are_software_pipelined(memory_format):
         assert sites.config(off, job)[2]["STAGES"] == 0, job
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_the_gradient_sums_through_a_relu_keep_their_registers(dtype):
-    """The fused backward's gradient sums (the ReLU's mask) are left uncapped: they take 80 registers
-    (fp32; 16-bit 92-95) and spilled under the cap (static model), and run 7 measured the cap on the
-    plain kernel only."""
-    x_shape = (64, 64, 112, 112)
-    for epilogue, capped in ((False, True), (True, False)):
-        recorded = recorded_launches.record("triton", "train_bwd", x_shape, dtype, "channels_last",
-                                            sms=SMS, epilogue=epilogue)
-        (sums,) = [launch for launch in recorded if launch.name.startswith("gradient_sums")]
-        assert ("maxnreg" in sums.meta) == capped, (epilogue, sums.meta)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_the_channels_last_gradient_sums_through_a_relu_keep_the_cap_where_pipelined(dtype):
+    """The fused backward's channels-last gradient sums (the ReLU's mask) keep the cap where their loop
+    is pipelined: 16-bit over tiles of half the rows with twice the tiles copied ahead, the same
+    shared memory (static model: 91-95 registers at the pipelined tiles, 2 programs an SM; 64 and no
+    spill at half, 4), fp32 over the pipelined tiles (58-61 registers either way). The plain loop
+    (load_stages=0) through the mask drops the cap (it spilled under it)."""
+    x = torch.empty((64, 64, 112, 112), device="meta", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    for tuning in (plan.GPU_TUNING, dataclasses.replace(plan.GPU_TUNING, load_stages=0)):
+        g = plan.geometry(x, x, tuning, SMS)
+        plain = sites.gradient_sums_site(g, False, True, True, True).meta
+        masked = sites.gradient_sums_site(g, True, True, True, True).meta
+        pipelined = tuning.load_stages > 1
+        assert ("maxnreg" in masked) == pipelined and ("maxnreg" in plain) == (pipelined or dtype == torch.float32)
+        halved = pipelined and dtype.itemsize == 2
+        assert masked["BLOCK_M"] == plain["BLOCK_M"] // (2 if halved else 1), masked
+        assert masked["STAGES"] == (2 * plain["STAGES"] - 1 if halved else plain["STAGES"]), masked
+        if pipelined:  # buffers x rows: the same shared memory
+            assert (masked["STAGES"] - 1) * masked["BLOCK_M"] == (plain["STAGES"] - 1) * plain["BLOCK_M"]
+        assert g.plan.rows_per_program % masked["BLOCK_M"] == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

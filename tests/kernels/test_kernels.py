@@ -215,24 +215,31 @@ def test_pipelined_reductions(backend, device, layout, dtype, programs_per_sm, m
                  "grad_weight against the plain loop")
 
 
-@pytest.mark.parametrize("backend,device", [p for p in backend_devices() if p.values[1] == "cuda"])
+@pytest.mark.parametrize("backend,device", [p for p in backend_devices() if p.values[0] != "cpu"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_channels_last_16_bit_gradient_sums_through_the_relu_as_reference(backend, device, dtype, monkeypatch,
                                                                          poisoned):
-    """16-bit channels-last rows of whole 16-byte groups (32 channels) through the ReLU's mask, on
-    the split plan (on-chip off): the CUDA C gradient sums' ring of three copies in dynamic shared
-    memory (compilation.MASKED_RING_BUFFERS), turned more than once a thread (about 8 rows a
-    thread, 7 in some: a last copy short of a batch), and the Triton ones' copies ahead. Against the
-    float64 reference (the ReLU's mask from the kernels' own output, as test_epilogue), and two
-    calls bitwise equal."""
+    """16-bit channels-last rows of whole 16-byte groups (32 channels; 8 in the interpreter) through
+    the ReLU's mask, on the split plan (on-chip off): the CUDA C gradient sums' ring of three copies
+    in dynamic shared memory (compilation.MASKED_RING_BUFFERS), turned more than once a thread
+    (about 8 rows a thread, 7 in some: a last copy short of a batch), and the Triton ones' copies
+    ahead over tiles of half the rows (sites.gradient_sums_site). Against the float64 reference (the
+    ReLU's mask from the kernels' own output, as test_epilogue), and two calls bitwise equal."""
     import dataclasses
 
     import bn_gpu.backends.plan
-    monkeypatch.setattr(bn_gpu.backends.plan, "GPU_TUNING",
-                        dataclasses.replace(bn_gpu.backends.plan.GPU_TUNING, on_chip_bytes=0))
-    shape = (128, 32, 33, 33)
+    from bn_gpu.backends.triton import sites
+    for name in ("INTERPRETER_TUNING", "GPU_TUNING"):
+        monkeypatch.setattr(bn_gpu.backends.plan, name,
+                            dataclasses.replace(getattr(bn_gpu.backends.plan, name), on_chip_bytes=0))
+    shape = (128, 32, 33, 33) if device == "cuda" else (16, 8, 4, 4)
+    C = shape[1]
     x = make_input(shape, dtype, "channels_last", device, mean=0.5, std=1.0).requires_grad_()
-    weight, bias, running_mean, running_var = make_params(32, torch.float32, device)
+    if backend == "triton":  # the case walks the halved tiles
+        g = bn_gpu.backends.plan.geometry(x, x, *bn_gpu.backends.plan.tuning_and_sms(x.device))
+        meta = sites.gradient_sums_site(g, True, True, True, True).meta
+        assert g.plan.splits > 1 and meta["BLOCK_M"] < sites.config(g, "gradient_sums")[2]["BLOCK_M"], meta
+    weight, bias, running_mean, running_var = make_params(C, torch.float32, device)
     grad_y = make_input(shape, dtype, "channels_last", device, mean=0.0, std=1.0, seed=7)
     grads = []
     for _ in range(2):
@@ -245,5 +252,5 @@ def test_channels_last_16_bit_gradient_sums_through_the_relu_as_reference(backen
     grad_x_ref, grad_w_ref, grad_b_ref = ref.backward_train(grad_bn, x.detach(), weight)
     grad_x, grad_w, grad_b = grads[0]
     assert_close(grad_x, grad_x_ref, dtype, "grad_input")
-    assert_close(_scaled(grad_w, grad_y, 32), _scaled(grad_w_ref, grad_y, 32), dtype, "grad_weight")
-    assert_close(_scaled(grad_b, grad_y, 32), _scaled(grad_b_ref, grad_y, 32), dtype, "grad_bias")
+    assert_close(_scaled(grad_w, grad_y, C), _scaled(grad_w_ref, grad_y, C), dtype, "grad_weight")
+    assert_close(_scaled(grad_b, grad_y, C), _scaled(grad_b_ref, grad_y, C), dtype, "grad_bias")

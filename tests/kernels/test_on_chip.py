@@ -178,6 +178,59 @@ def test_the_exchange_is_deterministic_and_leaves_its_counters_at_zero(backend, 
 
 # ---- the launcher ---------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_the_exchange_launches_cooperatively_and_the_walk_does_not(layout):
+    """The exchange's sites ask Triton for a cooperative launch (the driver starts every program at
+    once or refuses the grid) and the cap that holds 2 programs an SM; the walk, whose programs
+    never wait for each other, neither (GPU plans of an H200: 16x64x28x28 exchanges, 64x2048x7x7 walks)."""
+    from bn_gpu.backends.triton import sites
+
+    for shape, exchange in (((16, 64, 28, 28), True), ((64, 2048, 7, 7), False)):
+        x = make_input(shape, torch.float32, layout, device="meta")
+        g = plans.geometry(x, x, plans.GPU_TUNING, 132)
+        if g.on_chip is None:  # channels-last 7x7 planes: no channel groups to walk
+            assert not exchange and layout == "channels_last"
+            continue
+        at_sites = [sites.on_chip_forward_site(g, True, True, True, False, True, False, False)]
+        if exchange:  # (the Triton backward walks no groups)
+            at_sites.append(sites.on_chip_backward_site(g, True, True, True, False))
+        assert g.on_chip.exchange == exchange and (g.on_chip_backward is None) == (not exchange)
+        for at in at_sites:
+            assert at.meta.get("launch_cooperative_grid", False) == exchange, (shape, at.meta)
+            assert (at.meta.get("maxnreg") == sites.MAX_REGISTERS) == exchange
+            assert bool(at.resident) == exchange
+
+
+def test_a_refused_cooperative_launch_names_the_way_out(monkeypatch):
+    """A cooperative launch the driver refuses (kernels of other streams, or an MPS share the process
+    cannot see, hold SMs the grid needs) is reported with BN_GPU_TUNING=on_chip_bytes=0; any other
+    error of the launch passes through unchanged."""
+    from bn_gpu.backends.triton import launcher
+
+    monkeypatch.setattr(launcher, "interpreting", lambda: False)
+    monkeypatch.setattr(launcher, "check_residency", lambda site, args: None)
+    errors = [RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch"),
+              RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")]
+
+    class Refusing:
+        __name__ = "on_chip_forward_channels_last"
+        params = []
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                raise errors[0]
+            return launch
+
+    site = launcher.Site(Refusing(), (264,), {"num_warps": 8, "launch_cooperative_grid": True}, (), resident=2)
+    launch = launcher.Launcher(direct=False)
+    with pytest.raises(RuntimeError, match="every program of on_chip_forward_channels_last's grid \\(264\\).*"
+                                           "too many blocks.*on_chip_bytes=0"):
+        launch(site, ())
+    errors.pop(0)
+    with pytest.raises(RuntimeError, match="^Triton Error \\[CUDA\\]: an illegal memory access"):
+        launch(site, ())
+
+
 def test_residency_counts_registers_shared_memory_and_threads(monkeypatch):
     """An SM of 64K registers and 228 KB holds 2 programs of 8 warps at 128 registers, 1 at 129 (registers
     are allocated 8 a thread), and as many as its shared memory holds."""

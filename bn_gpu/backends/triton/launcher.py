@@ -83,22 +83,27 @@ class Launcher:
             if len(self.resident_checked) >= MAX_REMEMBERED:
                 self.resident_checked.clear()
             self.resident_checked.add(site)
-        key = None
-        if self.direct and no_launch_hooks():
-            key = self.key(site, pointers)
-            entry = self.compiled.get(key)
-            if entry is not None:
-                compiled, dims, constexprs = entry
-                try:
-                    compiled.run(*dims, current_stream(), compiled.function, compiled.packed_metadata, None, None,
-                                 None, *pointers, *site.head, *floats, *site.tail, *constexprs)
-                    return
-                except (TypeError, AttributeError):  # a launcher API other than the one this knows
-                    self.direct = False
-                    self.compiled.clear()
-        compiled = through_jit(site, site.args(pointers, floats))
-        if key is not None and self.direct:
-            self._remember(key, site, compiled, len(pointers) + len(site.head) + len(floats) + len(site.tail))
+        try:  # (costs nothing unless it raises)
+            key = None
+            if self.direct and no_launch_hooks():
+                key = self.key(site, pointers)
+                entry = self.compiled.get(key)
+                if entry is not None:
+                    compiled, dims, constexprs = entry
+                    try:
+                        compiled.run(*dims, current_stream(), compiled.function, compiled.packed_metadata, None,
+                                     None, None, *pointers, *site.head, *floats, *site.tail, *constexprs)
+                        return
+                    except (TypeError, AttributeError):  # a launcher API other than the one this knows
+                        self.direct = False
+                        self.compiled.clear()
+            compiled = through_jit(site, site.args(pointers, floats))
+            if key is not None and self.direct:
+                self._remember(key, site, compiled, len(pointers) + len(site.head) + len(floats) + len(site.tail))
+        except RuntimeError as error:
+            if site.resident and "cooperative" in str(error).lower():
+                raise refused_grid(site, error) from error
+            raise
 
     def _remember(self, key, site: Site, compiled, runtime_args: int) -> None:
         """Keep the compiled kernel for direct launches when it has the launcher API this uses."""
@@ -148,6 +153,14 @@ def check_residency(site: Site, args: list) -> None:
         raise RuntimeError(f"bn_gpu: {site.kernel.__name__} compiled to {n_regs} registers a thread and {shared} "
                            f"bytes of shared memory: an SM holds {held} of its programs, its grid needs "
                            f"{site.resident}; set BN_GPU_TUNING=on_chip_bytes=0 to use the two-pass kernels")
+
+
+def refused_grid(site: Site, error: Exception) -> RuntimeError:
+    """The error of a cooperative launch (Site.meta's launch_cooperative_grid) that the driver refused:
+    it starts every program of such a grid at once or none, and here it could not."""
+    return RuntimeError(f"bn_gpu: the driver cannot start every program of {site.kernel.__name__}'s grid "
+                        f"({site.grid[0]}) at once (other kernels or an MPS share hold its SMs): {error}; "
+                        f"set BN_GPU_TUNING=on_chip_bytes=0 to use the two-pass kernels")
 
 
 launch = Launcher()

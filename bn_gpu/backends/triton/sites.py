@@ -63,9 +63,9 @@ def split_register_cap(g: Geometry, job: str) -> int:
     68 registers and the gradient sums 72-74, 3 programs an SM in grids sized for 4; under the cap the
     gradient sums keep every value in registers and the statistics put a value or two on the stack
     outside the tile loop (profiling/MODEL.md; as plain loops, run 7 measured the 16-bit gradient sums
-    slower under the cap: they spilled or lost their loads in flight). The channels-last gradient-sums
-    launch drops the cap with the ReLU's mask (gradient_sums_site), which this geometry-keyed choice
-    cannot see. The 16-bit channels-first gradient sums with PAIRS over tiles of one row, by the static
+    slower under the cap: they spilled or lost their loads in flight). Through the ReLU's mask, which
+    this geometry-keyed choice cannot see, the channels-last gradient-sums launch keeps the cap over
+    tiles of half the rows in 16-bit and drops it for the plain loop (gradient_sums_site). The 16-bit channels-first gradient sums with PAIRS over tiles of one row, by the static
     model as well: through the ReLU's mask they take 80 registers uncapped (3 programs an SM, a grid of
     4 in 1.29 waves) and none spills under the cap, mask or not; over tiles of two rows (56x56 planes)
     they spill in the tile loop under it, and the channel groups' (14x14) twice as much: both stay
@@ -99,8 +99,8 @@ def load_stages(g: Geometry, job: str) -> int:
     statistics. The channels-last statistics walk smaller tiles (pipelined_block_m) and take two
     stages more, so that as many bytes are copied ahead -- in 16-bit, whose tiles are a quarter of
     the plan's rows and half its bytes, four more: 6 tiles of 4 KB ahead, 96 KB an SM at 4 programs
-    (under split_register_cap); the 16-bit channels-last gradient sums one more, so that 2 programs
-    an SM (through the ReLU's mask, uncapped) keep the copies of 3 tiles of dy and x each in flight.
+    (under split_register_cap); the 16-bit channels-last gradient sums one more: 3 tiles of dy and x
+    ahead, 48 KB a program (through the ReLU's mask 6 tiles of half the rows: gradient_sums_site).
     A channels-first single pass owns whole channel groups and few tiles each: its programs are bound
     by their own serial walk, which the tiles copied ahead shorten (the reductions' walk; the second
     pass finds its tiles in L2). The channels-last single pass walks tiles of a few channels, too
@@ -214,9 +214,14 @@ def single_pass_forward_site(g: Geometry, has_weight: bool, has_bias: bool, trac
 @functools.lru_cache(maxsize=4096)
 def gradient_sums_site(g: Geometry, relu: bool, has_weight: bool, has_bias: bool, finalize: bool) -> Site:
     kernel, grid, meta = config(g, "gradient_sums")
-    if relu and "maxnreg" in meta and not g.channels_first:
-        # With the ReLU's mask the channels-last kernel needs more than the cap's 64 registers and
-        # would spill; the channels-first one is capped only where it fits (split_register_cap).
+    if relu and not g.channels_first and meta["STAGES"] > 1 and g.dtype.itemsize == 2:
+        # The ReLU's mask (a scale and shift a channel beside the mean) takes the 16-bit lanes of the
+        # pipelined tiles past the cap's 64 registers (under it they spill); over tiles of half those
+        # rows, twice as many copied ahead (the same shared memory), they fit it without spilling.
+        meta = dict(half_tiles(meta), STAGES=2 * meta["STAGES"] - 1)
+    elif relu and not g.channels_first and meta["STAGES"] <= 1:
+        # The plain loop through the mask spills under the cap (split_register_cap holds for the
+        # pipelined one); the channels-first kernels are capped only where they fit.
         meta = {key: value for key, value in meta.items() if key != "maxnreg"}
     return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, RELU=relu, FINALIZE=finalize,
                                    BLOCK_SPLITS=g.finalize.fused_block_splits, **meta),
@@ -252,8 +257,10 @@ def single_pass_backward_site(g: Geometry, has_weight: bool, has_bias: bool, tra
 def on_chip_config(g: Geometry, job: str) -> tuple:
     """(kernel, grid, constexprs and warps, the work's integer arguments) of an on-chip kernel. The
     exchange's programs are capped at MAX_REGISTERS, which holds Tuning.on_chip_programs_per_sm (2)
-    of them per SM whatever the compiler would take (the launcher checks it: Site.resident); the walk
-    pipelines its loop over groups (Tuning.load_stages) instead."""
+    of them per SM whatever the compiler would take (the launcher checks it: Site.resident), and
+    launched cooperatively: the driver starts every program at once or refuses the grid, so programs
+    waiting at the barrier never wait for programs that kernels on other streams keep from starting.
+    The walk pipelines its loop over groups (Tuning.load_stages) instead."""
     p = g.plan
     on_chip = g.on_chip if job == "on_chip_forward" else g.on_chip_backward
     kernel = KERNELS_BY_JOB[job, g.channels_first]
@@ -268,7 +275,7 @@ def on_chip_config(g: Geometry, job: str) -> tuple:
                 BLOCK_SPLITS=on_chip.block_splits, STAGES=1 if on_chip.exchange else max(1, on_chip.load_stages),
                 **blocks)
     if on_chip.exchange:
-        meta["maxnreg"] = MAX_REGISTERS
+        meta.update(maxnreg=MAX_REGISTERS, launch_cooperative_grid=True)
     return kernel, (on_chip.programs,), meta, work, on_chip.resident
 
 

@@ -55,7 +55,7 @@ class Compiler:
             usage = resources.get(name) or next(iter(resources.values()))
             shared = max(usage["shared"], getattr(compiled.metadata, "shared", 0) or 0)
             dtype = next((a.dtype for a in launch.args if isinstance(a, torch.Tensor)), None)
-            flags = ",".join(k for k, v in sorted(launch.meta.items()) if v is True)
+            flags = ",".join(k for k, v in sorted(launch.meta.items()) if v is True and k.isupper())  # constexprs
             label = (f"{name} {str(dtype).replace('torch.', '')} "
                      + " ".join(f"{k}={v}" for k, v in sorted(launch.meta.items())
                                 if k.startswith(("BLOCK", "ROWS")) or (k == "GROUP" and v > 1))
