@@ -208,40 +208,51 @@ def _normalize(x_ptr, y_ptr, residual_ptr, x_stride_n, y_stride_n, mean, scale, 
 def _add_tile_gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, scale, shift, tile, s_blocks, N, S,
                             sum_dy, sum_dy_xmu, RELU: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr,
                             BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr, PAIRS: tl.constexpr,
-                            LANES: tl.constexpr):
-    """A lane's sums of dy and dy * (x - mean) with one tile added."""
+                            LANES: tl.constexpr, FOLD_ROWS: tl.constexpr):
+    """A lane's sums of dy and dy * (x - mean) with one tile added; FOLD_ROWS: the tile's rows summed
+    into one row of lane sums first (see _gradient_sums)."""
     n, s, mask, _ = _tile(tile, s_blocks, N, S, ROWS, BLOCK_S, OFFSET_64)
     dy = tl.load(dy_ptr + _offsets(n, s, dy_stride_n), mask=mask, other=0.0).to(ACC)
     x = tl.load(x_ptr + _offsets(n, s, x_stride_n), mask=mask, other=0.0).to(ACC)
     if RELU:
         dy = tl.where((x - mean) * scale + shift <= 0.0, 0.0, dy)
-    return _add_sums(sum_dy, sum_dy_xmu, dy, x - mean, PAIRS, ROWS, LANES)
+    if FOLD_ROWS:
+        tile_dy, tile_dy_xmu = _add_sums(tl.zeros([ROWS, LANES], ACC), tl.zeros([ROWS, LANES], ACC), dy, x - mean,
+                                         PAIRS, ROWS, LANES)
+        sum_dy += tl.sum(tile_dy, axis=0, keep_dims=True)
+        sum_dy_xmu += tl.sum(tile_dy_xmu, axis=0, keep_dims=True)
+    else:
+        sum_dy, sum_dy_xmu = _add_sums(sum_dy, sum_dy_xmu, dy, x - mean, PAIRS, ROWS, LANES)
+    return sum_dy, sum_dy_xmu
 
 
 @triton.jit
 def _gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, scale, shift, first_tile, last_tile,
                    s_blocks, N, S, RELU: tl.constexpr,
                    ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
-                   GROUP: tl.constexpr, PAIRS: tl.constexpr, STAGES: tl.constexpr):
+                   GROUP: tl.constexpr, PAIRS: tl.constexpr, STAGES: tl.constexpr, FOLD_ROWS: tl.constexpr):
     """(sum of dy, sum of dy * (x - mean)) over tiles [first_tile, last_tile). RELU: dy through the
     forward's ReLU, its mask recomputed from x (zero where (x - mean) * scale + shift <= 0, as the forward
     computed it) rather than read from memory: as torch's ReLU, a NaN input passes its gradient on.
-    STAGES > 1: the tile loop software-pipelined, as in _moments."""
+    STAGES > 1: the tile loop software-pipelined, as in _moments. FOLD_ROWS: one row of lane sums, each
+    tile's rows added into it, rather than one a row of the tile -- where a thread holds the same lanes
+    of every row (a row spans the program's threads), its own adds and half the registers at 2 rows."""
     # Lane-wise sums across tiles, one tree reduction at the end; two values at a time with PAIRS,
     # as _moments.
     LANES: tl.constexpr = BLOCK_S // 2 if PAIRS else BLOCK_S
-    sum_dy = tl.zeros([ROWS, LANES], ACC)
-    sum_dy_xmu = tl.zeros([ROWS, LANES], ACC)
+    SUM_ROWS: tl.constexpr = 1 if FOLD_ROWS else ROWS
+    sum_dy = tl.zeros([SUM_ROWS, LANES], ACC)
+    sum_dy_xmu = tl.zeros([SUM_ROWS, LANES], ACC)
     if STAGES > 1:
         for tile in tl.range(first_tile, last_tile, num_stages=STAGES):
             sum_dy, sum_dy_xmu = _add_tile_gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, scale, shift,
                                                          tile, s_blocks, N, S, sum_dy, sum_dy_xmu, RELU, ACC, ROWS,
-                                                         BLOCK_S, OFFSET_64, PAIRS, LANES)
+                                                         BLOCK_S, OFFSET_64, PAIRS, LANES, FOLD_ROWS)
     else:
         for tile in range(first_tile, last_tile):
             sum_dy, sum_dy_xmu = _add_tile_gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, scale, shift,
                                                          tile, s_blocks, N, S, sum_dy, sum_dy_xmu, RELU, ACC, ROWS,
-                                                         BLOCK_S, OFFSET_64, PAIRS, LANES)
+                                                         BLOCK_S, OFFSET_64, PAIRS, LANES, FOLD_ROWS)
     return per_channel(sum_dy, S, LANES, GROUP), per_channel(sum_dy_xmu, S, LANES, GROUP)
 
 
@@ -440,10 +451,11 @@ def gradient_sums_channels_first(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
     GROUP: tl.constexpr, ALIGN: tl.constexpr, PAIRS: tl.constexpr,
-    FINALIZE: tl.constexpr, BLOCK_SPLITS: tl.constexpr, STAGES: tl.constexpr,
+    FINALIZE: tl.constexpr, BLOCK_SPLITS: tl.constexpr, STAGES: tl.constexpr, FOLD_ROWS: tl.constexpr,
 ):
     """Partial sums per (split, channel); with FINALIZE, the last programs of each channel group to
-    finish also write its totals, dweight and dbias (finalize.finalize_gradients_of_group)."""
+    finish also write its totals, dweight and dbias (finalize.finalize_gradients_of_group). FOLD_ROWS:
+    see _gradient_sums."""
     group = _group(OFFSET_64)
     split = tl.program_id(1)
     c0, c, cols = group_channels(group, S, BLOCK_S, GROUP)
@@ -456,7 +468,7 @@ def gradient_sums_channels_first(
                                         x_ptr + group_offset(c0, x_stride_c, ALIGN), dy_stride_n, x_stride_n,
                                         tl.load(mean_ptr + c).to(ACC), scale, shift, first_tile, last_tile,
                                         s_blocks, N, group_run(S, GROUP, ALIGN), RELU, ACC, ROWS, BLOCK_S, OFFSET_64,
-                                        GROUP, PAIRS, STAGES)
+                                        GROUP, PAIRS, STAGES, FOLD_ROWS)
     out = split * C + cols
     tl.store(partial_sum_dy_ptr + out, sum_dy)
     tl.store(partial_sum_dy_xmu_ptr + out, sum_dy_xmu)
@@ -535,7 +547,7 @@ def single_pass_backward_channels_first(
     scale, shift = _affine(c, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS and RELU, ACC)
     sum_dy, sum_dy_xmu = _gradient_sums(dy_ptr, x_ptr, dy_stride_n, x_stride_n, mean, scale, shift,
                                         0, total_tiles, s_blocks, N, run, RELU, ACC, ROWS, BLOCK_S, OFFSET_64, GROUP,
-                                        PAIRS, STAGES)
+                                        PAIRS, STAGES, False)
     if GROUP == 1:
         store_gradients(c, c < C, sum_dy, sum_dy_xmu, invstd, grad_weight_ptr, grad_bias_ptr)
     else:

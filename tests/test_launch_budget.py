@@ -55,7 +55,7 @@ def test_split_grids_end_on_a_whole_wave(C, splits):
     ((16384, 2048), torch.float32, torch.contiguous_format, ("gradient_sums",)),  # 128 channels a program
     # the static model's: 16-bit channels-first gradient sums with PAIRS over tiles of one row
     ((64, 64, 112, 112), torch.bfloat16, torch.contiguous_format, ("statistics", "gradient_sums")),
-    ((64, 256, 56, 56), torch.float16, torch.contiguous_format, ("statistics",)),  # tiles of two rows
+    ((64, 256, 56, 56), torch.float16, torch.contiguous_format, ("statistics", "gradient_sums")),  # 2 rows, folded
     ((32, 256, 14, 14), torch.bfloat16, torch.contiguous_format, ("statistics",)),  # channel groups
     # pipelined, capped by the static model:
     ((64, 64, 112, 112), torch.bfloat16, torch.channels_last, ("statistics", "gradient_sums")),
@@ -182,6 +182,26 @@ def test_16_bit_channels_first_reductions_sum_pairs_where_threads_hold_whole_gro
         assert g.channels_first == ("PAIRS" in meta), job
     for job in ("normalize", "input_gradient"):
         assert "PAIRS" not in sites.config(g, job)[2], job
+
+
+@pytest.mark.parametrize("shape, dtype, folded", [
+    ((64, 256, 56, 56), torch.bfloat16, True),    # tiles of 2 rows of 4096 values: a row spans the threads
+    ((8, 64, 16, 56, 56), torch.float16, False),  # tiles of one row
+    ((64, 256, 28, 28), torch.bfloat16, False),   # rows of 1024 values: 8 warps of 256 split the rows
+    ((64, 256, 56, 56), torch.float32, False),    # no PAIRS (fp32 tiles of 2 rows fit 4 programs an SM)
+], ids=str)
+def test_paired_gradient_sums_fold_the_rows_where_a_row_spans_the_threads(shape, dtype, folded):
+    """FOLD_ROWS (sites.folded_rows): the channels-first gradient sums with PAIRS over tiles of several
+    rows whose rows each span the program's threads keep one row of lane sums (static model: 80 -> 50
+    registers, 61 through the ReLU's mask) and take the register cap; the single pass never folds."""
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    g = plan.geometry(x, x, plan.GPU_TUNING, SMS)
+    assert sites.folded_rows(g) == folded
+    meta = sites.config(g, "gradient_sums")[2]
+    assert meta["FOLD_ROWS"] == folded
+    if folded:
+        assert g.plan.rows > 1 and meta["PAIRS"] and meta.get("maxnreg") == 64
+    assert "FOLD_ROWS" not in sites.config(g, "statistics")[2]
 
 
 @pytest.mark.parametrize("C, S, itemsize, adjacent, group", [

@@ -215,6 +215,47 @@ def test_pipelined_reductions(backend, device, layout, dtype, programs_per_sm, m
                  "grad_weight against the plain loop")
 
 
+@pytest.mark.parametrize("backend,device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_folded_paired_gradient_sums_as_reference(backend, device, dtype, relu, monkeypatch, poisoned):
+    """The Triton channels-first gradient sums with PAIRS over tiles of several rows, each row spanning
+    the program's threads, folded into one row of lane sums (FOLD_ROWS: 56x56 planes on a GPU; in the
+    interpreter, one warp, rows of 256 values in tiles of 1 KB), on the split plan: against the
+    float64 reference, through the ReLU's mask too, and two calls bitwise equal."""
+    import dataclasses
+
+    import bn_gpu.backends.plan
+    from bn_gpu.backends.triton import sites
+    monkeypatch.setattr(bn_gpu.backends.plan, "GPU_TUNING",
+                        dataclasses.replace(bn_gpu.backends.plan.GPU_TUNING, on_chip_bytes=0))
+    monkeypatch.setattr(bn_gpu.backends.plan, "INTERPRETER_TUNING",
+                        dataclasses.replace(bn_gpu.backends.plan.INTERPRETER_TUNING, on_chip_bytes=0, tile_bytes=1024,
+                                            programs_per_sm=64))
+    shape = (64, 8, 56, 56) if device == "cuda" else (4, 3, 16, 16)
+    C = shape[1]
+    x = make_input(shape, dtype, "contiguous", device, mean=0.5, std=1.0).requires_grad_()
+    g = bn_gpu.backends.plan.geometry(x, x, *bn_gpu.backends.plan.tuning_and_sms(x.device))
+    assert g.plan.splits > 1 and g.plan.rows > 1 and sites.config(g, "gradient_sums")[2]["FOLD_ROWS"]
+    weight, bias, running_mean, running_var = make_params(C, torch.float32, device)
+    # sum(dy) and sum(dy * (x - mean)) far from 0, so that the sums' errors show in both gradients
+    grad_y = (make_input(shape, dtype, "contiguous", device, mean=0.5, std=1.0, seed=7).float() + x.detach().float()
+              ).to(dtype)
+    grads = []
+    for _ in range(2):
+        params = (weight.clone().requires_grad_(), bias.clone().requires_grad_())
+        y = bn_gpu.batch_norm(x, running_mean.clone(), running_var.clone(), *params, True, backend=backend,
+                              activation="relu" if relu else None)
+        grads.append(torch.autograd.grad(y, (x, *params), grad_y))
+    assert all(torch.equal(a, b) for a, b in zip(*grads)), "two calls differ"
+    grad_bn = ref.epilogue_backward(grad_y, y.detach(), True) if relu else grad_y
+    grad_x_ref, grad_w_ref, grad_b_ref = ref.backward_train(grad_bn, x.detach(), weight)
+    grad_x, grad_w, grad_b = grads[0]
+    assert_close(grad_x, grad_x_ref, dtype, "grad_input")
+    assert_close(_scaled(grad_w, grad_y, C), _scaled(grad_w_ref, grad_y, C), dtype, "grad_weight")
+    assert_close(_scaled(grad_b, grad_y, C), _scaled(grad_b_ref, grad_y, C), dtype, "grad_bias")
+
+
 @pytest.mark.parametrize("backend,device", [p for p in backend_devices() if p.values[0] != "cpu"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_channels_last_16_bit_gradient_sums_through_the_relu_as_reference(backend, device, dtype, monkeypatch,

@@ -52,6 +52,18 @@ def pairs_of_values(g: Geometry) -> bool:
             and g.S % group == 0)
 
 
+def folded_rows(g: Geometry) -> bool:
+    """Whether the channels-first gradient sums with PAIRS over tiles of several rows fold each tile's
+    rows into one row of lane sums as they add it (FOLD_ROWS): where a row of the tile spans the
+    program's threads (16-byte groups, 32 a warp), each thread holds the same lanes of every row, and
+    the fold is its own adds; the lanes' sums take half the registers at 2 rows (56x56 planes: 80 ->
+    50, through the ReLU's mask 61 under the cap, by the static model: profiling/MODEL.md). fp32 tiles
+    of 2 rows already fit 4 programs an SM, and folded issue 2 instructions a value more: they are
+    left as they are."""
+    row_spans_threads = g.plan.block_s >= 32 * g.plan.num_warps * VECTOR_BYTES // g.dtype.itemsize
+    return pairs_of_values(g) and g.plan.rows > 1 and row_spans_threads
+
+
 def split_register_cap(g: Geometry, job: str) -> int:
     """maxnreg of a split plan's reduction (or dx) kernel, 0 for none. A cap of 64 (Tuning.split_max_registers)
     holds 4 programs of 8 warps per SM, so the whole-wave grids run in one wave. Capped where the
@@ -65,11 +77,12 @@ def split_register_cap(g: Geometry, job: str) -> int:
     outside the tile loop (profiling/MODEL.md; as plain loops, run 7 measured the 16-bit gradient sums
     slower under the cap: they spilled or lost their loads in flight). Through the ReLU's mask, which
     this geometry-keyed choice cannot see, the channels-last gradient-sums launch keeps the cap over
-    tiles of half the rows in 16-bit and drops it for the plain loop (gradient_sums_site). The 16-bit channels-first gradient sums with PAIRS over tiles of one row, by the static
-    model as well: through the ReLU's mask they take 80 registers uncapped (3 programs an SM, a grid of
-    4 in 1.29 waves) and none spills under the cap, mask or not; over tiles of two rows (56x56 planes)
-    they spill in the tile loop under it, and the channel groups' (14x14) twice as much: both stay
-    uncapped. One pass after them, by the static model too: the fp32 channels-last dx of 64 channels a
+    tiles of half the rows in 16-bit and drops it for the plain loop (gradient_sums_site). The 16-bit
+    channels-first gradient sums with PAIRS over tiles of one row, by the static model as well:
+    through the ReLU's mask they take 80 registers uncapped (3 programs an SM, a grid of 4 in 1.29
+    waves) and none spills under the cap, mask or not; over tiles of two rows (56x56 planes) they
+    spilled in the tile loop under it, folded (folded_rows) they fit it; the channel groups' (14x14)
+    stay uncapped (they spill twice as much). One pass after them, by the static model too: the fp32 channels-last dx of 64 channels a
     program (65-68 registers, 3 programs an SM, in a grid of 4) fits the cap without spills, with the
     ReLU's mask as well; of 128 channels it spills with the mask (it walks half tiles instead:
     input_gradient_site), and 16-bit spills (its tiles of 128 rows)."""
@@ -86,7 +99,7 @@ def split_register_cap(g: Geometry, job: str) -> int:
     if job == "gradient_sums" and not g.channels_first:
         return cap if fp32 or load_stages(g, job) > 1 else 0
     if job == "gradient_sums":
-        return cap if pairs_of_values(g) and g.plan.rows == 1 else 0
+        return cap if pairs_of_values(g) and (g.plan.rows == 1 or folded_rows(g)) else 0
     if job == "input_gradient" and not g.channels_first:
         return cap if fp32 and g.plan.block_c <= 64 else 0
     return 0
@@ -151,6 +164,8 @@ def config(g: Geometry, job: str) -> tuple:
             meta["BLOCK_M"] = pipelined_block_m(g, job)
     if g.channels_first and job in ("statistics", "single_pass_forward", "gradient_sums", "single_pass_backward"):
         meta["PAIRS"] = pairs_of_values(g)
+    if g.channels_first and job == "gradient_sums":
+        meta["FOLD_ROWS"] = folded_rows(g)
     if g.channels_first and p.group > 1 and job == "single_pass_forward":
         # 32 values a thread (8 bf16 channels of 7x7, 16 rows) need more than 128 registers uncapped:
         # one program per SM. The cap fits two without spilling (the single-pass backward would
