@@ -82,10 +82,10 @@ def split_register_cap(g: Geometry, job: str) -> int:
     through the ReLU's mask they take 80 registers uncapped (3 programs an SM, a grid of 4 in 1.29
     waves) and none spills under the cap, mask or not; over tiles of two rows (56x56 planes) they
     spilled in the tile loop under it, folded (folded_rows) they fit it; the channel groups' (14x14)
-    stay uncapped (they spill twice as much). One pass after them, by the static model too: the fp32 channels-last dx of 64 channels a
-    program (65-68 registers, 3 programs an SM, in a grid of 4) fits the cap without spills, with the
-    ReLU's mask as well; of 128 channels it spills with the mask (it walks half tiles instead:
-    input_gradient_site), and 16-bit spills (its tiles of 128 rows)."""
+    stay uncapped (they spill twice as much). One pass after them, by the static model too: the fp32
+    channels-last dx of 64 channels a program (65-68 registers, 3 programs an SM, in a grid of 4) fits
+    the cap without spills, with the ReLU's mask as well; of 128 channels it spills with the mask (it
+    walks half tiles instead: input_gradient_site), and 16-bit spills (its tiles of 128 rows)."""
     cap = g.plan.split_max_registers
     if not cap or g.plan.splits <= 1:
         return 0
