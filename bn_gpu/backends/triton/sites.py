@@ -229,15 +229,16 @@ def single_pass_forward_site(g: Geometry, has_weight: bool, has_bias: bool, trac
 @functools.lru_cache(maxsize=4096)
 def gradient_sums_site(g: Geometry, relu: bool, has_weight: bool, has_bias: bool, finalize: bool) -> Site:
     kernel, grid, meta = config(g, "gradient_sums")
-    if relu and not g.channels_first and meta["STAGES"] > 1 and g.dtype.itemsize == 2:
-        # The ReLU's mask (a scale and shift a channel beside the mean) takes the 16-bit lanes of the
-        # pipelined tiles past the cap's 64 registers (under it they spill); over tiles of half those
-        # rows, twice as many copied ahead (the same shared memory), they fit it without spilling.
-        meta = dict(half_tiles(meta), STAGES=2 * meta["STAGES"] - 1)
-    elif relu and not g.channels_first and meta["STAGES"] <= 1:
-        # The plain loop through the mask spills under the cap (split_register_cap holds for the
-        # pipelined one); the channels-first kernels are capped only where they fit.
-        meta = {key: value for key, value in meta.items() if key != "maxnreg"}
+    if relu and not g.channels_first:  # (the channels-first kernels are capped only where they fit)
+        if meta["STAGES"] <= 1:
+            # The plain loop through the mask spills under the cap (split_register_cap holds for the
+            # pipelined one).
+            meta = {key: value for key, value in meta.items() if key != "maxnreg"}
+        elif g.dtype.itemsize == 2:
+            # The ReLU's mask (a scale and shift a channel beside the mean) takes the 16-bit lanes of the
+            # pipelined tiles past the cap's 64 registers (under it they spill); over tiles of half those
+            # rows, twice as many copied ahead (the same shared memory), they fit it without spilling.
+            meta = dict(half_tiles(meta), STAGES=2 * meta["STAGES"] - 1)
     return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, RELU=relu, FINALIZE=finalize,
                                    BLOCK_SPLITS=g.finalize.fused_block_splits, **meta),
                 head=(*g.sizes, *g.grad_y.strides, *g.x.strides, *g.tiling, g.finalize.group_splits))
