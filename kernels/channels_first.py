@@ -35,6 +35,7 @@ from .batch_counter import count_batch, count_batch_after_every_read, count_batc
 from .finalize import (finalize_gradients_of_group, finalize_statistics_of_group, in_dtype, merged_shifted,
                        store_gradients, store_statistics, summed_partials)
 from .channel_groups import group_channels, group_offset, group_run, per_channel, per_channel_zeros, to_lanes
+from .ghost import chunk_offset
 from .group_barrier import leave_group, wait_for_group
 from .moments import finite_shift, merge_moments
 
@@ -297,18 +298,20 @@ def statistics_channels_first(
     partial_m2_ptr,     # (splits, C) their sum of squared deviations from that mean
     counter_ptr,        # int32 zeros when FINALIZE: see finalize.finalize_statistics_of_group
     mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,  # FINALIZE: see store_statistics
-    N, C, S, stride_n, stride_c,
+    N, C, S, chunk_channels, chunk_extra, stride_n, stride_c,  # chunk_*: GHOST (kernels/ghost.py)
     s_blocks, total_tiles, tiles_per_program, momentum: tl.float64, eps: tl.float64, group_splits,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
     GROUP: tl.constexpr, ALIGN: tl.constexpr, PAIRS: tl.constexpr,
     CHUNK: tl.constexpr, FINALIZE: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr, CUMULATIVE: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr, STAGES: tl.constexpr, GHOST: tl.constexpr,
 ):
     """Partial moments per (split, channel); with FINALIZE, the last programs of each channel group
     to finish also merge its partials (finalize.finalize_statistics_of_group)."""
     group = _group(OFFSET_64)
     split = tl.program_id(1)
     c0, c, cols = group_channels(group, S, BLOCK_S, GROUP)
+    if GHOST:
+        x_ptr += chunk_offset(c0, chunk_channels, chunk_extra)
     first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
     shift = finite_shift(tl.load(x_ptr + c * stride_c).to(ACC))
     count, mean, m2 = _moments(x_ptr + group_offset(c0, stride_c, ALIGN), stride_n, shift,
@@ -358,15 +361,19 @@ def normalize_channels_first(
     weight_ptr,      # (C,) scale, when HAS_WEIGHT
     bias_ptr,        # (C,) shift, when HAS_BIAS
     num_batches_tracked_ptr,  # () int64, incremented by program (0, 0) when COUNT_BATCH
-    N, C, S, x_stride_n, x_stride_c, y_stride_n, y_stride_c, eps: tl.float64,
+    N, C, S, chunk_channels, chunk_extra, x_stride_n, x_stride_c, y_stride_n, y_stride_c, eps: tl.float64,
     s_blocks, total_tiles, tiles_per_program,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FROM_RUNNING_STATS: tl.constexpr,
     COUNT_BATCH: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
-    GROUP: tl.constexpr, ALIGN: tl.constexpr,
+    GROUP: tl.constexpr, ALIGN: tl.constexpr, GHOST: tl.constexpr,
 ):
     group, split = _reversed_program(OFFSET_64)
     c0, c, cols = group_channels(group, S, BLOCK_S, GROUP)
+    if GHOST:  # x and y share their strides (the virtual batches' offset)
+        ghost = chunk_offset(c0, chunk_channels, chunk_extra)
+        x_ptr += ghost
+        y_ptr += ghost
     if COUNT_BATCH:
         # Here, not in the finalize kernel: every finalize program reads the count before this
         # kernel starts (stream order), so the increment cannot race with those reads.
@@ -446,12 +453,13 @@ def gradient_sums_channels_first(
     counter_ptr,             # int32 zeros when FINALIZE: see finalize.finalize_gradients_of_group
     total_dy_ptr, total_dy_xmu_ptr,  # (C,) when FINALIZE: see finalize.finalize_gradients (sum_dy_ptr, ...)
     grad_weight_ptr, grad_bias_ptr,  # (C,) when FINALIZE: see finalize.store_gradients
-    N, C, S, dy_stride_n, dy_stride_c, x_stride_n, x_stride_c,
+    N, C, S, chunk_channels, chunk_extra, dy_stride_n, dy_stride_c, x_stride_n, x_stride_c,
     s_blocks, total_tiles, tiles_per_program, group_splits,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
     GROUP: tl.constexpr, ALIGN: tl.constexpr, PAIRS: tl.constexpr,
     FINALIZE: tl.constexpr, BLOCK_SPLITS: tl.constexpr, STAGES: tl.constexpr, FOLD_ROWS: tl.constexpr,
+    GHOST: tl.constexpr,
 ):
     """Partial sums per (split, channel); with FINALIZE, the last programs of each channel group to
     finish also write its totals, dweight and dbias (finalize.finalize_gradients_of_group). FOLD_ROWS:
@@ -459,6 +467,10 @@ def gradient_sums_channels_first(
     group = _group(OFFSET_64)
     split = tl.program_id(1)
     c0, c, cols = group_channels(group, S, BLOCK_S, GROUP)
+    if GHOST:  # dy and x share their strides (the virtual batches' offset)
+        ghost = chunk_offset(c0, chunk_channels, chunk_extra)
+        dy_ptr += ghost
+        x_ptr += ghost
     first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
     scale = tl.zeros([], ACC)
     shift = tl.zeros([], ACC)
@@ -491,15 +503,20 @@ def input_gradient_channels_first(
     bias_ptr,        # (C,) shift, when RELU and HAS_BIAS
     sum_dy_ptr,      # (C,) training: total of dy per channel
     sum_dy_xmu_ptr,  # (C,) training: total of dy * (x - mean) per channel
-    N, C, S, dy_stride_n, dy_stride_c, x_stride_n, x_stride_c, dx_stride_n, dx_stride_c,
+    N, C, S, chunk_channels, chunk_extra, dy_stride_n, dy_stride_c, x_stride_n, x_stride_c, dx_stride_n, dx_stride_c,
     inv_count,       # 1 / (N * S) as a float
     s_blocks, total_tiles, tiles_per_program,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, OFFSET_64: tl.constexpr,
-    GROUP: tl.constexpr, ALIGN: tl.constexpr,
+    GROUP: tl.constexpr, ALIGN: tl.constexpr, GHOST: tl.constexpr,
 ):
     group, split = _reversed_program(OFFSET_64)
     c0, c, _ = group_channels(group, S, BLOCK_S, GROUP)
+    if GHOST:  # dy, x and dx share their strides (the virtual batches' offset)
+        ghost = chunk_offset(c0, chunk_channels, chunk_extra)
+        dy_ptr += ghost
+        x_ptr += ghost
+        dx_ptr += ghost
     invstd = tl.load(invstd_ptr + c).to(ACC)
     scale, shift = _affine(c, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS and RELU, ACC)
     mean = tl.zeros([], ACC)

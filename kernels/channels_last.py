@@ -26,6 +26,7 @@ import triton.language as tl
 from .batch_counter import count_batch, count_batch_after_every_read, count_batch_once
 from .finalize import (finalize_gradients_of_group, finalize_statistics_of_group, in_dtype, merged_shifted,
                        store_gradients, store_statistics, summed_partials)
+from .ghost import chunk_offset
 from .group_barrier import leave_group, wait_for_group
 from .moments import finite_shift, merge_moments
 
@@ -34,6 +35,17 @@ from .moments import finite_shift, merge_moments
 def _columns(C, BLOCK_C: tl.constexpr):
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     return cols, cols < C
+
+
+@triton.jit
+def _first_column(OFFSET_64: tl.constexpr, BLOCK_C: tl.constexpr, REVERSED: tl.constexpr = False):
+    """The first channel of this program's block (of _columns, or of _reversed_program when REVERSED)."""
+    block = tl.program_id(1)
+    if REVERSED:
+        block = tl.num_programs(1) - 1 - block
+    if OFFSET_64:
+        block = block.to(tl.int64)
+    return block * BLOCK_C
 
 
 @triton.jit
@@ -270,14 +282,17 @@ def statistics_channels_last(
     partial_m2_ptr,     # (splits, C) their sum of squared deviations from that mean
     counter_ptr,        # int32 zeros when FINALIZE: see finalize.finalize_statistics_of_group
     mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,  # FINALIZE: see store_statistics
-    M, C, stride_m, rows_per_program, momentum: tl.float64, eps: tl.float64, group_splits,
+    M, C, chunk_channels, chunk_extra, stride_m, rows_per_program,  # chunk_*: GHOST (kernels/ghost.py)
+    momentum: tl.float64, eps: tl.float64, group_splits,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
     CHUNK: tl.constexpr, FINALIZE: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr, CUMULATIVE: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr, STAGES: tl.constexpr, GHOST: tl.constexpr,
 ):
     """Partial moments per (split, channel); with FINALIZE, the last programs of each channel block
     to finish also merge the block's partials (finalize.finalize_statistics_of_group)."""
     cols, col_mask = _columns(C, BLOCK_C)
+    if GHOST:
+        x_ptr += chunk_offset(_first_column(OFFSET_64, BLOCK_C), chunk_channels, chunk_extra)
     row_begin, row_end = _program_rows(M, rows_per_program, OFFSET_64)
     shift = finite_shift(tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(ACC))
     count, mean, m2 = _moments(x_ptr, stride_m, cols, col_mask, shift, row_begin, row_end,
@@ -306,12 +321,17 @@ def normalize_channels_last(
     weight_ptr,      # (C,) scale, when HAS_WEIGHT
     bias_ptr,        # (C,) shift, when HAS_BIAS
     num_batches_tracked_ptr,  # () int64, incremented by program (0, 0) when COUNT_BATCH
-    M, C, x_stride_m, y_stride_m, eps: tl.float64, rows_per_program,
+    M, C, chunk_channels, chunk_extra, x_stride_m, y_stride_m, eps: tl.float64, rows_per_program,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FROM_RUNNING_STATS: tl.constexpr,
     COUNT_BATCH: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
+    GHOST: tl.constexpr,
 ):
     cols, col_mask, row_begin, row_end = _reversed_program(M, C, rows_per_program, BLOCK_C, OFFSET_64)
+    if GHOST:  # x and y share their strides (the virtual batches' offset)
+        ghost = chunk_offset(_first_column(OFFSET_64, BLOCK_C, True), chunk_channels, chunk_extra)
+        x_ptr += ghost
+        y_ptr += ghost
     if COUNT_BATCH:
         # Here, not in the finalize kernel: every finalize program reads the count before this
         # kernel starts (stream order), so the increment cannot race with those reads.
@@ -377,14 +397,18 @@ def gradient_sums_channels_last(
     counter_ptr,             # int32 zeros when FINALIZE: see finalize.finalize_gradients_of_group
     total_dy_ptr, total_dy_xmu_ptr,  # (C,) when FINALIZE: see finalize.finalize_gradients (sum_dy_ptr, ...)
     grad_weight_ptr, grad_bias_ptr,  # (C,) when FINALIZE: see finalize.store_gradients
-    M, C, dy_stride_m, x_stride_m, rows_per_program, group_splits,
+    M, C, chunk_channels, chunk_extra, dy_stride_m, x_stride_m, rows_per_program, group_splits,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
-    FINALIZE: tl.constexpr, BLOCK_SPLITS: tl.constexpr, STAGES: tl.constexpr,
+    FINALIZE: tl.constexpr, BLOCK_SPLITS: tl.constexpr, STAGES: tl.constexpr, GHOST: tl.constexpr,
 ):
     """Partial sums per (split, channel); with FINALIZE, the last programs of each channel block to
     finish also write the block's totals, dweight and dbias (finalize.finalize_gradients_of_group)."""
     cols, col_mask = _columns(C, BLOCK_C)
+    if GHOST:  # dy and x share their strides (the virtual batches' offset)
+        ghost = chunk_offset(_first_column(OFFSET_64, BLOCK_C), chunk_channels, chunk_extra)
+        dy_ptr += ghost
+        x_ptr += ghost
     row_begin, row_end = _program_rows(M, rows_per_program, OFFSET_64)
     mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     scale = tl.zeros([BLOCK_C], ACC)
@@ -415,13 +439,19 @@ def input_gradient_channels_last(
     bias_ptr,        # (C,) shift, when RELU and HAS_BIAS
     sum_dy_ptr,      # (C,) training: total of dy per channel
     sum_dy_xmu_ptr,  # (C,) training: total of dy * (x - mean) per channel
-    M, C, dy_stride_m, x_stride_m, dx_stride_m,
+    M, C, chunk_channels, chunk_extra, dy_stride_m, x_stride_m, dx_stride_m,
     inv_count,       # 1 / M as a float
     rows_per_program,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
+    GHOST: tl.constexpr,
 ):
     cols, col_mask, row_begin, row_end = _reversed_program(M, C, rows_per_program, BLOCK_C, OFFSET_64)
+    if GHOST:  # dy, x and dx share their strides (the virtual batches' offset)
+        ghost = chunk_offset(_first_column(OFFSET_64, BLOCK_C, True), chunk_channels, chunk_extra)
+        dy_ptr += ghost
+        x_ptr += ghost
+        dx_ptr += ghost
     invstd = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     scale, shift = _affine(cols, col_mask, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS and RELU, ACC,
                            BLOCK_C)

@@ -80,7 +80,7 @@ def store_gradients(
 
 
 @triton.jit
-def _channel_block(C, BLOCK_C: tl.constexpr):
+def channel_block(C, BLOCK_C: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     return cols, cols < C
 
@@ -195,7 +195,7 @@ def finalize_statistics(
     HAS_RUNNING_STATS: tl.constexpr, CUMULATIVE: tl.constexpr,
     ACC: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    cols, col_mask = _channel_block(C, BLOCK_C)
+    cols, col_mask = channel_block(C, BLOCK_C)
     finalized_statistics(cols, col_mask, partial_count_ptr, partial_mean_ptr, partial_m2_ptr, shift_ptr, mean_ptr,
                          invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr, splits, C,
                          shift_stride, momentum, eps, HAS_RUNNING_STATS, CUMULATIVE, ACC, BLOCK_SPLITS, BLOCK_C)
@@ -209,7 +209,7 @@ def finalize_moments(
     splits, C, shift_stride,
     ACC: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    cols, col_mask = _channel_block(C, BLOCK_C)
+    cols, col_mask = channel_block(C, BLOCK_C)
     count, mean, m2 = _merged_partials(partial_count_ptr, partial_mean_ptr, partial_m2_ptr, shift_ptr, cols,
                                        col_mask, splits, C, shift_stride, ACC, BLOCK_SPLITS, BLOCK_C)
     tl.store(moments_ptr + cols * 0, count, mask=cols == 0)  # every channel has the same count
@@ -227,7 +227,7 @@ def merge_ranks(
     """SyncBatchNorm's global statistics: the ranks' moments merged with Chan's formula in rank
     order (deterministic). A rank with no values has count 0 and weighs 0: it changes nothing, with
     no test and no host synchronization."""
-    cols, col_mask = _channel_block(C, BLOCK_C)
+    cols, col_mask = channel_block(C, BLOCK_C)
     count = tl.zeros([BLOCK_C], ACC)
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
@@ -262,7 +262,7 @@ def finalize_gradients(
     splits, C,
     ACC: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    cols, col_mask = _channel_block(C, BLOCK_C)
+    cols, col_mask = channel_block(C, BLOCK_C)
     finalized_gradients(cols, col_mask, partial_sum_dy_ptr, partial_sum_dy_xmu_ptr, invstd_ptr, sum_dy_ptr,
                         sum_dy_xmu_ptr, grad_weight_ptr, grad_bias_ptr, splits, C, ACC, BLOCK_SPLITS, BLOCK_C)
 

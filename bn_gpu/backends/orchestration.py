@@ -176,7 +176,7 @@ def _read_grad(g: Geometry, grad_y: torch.Tensor) -> torch.Tensor:
     return grad_y if g.grad_read_strides is None else _copied(grad_y, g.grad_read_strides)
 
 
-def _on_input_device(op):
+def on_input_device(op):
     """Run `op` with the input's GPU current: kernels launch on the current device, and Python
     kernels of custom ops get no device guard."""
     @functools.wraps(op)
@@ -207,7 +207,7 @@ def _on_chip_buffers(g: Geometry, plan, rows: int, device, counting: bool = Fals
     return partials, finalize_counters(device, count) if count else None
 
 
-@_on_input_device
+@on_input_device
 def forward_train(kernels: KernelTable, x, weight, bias, running_mean, running_var, counter, momentum, eps,
                   residual=None, relu=False):
     """(y, mean, invstd) with y = relu?(bn(x) + residual?); updates running_mean/var in place and
@@ -239,7 +239,7 @@ def forward_train(kernels: KernelTable, x, weight, bias, running_mean, running_v
     return y, mean, invstd
 
 
-@_on_input_device
+@on_input_device
 def forward_eval(kernels: KernelTable, x, weight, bias, running_mean, running_var, eps, residual=None, relu=False):
     """(y, mean, invstd) with mean/invstd taken from the running statistics, for the backward."""
     g = kernels.geometry(x)
@@ -266,7 +266,7 @@ def _gradient_totals(kernels: KernelTable, g: Geometry, grad_y, x, mean, invstd,
     return totals, grad_weight, grad_bias
 
 
-@_on_input_device
+@on_input_device
 def backward(kernels: KernelTable, grad_y, x, weight, mean, invstd, training, need_input_grad, need_weight_grad,
              bias=None, relu=False):
     """(grad_x, grad_weight, grad_bias); a gradient that is not needed comes back empty. relu: the
@@ -308,7 +308,7 @@ def backward(kernels: KernelTable, grad_y, x, weight, mean, invstd, training, ne
 # bn_gpu.sync_batch_norm gathers local_moments from every rank, merges them, normalizes; in the
 # backward it all-reduces gradient_totals and runs input_gradient. Local inputs are never empty here.
 
-@_on_input_device
+@on_input_device
 def local_moments(kernels: KernelTable, x):
     """(2C + 1,) in the statistics dtype: this process's count, then each channel's mean and M2."""
     g = kernels.geometry(x)
@@ -320,7 +320,7 @@ def local_moments(kernels: KernelTable, x):
     return moments
 
 
-@_on_input_device
+@on_input_device
 def merge_ranks(kernels: KernelTable, x, moments, running_mean, running_var, counter, momentum, eps):
     """(mean, invstd) of the global batch from every rank's moments (ranks, 2C + 1); updates the
     running statistics (counter read for a cumulative average, not written). x: this process's
@@ -331,7 +331,7 @@ def merge_ranks(kernels: KernelTable, x, moments, running_mean, running_var, cou
     return mean, invstd
 
 
-@_on_input_device
+@on_input_device
 def normalize(kernels: KernelTable, x, mean, invstd, weight, bias, counter, eps):
     """y = (x - mean) * invstd * weight + bias with given statistics; counter += 1 when given."""
     g = kernels.geometry(x)
@@ -341,7 +341,7 @@ def normalize(kernels: KernelTable, x, mean, invstd, weight, bias, counter, eps)
     return y
 
 
-@_on_input_device
+@on_input_device
 def gradient_totals(kernels: KernelTable, grad_y, x, mean, invstd, param_dtype):
     """(totals (2, C): local sums of dy and dy * (x - mean); grad_weight; grad_bias) -- the
     parameter gradients from the local sums, as DDP expects them."""
@@ -349,7 +349,7 @@ def gradient_totals(kernels: KernelTable, grad_y, x, mean, invstd, param_dtype):
     return _gradient_totals(kernels, g, _read_grad(g, grad_y), _read(g, x), mean, invstd, param_dtype, returned=True)
 
 
-@_on_input_device
+@on_input_device
 def input_gradient(kernels: KernelTable, grad_y, x, mean, invstd, weight, totals):
     """Training dx from totals already scaled to this process's count (sums * local / global count)."""
     g = kernels.geometry(x, grad_y)

@@ -342,6 +342,8 @@ class Geometry:
     offset_64: bool      # some offset reaches 2**31: 64-bit index arithmetic
     on_chip: OnChipPlan | None = None           # the training forward's plan when x fits on chip
     on_chip_backward: OnChipPlan | None = None  # the training backward's when x and dy do
+    chunk_channels: int = 0  # Ghost BatchNorm: C of each virtual batch (C above is virtual batches x C), else 0
+    chunk_extra: int = 0     # and the virtual batches' offset (kernels/ghost.py, chunk_offset)
 
     @property
     def copy_input(self) -> bool:

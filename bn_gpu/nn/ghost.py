@@ -1,11 +1,19 @@
-"""Ghost BatchNorm (Hoffer et al., 2017): statistics per virtual batch of the input's rows, in one
-segmented reduction (torch operations: no bn_gpu kernel yet). Follows bn_gpu/reference.py's float64
-definition."""
+"""Ghost BatchNorm (Hoffer et al., 2017): statistics per virtual batch of the input's rows. Follows
+bn_gpu/reference.py's float64 definition.
+
+Two paths. On the Triton backend, where the batch is a whole number of virtual batches, the split
+path's kernels with a two-level channel index (bn_gpu/backends/ghost.py, kernels/ghost.py): three
+launches forward and three backward. Elsewhere -- the CuPy and CPU backends, a shorter last virtual
+batch, torch.compile, forward-mode AD, functorch transforms, and gradients of gradients -- one
+segmented reduction in torch operations, which autograd and the compiler see through.
+"""
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from .. import backends
+from ..backends import ghost as ghost_kernels
 from ..backends.layout import per_channel
 from ..dtypes import stat_dtype
 from ..functional import batch_norm
@@ -37,6 +45,72 @@ def _chunk_statistics(x, virtual_batch_size: int):
     return mean, var, torch.tensor(rows, dtype=stat, device=x.device)
 
 
+def _normalized(input, weight, bias, mean, var, eps, virtual_batch_size):
+    """Each row normalized with its virtual batch's (mean, var) of shape (chunks, C), then the affine
+    transform, in the statistics dtype."""
+    N, C = input.shape[:2]
+    invstd = torch.rsqrt(var + eps)
+    chunk_of_row = torch.arange(N, device=input.device) // virtual_batch_size
+    shape = (N, C, *([1] * (input.dim() - 2)))
+    y = (input.to(mean.dtype) - mean[chunk_of_row].reshape(shape)) * invstd[chunk_of_row].reshape(shape)
+    if weight is not None:
+        y = y * per_channel(weight.to(mean.dtype), input)
+    if bias is not None:
+        y = y + per_channel(bias.to(mean.dtype), input)
+    return y
+
+
+def _kernels_of(input, running_mean, backend: str, virtual_batch_size: int):
+    """The backend module whose kernels run this call (bn_gpu/backends/ghost.py), or None for the
+    torch operations: a backend without Ghost kernels, a shorter last virtual batch, running
+    statistics the kernels cannot update in place (strided views), or a call the kernels cannot be
+    seen through (compiling, forward-mode AD, functorch transforms)."""
+    module = backends.implementation(backend, input.device)
+    if not hasattr(module, "ghost_forward_train") or input.shape[0] % virtual_batch_size:
+        return None
+    if running_mean is not None and not running_mean.is_contiguous():
+        return None
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() \
+            or _forward_ad._current_level >= 0:
+        return None
+    return module
+
+
+class _GhostKernels(torch.autograd.Function):
+    """Ghost BatchNorm on the kernels: first-order gradients from the backward kernels; with
+    create_graph, from the torch operations' graph rebuilt on the saved input (differentiable)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, counter, momentum, eps, virtual_batch_size,
+                module):
+        chunks = input.shape[0] // virtual_batch_size
+        y, mean, invstd = module.ghost_forward_train(input, weight, bias, running_mean, running_var, counter,
+                                                     momentum, eps, chunks)
+        ctx.save_for_backward(input, weight, bias, mean, invstd)
+        ctx.constants = (eps, virtual_batch_size, module)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        input, weight, bias, mean, invstd = ctx.saved_tensors
+        eps, virtual_batch_size, module = ctx.constants
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable in turn
+            with torch.enable_grad():
+                mean64, var, _ = _chunk_statistics(input, virtual_batch_size)
+                y = _normalized(input, weight, bias, mean64, var, eps, virtual_batch_size).to(input.dtype)
+                wanted = [t for t, need in zip((input, weight, bias), needs) if need]
+                found = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True))
+                return (*[next(found) if need else None for need in needs], *[None] * 7)
+        if grad_y.stride() != input.stride():
+            grad_y = torch.empty_like(input).copy_(grad_y)  # the kernels index dy with x's offsets
+        param_dtype = weight.dtype if weight is not None else mean.dtype
+        grad_x, grad_weight, grad_bias = module.ghost_backward(grad_y, input, weight, mean, invstd,
+                                                               input.shape[0] // virtual_batch_size, param_dtype)
+        return (grad_x if needs[0] else None, grad_weight if needs[1] else None, grad_bias if needs[2] else None,
+                *[None] * 7)
+
+
 def _sequential_running_update(running, values, counter, momentum):
     """running after one update per chunk in order: with momentum m, (1-m)^G running +
     sum_g m (1-m)^(G-1-g) values_g; with momentum None (cumulative average over t earlier batches),
@@ -57,13 +131,15 @@ def ghost_batch_norm(input, running_mean, running_var, weight=None, bias=None, t
     (the last may be shorter) is normalized with its own statistics and the same weight and bias;
     the running statistics are updated once per chunk, in order, and num_batches_tracked counts
     every chunk -- as the chunked implementation that calls BatchNorm per chunk. In eval: BatchNorm.
-    Runs as torch operations on every backend (one segmented reduction; no bn_gpu kernel yet)."""
+    On the Triton backend's kernels where N is a multiple of virtual_batch_size, else torch
+    operations (see this module's docstring)."""
     if virtual_batch_size < 1:
         raise ValueError(f"ghost_batch_norm: virtual_batch_size must be positive, got {virtual_batch_size}")
     if not training:
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps, backend=backend)
     check_batch_norm_args(input, running_mean, running_var, weight, bias, True, momentum, eps, num_batches_tracked)
-    backends.implementation(backends.resolve(backend, input.device), input.device)  # the same device checks
+    backend = backends.resolve(backend, input.device)
+    backends.implementation(backend, input.device)  # the same device checks
     if input.numel() == 0 or input.shape[0] <= virtual_batch_size:
         return batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps, backend=backend,
                           num_batches_tracked=num_batches_tracked)
@@ -74,15 +150,14 @@ def ghost_batch_norm(input, running_mean, running_var, weight=None, bias=None, t
         which = "every virtual batch has" if virtual_batch_size == 1 else "the last virtual batch has"
         raise ValueError(f"Expected more than 1 value per channel when training: {which} one value per channel "
                          f"(input size {tuple(input.shape)}, virtual_batch_size={virtual_batch_size})")
+    module = _kernels_of(input, running_mean, backend, virtual_batch_size)
+    if module is not None:
+        if not ghost_kernels.readable(input):
+            input = input.contiguous()  # a strided view: the kernels read dense inputs
+        return _GhostKernels.apply(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
+                                   eps, virtual_batch_size, module)
     mean, var, rows = _chunk_statistics(input, virtual_batch_size)
-    invstd = torch.rsqrt(var + eps)
-    chunk_of_row = torch.arange(N, device=input.device) // virtual_batch_size
-    shape = (N, C, *([1] * (input.dim() - 2)))
-    y = (input.to(mean.dtype) - mean[chunk_of_row].reshape(shape)) * invstd[chunk_of_row].reshape(shape)
-    if weight is not None:
-        y = y * per_channel(weight.to(mean.dtype), input)
-    if bias is not None:
-        y = y + per_channel(bias.to(mean.dtype), input)
+    y = _normalized(input, weight, bias, mean, var, eps, virtual_batch_size)
     if running_mean is not None:
         with torch.no_grad():
             counts = rows * spatial
@@ -109,7 +184,7 @@ class GhostBatchNorm(BatchNormMixin, torch.nn.modules.batchnorm._BatchNorm):
     state_dict plus virtual_batch_size; in training each chunk of virtual_batch_size rows is
     normalized with its own statistics, and the running statistics are updated once per chunk in
     order (num_batches_tracked counts chunks), as the chunked implementation that calls BatchNorm
-    on each chunk. Runs as torch operations (one segmented reduction), not on bn_gpu's kernels."""
+    on each chunk. Runs on the Triton backend's kernels where it can (see this module's docstring)."""
 
     def __init__(self, num_features: int, virtual_batch_size: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,

@@ -14,6 +14,7 @@ import triton.language as tl
 from ...kernels import channels_first as cf
 from ...kernels import channels_last as cl
 from ...kernels import finalize as fin
+from ...kernels import ghost
 from ..plan import VECTOR_BYTES, Geometry, cdiv, interpreting, next_power_of_2
 from .launcher import Site
 
@@ -174,7 +175,12 @@ def config(g: Geometry, job: str) -> tuple:
     cap = split_register_cap(g, job)
     if cap:
         meta["maxnreg"] = cap
+    if job in GHOST_JOBS:
+        meta["GHOST"] = g.chunk_channels > 0
     return kernel, p.grid(g.C), meta
+
+
+GHOST_JOBS = ("statistics", "normalize", "gradient_sums", "input_gradient")  # the kernels with GHOST
 
 
 @functools.lru_cache(maxsize=4096)
@@ -182,6 +188,11 @@ def finalize_config(g: Geometry) -> tuple:
     """(grid, constexprs) of the finalize kernels for one geometry."""
     return g.finalize.grid(g.C), dict(ACC=accumulation(g), BLOCK_SPLITS=g.finalize.block_splits,
                                       BLOCK_C=g.finalize.block_c)
+
+
+def chunk_index(g: Geometry) -> tuple:
+    """The GHOST kernels' two-level channel index (kernels/ghost.py): 1 and 0 outside Ghost BatchNorm."""
+    return (g.chunk_channels, g.chunk_extra) if g.chunk_channels else (1, 0)
 
 
 def accumulation(g: Geometry):
@@ -193,7 +204,7 @@ def statistics_site(g: Geometry, finalize: bool, tracked: bool, cumulative: bool
     kernel, grid, meta = config(g, "statistics")
     return Site(kernel, grid, dict(FINALIZE=finalize, HAS_RUNNING_STATS=tracked, CUMULATIVE=cumulative,
                                    BLOCK_SPLITS=g.finalize.fused_block_splits, **meta),
-                head=(*g.sizes, *g.x.strides, *g.tiling), tail=(g.finalize.group_splits,))
+                head=(*g.sizes, *chunk_index(g), *g.x.strides, *g.tiling), tail=(g.finalize.group_splits,))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -213,7 +224,7 @@ def normalize_site(g: Geometry, has_weight: bool, has_bias: bool, from_running: 
         meta = half_tiles(meta)
     return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, FROM_RUNNING_STATS=from_running,
                                    COUNT_BATCH=count_batch, HAS_RESIDUAL=has_residual, RELU=relu, **meta),
-                head=(*g.sizes, *g.x.strides, *g.out.strides), tail=g.tiling)
+                head=(*g.sizes, *chunk_index(g), *g.x.strides, *g.out.strides), tail=g.tiling)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -241,7 +252,7 @@ def gradient_sums_site(g: Geometry, relu: bool, has_weight: bool, has_bias: bool
             meta = dict(half_tiles(meta), STAGES=2 * meta["STAGES"] - 1)
     return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, RELU=relu, FINALIZE=finalize,
                                    BLOCK_SPLITS=g.finalize.fused_block_splits, **meta),
-                head=(*g.sizes, *g.grad_y.strides, *g.x.strides, *g.tiling, g.finalize.group_splits))
+                head=(*g.sizes, *chunk_index(g), *g.grad_y.strides, *g.x.strides, *g.tiling, g.finalize.group_splits))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -258,7 +269,7 @@ def input_gradient_site(g: Geometry, has_weight: bool, has_bias: bool, training:
         # 4 programs an SM (capped, it spills); over half tiles 4 fit (static model: profiling/MODEL.md).
         meta = half_tiles(meta)
     return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, TRAINING=training, RELU=relu, **meta),
-                head=(*g.sizes, *g.grad_y.strides, *g.x.strides, *g.out.strides), tail=g.tiling)
+                head=(*g.sizes, *chunk_index(g), *g.grad_y.strides, *g.x.strides, *g.out.strides), tail=g.tiling)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -328,3 +339,20 @@ def merge_ranks_site(ranks: int, C: int, tracked: bool, cumulative: bool, float6
                 dict(HAS_RUNNING_STATS=tracked, CUMULATIVE=cumulative, ACC=tl.float64 if float64 else tl.float32,
                      BLOCK_C=block_c),
                 head=(ranks, C))
+
+
+@functools.lru_cache(maxsize=1024)
+def finalize_ghost_statistics_site(g: Geometry, tracked: bool, cumulative: bool) -> Site:
+    """Ghost BatchNorm's finalize: a program per block of the C channels walks the virtual batches."""
+    C = g.chunk_channels
+    _, meta = finalize_config(g)
+    return Site(ghost.finalize_ghost_statistics, (cdiv(C, meta["BLOCK_C"]),),
+                dict(HAS_RUNNING_STATS=tracked, CUMULATIVE=cumulative, **meta),
+                head=(g.plan.splits, C, g.C // C, g.chunk_extra + C * g.shift_stride, g.shift_stride))
+
+
+@functools.lru_cache(maxsize=1024)
+def finalize_ghost_gradients_site(g: Geometry) -> Site:
+    C = g.chunk_channels
+    _, meta = finalize_config(g)
+    return Site(ghost.finalize_ghost_gradients, (cdiv(C, meta["BLOCK_C"]),), meta, head=(g.plan.splits, C, g.C // C))

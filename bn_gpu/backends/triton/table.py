@@ -133,6 +133,24 @@ class TritonKernels:
                         (grad_y, x, grad_x, mean, invstd, weight, bias if relu else None, grad_weight, grad_bias),
                         (1.0 / g.count,))
 
+    def finalize_ghost_statistics(self, g, x, partials, mean, invstd, running_mean, running_var, counter, momentum,
+                                  eps):
+        """Ghost BatchNorm (g.chunk_channels): each virtual batch's mean and invstd; the running
+        statistics updated once per virtual batch, in order (counter read, not written)."""
+        count, part_mean, m2 = partials
+        tracked = running_mean is not None
+        cumulative = tracked and momentum is None
+        launcher.launch(sites.finalize_ghost_statistics_site(g, tracked, cumulative),
+                        (count, part_mean, m2, x, mean, invstd, running_mean, running_var, counter if cumulative else None),
+                        _momentum_and_eps(momentum, eps))
+
+    def finalize_ghost_gradients(self, g, partials, invstd, totals, grad_weight, grad_bias):
+        """Ghost BatchNorm: each virtual batch's totals; dweight and dbias summed over them."""
+        sum_dy, sum_dy_xmu = partials
+        total_dy, total_dy_xmu = totals
+        launcher.launch(sites.finalize_ghost_gradients_site(g),
+                        (sum_dy, sum_dy_xmu, invstd, total_dy, total_dy_xmu, grad_weight, grad_bias))
+
     def finalize_moments(self, g, x, partials, moments):
         count, part_mean, m2 = partials
         launcher.launch(sites.finalize_moments_site(g), (count, part_mean, m2, x, moments))

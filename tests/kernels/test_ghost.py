@@ -1,0 +1,113 @@
+"""Ghost BatchNorm on the Triton kernels (GHOST: the two-level channel index, kernels/ghost.py)
+against the float64 reference, with every buffer poisoned; the path taken; the plan's constraints."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bn_gpu
+import bn_gpu.backends.ghost as ghost_backend
+import bn_gpu.backends.triton
+from bn_gpu import reference
+from bn_gpu.backends import plan
+from bn_gpu.nn import ghost as ghost_nn
+from support import INTERPRETING, TOLERANCES, make_input
+
+DEVICES = [pytest.param("cpu", id="interpreter", marks=pytest.mark.skipif(not INTERPRETING, reason="no interpreter")),
+           pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+CASES = [((8, 6, 5, 4), 2, "contiguous"), ((8, 6, 5, 4), 4, "channels_last"), ((12, 16), 3, "contiguous"),
+         ((8, 8, 7, 7), 4, "contiguous")]  # the last: fp32 channel groups of 4 (C a multiple of 4)
+
+
+def _float64_ghost(x, weight, bias, grad, virtual_batch_size, eps=1e-5):
+    """y and (dx, dweight, dbias) of Ghost BatchNorm in float64 autograd, chunk by chunk."""
+    x, weight, bias = (t.detach().double().requires_grad_() for t in (x, weight, bias))
+    y = torch.cat([reference.forward_train(chunk, weight, bias, eps)[0] for chunk in x.split(virtual_batch_size)])
+    y.backward(grad.double())
+    return y.detach(), (x.grad, weight.grad, bias.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape, virtual_batch_size, layout", CASES,
+                         ids=["8x6x5x4-by2", "8x6x5x4-by4-cl", "12x16-by3", "8x8x7x7-by4"])
+def test_ghost_kernels_match_float64(poisoned, device, dtype, shape, virtual_batch_size, layout):
+    if device == "cuda" and shape == (8, 8, 7, 7):
+        shape = (64, 64, 7, 7)
+    C, chunks = shape[1], shape[0] // virtual_batch_size
+    x = make_input(shape, dtype, layout, device=device).mul(3).add(2)
+    weight = make_input((C,), torch.float32, device=device, seed=1)
+    bias = make_input((C,), torch.float32, device=device, seed=2)
+    running_mean = make_input((C,), torch.float32, device=device, seed=3)
+    running_var = make_input((C,), torch.float32, device=device, seed=4).abs().add(0.5)
+    counter = torch.tensor(5, device=device)
+    expected_mean, expected_var = running_mean.double(), running_var.double()
+    y, mean, invstd = bn_gpu.backends.triton.ghost_forward_train(x, weight, bias, running_mean, running_var, counter,
+                                                                 0.1, 1e-5, chunks)
+    grad = make_input(shape, dtype, layout, device=device, seed=5)
+    y64, grads64 = _float64_ghost(x, weight, bias, grad, virtual_batch_size)
+    for chunk in x.double().split(virtual_batch_size):
+        _, chunk_mean, chunk_var, _ = reference.forward_train(chunk, None, None, 1e-5)
+        count = chunk.numel() // C
+        expected_mean, expected_var = reference.update_running_stats(expected_mean, expected_var, chunk_mean,
+                                                                      chunk_var, count, 0.1)
+    atol, rtol = TOLERANCES[dtype]
+    assert y.stride() == x.stride() and y.dtype == dtype
+    torch.testing.assert_close(y.double(), y64, atol=atol * 4, rtol=rtol)
+    torch.testing.assert_close(running_mean.double(), expected_mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(running_var.double(), expected_var, atol=1e-5, rtol=1e-5)
+    assert counter.item() == 5 + chunks
+    grad_x, grad_weight, grad_bias = bn_gpu.backends.triton.ghost_backward(grad, x, weight, mean, invstd, chunks,
+                                                                          torch.float32)
+    torch.testing.assert_close(grad_x.double(), grads64[0], atol=atol * 4, rtol=rtol)
+    scale = grads64[1].abs().max().item() + grads64[2].abs().max().item()
+    torch.testing.assert_close(grad_weight.double(), grads64[1], atol=1e-4 * scale, rtol=1e-4)
+    torch.testing.assert_close(grad_bias.double(), grads64[2], atol=1e-4 * scale, rtol=1e-4)
+    again = bn_gpu.backends.triton.ghost_backward(grad, x, weight, mean, invstd, chunks, torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(again, (grad_x, grad_weight, grad_bias)))  # deterministic
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="the interpreter runs the Triton backend on CPU tensors")
+def test_ghost_batch_norm_takes_the_kernels_where_the_batch_is_whole_virtual_batches(monkeypatch):
+    calls = []
+    real = bn_gpu.backends.triton.ghost_forward_train
+    monkeypatch.setattr(bn_gpu.backends.triton, "ghost_forward_train", lambda *a: calls.append(a[-1]) or real(*a))
+    x = make_input((12, 3, 4), torch.float32).requires_grad_()
+    y = ghost_nn.ghost_batch_norm(x, None, None, training=True, virtual_batch_size=4, backend="triton")
+    assert calls == [3] and type(y.grad_fn).__name__ == "_GhostKernelsBackward"
+    expected = ghost_nn.ghost_batch_norm(x, None, None, training=True, virtual_batch_size=4, backend="cpu")
+    torch.testing.assert_close(y, expected)
+    (grad,) = torch.autograd.grad(y, x, torch.ones_like(y) + x.detach())
+    (grad_cpu,) = torch.autograd.grad(expected, x, torch.ones_like(y) + x.detach())
+    torch.testing.assert_close(grad, grad_cpu)
+    # A shorter last virtual batch, a strided running mean: torch operations.
+    ghost_nn.ghost_batch_norm(make_input((10, 3, 4), torch.float32), None, None, training=True, virtual_batch_size=4,
+                              backend="triton")
+    strided = torch.zeros(6)[::2]
+    ghost_nn.ghost_batch_norm(x.detach(), strided, torch.ones(3), training=True, virtual_batch_size=4,
+                              backend="triton")
+    assert calls == [3] and strided.abs().sum() > 0
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="the interpreter runs the Triton backend on CPU tensors")
+def test_ghost_kernels_gradients_of_gradients():
+    x = make_input((4, 2, 2, 1), torch.float64).requires_grad_()
+    weight = make_input((2,), torch.float64, seed=1).requires_grad_()
+    bias = make_input((2,), torch.float64, seed=2).requires_grad_()
+
+    def ghost(x, weight, bias):
+        return ghost_nn.ghost_batch_norm(x, None, None, weight, bias, True, virtual_batch_size=2, backend="triton")
+    assert torch.autograd.gradgradcheck(ghost, (x, weight, bias))
+
+
+def test_the_ghost_plan_keeps_a_program_in_one_virtual_batch():
+    tuning, sms = plan.GPU_TUNING, 132
+    # channels-last: the channel block divides C (96 -> 32), so a block never straddles two virtual batches
+    g = ghost_backend._cached_geometry((256, 96, 8, 8), (96 * 64, 1, 96 * 8, 96), torch.float32, 8, tuning, sms)
+    assert (g.N, g.C, g.chunk_channels, g.plan.block_c) == (32, 768, 96, 32)
+    assert g.chunk_extra == 32 * 64 * 96 - 96
+    # channels-first 7x7 planes: fp32 channel groups of 4 where C is a multiple of 4, else none
+    g = ghost_backend._cached_geometry((64, 64, 7, 7), (64 * 49, 49, 7, 1), torch.float32, 4, tuning, sms)
+    assert g.plan.group == 4 and g.chunk_extra == 16 * 64 * 49 - 64 * 49
+    g = ghost_backend._cached_geometry((64, 6, 7, 7), (6 * 49, 49, 7, 1), torch.float32, 4, tuning, sms)
+    assert g.plan.group == 1
