@@ -24,7 +24,7 @@ from ..dtypes import stat_dtype
 from . import orchestration
 from .orchestration import on_input_device
 from .plan import (CHANNELS_FIRST, Geometry, Tuning, channel_group, channels_first_plan, channels_last_plan,
-                   finalize_plan, tuning_and_sms)
+                   finalize_plan)
 from .layout import channels_first_view, channels_last_view, choose_layout, spatial_size
 
 
@@ -33,8 +33,8 @@ def readable(x: torch.Tensor) -> bool:
     return choose_layout(x)[1] is x
 
 
-def geometry(x: torch.Tensor, chunks: int) -> Geometry:
-    tuning, sms = tuning_and_sms(x.device)
+def geometry(x: torch.Tensor, chunks: int, tuning: Tuning, sms: int) -> Geometry:
+    """The kernel table's ghost_geometry: x in `chunks` virtual batches, for this tuning and GPU."""
     return _cached_geometry(tuple(x.shape), x.stride(), x.dtype, chunks, tuning, sms)
 
 
@@ -75,7 +75,7 @@ def _repeated(t, chunks: int):
 def forward_train(kernels, x, weight, bias, running_mean, running_var, counter, momentum, eps, chunks: int):
     """(y, mean, invstd) of Ghost BatchNorm with `chunks` virtual batches; mean and invstd (G x C,)
     per virtual batch. Updates the running statistics once per virtual batch and counts each."""
-    g = geometry(x, chunks)
+    g = kernels.ghost_geometry(x, chunks)
     device = x.device
     y = orchestration.empty(x.shape, x.dtype, device, g.out_strides)
     mean, invstd = orchestration.empty(g.C, g.stat_dtype, device), orchestration.empty(g.C, g.stat_dtype, device)
@@ -91,7 +91,7 @@ def forward_train(kernels, x, weight, bias, running_mean, running_var, counter, 
 @on_input_device
 def backward(kernels, grad_y, x, weight, mean, invstd, chunks: int, param_dtype: torch.dtype):
     """(grad_x, grad_weight, grad_bias) of forward_train's output; grad_y has x's strides."""
-    g = geometry(x, chunks)
+    g = kernels.ghost_geometry(x, chunks)
     device = x.device
     partials = orchestration.workspace((2, g.plan.splits, g.C), g.stat_dtype, device)
     totals = orchestration.workspace((2, g.C), g.stat_dtype, device, 1)

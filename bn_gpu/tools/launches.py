@@ -20,6 +20,8 @@ import torch
 OPS = ("train_fwd", "eval_fwd", "train_bwd", "eval_bwd")
 # SyncBatchNorm's kernel steps on one rank of two (the collectives between them are not launches here).
 SYNC_OPS = ("sync_train_fwd", "sync_train_bwd")
+# Ghost BatchNorm's on the Triton kernels, in `virtual_batches` virtual batches.
+GHOST_OPS = ("ghost_train_fwd", "ghost_train_bwd")
 
 
 @dataclass
@@ -108,13 +110,14 @@ def _recording_cuda(sms: int, launches: list, shared_kb: int):
 
 def record(backend: str, op: str, shape, dtype: torch.dtype, layout: str = "contiguous", *, sms: int = 132,
            shared_kb: int = 228, affine: bool = True, running: bool = True, momentum: float | None = 0.1,
-           epilogue: bool = False) -> list[Launch]:
+           epilogue: bool = False, virtual_batches: int = 4) -> list[Launch]:
     """The launches of one op ("train_fwd", "eval_fwd", "train_bwd", "eval_bwd", or SyncBatchNorm's
     "sync_train_fwd", "sync_train_bwd") of a backend
     ("triton" or "cupy") on an input of this shape, dtype and layout, on a GPU of `sms`
     multiprocessors of `shared_kb` KB of shared memory each. Weight, bias and running statistics are
     fp32 for 16-bit inputs. epilogue: the forward ops with a residual and ReLU, the training backward
-    through a ReLU."""
+    through a ReLU. Ghost BatchNorm's ops ("ghost_train_fwd", "ghost_train_bwd", Triton) split the
+    batch into `virtual_batches`."""
     from ..backends import cupy, triton
     from ..backends.layout import arranged
     module = {"triton": triton, "cupy": cupy}[backend]
@@ -153,8 +156,15 @@ def record(backend: str, op: str, shape, dtype: torch.dtype, layout: str = "cont
             totals, _, _ = module.gradient_totals(torch.empty_like(x), x, mean, invstd,
                                                   weight.dtype if affine else stat)
             module.input_gradient(torch.empty_like(x), x, mean, invstd, weight, totals)
+        elif op == "ghost_train_fwd":
+            module.ghost_forward_train(x, weight, bias, running_mean, running_var, counter, momentum, 1e-5,
+                                       virtual_batches)
+        elif op == "ghost_train_bwd":
+            virtual = torch.empty(virtual_batches * C, dtype=stat, device="meta")
+            module.ghost_backward(torch.empty_like(x), x, weight, virtual, virtual, virtual_batches,
+                                  weight.dtype if affine else stat)
         else:
-            raise ValueError(f"unknown op {op!r}; one of {', '.join(OPS + SYNC_OPS)}")
+            raise ValueError(f"unknown op {op!r}; one of {', '.join(OPS + SYNC_OPS + GHOST_OPS)}")
     return launches
 
 

@@ -44,6 +44,26 @@ def _record(found: dict, layouts, ops, options, sms: int) -> None:
                             found.setdefault(key, launch)
 
 
+# Ghost BatchNorm's launches (the GHOST kernels and their finalize): channel groups (7x7), the 2-D
+# channels-last input, the on-chip sizes' split plans; with and without running statistics, cumulative.
+GHOST_SHAPES = [(64, 2048, 7, 7), (16384, 2048), (32, 128, 14, 14)]
+
+
+def _record_ghost(found: dict, sms: int) -> None:
+    from bn_gpu.tools import launches
+    for shape in GHOST_SHAPES:
+        for dtype in DTYPES:
+            for layout in (["contiguous", "channels_last"] if len(shape) > 2 else ["contiguous"]):
+                for affine, running, momentum, _ in OPTIONS[:3]:
+                    for op in launches.GHOST_OPS:
+                        for launch in launches.record("triton", op, shape, dtype, layout, sms=sms, affine=affine,
+                                                      running=running, momentum=momentum):
+                            signature, constexprs, attrs, compile_options = launches.triton_compile_inputs(launch)
+                            key = (launch.name, tuple(signature.items()), repr(sorted(constexprs.items())),
+                                   repr(sorted(attrs.items())), tuple(compile_options.items()))
+                            found.setdefault(key, launch)
+
+
 def variants(sms: int = 132) -> dict:
     """{specialization key: recorded launch}, each distinct compile once."""
     import dataclasses
@@ -52,6 +72,7 @@ def variants(sms: int = 132) -> dict:
     from bn_gpu.tools import launches
     found = {}
     _record(found, ["contiguous", "channels_last"], launches.OPS + launches.SYNC_OPS, OPTIONS, sms)
+    _record_ghost(found, sms)
     default = plan.GPU_TUNING
     for fields, layouts, ops, options in SWEPT:
         plan.GPU_TUNING = dataclasses.replace(default, **fields)

@@ -2,6 +2,12 @@
 against the float64 reference, with every buffer poisoned; the path taken; the plan's constraints."""
 from __future__ import annotations
 
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -11,7 +17,7 @@ import bn_gpu.backends.triton
 from bn_gpu import reference
 from bn_gpu.backends import plan
 from bn_gpu.nn import ghost as ghost_nn
-from support import INTERPRETING, TOLERANCES, make_input
+from support import INTERPRETING, TOLERANCES, arrange, make_input
 
 DEVICES = [pytest.param("cpu", id="interpreter", marks=pytest.mark.skipif(not INTERPRETING, reason="no interpreter")),
            pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
@@ -100,14 +106,37 @@ def test_ghost_kernels_gradients_of_gradients():
     assert torch.autograd.gradgradcheck(ghost, (x, weight, bias))
 
 
+def _meta(shape, layout="contiguous"):
+    return arrange(torch.empty(shape, device="meta"), layout)
+
+
 def test_the_ghost_plan_keeps_a_program_in_one_virtual_batch():
     tuning, sms = plan.GPU_TUNING, 132
     # channels-last: the channel block divides C (96 -> 32), so a block never straddles two virtual batches
-    g = ghost_backend._cached_geometry((256, 96, 8, 8), (96 * 64, 1, 96 * 8, 96), torch.float32, 8, tuning, sms)
+    g = ghost_backend.geometry(_meta((256, 96, 8, 8), "channels_last"), 8, tuning, sms)
     assert (g.N, g.C, g.chunk_channels, g.plan.block_c) == (32, 768, 96, 32)
     assert g.chunk_extra == 32 * 64 * 96 - 96
     # channels-first 7x7 planes: fp32 channel groups of 4 where C is a multiple of 4, else none
-    g = ghost_backend._cached_geometry((64, 64, 7, 7), (64 * 49, 49, 7, 1), torch.float32, 4, tuning, sms)
+    g = ghost_backend.geometry(_meta((64, 64, 7, 7)), 4, tuning, sms)
     assert g.plan.group == 4 and g.chunk_extra == 16 * 64 * 49 - 64 * 49
-    g = ghost_backend._cached_geometry((64, 6, 7, 7), (6 * 49, 49, 7, 1), torch.float32, 4, tuning, sms)
+    g = ghost_backend.geometry(_meta((64, 6, 7, 7)), 4, tuning, sms)
     assert g.plan.group == 1
+
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "profiling" / "ghost_traffic.py"
+
+
+def _traffic(*args):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_ghost_traffic_counts_fewer_launches_and_bytes_on_the_kernels():
+    result = _traffic("--shape", "16,8", "--virtual-batch-size", "4")
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = dict(re.findall(r"^  (torch operations|Triton kernels)\s+(\d+) launches", result.stdout, re.M))
+    moved = dict(re.findall(r"^  (torch operations|Triton kernels).* \(([\d.]+) \|x\|\)$", result.stdout, re.M))
+    assert int(counts["Triton kernels"]) < int(counts["torch operations"]), result.stdout
+    assert float(moved["Triton kernels"]) < float(moved["torch operations"]), result.stdout
+    mistake = _traffic("--shape", "10,8", "--virtual-batch-size", "4")
+    assert mistake.returncode == 2 and len(mistake.stderr.strip().splitlines()) == 1, mistake.stderr

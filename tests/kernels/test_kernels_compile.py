@@ -20,7 +20,8 @@ SCRIPT = pathlib.Path(__file__).with_name("aot_compile.py")
 KERNELS = {f"{job}_{family}" for job in ("statistics", "normalize", "single_pass_forward", "gradient_sums",
                                          "input_gradient", "single_pass_backward", "on_chip_forward",
                                          "on_chip_backward")
-           for family in ("channels_first", "channels_last")} | {"finalize_moments", "merge_ranks"}
+           for family in ("channels_first", "channels_last")} | {"finalize_moments", "merge_ranks",
+                                                                 "finalize_ghost_statistics", "finalize_ghost_gradients"}
 # finalize_statistics and finalize_gradients are not launched by the Triton plans: the statistics and
 # gradient-sums kernels finalize themselves (FINALIZE).
 

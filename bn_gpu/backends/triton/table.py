@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import ghost
 from ..plan import Geometry, geometry, tuning_and_sms
 from . import launcher, sites
 
@@ -28,6 +29,10 @@ class TritonKernels:
     def geometry(self, x: torch.Tensor, grad_y: torch.Tensor | None = None) -> Geometry:
         tuning, sms = tuning_and_sms(x.device)
         return geometry(x, grad_y, tuning, sms)
+
+    def ghost_geometry(self, x: torch.Tensor, chunks: int) -> Geometry:
+        """Ghost BatchNorm's geometry: x in `chunks` virtual batches (bn_gpu/backends/ghost.py)."""
+        return ghost.geometry(x, chunks, *tuning_and_sms(x.device))
 
     def statistics(self, g, x, partials):
         self._statistics(g, x, partials)
