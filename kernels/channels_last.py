@@ -291,11 +291,12 @@ def statistics_channels_last(
     """Partial moments per (split, channel); with FINALIZE, the last programs of each channel block
     to finish also merge the block's partials (finalize.finalize_statistics_of_group)."""
     cols, col_mask = _columns(C, BLOCK_C)
-    if GHOST:
-        x_ptr += chunk_offset(_first_column(OFFSET_64, BLOCK_C), chunk_channels, chunk_extra)
+    tensor_cols = cols
+    if GHOST:  # the virtual batch's offset, in the columns' offsets (the pointer stays the parameter)
+        tensor_cols = cols + chunk_offset(_first_column(OFFSET_64, BLOCK_C), chunk_channels, chunk_extra)
     row_begin, row_end = _program_rows(M, rows_per_program, OFFSET_64)
-    shift = finite_shift(tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(ACC))
-    count, mean, m2 = _moments(x_ptr, stride_m, cols, col_mask, shift, row_begin, row_end,
+    shift = finite_shift(tl.load(x_ptr + tensor_cols, mask=col_mask, other=0.0).to(ACC))
+    count, mean, m2 = _moments(x_ptr, stride_m, tensor_cols, col_mask, shift, row_begin, row_end,
                                ACC, BLOCK_M, BLOCK_C, OFFSET_64, CHUNK, STAGES)
     out = tl.program_id(0) * C + cols
     tl.store(partial_count_ptr + out, tl.zeros([BLOCK_C], ACC) + count, mask=col_mask)
@@ -328,10 +329,9 @@ def normalize_channels_last(
     GHOST: tl.constexpr,
 ):
     cols, col_mask, row_begin, row_end = _reversed_program(M, C, rows_per_program, BLOCK_C, OFFSET_64)
-    if GHOST:  # x and y share their strides (the virtual batches' offset)
-        ghost = chunk_offset(_first_column(OFFSET_64, BLOCK_C, True), chunk_channels, chunk_extra)
-        x_ptr += ghost
-        y_ptr += ghost
+    tensor_cols = cols
+    if GHOST:  # x and y share their strides: the virtual batch's offset, in the columns' offsets
+        tensor_cols = cols + chunk_offset(_first_column(OFFSET_64, BLOCK_C, True), chunk_channels, chunk_extra)
     if COUNT_BATCH:
         # Here, not in the finalize kernel: every finalize program reads the count before this
         # kernel starts (stream order), so the increment cannot race with those reads.
@@ -346,7 +346,7 @@ def normalize_channels_last(
     else:
         invstd = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     scale, bias = _affine(cols, col_mask, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC, BLOCK_C)
-    _normalize(x_ptr, y_ptr, residual_ptr, x_stride_m, y_stride_m, cols, col_mask, mean, scale, bias, row_begin,
+    _normalize(x_ptr, y_ptr, residual_ptr, x_stride_m, y_stride_m, tensor_cols, col_mask, mean, scale, bias, row_begin,
                row_end, HAS_RESIDUAL, RELU, ACC, BLOCK_M, OFFSET_64)
 
 
@@ -405,10 +405,9 @@ def gradient_sums_channels_last(
     """Partial sums per (split, channel); with FINALIZE, the last programs of each channel block to
     finish also write the block's totals, dweight and dbias (finalize.finalize_gradients_of_group)."""
     cols, col_mask = _columns(C, BLOCK_C)
-    if GHOST:  # dy and x share their strides (the virtual batches' offset)
-        ghost = chunk_offset(_first_column(OFFSET_64, BLOCK_C), chunk_channels, chunk_extra)
-        dy_ptr += ghost
-        x_ptr += ghost
+    tensor_cols = cols
+    if GHOST:  # dy and x share their strides: the virtual batch's offset, in the columns' offsets
+        tensor_cols = cols + chunk_offset(_first_column(OFFSET_64, BLOCK_C), chunk_channels, chunk_extra)
     row_begin, row_end = _program_rows(M, rows_per_program, OFFSET_64)
     mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     scale = tl.zeros([BLOCK_C], ACC)
@@ -416,8 +415,8 @@ def gradient_sums_channels_last(
     if RELU:
         invstd = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0).to(ACC)
         scale, shift = _affine(cols, col_mask, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC, BLOCK_C)
-    sum_dy, sum_dy_xmu = _gradient_sums(dy_ptr, x_ptr, dy_stride_m, x_stride_m, cols, col_mask, mean, scale, shift,
-                                        row_begin, row_end, RELU, ACC, BLOCK_M, BLOCK_C, OFFSET_64, STAGES)
+    sum_dy, sum_dy_xmu = _gradient_sums(dy_ptr, x_ptr, dy_stride_m, x_stride_m, tensor_cols, col_mask, mean, scale,
+                                        shift, row_begin, row_end, RELU, ACC, BLOCK_M, BLOCK_C, OFFSET_64, STAGES)
     out = tl.program_id(0) * C + cols
     tl.store(partial_sum_dy_ptr + out, sum_dy, mask=col_mask)
     tl.store(partial_sum_dy_xmu_ptr + out, sum_dy_xmu, mask=col_mask)
@@ -447,11 +446,6 @@ def input_gradient_channels_last(
     GHOST: tl.constexpr,
 ):
     cols, col_mask, row_begin, row_end = _reversed_program(M, C, rows_per_program, BLOCK_C, OFFSET_64)
-    if GHOST:  # dy, x and dx share their strides (the virtual batches' offset)
-        ghost = chunk_offset(_first_column(OFFSET_64, BLOCK_C, True), chunk_channels, chunk_extra)
-        dy_ptr += ghost
-        x_ptr += ghost
-        dx_ptr += ghost
     invstd = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     scale, shift = _affine(cols, col_mask, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS and RELU, ACC,
                            BLOCK_C)
@@ -465,7 +459,10 @@ def input_gradient_channels_last(
         mean_dy = tl.load(sum_dy_ptr + cols, mask=col_mask, other=0.0).to(ACC) * inv_count
         sum_dy_xmu = tl.load(sum_dy_xmu_ptr + cols, mask=col_mask, other=0.0).to(ACC)
         projection = sum_dy_xmu * invstd * invstd * inv_count
-    _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_m, x_stride_m, dx_stride_m, cols, col_mask,
+    tensor_cols = cols
+    if GHOST:  # dy, x and dx share their strides: the virtual batch's offset, in the columns' offsets
+        tensor_cols = cols + chunk_offset(_first_column(OFFSET_64, BLOCK_C, True), chunk_channels, chunk_extra)
+    _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_m, x_stride_m, dx_stride_m, tensor_cols, col_mask,
                     scale, shift, mean, mean_dy, projection, row_begin, row_end, TRAINING, RELU, ACC, BLOCK_M,
                     OFFSET_64)
 

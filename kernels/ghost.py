@@ -4,9 +4,12 @@ An input of N rows in G virtual batches of N / G rows is, to the statistics, nor
 and input-gradient kernels (with GHOST), an input of N / G rows and G x C channels: channel
 g * C + c is channel c of virtual batch g. Its values are where the plain index puts channel c of
 rows g * N / G ... of the input once the virtual batch's offset is added: `chunk_offset`, a
-two-level channel index computed once per program (a program's channels lie in one virtual batch:
+two-level channel index computed once per program and added to its pointers channels-first, to its
+columns' offsets channels-last (there a pointer computed from the parameter, rather than the
+parameter itself, costs the dx kernel registers: profiling/journal/model-history.md). A program's
+channels lie in one virtual batch:
 the plan makes C a multiple of its channel group, channels-first, or of its channel block,
-channels-last). Every per-channel array of those kernels -- partials, mean, invstd, weight, bias,
+channels-last. Every per-channel array of those kernels -- partials, mean, invstd, weight, bias,
 totals -- is indexed by the virtual channel, (G, C) row-major.
 
 Two kernels of this file finalize per virtual batch, as Ghost BatchNorm's chunked definition does
