@@ -15,6 +15,7 @@ import torch.autograd.forward_ad as _forward_ad
 from .. import backends
 from ..backends import ghost as ghost_kernels
 from ..backends.layout import per_channel
+from ..ops.autograd import PLAIN_TYPES
 from ..dtypes import stat_dtype
 from ..functional import batch_norm
 from ..validation import check_batch_norm_args
@@ -64,14 +65,15 @@ def _kernels_of(input, running_mean, backend: str, virtual_batch_size: int):
     """The backend module whose kernels run this call (bn_gpu/backends/ghost.py), or None for the
     torch operations: a backend without Ghost kernels, a shorter last virtual batch, running
     statistics the kernels cannot update in place (strided views), or a call the kernels cannot be
-    seen through (compiling, forward-mode AD, functorch transforms)."""
+    seen through (compiling, forward-mode AD, functorch transforms, tensor subclasses such as fake
+    tensors)."""
     module = backends.implementation(backend, input.device)
     if not hasattr(module, "ghost_forward_train") or input.shape[0] % virtual_batch_size:
         return None
     if running_mean is not None and not running_mean.is_contiguous():
         return None
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() \
-            or _forward_ad._current_level >= 0:
+            or _forward_ad._current_level >= 0 or type(input) not in PLAIN_TYPES:  # a subclass: FakeTensor, ...
         return None
     return module
 

@@ -96,6 +96,16 @@ def test_ghost_batch_norm_takes_the_kernels_where_the_batch_is_whole_virtual_bat
 
 
 @pytest.mark.skipif(not INTERPRETING, reason="the interpreter runs the Triton backend on CPU tensors")
+def test_fake_tensors_take_the_torch_operations():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x = torch.randn(8, 3, 4)
+        y = ghost_nn.ghost_batch_norm(x, torch.zeros(3), torch.ones(3), training=True, virtual_batch_size=4,
+                                      backend="triton", num_batches_tracked=torch.tensor(0))
+    assert y.shape == x.shape and type(y).__name__ == "FakeTensor"
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="the interpreter runs the Triton backend on CPU tensors")
 def test_ghost_kernels_gradients_of_gradients():
     x = make_input((4, 2, 2, 1), torch.float64).requires_grad_()
     weight = make_input((2,), torch.float64, seed=1).requires_grad_()
