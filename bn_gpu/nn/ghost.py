@@ -1,11 +1,12 @@
 """Ghost BatchNorm (Hoffer et al., 2017): statistics per virtual batch of the input's rows. Follows
 bn_gpu/reference.py's float64 definition.
 
-Two paths. On the Triton backend, where the batch is a whole number of virtual batches, the split
-path's kernels with a two-level channel index (bn_gpu/backends/ghost.py, kernels/ghost.py): three
-launches forward and three backward. Elsewhere -- the CuPy and CPU backends, a shorter last virtual
-batch, torch.compile, forward-mode AD, functorch transforms, and gradients of gradients -- one
-segmented reduction in torch operations, which autograd and the compiler see through.
+Two paths. On the Triton backend, the split path's kernels with a two-level channel index
+(bn_gpu/backends/ghost.py, kernels/ghost.py) for the whole virtual batches: three launches forward
+and three backward; a shorter last virtual batch is one BatchNorm call after them, and the two
+outputs are concatenated. Elsewhere -- the CuPy and CPU backends, torch.compile, forward-mode AD,
+functorch transforms, tensor subclasses, and gradients of gradients -- one segmented reduction in
+torch operations, which autograd and the compiler see through.
 """
 from __future__ import annotations
 
@@ -61,14 +62,13 @@ def _normalized(input, weight, bias, mean, var, eps, virtual_batch_size):
     return y
 
 
-def _kernels_of(input, running_mean, backend: str, virtual_batch_size: int):
+def _kernels_of(input, running_mean, backend: str):
     """The backend module whose kernels run this call (bn_gpu/backends/ghost.py), or None for the
-    torch operations: a backend without Ghost kernels, a shorter last virtual batch, running
-    statistics the kernels cannot update in place (strided views), or a call the kernels cannot be
-    seen through (compiling, forward-mode AD, functorch transforms, tensor subclasses such as fake
-    tensors)."""
+    torch operations: a backend without Ghost kernels, running statistics the kernels cannot update
+    in place (strided views), or a call the kernels cannot be seen through (compiling, forward-mode
+    AD, functorch transforms, tensor subclasses such as fake tensors)."""
     module = backends.implementation(backend, input.device)
-    if not hasattr(module, "ghost_forward_train") or input.shape[0] % virtual_batch_size:
+    if not hasattr(module, "ghost_forward_train"):
         return None
     if running_mean is not None and not running_mean.is_contiguous():
         return None
@@ -133,8 +133,7 @@ def ghost_batch_norm(input, running_mean, running_var, weight=None, bias=None, t
     (the last may be shorter) is normalized with its own statistics and the same weight and bias;
     the running statistics are updated once per chunk, in order, and num_batches_tracked counts
     every chunk -- as the chunked implementation that calls BatchNorm per chunk. In eval: BatchNorm.
-    On the Triton backend's kernels where N is a multiple of virtual_batch_size, else torch
-    operations (see this module's docstring)."""
+    On the Triton backend's kernels, else torch operations (see this module's docstring)."""
     if virtual_batch_size < 1:
         raise ValueError(f"ghost_batch_norm: virtual_batch_size must be positive, got {virtual_batch_size}")
     if not training:
@@ -152,12 +151,19 @@ def ghost_batch_norm(input, running_mean, running_var, weight=None, bias=None, t
         which = "every virtual batch has" if virtual_batch_size == 1 else "the last virtual batch has"
         raise ValueError(f"Expected more than 1 value per channel when training: {which} one value per channel "
                          f"(input size {tuple(input.shape)}, virtual_batch_size={virtual_batch_size})")
-    module = _kernels_of(input, running_mean, backend, virtual_batch_size)
+    module = _kernels_of(input, running_mean, backend)
     if module is not None:
         if not ghost_kernels.readable(input):
             input = input.contiguous()  # a strided view: the kernels read dense inputs
-        return _GhostKernels.apply(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
-                                   eps, virtual_batch_size, module)
+        whole = N - N % virtual_batch_size  # rows in whole virtual batches (a prefix: dense as input is)
+        y = _GhostKernels.apply(input[:whole], weight, bias, running_mean, running_var, num_batches_tracked,
+                                momentum, eps, virtual_batch_size, module)
+        if whole == N:
+            return y
+        # The shorter last virtual batch, after the others: one BatchNorm call on the same buffers.
+        last = batch_norm(input[whole:], running_mean, running_var, weight, bias, True, momentum, eps,
+                          backend=backend, num_batches_tracked=num_batches_tracked)
+        return torch.cat([y, last])
     mean, var, rows = _chunk_statistics(input, virtual_batch_size)
     y = _normalized(input, weight, bias, mean, var, eps, virtual_batch_size)
     if running_mean is not None:

@@ -74,25 +74,37 @@ def test_ghost_kernels_match_float64(poisoned, device, dtype, shape, virtual_bat
 
 
 @pytest.mark.skipif(not INTERPRETING, reason="the interpreter runs the Triton backend on CPU tensors")
-def test_ghost_batch_norm_takes_the_kernels_where_the_batch_is_whole_virtual_batches(monkeypatch):
+@pytest.mark.parametrize("shape, layout", [((12, 3, 4), "contiguous"), ((10, 3, 4), "contiguous"),
+                                           ((10, 3, 2, 2), "channels_last")],
+                         ids=["whole-virtual-batches", "shorter-last", "shorter-last-channels-last"])
+def test_ghost_batch_norm_on_the_kernels_as_the_torch_operations(monkeypatch, shape, layout):
+    """The kernels take the whole virtual batches; a shorter last one is a BatchNorm call after them."""
     calls = []
     real = bn_gpu.backends.triton.ghost_forward_train
     monkeypatch.setattr(bn_gpu.backends.triton, "ghost_forward_train", lambda *a: calls.append(a[-1]) or real(*a))
-    x = make_input((12, 3, 4), torch.float32).requires_grad_()
-    y = ghost_nn.ghost_batch_norm(x, None, None, training=True, virtual_batch_size=4, backend="triton")
-    assert calls == [3] and type(y.grad_fn).__name__ == "_GhostKernelsBackward"
-    expected = ghost_nn.ghost_batch_norm(x, None, None, training=True, virtual_batch_size=4, backend="cpu")
-    torch.testing.assert_close(y, expected)
-    (grad,) = torch.autograd.grad(y, x, torch.ones_like(y) + x.detach())
-    (grad_cpu,) = torch.autograd.grad(expected, x, torch.ones_like(y) + x.detach())
-    torch.testing.assert_close(grad, grad_cpu)
-    # A shorter last virtual batch, a strided running mean: torch operations.
-    ghost_nn.ghost_batch_norm(make_input((10, 3, 4), torch.float32), None, None, training=True, virtual_batch_size=4,
-                              backend="triton")
+    modules = [bn_gpu.GhostBatchNorm1d(3, 4, momentum=None, backend=backend) if len(shape) == 3 else
+               bn_gpu.GhostBatchNorm2d(3, 4, momentum=None, backend=backend) for backend in ("triton", "cpu")]
+    with torch.no_grad():
+        for m in modules:
+            m.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+            m.num_batches_tracked.fill_(3)
+    x = make_input(shape, torch.float32, layout)
+    outputs = []
+    for m in modules:
+        x_m = x.clone().requires_grad_()
+        y = m(x_m)
+        y.backward(torch.ones_like(y) + x)
+        outputs.append((y, x_m.grad, m.weight.grad, m.bias.grad, m.running_mean, m.running_var,
+                        m.num_batches_tracked))
+    assert calls == [shape[0] // 4]
+    assert outputs[0][0].stride() == outputs[1][0].stride()
+    for kernels, torch_ops in zip(*outputs):
+        torch.testing.assert_close(kernels, torch_ops)
+    # A strided running mean: the torch operations.
     strided = torch.zeros(6)[::2]
     ghost_nn.ghost_batch_norm(x.detach(), strided, torch.ones(3), training=True, virtual_batch_size=4,
                               backend="triton")
-    assert calls == [3] and strided.abs().sum() > 0
+    assert calls == [shape[0] // 4] and strided.abs().sum() > 0
 
 
 @pytest.mark.skipif(not INTERPRETING, reason="the interpreter runs the Triton backend on CPU tensors")
