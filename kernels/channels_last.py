@@ -49,6 +49,18 @@ def _first_column(OFFSET_64: tl.constexpr, BLOCK_C: tl.constexpr, REVERSED: tl.c
 
 
 @triton.jit
+def _tensor_columns(cols, chunk_channels, chunk_extra, OFFSET_64: tl.constexpr, BLOCK_C: tl.constexpr,
+                    REVERSED: tl.constexpr, GHOST: tl.constexpr):
+    """The columns' offsets in x, y, dy and dx (one set of strides under GHOST): cols, plus the
+    program's virtual batch's offset with GHOST -- in the offsets, not the pointers, which stay the
+    kernel's parameters (a pointer computed from one costs the dx kernel registers:
+    profiling/journal/model-history.md)."""
+    if GHOST:
+        cols = cols + chunk_offset(_first_column(OFFSET_64, BLOCK_C, REVERSED), chunk_channels, chunk_extra)
+    return cols
+
+
+@triton.jit
 def _program_rows(M, rows_per_program, OFFSET_64: tl.constexpr):
     split = tl.program_id(0)
     if OFFSET_64:
@@ -291,9 +303,7 @@ def statistics_channels_last(
     """Partial moments per (split, channel); with FINALIZE, the last programs of each channel block
     to finish also merge the block's partials (finalize.finalize_statistics_of_group)."""
     cols, col_mask = _columns(C, BLOCK_C)
-    tensor_cols = cols
-    if GHOST:  # the virtual batch's offset, in the columns' offsets (the pointer stays the parameter)
-        tensor_cols = cols + chunk_offset(_first_column(OFFSET_64, BLOCK_C), chunk_channels, chunk_extra)
+    tensor_cols = _tensor_columns(cols, chunk_channels, chunk_extra, OFFSET_64, BLOCK_C, False, GHOST)
     row_begin, row_end = _program_rows(M, rows_per_program, OFFSET_64)
     shift = finite_shift(tl.load(x_ptr + tensor_cols, mask=col_mask, other=0.0).to(ACC))
     count, mean, m2 = _moments(x_ptr, stride_m, tensor_cols, col_mask, shift, row_begin, row_end,
@@ -329,9 +339,7 @@ def normalize_channels_last(
     GHOST: tl.constexpr,
 ):
     cols, col_mask, row_begin, row_end = _reversed_program(M, C, rows_per_program, BLOCK_C, OFFSET_64)
-    tensor_cols = cols
-    if GHOST:  # x and y share their strides: the virtual batch's offset, in the columns' offsets
-        tensor_cols = cols + chunk_offset(_first_column(OFFSET_64, BLOCK_C, True), chunk_channels, chunk_extra)
+    tensor_cols = _tensor_columns(cols, chunk_channels, chunk_extra, OFFSET_64, BLOCK_C, True, GHOST)
     if COUNT_BATCH:
         # Here, not in the finalize kernel: every finalize program reads the count before this
         # kernel starts (stream order), so the increment cannot race with those reads.
@@ -405,9 +413,7 @@ def gradient_sums_channels_last(
     """Partial sums per (split, channel); with FINALIZE, the last programs of each channel block to
     finish also write the block's totals, dweight and dbias (finalize.finalize_gradients_of_group)."""
     cols, col_mask = _columns(C, BLOCK_C)
-    tensor_cols = cols
-    if GHOST:  # dy and x share their strides: the virtual batch's offset, in the columns' offsets
-        tensor_cols = cols + chunk_offset(_first_column(OFFSET_64, BLOCK_C), chunk_channels, chunk_extra)
+    tensor_cols = _tensor_columns(cols, chunk_channels, chunk_extra, OFFSET_64, BLOCK_C, False, GHOST)
     row_begin, row_end = _program_rows(M, rows_per_program, OFFSET_64)
     mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     scale = tl.zeros([BLOCK_C], ACC)
@@ -459,9 +465,7 @@ def input_gradient_channels_last(
         mean_dy = tl.load(sum_dy_ptr + cols, mask=col_mask, other=0.0).to(ACC) * inv_count
         sum_dy_xmu = tl.load(sum_dy_xmu_ptr + cols, mask=col_mask, other=0.0).to(ACC)
         projection = sum_dy_xmu * invstd * invstd * inv_count
-    tensor_cols = cols
-    if GHOST:  # dy, x and dx share their strides: the virtual batch's offset, in the columns' offsets
-        tensor_cols = cols + chunk_offset(_first_column(OFFSET_64, BLOCK_C, True), chunk_channels, chunk_extra)
+    tensor_cols = _tensor_columns(cols, chunk_channels, chunk_extra, OFFSET_64, BLOCK_C, True, GHOST)
     _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_m, x_stride_m, dx_stride_m, tensor_cols, col_mask,
                     scale, shift, mean, mean_dy, projection, row_begin, row_end, TRAINING, RELU, ACC, BLOCK_M,
                     OFFSET_64)

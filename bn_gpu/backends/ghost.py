@@ -9,8 +9,8 @@ mean, invstd, weight, bias, totals -- has G x C entries, (G, C) row-major.
     backward       gradient sums -> finalize_ghost_gradients (each virtual batch's totals; dweight and
                    dbias summed over them, in order) -> input gradient
 
-Three launches each way (and the weight's repeat), where the torch operations of
-bn_gpu.nn.ghost's general path take a dozen passes over x. The inputs reach here dense, in one
+Three kernel launches each way (beside the weight's repeat), where the torch operations of
+bn_gpu.nn.ghost's general path make many passes over x (profiling/ghost_traffic.py counts both). The inputs reach here dense, in one
 layout (x and dy with the same strides), with N a multiple of the virtual batch.
 """
 from __future__ import annotations
