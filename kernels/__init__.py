@@ -12,6 +12,10 @@ finalize_gradients.
     finalize.py        per-channel merges of the partials: mean, invstd, running stats, dweight, dbias
     moments.py         Chan's merge of (count, mean, M2) partials
     batch_counter.py   num_batches_tracked += 1 on the device
+    channel_groups.py  a channels-first program's channel group (rows that cannot start on 16 bytes)
+    alignment.py       sizes and strides rebuilt as multiples of a 16-byte word's values (ALIGN)
+    group_barrier.py   the on-chip kernels' barrier of a channel group's programs
+    ghost.py           Ghost BatchNorm's two-level channel index and its per-virtual-batch finalize
     cuda/              all of the above in CUDA C (compiled at run time by NVRTC): batch_norm.cu holds
                        the kernels, the headers beside it their shared pieces
 """

@@ -8,6 +8,8 @@ The CUDA C kernels' counterpart: kernels/cuda/channel_groups.cuh.
 import triton
 import triton.language as tl
 
+from .alignment import aligned
+
 
 @triton.jit
 def group_channels(group, S, BLOCK_S: tl.constexpr, GROUP: tl.constexpr):
@@ -27,19 +29,19 @@ def group_channels(group, S, BLOCK_S: tl.constexpr, GROUP: tl.constexpr):
 
 @triton.jit
 def group_run(S, GROUP: tl.constexpr, ALIGN: tl.constexpr):
-    """Values of each row a program reads: S, or GROUP x S (a multiple of ALIGN values: the plan
-    chose GROUP so that the run fills whole 16-byte words)."""
-    if GROUP == 1:
-        run = S
-    else:
+    """Values of each row a program reads: S, or GROUP x S; a multiple of ALIGN values where the plan
+    found the run fills whole 16-byte words (it chose GROUP so, or S does)."""
+    if GROUP > 1:
         run = tl.multiple_of(S * GROUP, ALIGN)
+    else:
+        run = aligned(S, ALIGN)
     return run
 
 
 @triton.jit
 def group_offset(c0, stride_c, ALIGN: tl.constexpr):
-    """Offset of channel c0 in a tensor; a multiple of ALIGN values when GROUP > 1 (the plan groups
-    only channels laid out back to back, stride_c == S), which is what lets Triton load 16 bytes."""
+    """Offset of channel c0 in a tensor; a multiple of ALIGN values where ALIGN > 1 (the plan sets it
+    only for channels laid out back to back, stride_c == S), which is what lets Triton load 16 bytes."""
     offset = c0 * stride_c
     if ALIGN > 1:
         offset = tl.multiple_of(offset, ALIGN)

@@ -23,6 +23,7 @@ launch of their own (SyncBatchNorm's local moments).
 import triton
 import triton.language as tl
 
+from .alignment import aligned
 from .batch_counter import count_batch, count_batch_after_every_read, count_batch_once
 from .finalize import (finalize_gradients_of_group, finalize_statistics_of_group, in_dtype, merged_shifted,
                        store_gradients, store_statistics, summed_partials)
@@ -50,13 +51,14 @@ def _first_column(OFFSET_64: tl.constexpr, BLOCK_C: tl.constexpr, REVERSED: tl.c
 
 @triton.jit
 def _tensor_columns(cols, chunk_channels, chunk_extra, OFFSET_64: tl.constexpr, BLOCK_C: tl.constexpr,
-                    REVERSED: tl.constexpr, GHOST: tl.constexpr):
+                    REVERSED: tl.constexpr, GHOST: tl.constexpr, ALIGN: tl.constexpr):
     """The columns' offsets in x, y, dy and dx (one set of strides under GHOST): cols, plus the
     program's virtual batch's offset with GHOST -- in the offsets, not the pointers, which stay the
     kernel's parameters (a pointer computed from one costs the dx kernel registers:
     profiling/journal/model-history.md)."""
     if GHOST:
-        cols = cols + chunk_offset(_first_column(OFFSET_64, BLOCK_C, REVERSED), chunk_channels, chunk_extra)
+        cols = cols + chunk_offset(_first_column(OFFSET_64, BLOCK_C, REVERSED), chunk_channels,
+                                   aligned(chunk_extra, ALIGN))
     return cols
 
 
@@ -298,12 +300,13 @@ def statistics_channels_last(
     momentum: tl.float64, eps: tl.float64, group_splits,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
     CHUNK: tl.constexpr, FINALIZE: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr, CUMULATIVE: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr, STAGES: tl.constexpr, GHOST: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr, STAGES: tl.constexpr, GHOST: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """Partial moments per (split, channel); with FINALIZE, the last programs of each channel block
     to finish also merge the block's partials (finalize.finalize_statistics_of_group)."""
+    C, stride_m = aligned(C, ALIGN), aligned(stride_m, ALIGN)  # ALIGN: kernels/alignment.py
     cols, col_mask = _columns(C, BLOCK_C)
-    tensor_cols = _tensor_columns(cols, chunk_channels, chunk_extra, OFFSET_64, BLOCK_C, False, GHOST)
+    tensor_cols = _tensor_columns(cols, chunk_channels, chunk_extra, OFFSET_64, BLOCK_C, False, GHOST, ALIGN)
     row_begin, row_end = _program_rows(M, rows_per_program, OFFSET_64)
     shift = finite_shift(tl.load(x_ptr + tensor_cols, mask=col_mask, other=0.0).to(ACC))
     count, mean, m2 = _moments(x_ptr, stride_m, tensor_cols, col_mask, shift, row_begin, row_end,
@@ -336,10 +339,11 @@ def normalize_channels_last(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FROM_RUNNING_STATS: tl.constexpr,
     COUNT_BATCH: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
-    GHOST: tl.constexpr,
+    GHOST: tl.constexpr, ALIGN: tl.constexpr,
 ):
+    C, x_stride_m, y_stride_m = aligned(C, ALIGN), aligned(x_stride_m, ALIGN), aligned(y_stride_m, ALIGN)
     cols, col_mask, row_begin, row_end = _reversed_program(M, C, rows_per_program, BLOCK_C, OFFSET_64)
-    tensor_cols = _tensor_columns(cols, chunk_channels, chunk_extra, OFFSET_64, BLOCK_C, True, GHOST)
+    tensor_cols = _tensor_columns(cols, chunk_channels, chunk_extra, OFFSET_64, BLOCK_C, True, GHOST, ALIGN)
     if COUNT_BATCH:
         # Here, not in the finalize kernel: every finalize program reads the count before this
         # kernel starts (stream order), so the increment cannot race with those reads.
@@ -371,9 +375,10 @@ def single_pass_forward_channels_last(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr,
     CUMULATIVE: tl.constexpr, COUNT_BATCH: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
-    CHUNK: tl.constexpr, STAGES: tl.constexpr,
+    CHUNK: tl.constexpr, STAGES: tl.constexpr, ALIGN: tl.constexpr,
 ):
     # One program per channel block reads its columns twice: the second pass finds them in cache.
+    C, x_stride_m, y_stride_m = aligned(C, ALIGN), aligned(x_stride_m, ALIGN), aligned(y_stride_m, ALIGN)
     cols, col_mask = _columns(C, BLOCK_C)
     shift = finite_shift(tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(ACC))
     count, mean_shifted, m2 = _moments(x_ptr, x_stride_m, cols, col_mask, shift, 0, M,
@@ -409,11 +414,13 @@ def gradient_sums_channels_last(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
     FINALIZE: tl.constexpr, BLOCK_SPLITS: tl.constexpr, STAGES: tl.constexpr, GHOST: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     """Partial sums per (split, channel); with FINALIZE, the last programs of each channel block to
     finish also write the block's totals, dweight and dbias (finalize.finalize_gradients_of_group)."""
+    C, dy_stride_m, x_stride_m = aligned(C, ALIGN), aligned(dy_stride_m, ALIGN), aligned(x_stride_m, ALIGN)
     cols, col_mask = _columns(C, BLOCK_C)
-    tensor_cols = _tensor_columns(cols, chunk_channels, chunk_extra, OFFSET_64, BLOCK_C, False, GHOST)
+    tensor_cols = _tensor_columns(cols, chunk_channels, chunk_extra, OFFSET_64, BLOCK_C, False, GHOST, ALIGN)
     row_begin, row_end = _program_rows(M, rows_per_program, OFFSET_64)
     mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     scale = tl.zeros([BLOCK_C], ACC)
@@ -449,8 +456,10 @@ def input_gradient_channels_last(
     rows_per_program,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
-    GHOST: tl.constexpr,
+    GHOST: tl.constexpr, ALIGN: tl.constexpr,
 ):
+    C, dy_stride_m, x_stride_m = aligned(C, ALIGN), aligned(dy_stride_m, ALIGN), aligned(x_stride_m, ALIGN)
+    dx_stride_m = aligned(dx_stride_m, ALIGN)
     cols, col_mask, row_begin, row_end = _reversed_program(M, C, rows_per_program, BLOCK_C, OFFSET_64)
     invstd = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     scale, shift = _affine(cols, col_mask, invstd, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS and RELU, ACC,
@@ -465,7 +474,7 @@ def input_gradient_channels_last(
         mean_dy = tl.load(sum_dy_ptr + cols, mask=col_mask, other=0.0).to(ACC) * inv_count
         sum_dy_xmu = tl.load(sum_dy_xmu_ptr + cols, mask=col_mask, other=0.0).to(ACC)
         projection = sum_dy_xmu * invstd * invstd * inv_count
-    tensor_cols = _tensor_columns(cols, chunk_channels, chunk_extra, OFFSET_64, BLOCK_C, True, GHOST)
+    tensor_cols = _tensor_columns(cols, chunk_channels, chunk_extra, OFFSET_64, BLOCK_C, True, GHOST, ALIGN)
     _input_gradient(dy_ptr, x_ptr, dx_ptr, dy_stride_m, x_stride_m, dx_stride_m, tensor_cols, col_mask,
                     scale, shift, mean, mean_dy, projection, row_begin, row_end, TRAINING, RELU, ACC, BLOCK_M,
                     OFFSET_64)
@@ -485,9 +494,11 @@ def single_pass_backward_channels_last(
     inv_count,       # 1 / M as a float
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr, NEED_INPUT_GRAD: tl.constexpr,
     RELU: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr, ALIGN: tl.constexpr,
 ):
     # One program per channel block: the sums, then dx from a second pass that finds dy and x in cache.
+    C, dy_stride_m, x_stride_m = aligned(C, ALIGN), aligned(dy_stride_m, ALIGN), aligned(x_stride_m, ALIGN)
+    dx_stride_m = aligned(dx_stride_m, ALIGN)
     cols, col_mask = _columns(C, BLOCK_C)
     mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     invstd = tl.load(invstd_ptr + cols, mask=col_mask, other=0.0).to(ACC)
@@ -583,9 +594,10 @@ def on_chip_forward_channels_last(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING_STATS: tl.constexpr,
     CUMULATIVE: tl.constexpr, COUNT_BATCH: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, HELD_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
-    EXCHANGE: tl.constexpr, BLOCK_SPLITS: tl.constexpr, STAGES: tl.constexpr,
+    EXCHANGE: tl.constexpr, BLOCK_SPLITS: tl.constexpr, STAGES: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """Training forward reading x once (see channels_first.on_chip_forward_channels_first)."""
+    C, x_stride_m, y_stride_m = aligned(C, ALIGN), aligned(x_stride_m, ALIGN), aligned(y_stride_m, ALIGN)
     # With EXCHANGE the grid is `items` programs, all resident: one item each.
     for item in tl.range(tl.program_id(0), items, tl.num_programs(0), num_stages=STAGES):
         _on_chip_forward_item(item, x_ptr, y_ptr, residual_ptr, partial_count_ptr, partial_mean_ptr,
@@ -654,9 +666,11 @@ def on_chip_backward_channels_last(
     splits, items,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_INPUT_GRAD: tl.constexpr, RELU: tl.constexpr,
     ACC: tl.constexpr, HELD_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, OFFSET_64: tl.constexpr,
-    EXCHANGE: tl.constexpr, BLOCK_SPLITS: tl.constexpr, STAGES: tl.constexpr,
+    EXCHANGE: tl.constexpr, BLOCK_SPLITS: tl.constexpr, STAGES: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """Training backward reading dy and x once (see channels_first.on_chip_backward_channels_first)."""
+    C, dy_stride_m, x_stride_m = aligned(C, ALIGN), aligned(dy_stride_m, ALIGN), aligned(x_stride_m, ALIGN)
+    dx_stride_m = aligned(dx_stride_m, ALIGN)
     # With EXCHANGE the grid is `items` programs, all resident: one item each.
     for item in tl.range(tl.program_id(0), items, tl.num_programs(0), num_stages=STAGES):
         _on_chip_backward_item(item, dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr,

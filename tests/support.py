@@ -57,7 +57,8 @@ LAYOUT_CASES = [
     ((2, 3, 3, 4, 5), "contiguous"),
     ((2, 3, 3, 4, 5), "channels_last"),
     ((9, 70, 2, 3), "channels_last"),  # C over one channel block, N * S over several splits
-    ((3, 16, 5, 6), "channels_last"),  # C a multiple of 16 bytes of values: CUDA C's vector accesses
+    ((3, 24, 5, 6), "channels_last"),  # C a multiple of 16 bytes of values: CUDA C's vector accesses; not of
+                                       # 16 values: the Triton kernels' ALIGN (kernels/alignment.py)
     CHANNEL_GROUP_CASE,
     ((2, 2, 33, 35), "contiguous"),   # spatial extent not a multiple of any block
     ((3, 2, 8, 8), "contiguous"),     # rows of whole 16-byte groups: 16-bit Triton reductions sum pairs (PAIRS)

@@ -226,6 +226,64 @@ def test_channel_groups_where_rows_cannot_start_on_16_bytes(C, S, itemsize, adja
         assert p.align * itemsize == 16
 
 
+@pytest.mark.parametrize("S, itemsize, adjacent, align", [
+    (196, 4, True, 4),      # 14x14 fp32: rows start on 16 bytes, which the JIT cannot see (196 % 16)
+    (196, 4, False, 1),     # channels not back to back: a channel's offset may not be a multiple of 4
+    (100, 4, True, 4),      # 10x10
+    (3136, 4, True, 1),     # 56x56: S % 16 == 0, which the JIT sees itself
+    (200, 2, True, 8),      # bf16 rows of 200 values: 400 bytes
+    (196, 2, True, 8),      # 14x14 bf16: grouped in pairs, the run aligned
+    (98, 4, True, 4),       # 7x14 fp32: rows start on 8 bytes; grouped in pairs, the run aligned
+], ids=str)
+def test_rows_that_start_on_16_bytes_are_marked_aligned(S, itemsize, adjacent, align):
+    """ALIGN tells the Triton kernels that every channel's offset and the run of a row are whole
+    16-byte words: for channel groups, and for single channels whose S is a multiple of a 16-byte
+    word's values but not of 16 (the JIT specializes integers on divisibility by 16 only)."""
+    p = plan.channels_first_plan(64, 256, S, itemsize, plan.GPU_TUNING, SMS, adjacent)
+    assert p.align == align
+    if align > 1:
+        assert (p.group * S) % align == 0 and align * itemsize == 16
+
+
+def _channels_last(shape, dtype, channels=None):
+    """A channels-last meta tensor; with `channels`, the first C of that many channels (a row stride
+    of `channels` values)."""
+    N, C, H, W = shape
+    return torch.empty(N, H, W, channels or C, dtype=dtype, device="meta")[..., :C].permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("shape, dtype, channels, align", [
+    ((8, 24, 5, 6), torch.float32, None, 4),    # rows of 96 bytes: whole words the JIT cannot see
+    ((8, 24, 5, 6), torch.bfloat16, None, 8),   # 48 bytes
+    ((8, 24, 5, 6), torch.float64, None, 2),
+    ((8, 64, 5, 6), torch.float32, None, 1),    # 64 channels: the JIT sees it itself
+    ((8, 20, 5, 6), torch.bfloat16, None, 1),   # rows of 40 bytes
+    ((8, 24, 5, 6), torch.float32, 40, 4),      # 24 of 40 channels: rows of 160 bytes
+    ((8, 24, 5, 6), torch.float32, 26, 1),      # 24 of 26: rows start on 8 bytes
+], ids=str)
+def test_channels_last_rows_that_start_on_16_bytes_are_marked_aligned(shape, dtype, channels, align):
+    """ALIGN of the channels-last kernels: C and every tensor's row stride multiples of a 16-byte
+    word's values, not all of 16."""
+    x = _channels_last(shape, dtype, channels)
+    g = plan.geometry(x, None, plan.GPU_TUNING, SMS)
+    assert not g.channels_first and g.x.stride_m == (channels or shape[1])
+    assert sites.column_alignment(g) == align
+    meta = sites.config(g, "normalize")[2]
+    assert meta["ALIGN"] == align
+    dense = _channels_last(shape, dtype)
+    assert sites.column_alignment(plan.geometry(dense, x, plan.GPU_TUNING, SMS)) == align  # dy's rows too
+
+
+def test_ghost_batch_norm_channels_last_aligns_its_virtual_batches_only_where_their_offset_is_aligned():
+    """Ghost BatchNorm's virtual channels (G x C) may be a multiple of a word's values where C is not:
+    its virtual batches' offset must be one too."""
+    from bn_gpu.backends import ghost
+    aligned = ghost.geometry(_channels_last((32, 24, 4, 4), torch.float32), 4, plan.GPU_TUNING, SMS)
+    assert sites.column_alignment(aligned) == 4
+    odd = ghost.geometry(_channels_last((32, 6, 4, 4), torch.float32), 4, plan.GPU_TUNING, SMS)
+    assert odd.C == 24 and sites.column_alignment(odd) == 1
+
+
 def test_the_geometry_groups_channels_only_where_every_tensor_has_them_back_to_back():
     x = torch.empty(64, 2048, 7, 7, device="meta")
     assert plan.geometry(x, None, plan.GPU_TUNING, SMS).plan.group == 4

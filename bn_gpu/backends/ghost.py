@@ -47,8 +47,10 @@ def _cached_geometry(shape, strides, dtype, chunks: int, tuning: Tuning, sms: in
     rows, itemsize = N // chunks, x.element_size()
     if family == CHANNELS_FIRST:
         view = channels_first_view(x)
-        # A channel group must not straddle two virtual batches: grouped only where C is a multiple of it.
-        adjacent = view.stride_c == S and channel_group(C, S, itemsize, tuning.tile_elements(itemsize), True) > 1
+        # A channel group must not straddle two virtual batches: channels adjacent (grouped, or rows
+        # aligned) only where C is a multiple of the group.
+        group = channel_group(chunks * C, S, itemsize, tuning.tile_elements(itemsize), True)
+        adjacent = view.stride_c == S and C % group == 0
         plan = channels_first_plan(rows, chunks * C, S, itemsize, tuning, sms, adjacent)
         extra = rows * view.stride_n - C * view.stride_c
         block_c = plan.group

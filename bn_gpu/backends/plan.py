@@ -113,7 +113,7 @@ class ChannelsFirstPlan:
     num_warps: int
     chunk_tiles: int
     group: int = 1         # adjacent channels per program (see channel_group)
-    align: int = 1         # the group's run of group x S values is a multiple of this many values
+    align: int = 1         # the run of (group x) S values and a channel's offset are multiples of this
     split_max_registers: int = 0  # Tuning.split_max_registers
     load_stages: int = 0          # Tuning.load_stages
 
@@ -211,8 +211,10 @@ def channels_first_plan(N: int, C: int, S: int, itemsize: int, tuning: Tuning, s
     # DRAM and the second pass finds it on chip (profiling/MODEL.md has the model's bound of each).
     wanted = 1 if _splits_wanted(tuning, sms, C) == 1 else _splits_wanted(tuning, sms, cdiv(C, group))
     tiles_per_program, splits = _splits(total_tiles, wanted)
+    # Rows that start on 16 bytes though S is no multiple of 16 (14x14 fp32) are marked: kernels/alignment.py.
+    aligned = group > 1 or (channels_adjacent and S % (VECTOR_BYTES // itemsize) == 0 and S % 16)
     return ChannelsFirstPlan(rows, block_s, s_blocks, total_tiles, tiles_per_program, splits, tuning.num_warps,
-                             tuning.chunk_tiles, group, VECTOR_BYTES // itemsize if group > 1 else 1,
+                             tuning.chunk_tiles, group, VECTOR_BYTES // itemsize if aligned else 1,
                              tuning.split_max_registers, tuning.load_stages)
 
 

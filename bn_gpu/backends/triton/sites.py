@@ -149,13 +149,24 @@ def half_tiles(meta: dict) -> dict:
     return dict(meta, BLOCK_M=max(1, meta["BLOCK_M"] // 2))
 
 
+def column_alignment(g: Geometry) -> int:
+    """ALIGN of the channels-last kernels (kernels/alignment.py): a 16-byte word's values where C
+    and every row stride (and Ghost BatchNorm's virtual-batch offset) are multiples of them but not
+    all of 16 (24 or 40 channels), so that the JIT loads 16 bytes at a time where it cannot see the
+    rows start on 16 bytes; else 1."""
+    vector = VECTOR_BYTES // g.dtype.itemsize
+    sizes = [g.C] + [view.stride_m for view in (g.x, g.out, g.grad_y) if view is not None]
+    sizes += [g.chunk_extra] if g.chunk_channels else []
+    return vector if all(size % vector == 0 for size in sizes) and any(size % 16 for size in sizes) else 1
+
+
 @functools.lru_cache(maxsize=4096)
 def config(g: Geometry, job: str) -> tuple:
     """(kernel, grid, constexprs and warps) of a streaming kernel for one geometry."""
     p = g.plan
     kernel = KERNELS_BY_JOB[job, g.channels_first]
     blocks = dict(ROWS=p.rows, BLOCK_S=p.block_s, GROUP=p.group, ALIGN=p.align) if g.channels_first else \
-        dict(BLOCK_M=p.block_m, BLOCK_C=p.block_c)
+        dict(BLOCK_M=p.block_m, BLOCK_C=p.block_c, ALIGN=column_alignment(g))
     meta = dict(ACC=accumulation(g), OFFSET_64=g.offset_64, num_warps=p.num_warps, **blocks)
     if job in ("statistics", "single_pass_forward"):
         meta["CHUNK"] = p.chunk_tiles
@@ -296,7 +307,7 @@ def on_chip_config(g: Geometry, job: str) -> tuple:
         blocks = dict(ROWS=p.rows, BLOCK_S=p.block_s, HELD_ROWS=on_chip.held * p.rows, GROUP=p.group, ALIGN=p.align)
         work = (p.s_blocks, p.total_tiles, on_chip.splits, items)
     else:
-        blocks = dict(HELD_ROWS=on_chip.held, BLOCK_C=p.block_c)
+        blocks = dict(HELD_ROWS=on_chip.held, BLOCK_C=p.block_c, ALIGN=column_alignment(g))
         work = (on_chip.splits, items)
     meta = dict(ACC=accumulation(g), OFFSET_64=g.offset_64, num_warps=p.num_warps, EXCHANGE=on_chip.exchange,
                 BLOCK_SPLITS=on_chip.block_splits, STAGES=1 if on_chip.exchange else max(1, on_chip.load_stages),
