@@ -9,7 +9,7 @@ import torch
 
 from .. import launches as recorded
 from .compiled import Compiled, Compiler
-from .targets import FLOOR_PASSES, FUSED_OPS, STREAMS, Target, job_of
+from .targets import FLOOR_PASSES, FUSED_OPS, GHOST_OPS, STREAMS, VIRTUAL_BATCHES, Target, job_of, plain_op
 
 
 def occupancy(compiled: Compiled, threads: int, target: Target, dynamic_shared: int = 0) -> int:
@@ -189,7 +189,7 @@ def dram_bytes(launch, case, target: Target, per_sm: int) -> float:
             else:
                 total += 0.0 if working_set <= reuse else tensor
         elif stream in ("x", "dy") and _second_pass(launch, op):
-            reread = tensor * (2 if FUSED_OPS.get(op, op) == "train_bwd" else 1)  # the backward re-reads x and dy
+            reread = tensor * (2 if plain_op(op) == "train_bwd" else 1)  # the backward re-reads x and dy
             if _reverses_second_pass(launch.backend):
                 total += tensor * max(0.0, 1.0 - reuse / reread)
             else:
@@ -207,7 +207,7 @@ def _reverses_second_pass(backend: str) -> bool:
 def _second_pass(launch, op: str) -> bool:
     """Whether this kernel re-reads what an earlier kernel of the same op read (split path)."""
     job = job_of(launch.name)
-    op = FUSED_OPS.get(op, op)
+    op = plain_op(op)
     return (job == "normalize" and op == "train_fwd") or (job == "input_gradient" and op == "train_bwd")
 
 
@@ -235,9 +235,9 @@ class CaseFigures:
 def model_case(backend: str, shape, dtype: torch.dtype, layout: str, op: str, target: Target,
                compiler: Compiler) -> CaseFigures:
     case = (shape, dtype, layout, op)
-    launches = recorded.record(backend, FUSED_OPS.get(op, op), shape, dtype, layout, sms=target.sms,
-                               shared_kb=target.smem_per_sm_kb,
-                               epilogue=op in FUSED_OPS)
+    launches = recorded.record(backend, op if op in GHOST_OPS else plain_op(op), shape, dtype, layout,
+                               sms=target.sms, shared_kb=target.smem_per_sm_kb, epilogue=op in FUSED_OPS,
+                               virtual_batches=VIRTUAL_BATCHES)
     figures = []
     for launch in launches:
         compiled = compiler.triton(launch) if backend == "triton" else compiler.cuda(launch)

@@ -58,7 +58,8 @@ class Compiler:
             flags = ",".join(k for k, v in sorted(launch.meta.items()) if v is True and k.isupper())  # constexprs
             label = (f"{name} {str(dtype).replace('torch.', '')} "
                      + " ".join(f"{k}={v}" for k, v in sorted(launch.meta.items())
-                                if k.startswith(("BLOCK", "ROWS")) or (k == "GROUP" and v > 1))
+                                if k.startswith(("BLOCK", "ROWS")) or (k == "GROUP" and v > 1)
+                                or (k == "ALIGN" and v > 1 and launch.meta.get("GROUP", 1) == 1))  # aligned rows
                      + f" warps={launch.meta.get('num_warps', 4)}" + (f" [{flags}]" if flags else ""))
             self.cache[key] = Compiled("triton", label, usage["registers"], usage["stack"] + usage["local"],
                                        shared, main_loops(sass.get(name) or next(iter(sass.values()))))

@@ -18,7 +18,8 @@ import torch
 from .. import cli
 from .case import CaseFigures, model_case
 from .compiled import Compiler
-from .targets import (ASSUMED, DEFAULT_SHAPES, DTYPES, FLOOR_PASSES, FUSED_OPS, OPS, TARGETS, UNFUSED_PASSES, Target)
+from .targets import (ASSUMED, DEFAULT_SHAPES, DTYPES, FLOOR_PASSES, FUSED_OPS, GHOST_OPS, OPS, TARGETS, UNFUSED_PASSES,
+                      VIRTUAL_BATCHES, Target, modelled)
 from .toolchain import tool
 
 
@@ -59,6 +60,24 @@ def fused_markdown(cases: list[CaseFigures]) -> str:
         unfused = base.dram_bytes + (UNFUSED_PASSES[c.op] - FLOOR_PASSES[base.op]) * tensor
         lines.append(f"| {c.backend} | {c.shape} | {c.dtype} | {c.layout} | {c.op} | {c.dram_bytes / 1e6:.1f} | "
                      f"{unfused / 1e6:.1f} | {c.dram_bytes / unfused:.2f} |")
+    return "\n".join(lines)
+
+
+def ghost_markdown(cases: list[CaseFigures]) -> str:
+    """Each Ghost BatchNorm case against the same backend's plain op on the same input: the
+    two-level channel index's cost in launches, DRAM bytes and partial waves."""
+    plain = {(c.backend, c.shape, c.dtype, c.layout, c.op): c for c in cases}
+    lines = [f"{VIRTUAL_BATCHES} virtual batches. Ghost / plain: launches, DRAM / floor bytes, bound % floor with "
+             "partial waves.", "",
+             "| backend | shape | dtype | layout | op | launches | DRAM / floor bytes | with partial waves |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in cases:
+        base = plain.get((c.backend, c.shape, c.dtype, c.layout, GHOST_OPS.get(c.op)))
+        if base is None:
+            continue
+        lines.append(f"| {c.backend} | {c.shape} | {c.dtype} | {c.layout} | {c.op} | {c.launches} / {base.launches} | "
+                     f"{c.dram_bytes / c.floor_bytes:.2f} / {base.dram_bytes / base.floor_bytes:.2f} | "
+                     f"{_fmt(c.wave_pct_bound, '.0f')}% / {_fmt(base.wave_pct_bound, '.0f')}% |")
     return "\n".join(lines)
 
 
@@ -133,7 +152,7 @@ def run_model(target: Target, shapes, dtypes, layouts, ops, backends, workdir: s
     compiler = Compiler(target, workdir)
     jobs = [(backend, shape, dtype, layout, op)
             for shape in shapes for dtype in dtypes for layout in (layouts if len(shape) > 2 else ["contiguous"])
-            for op in ops for backend in backends]
+            for op in ops for backend in backends if modelled(backend, shape, op)]
     cases = []
     for backend, shape, dtype, layout, op in jobs:
         cases.append(model_case(backend, shape, dtype, layout, op, target, compiler))
@@ -173,6 +192,7 @@ def run(args) -> int:
     versions = _versions()
     text = (header_markdown(target, versions) + "\n\n## Cases\n\n" + cases_markdown(cases)
             + "\n\n## Fused epilogue against the unfused sequence\n\n" + fused_markdown(cases)
+            + "\n\n## Ghost BatchNorm against the plain op\n\n" + ghost_markdown(cases)
             + "\n\n## Kernel variants\n\n" + kernels_markdown(cases) + "\n")
     os.makedirs(args.out, exist_ok=True)
     stem = unused_stem(os.path.join(args.out, f"model-{args.target}-{datetime.datetime.now():%Y%m%d-%H%M%S}"))
@@ -208,7 +228,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES), help="input dtypes")
     parser.add_argument("--layouts", nargs="+", choices=["contiguous", "channels_last"],
                         default=["contiguous", "channels_last"], help="memory layouts of the 3-D and wider shapes")
-    parser.add_argument("--ops", nargs="+", choices=list(OPS), default=list(OPS), help="the ops modelled")
+    parser.add_argument("--ops", nargs="+", choices=list(OPS), default=list(OPS),
+                        help="the ops modelled (Ghost BatchNorm's: Triton, N a multiple of the virtual batches)")
     parser.add_argument("--backends", nargs="+", choices=["triton", "cupy"], default=["triton", "cupy"],
                         help="whose kernels are compiled and modelled")
     parser.add_argument("--out", default=os.path.join("profiling", "results"),

@@ -30,11 +30,13 @@ TARGETS = {
 ASSUMED = ("l2_reuse_mb", "latency_us", "host_us_per_launch")
 
 # 32x128x14x14 and 32x256x14x14: inputs the on-chip kernels hold on an H200 (3.2 and 6.4 MB of fp32 x:
-# the forward and backward of the first, the forward of the second).
+# the forward and backward of the first, the forward of the second). 128x24x56x56: a MobileNetV3 layer,
+# whose 24 channels-last channels start rows on 16 bytes that the Triton JIT cannot see (ALIGN).
 DEFAULT_SHAPES = ["64x64x112x112", "64x256x56x56", "64x2048x7x7", "16384x2048", "8x64x16x56x56", "32x128x14x14",
-                  "32x256x14x14", "5x3"]
+                  "32x256x14x14", "128x24x56x56", "5x3"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-OPS = ("train_fwd", "eval_fwd", "train_bwd", "train_fwd_add_relu", "train_bwd_relu")
+OPS = ("train_fwd", "eval_fwd", "train_bwd", "train_fwd_add_relu", "train_bwd_relu", "ghost_train_fwd",
+       "ghost_train_bwd")
 # Fused ops: (the plain op they extend, what the epilogue adds). The forward relu(bn(x) + residual)
 # reads the residual as one more stream; the backward of BN + ReLU recomputes the ReLU's mask from x,
 # which its kernels read anyway.
@@ -43,7 +45,13 @@ FUSED_OPS = {"train_fwd_add_relu": "train_fwd", "train_bwd_relu": "train_bwd"}
 # add (read two, write one) and the ReLU (read, write) as kernels of their own; backward: the ReLU's
 # (read y and dy, write the gradient), then BatchNorm's.
 UNFUSED_PASSES = {"train_fwd_add_relu": 2 + 3 + 2, "train_bwd_relu": 3 + 3}
-FLOOR_PASSES = {"train_fwd": 2, "eval_fwd": 2, "train_bwd": 3, "train_fwd_add_relu": 3, "train_bwd_relu": 3}
+FLOOR_PASSES = {"train_fwd": 2, "eval_fwd": 2, "train_bwd": 3, "train_fwd_add_relu": 3, "train_bwd_relu": 3,
+                "ghost_train_fwd": 2, "ghost_train_bwd": 3}
+# Ghost BatchNorm's ops (Triton's kernels only: the CuPy backend runs Ghost BatchNorm as torch
+# operations) in VIRTUAL_BATCHES virtual batches, and the plain op whose kernels they launch with the
+# two-level channel index. Modelled where N is a multiple of the virtual batches.
+GHOST_OPS = {"ghost_train_fwd": "train_fwd", "ghost_train_bwd": "train_bwd"}
+VIRTUAL_BATCHES = 4
 
 # Per kernel: which tensors it streams, as (name, passes): "x" read, "dy" read, "y" written;
 # "x2" / "dy2" a second read of the same data in the same kernel (single-pass kernels).
@@ -57,6 +65,16 @@ STREAMS = {
     "on_chip_forward": ["x", "y"],              # x held on chip: read once
     "on_chip_backward": ["dy", "x", "y"],
 }
+
+
+def plain_op(op: str) -> str:
+    """The plain op whose kernels a fused or Ghost BatchNorm op runs."""
+    return FUSED_OPS.get(op) or GHOST_OPS.get(op, op)
+
+
+def modelled(backend: str, shape, op: str) -> bool:
+    """Whether the backend runs this op on its kernels for this shape."""
+    return op not in GHOST_OPS or (backend == "triton" and shape[0] % VIRTUAL_BATCHES == 0)
 
 
 def job_of(name: str) -> str:
