@@ -232,8 +232,10 @@ def test_model_runs_end_to_end(tmp_path):
     # 7x7 channels-first planes: rows of 49 values cannot start on 16 bytes, so a Triton program owns
     # 8 adjacent bf16 channels (392 values a row) and every streaming loop loads 16 bytes at a time.
     (report,) = tmp_path.glob("model-h200-*.json")
+    # (Ghost BatchNorm's programs of one tile, loop-less, count their channels' 16-bit shifts beside.)
     planes = [case for case in json.loads(report.read_text())["cases"]
-              if case["backend"] == "triton" and case["shape"] == "64x2048x7x7" and case["layout"] == "contiguous"]
+              if case["backend"] == "triton" and case["shape"] == "64x2048x7x7" and case["layout"] == "contiguous"
+              and not case["op"].startswith("ghost_")]
     assert planes and all(kernel["load_widths"] == "128" for case in planes for kernel in case["kernels"]), planes
     assert "GROUP=8" in text
     # The CUDA C split reductions of both layouts copy ahead into shared memory (kernels/cuda/async_copies.cuh):
