@@ -12,13 +12,16 @@ import sys
 import torch
 
 # (32, 128, 14, 14): the on-chip kernels' exchange, forward and backward, in both layouts; (64, 2048, 7, 7),
-# (5, 3) and (4, 3, 7, 9) their walk; (32, 128, 14, 14) contiguous and (128, 24, 56, 56) channels-last in fp32:
-# rows that start on 16 bytes where the JIT cannot see it (ALIGN).
+# (5, 3) and (4, 3, 7, 9) their walk; (32, 128, 14, 14) contiguous in fp32: rows that start on 16 bytes where
+# the JIT cannot see it (ALIGN).
 SHAPES = [(64, 64, 112, 112), (64, 2048, 7, 7), (16384, 2048), (8, 64, 16, 56, 56), (32, 128, 14, 14), (5, 3),
-          (4, 3, 7, 9), (128, 24, 56, 56)]
+          (4, 3, 7, 9)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # (affine, running statistics, momentum, epilogue: residual + ReLU)
 OPTIONS = [(True, True, 0.1, False), (False, False, 0.1, False), (True, True, None, False), (True, True, 0.1, True)]
+# 24 channels channels-last: ALIGN in every channels-last kernel (split, on chip, and single-pass where the
+# on-chip kernels are off), plain and with the epilogue (the other options' code: the shapes above).
+ALIGNED_SHAPES = [(128, 24, 56, 56), (8, 24, 5, 6)]
 
 
 # Tunings other than the default that change the compiled code: (fields, layouts, ops, options) -- the
@@ -29,10 +32,10 @@ SWEPT = [({"load_stages": 0}, ["contiguous", "channels_last"], ["train_fwd", "tr
          ({"on_chip_bytes": 0}, ["contiguous", "channels_last"], ["train_fwd", "train_bwd"], OPTIONS)]
 
 
-def _record(found: dict, layouts, ops, options, sms: int) -> None:
+def _record(found: dict, layouts, ops, options, sms: int, shapes=SHAPES) -> None:
     """Adds the launches of every shape and dtype in these layouts, ops and options to found."""
     from bn_gpu.tools import launches
-    for shape in SHAPES:
+    for shape in shapes:
         for dtype in DTYPES:
             for layout in (layouts if len(shape) > 2 else ["contiguous"]):
                 for affine, running, momentum, epilogue in options:
@@ -73,12 +76,14 @@ def variants(sms: int = 132) -> dict:
     from bn_gpu.tools import launches
     found = {}
     _record(found, ["contiguous", "channels_last"], launches.OPS + launches.SYNC_OPS, OPTIONS, sms)
+    _record(found, ["channels_last"], launches.OPS, [OPTIONS[0], OPTIONS[3]], sms, ALIGNED_SHAPES)
     _record_ghost(found, sms)
     default = plan.GPU_TUNING
     for fields, layouts, ops, options in SWEPT:
         plan.GPU_TUNING = dataclasses.replace(default, **fields)
         try:
             _record(found, layouts, ops, options, sms)
+            _record(found, ["channels_last"], ops, [OPTIONS[0], OPTIONS[3]], sms, ALIGNED_SHAPES)
         finally:
             plan.GPU_TUNING = default
     return found
