@@ -10,8 +10,9 @@ mean, invstd, weight, bias, totals -- has G x C entries, (G, C) row-major.
                    dbias summed over them, in order) -> input gradient
 
 Three kernel launches each way (beside the weight's repeat), where the torch operations of
-bn_gpu.nn.ghost's general path make many passes over x (profiling/ghost_traffic.py counts both). The inputs reach here dense, in one
-layout (x and dy with the same strides), with N a multiple of the virtual batch.
+bn_gpu.nn.ghost's general path make many passes over x (profiling/ghost_traffic.py counts both).
+The inputs reach here dense, in one layout (x and dy with the same strides), with N a multiple of
+the virtual batch.
 """
 from __future__ import annotations
 

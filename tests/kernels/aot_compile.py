@@ -53,21 +53,6 @@ def _record(found: dict, layouts, ops, options, sms: int, shapes=SHAPES) -> None
 GHOST_SHAPES = [(64, 2048, 7, 7), (16384, 2048), (32, 128, 14, 14)]
 
 
-def _record_ghost(found: dict, sms: int) -> None:
-    from bn_gpu.tools import launches
-    for shape in GHOST_SHAPES:
-        for dtype in DTYPES:
-            for layout in (["contiguous", "channels_last"] if len(shape) > 2 else ["contiguous"]):
-                for affine, running, momentum, _ in OPTIONS[:3]:
-                    for op in launches.GHOST_OPS:
-                        for launch in launches.record("triton", op, shape, dtype, layout, sms=sms, affine=affine,
-                                                      running=running, momentum=momentum):
-                            signature, constexprs, attrs, compile_options = launches.triton_compile_inputs(launch)
-                            key = (launch.name, tuple(signature.items()), repr(sorted(constexprs.items())),
-                                   repr(sorted(attrs.items())), tuple(compile_options.items()))
-                            found.setdefault(key, launch)
-
-
 def variants(sms: int = 132) -> dict:
     """{specialization key: recorded launch}, each distinct compile once."""
     import dataclasses
@@ -77,7 +62,7 @@ def variants(sms: int = 132) -> dict:
     found = {}
     _record(found, ["contiguous", "channels_last"], launches.OPS + launches.SYNC_OPS, OPTIONS, sms)
     _record(found, ["channels_last"], launches.OPS, [OPTIONS[0], OPTIONS[3]], sms, ALIGNED_SHAPES)
-    _record_ghost(found, sms)
+    _record(found, ["contiguous", "channels_last"], launches.GHOST_OPS, OPTIONS[:3], sms, GHOST_SHAPES)
     default = plan.GPU_TUNING
     for fields, layouts, ops, options in SWEPT:
         plan.GPU_TUNING = dataclasses.replace(default, **fields)
