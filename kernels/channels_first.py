@@ -35,6 +35,7 @@ from .batch_counter import count_batch, count_batch_after_every_read, count_batc
 from .finalize import (finalize_gradients_of_group, finalize_statistics_of_group, in_dtype, merged_shifted,
                        store_gradients, store_statistics, summed_partials)
 from .channel_groups import group_channels, group_offset, group_run, per_channel, per_channel_zeros, to_lanes
+from .alignment import aligned
 from .ghost import chunk_offset
 from .group_barrier import leave_group, wait_for_group
 from .moments import finite_shift, merge_moments
@@ -311,10 +312,10 @@ def statistics_channels_first(
     split = tl.program_id(1)
     c0, c, cols = group_channels(group, S, BLOCK_S, GROUP)
     if GHOST:
-        x_ptr += chunk_offset(c0, chunk_channels, chunk_extra)
+        x_ptr += chunk_offset(c0, chunk_channels, aligned(chunk_extra, ALIGN))
     first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
     shift = finite_shift(tl.load(x_ptr + c * stride_c).to(ACC))
-    count, mean, m2 = _moments(x_ptr + group_offset(c0, stride_c, ALIGN), stride_n, shift,
+    count, mean, m2 = _moments(x_ptr + group_offset(c0, stride_c, ALIGN), aligned(stride_n, ALIGN), shift,
                                first_tile, last_tile, s_blocks, N, group_run(S, GROUP, ALIGN),
                                ACC, ROWS, BLOCK_S, OFFSET_64, CHUNK, GROUP, PAIRS, STAGES)
     out = split * C + cols
@@ -371,7 +372,7 @@ def normalize_channels_first(
     group, split = _reversed_program(OFFSET_64)
     c0, c, cols = group_channels(group, S, BLOCK_S, GROUP)
     if GHOST:  # x and y share their strides (the virtual batches' offset)
-        ghost = chunk_offset(c0, chunk_channels, chunk_extra)
+        ghost = chunk_offset(c0, chunk_channels, aligned(chunk_extra, ALIGN))
         x_ptr += ghost
         y_ptr += ghost
     if COUNT_BATCH:
@@ -389,9 +390,9 @@ def normalize_channels_first(
     y_offset = group_offset(c0, y_stride_c, ALIGN)
     if HAS_RESIDUAL:
         residual_ptr += y_offset
-    _normalize(x_ptr + group_offset(c0, x_stride_c, ALIGN), y_ptr + y_offset, residual_ptr, x_stride_n, y_stride_n,
-               mean, scale, bias, first_tile, last_tile, s_blocks, N, group_run(S, GROUP, ALIGN), HAS_RESIDUAL, RELU,
-               ACC, ROWS, BLOCK_S, OFFSET_64)
+    _normalize(x_ptr + group_offset(c0, x_stride_c, ALIGN), y_ptr + y_offset, residual_ptr, aligned(x_stride_n, ALIGN),
+               aligned(y_stride_n, ALIGN), mean, scale, bias, first_tile, last_tile, s_blocks, N,
+               group_run(S, GROUP, ALIGN), HAS_RESIDUAL, RELU, ACC, ROWS, BLOCK_S, OFFSET_64)
 
 
 @triton.jit
@@ -415,6 +416,7 @@ def single_pass_forward_channels_first(
     group = _group(OFFSET_64)
     c0, c, cols = group_channels(group, S, BLOCK_S, GROUP)
     run = group_run(S, GROUP, ALIGN)
+    x_stride_n, y_stride_n = aligned(x_stride_n, ALIGN), aligned(y_stride_n, ALIGN)
     lane_shift = finite_shift(tl.load(x_ptr + c * x_stride_c).to(ACC))
     count, mean_shifted, m2 = _moments(x_ptr + group_offset(c0, x_stride_c, ALIGN), x_stride_n, lane_shift,
                                        0, total_tiles, s_blocks, N, run, ACC, ROWS, BLOCK_S, OFFSET_64, CHUNK, GROUP,
@@ -468,7 +470,7 @@ def gradient_sums_channels_first(
     split = tl.program_id(1)
     c0, c, cols = group_channels(group, S, BLOCK_S, GROUP)
     if GHOST:  # dy and x share their strides (the virtual batches' offset)
-        ghost = chunk_offset(c0, chunk_channels, chunk_extra)
+        ghost = chunk_offset(c0, chunk_channels, aligned(chunk_extra, ALIGN))
         dy_ptr += ghost
         x_ptr += ghost
     first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
@@ -477,10 +479,10 @@ def gradient_sums_channels_first(
     if RELU:
         scale, shift = _affine(c, tl.load(invstd_ptr + c).to(ACC), weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC)
     sum_dy, sum_dy_xmu = _gradient_sums(dy_ptr + group_offset(c0, dy_stride_c, ALIGN),
-                                        x_ptr + group_offset(c0, x_stride_c, ALIGN), dy_stride_n, x_stride_n,
-                                        tl.load(mean_ptr + c).to(ACC), scale, shift, first_tile, last_tile,
-                                        s_blocks, N, group_run(S, GROUP, ALIGN), RELU, ACC, ROWS, BLOCK_S, OFFSET_64,
-                                        GROUP, PAIRS, STAGES, FOLD_ROWS)
+                                        x_ptr + group_offset(c0, x_stride_c, ALIGN), aligned(dy_stride_n, ALIGN),
+                                        aligned(x_stride_n, ALIGN), tl.load(mean_ptr + c).to(ACC), scale, shift,
+                                        first_tile, last_tile, s_blocks, N, group_run(S, GROUP, ALIGN), RELU, ACC,
+                                        ROWS, BLOCK_S, OFFSET_64, GROUP, PAIRS, STAGES, FOLD_ROWS)
     out = split * C + cols
     tl.store(partial_sum_dy_ptr + out, sum_dy)
     tl.store(partial_sum_dy_xmu_ptr + out, sum_dy_xmu)
@@ -513,7 +515,7 @@ def input_gradient_channels_first(
     group, split = _reversed_program(OFFSET_64)
     c0, c, _ = group_channels(group, S, BLOCK_S, GROUP)
     if GHOST:  # dy, x and dx share their strides (the virtual batches' offset)
-        ghost = chunk_offset(c0, chunk_channels, chunk_extra)
+        ghost = chunk_offset(c0, chunk_channels, aligned(chunk_extra, ALIGN))
         dy_ptr += ghost
         x_ptr += ghost
         dx_ptr += ghost
@@ -530,9 +532,10 @@ def input_gradient_channels_first(
         projection = tl.load(sum_dy_xmu_ptr + c).to(ACC) * invstd * invstd * inv_count
     first_tile, last_tile = _program_tiles(split, tiles_per_program, total_tiles)
     _input_gradient(dy_ptr + group_offset(c0, dy_stride_c, ALIGN), x_ptr + group_offset(c0, x_stride_c, ALIGN),
-                    dx_ptr + group_offset(c0, dx_stride_c, ALIGN), dy_stride_n, x_stride_n, dx_stride_n, scale, shift,
-                    mean, mean_dy, projection, first_tile, last_tile, s_blocks, N, group_run(S, GROUP, ALIGN),
-                    TRAINING, RELU, ACC, ROWS, BLOCK_S, OFFSET_64)
+                    dx_ptr + group_offset(c0, dx_stride_c, ALIGN), aligned(dy_stride_n, ALIGN),
+                    aligned(x_stride_n, ALIGN), aligned(dx_stride_n, ALIGN), scale, shift, mean, mean_dy, projection,
+                    first_tile, last_tile, s_blocks, N, group_run(S, GROUP, ALIGN), TRAINING, RELU, ACC, ROWS, BLOCK_S,
+                    OFFSET_64)
 
 
 @triton.jit
@@ -557,6 +560,8 @@ def single_pass_backward_channels_first(
     group = _group(OFFSET_64)
     c0, c, cols = group_channels(group, S, BLOCK_S, GROUP)
     run = group_run(S, GROUP, ALIGN)
+    dy_stride_n, x_stride_n = aligned(dy_stride_n, ALIGN), aligned(x_stride_n, ALIGN)
+    dx_stride_n = aligned(dx_stride_n, ALIGN)
     dy_ptr += group_offset(c0, dy_stride_c, ALIGN)
     x_ptr += group_offset(c0, x_stride_c, ALIGN)
     mean = tl.load(mean_ptr + c).to(ACC)
@@ -703,9 +708,9 @@ def on_chip_forward_channels_first(
         _on_chip_forward_item(item, x_ptr, y_ptr, residual_ptr, partial_count_ptr, partial_mean_ptr,
                               partial_m2_ptr, counter_ptr, mean_ptr, invstd_ptr, running_mean_ptr,
                               running_var_ptr, num_batches_tracked_ptr, weight_ptr, bias_ptr, N, C, S,
-                              x_stride_n, x_stride_c, y_stride_n, y_stride_c, momentum, eps, s_blocks,
-                              total_tiles, splits, HAS_WEIGHT, HAS_BIAS, HAS_RUNNING_STATS, CUMULATIVE,
-                              HAS_RESIDUAL, RELU, ACC, ROWS, BLOCK_S, HELD_ROWS, OFFSET_64, GROUP, ALIGN,
+                              aligned(x_stride_n, ALIGN), x_stride_c, aligned(y_stride_n, ALIGN), y_stride_c,
+                              momentum, eps, s_blocks, total_tiles, splits, HAS_WEIGHT, HAS_BIAS, HAS_RUNNING_STATS,
+                              CUMULATIVE, HAS_RESIDUAL, RELU, ACC, ROWS, BLOCK_S, HELD_ROWS, OFFSET_64, GROUP, ALIGN,
                               EXCHANGE, BLOCK_SPLITS)
     if COUNT_BATCH:  # every program has read the count in store_statistics by now
         if EXCHANGE:  # the batch counter's ticket follows the groups' barriers
@@ -789,7 +794,7 @@ def on_chip_backward_channels_first(
     for item in tl.range(tl.program_id(0), items, tl.num_programs(0), num_stages=STAGES):
         _on_chip_backward_item(item, dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr,
                                partial_sum_dy_ptr, partial_sum_dy_xmu_ptr, counter_ptr, grad_weight_ptr,
-                               grad_bias_ptr, N, C, S, dy_stride_n, dy_stride_c, x_stride_n, x_stride_c,
-                               dx_stride_n, dx_stride_c, inv_count, s_blocks, total_tiles, splits, HAS_WEIGHT,
-                               HAS_BIAS, NEED_INPUT_GRAD, RELU, ACC, ROWS, BLOCK_S, HELD_ROWS, OFFSET_64, GROUP,
-                               ALIGN, EXCHANGE, BLOCK_SPLITS)
+                               grad_bias_ptr, N, C, S, aligned(dy_stride_n, ALIGN), dy_stride_c,
+                               aligned(x_stride_n, ALIGN), x_stride_c, aligned(dx_stride_n, ALIGN), dx_stride_c,
+                               inv_count, s_blocks, total_tiles, splits, HAS_WEIGHT, HAS_BIAS, NEED_INPUT_GRAD, RELU,
+                               ACC, ROWS, BLOCK_S, HELD_ROWS, OFFSET_64, GROUP, ALIGN, EXCHANGE, BLOCK_SPLITS)

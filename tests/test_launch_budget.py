@@ -151,6 +151,29 @@ def test_the_channels_last_gradient_sums_through_a_relu_keep_the_cap_where_pipel
         assert g.plan.rows_per_program % masked["BLOCK_M"] == 0
 
 
+@pytest.mark.parametrize("shape, dtype, channels, plain_cap, relu_cap", [
+    ((64, 440, 7, 7), torch.float32, None, 64, 128),       # groups of 4 fp32 channels
+    ((32, 256, 14, 14), torch.bfloat16, None, 128, 128),   # pairs of 14x14 bf16 channels
+    ((64, 440, 7, 7), torch.float16, None, 128, 128),      # groups of 8
+    ((64, 24, 7, 7), torch.float32, 30, None, None),       # batch rows not aligned: 32-bit loads, uncapped
+    ((64, 128, 56, 56), torch.float32, None, None, None),  # single channels
+], ids=str)
+def test_the_channel_groups_gradient_sums_are_capped_where_they_load_16_bytes(shape, dtype, channels, plain_cap,
+                                                                             relu_cap):
+    """The channel groups' split gradient sums with ALIGN take more registers than their grids allow
+    uncapped (static model: fp32 78, 2 programs an SM less; 16-bit 138-142, one an SM): fp32 under the
+    split cap without the ReLU's mask (it spills with it: MAX_REGISTERS), 16-bit under MAX_REGISTERS."""
+    N, C, H, W = shape
+    x = torch.empty(N, channels or C, H, W, dtype=dtype, device="meta")[:, :C]
+    g = plan.geometry(x, x, dataclasses.replace(plan.GPU_TUNING, on_chip_bytes=0), SMS)
+    assert g.plan.splits > 1
+    plain = sites.gradient_sums_site(g, False, True, True, True).meta
+    masked = sites.gradient_sums_site(g, True, True, True, True).meta
+    assert plain.get("maxnreg") == plain_cap and masked.get("maxnreg") == relu_cap
+    if plain_cap:
+        assert plain["GROUP"] > 1 and plain["ALIGN"] > 1
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_the_paired_channels_first_gradient_sums_keep_the_cap_through_a_relu(dtype):
     """The 16-bit channels-first gradient sums with PAIRS over tiles of one row fit the cap with the
@@ -243,6 +266,38 @@ def test_rows_that_start_on_16_bytes_are_marked_aligned(S, itemsize, adjacent, a
     assert p.align == align
     if align > 1:
         assert (p.group * S) % align == 0 and align * itemsize == 16
+
+
+@pytest.mark.parametrize("shape, dtype, channels, align", [
+    ((64, 24, 7, 7), torch.float32, None, 4),     # groups of 4 channels; batch rows of 1176 values
+    ((64, 40, 7, 7), torch.bfloat16, None, 8),    # groups of 8; 1960 values
+    ((64, 24, 7, 7), torch.float32, 30, 1),       # 24 of 30 channels: batch rows start on 8 bytes
+    ((64, 24, 7, 7), torch.float32, 32, 4),       # 24 of 32: 1568 values
+    ((32, 22, 14, 14), torch.float32, None, 4),   # single channels of 196 values; batch rows of 4312
+    ((32, 21, 14, 14), torch.bfloat16, None, 1),  # pairs of channels do not divide 21: single, unaligned
+], ids=str)
+def test_channels_first_batch_rows_must_start_on_16_bytes_too(shape, dtype, channels, align):
+    """ALIGN of the channels-first kernels: the plan's where every tensor's batch stride is a multiple
+    of it as well (kernels rebuild it with `aligned`); 1 where one is not, whatever the plan's."""
+    N, C, H, W = shape
+    x = torch.empty(N, channels or C, H, W, dtype=dtype, device="meta")[:, :C]
+    g = plan.geometry(x, None, plan.GPU_TUNING, SMS)
+    assert g.channels_first and g.x.stride_n == (channels or C) * H * W
+    assert g.plan.align > 1 or align == 1
+    assert sites.row_alignment(g) == align and sites.config(g, "normalize")[2]["ALIGN"] == align
+    dense = torch.empty(shape, dtype=dtype, device="meta")
+    assert sites.row_alignment(plan.geometry(dense, x, plan.GPU_TUNING, SMS)) == align  # dy's rows too
+
+
+def test_ghost_batch_norm_channels_first_aligns_its_virtual_batches_only_where_their_offset_is_aligned():
+    """A channels-first virtual batch starts (N / G) x C x S values after the previous one: the GHOST
+    kernels' offset is aligned with the batch rows (a channel slice, which Ghost BatchNorm copies
+    first, shows the check)."""
+    from bn_gpu.backends import ghost
+    aligned = ghost.geometry(torch.empty(32, 24, 7, 7, device="meta"), 4, plan.GPU_TUNING, SMS)
+    assert aligned.plan.group == 4 and aligned.chunk_extra % 4 == 0 and sites.row_alignment(aligned) == 4
+    sliced = ghost.geometry(torch.empty(32, 30, 7, 7, device="meta")[:, :24], 4, plan.GPU_TUNING, SMS)
+    assert sliced.plan.group == 4 and sites.row_alignment(sliced) == 1
 
 
 def _channels_last(shape, dtype, channels=None):

@@ -2,7 +2,7 @@
 in its own dtype, channels-first as whole rows of S, every plan an exchange -- the tuning taken from the
 SMs' shared memory, the cooperative launch's residency check, and, on a GPU, their results against the
 float64 reference with every buffer poisoned, bitwise determinism and their counters left at zero.
-Their source compiles for sm_80 and sm_90 with nvcc and NVRTC in test_cuda_source.py, and their
+Their source compiles for sm_90 with nvcc and for sm_80 with NVRTC in test_cuda_source.py, and their
 launches match their signatures there too."""
 import dataclasses
 import math

@@ -5,7 +5,11 @@ shapes, every dtype and layout, with and without affine parameters and running s
 kernel paths), with the JIT's argument specialization (16-byte alignment and divisibility hints,
 1-valued integers). Run in a process without TRITON_INTERPRET:
 
-    TRITON_INTERPRET=0 python tests/kernels/aot_compile.py 90
+    TRITON_INTERPRET=0 python tests/kernels/aot_compile.py 90           # every variant
+    TRITON_INTERPRET=0 python tests/kernels/aot_compile.py 80 --paths   # one variant of each code path
+
+A code path is a kernel with its input dtype and its boolean constexprs (the flags that add or remove
+code); the variants of one path differ in tile sizes, pipeline stages and argument hints alone.
 """
 import sys
 
@@ -74,9 +78,20 @@ def variants(sms: int = 132) -> dict:
     return found
 
 
-def compile_all(capability: int) -> tuple[int, set]:
+def code_paths(found: dict) -> dict:
+    """The first variant of each kernel, input dtype and set of boolean constexprs in found."""
+    import torch
+    paths = {}
+    for key, launch in found.items():
+        dtype = next((a.dtype for a in launch.args if isinstance(a, torch.Tensor)), None)
+        flags = tuple(sorted(name for name, value in launch.meta.items() if value is True))
+        paths.setdefault((launch.name, dtype, flags), (key, launch))
+    return dict(paths.values())
+
+
+def compile_all(capability: int, paths_only: bool = False) -> tuple[int, set]:
     from bn_gpu.tools import launches
-    found = variants()
+    found = code_paths(variants()) if paths_only else variants()
     for launch in found.values():
         compiled = launches.compile_triton(launch, capability)
         assert compiled.asm["cubin"], launch.name
@@ -87,6 +102,6 @@ if __name__ == "__main__":
     import os
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default up to 3.9, as the JIT compiles
     import triton
-    count, names = compile_all(int(sys.argv[1]))
+    count, names = compile_all(int(sys.argv[1]), paths_only="--paths" in sys.argv[2:])
     print(f"compiled {count} kernel variants of {len(names)} kernels for sm_{sys.argv[1]} with triton "
           f"{triton.__version__}: {', '.join(sorted(names))}")

@@ -52,6 +52,37 @@ def test_training_forward_and_backward(backend, device, case, dtype, kernel_path
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("channels", [10, 7], ids=lambda c: f"6-of-{c}")
+def test_the_first_channels_of_a_wider_tensor(backend, device, channels, kernel_path, poisoned):
+    """x and dy the first 6 channels of tensors of `channels`, read as they are: channels back to back
+    (grouped in pairs, the plan's ALIGN 4) but batch rows of `channels` x 30 values -- whole 16-byte
+    words for 10 (the kernels rebuild the stride with ALIGN), not for 7 (sites.row_alignment drops
+    ALIGN: a kernel that assumed it would read the wrong values)."""
+    from bn_gpu.backends import plan
+    from bn_gpu.backends.triton import sites
+    wide = (3, channels, 5, 6)
+    x = make_input(wide, torch.float32, "contiguous", device)[:, :6]
+    grad_y = make_input(wide, torch.float32, "contiguous", device, mean=0.0, std=1.0, seed=7)[:, :6]
+    g = plan.geometry(x, grad_y, *plan.tuning_and_sms(x.device))
+    assert g.read_strides is None and g.grad_read_strides is None and g.x.stride_n == channels * 30
+    if backend == "triton":
+        assert g.plan.align == 4 and sites.row_alignment(g) == (4 if channels == 10 else 1)
+    weight, bias, running_mean, running_var = make_params(6, torch.float32, device)
+    tracked = torch.tensor(0, device=device)
+    y, mean, invstd = torch.ops.bn_gpu.forward_train(x, weight, bias, running_mean, running_var, tracked, 0.1, 1e-5,
+                                                     backend)
+    y_ref, mean_ref, _, invstd_ref = ref.forward_train(x, weight, bias, 1e-5)
+    assert_close(y, y_ref, torch.float32, "output")
+    assert_stats_close(mean, mean_ref, torch.float32, "mean")
+    assert_stats_close(invstd, invstd_ref, torch.float32, "invstd")
+    grad_x, grad_w, grad_b = torch.ops.bn_gpu.backward(grad_y, x, weight, mean, invstd, True, True, True, backend)
+    grad_x_ref, grad_w_ref, grad_b_ref = ref.backward_train(grad_y, x, weight, 1e-5)
+    assert_close(grad_x, grad_x_ref, torch.float32, "grad_input")
+    assert_close(_scaled(grad_w, grad_y, 6), _scaled(grad_w_ref, grad_y, 6), torch.float32, "grad_weight")
+    assert_close(_scaled(grad_b, grad_y, 6), _scaled(grad_b_ref, grad_y, 6), torch.float32, "grad_bias")
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
 @pytest.mark.parametrize("case", LAYOUT_CASES, ids=case_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_eval_forward_and_backward(backend, device, case, dtype, poisoned):

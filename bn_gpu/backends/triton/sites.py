@@ -160,12 +160,22 @@ def column_alignment(g: Geometry) -> int:
     return vector if all(size % vector == 0 for size in sizes) and any(size % 16 for size in sizes) else 1
 
 
+def row_alignment(g: Geometry) -> int:
+    """ALIGN of the channels-first kernels: the plan's (its runs and channel offsets) where every
+    tensor's batch stride (and Ghost BatchNorm's virtual-batch offset) is a multiple of it too, so
+    that each row of a tile starts on 16 bytes (a 7x7 plane of 24 channels: 1176 values); else 1."""
+    align = g.plan.align
+    sizes = [view.stride_n for view in (g.x, g.out, g.grad_y) if view is not None]
+    sizes += [g.chunk_extra] if g.chunk_channels else []
+    return align if all(size % align == 0 for size in sizes) else 1
+
+
 @functools.lru_cache(maxsize=4096)
 def config(g: Geometry, job: str) -> tuple:
     """(kernel, grid, constexprs and warps) of a streaming kernel for one geometry."""
     p = g.plan
     kernel = KERNELS_BY_JOB[job, g.channels_first]
-    blocks = dict(ROWS=p.rows, BLOCK_S=p.block_s, GROUP=p.group, ALIGN=p.align) if g.channels_first else \
+    blocks = dict(ROWS=p.rows, BLOCK_S=p.block_s, GROUP=p.group, ALIGN=row_alignment(g)) if g.channels_first else \
         dict(BLOCK_M=p.block_m, BLOCK_C=p.block_c, ALIGN=column_alignment(g))
     meta = dict(ACC=accumulation(g), OFFSET_64=g.offset_64, num_warps=p.num_warps, **blocks)
     if job in ("statistics", "single_pass_forward"):
@@ -251,6 +261,13 @@ def single_pass_forward_site(g: Geometry, has_weight: bool, has_bias: bool, trac
 @functools.lru_cache(maxsize=4096)
 def gradient_sums_site(g: Geometry, relu: bool, has_weight: bool, has_bias: bool, finalize: bool) -> Site:
     kernel, grid, meta = config(g, "gradient_sums")
+    if g.channels_first and g.plan.group > 1 and meta["ALIGN"] > 1 and g.plan.splits > 1 and g.dtype.itemsize <= 4:
+        # Channel groups loading 16 bytes take more registers than their grid's programs an SM leave: fp32
+        # past the cap's 4 programs, 16-bit past 2 (1 an SM). By the static model (profiling/MODEL.md) fp32
+        # keeps every value in registers under the cap (through the ReLU's mask it spills: 2 an SM instead),
+        # and 16-bit under MAX_REGISTERS, mask or not.
+        fp32_cap = g.dtype == torch.float32 and not relu and g.plan.split_max_registers
+        meta = dict(meta, maxnreg=g.plan.split_max_registers if fp32_cap else MAX_REGISTERS)
     if relu and not g.channels_first:  # (the channels-first kernels are capped only where they fit)
         if meta["STAGES"] <= 1:
             # The plain loop through the mask spills under the cap (split_register_cap holds for the
@@ -304,7 +321,8 @@ def on_chip_config(g: Geometry, job: str) -> tuple:
     kernel = KERNELS_BY_JOB[job, g.channels_first]
     items = g.finalize_groups * on_chip.splits  # (channel group, split) pairs
     if g.channels_first:
-        blocks = dict(ROWS=p.rows, BLOCK_S=p.block_s, HELD_ROWS=on_chip.held * p.rows, GROUP=p.group, ALIGN=p.align)
+        blocks = dict(ROWS=p.rows, BLOCK_S=p.block_s, HELD_ROWS=on_chip.held * p.rows, GROUP=p.group,
+                      ALIGN=row_alignment(g))
         work = (p.s_blocks, p.total_tiles, on_chip.splits, items)
     else:
         blocks = dict(HELD_ROWS=on_chip.held, BLOCK_C=p.block_c, ALIGN=column_alignment(g))
