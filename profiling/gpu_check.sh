@@ -125,10 +125,11 @@ else
   step kernel-times 60 20 "$PY" profiling/kernel_times.py --ops train_fwd backward
   # The on-chip kernels (x read once) against the two-pass plans they replace, on inputs both
   # backends hold on chip, and the walks over channel groups (64x2048x7x7 forward and backward)
-  # against the single pass (the two-pass plans: BN_GPU_TUNING=on_chip_bytes=0, in a process of its own).
+  # against the single pass (the two-pass plans: BN_GPU_TUNING=on_chip_bytes=0, in a process of its own);
+  # 64x440x7x7: channel groups whose batch rows the JIT cannot see aligned (ALIGN).
   step kernel-times-on-chip 40 15 bash -c '"$1" profiling/kernel_times.py $2 &&
     BN_GPU_TUNING=on_chip_bytes=0 "$1" profiling/kernel_times.py $2' kernel-times-on-chip "$PY" \
-    "--shapes 32x128x14x14 32x256x14x14 16x256x28x28 64x2048x7x7 --ops train_fwd backward"
+    "--shapes 32x128x14x14 32x256x14x14 16x256x28x28 64x2048x7x7 64x440x7x7 --ops train_fwd backward"
   # Whole-model training steps against torch.nn (profiling/train_step.py): channels_last bf16, every
   # implementation eager, then under CUDA graphs, then torch.compile; rows are written as they end.
   ts_limit=$(left 10)
