@@ -44,28 +44,6 @@ def _instantiation_unit(tmp_path):
     return unit, names
 
 
-# nvcc's targets; sm_80's machine code comes from NVRTC (test_nvrtc_compiles_every_name_expression):
-# each compile of every instantiation takes minutes of one core.
-ARCHS = ["sm_90"]
-
-
-@pytest.fixture(scope="module")
-def nvcc_runs(tmp_path_factory):
-    """One nvcc process per architecture over the same unit, started with the module (the compiles
-    are single-threaded and among the longest CPU tests of the suite: the module's other tests run
-    beside them). {arch: (process, names instantiated)}."""
-    tmp_path = tmp_path_factory.mktemp("nvcc")
-    unit, names = _instantiation_unit(tmp_path)
-    runs = {arch: (subprocess.Popen([NVCC, *compilation.COMPILE_OPTIONS, f"-arch={arch}", "-c", str(unit),
-                                     "-o", str(tmp_path / f"{arch}.o")],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), names)
-            for arch in ARCHS}
-    yield runs
-    for process, _ in runs.values():
-        if process.poll() is None:
-            process.kill()
-
-
 def _find_nvrtc():
     import ctypes.util
     import glob
@@ -81,10 +59,10 @@ def _find_nvrtc():
 NVRTC = _find_nvrtc()
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def nvrtc_run():
-    """NVRTC's compile for sm_80 (nvrtc_compile.py) in a process of its own, started with the module
-    beside nvcc's; None without NVRTC or the CUDA headers it compiles against."""
+    """NVRTC's compile for sm_80 (nvrtc_compile.py) in a process of its own, started with nvcc's (the
+    first test that needs either starts both); None without NVRTC or the CUDA headers it compiles against."""
     toolkits = [os.environ.get("CUDA_PATH", ""), "/usr/local/cuda",
                 os.path.dirname(os.path.dirname(os.path.realpath(NVCC))) if NVCC else ""]
     include = next((os.path.join(t, "include") for t in toolkits
@@ -97,6 +75,28 @@ def nvrtc_run():
     yield process
     if process.poll() is None:
         process.kill()
+
+
+# nvcc's targets; sm_80's machine code comes from NVRTC (test_nvrtc_compiles_every_name_expression):
+# each compile of every instantiation takes minutes of one core.
+ARCHS = ["sm_90"]
+
+
+@pytest.fixture(scope="module")
+def nvcc_runs(tmp_path_factory, nvrtc_run):
+    """One nvcc process per architecture over the same unit, started with NVRTC's (the compiles are
+    single-threaded and among the longest CPU tests of the suite: side by side on a 2-core CI machine,
+    with the module's other tests beside them). {arch: (process, names instantiated)}."""
+    tmp_path = tmp_path_factory.mktemp("nvcc")
+    unit, names = _instantiation_unit(tmp_path)
+    runs = {arch: (subprocess.Popen([NVCC, *compilation.COMPILE_OPTIONS, f"-arch={arch}", "-c", str(unit),
+                                     "-o", str(tmp_path / f"{arch}.o")],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), names)
+            for arch in ARCHS}
+    yield runs
+    for process, _ in runs.values():
+        if process.poll() is None:
+            process.kill()
 
 
 def _finished(process) -> str:
