@@ -12,13 +12,18 @@ import sys
 from bn_gpu.backends.cupy import compilation
 
 
+def instantiated_names() -> list[str]:
+    """Every kernel instantiation the backend asks NVRTC for, as name expressions."""
+    return sorted({name for combo in compilation.type_combinations()
+                   for name in compilation.kernel_names(*combo).values()})
+
+
 def compile_source(library: str, include: str, arch: str) -> dict:
     lib = ctypes.CDLL(library)
     program = ctypes.c_void_p()
     assert lib.nvrtcCreateProgram(ctypes.byref(program), compilation.source().encode(), b"batch_norm.cu",
                                   0, None, None) == 0
-    names = sorted({name for combo in compilation.type_combinations()
-                    for name in compilation.kernel_names(*combo).values()})
+    names = instantiated_names()
     for name in names:
         assert lib.nvrtcAddNameExpression(program, name.encode()) == 0
     options = [o.encode() for o in compilation.COMPILE_OPTIONS] + [f"-arch={arch}".encode(), f"-I{include}".encode()]

@@ -22,6 +22,7 @@ from bn_gpu.backends.cupy import launcher as cupy_launcher
 from bn_gpu.backends.cupy import table as cupy_table
 from bn_gpu.tools import model
 from bn_gpu.dtypes import stat_dtype
+from nvrtc_compile import instantiated_names
 from support import has_cupy
 
 # One xdist worker runs this module (`make test`: --dist loadgroup), so its compile fixture starts once.
@@ -34,8 +35,7 @@ def _instantiation_unit(tmp_path):
     """A translation unit that includes the source and takes the address of every kernel the
     backend compiles, which instantiates each template as NVRTC's name expressions would."""
     (tmp_path / "batch_norm.cu").write_text(compilation.source())
-    names = sorted({name for combo in compilation.type_combinations()
-                    for name in compilation.kernel_names(*combo).values()})
+    names = instantiated_names()
     lines = ['#include "batch_norm.cu"', "void instantiate_all() {"]
     lines += [f"    (void)&{name};" for name in names]
     lines.append("}")

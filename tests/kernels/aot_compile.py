@@ -80,7 +80,6 @@ def variants(sms: int = 132) -> dict:
 
 def code_paths(found: dict) -> dict:
     """The first variant of each kernel, input dtype and set of boolean constexprs in found."""
-    import torch
     paths = {}
     for key, launch in found.items():
         dtype = next((a.dtype for a in launch.args if isinstance(a, torch.Tensor)), None)
