@@ -188,14 +188,17 @@ def test_the_paired_channels_first_gradient_sums_keep_the_cap_through_a_relu(dty
 @pytest.mark.parametrize("shape, dtype, pairs", [
     ((64, 64, 112, 112), torch.bfloat16, True),
     ((8, 64, 16, 56, 56), torch.float16, True),
-    ((64, 64, 112, 112), torch.float32, False),   # 32-bit values: one sum per value
+    ((64, 64, 112, 112), torch.float32, True),    # fp32: 4 values a thread
+    ((64, 256, 56, 56), torch.float32, True),
+    ((64, 64, 112, 112), torch.float64, False),   # fp64: one sum per value
+    ((64, 64, 9, 9), torch.float32, False),       # rows of 81 values: no whole 16-byte groups
     ((64, 2048, 7, 7), torch.bfloat16, False),    # channel groups: a pair may straddle two channels
     ((64, 64, 9, 9), torch.bfloat16, False),      # rows of 81 values: Triton cannot give a thread 8 of them
     ((16384, 2048), torch.bfloat16, False),       # channels-last: no channels-first reduction
 ], ids=str)
-def test_16_bit_channels_first_reductions_sum_pairs_where_threads_hold_whole_groups(shape, dtype, pairs):
+def test_channels_first_reductions_sum_pairs_where_threads_hold_whole_groups(shape, dtype, pairs):
     """PAIRS (sites.pairs_of_values): only the channels-first reductions get it, and only
-    for 16-bit inputs of one channel a program whose rows hold whole 16-byte groups."""
+    for 16-bit and fp32 inputs of one channel a program whose rows hold whole 16-byte groups."""
     x = torch.empty(shape, dtype=dtype, device="meta")
     g = plan.geometry(x, x, plan.GPU_TUNING, SMS)
     assert sites.pairs_of_values(g) == (pairs and g.channels_first)
@@ -211,7 +214,7 @@ def test_16_bit_channels_first_reductions_sum_pairs_where_threads_hold_whole_gro
     ((64, 256, 56, 56), torch.bfloat16, True),    # tiles of 2 rows of 4096 values: a row spans the threads
     ((8, 64, 16, 56, 56), torch.float16, False),  # tiles of one row
     ((64, 256, 28, 28), torch.bfloat16, False),   # rows of 1024 values: 8 warps of 256 split the rows
-    ((64, 256, 56, 56), torch.float32, False),    # no PAIRS (fp32 tiles of 2 rows fit 4 programs an SM)
+    ((64, 64, 112, 112), torch.float32, False),   # fp32 tiles of 2 rows: PAIRS alone fits 5 programs an SM
 ], ids=str)
 def test_paired_gradient_sums_fold_the_rows_where_a_row_spans_the_threads(shape, dtype, folded):
     """FOLD_ROWS (sites.folded_rows): the channels-first gradient sums with PAIRS over tiles of several
@@ -468,3 +471,21 @@ def test_the_fp32_channels_last_dx_through_a_relu_walks_half_tiles_at_128_channe
         meta = sites.input_gradient_site(g, True, True, True, relu).meta
         assert meta["BLOCK_M"] == g.plan.block_m // (2 if relu and halved else 1), (relu, meta)
         assert g.plan.rows_per_program % meta["BLOCK_M"] == 0
+
+
+@pytest.mark.parametrize("dtype, halved", [
+    (torch.bfloat16, True),    # 155 registers at the plan's 16 rows: one program an SM
+    (torch.float16, True),
+    (torch.float32, False),    # 4 programs an SM at half would hold more between the passes than the L2 keeps
+], ids=str)
+def test_the_16_bit_channel_groups_single_pass_backward_walks_half_tiles(dtype, halved):
+    """The channels-first single-pass backward of 16-bit channel groups walks tiles of half the plan's
+    rows, and the tiling it is launched with counts those tiles; fp32 keeps the plan's."""
+    x = torch.empty((64, 2048, 7, 7), device="meta", dtype=dtype)
+    g = plan.geometry(x, x, plan.GPU_TUNING, SMS)
+    assert g.plan.group > 1 and g.plan.splits == 1
+    for relu in (False, True):
+        site = sites.single_pass_backward_site(g, True, relu, True, True, relu)
+        rows = site.meta["ROWS"]
+        assert rows == g.plan.rows // (2 if halved else 1), (relu, site.meta)
+        assert site.tail == (g.plan.s_blocks, -(-g.N // rows) * g.plan.s_blocks)

@@ -326,3 +326,43 @@ def test_channels_last_16_bit_gradient_sums_through_the_relu_as_reference(backen
     assert_close(grad_x, grad_x_ref, dtype, "grad_input")
     assert_close(_scaled(grad_w, grad_y, C), _scaled(grad_w_ref, grad_y, C), dtype, "grad_weight")
     assert_close(_scaled(grad_b, grad_y, C), _scaled(grad_b_ref, grad_y, C), dtype, "grad_bias")
+
+
+@pytest.mark.parametrize("backend,device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_channel_groups_single_pass_backward_over_half_tiles(backend, device, dtype, relu, monkeypatch, poisoned):
+    """The Triton 16-bit channels-first single-pass backward of channel groups walks tiles of half the
+    plan's rows (sites.single_pass_backward_site: 64x2048x7x7 on a GPU; in the interpreter rows of 9
+    values in tiles of 1 KB, 2 groups of 8 channels, 5 batch rows: the last half tile short).
+    Against the float64 reference, through the ReLU's mask too, and two calls bitwise equal."""
+    import dataclasses
+
+    import bn_gpu.backends.plan
+    from bn_gpu.backends.triton import sites
+    for name in ("INTERPRETER_TUNING", "GPU_TUNING"):
+        tuning = dataclasses.replace(getattr(bn_gpu.backends.plan, name), on_chip_bytes=0, programs_per_sm=0)
+        if name == "INTERPRETER_TUNING":
+            tuning = dataclasses.replace(tuning, tile_bytes=1024)
+        monkeypatch.setattr(bn_gpu.backends.plan, name, tuning)
+    shape = (64, 2048, 7, 7) if device == "cuda" else (5, 8, 3, 3)
+    C = shape[1]
+    x = make_input(shape, dtype, "contiguous", device, mean=0.5, std=1.0).requires_grad_()
+    g = bn_gpu.backends.plan.geometry(x, x, *bn_gpu.backends.plan.tuning_and_sms(x.device))
+    site = sites.single_pass_backward_site(g, True, relu, True, True, relu)
+    assert g.plan.splits == 1 and g.plan.group > 1 and site.meta["ROWS"] == g.plan.rows // 2 > 0, (g.plan, site.meta)
+    weight, bias, running_mean, running_var = make_params(C, torch.float32, device)
+    grad_y = make_input(shape, dtype, "contiguous", device, mean=0.0, std=1.0, seed=7)
+    grads = []
+    for _ in range(2):
+        params = (weight.clone().requires_grad_(), bias.clone().requires_grad_())
+        y = bn_gpu.batch_norm(x, running_mean.clone(), running_var.clone(), *params, True, backend=backend,
+                              activation="relu" if relu else None)
+        grads.append(torch.autograd.grad(y, (x, *params), grad_y))
+    assert all(torch.equal(a, b) for a, b in zip(*grads)), "two calls differ"
+    grad_bn = ref.epilogue_backward(grad_y, y.detach(), True) if relu else grad_y
+    grad_x_ref, grad_w_ref, grad_b_ref = ref.backward_train(grad_bn, x.detach(), weight)
+    grad_x, grad_w, grad_b = grads[0]
+    assert_close(grad_x, grad_x_ref, dtype, "grad_input")
+    assert_close(_scaled(grad_w, grad_y, C), _scaled(grad_w_ref, grad_y, C), dtype, "grad_weight")
+    assert_close(_scaled(grad_b, grad_y, C), _scaled(grad_b_ref, grad_y, C), dtype, "grad_bias")

@@ -42,14 +42,15 @@ MAX_REGISTERS = 128  # per thread: 2 programs of 256 threads per SM
 
 
 def pairs_of_values(g: Geometry) -> bool:
-    """Whether the channels-first reductions sum a lane's values two at a time (PAIRS): 16-bit
-    inputs of one channel a program, whose rows hold whole 16-byte groups, so that Triton gives each
-    thread 8 consecutive values and a pair never straddles two threads. Halving the lanes' sums halves
-    the registers that hold them, so more programs fit an SM (the static model's figures:
-    profiling/MODEL.md). Numerics are unchanged in kind: each sum still runs over at most CHUNK
-    tiles' values of a lane."""
-    group = VECTOR_BYTES // 2  # 16-bit values in 16 bytes
-    return (g.channels_first and g.dtype.itemsize == 2 and g.plan.group == 1 and g.plan.block_s >= group
+    """Whether the channels-first reductions sum a lane's values two at a time (PAIRS): 16-bit and
+    fp32 inputs of one channel a program, whose rows hold whole 16-byte groups, so that Triton gives
+    each thread 8 (fp32: 4) consecutive values and a pair never straddles two threads. Halving the
+    lanes' sums halves the registers that hold them, so more programs fit an SM (the static model's
+    figures: profiling/MODEL.md; fp32 56x56 gradient sums 72 -> 48 registers, 3 -> 5 programs an SM,
+    the statistics under their cap without a spill). Numerics are unchanged in kind: each sum still
+    runs over at most CHUNK tiles' values of a lane."""
+    group = VECTOR_BYTES // g.dtype.itemsize  # values in 16 bytes
+    return (g.channels_first and g.dtype.itemsize in (2, 4) and g.plan.group == 1 and g.plan.block_s >= group
             and g.S % group == 0)
 
 
@@ -59,10 +60,10 @@ def folded_rows(g: Geometry) -> bool:
     program's threads (16-byte groups, 32 a warp), each thread holds the same lanes of every row, and
     the fold is its own adds; the lanes' sums take half the registers at 2 rows (56x56 planes: 80 ->
     50, through the ReLU's mask 61 under the cap, by the static model: profiling/MODEL.md). fp32 tiles
-    of 2 rows already fit 4 programs an SM, and folded issue 2 instructions a value more: they are
-    left as they are."""
+    of 2 rows with PAIRS already fit 5 programs an SM (48-50 registers), and folded issue 1-2
+    instructions a value more: they are left as they are."""
     row_spans_threads = g.plan.block_s >= 32 * g.plan.num_warps * VECTOR_BYTES // g.dtype.itemsize
-    return pairs_of_values(g) and g.plan.rows > 1 and row_spans_threads
+    return pairs_of_values(g) and g.dtype.itemsize == 2 and g.plan.rows > 1 and row_spans_threads
 
 
 def split_register_cap(g: Geometry, job: str) -> int:
@@ -70,7 +71,8 @@ def split_register_cap(g: Geometry, job: str) -> int:
     holds 4 programs of 8 warps per SM, so the whole-wave grids run in one wave. Capped where the
     cap measured faster on an H200 (profiling/RESULTS.md and journal/2026-11-27-h200-run7.md): the
     statistics in fp32 and in 16-bit channels-first, the fp32 channels-last gradient sums. Uncapped
-    where it measured slower: the fp32 channels-first gradient sums, and the fp32 channels-last
+    where it measured slower: the fp32 channels-first gradient sums (with PAIRS now 40-50 registers
+    uncapped over tiles of one or two rows, 5 programs an SM or more), and the fp32 channels-last
     statistics of more than 64 channels a program (they spill under it). The 16-bit channels-last
     reductions, pipelined (load_stages), are capped by the static model: uncapped the statistics take
     68 registers and the gradient sums 72-74, 3 programs an SM in grids sized for 4; under the cap the
@@ -100,7 +102,7 @@ def split_register_cap(g: Geometry, job: str) -> int:
     if job == "gradient_sums" and not g.channels_first:
         return cap if fp32 or load_stages(g, job) > 1 else 0
     if job == "gradient_sums":
-        return cap if pairs_of_values(g) and (g.plan.rows == 1 or folded_rows(g)) else 0
+        return cap if pairs_of_values(g) and not fp32 and (g.plan.rows == 1 or folded_rows(g)) else 0
     if job == "input_gradient" and not g.channels_first:
         return cap if fp32 and g.plan.block_c <= 64 else 0
     return 0
@@ -295,6 +297,8 @@ def input_gradient_site(g: Geometry, has_weight: bool, has_bias: bool, training:
     if relu and not g.channels_first and g.dtype == torch.float32 and g.plan.block_c > 64:
         # The ReLU's mask beside dy and x takes the fp32 dx of 128 channels a program past the registers of
         # 4 programs an SM (capped, it spills); over half tiles 4 fit (static model: profiling/MODEL.md).
+        # (The 16-bit dx, 2 programs an SM, would fit 4 over half tiles too, but its SASS then has half the
+        # bytes in flight an SM: it keeps the plan's tiles.)
         meta = half_tiles(meta)
     return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, TRAINING=training, RELU=relu, **meta),
                 head=(*g.sizes, *chunk_index(g), *g.grad_y.strides, *g.x.strides, *g.out.strides), tail=g.tiling)
@@ -304,9 +308,18 @@ def input_gradient_site(g: Geometry, has_weight: bool, has_bias: bool, training:
 def single_pass_backward_site(g: Geometry, has_weight: bool, has_bias: bool, training: bool, need_input_grad: bool,
                               relu: bool) -> Site:
     kernel, grid, meta = config(g, "single_pass_backward")
+    tiling = g.single_pass_tiling
+    if g.channels_first and g.plan.group > 1 and g.plan.rows > 1 and g.dtype.itemsize == 2:
+        # A 16-bit channel group's tile of 16 rows holds 32 values a thread of dy and of x, widened, and its
+        # lanes' sums: 155 registers, one program an SM. Over tiles of half the rows 76-97 (2-3), as many
+        # bytes copied ahead an SM (static model: profiling/MODEL.md). fp32 groups (80-86 registers, 2-3
+        # an SM) would fit 4 at half, but 4 an SM hold more of dy and x between a program's two passes
+        # than the L2 keeps (64x2048x7x7: 53 MB): the second pass would read DRAM again.
+        meta = dict(meta, ROWS=g.plan.rows // 2)
+        tiling = (g.plan.s_blocks, cdiv(g.N, meta["ROWS"]) * g.plan.s_blocks)
     return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, TRAINING=training,
                                    NEED_INPUT_GRAD=need_input_grad, RELU=relu, **meta),
-                head=(*g.sizes, *g.grad_y.strides, *g.x.strides, *g.out.strides), tail=g.single_pass_tiling)
+                head=(*g.sizes, *g.grad_y.strides, *g.x.strides, *g.out.strides), tail=tiling)
 
 
 def on_chip_config(g: Geometry, job: str) -> tuple:
