@@ -2,12 +2,14 @@
 
     python profiling/kernel_times.py [--shapes 64x64x112x112 ...] [--dtypes float32 bfloat16]
                                      [--layouts contiguous channels_last] [--backends triton cupy]
+                                     [--ops train_fwd eval_fwd backward backward_relu]
 
 For each case, backend and op (training forward, eval forward, training backward with dx, dweight
-and dbias), the kernels' GPU time per call from torch.profiler (L2 flushed between calls), the
-op's wall time per call in an eager loop, and the fewest bytes the op must move (forward and eval
-2|x|, backward 3|x|) over the kernels' time, as % of a device-to-device copy measured in the same
-run. Wall time far above kernel time means the op is host-bound at that size. Kernel-time lines
+and dbias; with --ops backward_relu also the backward of BatchNorm + ReLU, dy through the ReLU's
+mask recomputed from x), the kernels' GPU time per call from torch.profiler (L2 flushed between
+calls), the op's wall time per call in an eager loop, and the fewest bytes the op must move (forward
+and eval 2|x|, backward 3|x|) over the kernels' time, as % of a device-to-device copy measured in
+the same run. Wall time far above kernel time means the op is host-bound at that size. Kernel-time lines
 say where the GPU time goes without Nsight Compute (which a GPU machine may lack).
 """
 from __future__ import annotations
@@ -17,8 +19,9 @@ import time
 
 import torch
 
-OPS = ("train_fwd", "eval_fwd", "backward")
-FLOOR_PASSES = {"train_fwd": 2, "eval_fwd": 2, "backward": 3}
+OPS = ("train_fwd", "eval_fwd", "backward", "backward_relu")
+DEFAULT_OPS = ("train_fwd", "eval_fwd", "backward")
+FLOOR_PASSES = {"train_fwd": 2, "eval_fwd": 2, "backward": 3, "backward_relu": 3}
 
 
 def _op_call(op: str, backend: str, x, dy):
@@ -32,6 +35,8 @@ def _op_call(op: str, backend: str, x, dy):
         return lambda: ops.forward_train(x, w, b, rm, rv, None, 0.1, 1e-5, backend)
     if op == "eval_fwd":
         return lambda: ops.forward_eval(x, w, b, rm, rv, 1e-5, backend)
+    if op == "backward_relu":
+        return lambda: ops.backward(dy, x, w, mean, invstd, True, True, True, backend, b, True)
     return lambda: ops.backward(dy, x, w, mean, invstd, True, True, True, backend)
 
 
@@ -114,7 +119,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--layouts", nargs="+", default=["contiguous", "channels_last"])
     parser.add_argument("--backends", nargs="+", default=["triton", "cupy"])
-    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
+    parser.add_argument("--ops", nargs="+", default=list(DEFAULT_OPS), choices=OPS)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--flush", choices=("write", "read", "none"), default="write",
                         help="how the L2 is emptied before each call (see flusher)")

@@ -13,15 +13,21 @@ template <typename A> struct ReluMask {
     }
 };
 
+// The mask of channel c around the mean the caller's sums subtract: the same value, so that the
+// compiler computes x - mean once a value for the mask and the sums (from a second load of the mean
+// it computed it twice). The dx passes, whose mean is 0 in eval, load it here.
+template <typename W, typename A>
+__device__ __forceinline__ ReluMask<A> relu_mask(i64 c, int on, A mean, const A* invstd, const W* weight,
+                                                const W* bias) {
+    ReluMask<A> m = {on, mean, A(0), A(0)};
+    if (on) affine_from(c, invstd[c], weight, bias, m.scale, m.shift);
+    return m;
+}
+
 template <typename W, typename A>
 __device__ __forceinline__ ReluMask<A> relu_mask(i64 c, int on, const A* mean, const A* invstd, const W* weight,
                                                 const W* bias) {
-    ReluMask<A> m = {on, A(0), A(0), A(0)};
-    if (on) {
-        m.mean = mean[c];
-        affine_from(c, invstd[c], weight, bias, m.scale, m.shift);
-    }
-    return m;
+    return relu_mask(c, on, on ? mean[c] : A(0), invstd, weight, bias);
 }
 
 template <typename T, int V> struct PackPair { Pack<T, V> g, in; };
@@ -75,7 +81,18 @@ __device__ void block_gradient_sums(const Tiles& t, i64 first, i64 last, const T
     sum_dy_xmu = block_sum<A, 1>(sum_dy_xmu);
 }
 
-// The ReLU masks of a thread's values (see relu_mask), by their channels.
+// The ReLU masks of a thread's values (see relu_mask), by their channels: around the means the caller
+// holds, or loaded.
+template <int WIDE, typename W, typename A>
+__device__ __forceinline__ Values<ReluMask<A>, WIDE> place_relu_masks(const GroupPlace<WIDE>& p, int on,
+                                                                      const Values<A, WIDE>& mean, const A* invstd,
+                                                                      const W* weight, const W* bias) {
+    Values<ReluMask<A>, WIDE> masks;
+#pragma unroll
+    for (int k = 0; k < WIDE; ++k) masks.v[k] = relu_mask(p.c0 + p.channel[k], on, mean.v[k], invstd, weight, bias);
+    return masks;
+}
+
 template <int WIDE, typename W, typename A>
 __device__ __forceinline__ Values<ReluMask<A>, WIDE> place_relu_masks(const GroupPlace<WIDE>& p, int on,
                                                                       const A* mean, const A* invstd,
@@ -142,7 +159,7 @@ __device__ __forceinline__ void group_gradient_sums(
     for (int k = 0; k < WIDE; ++k) mean.v[k] = mean_in[p.c0 + p.channel[k]];
     const i64 first = (i64)blockIdx.y * tiles_per_program, last = min(first + tiles_per_program, total_tiles);
     place_gradient_sums<VEC, WIDE, FUSED>(dy + p.c0 * dy_stride_c, x + p.c0 * x_stride_c, dy_stride_n, x_stride_n, p,
-                                          mean, place_relu_masks(p, relu, mean_in, invstd_in, weight, bias),
+                                          mean, place_relu_masks(p, relu, mean, invstd_in, weight, bias),
                                           first * rows, min(last * rows, N), sum_dy, sum_dy_xmu);
     for (int j = 0; j < p.group; ++j) {
         A total_dy, total_dy_xmu;
@@ -159,7 +176,16 @@ __device__ __forceinline__ void group_gradient_sums(
                                                  sum_dy_xmu_out, grad_weight, grad_bias, (int)p.group);
 }
 
-// The ReLU masks of channels c0.. (see relu_mask).
+// The ReLU masks of channels c0.. (see relu_mask): around the means the caller holds, or loaded.
+template <int VEC, typename W, typename A>
+__device__ __forceinline__ Values<ReluMask<A>, VEC> relu_masks(i64 c0, int on, const Values<A, VEC>& mean,
+                                                                const A* invstd, const W* weight, const W* bias) {
+    Values<ReluMask<A>, VEC> masks;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) masks.v[k] = relu_mask(c0 + k, on, mean.v[k], invstd, weight, bias);
+    return masks;
+}
+
 template <int VEC, typename W, typename A>
 __device__ __forceinline__ Values<ReluMask<A>, VEC> relu_masks(i64 c0, int on, const A* mean, const A* invstd,
                                                                 const W* weight, const W* bias) {
@@ -190,8 +216,9 @@ __device__ __forceinline__ void column_gradient_sums(const T* dy, const T* x, i6
     };
     // STAGED (dy and x in global memory, 16-byte groups): 2 rows of each a copy, through staged_rows
     // (the ReLU's mask too: the copies in flight take no registers). 16-bit inputs through the mask
-    // take the registers of 2 blocks an SM only, so their ring is deeper (CL_MASKED_RING_BUFFERS, in
-    // dynamic shared memory): 2 copies in flight a block, where the others' 4 blocks an SM keep one.
+    // run 2 blocks an SM (their registers fit 3), so their ring is deeper (CL_MASKED_RING_BUFFERS, in
+    // dynamic shared memory, which holds them at 2): 4 copies in flight a block, where the others' 4
+    // blocks an SM keep one (backends/cupy/compilation.py).
     if constexpr (STAGED && VEC * sizeof(T) == 16) {
         constexpr int BUFFERS = FUSED && sizeof(T) == 2 ? CL_MASKED_RING_BUFFERS : 2;
         const T* from[2] = {dy_row, x_row};

@@ -288,7 +288,7 @@ __global__ void __launch_bounds__(CL_THREADS, GradientSumsBlocks<T, FUSED, GROUP
     }
     i64 c = blockIdx.x;
     A mean = mean_in[c];
-    ReluMask<A> mask = relu_mask(c, relu, mean_in, invstd_in, weight, bias);
+    ReluMask<A> mask = relu_mask(c, relu, mean, invstd_in, weight, bias);
     const T* dyc = dy + c * dy_stride_c;
     const T* xc = x + c * x_stride_c;
     A sum_dy = A(0), sum_dy_xmu = A(0);
@@ -325,7 +325,7 @@ __global__ void gradient_sums_channels_last(
 #pragma unroll
         for (int k = 0; k < VEC; ++k) mean.v[k] = mean_in[c0 + k];
         column_gradient_sums<VEC, FUSED, true>(dy, x, dy_stride_m, x_stride_m, c0, mean,
-                                               relu_masks<VEC>(c0, relu, mean_in, invstd_in, weight, bias), row_begin,
+                                               relu_masks<VEC>(c0, relu, mean, invstd_in, weight, bias), row_begin,
                                                row_end, sum_dy, sum_dy_xmu);
     }
     column_sums_tree(sum_dy, sum_dy_xmu);
@@ -508,7 +508,7 @@ __global__ void single_pass_backward_channels_first(
     A mean = mean_in[c], invstd = invstd_in[c];
     A sum_dy = A(0), sum_dy_xmu = A(0);
     Tiles t = program_tiles(N, S, s_blocks, total_tiles, total_tiles, rows, block_s);
-    ReluMask<A> mask = relu_mask(c, relu, mean_in, invstd_in, weight, bias);
+    ReluMask<A> mask = relu_mask(c, relu, mean, invstd_in, weight, bias);
     block_gradient_sums<T, A, VEC, FUSED>(t, i64(0), total_tiles, dyc, xc, dy_stride_n, x_stride_n, mean, mask, sum_dy,
                                    sum_dy_xmu);
     if (threadIdx.x == 0) {
@@ -540,7 +540,7 @@ __global__ void single_pass_backward_channels_last(
 #pragma unroll
         for (int k = 0; k < VEC; ++k) { mean.v[k] = mean_in[c0 + k]; invstd.v[k] = invstd_in[c0 + k]; }
     }
-    const Values<ReluMask<A>, VEC> masks = relu_masks<VEC>(c0, relu && active, mean_in, invstd_in, weight, bias);
+    const Values<ReluMask<A>, VEC> masks = relu_masks<VEC>(c0, relu && active, mean, invstd_in, weight, bias);
     Values<A, VEC> sum_dy = zeros<A, VEC>(), sum_dy_xmu = zeros<A, VEC>();
     if (active)
         column_gradient_sums<VEC, FUSED>(dy, x, dy_stride_m, x_stride_m, c0, mean, masks, i64(0), M, sum_dy,
@@ -700,7 +700,7 @@ __global__ void on_chip_backward_channels_first(
     const i64 c = blockIdx.x, split = blockIdx.y, n0 = split * held_rows;
     const A mean = mean_in[c], invstd = invstd_in[c];
     const Tiles t = held_tiles(min(held_rows, N - n0), S, s_blocks, rows, block_s);
-    const ReluMask<A> mask = relu_mask(c, relu, mean_in, invstd_in, weight, bias);
+    const ReluMask<A> mask = relu_mask(c, relu, mean, invstd_in, weight, bias);
     A sum_dy = A(0), sum_dy_xmu = A(0);
     Holding<GradientSumsRow<T, A, FUSED>, T> op = {
         {dy + c * dy_stride_c + n0 * dy_stride_n, x + c * x_stride_c + n0 * x_stride_n, dy_stride_n, x_stride_n, mean,
@@ -750,7 +750,7 @@ __global__ void on_chip_backward_channels_last(
 #pragma unroll
         for (int k = 0; k < VEC; ++k) { mean.v[k] = mean_in[c0 + k]; invstd.v[k] = invstd_in[c0 + k]; }
     }
-    const Values<ReluMask<A>, VEC> masks = relu_masks<VEC>(c0, relu && active, mean_in, invstd_in, weight, bias);
+    const Values<ReluMask<A>, VEC> masks = relu_masks<VEC>(c0, relu && active, mean, invstd_in, weight, bias);
     Values<A, VEC> sum_dy = zeros<A, VEC>(), sum_dy_xmu = zeros<A, VEC>();
     if (active) {
         hold_columns<VEC>(dy + m0 * dy_stride_m + c0, dy_stride_m, rows, held_dy + local, width);

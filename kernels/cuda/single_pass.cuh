@@ -57,7 +57,7 @@ __device__ __forceinline__ void group_single_pass_backward(
     Values<A, WIDE> mean, sum_dy = zeros<A, WIDE>(), sum_dy_xmu = zeros<A, WIDE>();
 #pragma unroll
     for (int k = 0; k < WIDE; ++k) mean.v[k] = mean_in[p.c0 + p.channel[k]];
-    const Values<ReluMask<A>, WIDE> masks = place_relu_masks(p, relu, mean_in, invstd_in, weight, bias);
+    const Values<ReluMask<A>, WIDE> masks = place_relu_masks(p, relu, mean, invstd_in, weight, bias);
     place_gradient_sums<VEC, WIDE, FUSED>(dyg, xg, dy_stride_n, x_stride_n, p, mean, masks, i64(0), N, sum_dy,
                                           sum_dy_xmu);
     for (int j = 0; j < p.group; ++j) {

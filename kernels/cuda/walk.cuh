@@ -235,7 +235,7 @@ __device__ __forceinline__ void walk_backward_group(
     Values<A, WIDE> mean, sum_dy = zeros<A, WIDE>(), sum_dy_xmu = zeros<A, WIDE>();
 #pragma unroll
     for (int k = 0; k < WIDE; ++k) mean.v[k] = mean_in[p.c0 + p.channel[k]];
-    const Values<ReluMask<A>, WIDE> masks = place_relu_masks(p, FUSED && relu, mean_in, invstd_in, weight, bias);
+    const Values<ReluMask<A>, WIDE> masks = place_relu_masks(p, FUSED && relu, mean, invstd_in, weight, bias);
     auto gradient = [&](int k, const Pack<T, WIDE>& g, const Pack<T, WIDE>& in) {
         const A d = cvt<A>(g.v[k]);
         return FUSED ? masks.v[k].apply(d, cvt<A>(in.v[k])) : d;

@@ -529,7 +529,7 @@ def test_the_masked_16_bit_channels_last_gradient_sums_launch_with_their_copy_ri
                 for name, *_ in fake_cupy.launches]
     assert [name.split("<")[0] for name, *_ in fake_cupy.launches] == ["gradient_sums_channels_last",
                                                                          "input_gradient_channels_last"]
-    assert fake_cupy.shared_mem == expected and ring == 48 * 1024
+    assert fake_cupy.shared_mem == expected and ring == 80 * 1024
     _check_arguments(fake_cupy.launches, dtype)
     cupy_launcher.with_shared_memory.cache_clear()
     # Compiled apart from the kernels without dynamic shared memory, as the on-chip kernels are.
@@ -540,11 +540,12 @@ def test_the_masked_16_bit_channels_last_gradient_sums_launch_with_their_copy_ri
 
 
 @pytest.mark.skipif(NVCC is None or model.tool("cuobjdump") is None, reason="no nvcc or cuobjdump found")
-def test_the_masked_16_bit_channels_last_gradient_sums_keep_two_copies_in_flight(sm_90_resources, sm_90_sass):
-    """Their ring, on sm_90: each waits on its copies with 2 groups left (MASKED_RING_BUFFERS - 1
-    in flight while it adds the third), static and dynamic shared memory fit the 2 blocks an SM their
-    registers allow, and the copies a thread keeps at once are 3 x 2 x 2 x 16 bytes; the unmasked
-    16-bit sums keep their two static buffers (one wait with a group left)."""
+def test_the_masked_16_bit_channels_last_gradient_sums_keep_four_copies_in_flight(sm_90_resources, sm_90_sass):
+    """Their ring, on sm_90: each waits on its copies with 4 groups left (MASKED_RING_BUFFERS - 1
+    in flight while it adds the fifth), static and dynamic shared memory hold exactly 2 blocks an SM
+    (their registers would fit 3, and the grid, sized for 4, would end on a partial wave), and the
+    copies a thread keeps at once are 5 x 2 x 2 x 16 bytes; the unmasked 16-bit sums keep their two
+    static buffers (one wait with a group left)."""
     # <T, W, A, VEC = 8, FUSED, FINALIZE>, T __half or __nv_bfloat16
     kernels = {name: r for name, r in sm_90_resources.items()
                if re.match(r"_Z27gradient_sums_channels_lastI(6__half|13__nv_bfloat16)\w+Li8ELb[01]ELb[01]EEv", name)}
@@ -556,6 +557,8 @@ def test_the_masked_16_bit_channels_last_gradient_sums_keep_two_copies_in_flight
                  for m in [re.search(r"SB0, (0x[0-9a-f]+)", ins.operands)] if ins.opcode.startswith("DEPBAR") and m}
         assert (compilation.MASKED_RING_BUFFERS - 1 if fused else 1) in waits, (name, waits)
         assert _blocks_an_sm(name, r, ring if fused else 0) >= 2, (name, r)
+        if fused:
+            assert _blocks_an_sm(name, r, ring) == 2, (name, r)
         streaming = model.main_loops(sm_90_sass[name])[0]
         at_once = (compilation.MASKED_RING_BUFFERS if fused else 2) * compilation.RING_COPY_BYTES // compilation.THREADS
         assert streaming.loads_at_once_bits == 8 * at_once, (name, streaming)

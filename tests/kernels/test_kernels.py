@@ -292,8 +292,8 @@ def test_folded_paired_gradient_sums_as_reference(backend, device, dtype, relu, 
 def test_channels_last_16_bit_gradient_sums_through_the_relu_as_reference(backend, device, dtype, monkeypatch,
                                                                          poisoned):
     """16-bit channels-last rows of whole 16-byte groups (32 channels; 8 in the interpreter) through
-    the ReLU's mask, on the split plan (on-chip off): the CUDA C gradient sums' ring of three copies
-    in dynamic shared memory (compilation.MASKED_RING_BUFFERS), turned more than once a thread
+    the ReLU's mask, on the split plan (on-chip off): the CUDA C gradient sums' ring of copies in
+    dynamic shared memory (compilation.MASKED_RING_BUFFERS), turned more than once a thread
     (about 8 rows a thread, 7 in some: a last copy short of a batch), and the Triton ones' copies
     ahead over tiles of half the rows (sites.gradient_sums_site). Against the float64 reference (the
     ReLU's mask from the kernels' own output, as test_epilogue), and two calls bitwise equal."""
