@@ -17,6 +17,26 @@ def _scaled(grad, grad_y, C):
     return grad / (grad_y.double().abs().sum().cpu() / C)
 
 
+def _assert_training_gradients_as_reference(x, grad_y, weight, bias, running_mean, running_var, backend, dtype, relu):
+    """Two training calls through autograd (BatchNorm, then ReLU when relu) give the same bits, and
+    their dx, dweight and dbias match the float64 reference -- through the ReLU's mask taken from the
+    kernels' own output, as test_epilogue does."""
+    C = x.shape[1]
+    grads = []
+    for _ in range(2):
+        params = (weight.clone().requires_grad_(), bias.clone().requires_grad_())
+        y = bn_gpu.batch_norm(x, running_mean.clone(), running_var.clone(), *params, True, backend=backend,
+                              activation="relu" if relu else None)
+        grads.append(torch.autograd.grad(y, (x, *params), grad_y))
+    assert all(torch.equal(a, b) for a, b in zip(*grads)), "two calls differ"
+    grad_bn = ref.epilogue_backward(grad_y, y.detach(), True) if relu else grad_y
+    grad_x_ref, grad_w_ref, grad_b_ref = ref.backward_train(grad_bn, x.detach(), weight)
+    grad_x, grad_w, grad_b = grads[0]
+    assert_close(grad_x, grad_x_ref, dtype, "grad_input")
+    assert_close(_scaled(grad_w, grad_y, C), _scaled(grad_w_ref, grad_y, C), dtype, "grad_weight")
+    assert_close(_scaled(grad_b, grad_y, C), _scaled(grad_b_ref, grad_y, C), dtype, "grad_bias")
+
+
 @pytest.mark.parametrize("backend,device", backend_devices())
 @pytest.mark.parametrize("case", LAYOUT_CASES, ids=case_id)
 # float64 takes the float32 kernels with a wider accumulator: in the full suite (make test) only.
@@ -272,19 +292,7 @@ def test_folded_paired_gradient_sums_as_reference(backend, device, dtype, relu, 
     # sum(dy) and sum(dy * (x - mean)) far from 0, so that the sums' errors show in both gradients
     grad_y = (make_input(shape, dtype, "contiguous", device, mean=0.5, std=1.0, seed=7).float() + x.detach().float()
               ).to(dtype)
-    grads = []
-    for _ in range(2):
-        params = (weight.clone().requires_grad_(), bias.clone().requires_grad_())
-        y = bn_gpu.batch_norm(x, running_mean.clone(), running_var.clone(), *params, True, backend=backend,
-                              activation="relu" if relu else None)
-        grads.append(torch.autograd.grad(y, (x, *params), grad_y))
-    assert all(torch.equal(a, b) for a, b in zip(*grads)), "two calls differ"
-    grad_bn = ref.epilogue_backward(grad_y, y.detach(), True) if relu else grad_y
-    grad_x_ref, grad_w_ref, grad_b_ref = ref.backward_train(grad_bn, x.detach(), weight)
-    grad_x, grad_w, grad_b = grads[0]
-    assert_close(grad_x, grad_x_ref, dtype, "grad_input")
-    assert_close(_scaled(grad_w, grad_y, C), _scaled(grad_w_ref, grad_y, C), dtype, "grad_weight")
-    assert_close(_scaled(grad_b, grad_y, C), _scaled(grad_b_ref, grad_y, C), dtype, "grad_bias")
+    _assert_training_gradients_as_reference(x, grad_y, weight, bias, running_mean, running_var, backend, dtype, relu)
 
 
 @pytest.mark.parametrize("backend,device", [p for p in backend_devices() if p.values[0] != "cpu"])
@@ -313,19 +321,7 @@ def test_channels_last_16_bit_gradient_sums_through_the_relu_as_reference(backen
         assert g.plan.splits > 1 and meta["BLOCK_M"] < sites.config(g, "gradient_sums")[2]["BLOCK_M"], meta
     weight, bias, running_mean, running_var = make_params(C, torch.float32, device)
     grad_y = make_input(shape, dtype, "channels_last", device, mean=0.0, std=1.0, seed=7)
-    grads = []
-    for _ in range(2):
-        params = (weight.clone().requires_grad_(), bias.clone().requires_grad_())
-        y = bn_gpu.batch_norm(x, running_mean.clone(), running_var.clone(), *params, True, backend=backend,
-                              activation="relu")
-        grads.append(torch.autograd.grad(y, (x, *params), grad_y))
-    assert all(torch.equal(a, b) for a, b in zip(*grads)), "two calls differ"
-    grad_bn = ref.epilogue_backward(grad_y, y.detach(), True)
-    grad_x_ref, grad_w_ref, grad_b_ref = ref.backward_train(grad_bn, x.detach(), weight)
-    grad_x, grad_w, grad_b = grads[0]
-    assert_close(grad_x, grad_x_ref, dtype, "grad_input")
-    assert_close(_scaled(grad_w, grad_y, C), _scaled(grad_w_ref, grad_y, C), dtype, "grad_weight")
-    assert_close(_scaled(grad_b, grad_y, C), _scaled(grad_b_ref, grad_y, C), dtype, "grad_bias")
+    _assert_training_gradients_as_reference(x, grad_y, weight, bias, running_mean, running_var, backend, dtype, True)
 
 
 @pytest.mark.parametrize("backend,device", TRITON_DEVICES)
@@ -353,16 +349,4 @@ def test_channel_groups_single_pass_backward_over_half_tiles(backend, device, dt
     assert g.plan.splits == 1 and g.plan.group > 1 and site.meta["ROWS"] == g.plan.rows // 2 > 0, (g.plan, site.meta)
     weight, bias, running_mean, running_var = make_params(C, torch.float32, device)
     grad_y = make_input(shape, dtype, "contiguous", device, mean=0.0, std=1.0, seed=7)
-    grads = []
-    for _ in range(2):
-        params = (weight.clone().requires_grad_(), bias.clone().requires_grad_())
-        y = bn_gpu.batch_norm(x, running_mean.clone(), running_var.clone(), *params, True, backend=backend,
-                              activation="relu" if relu else None)
-        grads.append(torch.autograd.grad(y, (x, *params), grad_y))
-    assert all(torch.equal(a, b) for a, b in zip(*grads)), "two calls differ"
-    grad_bn = ref.epilogue_backward(grad_y, y.detach(), True) if relu else grad_y
-    grad_x_ref, grad_w_ref, grad_b_ref = ref.backward_train(grad_bn, x.detach(), weight)
-    grad_x, grad_w, grad_b = grads[0]
-    assert_close(grad_x, grad_x_ref, dtype, "grad_input")
-    assert_close(_scaled(grad_w, grad_y, C), _scaled(grad_w_ref, grad_y, C), dtype, "grad_weight")
-    assert_close(_scaled(grad_b, grad_y, C), _scaled(grad_b_ref, grad_y, C), dtype, "grad_bias")
+    _assert_training_gradients_as_reference(x, grad_y, weight, bias, running_mean, running_var, backend, dtype, relu)
