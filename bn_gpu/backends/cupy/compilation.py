@@ -32,8 +32,9 @@ ON_CHIP_RESERVED_SHARED = 16 * 1024
 # The ring of copies of the channels-last gradient sums of 16-bit inputs through the ReLU's mask
 # (kernels/cuda/backward.cuh, column_gradient_sums): 4 copies of 16 KB (2 rows of dy and x a thread) in
 # flight while a block adds a fifth, in dynamic shared memory (ring_bytes). Their registers would fit 3
-# blocks an SM, and so would 3 buffers: a grid sized for 4 would then end 1.32 waves; 5 buffers hold
-# them at 2 (1.98 waves) with 160 KB at once an SM. 2 buffers, in static shared memory, everywhere else.
+# blocks an SM, and so would a shallower ring, and their grid, sized for 4 an SM, would end on a partial
+# wave; five buffers hold them at 2, with twice the copies in flight (docs/design.md). 2 buffers, in
+# static shared memory, everywhere else.
 MASKED_RING_BUFFERS = 5
 RING_COPY_BYTES = 2 * 2 * THREADS * VECTOR_BYTES
 # The source's compile-time constants, from here.

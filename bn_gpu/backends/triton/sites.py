@@ -45,10 +45,9 @@ def pairs_of_values(g: Geometry) -> bool:
     """Whether the channels-first reductions sum a lane's values two at a time (PAIRS): 16-bit and
     fp32 inputs of one channel a program, whose rows hold whole 16-byte groups, so that Triton gives
     each thread 8 (fp32: 4) consecutive values and a pair never straddles two threads. Halving the
-    lanes' sums halves the registers that hold them, so more programs fit an SM (the static model's
-    figures: profiling/MODEL.md; fp32 56x56 gradient sums 72 -> 48 registers, 3 -> 5 programs an SM,
-    the statistics under their cap without a spill). Numerics are unchanged in kind: each sum still
-    runs over at most CHUNK tiles' values of a lane."""
+    lanes' sums halves the registers that hold them, so more programs fit an SM, and the capped fp32
+    statistics keep every value in registers (the static model's figures: profiling/MODEL.md).
+    Numerics are unchanged in kind: each sum still runs over at most CHUNK tiles' values of a lane."""
     group = VECTOR_BYTES // g.dtype.itemsize  # values in 16 bytes
     return (g.channels_first and g.dtype.itemsize in (2, 4) and g.plan.group == 1 and g.plan.block_s >= group
             and g.S % group == 0)
@@ -60,8 +59,8 @@ def folded_rows(g: Geometry) -> bool:
     program's threads (16-byte groups, 32 a warp), each thread holds the same lanes of every row, and
     the fold is its own adds; the lanes' sums take half the registers at 2 rows (56x56 planes: 80 ->
     50, through the ReLU's mask 61 under the cap, by the static model: profiling/MODEL.md). fp32 tiles
-    of 2 rows with PAIRS already fit 5 programs an SM (48-50 registers), and folded issue 1-2
-    instructions a value more: they are left as they are."""
+    of 2 rows with PAIRS already fit more programs an SM than their grids ask, and folded they would
+    issue more instructions a value: they are left as they are."""
     row_spans_threads = g.plan.block_s >= 32 * g.plan.num_warps * VECTOR_BYTES // g.dtype.itemsize
     return pairs_of_values(g) and g.dtype.itemsize == 2 and g.plan.rows > 1 and row_spans_threads
 
@@ -71,8 +70,8 @@ def split_register_cap(g: Geometry, job: str) -> int:
     holds 4 programs of 8 warps per SM, so the whole-wave grids run in one wave. Capped where the
     cap measured faster on an H200 (profiling/RESULTS.md and journal/2026-11-27-h200-run7.md): the
     statistics in fp32 and in 16-bit channels-first, the fp32 channels-last gradient sums. Uncapped
-    where it measured slower: the fp32 channels-first gradient sums (with PAIRS now 40-50 registers
-    uncapped over tiles of one or two rows, 5 programs an SM or more), and the fp32 channels-last
+    where it measured slower: the fp32 channels-first gradient sums (with PAIRS they fit more programs an
+    SM uncapped than the cap would allow), and the fp32 channels-last
     statistics of more than 64 channels a program (they spill under it). The 16-bit channels-last
     reductions, pipelined (load_stages), are capped by the static model: uncapped the statistics take
     68 registers and the gradient sums 72-74, 3 programs an SM in grids sized for 4; under the cap the
@@ -310,11 +309,11 @@ def single_pass_backward_site(g: Geometry, has_weight: bool, has_bias: bool, tra
     kernel, grid, meta = config(g, "single_pass_backward")
     tiling = g.single_pass_tiling
     if g.channels_first and g.plan.group > 1 and g.plan.rows > 1 and g.dtype.itemsize == 2:
-        # A 16-bit channel group's tile of 16 rows holds 32 values a thread of dy and of x, widened, and its
-        # lanes' sums: 155 registers, one program an SM. Over tiles of half the rows 76-97 (2-3), as many
-        # bytes copied ahead an SM (static model: profiling/MODEL.md). fp32 groups (80-86 registers, 2-3
-        # an SM) would fit 4 at half, but 4 an SM hold more of dy and x between a program's two passes
-        # than the L2 keeps (64x2048x7x7: 53 MB): the second pass would read DRAM again.
+        # A 16-bit channel group's tile of the plan's rows holds as many values a thread of dy and of x,
+        # widened, as its lanes' sums: one program an SM. Over tiles of half the rows two or three fit, with
+        # as many bytes copied ahead an SM. fp32 groups would fit the grid's 4 at half, but 4 an SM hold
+        # more of dy and x between a program's two passes than the L2 keeps, and the second pass would read
+        # DRAM again. The static model's figures: docs/design.md, profiling/MODEL.md.
         meta = dict(meta, ROWS=g.plan.rows // 2)
         tiling = (g.plan.s_blocks, cdiv(g.N, meta["ROWS"]) * g.plan.s_blocks)
     return Site(kernel, grid, dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, TRAINING=training,
