@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the GPU test subset under compute-sanitizer (memcheck, racecheck, initcheck) for each backend:
 # the split and single-pass kernels of both layouts (test_kernels, test_numerics: on every kernel
-# path, the on-chip one included) and the on-chip kernels' own tests (Triton's and CUDA C's).
+# path, the on-chip one included), the on-chip kernels' own tests (Triton's and CUDA C's) and Ghost
+# BatchNorm's kernels (test_ghost).
 #
 #   profiling/sanitize.sh [pytest -k expression]
 #
@@ -18,7 +19,7 @@ for backend in triton cupy; do
     echo "== compute-sanitizer --tool $tool, backend $backend"
     "$sanitizer" --tool "$tool" --error-exitcode 99 --target-processes all \
       python -m pytest -q -x -p no:cacheprovider tests/kernels/test_kernels.py tests/test_numerics.py \
-      tests/kernels/test_on_chip.py tests/backends/test_cuda_on_chip.py \
+      tests/kernels/test_on_chip.py tests/backends/test_cuda_on_chip.py tests/kernels/test_ghost.py \
       -k "${backend}-cuda and ($expr)" || status=1
   done
 done

@@ -1,4 +1,5 @@
-"""Ghost BatchNorm's control flow on a GPU backend's kernel table (the Triton one: kernels/ghost.py).
+"""Ghost BatchNorm's control flow on a GPU backend's kernel table (kernels/ghost.py for Triton,
+kernels/cuda/ghost.cuh for CUDA C).
 
 An input of N rows in G virtual batches is, to the split path's kernels, an input of N / G rows and
 G x C virtual channels (the GHOST two-level channel index): every per-channel array -- partials,
@@ -67,6 +68,19 @@ def _cached_geometry(shape, strides, dtype, chunks: int, tuning: Tuning, sms: in
         finalize=finalize_plan(plan.splits, C, tuning, sms, block_c), x=view, out=view, grad_y=view,
         out_strides=tuple(strides), read_strides=None, grad_read_strides=None,
         offset_64=x.numel() > 2**31 - 1, chunk_channels=C, chunk_extra=extra)
+
+
+def chunk_index(g: Geometry) -> tuple:
+    """The split kernels' two-level channel index (chunk_channels, chunk_extra): channel v's values
+    start chunk_extra x (v // chunk_channels) past the plain index (kernels/ghost.py, chunk_offset);
+    1 and 0 outside Ghost BatchNorm."""
+    return (g.chunk_channels, g.chunk_extra) if g.chunk_channels else (1, 0)
+
+
+def chunk_values(g: Geometry) -> int:
+    """How far apart two consecutive virtual batches' values start: a channel's first value to its first
+    value in the next virtual batch (the ghost finalizes' shifts)."""
+    return g.chunk_extra + g.chunk_channels * g.shift_stride
 
 
 def _repeated(t, chunks: int):

@@ -1,10 +1,10 @@
 """Ghost BatchNorm (Hoffer et al., 2017): statistics per virtual batch of the input's rows. Follows
 bn_gpu/reference.py's float64 definition.
 
-Two paths. On the Triton backend, the split path's kernels with a two-level channel index
-(bn_gpu/backends/ghost.py, kernels/ghost.py) for the whole virtual batches: three launches forward
-and three backward; a shorter last virtual batch is one BatchNorm call after them, and the two
-outputs are concatenated. Elsewhere -- the CuPy and CPU backends, torch.compile, forward-mode AD,
+Two paths. On the GPU backends (Triton, CUDA C), the split path's kernels with a two-level channel
+index (bn_gpu/backends/ghost.py, kernels/ghost.py, kernels/cuda/ghost.cuh) for the whole virtual
+batches: three launches forward and three backward; a shorter last virtual batch is one BatchNorm
+call after them, and the two outputs are concatenated. Elsewhere -- the CPU backend, torch.compile, forward-mode AD,
 functorch transforms, tensor subclasses, and gradients of gradients -- one segmented reduction in
 torch operations, which autograd and the compiler see through.
 """
@@ -133,7 +133,7 @@ def ghost_batch_norm(input, running_mean, running_var, weight=None, bias=None, t
     (the last may be shorter) is normalized with its own statistics and the same weight and bias;
     the running statistics are updated once per chunk, in order, and num_batches_tracked counts
     every chunk -- as the chunked implementation that calls BatchNorm per chunk. In eval: BatchNorm.
-    On the Triton backend's kernels, else torch operations (see this module's docstring)."""
+    On the GPU backends' kernels, else torch operations (see this module's docstring)."""
     if virtual_batch_size < 1:
         raise ValueError(f"ghost_batch_norm: virtual_batch_size must be positive, got {virtual_batch_size}")
     if not training:

@@ -13,6 +13,7 @@
 //   gradient_sums_channels_first / _last         partial sums of dy and dy * (x - mean);
 //                                                FINALIZE: its last blocks sum them (finalize_gradients)
 //   finalize_gradients                           totals, dweight, dbias
+//   finalize_ghost_statistics / _gradients       Ghost BatchNorm: the finalizes per virtual batch (ghost.cuh)
 //   input_gradient_channels_first / _last        dx from dy, x and the totals
 //   single_pass_forward_channels_first / _last   single pass when one block owns whole channels
 //   single_pass_backward_channels_first / _last  (the launch plan has one split): 1 launch
@@ -30,11 +31,15 @@
 // merge the partials (in two levels, as kernels/finalize.py), so the split path takes 2 launches.
 // GROUPED, on the channels-first kernels, compiles the channel-group version (see "channel groups"):
 // a block owns several adjacent channels whose rows together start on 16 bytes (7x7 planes).
+// GHOST, on the statistics, normalize, gradient sums and input gradient kernels (without FUSED and
+// FINALIZE), compiles in Ghost BatchNorm's two-level channel index (chunk_channels, chunk_extra;
+// ghost.cuh): virtual batch x channel. Without it those two parameters are not read.
 // WALK, on the channels-first on-chip forward and backward, compiles the walk (walk.cuh): where the
 // channel groups fill the resident blocks, each block walks several, the next copied into shared memory ahead.
 // The split reductions (statistics, gradient sums) of 16-byte groups copy a thread's next rows into
 // shared memory while it adds the current ones (cp.async: async_copies.cuh; for_each_group_staged,
 // staged_rows): loads in flight that take no registers.
+// The blocks an SM the split kernels ask nvcc to fit (their __launch_bounds__): launch_bounds.cuh.
 // No atomics on values: every reduction has a fixed order, so results are bitwise reproducible; the
 // only atomics are integer counters: the fused finalize's tickets and the on-chip kernels' barriers.
 
@@ -45,24 +50,27 @@
 #include "channels_last.cuh"
 #include "channel_groups.cuh"
 #include "finalize.cuh"
+#include "ghost.cuh"
 #include "forward.cuh"
 #include "backward.cuh"
 #include "single_pass.cuh"
 #include "on_chip.cuh"
 #include "walk.cuh"
+#include "launch_bounds.cuh"
 
 // ---- statistics: partial moments per (split, channel) -------------------------------------------
 
-template <typename T, typename A, typename R, int VEC, bool FINALIZE, bool GROUPED>
+template <typename T, typename A, typename R, int VEC, bool FINALIZE, bool GROUPED, bool GHOST>
 __global__ void statistics_channels_first(
     const T* __restrict__ x,   // input (N, C, S)
     A* part_count, A* part_mean, A* part_m2,   // (splits, C), FINALIZE (splits + split groups, C); part_mean is relative to x[0, c, 0]
     int* counters,   // FINALIZE: the fused finalize's int32 zeros, left at zero; else null
     A* mean_out, A* invstd_out, R* running_mean, R* running_var,   // FINALIZE: see store_statistics
     const i64* num_batches_tracked,
-    i64 N, i64 C, i64 S, i64 stride_n, i64 stride_c,
+    i64 N, i64 C, i64 S, i64 chunk_channels, i64 chunk_extra, i64 stride_n, i64 stride_c,
     i64 s_blocks, i64 total_tiles, i64 tiles_per_program, int rows, int block_s,
     i64 group_splits, double momentum, double eps, int has_running_stats, int cumulative) {
+    if constexpr (GHOST) move_by(block_chunk_offset(C, chunk_channels, chunk_extra), x);
     if constexpr (GROUPED) {
         group_statistics<T, A, R, VEC, FINALIZE>(x, part_count, part_mean, part_m2, counters, mean_out, invstd_out,
                                                  running_mean, running_var, num_batches_tracked, N, C, S, stride_n,
@@ -86,26 +94,17 @@ __global__ void statistics_channels_first(
                                                eps, has_running_stats, cumulative);
 }
 
-// The blocks an SM the channels-last statistics instantiations ask nvcc to fit: the split plan's
-// whole-wave grids are sized for 4 (plan.py, programs_per_sm). Left to its heuristics, nvcc gave the
-// 16-bit kernels 80 registers, room for 3: a grid of 4 an SM then ran in two waves. Bounded at 4, a
-// few values go to the stack: in the merge tree, the finalize and the close of each run of 64 rows'
-// sums, none in the loops that load the rows (profiling/MODEL.md); fp64 pairs, which would spill
-// there, at 3.
-template <typename T, int VEC> struct ChannelsLastStatisticsBlocks {
-    static constexpr int value = sizeof(T) == 8 && VEC > 1 ? 3 : 4;
-};
-
-template <typename T, typename A, typename R, int VEC, bool FINALIZE>
+template <typename T, typename A, typename R, int VEC, bool FINALIZE, bool GHOST>
 __global__ void __launch_bounds__(CL_THREADS, ChannelsLastStatisticsBlocks<T, VEC>::value) statistics_channels_last(
     const T* __restrict__ x,   // input (M, C)
     A* part_count, A* part_mean, A* part_m2,   // (splits, C), FINALIZE (splits + split groups, C); part_mean is relative to x[0, c]
     int* counters,   // FINALIZE: the fused finalize's int32 zeros, left at zero; else null
     A* mean_out, A* invstd_out, R* running_mean, R* running_var,   // FINALIZE: see store_statistics
     const i64* num_batches_tracked,
-    i64 M, i64 C, i64 stride_m, i64 rows_per_program,
+    i64 M, i64 C, i64 chunk_channels, i64 chunk_extra, i64 stride_m, i64 rows_per_program,
     i64 group_splits, double momentum, double eps, int has_running_stats, int cumulative) {
     const i64 c0 = first_channel<VEC>();
+    if constexpr (GHOST) move_by(chunk_offset(c0, chunk_channels, chunk_extra), x);
     const bool active = c0 < C;
     const i64 row_begin = (i64)blockIdx.x * rows_per_program;
     const i64 row_end = min(row_begin + rows_per_program, M);
@@ -190,19 +189,7 @@ __global__ void merge_ranks(
 
 // ---- normalize: y = (x - mean) * invstd * weight + bias, and the epilogue --------------------------
 
-// The blocks an SM the channels-first normalize instantiations with the epilogue (+ residual, ReLU)
-// ask nvcc to fit: the split grids are sized for 4 (plan.py, programs_per_sm), and nvcc left the fp32
-// and fp16 ones at 72-75 registers, 3 blocks, so a grid of 4 an SM ran 1.29 waves; bounded at 4,
-// they take 61-64 and spill nothing. bf16 would spill in its loop at 4 and keeps 2. The plain
-// kernels and the channel groups' (whose grids are under a wave) ask for no minimum (0: the thread
-// count alone).
-template <typename T> struct IsBfloat16 { static constexpr bool value = false; };
-template <> struct IsBfloat16<__nv_bfloat16> { static constexpr bool value = true; };
-template <typename T, bool FUSED, bool GROUPED> struct NormalizeBlocks {
-    static constexpr int value = GROUPED || !FUSED ? 0 : IsBfloat16<T>::value ? 2 : 4;
-};
-
-template <typename T, typename W, typename R, typename A, int VEC, bool FUSED, bool GROUPED>
+template <typename T, typename W, typename R, typename A, int VEC, bool FUSED, bool GROUPED, bool GHOST>
 __global__ void __launch_bounds__(CL_THREADS, NormalizeBlocks<T, FUSED, GROUPED>::value) normalize_channels_first(
     const T* __restrict__ x, T* __restrict__ y,   // (N, C, S), each with its own strides
     const T* __restrict__ residual,   // (N, C, S) with y's strides, or null
@@ -211,8 +198,10 @@ __global__ void __launch_bounds__(CL_THREADS, NormalizeBlocks<T, FUSED, GROUPED>
     A* saved_mean, A* saved_invstd,   // (C,) eval: written by split 0
     const W* weight, const W* bias,   // (C,) or null
     i64* num_batches_tracked,   // incremented by block (0, 0), or null
-    i64 N, i64 C, i64 S, i64 x_stride_n, i64 x_stride_c, i64 y_stride_n, i64 y_stride_c, double eps,
-    i64 s_blocks, i64 total_tiles, i64 tiles_per_program, int rows, int block_s, int from_running_stats, int relu) {
+    i64 N, i64 C, i64 S, i64 chunk_channels, i64 chunk_extra, i64 x_stride_n, i64 x_stride_c, i64 y_stride_n,
+    i64 y_stride_c, double eps, i64 s_blocks, i64 total_tiles, i64 tiles_per_program, int rows, int block_s,
+    int from_running_stats, int relu) {
+    if constexpr (GHOST) move_by(block_chunk_offset(C, chunk_channels, chunk_extra), x, y);
     if constexpr (GROUPED) {
         group_normalize<T, W, R, A, VEC, FUSED>(x, y, residual, mean_in, invstd_in, running_mean, running_var,
                                                 saved_mean, saved_invstd, weight, bias, num_batches_tracked, N, C, S,
@@ -231,17 +220,18 @@ __global__ void __launch_bounds__(CL_THREADS, NormalizeBlocks<T, FUSED, GROUPED>
     for_each_group<VEC, true>(t, t.first, t.last, op);
 }
 
-template <typename T, typename W, typename R, typename A, int VEC, bool FUSED>
+template <typename T, typename W, typename R, typename A, int VEC, bool FUSED, bool GHOST>
 __global__ void normalize_channels_last(
     const T* __restrict__ x, T* __restrict__ y,   // (M, C), each with its own row stride
     const T* __restrict__ residual,   // (M, C) with y's row stride, or null
     const A* mean_in, const A* invstd_in, const R* running_mean, const R* running_var,
     A* saved_mean, A* saved_invstd, const W* weight, const W* bias, i64* num_batches_tracked,
-    i64 M, i64 C, i64 x_stride_m, i64 y_stride_m, double eps, i64 rows_per_program, int from_running_stats,
-    int relu) {
+    i64 M, i64 C, i64 chunk_channels, i64 chunk_extra, i64 x_stride_m, i64 y_stride_m, double eps,
+    i64 rows_per_program, int from_running_stats, int relu) {
     const i64 c0 = first_channel<VEC>();
     if (threadIdx.x == 0 && threadIdx.y == 0) count_batch(num_batches_tracked, blockIdx.x == 0 && blockIdx.y == 0);
     if (c0 >= C) return;
+    if constexpr (GHOST) move_by(chunk_offset(c0, chunk_channels, chunk_extra), x, y);
     Values<A, VEC> mean, scale, shift;
 #pragma unroll
     for (int k = 0; k < VEC; ++k)
@@ -255,20 +245,7 @@ __global__ void normalize_channels_last(
 
 // ---- backward ---------------------------------------------------------------------------------
 
-// The blocks an SM each channels-first gradient sums instantiation asks nvcc to fit (the minimum of
-// __launch_bounds__). A block keeps one 16 KB copy of dy and x in flight (async_copies.cuh), and the
-// host sizes the split grids for whole waves of 4 blocks an SM (plan.py, programs_per_sm): at 3
-// a grid of 4 an SM runs in two waves. Left to its heuristics, nvcc gave the fp32 kernel a register
-// more than 4 blocks allow and the bf16 one through the ReLU's mask room for 2 only. A bound is an
-// attribute of the template, and bounded nvcc fills the registers the bound allows, so every
-// instantiation is bounded: the split walks at 4 (a value or two spilled, 16 bytes at most: the
-// static model's registers and spills, profiling/MODEL.md); the channel groups' place walks, whose
-// grids are under a wave, at the blocks they fit without the bound; fp64 at 2.
-template <typename T, bool FUSED, bool GROUPED> struct GradientSumsBlocks {
-    static constexpr int value = sizeof(T) == 8 ? 2 : !GROUPED ? 4 : (sizeof(T) == 2 ? 3 : 4) - FUSED;
-};
-
-template <typename T, typename W, typename A, int VEC, bool FUSED, bool FINALIZE, bool GROUPED>
+template <typename T, typename W, typename A, int VEC, bool FUSED, bool FINALIZE, bool GROUPED, bool GHOST>
 __global__ void __launch_bounds__(CL_THREADS, GradientSumsBlocks<T, FUSED, GROUPED>::value) gradient_sums_channels_first(
     const T* __restrict__ dy, const T* __restrict__ x, const A* mean_in,
     const A* invstd_in,   // read for the ReLU's mask when relu, and by FINALIZE
@@ -276,8 +253,10 @@ __global__ void __launch_bounds__(CL_THREADS, GradientSumsBlocks<T, FUSED, GROUP
     A* part_sum_dy, A* part_sum_dy_xmu,   // (splits, C), FINALIZE (splits + split groups, C)
     int* counters,   // FINALIZE: the fused finalize's int32 zeros, left at zero; else null
     A* sum_dy_out, A* sum_dy_xmu_out, W* grad_weight, W* grad_bias,   // FINALIZE: see finalize_gradients
-    i64 N, i64 C, i64 S, i64 dy_stride_n, i64 dy_stride_c, i64 x_stride_n, i64 x_stride_c,
-    i64 s_blocks, i64 total_tiles, i64 tiles_per_program, int rows, int block_s, i64 group_splits, int relu) {
+    i64 N, i64 C, i64 S, i64 chunk_channels, i64 chunk_extra, i64 dy_stride_n, i64 dy_stride_c, i64 x_stride_n,
+    i64 x_stride_c, i64 s_blocks, i64 total_tiles, i64 tiles_per_program, int rows, int block_s, i64 group_splits,
+    int relu) {
+    if constexpr (GHOST) move_by(block_chunk_offset(C, chunk_channels, chunk_extra), dy, x);
     if constexpr (GROUPED) {
         group_gradient_sums<T, W, A, VEC, FUSED, FINALIZE>(dy, x, mean_in, invstd_in, weight, bias, part_sum_dy,
                                                            part_sum_dy_xmu, counters, sum_dy_out, sum_dy_xmu_out,
@@ -306,7 +285,7 @@ __global__ void __launch_bounds__(CL_THREADS, GradientSumsBlocks<T, FUSED, GROUP
                                               grad_weight, grad_bias);
 }
 
-template <typename T, typename W, typename A, int VEC, bool FUSED, bool FINALIZE>
+template <typename T, typename W, typename A, int VEC, bool FUSED, bool FINALIZE, bool GHOST>
 __global__ void gradient_sums_channels_last(
     const T* __restrict__ dy, const T* __restrict__ x, const A* mean_in,
     const A* invstd_in,   // read for the ReLU's mask when relu, and by FINALIZE
@@ -314,8 +293,10 @@ __global__ void gradient_sums_channels_last(
     A* part_sum_dy, A* part_sum_dy_xmu,   // (splits, C), FINALIZE (splits + split groups, C)
     int* counters,   // FINALIZE: the fused finalize's int32 zeros, left at zero; else null
     A* sum_dy_out, A* sum_dy_xmu_out, W* grad_weight, W* grad_bias,   // FINALIZE: see finalize_gradients
-    i64 M, i64 C, i64 dy_stride_m, i64 x_stride_m, i64 rows_per_program, i64 group_splits, int relu) {
+    i64 M, i64 C, i64 chunk_channels, i64 chunk_extra, i64 dy_stride_m, i64 x_stride_m, i64 rows_per_program,
+    i64 group_splits, int relu) {
     const i64 c0 = first_channel<VEC>();
+    if constexpr (GHOST) move_by(chunk_offset(c0, chunk_channels, chunk_extra), dy, x);
     const bool active = c0 < C;
     const i64 row_begin = (i64)blockIdx.x * rows_per_program;
     const i64 row_end = min(row_begin + rows_per_program, M);
@@ -360,15 +341,42 @@ __global__ void finalize_gradients(
     store_gradients(c, sum_dy, sum_dy_xmu, invstd_in[c], grad_weight, grad_bias);
 }
 
-template <typename T, typename W, typename A, int VEC, bool FUSED, bool GROUPED>
+// Ghost BatchNorm (ghost.cuh): one block per channel of the C channels walks the virtual batches in order.
+template <typename T, typename A, typename R>
+__global__ void finalize_ghost_statistics(
+    const A* part_count, const A* part_mean, const A* part_m2,   // (splits, G x C)
+    const T* __restrict__ x, i64 chunk_values, i64 shift_stride,   // channel c of virtual batch g starts at
+                                                                   // g * chunk_values + c * shift_stride
+    A* mean_out, A* invstd_out,   // (G x C,) each virtual batch's
+    R* running_mean, R* running_var,   // (C,) updated once per virtual batch when has_running_stats
+    const i64* num_batches_tracked,   // batches before this call, read when cumulative
+    i64 splits, i64 C, i64 chunks, double momentum, double eps, int has_running_stats, int cumulative) {
+    ghost_statistics_of_channel(i64(blockIdx.x), part_count, part_mean, part_m2, x, chunk_values, shift_stride,
+                                mean_out, invstd_out, running_mean, running_var, num_batches_tracked, splits, C,
+                                chunks, momentum, eps, has_running_stats, cumulative);
+}
+
+template <typename A, typename W>
+__global__ void finalize_ghost_gradients(
+    const A* part_sum_dy, const A* part_sum_dy_xmu,   // (splits, G x C)
+    const A* invstd_in,   // (G x C,)
+    A* sum_dy_out, A* sum_dy_xmu_out,   // (G x C,) totals for the dx pass
+    W* grad_weight, W* grad_bias,   // (C,) summed over the virtual batches
+    i64 splits, i64 C, i64 chunks) {
+    ghost_gradients_of_channel(i64(blockIdx.x), part_sum_dy, part_sum_dy_xmu, invstd_in, sum_dy_out, sum_dy_xmu_out,
+                               grad_weight, grad_bias, splits, C, chunks);
+}
+
+template <typename T, typename W, typename A, int VEC, bool FUSED, bool GROUPED, bool GHOST>
 __global__ void input_gradient_channels_first(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,   // (N, C, S)
     const A* mean_in, const A* invstd_in, const W* weight,
     const W* bias,   // read for the ReLU's mask when relu
     const A* sum_dy, const A* sum_dy_xmu,
-    i64 N, i64 C, i64 S, i64 dy_stride_n, i64 dy_stride_c, i64 x_stride_n, i64 x_stride_c,
-    i64 dx_stride_n, i64 dx_stride_c, A inv_count,
+    i64 N, i64 C, i64 S, i64 chunk_channels, i64 chunk_extra, i64 dy_stride_n, i64 dy_stride_c, i64 x_stride_n,
+    i64 x_stride_c, i64 dx_stride_n, i64 dx_stride_c, A inv_count,
     i64 s_blocks, i64 total_tiles, i64 tiles_per_program, int rows, int block_s, int training, int relu) {
+    if constexpr (GHOST) move_by(block_chunk_offset(C, chunk_channels, chunk_extra), dy, x, dx);
     if constexpr (GROUPED) {
         group_input_gradient<T, W, A, VEC, FUSED>(dy, x, dx, mean_in, invstd_in, weight, bias, sum_dy, sum_dy_xmu, N,
                                                   C, S, dy_stride_n, dy_stride_c, x_stride_n, x_stride_c, dx_stride_n,
@@ -385,16 +393,17 @@ __global__ void input_gradient_channels_first(
                                      projection, training, relu_mask(c, relu, mean_in, invstd_in, weight, bias));
 }
 
-template <typename T, typename W, typename A, int VEC, bool FUSED>
+template <typename T, typename W, typename A, int VEC, bool FUSED, bool GHOST>
 __global__ void input_gradient_channels_last(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,   // (M, C)
     const A* mean_in, const A* invstd_in, const W* weight,
     const W* bias,   // read for the ReLU's mask when relu
     const A* sum_dy, const A* sum_dy_xmu,
-    i64 M, i64 C, i64 dy_stride_m, i64 x_stride_m, i64 dx_stride_m, A inv_count, i64 rows_per_program,
-    int training, int relu) {
+    i64 M, i64 C, i64 chunk_channels, i64 chunk_extra, i64 dy_stride_m, i64 x_stride_m, i64 dx_stride_m,
+    A inv_count, i64 rows_per_program, int training, int relu) {
     const i64 c0 = first_channel<VEC>();
     if (c0 >= C) return;
+    if constexpr (GHOST) move_by(chunk_offset(c0, chunk_channels, chunk_extra), dy, x, dx);
     Values<A, VEC> mean, scale, mean_dy, projection;
 #pragma unroll
     for (int k = 0; k < VEC; ++k)

@@ -173,9 +173,9 @@ def test_the_split_gradient_sums_fit_the_blocks_an_sm_the_grids_are_planned_for(
     """The channels-first gradient sums' split walks (not GROUPED) fit Tuning.programs_per_sm blocks of
     256 threads an SM on sm_90 (their launch bounds, GradientSumsBlocks), with and without the ReLU's
     mask and the fused finalize, in fp32, fp16 and bf16: at 3 a grid planned for 4 runs in two waves."""
-    # <T, W, A, VEC, FUSED, FINALIZE, GROUPED = false>, T not double
+    # <T, W, A, VEC, FUSED, FINALIZE, GROUPED = false, GHOST = false>, T not double
     walks = {name: r for name, r in sm_90_resources.items()
-             if re.match(r"_Z28gradient_sums_channels_firstI(?!d).*ELb[01]ELb[01]ELb0EEv", name)}
+             if re.match(r"_Z28gradient_sums_channels_firstI(?!d).*ELb[01]ELb[01]ELb0ELb0EEv", name)}
     assert len(walks) >= 12, sorted(walks)  # 3 dtypes x FUSED x FINALIZE, and the 16-bit ones' weight dtypes
     for name, r in walks.items():
         assert _blocks_an_sm(name, r) >= plan.GPU_TUNING.programs_per_sm, (name, r)
@@ -187,9 +187,9 @@ def test_the_channels_last_statistics_fit_the_blocks_an_sm_the_grids_are_planned
     Tuning.programs_per_sm blocks of 256 threads an SM on sm_90, so a whole-wave grid runs in one
     wave; what their bound moves to the stack is never read or written in the loops that load the
     rows (nested loops apart: the close of a run of sums, once every 64 rows, may)."""
-    # <T, A, R, VEC, FINALIZE>, T not double
+    # <T, A, R, VEC, FINALIZE, GHOST = false>, T not double
     kernels = {name: r for name, r in sm_90_resources.items()
-               if re.match(r"_Z24statistics_channels_lastI(?!d)\w+Li(1|4|8)ELb[01]EEv", name)}
+               if re.match(r"_Z24statistics_channels_lastI(?!d)\w+Li(1|4|8)ELb[01]ELb0EEv", name)}
     assert len(kernels) == 2 * (2 + 4 * 2), sorted(kernels)  # 2 widths x FINALIZE x (fp32, 2 x 2 16-bit)
     for name, r in kernels.items():
         assert _blocks_an_sm(name, r) >= plan.GPU_TUNING.programs_per_sm, (name, r)
@@ -208,9 +208,9 @@ def test_the_channels_first_normalize_with_the_epilogue_fits_the_blocks_an_sm_th
     """The split channels-first normalize with the epilogue (NormalizeBlocks): fp32 and fp16 fit
     Tuning.programs_per_sm blocks an SM on sm_90, bf16 (which would spill in its loop at 4) 2; none
     of them uses the stack."""
-    # <T, W, R, A, VEC = 4 or 8, FUSED = true, GROUPED = false>, T not double
+    # <T, W, R, A, VEC = 4 or 8, FUSED = true, GROUPED = false, GHOST = false>, T not double
     kernels = {name: r for name, r in sm_90_resources.items()
-               if re.match(r"_Z24normalize_channels_firstI(?!d)\w+Li(4|8)ELb1ELb0EEv", name)}
+               if re.match(r"_Z24normalize_channels_firstI(?!d)\w+Li(4|8)ELb1ELb0ELb0EEv", name)}
     assert len(kernels) == 1 + 2 * 4, sorted(kernels)  # fp32; fp16 and bf16 with their W and R
     for name, r in kernels.items():
         blocks = 2 if "13__nv_bfloat16" in name else plan.GPU_TUNING.programs_per_sm
@@ -247,6 +247,13 @@ def _kernel_parameters():
     for match in re.finditer(_KERNEL + r"(.*?)\)\s*\{", source, re.S):
         params[match.group(1)] = [" ".join(p.split()[:-1]) for p in match.group(2).split(",")]
     return params
+
+
+def _parameter_names(kernel: str) -> list:
+    """The names of a kernel's parameters, in order, parsed from the CUDA source."""
+    source = re.sub(r"//[^\n]*", "", compilation.source())
+    match = next(m for m in re.finditer(_KERNEL + r"(.*?)\)\s*\{", source, re.S) if m.group(1) == kernel)
+    return [p.split()[-1].lstrip("*") for p in match.group(2).split(",")]
 
 
 class _FakeCupy:
@@ -342,10 +349,10 @@ def cooperative(fake_cupy, monkeypatch):
 
 
 def _finalizing(name: str) -> bool:
-    """Whether a launched statistics or gradient-sums instantiation has FINALIZE set (the last
-    boolean template argument, before GROUPED on the channels-first kernels)."""
+    """Whether a launched statistics or gradient-sums instantiation has FINALIZE set (the boolean
+    template argument before GHOST, and before GROUPED on the channels-first kernels)."""
     arguments = name[name.index("<") + 1:-1].split(", ")
-    return arguments[-2 if "_channels_first" in name else -1] == "true"
+    return arguments[-3 if "_channels_first" in name else -2] == "true"
 
 
 def _check_arguments(launches, dtype) -> None:
@@ -442,6 +449,48 @@ def test_sync_batch_norm_launch_arguments_match_the_kernel_signatures(fake_cupy,
     _check_arguments(fake_cupy.launches, dtype)
 
 
+@pytest.mark.parametrize("dtype, shape, layout, vec, group", [
+    (torch.float32, (8, 6, 16, 16), "contiguous", 4, 1), (torch.bfloat16, (16, 16, 8, 8), "channels_last", 8, 1),
+    (torch.float32, (64, 16, 7, 7), "contiguous", 4, 4), (torch.float32, (8, 6, 8, 8), "channels_last", 1, 1)],
+    ids=["fp32-rows", "bf16-channels-last", "fp32-channel-groups", "fp32-6-channels-last"])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_ghost_launch_arguments_match_the_kernel_signatures(fake_cupy, dtype, shape, layout, vec, group, momentum):
+    """Ghost BatchNorm on the CUDA C kernels, 4 virtual batches: statistics (not finalizing), the
+    finalize per virtual batch, normalize; gradient sums, the finalize, dx -- each split kernel with
+    the geometry's two-level channel index after its sizes, G x C virtual channels, and 16-byte
+    accesses only where each virtual batch starts on 16 bytes and (channels-last) a thread's channels
+    lie in one (6 channels: value by value)."""
+    from support import make_input, make_params
+
+    chunks, C = 4, shape[1]
+    x = make_input(shape, dtype, layout)
+    weight, bias, running_mean, running_var = make_params(C, torch.float32 if dtype == torch.bfloat16 else dtype)
+    y, mean, invstd = cupy_backend.ghost_forward_train(x, weight, bias, running_mean, running_var, torch.tensor(3),
+                                                       momentum, 1e-5, chunks)
+    assert y.shape == x.shape and mean.shape == invstd.shape == (chunks * C,)
+    grads = cupy_backend.ghost_backward(x, x, weight, mean, invstd, chunks, weight.dtype)
+    assert [t.shape for t in grads] == [x.shape, (C,), (C,)]
+    family = "first" if layout == "contiguous" else "last"
+    assert [name.split("<")[0] for name, *_ in fake_cupy.launches] == [
+        f"statistics_channels_{family}", "finalize_ghost_statistics", f"normalize_channels_{family}",
+        f"gradient_sums_channels_{family}", "finalize_ghost_gradients", f"input_gradient_channels_{family}"]
+    g = cupy_backend.KERNELS.ghost_geometry(x, chunks)
+    assert (g.C, g.chunk_channels, g.plan.group if g.channels_first else 1) == (chunks * C, C, group)
+    for name, grid, block, args in fake_cupy.launches:
+        kernel = name.split("<")[0]
+        if "finalize_ghost" in kernel:
+            assert grid == (C,), name
+            named = dict(zip(_parameter_names(kernel), args))
+            assert (named["splits"], named["C"], named["chunks"]) == (g.plan.splits, C, chunks), name
+            continue
+        assert name.endswith(", true>"), name  # GHOST
+        assert not name.startswith(("statistics", "gradient_sums")) or not _finalizing(name), name
+        assert f", {vec}, " in name, name
+        named = dict(zip(_parameter_names(kernel), args))
+        assert [named[k] for k in ("C", "chunk_channels", "chunk_extra")] == [chunks * C, C, g.chunk_extra], name
+    _check_arguments(fake_cupy.launches, dtype)
+
+
 @pytest.mark.parametrize("dtype, shape", [(torch.float32, (32, 2048, 7, 7)), (torch.bfloat16, (32, 4096, 7, 7)),
                                           (torch.float32, (128, 1024, 8, 8)), (torch.bfloat16, (32, 2048, 7, 7))],
                          ids=str)
@@ -533,7 +582,7 @@ def test_the_masked_16_bit_channels_last_gradient_sums_launch_with_their_copy_ri
     _check_arguments(fake_cupy.launches, dtype)
     cupy_launcher.with_shared_memory.cache_clear()
     # Compiled apart from the kernels without dynamic shared memory, as the on-chip kernels are.
-    _, dynamic = compilation.kernel_modules(*cupy_table.c_types(dtype, torch.float32, torch.float32))
+    _, dynamic, _ = compilation.kernel_modules(*cupy_table.c_types(dtype, torch.float32, torch.float32))
     assert {role for role in dynamic if not role.startswith("on_chip_")} == (
         {"gradient_sums_channels_last_8_fused", "gradient_sums_channels_last_8_fused_finalized"}
         if dtype != torch.float32 else set())
@@ -546,9 +595,9 @@ def test_the_masked_16_bit_channels_last_gradient_sums_keep_four_copies_in_fligh
     (their registers would fit 3, and the grid, sized for 4, would end on a partial wave), and the
     copies a thread keeps at once are 5 x 2 x 2 x 16 bytes; the unmasked 16-bit sums keep their two
     static buffers (one wait with a group left)."""
-    # <T, W, A, VEC = 8, FUSED, FINALIZE>, T __half or __nv_bfloat16
+    # <T, W, A, VEC = 8, FUSED, FINALIZE, GHOST = false>, T __half or __nv_bfloat16
     kernels = {name: r for name, r in sm_90_resources.items()
-               if re.match(r"_Z27gradient_sums_channels_lastI(6__half|13__nv_bfloat16)\w+Li8ELb[01]ELb[01]EEv", name)}
+               if re.match(r"_Z27gradient_sums_channels_lastI(6__half|13__nv_bfloat16)\w+Li8ELb[01]ELb[01]ELb0EEv", name)}
     assert len(kernels) == 2 * 2 * 2 * 2, sorted(kernels)  # 2 dtypes x 2 weight dtypes x FUSED x FINALIZE
     ring = compilation.MASKED_RING_BUFFERS * compilation.RING_COPY_BYTES
     for name, r in kernels.items():
@@ -627,7 +676,7 @@ def test_channels_first_blocks_own_channel_groups_where_rows_cannot_start_on_16_
     assert g.plan.group == group and g.plan.block_s >= group * 49
     assert len(fake_cupy.launches) == (5 if cuda_kernel_path == "split" else 3)
     for name, grid, block, _ in fake_cupy.launches:
-        assert "_channels_first<" in name and name.endswith(", true>"), name  # GROUPED
+        assert "_channels_first<" in name and name.endswith((", true>", ", true, false>")), name  # GROUPED(, GHOST)
         assert f", {vec}, " in name, name
         assert grid == (C // group, g.plan.splits) and block == (256,)
     _check_arguments(fake_cupy.launches, dtype)
@@ -635,7 +684,7 @@ def test_channels_first_blocks_own_channel_groups_where_rows_cannot_start_on_16_
     offset = make_input((64 * C * 49 + 1,), dtype, "contiguous")[1:].view(64, C, 7, 7)  # 2-8 bytes off 16
     assert offset.data_ptr() % 16
     launch_all(offset)
-    assert all(name.endswith(", true>") and ", 1, " in name for name, *_ in fake_cupy.launches)
+    assert all(name.endswith((", true>", ", true, false>")) and ", 1, " in name for name, *_ in fake_cupy.launches)
     _check_arguments(fake_cupy.launches, dtype)
 
 
@@ -669,11 +718,11 @@ def test_channels_first_kernels_read_16_bytes_only_where_rows_hold_whole_groups(
 
 @pytest.mark.skipif(NVCC is None or model.tool("cuobjdump") is None, reason="needs nvcc and cuobjdump")
 @pytest.mark.parametrize("mangled_prefix,groups", [
-    ("_Z24normalize_channels_firstIffffLi4ELb0ELb0EE", 4),
-    ("_Z24normalize_channels_firstI13__nv_bfloat16fffLi8ELb0ELb0EE", 4),
+    ("_Z24normalize_channels_firstIffffLi4ELb0ELb0ELb0EE", 4),
+    ("_Z24normalize_channels_firstI13__nv_bfloat16fffLi8ELb0ELb0ELb0EE", 4),
     # Channel groups (7x7 planes): a thread's place, 4 rows loaded before the first is used.
     ("_Z34single_pass_forward_channels_firstIffffLi4ELb0ELb1EE", 4),
-    ("_Z24normalize_channels_firstIffffLi4ELb0ELb1EE", 2),
+    ("_Z24normalize_channels_firstIffffLi4ELb0ELb1ELb0EE", 2),
 ])
 def test_channels_first_normalize_loads_four_groups_before_it_stores(sm_90_sass, mangled_prefix, groups):
     """Normalize loads 4 groups of 16 bytes (through the read-only path) before it stores the first:

@@ -1,5 +1,6 @@
-"""Ghost BatchNorm on the Triton kernels (GHOST: the two-level channel index, kernels/ghost.py)
-against the float64 reference, with every buffer poisoned; the path taken; the plan's constraints."""
+"""Ghost BatchNorm on the GPU backends' kernels (the two-level channel index: kernels/ghost.py for
+Triton, kernels/cuda/ghost.cuh for CUDA C) against the float64 reference, with every buffer
+poisoned; the path taken; the plan's constraints."""
 from __future__ import annotations
 
 import os
@@ -13,14 +14,19 @@ import torch
 
 import bn_gpu
 import bn_gpu.backends.ghost as ghost_backend
+import bn_gpu.backends.cupy
 import bn_gpu.backends.triton
 from bn_gpu import reference
 from bn_gpu.backends import plan
 from bn_gpu.nn import ghost as ghost_nn
-from support import INTERPRETING, TOLERANCES, arrange, make_input
+from support import INTERPRETING, TOLERANCES, arrange, make_input, requires_cupy
 
-DEVICES = [pytest.param("cpu", id="interpreter", marks=pytest.mark.skipif(not INTERPRETING, reason="no interpreter")),
-           pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+# (backend, device): Triton in the interpreter and on a GPU, CUDA C on a GPU.
+BACKEND_DEVICES = [
+    pytest.param("triton", "cpu", id="triton-interpreter",
+                 marks=pytest.mark.skipif(not INTERPRETING, reason="no interpreter")),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
+    pytest.param("cupy", "cuda", id="cupy-cuda", marks=[pytest.mark.gpu, requires_cupy])]
 CASES = [((8, 6, 5, 4), 2, "contiguous"), ((8, 6, 5, 4), 4, "channels_last"), ((12, 16), 3, "contiguous"),
          ((8, 8, 7, 7), 4, "contiguous")]  # the last: fp32 channel groups of 4 (C a multiple of 4)
 
@@ -33,11 +39,12 @@ def _float64_ghost(x, weight, bias, grad, virtual_batch_size, eps=1e-5):
     return y.detach(), (x.grad, weight.grad, bias.grad)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("shape, virtual_batch_size, layout", CASES,
                          ids=["8x6x5x4-by2", "8x6x5x4-by4-cl", "12x16-by3", "8x8x7x7-by4"])
-def test_ghost_kernels_match_float64(poisoned, device, dtype, shape, virtual_batch_size, layout):
+def test_ghost_kernels_match_float64(poisoned, backend, device, dtype, shape, virtual_batch_size, layout):
+    module = getattr(bn_gpu.backends, backend)
     if device == "cuda" and shape == (8, 8, 7, 7):
         shape = (64, 64, 7, 7)
     C, chunks = shape[1], shape[0] // virtual_batch_size
@@ -48,8 +55,8 @@ def test_ghost_kernels_match_float64(poisoned, device, dtype, shape, virtual_bat
     running_var = make_input((C,), torch.float32, device=device, seed=4).abs().add(0.5)
     counter = torch.tensor(5, device=device)
     expected_mean, expected_var = running_mean.double(), running_var.double()
-    y, mean, invstd = bn_gpu.backends.triton.ghost_forward_train(x, weight, bias, running_mean, running_var, counter,
-                                                                 0.1, 1e-5, chunks)
+    y, mean, invstd = module.ghost_forward_train(x, weight, bias, running_mean, running_var, counter, 0.1, 1e-5,
+                                                 chunks)
     grad = make_input(shape, dtype, layout, device=device, seed=5)
     y64, grads64 = _float64_ghost(x, weight, bias, grad, virtual_batch_size)
     for chunk in x.double().split(virtual_batch_size):
@@ -63,47 +70,49 @@ def test_ghost_kernels_match_float64(poisoned, device, dtype, shape, virtual_bat
     torch.testing.assert_close(running_mean.double(), expected_mean, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(running_var.double(), expected_var, atol=1e-5, rtol=1e-5)
     assert counter.item() == 5 + chunks
-    grad_x, grad_weight, grad_bias = bn_gpu.backends.triton.ghost_backward(grad, x, weight, mean, invstd, chunks,
-                                                                          torch.float32)
+    grad_x, grad_weight, grad_bias = module.ghost_backward(grad, x, weight, mean, invstd, chunks, torch.float32)
     torch.testing.assert_close(grad_x.double(), grads64[0], atol=atol * 4, rtol=rtol)
     scale = grads64[1].abs().max().item() + grads64[2].abs().max().item()
     torch.testing.assert_close(grad_weight.double(), grads64[1], atol=1e-4 * scale, rtol=1e-4)
     torch.testing.assert_close(grad_bias.double(), grads64[2], atol=1e-4 * scale, rtol=1e-4)
-    again = bn_gpu.backends.triton.ghost_backward(grad, x, weight, mean, invstd, chunks, torch.float32)
+    again = module.ghost_backward(grad, x, weight, mean, invstd, chunks, torch.float32)
     assert all(torch.equal(a, b) for a, b in zip(again, (grad_x, grad_weight, grad_bias)))  # deterministic
 
 
-@pytest.mark.skipif(not INTERPRETING, reason="the interpreter runs the Triton backend on CPU tensors")
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 @pytest.mark.parametrize("shape, layout", [((12, 3, 4), "contiguous"), ((10, 3, 4), "contiguous"),
                                            ((10, 3, 2, 2), "channels_last")],
                          ids=["whole-virtual-batches", "shorter-last", "shorter-last-channels-last"])
-def test_ghost_batch_norm_on_the_kernels_as_the_torch_operations(monkeypatch, shape, layout):
-    """The kernels take the whole virtual batches; a shorter last one is a BatchNorm call after them."""
+def test_ghost_batch_norm_on_the_kernels_as_the_torch_operations(monkeypatch, backend, device, shape, layout):
+    """The kernels take the whole virtual batches; a shorter last one is a BatchNorm call after them.
+    The same module on the CPU backend (the torch operations) is the reference."""
     calls = []
-    real = bn_gpu.backends.triton.ghost_forward_train
-    monkeypatch.setattr(bn_gpu.backends.triton, "ghost_forward_train", lambda *a: calls.append(a[-1]) or real(*a))
-    modules = [bn_gpu.GhostBatchNorm1d(3, 4, momentum=None, backend=backend) if len(shape) == 3 else
-               bn_gpu.GhostBatchNorm2d(3, 4, momentum=None, backend=backend) for backend in ("triton", "cpu")]
+    module = getattr(bn_gpu.backends, backend)
+    real = module.ghost_forward_train
+    monkeypatch.setattr(module, "ghost_forward_train", lambda *a: calls.append(a[-1]) or real(*a))
+    modules = [(bn_gpu.GhostBatchNorm1d(3, 4, momentum=None, backend=b) if len(shape) == 3 else
+                bn_gpu.GhostBatchNorm2d(3, 4, momentum=None, backend=b)).to(d) for b, d in ((backend, device),
+                                                                                           ("cpu", "cpu"))]
     with torch.no_grad():
         for m in modules:
             m.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
             m.num_batches_tracked.fill_(3)
     x = make_input(shape, torch.float32, layout)
     outputs = []
-    for m in modules:
-        x_m = x.clone().requires_grad_()
+    for m, d in zip(modules, (device, "cpu")):
+        x_m = x.to(d).clone().requires_grad_()
         y = m(x_m)
-        y.backward(torch.ones_like(y) + x)
-        outputs.append((y, x_m.grad, m.weight.grad, m.bias.grad, m.running_mean, m.running_var,
-                        m.num_batches_tracked))
+        y.backward(torch.ones_like(y) + x.to(d))
+        outputs.append([t.cpu() for t in (y, x_m.grad, m.weight.grad, m.bias.grad, m.running_mean, m.running_var,
+                                          m.num_batches_tracked)])
     assert calls == [shape[0] // 4]
     assert outputs[0][0].stride() == outputs[1][0].stride()
-    for kernels, torch_ops in zip(*outputs):
-        torch.testing.assert_close(kernels, torch_ops)
+    for kernels, torch_ops in zip(*outputs):  # fp32 sums in another order: a few ulp of the values' size
+        torch.testing.assert_close(kernels, torch_ops, atol=1e-5, rtol=1e-5)
     # A strided running mean: the torch operations.
-    strided = torch.zeros(6)[::2]
-    ghost_nn.ghost_batch_norm(x.detach(), strided, torch.ones(3), training=True, virtual_batch_size=4,
-                              backend="triton")
+    strided = torch.zeros(6, device=device)[::2]
+    ghost_nn.ghost_batch_norm(x.to(device), strided, torch.ones(3, device=device), training=True,
+                              virtual_batch_size=4, backend=backend)
     assert calls == [shape[0] // 4] and strided.abs().sum() > 0
 
 

@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from .. import orchestration, replay
+from .. import ghost, orchestration, replay
 from . import compilation, launcher
 from .table import KERNELS, CudaKernels  # noqa: F401  (the backend's kernel table)
 
@@ -39,3 +39,5 @@ merge_ranks = functools.partial(orchestration.merge_ranks, KERNELS)
 normalize = functools.partial(orchestration.normalize, KERNELS)
 gradient_totals = functools.partial(orchestration.gradient_totals, KERNELS)
 input_gradient = functools.partial(orchestration.input_gradient, KERNELS)
+ghost_forward_train = functools.partial(ghost.forward_train, KERNELS)
+ghost_backward = functools.partial(ghost.backward, KERNELS)

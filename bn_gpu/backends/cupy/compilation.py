@@ -54,6 +54,10 @@ GROUPABLE = ("statistics", "normalize", "single_pass_forward", "gradient_sums", 
 # The on-chip channels-first kernels instantiated without and with the walk (WALK: a persistent grid whose
 # blocks walk whole channel groups, kernels/cuda/walk.cuh).
 WALKING = ("on_chip_forward", "on_chip_backward")
+# Split kernels instantiated without and with Ghost BatchNorm's two-level channel index (GHOST:
+# kernels/cuda/ghost.cuh), the latter without the epilogue or the fused finalize, which Ghost
+# BatchNorm does not use; compiled in a module of their own, when first used (kernel_modules).
+GHOSTED = ("statistics", "normalize", "gradient_sums", "input_gradient")
 
 
 _INSTALL_HINT = ("pip install -e .[cupy-cuda13] for a torch built with CUDA 13.x, .[cupy-cuda12] for CUDA 12.x "
@@ -83,8 +87,9 @@ def _vector_width(T: str) -> int:
 def kernel_names(T: str, W: str, R: str, A: str) -> dict:
     """{role: name expression} of one type combination. A role is the kernel's name, with the
     vector width appended for the streaming kernels (1, and the width of 16 bytes), "_fused" for
-    the instantiation with the epilogue, "_finalized" for the one with its own finalize and
-    "_grouped" for the channels-first one with channel groups."""
+    the instantiation with the epilogue, "_finalized" for the one with its own finalize,
+    "_grouped" for the channels-first one with channel groups, "_walk" for the on-chip walk and
+    "_ghost" for the one with Ghost BatchNorm's channel index."""
     templates = {
         "statistics_channels_first": f"<{T}, {A}, {R}, VEC>",
         "statistics_channels_last": f"<{T}, {A}, {R}, VEC>",
@@ -98,6 +103,8 @@ def kernel_names(T: str, W: str, R: str, A: str) -> dict:
         "gradient_sums_channels_first": f"<{T}, {W}, {A}, VEC>",
         "gradient_sums_channels_last": f"<{T}, {W}, {A}, VEC>",
         "finalize_gradients": f"<{A}, {W}>",
+        "finalize_ghost_statistics": f"<{T}, {A}, {R}>",
+        "finalize_ghost_gradients": f"<{A}, {W}>",
         "input_gradient_channels_first": f"<{T}, {W}, {A}, VEC>",
         "input_gradient_channels_last": f"<{T}, {W}, {A}, VEC>",
         "single_pass_backward_channels_first": f"<{T}, {W}, {A}, VEC>",
@@ -117,10 +124,12 @@ def kernel_names(T: str, W: str, R: str, A: str) -> dict:
         # The boolean template parameters, in the source's order: (role suffix when true) per flag.
         walking = WALKING if layout_family == "first" else ()
         flags = [suffix for suffix, kinds in (("_fused", FUSABLE), ("_finalized", FINALIZING), ("_grouped", groupable),
-                                              ("_walk", walking)) if family in kinds]
+                                              ("_walk", walking), ("_ghost", GHOSTED)) if family in kinds]
         for role, expression in variants:
             for values in itertools.product((False, True), repeat=len(flags)):
                 suffix = "".join(flag for flag, on in zip(flags, values) if on)
+                if "_ghost" in suffix and ("_fused" in suffix or "_finalized" in suffix):
+                    continue
                 booleans = "".join(", true" if on else ", false" for on in values)
                 names[role + suffix] = name + expression[:-1] + booleans + ">"
     return names
@@ -152,14 +161,17 @@ def ring_bytes(role: str) -> int:
     return MASKED_RING_BUFFERS * RING_COPY_BYTES if role.startswith("gradient_sums_channels_last_8_fused") else 0
 
 
-def kernel_modules(T: str, W: str, R: str, A: str) -> tuple[dict, dict]:
-    """kernel_names of one type combination by module: the kernels with dynamic shared memory (the
-    on-chip kernels, the copy rings of ring_bytes) in one of their own. Their dynamic shared memory
-    is an extern array, a module-wide symbol, and nvcc (sm_90) then rounds the static shared memory
-    of every kernel of the module up to 1 KB: the normalize kernels' 0 bytes would become 1024."""
+def kernel_modules(T: str, W: str, R: str, A: str) -> tuple[dict, dict, dict]:
+    """kernel_names of one type combination by module: the kernels every call may take; the kernels
+    with dynamic shared memory (the on-chip kernels, the copy rings of ring_bytes), whose dynamic
+    shared memory is an extern array, a module-wide symbol, so that nvcc (sm_90) rounds the static
+    shared memory of every kernel of their module up to 1 KB (the normalize kernels' 0 bytes would
+    become 1024); and Ghost BatchNorm's (GHOSTED and its finalizes), which other calls never take."""
     names = kernel_names(T, W, R, A)
     dynamic = {role: name for role, name in names.items() if role.startswith("on_chip_") or ring_bytes(role)}
-    return {role: name for role, name in names.items() if role not in dynamic}, dynamic
+    ghost = {role: name for role, name in names.items() if role.endswith("_ghost") or role.startswith("finalize_ghost")}
+    plain = {role: name for role, name in names.items() if role not in dynamic and role not in ghost}
+    return plain, dynamic, ghost
 
 
 def _module(device_index: int, names: dict) -> dict:
@@ -170,18 +182,20 @@ def _module(device_index: int, names: dict) -> dict:
 
 
 class _Kernels(dict):
-    """{role: compiled kernel} of one device and type combination; the module of the kernels with
-    dynamic shared memory is compiled when one of its kernels is first asked for."""
+    """{role: compiled kernel} of one device and type combination: the first module of kernel_modules
+    compiled at once, each other when one of its kernels is first asked for."""
 
     def __init__(self, device_index: int, types: tuple):
-        plain, self.dynamic = kernel_modules(*types)
+        plain, *self.later = kernel_modules(*types)
         super().__init__(_module(device_index, plain))
         self.device_index = device_index
 
     def __missing__(self, role: str):
-        if role not in self.dynamic:
+        names = next((names for names in self.later if role in names), None)
+        if names is None:
             raise KeyError(role)
-        self.update(_module(self.device_index, self.dynamic))
+        self.later.remove(names)
+        self.update(_module(self.device_index, names))
         return self[role]
 
 

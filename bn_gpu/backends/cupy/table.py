@@ -12,8 +12,9 @@ import functools
 import numpy as np
 import torch
 
-from .. import layout
+from .. import ghost, layout
 from .. import plan as plans
+from ..ghost import chunk_index, chunk_values
 from . import launcher
 from .compilation import (C_TYPES, CHANNEL_THREADS, ON_CHIP_RESERVED_SHARED, THREADS, VECTOR_BYTES, compiled_kernels,
                           ring_bytes, shared_memory_per_sm)
@@ -97,6 +98,8 @@ def _vector_width_for(g: plans.Geometry, *tensors) -> int:
         return 1
     if g.channels_first and not g.channel_groups and g.S % vec:
         return 1
+    if g.chunk_extra % vec or not g.channels_first and g.chunk_channels % vec:
+        return 1  # Ghost BatchNorm: each virtual batch starts on 16 bytes, a thread's channels lie in one
     for t in tensors:
         if t is None:
             continue
@@ -144,6 +147,13 @@ class CudaKernels:
         return plans.geometry(x, grad_y, tuning_for(plans.GPU_TUNING, x.element_size(), shared),
                               plans.multiprocessors(device_index))
 
+    def ghost_geometry(self, x: torch.Tensor, chunks: int) -> plans.Geometry:
+        """Ghost BatchNorm's geometry: x in `chunks` virtual batches (bn_gpu/backends/ghost.py), on
+        the split plans alone."""
+        device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        return ghost.geometry(x, chunks, tuning_for(plans.GPU_TUNING, x.element_size()),
+                              plans.multiprocessors(device_index))
+
     @staticmethod
     def _on_chip(g, on_chip: plans.OnChipPlan, name: str, streams: int, *tensors, fused: bool):
         """(role, grid, block, tiling arguments, dynamic shared memory) of the on-chip kernel `name`:
@@ -176,7 +186,7 @@ class CudaKernels:
         """(role, grid, block) of the streaming kernel `name` on the tensors it reads and writes."""
         vec = _vector_width_for(g, *tensors)
         suffix = (("_fused" if fused else "") + ("_finalized" if finalized else "")
-                  + ("_grouped" if g.channel_groups else ""))
+                  + ("_grouped" if g.channel_groups else "") + ("_ghost" if g.chunk_channels else ""))
         family = "first" if g.channels_first else "last"
         return (f"{name}_channels_{family}_{vec}{suffix}", *_shape(g, vec))
 
@@ -193,7 +203,7 @@ class CudaKernels:
         launch(g, None, _dtype(running_mean), *shape,
                [_ptr(x), _ptr(count), _ptr(part_mean), _ptr(m2), _ptr(counters), _ptr(mean), _ptr(invstd),
                 _ptr(running_mean), _ptr(running_var), _ptr(counter if cumulative else None)]
-               + _i64(*g.sizes, *g.x.strides) + _tiling(g)
+               + _i64(*g.sizes, *chunk_index(g), *g.x.strides) + _tiling(g)
                + [np.int64(g.finalize.group_splits), np.float64(0.0 if momentum is None else momentum),
                    np.float64(eps), np.int32(tracked), np.int32(cumulative)])
 
@@ -221,7 +231,7 @@ class CudaKernels:
         shape = self._streaming(g, "normalize", x, y, residual, fused=residual is not None or relu)
         launch(g, _param_dtype(weight, bias), _dtype(running_mean), *shape,
                [_ptr(x), _ptr(y), _ptr(residual), *map(_ptr, statistics), _ptr(weight), _ptr(bias), _ptr(counter)]
-               + _i64(*g.sizes, *g.x.strides, *g.out.strides) + [np.float64(eps)] + _tiling(g)
+               + _i64(*g.sizes, *chunk_index(g), *g.x.strides, *g.out.strides) + [np.float64(eps)] + _tiling(g)
                + [np.int32(from_running), np.int32(relu)])
 
     def single_pass_forward(self, g, x, y, mean, invstd, weight, bias, running_mean, running_var, counter,
@@ -286,7 +296,7 @@ class CudaKernels:
                [_ptr(grad_y), _ptr(x), _ptr(mean), _ptr(invstd if relu or counters is not None else None),
                 *map(_ptr, masking), _ptr(sum_dy), _ptr(sum_dy_xmu), _ptr(counters), *map(_ptr, totals),
                 _ptr(grad_weight), _ptr(grad_bias)]
-               + _i64(*g.sizes, *g.grad_y.strides, *g.x.strides) + _tiling(g)
+               + _i64(*g.sizes, *chunk_index(g), *g.grad_y.strides, *g.x.strides) + _tiling(g)
                + [np.int64(g.finalize.group_splits), np.int32(relu)], ring_bytes(shape[0]))
 
     def finalize_gradients(self, g, partials, invstd, totals, grad_weight, grad_bias):
@@ -303,7 +313,7 @@ class CudaKernels:
         shape = self._streaming(g, "input_gradient", grad_y, x, grad_x, fused=relu)
         launch(g, _param_dtype(weight, bias), None, *shape, [
             _ptr(grad_y), _ptr(x), _ptr(grad_x), _ptr(mean), _ptr(invstd), _ptr(weight), _ptr(bias), _ptr(total_dy),
-            _ptr(total_dy_xmu)] + _i64(*g.sizes, *g.grad_y.strides, *g.x.strides, *g.out.strides)
+            _ptr(total_dy_xmu)] + _i64(*g.sizes, *chunk_index(g), *g.grad_y.strides, *g.x.strides, *g.out.strides)
             + [_accumulate(g, 1.0 / g.count)] + _tiling(g) + [np.int32(training), np.int32(relu)])
 
     def single_pass_backward(self, g, grad_y, x, grad_x, mean, invstd, weight, grad_weight, grad_bias, training,
@@ -316,6 +326,28 @@ class CudaKernels:
             _ptr(grad_weight), _ptr(grad_bias)] + _i64(*g.sizes, *g.grad_y.strides, *g.x.strides, *g.out.strides)
             + [_accumulate(g, 1.0 / g.count)] + _tiling(g, single_pass=True)
             + [np.int32(training), np.int32(grad_x is not None), np.int32(relu)])
+
+    def finalize_ghost_statistics(self, g, x, partials, mean, invstd, running_mean, running_var, counter, momentum,
+                                  eps):
+        """Ghost BatchNorm (g.chunk_channels): each virtual batch's mean and invstd; the running
+        statistics updated once per virtual batch, in order (counter read, not written)."""
+        count, part_mean, m2 = partials
+        tracked = running_mean is not None
+        cumulative = tracked and momentum is None
+        launch(g, None, _dtype(running_mean), "finalize_ghost_statistics", (g.chunk_channels,), (THREADS,), [
+            _ptr(count), _ptr(part_mean), _ptr(m2), _ptr(x), np.int64(chunk_values(g)), np.int64(g.shift_stride),
+            _ptr(mean), _ptr(invstd), _ptr(running_mean), _ptr(running_var), _ptr(counter if cumulative else None),
+            *_i64(g.plan.splits, g.chunk_channels, g.C // g.chunk_channels),
+            np.float64(0.0 if momentum is None else momentum), np.float64(eps), np.int32(tracked),
+            np.int32(cumulative)])
+
+    def finalize_ghost_gradients(self, g, partials, invstd, totals, grad_weight, grad_bias):
+        """Ghost BatchNorm: each virtual batch's totals; dweight and dbias summed over them."""
+        sum_dy, sum_dy_xmu = partials
+        total_dy, total_dy_xmu = totals
+        launch(g, grad_weight.dtype, None, "finalize_ghost_gradients", (g.chunk_channels,), (THREADS,), [
+            _ptr(sum_dy), _ptr(sum_dy_xmu), _ptr(invstd), _ptr(total_dy), _ptr(total_dy_xmu), _ptr(grad_weight),
+            _ptr(grad_bias), *_i64(g.plan.splits, g.chunk_channels, g.C // g.chunk_channels)])
 
     def finalize_moments(self, g, x, partials, moments):
         count, part_mean, m2 = partials

@@ -15,6 +15,7 @@ from ...kernels import channels_first as cf
 from ...kernels import channels_last as cl
 from ...kernels import finalize as fin
 from ...kernels import ghost
+from ..ghost import chunk_index, chunk_values
 from ..plan import VECTOR_BYTES, Geometry, cdiv, interpreting, next_power_of_2
 from .launcher import Site
 
@@ -212,11 +213,6 @@ def finalize_config(g: Geometry) -> tuple:
                                       BLOCK_C=g.finalize.block_c)
 
 
-def chunk_index(g: Geometry) -> tuple:
-    """The GHOST kernels' two-level channel index (kernels/ghost.py): 1 and 0 outside Ghost BatchNorm."""
-    return (g.chunk_channels, g.chunk_extra) if g.chunk_channels else (1, 0)
-
-
 def accumulation(g: Geometry):
     return tl.float64 if g.stat_dtype == torch.float64 else tl.float32
 
@@ -389,7 +385,7 @@ def finalize_ghost_statistics_site(g: Geometry, tracked: bool, cumulative: bool)
     _, meta = finalize_config(g)
     return Site(ghost.finalize_ghost_statistics, (cdiv(C, meta["BLOCK_C"]),),
                 dict(HAS_RUNNING_STATS=tracked, CUMULATIVE=cumulative, **meta),
-                head=(g.plan.splits, C, g.C // C, g.chunk_extra + C * g.shift_stride, g.shift_stride))
+                head=(g.plan.splits, C, g.C // C, chunk_values(g), g.shift_stride))
 
 
 @functools.lru_cache(maxsize=1024)
