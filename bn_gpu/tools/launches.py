@@ -20,7 +20,7 @@ import torch
 OPS = ("train_fwd", "eval_fwd", "train_bwd", "eval_bwd")
 # SyncBatchNorm's kernel steps on one rank of two (the collectives between them are not launches here).
 SYNC_OPS = ("sync_train_fwd", "sync_train_bwd")
-# Ghost BatchNorm's on the Triton kernels, in `virtual_batches` virtual batches.
+# Ghost BatchNorm's on the GPU backends' kernels, in `virtual_batches` virtual batches.
 GHOST_OPS = ("ghost_train_fwd", "ghost_train_bwd")
 
 
@@ -96,8 +96,9 @@ def _recording_cuda(sms: int, launches: list, shared_kb: int):
                      dict(_tile_walk(g, role), **walk))
 
     saved = (table.launch, table.launch_types, table.launch_on_chip, table.shared_memory_per_sm, plan.multiprocessors,
-             torch.cuda.current_device)
+             torch.cuda.current_device, table._ptr)
     table.launch, table.launch_types, table.launch_on_chip = record, record_types, record_on_chip
+    table._ptr = lambda t: t  # the tensors themselves in place of their addresses: what a finalize moves
     table.shared_memory_per_sm = lambda index: shared_kb * 1024
     plan.multiprocessors = lambda index: sms
     torch.cuda.current_device = lambda: 0
@@ -105,7 +106,7 @@ def _recording_cuda(sms: int, launches: list, shared_kb: int):
         yield
     finally:
         (table.launch, table.launch_types, table.launch_on_chip, table.shared_memory_per_sm, plan.multiprocessors,
-         torch.cuda.current_device) = saved
+         torch.cuda.current_device, table._ptr) = saved
 
 
 def record(backend: str, op: str, shape, dtype: torch.dtype, layout: str = "contiguous", *, sms: int = 132,
@@ -116,7 +117,7 @@ def record(backend: str, op: str, shape, dtype: torch.dtype, layout: str = "cont
     ("triton" or "cupy") on an input of this shape, dtype and layout, on a GPU of `sms`
     multiprocessors of `shared_kb` KB of shared memory each. Weight, bias and running statistics are
     fp32 for 16-bit inputs. epilogue: the forward ops with a residual and ReLU, the training backward
-    through a ReLU. Ghost BatchNorm's ops ("ghost_train_fwd", "ghost_train_bwd", Triton) split the
+    through a ReLU. Ghost BatchNorm's ops ("ghost_train_fwd", "ghost_train_bwd") split the
     batch into `virtual_batches`."""
     from ..backends import cupy, triton
     from ..backends.layout import arranged

@@ -229,7 +229,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layouts", nargs="+", choices=["contiguous", "channels_last"],
                         default=["contiguous", "channels_last"], help="memory layouts of the 3-D and wider shapes")
     parser.add_argument("--ops", nargs="+", choices=list(OPS), default=list(OPS),
-                        help="the ops modelled (Ghost BatchNorm's: Triton, N a multiple of the virtual batches)")
+                        help="the ops modelled (Ghost BatchNorm's: N a multiple of the virtual batches)")
     parser.add_argument("--backends", nargs="+", choices=["triton", "cupy"], default=["triton", "cupy"],
                         help="whose kernels are compiled and modelled")
     parser.add_argument("--out", default=os.path.join("profiling", "results"),

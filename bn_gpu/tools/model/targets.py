@@ -47,9 +47,8 @@ FUSED_OPS = {"train_fwd_add_relu": "train_fwd", "train_bwd_relu": "train_bwd"}
 UNFUSED_PASSES = {"train_fwd_add_relu": 2 + 3 + 2, "train_bwd_relu": 3 + 3}
 FLOOR_PASSES = {"train_fwd": 2, "eval_fwd": 2, "train_bwd": 3, "train_fwd_add_relu": 3, "train_bwd_relu": 3,
                 "ghost_train_fwd": 2, "ghost_train_bwd": 3}
-# Ghost BatchNorm's ops (Triton's kernels only: the CuPy backend runs Ghost BatchNorm as torch
-# operations) in VIRTUAL_BATCHES virtual batches, and the plain op whose kernels they launch with the
-# two-level channel index. Modelled where N is a multiple of the virtual batches.
+# Ghost BatchNorm's ops in VIRTUAL_BATCHES virtual batches, and the plain op whose kernels they
+# launch with the two-level channel index. Modelled where N is a multiple of the virtual batches.
 GHOST_OPS = {"ghost_train_fwd": "train_fwd", "ghost_train_bwd": "train_bwd"}
 VIRTUAL_BATCHES = 4
 
@@ -74,7 +73,7 @@ def plain_op(op: str) -> str:
 
 def modelled(backend: str, shape, op: str) -> bool:
     """Whether the backend runs this op on its kernels for this shape."""
-    return op not in GHOST_OPS or (backend == "triton" and shape[0] % VIRTUAL_BATCHES == 0)
+    return op not in GHOST_OPS or shape[0] % VIRTUAL_BATCHES == 0
 
 
 def job_of(name: str) -> str:
