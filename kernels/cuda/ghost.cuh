@@ -11,8 +11,9 @@
 // of VEC). x, y, dy and dx share x's strides, so one offset serves them all. Every per-channel array
 // of those kernels -- partials, mean, invstd, weight, bias, totals -- is indexed by the virtual
 // channel, (G, C) row-major. The offset is compiled in only where the kernels' GHOST template
-// argument is set (the instantiations without it are the code they were: the offset's division
-// before the loops moved nvcc's registers and schedule of their loops; profiling/journal/model-history.md).
+// argument is set, so that the other instantiations carry none of it: computed at run time, its
+// division before the loops moves nvcc's registers and schedule of the loops themselves
+// (profiling/journal/model-history.md).
 #pragma once
 #include "finalize.cuh"
 
