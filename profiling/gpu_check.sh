@@ -122,8 +122,8 @@ else
   # The same with every Triton launch through the JIT (BN_GPU_DIRECT_LAUNCH=0), for comparison.
   BN_GPU_DIRECT_LAUNCH=0 step host-overhead-jit 30 25 "$PY" profiling/host_overhead.py --calls 1000
   # Every kernel's time per op on the large shapes: where the GPU time goes (run 6: ~25 s without the
-  # backward through the ReLU's recomputed mask, which no other step times).
-  step kernel-times 60 20 "$PY" profiling/kernel_times.py --ops train_fwd backward backward_relu
+  # backward through the ReLU's recomputed mask and Ghost BatchNorm's kernels, which no other step times).
+  step kernel-times 60 20 "$PY" profiling/kernel_times.py --ops train_fwd backward backward_relu ghost_fwd ghost_bwd
   # The on-chip kernels (x read once) against the two-pass plans they replace, on inputs both
   # backends hold on chip, and the walks over channel groups (64x2048x7x7 forward and backward)
   # against the single pass (the two-pass plans: BN_GPU_TUNING=on_chip_bytes=0, in a process of its own);

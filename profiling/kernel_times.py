@@ -2,14 +2,15 @@
 
     python profiling/kernel_times.py [--shapes 64x64x112x112 ...] [--dtypes float32 bfloat16]
                                      [--layouts contiguous channels_last] [--backends triton cupy]
-                                     [--ops train_fwd eval_fwd backward backward_relu]
+                                     [--ops train_fwd eval_fwd backward backward_relu ghost_fwd ghost_bwd]
 
 For each case, backend and op (training forward, eval forward, training backward with dx, dweight
 and dbias; with --ops backward_relu also the backward of BatchNorm + ReLU, dy through the ReLU's
-mask recomputed from x), the kernels' GPU time per call from torch.profiler (L2 flushed between
-calls), the op's wall time per call in an eager loop, and the fewest bytes the op must move (forward
-and eval 2|x|, backward 3|x|) over the kernels' time, as % of a device-to-device copy measured in
-the same run. Wall time far above kernel time means the op is host-bound at that size. Kernel-time lines
+mask recomputed from x; ghost_fwd and ghost_bwd Ghost BatchNorm's training forward and backward on
+the backend's kernels in GHOST_VIRTUAL_BATCHES virtual batches, N a multiple of them), the kernels'
+GPU time per call from torch.profiler (L2 flushed between calls), the op's wall time per call in an
+eager loop, and the fewest bytes the op must move (forward and eval 2|x|, backward 3|x|) over the
+kernels' time, as % of a device-to-device copy measured in the same run. Wall time far above kernel time means the op is host-bound at that size. Kernel-time lines
 say where the GPU time goes without Nsight Compute (which a GPU machine may lack).
 """
 from __future__ import annotations
@@ -19,9 +20,10 @@ import time
 
 import torch
 
-OPS = ("train_fwd", "eval_fwd", "backward", "backward_relu")
+OPS = ("train_fwd", "eval_fwd", "backward", "backward_relu", "ghost_fwd", "ghost_bwd")
 DEFAULT_OPS = ("train_fwd", "eval_fwd", "backward")
-FLOOR_PASSES = {"train_fwd": 2, "eval_fwd": 2, "backward": 3, "backward_relu": 3}
+FLOOR_PASSES = {"train_fwd": 2, "eval_fwd": 2, "backward": 3, "backward_relu": 3, "ghost_fwd": 2, "ghost_bwd": 3}
+GHOST_VIRTUAL_BATCHES = 4  # as the static model's Ghost BatchNorm cases
 
 
 def _op_call(op: str, backend: str, x, dy):
@@ -29,6 +31,8 @@ def _op_call(op: str, backend: str, x, dy):
     w = torch.rand(C, device=x.device) + 0.5
     b = torch.randn(C, device=x.device)
     rm, rv = torch.zeros(C, device=x.device), torch.ones(C, device=x.device)
+    if op.startswith("ghost_"):
+        return _ghost_call(op, backend, x, dy, w, b, rm, rv)
     ops = torch.ops.bn_gpu
     _, mean, invstd = ops.forward_train(x, w, b, rm, rv, None, 0.1, 1e-5, backend)
     if op == "train_fwd":
@@ -38,6 +42,19 @@ def _op_call(op: str, backend: str, x, dy):
     if op == "backward_relu":
         return lambda: ops.backward(dy, x, w, mean, invstd, True, True, True, backend, b, True)
     return lambda: ops.backward(dy, x, w, mean, invstd, True, True, True, backend)
+
+
+def _ghost_call(op: str, backend: str, x, dy, w, b, rm, rv):
+    """Ghost BatchNorm's forward or backward on the backend's kernels (bn_gpu/backends/ghost.py)."""
+    from bn_gpu import backends
+    module = backends.implementation(backend, x.device)
+    chunks = GHOST_VIRTUAL_BATCHES
+    if x.shape[0] % chunks:
+        raise ValueError(f"Ghost BatchNorm's cases need N a multiple of {chunks}, got N = {x.shape[0]}")
+    _, mean, invstd = module.ghost_forward_train(x, w, b, rm, rv, None, 0.1, 1e-5, chunks)
+    if op == "ghost_fwd":
+        return lambda: module.ghost_forward_train(x, w, b, rm, rv, None, 0.1, 1e-5, chunks)
+    return lambda: module.ghost_backward(dy, x, w, mean, invstd, chunks, w.dtype)
 
 
 def flusher(how: str):

@@ -171,3 +171,24 @@ def test_ghost_traffic_counts_fewer_launches_and_bytes_on_the_kernels():
     assert float(moved["Triton kernels"]) < float(moved["torch operations"]), result.stdout
     mistake = _traffic("--shape", "10,8", "--virtual-batch-size", "4")
     assert mistake.returncode == 2 and len(mistake.stderr.strip().splitlines()) == 1, mistake.stderr
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="the interpreter runs the Triton backend on CPU tensors")
+def test_kernel_times_ghost_ops_run_the_backend_kernels(monkeypatch):
+    """profiling/kernel_times.py's ghost_fwd and ghost_bwd: the backend's Ghost kernels in four virtual
+    batches (its forward's outputs per virtual channel), and a clear error where N is no multiple."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import kernel_times
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    calls = []
+    real = bn_gpu.backends.triton.ghost_forward_train
+    monkeypatch.setattr(bn_gpu.backends.triton, "ghost_forward_train", lambda *a: calls.append(a[-1]) or real(*a))
+    x, dy = make_input((8, 6, 4, 4)), make_input((8, 6, 4, 4), seed=1)
+    y, mean, invstd = kernel_times._op_call("ghost_fwd", "triton", x, dy)()
+    assert y.shape == x.shape and mean.shape == invstd.shape == (4 * 6,) and calls == [4, 4]
+    grad_x, grad_weight, grad_bias = kernel_times._op_call("ghost_bwd", "triton", x, dy)()
+    assert grad_x.shape == x.shape and grad_weight.shape == grad_bias.shape == (6,)
+    with pytest.raises(ValueError, match="N a multiple of 4"):
+        kernel_times._op_call("ghost_fwd", "triton", make_input((6, 6, 4, 4)), dy)
